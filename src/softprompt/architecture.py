@@ -1,0 +1,220 @@
+"""What softprompt needs to know about a frozen base model, read from its config.
+
+Everything model-family specific that is *not* about injecting tensors lives here:
+the kind of model (causal LM, encoder, encoder-decoder), the shape of one layer's
+key/value cache, the position limits and the identity used to refuse a prompt saved
+for another base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+
+class ModelKind(str, Enum):
+    CAUSAL = "causal"  # decoder-only LM: GPT-2, Llama, Qwen2, Mistral, ...
+    ENCODER = "encoder"  # bidirectional encoder: BERT, RoBERTa, ...
+    SEQ2SEQ = "seq2seq"  # encoder-decoder: T5, BART, ...
+
+
+# Encoder-decoder families whose *encoder* self-attention takes no cache through the
+# public forward; deep prompts reach it through a pre-hook (see inject.py), which
+# needs to know where the self-attention modules are.
+_ENCODER_SELF_ATTENTION = {
+    "t5": lambda enc: [block.layer[0].SelfAttention for block in enc.block],
+    "mt5": lambda enc: [block.layer[0].SelfAttention for block in enc.block],
+    "bart": lambda enc: [layer.self_attn for layer in enc.layers],
+    "mbart": lambda enc: [layer.self_attn for layer in enc.layers],
+}
+# Families whose learned position table is offset by padding_idx + 1 (fairseq lineage).
+_POSITION_OFFSET_BY_PADDING = {"roberta", "xlm-roberta", "camembert"}
+# Families that take no `position_ids`; their positions follow the row layout, so they
+# must be right-padded.
+_NO_POSITION_IDS = {"t5", "mt5", "bart", "mbart"}
+# Families whose positions are relative: no maximum-position limit.
+_RELATIVE_POSITIONS = {"t5", "mt5"}
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """The identity of a base model, stored with every saved prompt.
+
+    Loading a prompt onto a base whose identity differs is refused with the fields that
+    differ; `embedding_fingerprint` catches same-shaped models with other weights.
+    """
+
+    architecture: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    embedding_fingerprint: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def differences(self, other: "BaseIdentity") -> list[str]:
+        """Human-readable list of fields that differ, `saved != given`.
+
+        The head class (`architecture`) is informative only: a prompt trained on
+        `LlamaForCausalLM` serves `LlamaForSequenceClassification` of the same weights.
+        """
+        return [
+            f"{name}: saved {getattr(self, name)!r}, given {getattr(other, name)!r}"
+            for name in self.__dataclass_fields__
+            if name != "architecture" and getattr(self, name) != getattr(other, name)
+        ]
+
+
+def embedding_fingerprint(weight: torch.Tensor) -> str:
+    """SHA-256 over a fixed sample of the input-embedding matrix (fp32 bytes).
+
+    Hashing all of a 128k x 4096 table would cost seconds; 64 evenly spaced rows are
+    enough to tell two checkpoints apart and cost nothing.
+    """
+    rows = torch.linspace(0, weight.shape[0] - 1, steps=min(64, weight.shape[0])).long()
+    sample = weight.detach()[rows.to(weight.device)].float().cpu().contiguous()
+    digest = hashlib.sha256(sample.numpy().tobytes())
+    digest.update(str(tuple(weight.shape)).encode())
+    return digest.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes and conventions of one base model.
+
+    Attributes:
+        kind: causal LM, encoder or encoder-decoder.
+        hidden_size: D, the width of the input embeddings.
+        num_layers: layers of one stack (decoder for causal, encoder for encoder models).
+        num_decoder_layers: decoder layers of an encoder-decoder (0 otherwise).
+        num_key_value_heads: H_kv of one layer's cache (GQA models: fewer than heads).
+        head_dim: D_head of one key/value head.
+        max_positions: most positions the model can take, or None (relative positions).
+        position_offset: added to 0-based position ids (RoBERTa counts from pad + 1).
+        accepts_position_ids: False where positions follow the layout (T5, BART).
+        deep_layers: L of a deep prompt: every self-attention stack that takes a prefix.
+    """
+
+    kind: ModelKind
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_decoder_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int | None
+    position_offset: int
+    accepts_position_ids: bool
+
+    @property
+    def deep_layers(self) -> int:
+        return self.num_layers + self.num_decoder_layers
+
+    @property
+    def encoder_self_attention(self):
+        return _ENCODER_SELF_ATTENTION.get(self.model_type)
+
+
+def _first(config, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def model_kind(base: nn.Module) -> ModelKind:
+    config = base.config
+    if getattr(config, "is_encoder_decoder", False):
+        return ModelKind.SEQ2SEQ
+    name = type(base).__name__
+    if name.endswith("ForCausalLM") or (name.endswith("LMHeadModel") and not name.startswith("Bert")):
+        return ModelKind.CAUSAL
+    if getattr(config, "is_decoder", False):
+        return ModelKind.CAUSAL
+    decoder_only = {"gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi", "phi3", "gpt_neox", "opt", "falcon", "gptj"}
+    if config.model_type in decoder_only:
+        return ModelKind.CAUSAL
+    return ModelKind.ENCODER
+
+
+def model_spec(base: nn.Module) -> ModelSpec:
+    """Read a `ModelSpec` from a transformers model.
+
+    Raises:
+        UnsupportedModelError: the config lacks the fields needed to shape prompts.
+    """
+    config = base.config
+    kind = model_kind(base)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    hidden = _first(text, "hidden_size", "d_model", "n_embd")
+    heads = _first(text, "num_attention_heads", "num_heads", "n_head", "encoder_attention_heads")
+    if hidden is None or heads is None:
+        raise UnsupportedModelError(
+            f"{type(base).__name__}: config has no hidden size / attention heads; cannot shape a prompt for it"
+        )
+    kv_heads = _first(text, "num_key_value_heads", default=heads)
+    head_dim = _first(text, "head_dim", "d_kv", default=hidden // heads)
+    model_type = config.model_type
+    if kind is ModelKind.SEQ2SEQ:
+        enc_layers = _first(config, "encoder_layers", "num_layers")
+        dec_layers = _first(config, "decoder_layers", "num_decoder_layers", default=enc_layers)
+        enc_heads = _first(config, "encoder_attention_heads", "num_heads")
+        dec_heads = _first(config, "decoder_attention_heads", "num_heads")
+        if enc_heads != dec_heads:
+            raise UnsupportedModelError(
+                f"{model_type}: encoder has {enc_heads} heads and decoder {dec_heads}; "
+                "a deep prompt [L, 2, H_kv, P, D_head] needs one head count"
+            )
+    else:
+        enc_layers = _first(text, "num_hidden_layers", "num_layers", "n_layer")
+        dec_layers = 0
+    if model_type in _RELATIVE_POSITIONS:
+        max_positions = None
+    else:
+        max_positions = _first(config, "max_position_embeddings", "n_positions", "n_ctx")
+    offset = 0
+    if model_type in _POSITION_OFFSET_BY_PADDING:
+        pad = config.pad_token_id if config.pad_token_id is not None else 1
+        offset = pad + 1
+        if max_positions is not None:
+            max_positions -= offset
+    return ModelSpec(
+        kind=kind,
+        model_type=model_type,
+        hidden_size=int(hidden),
+        num_layers=int(enc_layers),
+        num_decoder_layers=int(dec_layers),
+        num_key_value_heads=int(kv_heads),
+        head_dim=int(head_dim),
+        vocab_size=int(base.get_input_embeddings().weight.shape[0]),
+        max_positions=None if max_positions is None else int(max_positions),
+        position_offset=offset,
+        accepts_position_ids=model_type not in _NO_POSITION_IDS,
+    )
+
+
+def base_identity(base: nn.Module, spec: ModelSpec | None = None) -> BaseIdentity:
+    spec = spec or model_spec(base)
+    archs = getattr(base.config, "architectures", None) or [type(base).__name__]
+    return BaseIdentity(
+        architecture=type(base).__name__ if not archs else archs[0],
+        model_type=spec.model_type,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.deep_layers,
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        vocab_size=spec.vocab_size,
+        embedding_fingerprint=embedding_fingerprint(base.get_input_embeddings().weight),
+    )

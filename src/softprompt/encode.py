@@ -1,0 +1,288 @@
+"""Render examples through a template into token ids with marked virtual slots, and collate.
+
+One row is laid out as
+
+    [leading specials] [items of the template, in order] [trailing specials]
+
+where a virtual slot holds a placeholder id and its prompt-table row in `prompt_index`.
+Virtual slots are part of the row before padding is added, so they are never placed
+before pads. Truncation shortens only placeholders (longest first, from their end).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .architecture import ModelKind, ModelSpec
+from .errors import ConfigError, EncodingError
+from .template import Anchor, Mask, Placeholder, Template, Virtual
+
+
+@dataclass
+class EncodedRow:
+    """One example, unpadded. All lists have the row's length S."""
+
+    input_ids: list[int]
+    prompt_index: list[int]  # row of the prompt table at a virtual slot, else -1
+    field_index: list[int]  # index into Template.fields for placeholder tokens, else -1
+    word_index: list[int]  # word number within a pre-split (list) field, else -1
+    answer_index: int  # position whose output answers [MASK], or -1
+
+
+class PromptBatch(dict):
+    """The tensors `SoftPromptModel.forward` / `generate` take, as a dict (``model(**batch)``).
+
+    Keys: ``input_ids`` (B, S), ``attention_mask`` (B, S), ``prompt_index`` (B, S),
+    ``answer_index`` (B,), ``field_index`` (B, S), ``word_index`` (B, S).
+    """
+
+    def to(self, device) -> "PromptBatch":
+        return PromptBatch({k: v.to(device) for k, v in self.items()})
+
+
+def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens a tokenizer puts before and after a text (e.g. [CLS] / [SEP], <s>, </s>)."""
+    bare = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    full = tokenizer("hello", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return list(full[:start]), list(full[start + len(bare) :])
+    return [], []
+
+
+class TemplateEncoder:
+    """Tokenizes examples through one template for one model.
+
+    Args:
+        template: the parsed template.
+        tokenizer: a transformers tokenizer.
+        spec: the base model's spec (kind, position limit).
+        deep_tokens: P of a deep prompt (it takes positions 0..P-1, so real tokens start at P);
+            0 for input prompts.
+    """
+
+    def __init__(self, template: Template, tokenizer, spec: ModelSpec, deep_tokens: int = 0):
+        if tokenizer is None:
+            raise ConfigError("encoding needs a tokenizer: pass tokenizer=... to SoftPromptModel")
+        self.template = template
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.deep_tokens = deep_tokens
+        self.fields = template.fields
+        self.causal = spec.kind is ModelKind.CAUSAL
+        lead, trail = _special_frame(tokenizer)
+        self.lead = lead
+        # A causal LM reads its answer / continues generation at the end of the row: no
+        # trailing end-of-sequence token, and nothing after the answer slot.
+        self.trail = [] if self.causal else trail
+        items = list(template.items)
+        if self.causal and template.has_mask:
+            items = items[: next(i for i, it in enumerate(items) if isinstance(it, Mask)) + 1]
+        self.items = items
+        self.pad_id = self._pad_id()
+        self.mask_id = None if self.causal or not template.has_mask else self._mask_id()
+        self._probe = tokenizer("x", add_special_tokens=False)["input_ids"]
+        self._anchor_ids = {}
+
+    # -- tokenization helpers -------------------------------------------------
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        for value in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id):
+            if value is not None:
+                return int(value)
+        return 0
+
+    def _mask_id(self) -> int:
+        tok = self.tokenizer
+        if tok.mask_token_id is not None:
+            return int(tok.mask_token_id)
+        sentinel = tok.convert_tokens_to_ids("<extra_id_0>")  # T5's span-corruption mask
+        if sentinel is not None and sentinel != tok.unk_token_id:
+            return int(sentinel)
+        raise EncodingError(
+            f"template {self.template.source!r} has [MASK] but tokenizer {type(tok).__name__} has no mask token"
+        )
+
+    def tokenize(self, text: str, space_before: bool) -> list[int]:
+        """Token ids of `text`; with `space_before`, as it tokenizes after a word boundary.
+
+        Byte-level BPE marks a word boundary in the token itself ("Ġword"); tokenizing
+        ``"x " + text`` and dropping the probe's ids gives that form for every tokenizer
+        family, since all of them split words at whitespace.
+        """
+        if not text:
+            return []
+        if space_before:
+            ids = self.tokenizer("x " + text, add_special_tokens=False)["input_ids"]
+            if ids[: len(self._probe)] == self._probe:
+                return list(ids[len(self._probe) :])
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _anchor(self, item: Anchor, space: bool) -> list[int]:
+        key = (item.text, space)
+        if key not in self._anchor_ids:
+            self._anchor_ids[key] = self.tokenize(item.text, space)
+        return self._anchor_ids[key]
+
+    @property
+    def max_length(self) -> int | None:
+        """Most tokens a row may have (virtual slots included), or None."""
+        if self.spec.max_positions is None:
+            return None
+        return self.spec.max_positions - self.deep_tokens
+
+    # -- one example ----------------------------------------------------------
+    def encode(self, example: Mapping[str, Any], *, max_length: int | None = None, index: int | None = None) -> EncodedRow:
+        """Encode one example.
+
+        Args:
+            example: maps each template field to a string, or to a list of words
+                (pre-split input, e.g. for token classification).
+            max_length: most tokens in the row, virtual slots included (tightened to
+                the model's position limit).
+            index: the example's number, for error messages.
+
+        Raises:
+            EncodingError: a field is missing or not text, or the fixed part of the
+                template alone exceeds the length limit.
+        """
+        where = f"example {index}" if index is not None else "example"
+        if not isinstance(example, Mapping):
+            raise EncodingError(f"{where}: expected a mapping of field names to text, got {type(example).__name__}")
+        pieces: list[tuple[str, Any]] = []  # (kind, payload)
+        real_before = bool(self.lead)
+        for item in self.items:
+            if isinstance(item, Virtual):
+                pieces.append(("virtual", item))
+            elif isinstance(item, Mask):
+                pieces.append(("mask", None))
+                real_before = True
+            elif isinstance(item, Anchor):
+                pieces.append(("ids", self._anchor(item, item.space_before and real_before)))
+                real_before = True
+            else:
+                if item.name not in example:
+                    raise EncodingError(
+                        f"{where} has no field {item.name!r} used by template {self.template.source!r}; "
+                        f"its fields are {sorted(example)}"
+                    )
+                value = example[item.name]
+                space = item.space_before and real_before
+                field_no = self.fields.index(item.name)
+                if isinstance(value, str):
+                    ids = self.tokenize(value, space)
+                    pieces.append(("field", (field_no, ids, [-1] * len(ids))))
+                elif isinstance(value, Sequence) and all(isinstance(w, str) for w in value):
+                    ids, words = [], []
+                    for w, word in enumerate(value):
+                        word_ids = self.tokenize(word, space or w > 0)
+                        ids += word_ids
+                        words += [w] * len(word_ids)
+                    pieces.append(("field", (field_no, ids, words)))
+                else:
+                    raise EncodingError(
+                        f"{where}: field {item.name!r} must be a string or a list of words, got {type(value).__name__}"
+                    )
+                real_before = real_before or bool(value)
+        self._truncate(pieces, max_length, where)
+        return self._assemble(pieces, where)
+
+    def _truncate(self, pieces: list, max_length: int | None, where: str) -> None:
+        limits = [x for x in (max_length, self.max_length) if x is not None]
+        if not limits:
+            return
+        limit = min(limits)
+        fixed = len(self.lead) + len(self.trail)
+        for kind, payload in pieces:
+            if kind == "virtual":
+                fixed += payload.count
+            elif kind == "mask":
+                fixed += 0 if self.causal else 1
+            elif kind == "ids":
+                fixed += len(payload)
+        lengths = [len(p[1][1]) if p[0] == "field" else 0 for p in pieces]
+        budget = limit - fixed
+        if budget < 0 or (budget == 0 and any(lengths)):
+            raise EncodingError(
+                f"{where}: the template's virtual tokens, anchors and special tokens take {fixed} positions"
+                + (f" plus {self.deep_tokens} deep-prompt positions" if self.deep_tokens else "")
+                + f", leaving {budget} of the {limit + (self.deep_tokens if limit == self.max_length else 0)}"
+                " the model allows for the input fields"
+            )
+        excess = sum(lengths) - budget
+        while excess > 0:  # longest first, one token at a time: keeps short fields whole
+            longest = max(range(len(lengths)), key=lambda i: lengths[i])
+            lengths[longest] -= 1
+            excess -= 1
+        for i, (kind, payload) in enumerate(pieces):
+            if kind == "field" and lengths[i] < len(payload[1]):
+                field_no, ids, words = payload
+                pieces[i] = ("field", (field_no, ids[: lengths[i]], words[: lengths[i]]))
+
+    def _assemble(self, pieces: list, where: str) -> EncodedRow:
+        ids: list[int] = list(self.lead)
+        prompt = [-1] * len(ids)
+        fields = [-1] * len(ids)
+        words = [-1] * len(ids)
+        answer = -1
+        for kind, payload in pieces:
+            if kind == "virtual":
+                ids += [self.pad_id] * payload.count
+                prompt += list(range(payload.first, payload.first + payload.count))
+                fields += [-1] * payload.count
+                words += [-1] * payload.count
+                continue
+            if kind == "mask":
+                if self.causal:
+                    if not ids:
+                        raise EncodingError(f"{where}: [MASK] is the first token; a causal LM has nothing to read it from")
+                    answer = len(ids) - 1  # the next-token distribution here predicts the answer
+                    continue
+                answer = len(ids)
+                chunk, field_no, word_nos = [self.mask_id], -1, [-1]
+            elif kind == "ids":
+                chunk, field_no, word_nos = payload, -1, [-1] * len(payload)
+            else:
+                field_no, chunk, word_nos = payload
+            ids += chunk
+            prompt += [-1] * len(chunk)
+            fields += [field_no] * len(chunk)
+            words += list(word_nos)
+        tail = len(self.trail)
+        return EncodedRow(
+            input_ids=ids + self.trail,
+            prompt_index=prompt + [-1] * tail,
+            field_index=fields + [-1] * tail,
+            word_index=words + [-1] * tail,
+            answer_index=answer,
+        )
+
+    # -- a batch --------------------------------------------------------------
+    def collate(self, rows: Sequence[EncodedRow], padding_side: str) -> PromptBatch:
+        """Pad rows to one length on `padding_side` and stack them into a `PromptBatch`."""
+        if not rows:
+            raise EncodingError("nothing to encode: the batch is empty")
+        if padding_side not in ("left", "right"):
+            raise ConfigError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        width = max(len(r.input_ids) for r in rows)
+        out = {k: [] for k in ("input_ids", "attention_mask", "prompt_index", "field_index", "word_index")}
+        answers = []
+        for r in rows:
+            pad = width - len(r.input_ids)
+            seqs = {
+                "input_ids": (r.input_ids, self.pad_id),
+                "attention_mask": ([1] * len(r.input_ids), 0),
+                "prompt_index": (r.prompt_index, -1),
+                "field_index": (r.field_index, -1),
+                "word_index": (r.word_index, -1),
+            }
+            for key, (seq, fill) in seqs.items():
+                out[key].append([fill] * pad + seq if padding_side == "left" else seq + [fill] * pad)
+            shift = pad if padding_side == "left" else 0
+            answers.append(r.answer_index + shift if r.answer_index >= 0 else -1)
+        batch = PromptBatch({k: torch.tensor(v, dtype=torch.long) for k, v in out.items()})
+        batch["answer_index"] = torch.tensor(answers, dtype=torch.long)
+        return batch

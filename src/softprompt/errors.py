@@ -1,0 +1,43 @@
+"""Exceptions raised by softprompt. All derive from `SoftPromptError` (a `ValueError`)."""
+
+from __future__ import annotations
+
+
+class SoftPromptError(ValueError):
+    """Base class of every error softprompt raises on bad input."""
+
+
+class ConfigError(SoftPromptError):
+    """A method configuration is invalid (names the field)."""
+
+
+class TemplateError(SoftPromptError):
+    """A template cannot be parsed or rendered.
+
+    Attributes:
+        column: 1-based column of the offending character, when the error is a syntax error.
+    """
+
+    def __init__(self, message: str, template: str | None = None, column: int | None = None):
+        self.template = template
+        self.column = column
+        if template is not None and column is not None:
+            pointer = " " * (column - 1) + "^"
+            message = f"{message} (column {column})\n  {template}\n  {pointer}"
+        super().__init__(message)
+
+
+class EncodingError(SoftPromptError):
+    """An example cannot be encoded with a template (missing field, too long, ...)."""
+
+
+class UnsupportedModelError(SoftPromptError):
+    """The base model cannot take the requested prompt."""
+
+
+class PromptFileError(SoftPromptError):
+    """A saved prompt on disk is missing, corrupt, or of an unknown format version."""
+
+
+class BaseModelMismatchError(SoftPromptError):
+    """A saved prompt was trained for another base model."""

@@ -1,0 +1,149 @@
+"""THE one place where prompts enter the frozen model.
+
+Two kinds of prompt, each through the base model's public interface:
+
+* input prompts: rows of embeddings placed into the virtual slots of ``inputs_embeds``
+  (one `torch.where` over a per-row gather, so rows of one batch may use different tables);
+* deep prompts: a key/value prefix for every self-attention layer, handed over as a
+  transformers `Cache` pre-filled with the prefix, with the attention mask extended by P.
+  Encoder stacks that drop caches in their public forward (T5, BART encoders) receive the
+  same Cache through a forward pre-hook on their self-attention modules, registered only
+  for the duration of one call.
+
+Convention: a deep prefix occupies positions ``0..P-1`` (as in the papers' code and PEFT),
+so the real tokens of a row start at position P; input prompts occupy their slots'
+positions. Position ids always count only attended tokens, so left padding never
+shifts them.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from .architecture import ModelSpec
+from .errors import UnsupportedModelError
+
+
+def place_input_prompts(
+    embeddings: torch.Tensor, prompt_index: torch.Tensor, prompts: torch.Tensor
+) -> torch.Tensor:
+    """Put prompt rows into the virtual slots of a batch of token embeddings.
+
+    Args:
+        embeddings: (B, S, D) token embeddings of the row (virtual slots hold a pad id's).
+        prompt_index: (B, S) row of the prompt table at each virtual slot, -1 elsewhere.
+        prompts: (P, D) one table for every row, or (B, P, D) a table per row.
+
+    Returns:
+        (B, S, D) embeddings with the virtual slots replaced.
+    """
+    B, S, D = embeddings.shape
+    if prompts.dim() == 2:
+        prompts = prompts.unsqueeze(0).expand(B, -1, -1)  # (B, P, D), a view
+    index = prompt_index.clamp(min=0).unsqueeze(-1).expand(B, S, D)  # (B, S, D)
+    gathered = torch.gather(prompts.to(embeddings.dtype), 1, index)  # (B, S, D)
+    return torch.where((prompt_index >= 0).unsqueeze(-1), gathered, embeddings)
+
+
+def position_ids(attention_mask: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """(B, K) position of every attended token among its row's attended tokens; pads get 0.
+
+    `attention_mask` covers everything that takes a position: a deep prefix, virtual
+    slots and real tokens.
+    """
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0) * attention_mask.long() + spec.position_offset
+
+
+def prefix_mask(attention_mask: torch.Tensor, num_virtual_tokens: int) -> torch.Tensor:
+    """(B, P + S): the attention mask with P leading ones for a deep prefix."""
+    ones = attention_mask.new_ones(attention_mask.shape[0], num_virtual_tokens)
+    return torch.cat([ones, attention_mask], dim=1)
+
+
+def _fill(cache: DynamicCache, prefix: torch.Tensor, batch_size: int, dtype: torch.dtype) -> DynamicCache:
+    # prefix: (L, 2, H_kv, P, D_head) shared, or (L, 2, B, H_kv, P, D_head) per row
+    for layer in range(prefix.shape[0]):
+        keys, values = prefix[layer, 0].to(dtype), prefix[layer, 1].to(dtype)
+        if keys.dim() == 3:
+            keys = keys.unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, H_kv, P, D_head), a view
+            values = values.unsqueeze(0).expand(batch_size, -1, -1, -1)
+        cache.update(keys, values, layer)
+    return cache
+
+
+def decoder_prefix_cache(
+    prefix: torch.Tensor, spec: ModelSpec, config, batch_size: int, dtype: torch.dtype
+) -> DynamicCache | EncoderDecoderCache:
+    """The Cache a decoder starts from: its layers' part of the deep prefix.
+
+    Args:
+        prefix: (L, 2, H_kv, P, D_head) or (L, 2, B, H_kv, P, D_head); for an
+            encoder-decoder, layers ``num_layers:`` are the decoder's.
+
+    Returns:
+        A `DynamicCache` (causal LM) or an `EncoderDecoderCache` whose self-attention part
+        holds the prefix and whose cross-attention part is empty.
+    """
+    if spec.num_decoder_layers:
+        self_cache = _fill(DynamicCache(), prefix[spec.num_layers :], batch_size, dtype)
+        return EncoderDecoderCache(self_cache, DynamicCache())
+    return _fill(DynamicCache(config=config), prefix, batch_size, dtype)
+
+
+def encoder_prefix_cache(prefix: torch.Tensor, spec: ModelSpec, batch_size: int, dtype: torch.dtype) -> DynamicCache:
+    """A Cache holding the encoder layers' part of the deep prefix (a fresh one per call:
+    attention appends to it)."""
+    return _fill(DynamicCache(), prefix[: spec.num_layers], batch_size, dtype)
+
+
+@contextmanager
+def encoder_prefix_hooks(encoder: nn.Module, spec: ModelSpec, cache: DynamicCache) -> Iterator[None]:
+    """Hand `cache` to each encoder self-attention whose stack would drop it.
+
+    T5 and BART encoders accept ``past_key_values`` in their attention modules but their
+    stacks never pass one; a forward pre-hook supplies it for the duration of the block.
+    """
+    locate = spec.encoder_self_attention
+    if locate is None:
+        raise UnsupportedModelError(
+            f"{spec.model_type}: deep prompts need the encoder's self-attention modules, "
+            "and softprompt does not know where this family keeps them"
+        )
+    modules = locate(encoder)
+
+    def give_cache(module, args, kwargs):
+        kwargs["past_key_values"] = cache
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(give_cache, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def real_token_index(prompt_index: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions of the non-virtual tokens of each row, in order.
+
+    T = S - min over rows of the row's virtual tokens; a row with more virtual tokens is
+    padded at the end with its last position (its extra entries are masked by the
+    caller). Stable sort keeps real tokens and pads in their order.
+    """
+    virtual = (prompt_index >= 0).long()  # (B, S)
+    order = torch.sort(virtual, dim=1, stable=True).indices  # real first, then virtual
+    keep = prompt_index.shape[1] - int(virtual.sum(1).min())
+    return order[:, :keep]
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (B, S, ...) -> (B, T, ...) at `index` (B, T)."""
+    shape = index.shape + x.shape[2:]
+    expanded = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(shape)
+    return torch.gather(x, 1, expanded)

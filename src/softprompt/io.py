@@ -1,0 +1,216 @@
+"""Saving and loading prompts: JSON + safetensors only, written atomically.
+
+A prompt directory holds
+
+    prompt_config.json       format version, method and its config, template, the base
+                             model's identity, tensor shape
+    prompt.safetensors       {"prompt": the collapsed inference tensor}, fp32
+    trainable.safetensors    the training-time module's state (optional, to resume)
+
+Nothing is ever unpickled. A save is built in a hidden temporary directory beside the
+target and swapped into place in one rename, so a crash leaves either the old prompt or
+the new one, never a half-written folder.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .architecture import BaseIdentity, base_identity, model_spec
+from .errors import BaseModelMismatchError, PromptFileError
+from .methods import build_module, config_class
+from .methods.collapsed import CollapsedPrompt
+
+FORMAT = "softprompt"
+FORMAT_VERSION = 1
+CONFIG_FILE = "prompt_config.json"
+PROMPT_FILE = "prompt.safetensors"
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+# -- atomic directory replacement ----------------------------------------------------
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD = -100
+    rc = renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_directory_atomically(target: Path, write) -> None:
+    """Call ``write(tmp_dir)`` then put `tmp_dir` at `target` in one step.
+
+    If `target` exists it is swapped out atomically (renameat2) and removed afterwards;
+    where the kernel lacks the exchange, the old folder is moved aside first (a crash
+    in between leaves it intact beside the target, hidden).
+    """
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if target.exists() and not target.is_dir():
+            raise PromptFileError(f"{target} exists and is not a directory; refusing to replace it")
+        if not target.exists():
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp)  # tmp now holds the old prompt
+        else:
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
+            os.rename(target, aside / "old")
+            os.rename(tmp, target)
+            shutil.rmtree(aside)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -- save -----------------------------------------------------------------------------
+def save_prompt(model, directory, *, save_trainable: bool = True, metadata: Mapping[str, Any] | None = None) -> None:
+    """Write `model`'s prompt to `directory` (see the module docstring for the layout)."""
+    tensor = model.export().contiguous()
+    identity = model.identity
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": model.config.method,
+        "kind": "deep" if model.deep else "input",
+        "num_virtual_tokens": model.num_virtual_tokens,
+        "template": model.template.source,
+        "config": model.config.to_dict(),
+        "tensor_shape": list(tensor.shape),
+        "base_model": {**identity.to_dict(), "name_or_path": getattr(model.base.config, "_name_or_path", "")},
+        "metadata": dict(metadata or {}),
+    }
+    trainable = None
+    if save_trainable and not isinstance(model.prompt, CollapsedPrompt):
+        trainable = {k: v.detach().float().contiguous().cpu() for k, v in model.prompt.state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+        save_file({"prompt": tensor.cpu()}, str(tmp / PROMPT_FILE), metadata={"format": FORMAT})
+        if trainable is not None:
+            save_file(trainable, str(tmp / TRAINABLE_FILE), metadata={"format": FORMAT})
+
+    write_directory_atomically(Path(directory), write)
+
+
+# -- load -----------------------------------------------------------------------------
+def read_config(directory) -> dict[str, Any]:
+    """Read and check ``prompt_config.json``.
+
+    Raises:
+        PromptFileError: missing file, invalid JSON (with line and column), missing
+            field, or an unknown format / version.
+    """
+    path = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise PromptFileError(f"{directory}: no such prompt directory")
+    if not path.is_file():
+        raise PromptFileError(f"{path}: missing; not a softprompt prompt directory")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise PromptFileError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise PromptFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if data.get("format") != FORMAT:
+        raise PromptFileError(f"{path}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PromptFileError(
+            f"{path}: field 'format_version' is {version!r}; this softprompt reads version {FORMAT_VERSION}"
+        )
+    for key in ("method", "config", "tensor_shape", "base_model"):
+        if key not in data:
+            raise PromptFileError(f"{path}: missing field {key!r}")
+    return data
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise PromptFileError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise PromptFileError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def load_prompt(cls, base, directory, tokenizer=None, *, trainable: bool = False):
+    """Rebuild a `SoftPromptModel` from `directory` onto `base` (see `SoftPromptModel.from_pretrained`)."""
+    directory = Path(directory)
+    data = read_config(directory)
+    cfg_path = directory / CONFIG_FILE
+    try:
+        config = config_class(data["method"]).from_dict(data["config"], source=f"{cfg_path}: field 'config'")
+    except TypeError as e:
+        raise PromptFileError(f"{cfg_path}: field 'config': {e}") from None
+    spec = model_spec(base)
+    saved = data["base_model"]
+    try:
+        saved_identity = BaseIdentity(**{k: saved[k] for k in BaseIdentity.__dataclass_fields__})
+    except (KeyError, TypeError) as e:
+        raise PromptFileError(f"{cfg_path}: field 'base_model' is incomplete ({e})") from None
+    differences = saved_identity.differences(base_identity(base, spec))
+    if differences:
+        raise BaseModelMismatchError(
+            f"{directory} was saved for another base model ({saved.get('name_or_path') or saved_identity.model_type}): "
+            + "; ".join(differences)
+        )
+    tensor = _load_tensors(directory / PROMPT_FILE).get("prompt")
+    if tensor is None or list(tensor.shape) != list(data["tensor_shape"]):
+        raise PromptFileError(
+            f"{directory / PROMPT_FILE}: expected a tensor 'prompt' of shape {data['tensor_shape']}, "
+            f"found {None if tensor is None else list(tensor.shape)}"
+        )
+    device = base.get_input_embeddings().weight.device
+    if trainable:
+        state = _load_tensors(directory / TRAINABLE_FILE)
+        _, P = config.resolve()
+        build_config = dataclasses.replace(config, init="random") if hasattr(config, "init") else config
+        module = build_module(build_config, P, spec, base.get_input_embeddings().weight, tokenizer)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as e:
+            raise PromptFileError(f"{directory / TRAINABLE_FILE}: does not match the {config.method} module ({e})") from None
+    else:
+        module = CollapsedPrompt(tensor, spec, deep=config.deep)
+    return cls(base, config, tokenizer, prompt=module.to(device))

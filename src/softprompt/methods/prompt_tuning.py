@@ -1,0 +1,88 @@
+"""Prompt tuning (Lester et al. 2021): a trainable table of input embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..architecture import ModelSpec
+from ..errors import ConfigError
+from .base import PromptConfig, PromptModule
+
+INITS = ("random", "vocab", "text", "labels")
+
+
+@dataclass
+class PromptTuningConfig(PromptConfig):
+    """Prompt tuning.
+
+    Attributes:
+        init: ``random`` (normal with the vocabulary embeddings' std), ``vocab`` (rows
+            sampled from the vocabulary embeddings), ``text`` (embeddings of `init_text`,
+            repeated / truncated to P) or ``labels`` (embeddings of `label_words`, the
+            remaining rows sampled from the vocabulary, as in the paper).
+        init_text: the string for ``init="text"``.
+        label_words: the words for ``init="labels"``.
+        init_seed: seed for the sampled initialisations.
+    """
+
+    method = "prompt-tuning"
+    deep = False
+
+    init: str = "random"
+    init_text: str | None = None
+    label_words: list[str] | None = None
+    init_seed: int = 0
+
+    def validate(self) -> None:
+        if self.init not in INITS:
+            raise ConfigError(f"PromptTuningConfig.init must be one of {INITS}, got {self.init!r}")
+        if self.init == "text" and not self.init_text:
+            raise ConfigError("PromptTuningConfig.init='text' needs init_text")
+        if self.init == "labels" and not self.label_words:
+            raise ConfigError("PromptTuningConfig.init='labels' needs label_words")
+
+
+def _sample_vocab_rows(weight: torch.Tensor, n: int, generator: torch.Generator, exclude: set[int]) -> torch.Tensor:
+    allowed = torch.tensor([i for i in range(weight.shape[0]) if i not in exclude]) if exclude else None
+    pool = weight.shape[0] if allowed is None else len(allowed)
+    picks = torch.randint(0, pool, (n,), generator=generator)
+    ids = picks if allowed is None else allowed[picks]
+    return weight[ids.to(weight.device)]
+
+
+def initial_table(config: PromptTuningConfig, P: int, embeddings: torch.Tensor, tokenizer) -> torch.Tensor:
+    """The ``[P, D]`` starting table for `config.init` (fp32, on CPU)."""
+    weight = embeddings.detach().float().cpu()
+    generator = torch.Generator().manual_seed(config.init_seed)
+    specials = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
+    if config.init == "random":
+        return torch.randn(P, weight.shape[1], generator=generator) * weight.std()
+    if config.init == "vocab":
+        return _sample_vocab_rows(weight, P, generator, specials).clone()
+    if tokenizer is None:
+        raise ConfigError(f"PromptTuningConfig.init={config.init!r} needs the tokenizer: pass tokenizer=...")
+    if config.init == "text":
+        ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ConfigError(f"PromptTuningConfig.init_text {config.init_text!r} tokenizes to nothing")
+        ids = (ids * (P // len(ids) + 1))[:P]
+        return weight[torch.tensor(ids)].clone()
+    ids = [i for word in config.label_words for i in tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]]
+    rows = weight[torch.tensor(ids[:P], dtype=torch.long)]
+    if len(rows) < P:
+        rows = torch.cat([rows, _sample_vocab_rows(weight, P - len(rows), generator, specials)])
+    return rows.clone()
+
+
+class PromptTuning(PromptModule):
+    """The table itself is the prompt: ``forward() -> [P, D]``."""
+
+    def __init__(self, config: PromptTuningConfig, P: int, spec: ModelSpec, embeddings: torch.Tensor, tokenizer=None):
+        super().__init__(P, spec)
+        self.embedding = nn.Parameter(initial_table(config, P, embeddings, tokenizer))  # (P, D)
+
+    def forward(self) -> torch.Tensor:
+        return self.embedding  # (P, D)
