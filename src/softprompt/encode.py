@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .architecture import ModelKind, ModelSpec
-from .errors import ConfigError, EncodingError
+from .errors import ConfigError, EncodingError, TemplateError
 from .template import Anchor, Mask, Placeholder, Template, Virtual
 
 
@@ -80,7 +80,14 @@ class TemplateEncoder:
         self.trail = [] if self.causal else trail
         items = list(template.items)
         if self.causal and template.has_mask:
-            items = items[: next(i for i, it in enumerate(items) if isinstance(it, Mask)) + 1]
+            cut = next(i for i, it in enumerate(items) if isinstance(it, Mask)) + 1
+            dropped = [it.name for it in items[cut:] if isinstance(it, Placeholder)]
+            if dropped:  # silently dropping an input field would train on rows without it
+                raise TemplateError(
+                    f"template {template.source!r}: a causal LM answers [MASK] from the tokens before it, "
+                    f"so field(s) {dropped} after [MASK] would never be seen; move them before [MASK]"
+                )
+            items = items[:cut]
         self.items = items
         self.pad_id = self._pad_id()
         self.mask_id = None if self.causal or not template.has_mask else self._mask_id()
@@ -106,20 +113,29 @@ class TemplateEncoder:
             f"template {self.template.source!r} has [MASK] but tokenizer {type(tok).__name__} has no mask token"
         )
 
-    def tokenize(self, text: str, space_before: bool) -> list[int]:
+    def tokenize(self, text: str, space_before: bool, *, data: bool = False) -> list[int]:
         """Token ids of `text`; with `space_before`, as it tokenizes after a word boundary.
 
         Byte-level BPE marks a word boundary in the token itself ("Ġword"); tokenizing
         ``"x " + text`` and dropping the probe's ids gives that form for every tokenizer
         family, since all of them split words at whitespace.
+
+        With `data` (the value of a field), special-token text such as ``"[MASK]"``,
+        ``"[SEP]"`` or ``"<|endoftext|>"`` is tokenized as ordinary text: an example's
+        content must not be able to add a mask, separator or end-of-text token to the
+        row. Anchors are the template author's and keep such tokens special
+        (``"{premise} [SEP] {hypothesis}"``).
         """
         if not text:
             return []
+        kwargs = {"add_special_tokens": False}
+        if data:
+            kwargs["split_special_tokens"] = True
         if space_before:
-            ids = self.tokenizer("x " + text, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer("x " + text, **kwargs)["input_ids"]
             if ids[: len(self._probe)] == self._probe:
                 return list(ids[len(self._probe) :])
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(text, **kwargs)["input_ids"])
 
     def _anchor(self, item: Anchor, space: bool) -> list[int]:
         key = (item.text, space)
@@ -150,6 +166,8 @@ class TemplateEncoder:
                 template alone exceeds the length limit.
         """
         where = f"example {index}" if index is not None else "example"
+        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
+            raise EncodingError(f"max_length must be a positive integer, got {max_length!r}")
         if not isinstance(example, Mapping):
             raise EncodingError(f"{where}: expected a mapping of field names to text, got {type(example).__name__}")
         pieces: list[tuple[str, Any]] = []  # (kind, payload)
@@ -173,12 +191,12 @@ class TemplateEncoder:
                 space = item.space_before and real_before
                 field_no = self.fields.index(item.name)
                 if isinstance(value, str):
-                    ids = self.tokenize(value, space)
+                    ids = self.tokenize(value, space, data=True)
                     pieces.append(("field", (field_no, ids, [-1] * len(ids))))
                 elif isinstance(value, Sequence) and all(isinstance(w, str) for w in value):
                     ids, words = [], []
                     for w, word in enumerate(value):
-                        word_ids = self.tokenize(word, space or w > 0)
+                        word_ids = self.tokenize(word, space or w > 0, data=True)
                         ids += word_ids
                         words += [w] * len(word_ids)
                     pieces.append(("field", (field_no, ids, words)))
@@ -191,26 +209,38 @@ class TemplateEncoder:
         return self._assemble(pieces, where)
 
     def _truncate(self, pieces: list, max_length: int | None, where: str) -> None:
-        limits = [x for x in (max_length, self.max_length) if x is not None]
-        if not limits:
+        model_limit = self.max_length  # the model's positions less the deep prompt's, or None
+        if max_length is None and model_limit is None:
             return
-        limit = min(limits)
-        fixed = len(self.lead) + len(self.trail)
+        from_max_length = max_length is not None and (model_limit is None or max_length <= model_limit)
+        limit = max_length if from_max_length else model_limit
+        virtual = anchors = 0
+        specials = len(self.lead) + len(self.trail)
         for kind, payload in pieces:
             if kind == "virtual":
-                fixed += payload.count
+                virtual += payload.count
             elif kind == "mask":
-                fixed += 0 if self.causal else 1
+                specials += 0 if self.causal else 1
             elif kind == "ids":
-                fixed += len(payload)
+                anchors += len(payload)
+        fixed = virtual + anchors + specials
         lengths = [len(p[1][1]) if p[0] == "field" else 0 for p in pieces]
         budget = limit - fixed
         if budget < 0 or (budget == 0 and any(lengths)):
+            taken = f"the template's virtual tokens ({virtual}), anchors ({anchors}) and special tokens ({specials})"
+            if from_max_length:
+                used, room = fixed, f"the {limit} positions that max_length={max_length} allows"
+                if model_limit is not None:
+                    room += f" (the model allows {model_limit})"
+            elif self.deep_tokens:  # the deep prompt takes the first positions of the model's range
+                taken = f"the deep prompt ({self.deep_tokens}), " + taken
+                used = fixed + self.deep_tokens
+                room = f"the {self.spec.max_positions} positions the model allows (its position limit)"
+            else:
+                used, room = fixed, f"the {limit} positions the model allows (its position limit)"
             raise EncodingError(
-                f"{where}: the template's virtual tokens, anchors and special tokens take {fixed} positions"
-                + (f" plus {self.deep_tokens} deep-prompt positions" if self.deep_tokens else "")
-                + f", leaving {budget} of the {limit + (self.deep_tokens if limit == self.max_length else 0)}"
-                " the model allows for the input fields"
+                f"{where}: {taken} take {used} of {room}, leaving no room for the input fields; "
+                "shorten the template or allow more positions"
             )
         excess = sum(lengths) - budget
         while excess > 0:  # longest first, one token at a time: keeps short fields whole

@@ -369,13 +369,13 @@ class SoftPromptModel(nn.Module):
             kwargs: dict[str, Any] = dict(encoder_outputs=encoded, attention_mask=enc_mask)
             cache = self._decoder_cache(B)
             if cache is not None:
-                # generate() continues from a cache: its decoder_input_ids must span the cached
-                # prefix too; those P placeholder ids are never embedded.
+                # generate() continues from a cache when decoder_input_ids and the decoder mask
+                # span the cached prefix too; the P placeholder ids in front are never embedded.
                 start = self.base.generation_config.decoder_start_token_id
                 if start is None:
                     start = self.base.config.decoder_start_token_id
                 dec = torch.full((B, self.num_virtual_tokens + 1), int(start), dtype=torch.long, device=input_ids.device)
-                kwargs.update(past_key_values=cache, decoder_input_ids=dec)
+                kwargs.update(past_key_values=cache, decoder_input_ids=dec, decoder_attention_mask=torch.ones_like(dec))
                 out = self.base.generate(**kwargs, **generate_kwargs)
                 return out[:, self.num_virtual_tokens + 1 :]
             out = self.base.generate(**kwargs, **generate_kwargs)

@@ -14,7 +14,10 @@ Grammar (parsed by hand, character by character; nothing is evaluated):
                    not open one of the forms above is literal text
 
 Whitespace between items is remembered (`space_before`) so that BPE tokenizers get the
-word boundaries the template shows.
+word boundaries the template shows. Virtual slots have no text and are transparent to
+whitespace: the real text is the template with its ``[P:n]`` slots deleted, so in
+``"{a} [P:2]{b}"`` a space separates ``{a}`` and ``{b}``, and in ``"[P:3] {text}"`` nothing
+comes before ``{text}``.
 """
 
 from __future__ import annotations
@@ -92,6 +95,10 @@ class Template:
         return self.source
 
 
+# A sanity bound: no model has positions for more, and it keeps int() away from huge strings.
+_MAX_VIRTUAL = 1_000_000
+
+
 def _is_name_start(c: str) -> bool:
     return c.isascii() and (c.isalpha() or c == "_")
 
@@ -118,26 +125,29 @@ def parse_template(source: str, *, require_placeholder: bool = True) -> Template
         raise TemplateError(f"template must be a string, got {type(source).__name__}")
     items: list[Item] = []
     text: list[str] = []  # pending anchor characters
-    space_pending = False  # whitespace seen since the last item
+    space_pending = False  # whitespace seen since the last real (non-virtual) item
     next_virtual = 0
     masks = 0
+    real_seen = False  # a real (non-virtual) item precedes: only then can a space separate
     i, n = 0, len(source)
 
     def flush_text() -> None:
-        nonlocal space_pending
+        nonlocal space_pending, real_seen
         raw = "".join(text)
         text.clear()
         if not raw.strip():
             space_pending = space_pending or bool(raw)
             return
         lead = raw[0].isspace() or space_pending
-        items.append(Anchor(text=raw.strip(), space_before=lead and bool(items)))
+        items.append(Anchor(text=raw.strip(), space_before=lead and real_seen))
         space_pending = raw[-1].isspace()
+        real_seen = True
 
     def take_space() -> bool:
-        nonlocal space_pending
-        lead = space_pending and bool(items)
+        nonlocal space_pending, real_seen
+        lead = space_pending and real_seen
         space_pending = False
+        real_seen = True
         return lead
 
     while i < n:
@@ -155,7 +165,7 @@ def parse_template(source: str, *, require_placeholder: bool = True) -> Template
                 )
             while j < n and _is_name_char(source[j]):
                 j += 1
-            if j >= n:
+            if j >= n or (source[j] != "}" and "}" not in source[j:]):
                 raise TemplateError("unclosed placeholder: missing '}'", source, i + 1)
             if source[j] != "}":
                 raise TemplateError(
@@ -182,17 +192,24 @@ def parse_template(source: str, *, require_placeholder: bool = True) -> Template
                 count, end = 1, i + 3
             else:
                 close = source.find("]", i)
-                if close < 0:
+                # A '[', '{' or '}' before the ']' means this slot was never closed (the ']'
+                # found belongs to a later item, as in "[P:3 {text} [MASK]").
+                if close < 0 or any(ch in "[{}" for ch in source[i + 3 : close]):
                     raise TemplateError("unclosed virtual-token slot: missing ']'", source, i + 1)
                 digits = source[i + 3 : close]
                 if not digits.isdigit() or not digits.isascii():
                     raise TemplateError(
                         f"virtual-token count must be a positive integer, got {digits!r}", source, i + 4
                     )
+                if len(digits.lstrip("0")) > len(str(_MAX_VIRTUAL)):  # int() of 4,300+ digits raises ValueError
+                    raise TemplateError(f"virtual-token count must be at most {_MAX_VIRTUAL}", source, i + 4)
                 count, end = int(digits), close + 1
                 if count <= 0:
                     raise TemplateError("virtual-token count must be at least 1", source, i + 4)
-            take_space()  # virtual tokens have no text: whitespace around them means nothing
+                if count > _MAX_VIRTUAL:
+                    raise TemplateError(f"virtual-token count must be at most {_MAX_VIRTUAL}", source, i + 4)
+            # Virtual tokens have no text: whitespace pending before them carries over to
+            # the next real item, and they do not count as a real item before it.
             items.append(Virtual(count=count, first=next_virtual))
             next_virtual += count
             i = end

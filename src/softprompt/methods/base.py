@@ -120,13 +120,15 @@ class PromptModule(nn.Module):
     def forward(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    @torch.no_grad()
     def export(self) -> torch.Tensor:
         """Collapse into the inference tensor: ``[P, D]`` (input) or ``[L, 2, H_kv, P, D_head]`` (deep)."""
         was_training = self.training
         self.eval()
         try:
-            return self().detach().float().clone()
+            # Run as in training (grad mode on): PyTorch's LSTM takes another kernel under
+            # no_grad, and the exported table should equal the trained module bit for bit.
+            with torch.enable_grad():
+                return self().detach().float().clone()
         finally:
             self.train(was_training)
 
