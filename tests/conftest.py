@@ -26,6 +26,8 @@ from transformers import (
     GPT2TokenizerFast,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     RobertaConfig,
@@ -99,6 +101,12 @@ def make_qwen2(tok):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
 
 
+def make_mistral(tok):
+    return _tiny(MistralForCausalLM, MistralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64, sliding_window=32))
+
+
 def make_bert(tok):
     return _tiny(BertForMaskedLM, BertConfig(
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -131,12 +139,13 @@ FAMILIES = {
     "gpt2": (make_gpt2, "gpt2_tokenizer"),
     "llama": (make_llama, "gpt2_tokenizer"),
     "qwen2": (make_qwen2, "gpt2_tokenizer"),
+    "mistral": (make_mistral, "gpt2_tokenizer"),
     "bert": (make_bert, "wordpiece_tokenizer"),
     "roberta": (make_roberta, "roberta_tokenizer"),
     "t5": (make_t5, "wordpiece_tokenizer"),
     "bart": (make_bart, "bart_tokenizer"),
 }
-CAUSAL = ("gpt2", "llama", "qwen2")
+CAUSAL = ("gpt2", "llama", "qwen2", "mistral")
 ENCODERS = ("bert", "roberta")
 SEQ2SEQ = ("t5", "bart")
 

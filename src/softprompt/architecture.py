@@ -9,6 +9,7 @@ for another base model.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import asdict, dataclass
 from enum import Enum
 
@@ -35,9 +36,6 @@ _ENCODER_SELF_ATTENTION = {
 }
 # Families whose learned position table is offset by padding_idx + 1 (fairseq lineage).
 _POSITION_OFFSET_BY_PADDING = {"roberta", "xlm-roberta", "camembert"}
-# Families that take no `position_ids`; their positions follow the row layout, so they
-# must be right-padded.
-_NO_POSITION_IDS = {"t5", "mt5", "bart", "mbart"}
 # Families whose positions are relative: no maximum-position limit.
 _RELATIVE_POSITIONS = {"t5", "mt5"}
 
@@ -201,8 +199,15 @@ def model_spec(base: nn.Module) -> ModelSpec:
         vocab_size=int(base.get_input_embeddings().weight.shape[0]),
         max_positions=None if max_positions is None else int(max_positions),
         position_offset=offset,
-        accepts_position_ids=model_type not in _NO_POSITION_IDS,
+        # Families without `position_ids` (T5, BART) place tokens by row layout: they are
+        # always right-padded.
+        accepts_position_ids=_forward_takes(base, "position_ids"),
     )
+
+
+def _forward_takes(base: nn.Module, name: str) -> bool:
+    inner = getattr(base, "base_model", base)
+    return name in inspect.signature(inner.forward).parameters
 
 
 def base_identity(base: nn.Module, spec: ModelSpec | None = None) -> BaseIdentity:

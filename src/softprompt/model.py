@@ -17,7 +17,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
 from . import inject
-from .architecture import ModelKind, ModelSpec, base_identity, model_spec
+from .architecture import ModelKind, ModelSpec, _forward_takes, base_identity, model_spec
 from .encode import PromptBatch, TemplateEncoder
 from .errors import ConfigError, EncodingError, UnsupportedModelError
 from .methods import PromptConfig, PromptModule, build_module
@@ -79,7 +79,7 @@ class SoftPromptModel(nn.Module):
         self.tokenizer = tokenizer
         self.spec: ModelSpec = model_spec(base)
         self.deep = config.deep
-        if self.deep and self.spec.kind is ModelKind.ENCODER and not _forward_takes_cache(base):
+        if self.deep and self.spec.kind is ModelKind.ENCODER and not _forward_takes(base, "past_key_values"):
             raise UnsupportedModelError(
                 f"{type(base).__name__} takes no past_key_values: a deep prompt cannot be injected into it"
             )
@@ -419,10 +419,3 @@ class SoftPromptModel(nn.Module):
         from .io import load_prompt
 
         return load_prompt(cls, base, directory, tokenizer, trainable=trainable)
-
-
-def _forward_takes_cache(base: nn.Module) -> bool:
-    import inspect
-
-    inner = getattr(base, "base_model", base)
-    return "past_key_values" in inspect.signature(inner.forward).parameters
