@@ -13,10 +13,6 @@ from softprompt.errors import ConfigError, TemplateError
 from softprompt.template import Anchor, Mask, Placeholder, Virtual, default_template, parse_template
 
 
-def kinds(template):
-    return [type(item).__name__ for item in template.items]
-
-
 # -- the documented examples ------------------------------------------------------
 
 

@@ -257,7 +257,7 @@ class SoftPromptModel(nn.Module):
             answer_logits = logits[torch.arange(B, device=logits.device), position]  # (B, V)
         loss = None
         if labels is not None and logits is not None:
-            loss = self._token_loss(logits, labels, keep, prompt_index)
+            loss = self._token_loss(logits, labels, keep, prompt_index, mask)
         return SoftPromptOutput(
             loss=loss,
             logits=None if logits is None else align(logits),
@@ -268,18 +268,20 @@ class SoftPromptModel(nn.Module):
             word_index=None if word_index is None else inject.gather_tokens(word_index, keep),
         )
 
-    def _token_loss(self, logits, labels, keep, prompt_index) -> torch.Tensor:
+    def _token_loss(self, logits, labels, keep, prompt_index, mask) -> torch.Tensor:
         """Cross-entropy over real tokens. `labels` (B, T) are aligned to the real tokens;
         they are scattered back to the full row so that a causal LM's shift pairs each
         position with the *next token of the row*, virtual slots included (those targets
-        are ignored)."""
+        are ignored). `mask` is the attention mask of the row the base model ran on."""
         if self._disabled:
             full = labels
         else:
             full = torch.full(prompt_index.shape, -100, dtype=labels.dtype, device=labels.device)
             full.scatter_(1, keep, labels)
         if self.spec.kind is ModelKind.CAUSAL:
-            logits, full = logits[:, :-1], full[:, 1:]
+            # A target right after a pad has no real context (left padding): its logits are
+            # the pad's, so it is not scored; a row's loss must not depend on its batch.
+            logits, full = logits[:, :-1], full[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), full.reshape(-1), ignore_index=-100)
 
     def _encode_seq2seq(self, input_ids, attention_mask, prompt_index) -> BaseModelOutput:

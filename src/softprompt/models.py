@@ -129,7 +129,7 @@ def cache_dir() -> Path:
 
 
 # -- the public entry point -----------------------------------------------------------
-def load_base(name_or_path: str, head: str = "auto", dtype: Any = None):
+def load_base(name_or_path: str, head: str = "auto", dtype: Any = None) -> tuple[Any, Any]:
     """Load a base model (in eval mode) and its tokenizer.
 
     Args:
@@ -162,7 +162,7 @@ def load_base(name_or_path: str, head: str = "auto", dtype: Any = None):
         elif path.exists() or "/" in name_or_path or os.sep in name_or_path:
             if not path.exists() and (name_or_path.startswith((".", "/", "~")) or os.path.isabs(name_or_path)):
                 raise ConfigError(f"{name_or_path}: no such model directory")
-            model, tokenizer = _load_pretrained(name_or_path, head, dtype)
+            model, tokenizer = _load_pretrained(str(path) if path.exists() else name_or_path, head, dtype)
         else:
             # A bare name is either a typo of an alias or a hub id such as "gpt2".
             try:
@@ -238,8 +238,13 @@ def _load_pretrained(name_or_path: str, head: str, dtype, *, name: str | None = 
             head = _head_from_config(config)
         model = _auto_class(head).from_pretrained(name_or_path, **_kwargs(dtype))
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"cannot load {name_or_path!r} as a {head} model: {_first_line(e)}") from None
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        as_head = "" if head == "auto" else f" as a {head} model"
+        raise ConfigError(f"cannot load {name_or_path!r}{as_head}: {_first_line(e)}") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        # Without tokenizer files transformers builds an empty tokenizer (special tokens
+        # only) instead of failing; every text would then encode to unknown tokens.
+        raise ConfigError(f"{name_or_path}: no tokenizer files found (tokenizer.json or vocab files) beside the model")
     if name is not None:
         model.config._name_or_path = name
         model.name_or_path = name
@@ -342,7 +347,7 @@ def _read_gguf(path: Path, head: str, dtype):
     try:
         model = _auto_class(head).from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, ImportError) as e:
         raise ConfigError(f"cannot load {path} as a {head} model: {_first_line(e)}") from None
     _drop_quantizer(model)
     return model, tokenizer
