@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--virtual-tokens", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pool", choices=["mean", "cls"], default="mean")
     parser.add_argument("--output", default=str(here / "runs" / "quickstart"))
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -46,12 +47,18 @@ def main() -> None:
     train, dev = read_sst2(sst2 / "train.tsv"), read_sst2(sst2 / "dev.tsv")
     base, tokenizer = load_base("minilm")  # frozen all-MiniLM-L6-v2 encoder
     model = sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=args.virtual_tokens), tokenizer=tokenizer)
-    head = nn.Linear(model.spec.hidden_size, 2)  # reads the [CLS] token, as P-tuning v2 does
+    # MiniLM was trained to give sentence embeddings by mean pooling, so the head reads the
+    # mean of the real tokens' states (P-tuning v2's BERT heads read [CLS]; see --pool).
+    head = nn.Linear(model.spec.hidden_size, 2)
     optimizer = torch.optim.AdamW([*model.prompt.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.0)
 
     def logits_of(pairs):
         batch = model.encode([{"text": text} for text, _ in pairs], max_length=128)
-        return head(model(**batch).last_hidden_state[:, 0])
+        out = model(**batch)
+        if args.pool == "cls":
+            return head(out.last_hidden_state[:, 0])
+        weights = out.attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)  # (B, T, 1) real tokens
+        return head((out.last_hidden_state * weights).sum(1) / weights.sum(1))
 
     @torch.no_grad()
     def accuracy() -> float:

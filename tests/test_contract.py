@@ -8,7 +8,6 @@ those tokens, and a frozen base.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -387,7 +387,6 @@ def test_deep_prompt_positions_count(P, gpt2_tokenizer, gpt2_enc, bert_enc):
 
 
 def test_longest_field_is_shortened_first(gpt2_tokenizer, gpt2_enc):
-    tok = gpt2_tokenizer
     enc = gpt2_enc("{premise} [P:2] Question: {hypothesis} ? [P:2] Answer: [MASK]")
     premise = "the quick brown fox jumps over the lazy dog " * 3  # 27 tokens: the row fits in 64
     hypothesis = "short one"

@@ -11,7 +11,7 @@ before pads. Truncation shortens only placeholders (longest first, from their en
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch

@@ -329,7 +329,7 @@ class SoftPromptModel(nn.Module):
             word_index=None if word_index is None else inject.gather_tokens(word_index, keep),
         )
 
-    # -- generation -----------------------------------------------------------
+    # -- generation (generation.py does the work) ----------------------------
     @torch.no_grad()
     def generate(
         self,
@@ -352,50 +352,9 @@ class SoftPromptModel(nn.Module):
         Returns:
             (B, N) the new tokens only (pads after a row's end-of-sequence).
         """
-        if self.spec.kind is ModelKind.ENCODER:
-            raise UnsupportedModelError(f"{type(self.base).__name__} is an encoder: it cannot generate")
-        if not hasattr(self.base, "generate"):
-            raise UnsupportedModelError(f"{type(self.base).__name__} has no LM head to generate with")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if prompt_index is None:
-            prompt_index = torch.full_like(input_ids, -1)
-        if self.spec.kind is ModelKind.CAUSAL and attention_mask[:, -1].eq(0).any():
-            raise EncodingError("causal generation continues each row at its end: encode with padding_side='left'")
-        generate_kwargs.setdefault("pad_token_id", self.encoder.pad_id if self.encoder else None)
-        B = input_ids.shape[0]
-        if self.spec.kind is ModelKind.SEQ2SEQ:
-            keep = inject.real_token_index(prompt_index)
-            encoded = self._encode_seq2seq(input_ids, attention_mask, prompt_index)
-            enc_mask = inject.gather_tokens(attention_mask, keep) if self._disabled else attention_mask
-            kwargs: dict[str, Any] = dict(encoder_outputs=encoded, attention_mask=enc_mask)
-            cache = self._decoder_cache(B)
-            if cache is not None:
-                # generate() continues from a cache when decoder_input_ids and the decoder mask
-                # span the cached prefix too; the P placeholder ids in front are never embedded.
-                start = self.base.generation_config.decoder_start_token_id
-                if start is None:
-                    start = self.base.config.decoder_start_token_id
-                dec = torch.full((B, self.num_virtual_tokens + 1), int(start), dtype=torch.long, device=input_ids.device)
-                kwargs.update(past_key_values=cache, decoder_input_ids=dec, decoder_attention_mask=torch.ones_like(dec))
-                out = self.base.generate(**kwargs, **generate_kwargs)
-                return out[:, self.num_virtual_tokens + 1 :]
-            out = self.base.generate(**kwargs, **generate_kwargs)
-            return out[:, 1:]  # drop the decoder start token
-        embeds, mask, prefix, dtype, _ = self._inputs(input_ids, attention_mask, prompt_index)
-        if prefix is None:
-            return self.base.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
-        # Deep prompt: generate() continues from the pre-filled cache; the P placeholder ids
-        # in front only carry the cache's length and are never embedded.
-        cache = inject.decoder_prefix_cache(prefix, self.spec, self.base.config, B, dtype)
-        placeholder = torch.full((B, self.num_virtual_tokens), self.encoder.pad_id if self.encoder else 0,
-                                 dtype=input_ids.dtype, device=input_ids.device)
-        ids = torch.cat([placeholder, input_ids], dim=1)
-        out = self.base.generate(
-            input_ids=ids, attention_mask=inject.prefix_mask(mask, self.num_virtual_tokens),
-            past_key_values=cache, **generate_kwargs,
-        )
-        return out[:, ids.shape[1] :]
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, prompt_index, **generate_kwargs)
 
     # -- persistence (io.py does the work) ------------------------------------
     def save_pretrained(self, directory, *, save_trainable: bool = True, metadata: Mapping[str, Any] | None = None) -> None:

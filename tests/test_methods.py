@@ -1,0 +1,145 @@
+"""Each method's module: initialisations, architecture as in its paper, dropout, configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import softprompt as sp
+from softprompt.methods import CONFIGS, config_class
+
+from conftest import make_gpt2, make_llama
+
+
+@pytest.fixture
+def gpt2(gpt2_tokenizer):
+    return make_gpt2(gpt2_tokenizer), gpt2_tokenizer
+
+
+def table_of(base, tok, **kwargs):
+    return sp.SoftPromptModel(base, sp.PromptTuningConfig(**kwargs), tokenizer=tok).export()
+
+
+def test_vocab_init_rows_are_vocabulary_embeddings(gpt2):
+    base, tok = gpt2
+    table = table_of(base, tok, num_virtual_tokens=6, init="vocab", init_seed=3)
+    weight = base.get_input_embeddings().weight
+    for row in table:
+        assert (weight == row).all(-1).any()  # every row is some token's embedding
+    assert not torch.equal(table, table_of(base, tok, num_virtual_tokens=6, init="vocab", init_seed=4))
+    assert torch.equal(table, table_of(base, tok, num_virtual_tokens=6, init="vocab", init_seed=3))
+
+
+def test_text_init_repeats_the_text_embeddings(gpt2):
+    base, tok = gpt2
+    ids = tok("Classify the sentiment", add_special_tokens=False)["input_ids"]
+    table = table_of(base, tok, num_virtual_tokens=len(ids) * 2 + 1, init="text", init_text="Classify the sentiment")
+    weight = base.get_input_embeddings().weight.detach()
+    expected = weight[torch.tensor((ids * 3)[: len(ids) * 2 + 1])]
+    assert torch.equal(table, expected)
+    short = table_of(base, tok, num_virtual_tokens=2, init="text", init_text="Classify the sentiment")
+    assert torch.equal(short, weight[torch.tensor(ids[:2])])
+
+
+def test_labels_init_starts_with_label_words(gpt2):
+    base, tok = gpt2
+    table = table_of(base, tok, num_virtual_tokens=5, init="labels", label_words=["great", "terrible"])
+    ids = [i for w in ("great", "terrible") for i in tok(" " + w, add_special_tokens=False)["input_ids"]]
+    weight = base.get_input_embeddings().weight.detach()
+    assert torch.equal(table[: len(ids)], weight[torch.tensor(ids)])
+    for row in table[len(ids):]:  # the rest sampled from the vocabulary, as in Lester et al.
+        assert (weight == row).all(-1).any()
+
+
+def test_random_init_matches_embedding_scale(gpt2):
+    base, tok = gpt2
+    table = table_of(base, tok, num_virtual_tokens=200, init="random")
+    std = base.get_input_embeddings().weight.std().item()
+    assert table.std().item() == pytest.approx(std, rel=0.1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(init="text"), "needs init_text"),
+    (dict(init="labels"), "needs label_words"),
+    (dict(init="zeros"), "init must be one of"),
+])
+def test_prompt_tuning_config_errors(gpt2, kwargs, match):
+    base, tok = gpt2
+    with pytest.raises(sp.ConfigError, match=match):
+        sp.SoftPromptModel(base, sp.PromptTuningConfig(num_virtual_tokens=3, **kwargs), tokenizer=tok)
+
+
+def test_p_tuning_lstm_is_the_papers_encoder(gpt2):
+    base, tok = gpt2
+    model = sp.SoftPromptModel(base, sp.PTuningConfig(num_virtual_tokens=4, encoder="lstm", encoder_hidden_size=16),
+                               tokenizer=tok)
+    lstm = model.prompt.lstm
+    assert isinstance(lstm, nn.LSTM) and lstm.bidirectional and lstm.num_layers == 2 and lstm.hidden_size == 8
+    linears = [m for m in model.prompt.mlp if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(16, 16), (16, 32)]
+    assert any(isinstance(m, nn.ReLU) for m in model.prompt.mlp)
+    # the output is the encoder applied to the trainable input vectors
+    x = model.prompt.embedding.unsqueeze(0)
+    expected = model.prompt.mlp(lstm(x)[0]).squeeze(0)
+    torch.testing.assert_close(model.prompt(), expected)
+
+
+def test_p_tuning_dropout_acts_in_training_only(gpt2):
+    base, tok = gpt2
+    model = sp.SoftPromptModel(base, sp.PTuningConfig(num_virtual_tokens=4, encoder="mlp", encoder_dropout=0.5),
+                               tokenizer=tok)
+    model.train()
+    torch.manual_seed(0)
+    a = model.prompt()
+    b = model.prompt()
+    assert not torch.equal(a, b)
+    model.eval()
+    assert torch.equal(model.prompt(), model.prompt())
+    assert torch.equal(model.export(), model.prompt().detach())
+
+
+@pytest.mark.parametrize("hidden", [7, 0])
+def test_p_tuning_config_errors(gpt2, hidden):
+    base, tok = gpt2
+    with pytest.raises(sp.ConfigError, match="encoder_hidden_size"):
+        sp.SoftPromptModel(base, sp.PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=hidden), tokenizer=tok)
+
+
+def test_prefix_projection_and_shapes(gpt2_tokenizer):
+    base = make_llama(gpt2_tokenizer)
+    model = sp.SoftPromptModel(base, sp.PrefixTuningConfig(num_virtual_tokens=5, projection_hidden_size=24),
+                               tokenizer=gpt2_tokenizer)
+    first, _, last = model.prompt.projection
+    assert (first.in_features, first.out_features) == (32, 24)
+    assert last.out_features == 2 * 2 * 2 * 8  # L * (K, V) * H_kv * D_head
+    assert model.export().shape == (2, 2, 2, 5, 8)
+    v2 = sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=5), tokenizer=gpt2_tokenizer)
+    assert v2.prompt.projection is None  # P-tuning v2: no reparameterisation by default
+    assert v2.trainable_parameters() == 5 * 2 * 2 * 2 * 8
+
+
+def test_prefix_dropout_acts_in_training_only(gpt2):
+    base, tok = gpt2
+    model = sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=4, prefix_dropout=0.5), tokenizer=tok)
+    model.train()
+    assert (model.prompt() == 0).float().mean() > 0.3
+    model.eval()
+    assert (model.prompt() == 0).float().mean() == 0
+
+
+def test_config_registry_and_round_trip():
+    assert sorted(CONFIGS) == ["p-tuning", "p-tuning-v2", "prefix-tuning", "prompt-tuning"]
+    config = sp.PTuningConfig(template="[P:2] {text}", encoder="mlp", encoder_dropout=0.1)
+    assert config_class("p-tuning").from_dict(config.to_dict()) == config
+    with pytest.raises(sp.ConfigError, match="unknown method 'lora'"):
+        config_class("lora")
+
+
+def test_base_is_frozen_by_construction(gpt2):
+    base, tok = gpt2
+    for p in base.parameters():
+        p.requires_grad_(True)
+    model = sp.SoftPromptModel(base, sp.PromptTuningConfig(num_virtual_tokens=2), tokenizer=tok)
+    assert not any(p.requires_grad for p in base.parameters())
+    assert model.trainable_parameters() == 2 * 32
