@@ -102,8 +102,21 @@ def write_directory_atomically(target: Path, write) -> None:
 
 
 # -- save -----------------------------------------------------------------------------
-def save_prompt(model, directory, *, save_trainable: bool = True, metadata: Mapping[str, Any] | None = None) -> None:
-    """Write `model`'s prompt to `directory` (see the module docstring for the layout)."""
+def save_prompt(
+    model,
+    directory,
+    *,
+    save_trainable: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+    extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    extra_json: Mapping[str, Any] | None = None,
+) -> None:
+    """Write `model`'s prompt to `directory` (see the module docstring for the layout).
+
+    `extra_tensors` (file name -> tensors, written as safetensors) and `extra_json`
+    (file name -> JSON value) land in the same atomic write: a task head and its
+    settings travel with the prompt they were trained with.
+    """
     tensor = model.export().contiguous()
     identity = model.identity
     config = {
@@ -127,6 +140,10 @@ def save_prompt(model, directory, *, save_trainable: bool = True, metadata: Mapp
         save_file({"prompt": tensor.cpu()}, str(tmp / PROMPT_FILE), metadata={"format": FORMAT})
         if trainable is not None:
             save_file(trainable, str(tmp / TRAINABLE_FILE), metadata={"format": FORMAT})
+        for name, tensors in (extra_tensors or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+        for name, value in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(value, indent=2) + "\n")
 
     write_directory_atomically(Path(directory), write)
 
@@ -165,7 +182,7 @@ def read_config(directory) -> dict[str, Any]:
     return data
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PromptFileError(f"{path}: missing")
     try:
@@ -195,7 +212,7 @@ def load_prompt(cls, base, directory, tokenizer=None, *, trainable: bool = False
             f"{directory} was saved for another base model ({saved.get('name_or_path') or saved_identity.model_type}): "
             + "; ".join(differences)
         )
-    tensor = _load_tensors(directory / PROMPT_FILE).get("prompt")
+    tensor = load_tensors(directory / PROMPT_FILE).get("prompt")
     if tensor is None or list(tensor.shape) != list(data["tensor_shape"]):
         raise PromptFileError(
             f"{directory / PROMPT_FILE}: expected a tensor 'prompt' of shape {data['tensor_shape']}, "
@@ -203,7 +220,7 @@ def load_prompt(cls, base, directory, tokenizer=None, *, trainable: bool = False
         )
     device = base.get_input_embeddings().weight.device
     if trainable:
-        state = _load_tensors(directory / TRAINABLE_FILE)
+        state = load_tensors(directory / TRAINABLE_FILE)
         _, P = config.resolve()
         build_config = dataclasses.replace(config, init="random") if hasattr(config, "init") else config
         module = build_module(build_config, P, spec, base.get_input_embeddings().weight, tokenizer)

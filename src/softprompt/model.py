@@ -33,7 +33,7 @@ class SoftPromptOutput(ModelOutput):
         logits: (B, T, V) for causal and masked LMs; (B, T_dec, V) decoder logits for
             encoder-decoders; None for a bare encoder.
         last_hidden_state: (B, T, D) last-layer states of the real tokens (encoder side of
-            an encoder-decoder); for causal LMs only with ``output_hidden_states=True``.
+            an encoder-decoder); for models with an LM head only with ``output_hidden_states=True``.
         answer_logits: (B, V) the output at each row's answer slot ([MASK]), when the
             template has one and the model has an LM head.
         attention_mask: (B, T) which of the T positions are real tokens (not pads).
@@ -210,7 +210,7 @@ class SoftPromptModel(nn.Module):
                 targets, shifted internally; masked LM: per-token targets), -100 ignored;
                 for an encoder-decoder, (B, T_dec) decoder targets.
             decoder_input_ids: (B, T_dec) for an encoder-decoder (default: labels shifted right).
-            output_hidden_states: also return `last_hidden_state` for causal LMs.
+            output_hidden_states: also return `last_hidden_state` for models with an LM head.
 
         Returns:
             `SoftPromptOutput`.
@@ -242,11 +242,12 @@ class SoftPromptModel(nn.Module):
             positions = inject.position_ids(mask, self.spec)
         if self.spec.accepts_position_ids:
             kwargs["position_ids"] = positions
-        want_hidden = output_hidden_states and self.spec.kind is ModelKind.CAUSAL
         out = self.base(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False,
-                        output_hidden_states=want_hidden or None, return_dict=True, **kwargs)
+                        output_hidden_states=output_hidden_states or None, return_dict=True, **kwargs)
         logits = getattr(out, "logits", None)  # (B, S, V) or None for a bare encoder
-        hidden = out.hidden_states[-1] if want_hidden else getattr(out, "last_hidden_state", None)
+        hidden = getattr(out, "last_hidden_state", None)  # bare models
+        if hidden is None and output_hidden_states:
+            hidden = out.hidden_states[-1]  # models with an LM head
         align = (lambda x: x) if self._disabled else (lambda x: inject.gather_tokens(x, keep))
         answer_logits = None
         if logits is not None and answer_index is not None and (answer_index >= 0).any():
@@ -357,13 +358,15 @@ class SoftPromptModel(nn.Module):
         return generate(self, input_ids, attention_mask, prompt_index, **generate_kwargs)
 
     # -- persistence (io.py does the work) ------------------------------------
-    def save_pretrained(self, directory, *, save_trainable: bool = True, metadata: Mapping[str, Any] | None = None) -> None:
+    def save_pretrained(self, directory, *, save_trainable: bool = True, metadata: Mapping[str, Any] | None = None,
+                        **extra) -> None:
         """Write the prompt to `directory` atomically: ``prompt_config.json`` and
         ``prompt.safetensors`` (the collapsed tensor), plus ``trainable.safetensors`` (the
-        full trainable state, to resume training) unless `save_trainable` is False."""
+        full trainable state, to resume training) unless `save_trainable` is False.
+        ``extra_tensors`` / ``extra_json`` add files to the same write (see `io.save_prompt`)."""
         from .io import save_prompt
 
-        save_prompt(self, directory, save_trainable=save_trainable, metadata=metadata)
+        save_prompt(self, directory, save_trainable=save_trainable, metadata=metadata, **extra)
 
     @classmethod
     def from_pretrained(cls, base: nn.Module, directory, tokenizer=None, *, trainable: bool = False) -> "SoftPromptModel":

@@ -1,0 +1,82 @@
+"""The task contract: what a task adds on top of a SoftPromptModel.
+
+A task owns its head (trainable parameters, possibly none), turns examples into model
+inputs plus targets, computes the loss, decodes predictions and scores them. The
+training loop, `softprompt eval` and `softprompt predict` talk to tasks only through
+this interface, so a new task is one file.
+
+Examples are plain dicts. Conventions for the reserved keys:
+
+    classification   {<template fields>..., "label": str}
+    ner              {"tokens": [str, ...], "tags": [str, ...]}         (BIO tags)
+    generation       {<template fields>..., "target": str}
+    lama             {"X": subject, "Y": object, "relation": "P19"}
+
+A missing reserved key is allowed at predict time (no target needed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from ..encode import PromptBatch
+
+Targets = dict[str, torch.Tensor]
+
+
+class Task(nn.Module):
+    """Base class of every task.
+
+    Attributes:
+        kind: the task's name on the command line (``classification``, ``ner``, ...).
+        metric: the key of `metrics()` that model selection and early stopping maximise.
+    """
+
+    kind: ClassVar[str] = ""
+    metric: ClassVar[str] = ""
+
+    def bind(self, model) -> None:
+        """Called once with the SoftPromptModel before training or inference: resolve
+        anything that depends on the model or tokenizer (label-word ids, head sizes),
+        and check it (a label word missing from the vocabulary is an error here)."""
+
+    def collate(self, model, examples: Sequence[dict[str, Any]], *, with_targets: bool = True) -> tuple[PromptBatch, Targets]:
+        """Encode `examples` for the model and build their targets.
+
+        Returns:
+            (batch, targets): `batch` goes to ``model(**batch)``; `targets` holds the
+            tensors `loss` needs (empty when `with_targets` is False).
+        """
+        raise NotImplementedError
+
+    def loss(self, model, batch: PromptBatch, targets: Targets) -> torch.Tensor:
+        """Scalar training loss of one batch."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, model, batch: PromptBatch) -> list[Any]:
+        """One JSON-serialisable prediction per row."""
+        raise NotImplementedError
+
+    def reference(self, example: dict[str, Any]) -> Any:
+        """The gold answer of one example, in the form `predict` returns."""
+        raise NotImplementedError
+
+    def metrics(self, predictions: Sequence[Any], references: Sequence[Any]) -> dict[str, float]:
+        """Scores of predictions against references; includes `self.metric`."""
+        raise NotImplementedError
+
+    def to_config(self) -> dict[str, Any]:
+        """JSON-serialisable settings that rebuild this task with `from_config`."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Task":
+        raise NotImplementedError
+
+    def num_tokens(self, batch: PromptBatch) -> int:
+        """Tokens the model processes for `batch` (for tokens/s)."""
+        return int(batch["attention_mask"].sum())

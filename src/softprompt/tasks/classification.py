@@ -1,0 +1,103 @@
+"""Sequence classification with a head (the P-tuning v2 setting): pooled states -> linear."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..architecture import ModelKind
+from ..errors import ConfigError, EncodingError
+from .base import Targets, Task
+from .metrics import classification_metrics
+
+POOLS = ("first", "last", "mean")
+
+
+class SequenceClassification(Task):
+    """A linear layer over a pooled token state, trained together with the prompt.
+
+    Args:
+        labels: the label names, in a fixed order (the head's output units).
+        pool: ``first`` (the [CLS] / first real token: encoders, as in P-tuning v2),
+            ``last`` (the last real token: causal LMs), ``mean`` (mean of the real tokens);
+            default: ``last`` for causal LMs, ``first`` otherwise.
+        dropout: dropout on the pooled state while training.
+    """
+
+    kind = "classification"
+    metric = "accuracy"
+
+    def __init__(self, labels: Sequence[str], pool: str | None = None, dropout: float = 0.1):
+        super().__init__()
+        labels = [str(x) for x in labels]
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ConfigError(f"classification needs at least two distinct labels, got {labels}")
+        if pool is not None and pool not in POOLS:
+            raise ConfigError(f"pool must be one of {POOLS}, got {pool!r}")
+        self.labels = labels
+        self.pool = pool
+        self.dropout = nn.Dropout(dropout)
+        self.dropout_p = dropout
+        self.head: nn.Linear | None = None
+
+    def bind(self, model) -> None:
+        if self.pool is None:
+            self.pool = "last" if model.spec.kind is ModelKind.CAUSAL else "first"
+        if self.head is None:
+            self.head = nn.Linear(model.spec.hidden_size, len(self.labels)).to(model.device)
+
+    def label_id(self, example: dict[str, Any], index: int) -> int:
+        if "label" not in example:
+            raise EncodingError(f"example {index} has no 'label' field")
+        label = str(example["label"])
+        if label not in self.labels:
+            raise EncodingError(f"example {index}: unknown label {label!r}; known labels: {self.labels}")
+        return self.labels.index(label)
+
+    def collate(self, model, examples, *, with_targets=True):
+        batch = model.encode(list(examples))
+        targets: Targets = {}
+        if with_targets:
+            targets["labels"] = torch.tensor([self.label_id(e, i) for i, e in enumerate(examples)], device=model.device)
+        return batch, targets
+
+    def logits(self, model, batch) -> torch.Tensor:
+        """(B, num_labels)."""
+        out = model(**batch, output_hidden_states=True)
+        states, mask = out.last_hidden_state, out.attention_mask  # (B, T, D), (B, T)
+        if self.pool == "mean":
+            w = mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * w).sum(1) / w.sum(1).clamp(min=1)
+        else:
+            positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+            real = positions.masked_fill(mask == 0, -1 if self.pool == "last" else mask.shape[1])
+            index = real.max(1).values if self.pool == "last" else real.min(1).values  # (B,)
+            pooled = states[torch.arange(states.shape[0], device=states.device), index]
+        return self.head(self.dropout(pooled.float()))
+
+    def loss(self, model, batch, targets):
+        return F.cross_entropy(self.logits(model, batch), targets["labels"])
+
+    @torch.no_grad()
+    def predict(self, model, batch):
+        probs = self.logits(model, batch).softmax(-1)
+        return [
+            {"label": self.labels[int(p.argmax())], "scores": {l: round(float(s), 6) for l, s in zip(self.labels, p)}}
+            for p in probs
+        ]
+
+    def reference(self, example):
+        return str(example["label"])
+
+    def metrics(self, predictions, references):
+        return classification_metrics([p["label"] for p in predictions], list(references), self.labels)
+
+    def to_config(self):
+        return {"kind": self.kind, "labels": self.labels, "pool": self.pool, "dropout": self.dropout_p}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config["labels"], pool=config.get("pool"), dropout=config.get("dropout", 0.1))

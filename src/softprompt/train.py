@@ -1,0 +1,485 @@
+"""The training loop, on `accelerate`: the same code on the CPU, one GPU or several.
+
+A run directory holds
+
+    config.json        the resolved run configuration (written by the caller)
+    metrics.jsonl      one line per evaluation
+    metrics.json       the final summary (best dev metric and step, wall time, why it stopped)
+    curves.png         training loss and dev metric over steps
+    prompt/            the best prompt so far (+ head.safetensors, task.json): what `eval` /
+                       `predict` / `serve` load
+    checkpoint/        the latest full training state, for `--resume`: prompt and head
+                       state, AdamW moments, RNG state, data position (safetensors + JSON)
+    tensorboard/       optional
+
+Every file is written atomically (temporary name, then rename), and the checkpoint holds
+everything needed to continue an interrupted CPU run to bit-identical final weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import ConfigError, SoftPromptError
+from .io import load_tensors, write_directory_atomically
+from .tasks.base import Task
+
+SCHEDULES = ("linear", "cosine", "constant")
+MIXED_PRECISION = ("auto", "no", "bf16")
+
+
+class TrainingError(SoftPromptError):
+    """Training cannot go on (non-finite loss, a run directory in the way, ...)."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run.
+
+    Attributes:
+        steps: optimiser steps (an upper bound when early stopping is on).
+        batch_size: examples per micro-batch, over all processes.
+        grad_accum: micro-batches per optimiser step.
+        lr: learning rate of the prompt; head_lr: of the task head.
+        weight_decay: AdamW weight decay (prompt and head).
+        warmup_ratio: share of `steps` with a linear warm-up.
+        schedule: decay after warm-up: linear, cosine or constant.
+        max_grad_norm: gradient clipping (0: off).
+        seed: data order, dropout and initialisation; a CPU run is bit-reproducible.
+        eval_every: evaluate (and checkpoint) every N steps; 0: only at the end.
+        eval_batch_size: examples per evaluation batch.
+        patience: stop after this many evaluations without improvement (None: never).
+        bucket: group examples of similar length into batches (less padding).
+        mixed_precision: auto (bf16 on a GPU, none on the CPU), no, bf16.
+        tensorboard: also write TensorBoard logs.
+        progress: show a progress bar.
+    """
+
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-2
+    head_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_every: int = 100
+    eval_batch_size: int = 64
+    patience: int | None = None
+    bucket: bool = True
+    mixed_precision: str = "auto"
+    tensorboard: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be a non-negative integer, got {self.eval_every!r}")
+        for name in ("lr", "head_lr"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience <= 0):
+            raise ConfigError(f"train.patience must be a positive integer or null, got {self.patience!r}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+# -- data order -----------------------------------------------------------------------
+def _length(example: dict[str, Any]) -> int:
+    """A cheap proxy of an example's token count: characters of its text fields."""
+    total = 0
+    for value in example.values():
+        if isinstance(value, str):
+            total += len(value)
+        elif isinstance(value, list):
+            total += sum(len(str(v)) + 1 for v in value)
+    return total
+
+
+def epoch_batches(examples: Sequence[dict], batch_size: int, epoch: int, seed: int, bucket: bool) -> list[list[int]]:
+    """The batches (lists of example indices) of one epoch, a pure function of its arguments.
+
+    With `bucket`, each window of 50 batches is sorted by length before it is cut, and the
+    batches are shuffled again, so batches hold similar lengths in a random order.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    if not bucket:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: _length(examples[i]))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    shuffle = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffle]
+
+
+# -- the trainable unit -------------------------------------------------------------
+class PromptAndHead(nn.Module):
+    """The SoftPromptModel and its task as one module, so DDP / FSDP wrap them together."""
+
+    def __init__(self, model, task: Task):
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batch, targets) -> torch.Tensor:
+        return self.task.loss(self.model, batch, targets)
+
+
+def _param_groups(model, task: Task, config: TrainConfig) -> list[dict]:
+    groups = [{"params": [p for p in model.prompt.parameters() if p.requires_grad], "lr": config.lr, "name": "prompt"}]
+    head = [p for p in task.parameters() if p.requires_grad]
+    if head:
+        groups.append({"params": head, "lr": config.head_lr, "name": "head"})
+    if not groups[0]["params"]:
+        raise ConfigError("the prompt has no trainable parameters (a collapsed prompt? load it with trainable=True)")
+    return groups
+
+
+# -- evaluation ---------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, task: Task, examples: Sequence[dict], batch_size: int = 64) -> tuple[dict[str, float], list[Any]]:
+    """Metrics and per-example predictions (in the input order) of `task` on `examples`."""
+    if not examples:
+        raise TrainingError("nothing to evaluate: the evaluation split is empty")
+    was_training = model.training
+    model.eval()
+    task.eval()
+    order = sorted(range(len(examples)), key=lambda i: _length(examples[i]))
+    predictions: list[Any] = [None] * len(examples)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch, _ = task.collate(model, [examples[i] for i in idx], with_targets=False)
+            for i, p in zip(idx, task.predict(model, batch)):
+                predictions[i] = p
+    finally:
+        model.train(was_training)
+        task.train(was_training)
+    references = [task.reference(e) for e in examples]
+    return task.metrics(predictions, references), predictions
+
+
+# -- checkpoints --------------------------------------------------------------------
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(directory: Path, unit: PromptAndHead, optimizer, state: dict[str, Any]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in unit.model.prompt.state_dict().items():
+        tensors[f"prompt.{k}"] = v
+    for k, v in unit.task.state_dict().items():
+        tensors[f"task.{k}"] = v
+    opt = optimizer.state_dict()
+    for index, param_state in opt["state"].items():
+        for key, value in param_state.items():
+            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in opt["param_groups"]]
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=2) + "\n")
+
+    write_directory_atomically(directory, write)
+
+
+def _load_checkpoint(directory: Path, unit: PromptAndHead, optimizer) -> dict[str, Any]:
+    path = directory / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrainingError(f"{directory}: no checkpoint to resume from (trainer_state.json missing)") from None
+    except json.JSONDecodeError as e:
+        raise TrainingError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    tensors = load_tensors(directory / "state.safetensors")
+    unit.model.prompt.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("prompt.")})
+    unit.task.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("task.")})
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, index, key = k.split(".", 2)
+            opt_state.setdefault(int(index), {})[key] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state
+
+
+def save_for_inference(model, task: Task, directory: Path, metadata: dict[str, Any]) -> None:
+    """The prompt with its task head and settings, as `eval` / `predict` / `serve` load it."""
+    model.save_pretrained(
+        directory,
+        metadata=metadata,
+        extra_tensors={"head.safetensors": task.state_dict()} if len(task.state_dict()) else {},
+        extra_json={"task.json": task.to_config()},
+    )
+
+
+# -- plots --------------------------------------------------------------------------
+def plot_curves(losses: list[tuple[int, float]], evals: list[dict[str, Any]], metric: str, path: Path) -> None:
+    """Training loss and dev metric over steps, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if losses:
+        ax.plot([s for s, _ in losses], [v for _, v in losses], color="tab:blue", linewidth=1, label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss", color="tab:blue")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([e["step"] for e in evals], [e[metric] for e in evals], "o-", color="tab:orange", label=f"dev {metric}")
+        ax2.set_ylabel(f"dev {metric}", color="tab:orange")
+    ax.set_title("softprompt training")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -- the loop -----------------------------------------------------------------------
+@dataclass
+class RunResult:
+    """What `train` returns (also written to metrics.json)."""
+
+    best_metric: float | None
+    best_step: int | None
+    steps: int
+    stopped: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _schedule(optimizer, config: TrainConfig):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[config.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=int(config.warmup_ratio * config.steps),
+                         num_training_steps=config.steps)
+
+
+def train(
+    model,
+    task: Task,
+    train_examples: Sequence[dict],
+    eval_examples: Sequence[dict] | None,
+    config: TrainConfig,
+    output: str | os.PathLike,
+    *,
+    resume: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> RunResult:
+    """Train `model`'s prompt and `task`'s head; write the run directory `output`.
+
+    Args:
+        model: a SoftPromptModel (its base stays frozen).
+        task: the task; `bind` is called here.
+        train_examples / eval_examples: example dicts (see tasks/base.py).
+        config: the training settings.
+        output: the run directory (must exist; the caller writes config.json there).
+        resume: continue from ``output/checkpoint``.
+        metadata: stored with the saved prompt (task name, data, ...).
+
+    Raises:
+        TrainingError: empty training data, a non-finite loss (the last good checkpoint
+            and best prompt are kept), or nothing to resume from.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    config.validate()
+    if not train_examples:
+        raise TrainingError("no training examples")
+    output = Path(output)
+    mixed = config.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=mixed)
+    set_seed(config.seed)
+    task.bind(model)
+    model.train()
+    task.train()
+    unit = PromptAndHead(model, task)
+    optimizer = torch.optim.AdamW(_param_groups(model, task, config), weight_decay=config.weight_decay)
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_metric": None, "best_step": None,
+                             "bad_evals": 0, "losses": [], "tokens": 0, "train_seconds": 0.0}
+    if resume:
+        state = _load_checkpoint(output / "checkpoint", unit, optimizer)
+        _truncate_metrics(output / "metrics.jsonl", state["step"])
+    scheduler = _schedule(optimizer, config)
+    for _ in range(state["step"]):
+        scheduler.step()  # the schedule is a pure function of the step
+    wrapped, optimizer = accelerator.prepare(unit, optimizer)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    evals = _read_metrics(output / "metrics.jsonl")
+    writer = _tensorboard(output, config) if accelerator.is_main_process else None
+    metric = task.metric
+    stopped = "max steps"
+    bar = _progress(config, state["step"], accelerator.is_main_process)
+    window_loss, window_tokens, window_start = [], 0, time.perf_counter()
+    batches = epoch_batches(train_examples, config.batch_size, state["epoch"], config.seed, config.bucket)
+    while state["step"] < config.steps:
+        step_start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            if state["batch_in_epoch"] >= len(batches):
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+                batches = epoch_batches(train_examples, config.batch_size, state["epoch"], config.seed, config.bucket)
+            indices = batches[state["batch_in_epoch"]]
+            state["batch_in_epoch"] += 1
+            share = indices[rank * len(indices) // world : (rank + 1) * len(indices) // world]
+            batch, targets = task.collate(model, [train_examples[i] for i in share])
+            sync = nullcontext() if micro == config.grad_accum - 1 else accelerator.no_sync(wrapped)
+            with sync, accelerator.autocast():
+                loss = wrapped(batch, targets) / config.grad_accum
+            accelerator.backward(loss)
+            step_loss += loss.detach().float().item()
+            window_tokens += task.num_tokens(batch) * world
+        if not math.isfinite(step_loss):
+            stopped = f"non-finite loss ({step_loss}) at step {state['step'] + 1}"
+            _finish(output, state, evals, metric, stopped, accelerator)
+            raise TrainingError(
+                f"{stopped}: stopped; the last good checkpoint ({output / 'checkpoint'}) and the best prompt "
+                f"({output / 'prompt'}) are kept. Lower the learning rate (train.lr={config.lr})."
+            )
+        if config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        state["step"] += 1
+        state["train_seconds"] += time.perf_counter() - step_start
+        state["losses"].append([state["step"], round(step_loss, 6)])
+        window_loss.append(step_loss)
+        if writer is not None:
+            writer.add_scalar("train/loss", step_loss, state["step"])
+        if bar is not None:
+            elapsed = time.perf_counter() - window_start
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{window_tokens / max(elapsed, 1e-9):,.0f}",
+                            dev=f"{state['best_metric']:.4f}" if state["best_metric"] is not None else "-")
+        last = state["step"] == config.steps
+        if eval_examples and ((config.eval_every and state["step"] % config.eval_every == 0) or last):
+            scores, _ = evaluate(model, task, eval_examples, config.eval_batch_size)
+            elapsed = time.perf_counter() - window_start
+            row = {"step": state["step"], "epoch": state["epoch"], "train_loss": sum(window_loss) / len(window_loss),
+                   **scores, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                   "train_seconds": state["train_seconds"]}
+            window_loss, window_tokens, window_start = [], 0, time.perf_counter()
+            evals.append(row)
+            improved = state["best_metric"] is None or scores[metric] > state["best_metric"]
+            if improved:
+                state["best_metric"], state["best_step"], state["bad_evals"] = scores[metric], state["step"], 0
+            else:
+                state["bad_evals"] += 1
+            if accelerator.is_main_process:
+                _append_metrics(output / "metrics.jsonl", row)
+                if writer is not None:
+                    for k, v in scores.items():
+                        writer.add_scalar(f"dev/{k}", v, state["step"])
+                if improved:
+                    save_for_inference(model, task, output / "prompt",
+                                       {**(metadata or {}), "step": state["step"], "dev": scores})
+                _save_checkpoint(output / "checkpoint", unit, optimizer, state)
+            if config.patience and state["bad_evals"] >= config.patience:
+                stopped = f"early stopping: no better dev {metric} in {config.patience} evaluations"
+                break
+        elif last and accelerator.is_main_process:
+            if not eval_examples:
+                save_for_inference(model, task, output / "prompt", {**(metadata or {}), "step": state["step"]})
+            _save_checkpoint(output / "checkpoint", unit, optimizer, state)
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+    summary = _finish(output, state, evals, metric, stopped, accelerator)
+    return RunResult(state["best_metric"], state["best_step"], state["step"], stopped, summary)
+
+
+def _finish(output: Path, state, evals, metric, stopped, accelerator) -> dict[str, Any]:
+    best = next((e for e in evals if e["step"] == state["best_step"]), None)
+    summary = {"metric": metric, "best": best, "best_step": state["best_step"], "steps": state["step"],
+               "train_seconds": round(state["train_seconds"], 3), "stopped": stopped}
+    if accelerator.is_main_process:
+        _write_json(output / "metrics.json", summary)
+        plot_curves([tuple(x) for x in state["losses"]], evals, metric, output / "curves.png")
+    return summary
+
+
+def _append_metrics(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop evaluation lines written after the checkpoint (they will be redone)."""
+    rows = [r for r in _read_metrics(path) if r["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _tensorboard(output: Path, config: TrainConfig):
+    if not config.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(output / "tensorboard"))
+
+
+def _progress(config: TrainConfig, done: int, main: bool):
+    if not (config.progress and main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, initial=done, desc="train", unit="step", dynamic_ncols=True)
+
+
+__all__ = ["TrainConfig", "TrainingError", "RunResult", "train", "evaluate", "epoch_batches", "save_for_inference",
+           "plot_curves", "asdict"]
