@@ -19,7 +19,7 @@ from .errors import PromptFileError, SoftPromptError
 
 app = typer.Typer(
     name="softprompt",
-    help="Soft-prompt tuning on frozen transformers: inspect saved prompts and the packaged models.",
+    help="Soft-prompt tuning on frozen transformers: train, evaluate, predict, inspect.",
     no_args_is_help=True,
     add_completion=False,
     # A traceback is only shown for real bugs; keep it plain (rich's boxes hide the frames in CI logs).
@@ -140,6 +140,85 @@ def info(
     """Describe a saved prompt: method, template, base model, tensor shape, size on disk."""
     result = prompt_info(directory)
     typer.echo(json.dumps(result) if as_json else _format_info(result))
+
+
+# -- train / eval / predict ---------------------------------------------------------------
+@app.command()
+@_reports_errors
+def train(
+    model: str = typer.Option(None, "--model", help="Alias (minilm, smollm2-135m, bert-tiny-mlm), local path or hub id."),
+    method: str = typer.Option(None, "--method", help="prompt-tuning | p-tuning | prefix-tuning | p-tuning-v2."),
+    task: str = typer.Option(None, "--task", help="A recipe (sst2, rte, fewglue-cb, wnut17, lama-trex, ...) or classification | ner | generation."),
+    output: Path = typer.Option(None, "--output", "-o", help="The run directory."),
+    train_file: str = typer.Option(None, "--train", help="Training data file (jsonl, json, csv, tsv, conll, hf:NAME)."),
+    eval_file: str = typer.Option(None, "--eval", help="Dev data file, for evaluation and model selection."),
+    template: str = typer.Option(None, "--template", help='Template, e.g. "[P:3] {text} [P:3] It was [MASK] ."'),
+    labels: list[str] = typer.Option(None, "--labels", help="Labels, or LABEL:WORD[|WORD] for a verbalizer; repeatable."),
+    fields: list[str] = typer.Option(None, "--field", help="Map a data column to a template field: COLUMN:FIELD; repeatable."),
+    num_virtual_tokens: int = typer.Option(None, "--num-virtual-tokens", "-P", help="Virtual tokens (deep methods: per layer)."),
+    data_root: str = typer.Option(None, "--data-root", envvar="SOFTPROMPT_DATA", help="Where recipes find their data."),
+    config: Path = typer.Option(None, "--config", help="A YAML run file; the options above and --set override it."),
+    sets: list[str] = typer.Option(None, "--set", help="Override any setting: KEY=VALUE (train.lr=0.01, prompt.encoder=mlp, ...); repeatable."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --output."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --output."),
+) -> None:
+    """Train a soft prompt; prints the final metrics as JSON on stdout."""
+    from .run import run_training
+    from .runconfig import RunConfig, apply_sets, load_yaml
+
+    cfg = RunConfig()
+    if config is not None:
+        load_yaml(config, cfg)
+    given = {"model": model, "method": method, "task": task, "output": str(output) if output else None,
+             "train_file": train_file, "eval_file": eval_file, "template": template, "labels": labels or None,
+             "fields": fields or None, "num_virtual_tokens": num_virtual_tokens, "data_root": data_root}
+    for key, value in given.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    apply_sets(cfg, sets or [])
+    if output is None and config is None and not resume:
+        raise typer.BadParameter("--output is required", param_hint="--output")
+    result = run_training(cfg, resume=resume, overwrite=overwrite)
+    typer.echo(json.dumps(result.metrics))
+
+
+@app.command("eval")
+@_reports_errors
+def eval_(
+    prompt: Path = typer.Option(..., "--prompt", help="A run directory or its prompt/ folder."),
+    task: str = typer.Option(None, "--task", help="Recipe to evaluate on (default: the one it was trained on)."),
+    split: str = typer.Option("test", "--split", help="train | dev | test."),
+    data: str = typer.Option(None, "--data", help="Evaluate on this file instead of a recipe split."),
+    model: str = typer.Option(None, "--model", help="Base model (default: the one it was trained on)."),
+    data_root: str = typer.Option(None, "--data-root", envvar="SOFTPROMPT_DATA", help="Where recipes find their data."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+) -> None:
+    """Evaluate a trained prompt; prints a metrics JSON object on stdout."""
+    from .run import evaluate_trained
+
+    typer.echo(json.dumps(evaluate_trained(prompt, split=split, task_name=task, data_root=data_root,
+                                           data_file=data, model=model, batch_size=batch_size)))
+
+
+@app.command()
+@_reports_errors
+def predict(
+    prompt: Path = typer.Option(..., "--prompt", help="A run directory or its prompt/ folder."),
+    texts: list[str] = typer.Argument(None, help="Inputs for a template with one field."),
+    input_file: Path = typer.Option(None, "--input", help="A jsonl file of examples (objects with the template's fields)."),
+    model: str = typer.Option(None, "--model", help="Base model (default: the one it was trained on)."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+) -> None:
+    """Predict with a trained prompt: one JSON line per input on stdout."""
+    from .run import load_trained, read_inputs
+
+    sp_model, task, _ = load_trained(prompt, model=model)
+    examples = read_inputs(sp_model, texts or [], input_file)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch, _ = task.collate(sp_model, chunk, with_targets=False)
+        for example, prediction in zip(chunk, task.predict(sp_model, batch)):
+            typer.echo(json.dumps({"input": example, "prediction": prediction}))
 
 
 # -- models -------------------------------------------------------------------------------

@@ -1,0 +1,286 @@
+"""From a run configuration to a trained prompt, and from a trained prompt back to a
+model and task: what `softprompt train / eval / predict` do, callable from Python.
+
+    result = run_training(RunConfig(model="minilm", method="p-tuning-v2", task="sst2", output="runs/sst2"))
+    model, task, info = load_trained("runs/sst2")
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .architecture import ModelKind
+from .errors import ConfigError
+from .io import load_tensors
+from .methods import config_class
+from .model import SoftPromptModel
+from .runconfig import RunConfig
+from .tasks import Task, task_from_config
+from .train import RunResult, TrainingError, evaluate, train
+
+DEFAULT_DEEP_TOKENS = 20
+DEFAULT_INPUT_TOKENS = 8
+RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoint", "prompt")
+
+
+@dataclass
+class Data:
+    """The examples of a run and where they came from."""
+
+    train: list[dict]
+    dev: list[dict]
+    test: list[dict] | None
+    kind: str  # classification | ner | generation | lama
+    labels: list[str] | None
+    label_words: dict[str, list[str]] | None
+    recipe: Any | None
+    source: dict[str, Any]
+
+
+def load_data(cfg: RunConfig) -> Data:
+    """Examples for `cfg`: a recipe's splits, or the user's files (`--train/--eval`)."""
+    from . import data as datamod
+
+    generic = {"classification", "ner", "generation"}
+    fields = _fields(cfg.fields)
+    labels, words = _labels(cfg.labels)
+    if cfg.task in generic:
+        if not cfg.train_file or not cfg.eval_file:
+            raise ConfigError(f"task {cfg.task!r} is generic: give --train FILE and --eval FILE (or a recipe name)")
+        read = lambda p: datamod.read_examples(p, fields=fields, labels=labels if cfg.task == "classification" else None)
+        train_ex, dev_ex = read(cfg.train_file), read(cfg.eval_file)
+        test_ex = read(cfg.test_file) if cfg.test_file else None
+        if cfg.task == "classification" and labels is None:
+            labels = sorted({str(e["label"]) for e in train_ex})
+        return Data(train_ex, dev_ex, test_ex, cfg.task, labels, words, None,
+                    {"train": cfg.train_file, "eval": cfg.eval_file, "test": cfg.test_file})
+    recipe = datamod.load_recipe(cfg.task, cfg.data_root)
+    train_ex = datamod.read_examples(cfg.train_file, fields=fields) if cfg.train_file else recipe.examples("train")
+    dev_ex = datamod.read_examples(cfg.eval_file, fields=fields) if cfg.eval_file else recipe.examples("dev")
+    test_ex = datamod.read_examples(cfg.test_file, fields=fields) if cfg.test_file else recipe.examples("test")
+    return Data(train_ex, dev_ex, test_ex, recipe.task, labels or recipe.labels, words or recipe.label_words,
+                recipe, {"recipe": recipe.name, "notes": getattr(recipe, "notes", "")})
+
+
+def _fields(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        column, sep, name = item.partition(":")
+        if not sep or not column or not name:
+            raise ConfigError(f"--field {item!r}: expected COLUMN:FIELD (e.g. sentence:text)")
+        out[column] = name
+    return out
+
+
+def _labels(items: list[str] | None) -> tuple[list[str] | None, dict[str, list[str]] | None]:
+    """``["pos", "neg"]`` or ``["pos:great", "neg:terrible|awful"]``."""
+    if not items:
+        return None, None
+    labels, words = [], {}
+    for item in items:
+        label, sep, ws = item.partition(":")
+        labels.append(label)
+        if sep:
+            words[label] = [w for w in ws.split("|") if w]
+    if words and len(words) != len(labels):
+        raise ConfigError(f"--labels {items}: give label words for every label or for none")
+    return labels, words or None
+
+
+def uses_verbalizer(cfg: RunConfig, data: Data, kind: ModelKind, has_lm_head: bool) -> bool:
+    if cfg.head == "verbalizer":
+        return True
+    if cfg.head == "linear" or data.kind != "classification" or not has_lm_head or not data.label_words:
+        return False
+    return not config_class(cfg.method).deep  # P-tuning v1 / PET: input prompts read at [MASK]
+
+
+def build_task(cfg: RunConfig, data: Data, verbalizer: bool) -> Task:
+    from . import tasks
+
+    options = dict(cfg.task_options)
+    if data.kind == "classification":
+        if verbalizer:
+            if not data.label_words:
+                raise ConfigError("a verbalizer needs label words: --labels LABEL:WORD ...")
+            return tasks.TASKS["verbalizer"](data.label_words, **options)
+        return tasks.TASKS["classification"](data.labels, **options)
+    if data.kind == "ner":
+        tags = sorted({t for e in data.train for t in e["tags"]} | {t for e in data.dev for t in e["tags"]})
+        return tasks.TASKS["ner"](tags, **options)
+    if data.kind == "generation":
+        return tasks.TASKS["generation"](**options)
+    if data.kind == "lama":
+        return tasks.TASKS["lama"](**options)
+    raise ConfigError(f"unknown task kind {data.kind!r}")
+
+
+def default_template(cfg: RunConfig, data: Data, task: Task, model_kind: ModelKind, P: int, deep: bool) -> str:
+    """The template when none is given: the recipe's for this model kind and head, with
+    the virtual tokens in front for input methods that have no slots of their own."""
+    recipe = data.recipe
+    template = None
+    if recipe is not None and hasattr(recipe, "template_for"):
+        template = recipe.template_for(model_kind=model_kind.value, head=task.kind, deep=deep)
+    if template is None:
+        if data.kind == "ner":
+            template = "{tokens}"
+        elif data.kind == "generation":
+            template = "{input}"
+        else:
+            fields = sorted({k for e in data.train[:50] for k in e if k not in ("label", "idx", "target", "tags")})
+            template = " ".join(f"{{{f}}}" for f in fields) if fields else "{text}"
+            if task.kind == "verbalizer":
+                template += " [MASK]"
+    if not deep and "[P" not in template:
+        template = f"[P:{P}] " + template
+    return template
+
+
+def _check_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--output {out} exists and is not a directory")
+    holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
+    if resume:
+        if not (out / "checkpoint").is_dir():
+            raise TrainingError(f"--resume: {out} holds no checkpoint to continue from")
+    elif holds_run:
+        if not overwrite:
+            raise TrainingError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        for marker in RUN_MARKERS + ("metrics.json", "curves.png", "tensorboard"):
+            target = out / marker
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Train as `softprompt train` does; returns the result (metrics also in the run dir)."""
+    from .models import load_base
+
+    if resume:
+        saved = json.loads((Path(cfg.output) / "config.json").read_text()) if (Path(cfg.output) / "config.json").exists() else None
+        if saved is None:
+            raise TrainingError(f"--resume: {cfg.output}/config.json is missing")
+        cfg = _from_dict(saved)
+    cfg.validate()
+    out = _check_output(cfg, resume, overwrite)
+    data = load_data(cfg)
+    if not data.train:
+        raise TrainingError("the training split is empty")
+    probe_head = "auto"
+    base, tokenizer = load_base(cfg.model, head=probe_head)
+    kind = _kind(base)
+    has_lm_head = base.get_output_embeddings() is not None
+    verbalizer = uses_verbalizer(cfg, data, kind, has_lm_head)
+    task = build_task(cfg, data, verbalizer)
+    method_cls = config_class(cfg.method)
+    P = cfg.num_virtual_tokens or (DEFAULT_DEEP_TOKENS if method_cls.deep else DEFAULT_INPUT_TOKENS)
+    template = cfg.template or default_template(cfg, data, task, kind, P, method_cls.deep)
+    n = cfg.num_virtual_tokens if not method_cls.deep else P
+    prompt_config = method_cls(num_virtual_tokens=n, template=template, **cfg.prompt)
+    model = SoftPromptModel(base, prompt_config, tokenizer=tokenizer)
+    resolved = cfg.to_dict() | {"template": template, "num_virtual_tokens": model.num_virtual_tokens,
+                                "resolved_task": task.kind, "data": data.source}
+    if not resume:
+        (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    metadata = {"task": task.kind, "model": cfg.model, "data": data.source}
+    return train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata)
+
+
+def _kind(base) -> ModelKind:
+    from .architecture import model_kind
+
+    return model_kind(base)
+
+
+def _from_dict(saved: dict[str, Any]) -> RunConfig:
+    from .train import TrainConfig
+
+    keep = {k: v for k, v in saved.items() if k in RunConfig.__dataclass_fields__}
+    keep["train"] = TrainConfig(**keep.get("train", {}))
+    return RunConfig(**keep)
+
+
+def prompt_directory(path: str | Path) -> Path:
+    """A run directory or a prompt folder -> the prompt folder."""
+    path = Path(path)
+    if (path / "prompt" / "prompt_config.json").exists():
+        return path / "prompt"
+    return path
+
+
+def load_trained(path: str | Path, *, model: str | None = None):
+    """Load a trained prompt with its task head.
+
+    Args:
+        path: a run directory or its ``prompt/`` folder.
+        model: the base model (alias / path); default: the one it was trained on.
+
+    Returns:
+        (SoftPromptModel, Task, metadata dict).
+    """
+    from .io import read_config
+    from .models import load_base
+
+    directory = prompt_directory(path)
+    saved = read_config(directory)
+    name = model or saved["metadata"].get("model") or saved["base_model"].get("name_or_path")
+    if not name:
+        raise ConfigError(f"{directory}: the base model is not recorded; pass --model")
+    base, tokenizer = load_base(name)
+    sp_model = SoftPromptModel.from_pretrained(base, directory, tokenizer=tokenizer).eval()
+    task_file = directory / "task.json"
+    if not task_file.exists():
+        raise ConfigError(f"{task_file}: missing; this prompt was saved without a task")
+    task = task_from_config(json.loads(task_file.read_text()))
+    task.bind(sp_model)
+    if (directory / "head.safetensors").exists():
+        task.load_state_dict(load_tensors(directory / "head.safetensors"))
+    task.eval()
+    return sp_model, task, saved["metadata"]
+
+
+def evaluate_trained(path, *, split: str = "test", task_name: str | None = None, data_root: str | None = None,
+                     data_file: str | None = None, model: str | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """Metrics of a trained prompt on a split of its recipe, or on a data file."""
+    from . import data as datamod
+
+    sp_model, task, meta = load_trained(path, model=model)
+    if data_file:
+        examples = datamod.read_examples(data_file)
+    else:
+        recipe_name = task_name or (meta.get("data") or {}).get("recipe")
+        if not recipe_name:
+            raise ConfigError("this prompt was trained on files, not a recipe: give --data FILE or --task RECIPE")
+        examples = datamod.load_recipe(recipe_name, data_root).examples(split)
+    scores, _ = evaluate(sp_model, task, examples, batch_size)
+    return {"split": split if not data_file else data_file, **scores}
+
+
+def read_inputs(model: SoftPromptModel, texts: list[str], input_file: Path | None) -> list[dict]:
+    """Examples for `predict`: plain texts fill the template's only field; a jsonl file
+    gives whole examples."""
+    from . import data as datamod
+
+    examples: list[dict] = []
+    if texts:
+        fields = model.template.fields
+        if len(fields) != 1:
+            raise ConfigError(f"the template {model.template.source!r} has fields {list(fields)}: use --input FILE.jsonl")
+        examples += [{fields[0]: t.split() if fields[0] == "tokens" else t} for t in texts]
+    if input_file is not None:
+        examples += datamod.read_examples(input_file)
+    if not examples:
+        raise ConfigError("nothing to predict: give texts or --input FILE.jsonl")
+    return examples

@@ -1,0 +1,56 @@
+"""Run configuration: YAML files, --set overrides, and refusals that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+import softprompt as sp
+from softprompt.runconfig import RunConfig, apply_sets, load_yaml
+
+
+def test_yaml_and_sets_layer_in_order(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: smollm2-135m\nmethod: p-tuning\ntrain:\n  lr: 0.003\n  steps: 50\nprompt:\n  encoder: mlp\n")
+    cfg = RunConfig()
+    load_yaml(path, cfg)
+    apply_sets(cfg, ["train.steps=70", "task.pool=mean", "template=[P:2] {text} [MASK]", "train.patience=null"])
+    cfg.validate()
+    assert (cfg.model, cfg.method, cfg.train.lr, cfg.train.steps) == ("smollm2-135m", "p-tuning", 0.003, 70)
+    assert cfg.prompt == {"encoder": "mlp"} and cfg.task_options == {"pool": "mean"}
+    assert cfg.template == "[P:2] {text} [MASK]" and cfg.train.patience is None
+
+
+@pytest.mark.parametrize("assignment,match", [
+    ("train.lrr=0.1", r"unknown key 'train.lrr'; did you mean 'train.lr'"),
+    ("modle=minilm", r"unknown key 'modle'; did you mean 'model'"),
+    ("train.steps", "expected key=value"),
+])
+def test_unknown_keys_are_named_with_a_suggestion(assignment, match):
+    with pytest.raises(sp.ConfigError, match=match):
+        apply_sets(RunConfig(), [assignment])
+
+
+def test_unknown_prompt_field_suggests(tmp_path):
+    cfg = RunConfig(method="p-tuning")
+    apply_sets(cfg, ["prompt.encodr=mlp"])
+    with pytest.raises(sp.ConfigError, match=r"unknown key 'prompt.encodr' for p-tuning; did you mean 'prompt.encoder'"):
+        cfg.validate()
+
+
+def test_bad_yaml_names_line_and_column(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: minilm\ntrain:\n  lr: [0.1\n")
+    with pytest.raises(sp.ConfigError, match=r"run.yaml: invalid YAML at line \d+, column \d+"):
+        load_yaml(path, RunConfig())
+
+
+def test_unknown_method_lists_known():
+    cfg = RunConfig(method="lora")
+    with pytest.raises(sp.ConfigError, match="unknown method 'lora'; known: .*p-tuning-v2"):
+        cfg.validate()
+
+
+def test_method_aliases():
+    cfg = RunConfig(method="p_tuning_v2")
+    cfg.validate()
+    assert cfg.method == "p-tuning-v2"
