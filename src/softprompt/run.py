@@ -127,7 +127,7 @@ def default_template(cfg: RunConfig, data: Data, task: Task, model_kind: ModelKi
     recipe = data.recipe
     template = None
     if recipe is not None and hasattr(recipe, "template_for"):
-        template = recipe.template_for(model_kind=model_kind.value, head=task.kind, deep=deep)
+        template = recipe.template_for(model_kind=model_kind.value, head=task.kind, deep=deep, method=cfg.method)
     if template is None:
         if data.kind == "ner":
             template = "{tokens}"

@@ -70,7 +70,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-2
-    head_lr: float = 1e-3
+    head_lr: float = 5e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     schedule: str = "linear"

@@ -23,7 +23,8 @@ class SequenceClassification(Task):
         labels: the label names, in a fixed order (the head's output units).
         pool: ``first`` (the [CLS] / first real token: encoders, as in P-tuning v2),
             ``last`` (the last real token: causal LMs), ``mean`` (mean of the real tokens);
-            default: ``last`` for causal LMs, ``first`` otherwise.
+            default: ``last`` for causal LMs, ``mean`` otherwise (sentence encoders such as
+            MiniLM are trained for mean pooling; ``first`` is P-tuning v2's choice for BERT).
         dropout: dropout on the pooled state while training.
     """
 
@@ -45,7 +46,7 @@ class SequenceClassification(Task):
 
     def bind(self, model) -> None:
         if self.pool is None:
-            self.pool = "last" if model.spec.kind is ModelKind.CAUSAL else "first"
+            self.pool = "last" if model.spec.kind is ModelKind.CAUSAL else "mean"
         if self.head is None:
             self.head = nn.Linear(model.spec.hidden_size, len(self.labels)).to(model.device)
 

@@ -1,0 +1,113 @@
+"""`softprompt train / eval / predict` end to end, as a user runs them (tiny local models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from softprompt.cli import app
+
+from conftest import make_bert, make_gpt2
+
+runner = CliRunner()
+POS = ["a gem of a film", "wonderful acting", "great fun", "a delight", "moving and funny", "superb"]
+NEG = ["a dull mess", "terrible plot", "boring", "a waste of time", "awful dialogue", "tedious"]
+
+
+@pytest.fixture
+def bert_dir(wordpiece_tokenizer, tmp_path):
+    path = tmp_path / "tiny-bert"
+    make_bert(wordpiece_tokenizer).bert.save_pretrained(path)  # a bare encoder, as MiniLM
+    wordpiece_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def gpt2_dir(gpt2_tokenizer, tmp_path):
+    path = tmp_path / "tiny-gpt2"
+    make_gpt2(gpt2_tokenizer).save_pretrained(path)
+    gpt2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def reviews(tmp_path):
+    path = tmp_path / "reviews.jsonl"
+    rows = [{"review": t, "label": "pos"} for t in POS] + [{"review": t, "label": "neg"} for t in NEG]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def last_json(output: str):
+    return json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
+
+
+def test_train_eval_predict_on_user_files(bert_dir, reviews, tmp_path):
+    out = tmp_path / "run"
+    r = invoke("train", "--model", bert_dir, "--method", "p-tuning-v2", "--task", "classification",
+               "--train", reviews, "--eval", reviews, "--field", "review:text", "--output", out,
+               "--set", "train.steps=30", "--set", "train.eval_every=10", "--set", "train.batch_size=4",
+               "--set", "train.lr=0.1", "--set", "train.head_lr=0.1", "--set", "train.progress=false", "-P", "4")
+    assert r.exit_code == 0, r.output
+    summary = last_json(r.stdout)
+    assert summary["best"]["accuracy"] >= 0.9 and summary["steps"] == 30
+    config = json.loads((out / "config.json").read_text())
+    assert config["template"] == "{text}" and config["num_virtual_tokens"] == 4
+    assert config["train"]["lr"] == 0.1
+
+    r = invoke("eval", "--prompt", out, "--data", reviews, "--model", bert_dir)
+    assert r.exit_code == 1 and "'text'" in r.output  # these rows have 'review', not the template's 'text'
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": "pos"}) + "\n" for t in POS)
+                    + "".join(json.dumps({"text": t, "label": "neg"}) + "\n" for t in NEG))
+    r = invoke("eval", "--prompt", out, "--data", data, "--model", bert_dir)
+    assert r.exit_code == 0, r.output
+    assert last_json(r.stdout)["accuracy"] == summary["best"]["accuracy"]
+
+    r = invoke("predict", "--prompt", out, "--model", bert_dir, "a gem of a film", "tedious")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert [x["prediction"]["label"] for x in lines] == ["pos", "neg"]
+    assert abs(sum(lines[0]["prediction"]["scores"].values()) - 1) < 1e-5
+
+
+def test_existing_run_is_refused_then_resumed(bert_dir, reviews, tmp_path):
+    out = tmp_path / "run"
+    common = ["train", "--model", bert_dir, "--task", "classification", "--train", reviews, "--eval", reviews,
+              "--field", "review:text", "--output", out, "--set", "train.steps=6", "--set", "train.eval_every=3",
+              "--set", "train.progress=false", "-P", "2"]
+    assert invoke(*common).exit_code == 0
+    r = invoke(*common)
+    assert r.exit_code == 1 and "already holds a run; pass --resume" in r.output
+    r = invoke("train", "--output", out, "--resume")
+    assert r.exit_code == 0, r.output
+    assert invoke(*common, "--overwrite").exit_code == 0
+
+
+def test_recipe_on_real_data_with_a_causal_lm_verbalizer(gpt2_dir, tmp_path):
+    out = tmp_path / "run"
+    r = invoke("train", "--model", gpt2_dir, "--method", "p-tuning", "--task", "sst2", "--output", out,
+               "--set", "train.steps=2", "--set", "train.eval_every=0", "--set", "train.batch_size=4",
+               "--set", "train.progress=false", "--set", "train.eval_batch_size=128")
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolved_task"] == "verbalizer" and "[P:" in config["template"] and "[MASK]" in config["template"]
+    assert last_json(r.stdout)["best"]["n"] == 872
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "sst3"], "sst2"),
+    (["--set", "train.lrr=1"], "did you mean 'train.lr'"),
+    (["--method", "lora"], "unknown method 'lora'"),
+])
+def test_bad_input_is_one_error_line(bert_dir, tmp_path, args, message):
+    r = invoke("train", "--model", bert_dir, "--output", tmp_path / "x", "--set", "train.steps=1", *args)
+    assert r.exit_code == 1
+    assert message in r.output and "Traceback" not in r.output
