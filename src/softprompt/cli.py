@@ -179,6 +179,11 @@ def train(
     if output is None and config is None and not resume:
         raise typer.BadParameter("--output is required", param_hint="--output")
     result = run_training(cfg, resume=resume, overwrite=overwrite)
+    best = result.metrics.get("best") or {}
+    metric = result.metrics.get("metric")
+    if metric in best:
+        typer.echo(f"best dev {metric}: {best[metric]:.4f} at step {result.best_step} of {result.steps} "
+                   f"({result.stopped}); prompt saved to {Path(cfg.output) / 'prompt'}", err=True)
     typer.echo(json.dumps(result.metrics))
 
 

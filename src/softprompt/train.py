@@ -67,7 +67,7 @@ class TrainConfig:
     """
 
     steps: int = 1000
-    batch_size: int = 16
+    batch_size: int = 32
     grad_accum: int = 1
     lr: float = 1e-2
     head_lr: float = 5e-3
@@ -76,7 +76,7 @@ class TrainConfig:
     schedule: str = "linear"
     max_grad_norm: float = 1.0
     seed: int = 0
-    eval_every: int = 100
+    eval_every: int = 200
     eval_batch_size: int = 64
     patience: int | None = None
     bucket: bool = True

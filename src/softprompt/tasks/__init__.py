@@ -7,9 +7,14 @@ from typing import Any
 from ..errors import ConfigError
 from .base import Task
 from .classification import SequenceClassification
+from .generation import Generation
+from .lama import KnowledgeProbe, lama_template
+from .scoring import row_log_probs, sequence_log_probs
+from .token_classification import TokenClassification
+from .verbalizer import Verbalizer
 
 TASKS: dict[str, type[Task]] = {
-    cls.kind: cls for cls in (SequenceClassification,)
+    cls.kind: cls for cls in (SequenceClassification, Verbalizer, TokenClassification, Generation, KnowledgeProbe)
 }
 
 
@@ -21,4 +26,16 @@ def task_from_config(config: dict[str, Any]) -> Task:
     return TASKS[kind].from_config(config)
 
 
-__all__ = ["TASKS", "Task", "SequenceClassification", "task_from_config"]
+__all__ = [
+    "TASKS",
+    "Task",
+    "SequenceClassification",
+    "Verbalizer",
+    "TokenClassification",
+    "Generation",
+    "KnowledgeProbe",
+    "lama_template",
+    "sequence_log_probs",
+    "row_log_probs",
+    "task_from_config",
+]

@@ -1,0 +1,173 @@
+"""Verbalizer classification (P-tuning v1 / PET): labels scored by their words at [MASK]."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..architecture import ModelKind
+from ..errors import ConfigError, EncodingError
+from .base import Targets, Task
+from .metrics import classification_metrics
+from .scoring import DEFAULT_CHUNK_SIZE, answer_token_ids, describe_tokens, require_answer_slot, sequence_log_probs
+
+AGGREGATES = ("logsumexp", "max")
+
+
+class Verbalizer(Task):
+    """Classify by reading label words at the template's answer slot; no head of its own.
+
+    Each label has one or more label words. A word's score is log p(word | row) at
+    [MASK]: a masked LM reads the mask token's output; a causal LM reads the next-token
+    distribution at the end of the row (its template is cut at [MASK]) and scores a
+    word of several BPE tokens by the summed log-probability of its tokens, teacher
+    forced (see `scoring.py`). A label's score combines its words' scores:
+
+    * ``logsumexp`` (default): log of the summed probability of the label's words, i.e.
+      the probability that the slot holds *any* of them. For single-token words these
+      are disjoint events, so it is exactly the label's mass at the slot.
+    * ``max``: the best word only.
+
+    The loss is PET's: cross-entropy over the label scores (log-softmax over the whole
+    vocabulary at the slot, gathered at the label words, then softmax over labels).
+
+    Args:
+        label_words: label -> its words (a string is one word), in a fixed label order.
+        aggregate: ``logsumexp`` or ``max``.
+        chunk_size: extended rows per forward when scoring multi-token words.
+
+    Raises (in `bind`):
+        ConfigError: the template has no [MASK]; a word tokenizes to nothing or to the
+            unknown token; a masked LM's word is not one vocabulary token (a masked LM
+            fills one [MASK] with one token, so multi-token words are refused rather
+            than scored approximately); two labels share a word.
+        UnsupportedModelError: an encoder-decoder or a model without an LM head.
+    """
+
+    kind = "verbalizer"
+    metric = "accuracy"
+
+    def __init__(self, label_words: Mapping[str, Sequence[str] | str], aggregate: str = "logsumexp",
+                 chunk_size: int = DEFAULT_CHUNK_SIZE):
+        super().__init__()
+        if not isinstance(label_words, Mapping) or len(label_words) < 2:
+            raise ConfigError(f"a verbalizer needs words for at least two labels, got {label_words!r}")
+        words: dict[str, list[str]] = {}
+        for label, ws in label_words.items():
+            ws = [ws] if isinstance(ws, str) else list(ws)
+            if not ws or not all(isinstance(w, str) and w.strip() for w in ws):
+                raise ConfigError(f"label {label!r}: label words must be non-empty strings, got {ws!r}")
+            words[str(label)] = [w.strip() for w in ws]
+        if len(words) != len(label_words):
+            raise ConfigError(f"labels must be distinct, got {list(label_words)}")
+        if aggregate not in AGGREGATES:
+            raise ConfigError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self.label_words = words
+        self.labels = list(words)
+        self.aggregate = aggregate
+        self.chunk_size = chunk_size
+        self.word_ids: list[list[int]] | None = None  # set by bind, one entry per word
+        self._word_label: torch.Tensor | None = None
+
+    # -- binding --------------------------------------------------------------
+    def bind(self, model) -> None:
+        require_answer_slot(model, "the verbalizer")
+        masked = model.spec.kind is not ModelKind.CAUSAL
+        tok = model.tokenizer
+        unk = tok.unk_token_id
+        ids_list, owner, seen = [], [], {}
+        for li, (label, words) in enumerate(self.label_words.items()):
+            for word in words:
+                ids = answer_token_ids(model, word)
+                if not ids:
+                    raise ConfigError(f"label {label!r}: label word {word!r} tokenizes to nothing with {type(tok).__name__}")
+                if unk is not None and unk in ids:
+                    raise ConfigError(
+                        f"label {label!r}: label word {word!r} is not in the vocabulary of {type(tok).__name__} "
+                        f"(tokens {describe_tokens(model, ids)}); choose another word"
+                    )
+                if masked and len(ids) != 1:
+                    raise ConfigError(
+                        f"label {label!r}: label word {word!r} is {len(ids)} tokens {describe_tokens(model, ids)} for "
+                        f"{type(tok).__name__}; a masked LM fills [MASK] with one token, so each label word must be "
+                        "a single vocabulary token (multi-token words need a causal LM)"
+                    )
+                key = tuple(ids)
+                if key in seen and seen[key][0] == label:
+                    continue  # two spellings of one token sequence: count its mass once
+                if key in seen:
+                    raise ConfigError(
+                        f"label word {word!r} of label {label!r} tokenizes like {seen[key][1]!r} of label "
+                        f"{seen[key][0]!r}: the labels could not be told apart"
+                    )
+                seen[key] = (label, word)
+                ids_list.append(ids)
+                owner.append(li)
+        self.word_ids = ids_list
+        self._word_label = torch.tensor(owner, dtype=torch.long)
+
+    def _require_bound(self) -> None:
+        if self.word_ids is None:
+            raise ConfigError("the verbalizer is not bound to a model: call task.bind(model) first")
+
+    # -- data -----------------------------------------------------------------
+    def label_id(self, example: Mapping[str, Any], index: int) -> int:
+        if "label" not in example:
+            raise EncodingError(f"example {index} has no 'label' field")
+        label = str(example["label"])
+        if label not in self.label_words:
+            raise EncodingError(f"example {index}: unknown label {label!r}; known labels: {self.labels}")
+        return self.labels.index(label)
+
+    def collate(self, model, examples, *, with_targets=True):
+        batch = model.encode(list(examples))
+        targets: Targets = {}
+        if with_targets:
+            targets["labels"] = torch.tensor([self.label_id(e, i) for i, e in enumerate(examples)], device=model.device)
+        return batch, targets
+
+    # -- scores ---------------------------------------------------------------
+    def word_scores(self, model, batch) -> torch.Tensor:
+        """(B, W) log p(word | row) of every label word, in `word_ids` order."""
+        self._require_bound()
+        return sequence_log_probs(model, batch, self.word_ids, chunk_size=self.chunk_size)
+
+    def scores(self, model, batch) -> torch.Tensor:
+        """(B, num_labels) label log-scores (not normalised over labels)."""
+        words = self.word_scores(model, batch)  # (B, W)
+        owner = self._word_label.to(words.device)
+        columns = []
+        for li in range(len(self.labels)):
+            mine = words[:, owner == li]  # (B, W_label)
+            columns.append(mine.logsumexp(-1) if self.aggregate == "logsumexp" else mine.max(-1).values)
+        return torch.stack(columns, -1)
+
+    def loss(self, model, batch, targets):
+        return F.cross_entropy(self.scores(model, batch), targets["labels"])
+
+    @torch.no_grad()
+    def predict(self, model, batch):
+        probs = self.scores(model, batch).softmax(-1)
+        return [
+            {"label": self.labels[int(p.argmax())], "scores": {l: round(float(s), 6) for l, s in zip(self.labels, p)}}
+            for p in probs
+        ]
+
+    def reference(self, example):
+        return str(example["label"])
+
+    def metrics(self, predictions, references):
+        return classification_metrics([p["label"] for p in predictions], list(references), self.labels)
+
+    def to_config(self):
+        return {"kind": self.kind, "label_words": self.label_words, "aggregate": self.aggregate,
+                "chunk_size": self.chunk_size}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config["label_words"], aggregate=config.get("aggregate", "logsumexp"),
+                   chunk_size=config.get("chunk_size", DEFAULT_CHUNK_SIZE))
