@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -342,8 +343,10 @@ def train(
         state = _load_checkpoint(output / "checkpoint", unit, optimizer)
         _truncate_metrics(output / "metrics.jsonl", state["step"])
     scheduler = _schedule(optimizer, config)
-    for _ in range(state["step"]):
-        scheduler.step()  # the schedule is a pure function of the step
+    with warnings.catch_warnings():  # fast-forwarding the schedule, not skipping an optimiser step
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(state["step"]):
+            scheduler.step()  # the schedule is a pure function of the step
     wrapped, optimizer = accelerator.prepare(unit, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
     evals = _read_metrics(output / "metrics.jsonl")

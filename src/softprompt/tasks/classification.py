@@ -5,18 +5,17 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..architecture import ModelKind
 from ..errors import ConfigError, EncodingError
-from .base import Targets, Task
-from .metrics import classification_metrics
+from .base import Targets
+from .labels import LabelTask
 
 POOLS = ("first", "last", "mean")
 
 
-class SequenceClassification(Task):
+class SequenceClassification(LabelTask):
     """A linear layer over a pooled token state, trained together with the prompt.
 
     Args:
@@ -29,7 +28,6 @@ class SequenceClassification(Task):
     """
 
     kind = "classification"
-    metric = "accuracy"
 
     def __init__(self, labels: Sequence[str], pool: str | None = None, dropout: float = 0.1):
         super().__init__()
@@ -65,7 +63,7 @@ class SequenceClassification(Task):
             targets["labels"] = torch.tensor([self.label_id(e, i) for i, e in enumerate(examples)], device=model.device)
         return batch, targets
 
-    def logits(self, model, batch) -> torch.Tensor:
+    def scores(self, model, batch) -> torch.Tensor:
         """(B, num_labels)."""
         out = model(**batch, output_hidden_states=True)
         states, mask = out.last_hidden_state, out.attention_mask  # (B, T, D), (B, T)
@@ -78,23 +76,6 @@ class SequenceClassification(Task):
             index = real.max(1).values if self.pool == "last" else real.min(1).values  # (B,)
             pooled = states[torch.arange(states.shape[0], device=states.device), index]
         return self.head(self.dropout(pooled.float()))
-
-    def loss(self, model, batch, targets):
-        return F.cross_entropy(self.logits(model, batch), targets["labels"])
-
-    @torch.no_grad()
-    def predict(self, model, batch):
-        probs = self.logits(model, batch).softmax(-1)
-        return [
-            {"label": self.labels[int(p.argmax())], "scores": {l: round(float(s), 6) for l, s in zip(self.labels, p)}}
-            for p in probs
-        ]
-
-    def reference(self, example):
-        return str(example["label"])
-
-    def metrics(self, predictions, references):
-        return classification_metrics([p["label"] for p in predictions], list(references), self.labels)
 
     def to_config(self):
         return {"kind": self.kind, "labels": self.labels, "pool": self.pool, "dropout": self.dropout_p}

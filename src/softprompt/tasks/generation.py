@@ -9,7 +9,7 @@ import torch
 
 from ..architecture import ModelKind
 from ..errors import ConfigError, EncodingError, UnsupportedModelError
-from .base import Targets, Task
+from .base import Task
 from .metrics import generation_metrics
 from .scoring import align_to_real_tokens, append_tokens
 

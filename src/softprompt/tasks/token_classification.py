@@ -174,7 +174,7 @@ class TokenClassification(Task):
             counts = [int(w.max()) + 1 if (w >= 0).any() else 0 for w in out.word_index]
         W = max(counts, default=0)
         first = first_subtoken_positions(out.field_index, out.word_index, self._field_no, W)  # (B, W)
-        T = best.shape[1]
+        best.shape[1]
         padded = torch.cat([best, torch.full_like(best[:, :1], -1)], 1)  # column T: no token
         chosen = padded.gather(1, first).tolist()
         return [[self.tags[t] if t >= 0 else OUTSIDE for t in row[:n]] for row, n in zip(chosen, counts)]

@@ -5,18 +5,17 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..architecture import ModelKind
 from ..errors import ConfigError, EncodingError
-from .base import Targets, Task
-from .metrics import classification_metrics
+from .labels import LabelTask
+from .base import Targets
 from .scoring import DEFAULT_CHUNK_SIZE, answer_token_ids, describe_tokens, require_answer_slot, sequence_log_probs
 
 AGGREGATES = ("logsumexp", "max")
 
 
-class Verbalizer(Task):
+class Verbalizer(LabelTask):
     """Classify by reading label words at the template's answer slot; no head of its own.
 
     Each label has one or more label words. A word's score is log p(word | row) at
@@ -145,23 +144,6 @@ class Verbalizer(Task):
             mine = words[:, owner == li]  # (B, W_label)
             columns.append(mine.logsumexp(-1) if self.aggregate == "logsumexp" else mine.max(-1).values)
         return torch.stack(columns, -1)
-
-    def loss(self, model, batch, targets):
-        return F.cross_entropy(self.scores(model, batch), targets["labels"])
-
-    @torch.no_grad()
-    def predict(self, model, batch):
-        probs = self.scores(model, batch).softmax(-1)
-        return [
-            {"label": self.labels[int(p.argmax())], "scores": {l: round(float(s), 6) for l, s in zip(self.labels, p)}}
-            for p in probs
-        ]
-
-    def reference(self, example):
-        return str(example["label"])
-
-    def metrics(self, predictions, references):
-        return classification_metrics([p["label"] for p in predictions], list(references), self.labels)
 
     def to_config(self):
         return {"kind": self.kind, "label_words": self.label_words, "aggregate": self.aggregate,
