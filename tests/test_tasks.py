@@ -48,6 +48,7 @@ def row_batch(model, example):
     return model.encode([example])
 
 
+@torch.no_grad()
 def manual_log_prob(model, example, ids):
     """log p(ids | row) by repeated full forwards over one unpadded row."""
     batch = row_batch(model, example)
@@ -337,7 +338,7 @@ def test_generation_seq2seq_loss_and_predict(wordpiece_tokenizer):
         target = tok(ex["target"], add_special_tokens=False)["input_ids"] + [task.eos_id]
         decoder = torch.tensor([[base.config.decoder_start_token_id] + target[:-1]])
         logits = model(**model.encode([ex]), decoder_input_ids=decoder).logits[0].float()
-        total -= sum(float(logits[j].log_softmax(-1)[target[j]]) for j in range(len(target)))
+        total -= sum(float(logits[j].log_softmax(-1)[target[j]].detach()) for j in range(len(target)))
         count += len(target)
     assert float(task.loss(model, batch, targets).detach()) == pytest.approx(total / count, abs=1e-4)
     inputs, _ = task.collate(model, GEN, with_targets=False)
