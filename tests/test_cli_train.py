@@ -111,3 +111,57 @@ def test_bad_input_is_one_error_line(bert_dir, tmp_path, args, message):
     r = invoke("train", "--model", bert_dir, "--output", tmp_path / "x", "--set", "train.steps=1", *args)
     assert r.exit_code == 1
     assert message in r.output and "Traceback" not in r.output
+
+
+def test_eval_zero_shot_is_the_base_model_with_the_manual_template(gpt2_dir, reviews, tmp_path):
+    """--zero-shot: no trained vectors; predictions are the base model's label-word argmax."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = invoke("eval", "--zero-shot", "--model", gpt2_dir, "--data", reviews, "--labels", "pos:great",
+               "--labels", "neg:terrible", "--template", "Review: {review} Sentiment: [MASK]")
+    assert r.exit_code == 0, r.output
+    got = last_json(r.stdout)
+    base, tok = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval(), AutoTokenizer.from_pretrained(gpt2_dir)
+    great, terrible = tok.encode(" great"), tok.encode(" terrible")
+    assert len(great) == len(terrible) == 1
+    correct = 0
+    for row in [json.loads(x) for x in reviews.read_text().splitlines()]:
+        ids = tok.encode(f"Review: {row['review']} Sentiment:", return_tensors="pt")
+        with torch.no_grad():
+            last = base(ids).logits[0, -1]
+        predicted = "pos" if last[great[0]] > last[terrible[0]] else "neg"
+        correct += predicted == row["label"]
+    assert got["accuracy"] == pytest.approx(correct / 12) and got["n"] == 12
+    assert got["template"] == "Review: {review} Sentiment: [MASK]"
+
+
+def test_eval_zero_shot_refuses_what_it_cannot_do(gpt2_dir, reviews, tmp_path):
+    r = invoke("eval", "--zero-shot", "--model", gpt2_dir, "--data", reviews, "--labels", "pos:great",
+               "--labels", "neg:terrible", "--template", "[P:2] {review} [MASK]")
+    assert r.exit_code == 1 and "no virtual tokens" in r.stderr
+    r = invoke("eval", "--zero-shot", "--model", gpt2_dir, "--data", reviews, "--labels", "pos", "--labels", "neg",
+               "--template", "{review} [MASK]")
+    assert r.exit_code == 1 and "label words" in r.stderr
+    r = invoke("eval", "--zero-shot", "--prompt", tmp_path, "--model", gpt2_dir, "--task", "sst2")
+    assert r.exit_code == 1 and "drop --prompt" in r.stderr
+    r = invoke("eval")
+    assert r.exit_code == 1 and "--prompt" in r.stderr
+
+
+def test_train_scores_the_best_prompt_on_the_test_file(bert_dir, reviews, tmp_path):
+    """--test: the prompt selected on --eval is scored on --test at the end (metrics.json 'test')."""
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"review": t, "label": "pos"}) + "\n" for t in POS[:2])
+                    + "".join(json.dumps({"review": t, "label": "neg"}) + "\n" for t in NEG[:3]))
+    out = tmp_path / "run"
+    r = invoke("train", "--model", bert_dir, "--method", "prompt-tuning", "--task", "classification",
+               "--train", reviews, "--eval", reviews, "--test", test, "--field", "review:text", "--output", out,
+               "--set", "train.steps=12", "--set", "train.eval_every=4", "--set", "train.batch_size=4",
+               "--set", "train.lr=0.1", "--set", "train.head_lr=0.1", "--set", "train.progress=false", "-P", "2")
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["test"]["n"] == 5 and last_json(r.stdout)["test"] == summary["test"]
+    r = invoke("eval", "--prompt", out, "--data", test, "--field", "review:text", "--model", bert_dir)
+    assert r.exit_code == 0, r.output
+    assert last_json(r.stdout)["accuracy"] == summary["test"]["accuracy"]

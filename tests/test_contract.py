@@ -291,3 +291,31 @@ def test_labels_give_next_token_loss_over_real_tokens(family_models):
                                                  full[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
     assert logits.shape[1] == labels.shape[1]
+
+
+@pytest.mark.parametrize("method,family", [(m, f) for m in METHODS for f in CAUSAL + ENCODERS])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_logits_only_where_read(family_models, method, family, side):
+    """logits="answer" gives the same answer logits while a causal LM's head sees only the
+    answer columns; logits="none" gives the same hidden states and no logits."""
+    model, base, _ = build(family_models, family, method)
+    batch = model.encode(TEXTS, padding_side=side)
+    full = model(**batch, output_hidden_states=True)
+    head = base.get_output_embeddings()
+    seen = []
+    hook = head.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    try:
+        answer = model(**batch, logits="answer")
+        none = model(**batch, output_hidden_states=True, logits="none")
+    finally:
+        hook.remove()
+    assert answer.logits is None and none.logits is None and none.answer_logits is None
+    assert torch.allclose(answer.answer_logits, full.answer_logits, atol=1e-5)
+    assert torch.allclose(none.last_hidden_state, full.last_hidden_state, atol=1e-6)
+    columns = int(torch.unique(batch["answer_index"]).numel())  # 1 with left padding (rows end alike)
+    if family in CAUSAL:
+        assert seen == [columns, 1]  # the LM head ran on K answer columns, then on one
+    with model.disable_prompt():
+        assert torch.allclose(model(**batch, logits="answer").answer_logits, model(**batch).answer_logits, atol=1e-5)
+    with pytest.raises(sp.ConfigError, match="logits='all'"):
+        model(**batch, logits="answer", labels=torch.zeros_like(full.attention_mask))

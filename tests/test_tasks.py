@@ -474,6 +474,15 @@ def test_lama_causal_scores_whole_strings(gpt2_tokenizer):
     top = model(**batch).answer_logits.argmax(-1)
     assert [p["object"] for p in open_vocab.predict(model, batch)] == [tok.decode([int(t)]).strip() for t in top]
     assert open_vocab.reference({"X": "a", "Y": "Toronto"}) == "Toronto"
+    # single_token (LAMA-29k style): only one-token candidates, scored from the row's own forward
+    one = KnowledgeProbe(candidates, top_k=2, single_token=True)
+    one.bind(model)
+    kept = [c for c in candidates if len(bpe(tok, c)) == 1]
+    assert one.dropped == [c for c in candidates if c not in kept] and one.dropped
+    slot = model(**batch).answer_logits.log_softmax(-1)  # (B, V)
+    ids = torch.tensor([bpe(tok, c)[0] for c in kept])
+    assert [p["object"] for p in one.predict(model, batch)] == [kept[int(i)] for i in slot[:, ids].argmax(-1)]
+    assert roundtrip(one).single_token is True
 
 
 def test_lama_errors(gpt2_tokenizer, tmp_path):

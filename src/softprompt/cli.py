@@ -152,6 +152,7 @@ def train(
     output: Path = typer.Option(None, "--output", "-o", help="The run directory."),
     train_file: str = typer.Option(None, "--train", help="Training data file (jsonl, json, csv, tsv, conll, hf:NAME)."),
     eval_file: str = typer.Option(None, "--eval", help="Dev data file, for evaluation and model selection."),
+    test_file: str = typer.Option(None, "--test", help="Test data file: the best prompt (on --eval) is scored on it at the end."),
     template: str = typer.Option(None, "--template", help='Template, e.g. "[P:3] {text} [P:3] It was [MASK] ."'),
     labels: list[str] = typer.Option(None, "--labels", help="Labels, or LABEL:WORD[|WORD] for a verbalizer; repeatable."),
     fields: list[str] = typer.Option(None, "--field", help="Map a data column to a template field: COLUMN:FIELD; repeatable."),
@@ -170,7 +171,7 @@ def train(
     if config is not None:
         load_yaml(config, cfg)
     given = {"model": model, "method": method, "task": task, "output": str(output) if output else None,
-             "train_file": train_file, "eval_file": eval_file, "template": template, "labels": labels or None,
+             "train_file": train_file, "eval_file": eval_file, "test_file": test_file, "template": template, "labels": labels or None,
              "fields": fields or None, "num_virtual_tokens": num_virtual_tokens, "data_root": data_root}
     for key, value in given.items():
         if value is not None:
@@ -184,25 +185,44 @@ def train(
     if metric in best:
         typer.echo(f"best dev {metric}: {best[metric]:.4f} at step {result.best_step} of {result.steps} "
                    f"({result.stopped}); prompt saved to {Path(cfg.output) / 'prompt'}", err=True)
+        if metric in result.metrics.get("test", {}):
+            typer.echo(f"test {metric} of that prompt: {result.metrics['test'][metric]:.4f}", err=True)
     typer.echo(json.dumps(result.metrics))
 
 
 @app.command("eval")
 @_reports_errors
 def eval_(
-    prompt: Path = typer.Option(..., "--prompt", help="A run directory or its prompt/ folder."),
+    prompt: Path = typer.Option(None, "--prompt", help="A run directory or its prompt/ folder."),
     task: str = typer.Option(None, "--task", help="Recipe to evaluate on (default: the one it was trained on)."),
     split: str = typer.Option("test", "--split", help="train | dev | test."),
     data: str = typer.Option(None, "--data", help="Evaluate on this file instead of a recipe split."),
     model: str = typer.Option(None, "--model", help="Base model (default: the one it was trained on)."),
+    fields: list[str] = typer.Option(None, "--field", help="With --data: map a column to a template field, COLUMN:FIELD; repeatable."),
+    zero_shot: bool = typer.Option(False, "--zero-shot", help="No trained prompt: the base model with the task's manual template (needs --model and --task)."),
+    template: str = typer.Option(None, "--template", help="With --zero-shot: the manual template (default: the recipe's)."),
+    labels: list[str] = typer.Option(None, "--labels", help="With --zero-shot and --data: LABEL:WORD[|WORD]; repeatable."),
     data_root: str = typer.Option(None, "--data-root", envvar="SOFTPROMPT_DATA", help="Where recipes find their data."),
     batch_size: int = typer.Option(64, "--batch-size"),
 ) -> None:
-    """Evaluate a trained prompt; prints a metrics JSON object on stdout."""
-    from .run import evaluate_trained
+    """Evaluate a trained prompt (or, with --zero-shot, the manual prompt alone); prints a metrics JSON object."""
+    from .errors import ConfigError
+    from .run import evaluate_trained, evaluate_zero_shot
 
-    typer.echo(json.dumps(evaluate_trained(prompt, split=split, task_name=task, data_root=data_root,
-                                           data_file=data, model=model, batch_size=batch_size)))
+    if zero_shot:
+        if prompt is not None:
+            raise ConfigError("--zero-shot evaluates the base model without a trained prompt: drop --prompt")
+        if not model or not (task or data):
+            raise ConfigError("--zero-shot needs --model and --task (or --data with --labels)")
+        result = evaluate_zero_shot(model, task or "classification", split=split, template=template,
+                                    data_root=data_root, data_file=data, labels=labels or None,
+                                    fields=fields or None, batch_size=batch_size)
+    else:
+        if prompt is None:
+            raise ConfigError("give --prompt DIR (a trained prompt), or --zero-shot --model M --task T")
+        result = evaluate_trained(prompt, split=split, task_name=task, data_root=data_root, data_file=data,
+                                  model=model, batch_size=batch_size, fields=fields or None)
+    typer.echo(json.dumps(result))
 
 
 @app.command()

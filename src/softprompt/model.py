@@ -6,6 +6,8 @@ on the model kind: causal LM, encoder, or encoder-decoder.
 
 from __future__ import annotations
 
+import inspect
+
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
@@ -31,7 +33,8 @@ class SoftPromptOutput(ModelOutput):
     Attributes:
         loss: scalar, when labels were given.
         logits: (B, T, V) for causal and masked LMs; (B, T_dec, V) decoder logits for
-            encoder-decoders; None for a bare encoder.
+            encoder-decoders; None for a bare encoder, and when `forward` was asked for
+            ``logits="answer"`` or ``"none"``.
         last_hidden_state: (B, T, D) last-layer states of the real tokens (encoder side of
             an encoder-decoder); for models with an LM head only with ``output_hidden_states=True``.
         answer_logits: (B, V) the output at each row's answer slot ([MASK]), when the
@@ -101,6 +104,10 @@ class SoftPromptModel(nn.Module):
             else None
         )
         self._disabled = False
+        # Causal LMs of transformers 5 apply their LM head only at the columns named by
+        # `logits_to_keep`: (B, S, V) logits are the largest tensor of a step otherwise.
+        self._keeps_logits = (self.spec.kind is ModelKind.CAUSAL
+                              and "logits_to_keep" in inspect.signature(base.forward).parameters)
 
     # -- identity -------------------------------------------------------------
     @property
@@ -197,6 +204,7 @@ class SoftPromptModel(nn.Module):
         labels: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        logits: str = "all",
     ) -> SoftPromptOutput:
         """Run the base model with the prompt.
 
@@ -211,10 +219,19 @@ class SoftPromptModel(nn.Module):
                 for an encoder-decoder, (B, T_dec) decoder targets.
             decoder_input_ids: (B, T_dec) for an encoder-decoder (default: labels shifted right).
             output_hidden_states: also return `last_hidden_state` for models with an LM head.
+            logits: which LM-head outputs to compute: ``"all"`` (every position, as
+                `logits`), ``"answer"`` (only `answer_logits`: a causal LM applies its LM
+                head at the answer columns alone) or ``"none"`` (no logits returned: for
+                heads over hidden states; a causal LM computes one column). Labels need
+                ``"all"``.
 
         Returns:
             `SoftPromptOutput`.
         """
+        if logits not in ("all", "answer", "none"):
+            raise ConfigError(f"logits must be 'all', 'answer' or 'none', got {logits!r}")
+        if labels is not None and logits != "all":
+            raise ConfigError("a token loss (labels=...) reads the logits of every position: use logits='all'")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if prompt_index is None:
@@ -224,7 +241,7 @@ class SoftPromptModel(nn.Module):
                 f"every row needs its {self.num_virtual_tokens} virtual slots in prompt_index; build batches with encode()"
             )
         keep = inject.real_token_index(prompt_index)  # (B, T)
-        if self.spec.kind is ModelKind.SEQ2SEQ:
+        if self.spec.kind is ModelKind.SEQ2SEQ:  # decoder logits: what generation and its loss read
             return self._forward_seq2seq(input_ids, attention_mask, prompt_index, keep, answer_index,
                                          field_index, word_index, labels, decoder_input_ids)
         embeds, mask, prefix, dtype, B = self._inputs(input_ids, attention_mask, prompt_index)
@@ -242,26 +259,36 @@ class SoftPromptModel(nn.Module):
             positions = inject.position_ids(mask, self.spec)
         if self.spec.accepts_position_ids:
             kwargs["position_ids"] = positions
+        wants_answer = logits != "none" and answer_index is not None and bool((answer_index >= 0).any())
+        position = columns = None
+        if wants_answer:
+            position = answer_index.clamp(min=0)  # (B,) column of the answer slot in the row
+            if self._disabled:  # the answer moved left by the virtual slots before it
+                before = ((prompt_index >= 0) & (torch.arange(prompt_index.shape[1], device=position.device) < position[:, None])).sum(1)
+                position = position - before
+        if logits != "all" and self._keeps_logits:
+            if wants_answer:
+                columns = torch.unique(position)  # (K,) sorted; K = 1 when every row ends at its answer
+                kwargs["logits_to_keep"] = columns
+            else:
+                kwargs["logits_to_keep"] = 1  # the fewest the LM head computes
         out = self.base(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False,
                         output_hidden_states=output_hidden_states or None, return_dict=True, **kwargs)
-        logits = getattr(out, "logits", None)  # (B, S, V) or None for a bare encoder
+        all_logits = getattr(out, "logits", None)  # (B, S, V), (B, K, V), or None for a bare encoder
         hidden = getattr(out, "last_hidden_state", None)  # bare models
         if hidden is None and output_hidden_states:
             hidden = out.hidden_states[-1]  # models with an LM head
         align = (lambda x: x) if self._disabled else (lambda x: inject.gather_tokens(x, keep))
         answer_logits = None
-        if logits is not None and answer_index is not None and (answer_index >= 0).any():
-            position = answer_index.clamp(min=0)
-            if self._disabled:  # the answer moved left by the virtual slots before it
-                before = ((prompt_index >= 0) & (torch.arange(prompt_index.shape[1], device=position.device) < position[:, None])).sum(1)
-                position = position - before
-            answer_logits = logits[torch.arange(B, device=logits.device), position]  # (B, V)
+        if all_logits is not None and wants_answer:
+            at = position if columns is None else torch.searchsorted(columns, position)
+            answer_logits = all_logits[torch.arange(B, device=all_logits.device), at]  # (B, V)
         loss = None
-        if labels is not None and logits is not None:
-            loss = self._token_loss(logits, labels, keep, prompt_index, mask)
+        if labels is not None and all_logits is not None:
+            loss = self._token_loss(all_logits, labels, keep, prompt_index, mask)
         return SoftPromptOutput(
             loss=loss,
-            logits=None if logits is None else align(logits),
+            logits=None if all_logits is None or logits != "all" else align(all_logits),
             last_hidden_state=None if hidden is None else align(hidden),
             answer_logits=answer_logits,
             attention_mask=inject.gather_tokens(attention_mask, keep),

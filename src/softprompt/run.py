@@ -20,7 +20,7 @@ from .methods import config_class
 from .model import SoftPromptModel
 from .runconfig import RunConfig
 from .tasks import Task, task_from_config
-from .train import RunResult, TrainingError, evaluate, train
+from .train import RunResult, TrainingError, _write_json, evaluate, train
 
 DEFAULT_DEEP_TOKENS = 20
 DEFAULT_INPUT_TOKENS = 8
@@ -195,7 +195,18 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     if not resume:
         (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     metadata = {"task": task.kind, "model": cfg.model, "data": data.source}
-    return train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata)
+    result = train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata)
+    if data.test and data.test != data.dev and (out / "prompt" / "task.json").exists():
+        # Model selection on dev, the reported number on test: the best prompt, not the last.
+        scores, _ = evaluate_saved(out / "prompt", model.base, tokenizer, data.test, cfg.train.eval_batch_size)
+        result.metrics["test"] = scores
+        _write_json(out / "metrics.json", result.metrics)
+    return result
+
+
+def evaluate_saved(directory: Path, base, tokenizer, examples: list[dict], batch_size: int = 64):
+    """Metrics and predictions of a saved prompt + head on `examples`, on an already loaded base."""
+    return evaluate(*load_saved(directory, base, tokenizer), examples, batch_size)
 
 
 def _kind(base) -> ModelKind:
@@ -239,6 +250,12 @@ def load_trained(path: str | Path, *, model: str | None = None):
     if not name:
         raise ConfigError(f"{directory}: the base model is not recorded; pass --model")
     base, tokenizer = load_base(name)
+    sp_model, task = load_saved(directory, base, tokenizer)
+    return sp_model, task, saved["metadata"]
+
+
+def load_saved(directory: Path, base, tokenizer) -> tuple[SoftPromptModel, Task]:
+    """A saved prompt folder and its task head on an already loaded base model (eval mode)."""
     sp_model = SoftPromptModel.from_pretrained(base, directory, tokenizer=tokenizer).eval()
     task_file = directory / "task.json"
     if not task_file.exists():
@@ -248,17 +265,19 @@ def load_trained(path: str | Path, *, model: str | None = None):
     if (directory / "head.safetensors").exists():
         task.load_state_dict(load_tensors(directory / "head.safetensors"))
     task.eval()
-    return sp_model, task, saved["metadata"]
+    return sp_model, task
 
 
 def evaluate_trained(path, *, split: str = "test", task_name: str | None = None, data_root: str | None = None,
-                     data_file: str | None = None, model: str | None = None, batch_size: int = 64) -> dict[str, Any]:
-    """Metrics of a trained prompt on a split of its recipe, or on a data file."""
+                     data_file: str | None = None, model: str | None = None, batch_size: int = 64,
+                     fields: list[str] | None = None) -> dict[str, Any]:
+    """Metrics of a trained prompt on a split of its recipe, or on a data file (`fields`:
+    ``COLUMN:FIELD`` renamings of its columns, as for training)."""
     from . import data as datamod
 
     sp_model, task, meta = load_trained(path, model=model)
     if data_file:
-        examples = datamod.read_examples(data_file)
+        examples = datamod.read_examples(data_file, fields=_fields(fields))
     else:
         recipe_name = task_name or (meta.get("data") or {}).get("recipe")
         if not recipe_name:
@@ -266,6 +285,71 @@ def evaluate_trained(path, *, split: str = "test", task_name: str | None = None,
         examples = datamod.load_recipe(recipe_name, data_root).examples(split)
     scores, _ = evaluate(sp_model, task, examples, batch_size)
     return {"split": split if not data_file else data_file, **scores}
+
+
+def evaluate_zero_shot(model: str, task_name: str, *, split: str = "test", template: str | None = None,
+                       data_root: str | None = None, data_file: str | None = None, labels: list[str] | None = None,
+                       fields: list[str] | None = None, task_options: dict[str, Any] | None = None,
+                       batch_size: int = 64, base_and_tokenizer: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Metrics of the frozen base model with a manual prompt and no trained vectors.
+
+    The baseline every soft prompt is measured against (LAMA's manual templates, PET's
+    patterns): the template's text is real tokens, the answer is read at ``[MASK]`` by a
+    verbalizer (classification recipes with label words) or the LAMA probe.
+
+    Args:
+        model: alias, path or hub id of the base model (needs an LM head).
+        task_name: a recipe (``fewglue-rte``, ``lama-trex:P19``, ...) or ``classification``
+            with `data_file` and `labels` given as ``LABEL:WORD``.
+        split: the recipe split to evaluate.
+        template: the manual template (default: the recipe's for this model kind); it has
+            a ``[MASK]`` and no ``[P:n]`` slots.
+        fields: ``COLUMN:FIELD`` renamings of `data_file`'s columns.
+        task_options: extra keyword arguments of the task (e.g. LAMA ``candidates``).
+        base_and_tokenizer: an already loaded ``(base, tokenizer)`` to reuse.
+
+    Returns:
+        ``{"split": ..., "template": ..., **metrics}``.
+
+    Raises:
+        ConfigError: a task without an answer slot (a linear head must be trained), a
+            template with virtual slots, or a recipe without label words.
+    """
+    from . import data as datamod
+    from .methods import PTuningV2Config
+    from .models import load_base
+
+    cfg = RunConfig(model=model, task=task_name, data_root=data_root, labels=labels, fields=fields,
+                    train_file=data_file, eval_file=data_file, test_file=data_file)
+    if task_name in ("ner", "generation"):
+        raise ConfigError(f"zero-shot evaluation reads an answer slot; task {task_name!r} has none")
+    data = load_data(cfg)
+    if data.kind == "classification" and not data.label_words:
+        raise ConfigError("zero-shot classification needs label words: --labels LABEL:WORD ... (or a recipe with them)")
+    if data.kind not in ("classification", "lama"):
+        raise ConfigError(f"zero-shot evaluation reads an answer slot (verbalizer or LAMA); {data.kind!r} has none: "
+                          "train a prompt and a head instead")
+    base, tokenizer = base_and_tokenizer or load_base(model)
+    kind = _kind(base)
+    task = build_task(RunConfig(task_options=dict(task_options or {})), data, verbalizer=True)
+    if template is None:
+        template = (data.recipe.template_for(model_kind=kind.value, head=task.kind, deep=True) if data.recipe
+                    else None)
+        if template is None or "[MASK]" not in template:
+            raise ConfigError("give --template with a [MASK] answer slot (this task has no manual template)")
+    if "[P" in template:
+        raise ConfigError(f"a zero-shot template has no virtual tokens: {template!r}")
+    # The vessel is a one-position deep prompt, switched off: `disable_prompt` runs the
+    # bare base model on the template's real tokens.
+    sp_model = SoftPromptModel(base, PTuningV2Config(num_virtual_tokens=1, template=template), tokenizer=tokenizer)
+    examples = datamod.read_examples(data_file, fields=_fields(fields)) if data_file else (
+        {"train": data.train, "dev": data.dev, "test": data.test}[split] if split in ("train", "dev", "test") else None)
+    if examples is None:
+        raise ConfigError(f"split must be train, dev or test, got {split!r}")
+    task.bind(sp_model)
+    with sp_model.disable_prompt():
+        scores, _ = evaluate(sp_model, task, examples, batch_size)
+    return {"split": split if not data_file else data_file, "template": template, **scores}
 
 
 def read_inputs(model: SoftPromptModel, texts: list[str], input_file: Path | None) -> list[dict]:

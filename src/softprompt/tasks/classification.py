@@ -65,7 +65,7 @@ class SequenceClassification(LabelTask):
 
     def scores(self, model, batch) -> torch.Tensor:
         """(B, num_labels)."""
-        out = model(**batch, output_hidden_states=True)
+        out = model(**batch, output_hidden_states=True, logits="none")
         states, mask = out.last_hidden_state, out.attention_mask  # (B, T, D), (B, T)
         if self.pool == "mean":
             w = mask.unsqueeze(-1).to(states.dtype)

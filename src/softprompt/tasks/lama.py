@@ -74,7 +74,9 @@ class KnowledgeProbe(Task):
       construction); `dropped` lists the others. Candidates that tokenize alike are
       merged (first spelling kept). A fact whose object is not among the candidates can
       never be right: `metrics` reports the share of facts whose object is covered, and
-      LAMA's practice is to filter such facts out beforehand.
+      LAMA's practice is to filter such facts out beforehand. With ``single_token`` a
+      causal LM keeps only one-token candidates too (the P-tuning paper's LAMA-29k
+      protocol for GPT: one forward per fact, the argmax over the candidates' tokens).
     * None: the open vocabulary, one token: the argmax of the whole vocabulary at the
       slot, decoded (a causal LM's next token). Objects of several tokens can then never
       be matched; pass a candidate list for causal LMs.
@@ -90,6 +92,8 @@ class KnowledgeProbe(Task):
         candidates: candidate objects, a candidates file, or None (see above).
         subject_field / object_field: the example fields of the subject and the object.
         top_k: how many best candidates `predict` lists.
+        single_token: keep only candidates that are one token at the answer slot (always
+            so for a masked LM).
         chunk_size: extended rows per forward (causal LMs, multi-token candidates).
     """
 
@@ -97,7 +101,8 @@ class KnowledgeProbe(Task):
     metric = "precision_at_1"
 
     def __init__(self, candidates: Sequence[str] | str | Path | None = None, subject_field: str = "X",
-                 object_field: str = "Y", top_k: int = 10, chunk_size: int = DEFAULT_CHUNK_SIZE):
+                 object_field: str = "Y", top_k: int = 10, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 single_token: bool = False):
         super().__init__()
         if isinstance(candidates, (str, Path)):
             candidates = read_candidates(candidates)
@@ -115,6 +120,7 @@ class KnowledgeProbe(Task):
         self.object_field = object_field
         self.top_k = top_k
         self.chunk_size = chunk_size
+        self.single_token = bool(single_token)
         self.dropped: list[str] = []
         self._strings: list[str] | None = None  # kept candidates, set by bind
         self._ids: list[list[int]] | None = None
@@ -141,11 +147,12 @@ class KnowledgeProbe(Task):
             self._strings = self._ids = None
             return
         masked = model.spec.kind is not ModelKind.CAUSAL
+        one_token = masked or self.single_token
         unk = model.tokenizer.unk_token_id
         strings, ids_list = [], []
         for c in self.candidates:
             ids = answer_token_ids(model, c, data=True)
-            if not ids or (unk is not None and unk in ids) or (masked and len(ids) != 1):
+            if not ids or (unk is not None and unk in ids) or (one_token and len(ids) != 1):
                 self.dropped.append(c)
                 continue
             key = tuple(ids)
@@ -155,7 +162,7 @@ class KnowledgeProbe(Task):
             strings.append(c)
             ids_list.append(ids)
         if not strings:
-            why = "one vocabulary token" if masked else "tokenizable without the unknown token"
+            why = "one vocabulary token" if one_token else "tokenizable without the unknown token"
             raise ConfigError(
                 f"none of the {len(self.candidates)} candidates is {why} for {type(model.tokenizer).__name__} "
                 f"(e.g. {self.candidates[:3]})"
@@ -202,7 +209,7 @@ class KnowledgeProbe(Task):
     def loss(self, model, batch, targets):
         objects = targets["object_ids"]
         if model.spec.kind is not ModelKind.CAUSAL:
-            out = model(**batch)
+            out = model(**batch, logits="answer")
             return F.cross_entropy(out.answer_logits.float(), objects)
         sequences = [[t for t in row if t != -100] for row in objects.tolist()]
         return -row_log_probs(model, batch, sequences, chunk_size=self.chunk_size).mean()
@@ -211,7 +218,7 @@ class KnowledgeProbe(Task):
     def predict(self, model, batch):
         self._require_bound()
         if self._ids is None:  # the open vocabulary, one token
-            logits = model(**batch).answer_logits.float()  # (B, V)
+            logits = model(**batch, logits="answer").answer_logits.float()  # (B, V)
             top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices.tolist()
             return [{"object": self._decode(row[0]), "top": [self._decode(t) for t in row]} for row in top]
         scores = sequence_log_probs(model, batch, self._ids, chunk_size=self.chunk_size)  # (B, C)
@@ -246,10 +253,12 @@ class KnowledgeProbe(Task):
 
     def to_config(self):
         return {"kind": self.kind, "candidates": self.candidates, "subject_field": self.subject_field,
-                "object_field": self.object_field, "top_k": self.top_k, "chunk_size": self.chunk_size}
+                "object_field": self.object_field, "top_k": self.top_k, "chunk_size": self.chunk_size,
+                "single_token": self.single_token}
 
     @classmethod
     def from_config(cls, config):
         return cls(config.get("candidates"), subject_field=config.get("subject_field", "X"),
                    object_field=config.get("object_field", "Y"), top_k=config.get("top_k", 10),
-                   chunk_size=config.get("chunk_size", DEFAULT_CHUNK_SIZE))
+                   chunk_size=config.get("chunk_size", DEFAULT_CHUNK_SIZE),
+                   single_token=config.get("single_token", False))

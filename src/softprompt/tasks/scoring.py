@@ -217,7 +217,7 @@ def _score(model, batch: PromptBatch, plans: Sequence[_Plan], answer_log_probs: 
     """Summed log-probabilities of every row's continuations, flattened row-major: (sum C_b,)."""
     B = batch["input_ids"].shape[0]
     if answer_log_probs is None:
-        out = model(**batch)
+        out = model(**batch, logits="answer")  # the LM head at the answer slot only
         if out.answer_logits is None:
             raise ConfigError(f"no answer logits: template {model.template.source!r} needs [MASK] and the model an LM head")
         answer_log_probs = out.answer_logits.float().log_softmax(-1)  # (B, V)

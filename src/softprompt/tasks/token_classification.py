@@ -154,7 +154,7 @@ class TokenClassification(Task):
     def logits(self, model, batch) -> tuple[torch.Tensor, Any]:
         """(B, T, num_tags) for the real tokens, and the model output."""
         self._require_bound()
-        out = model(**batch, output_hidden_states=True)
+        out = model(**batch, output_hidden_states=True, logits="none")
         return self.head(self.dropout(out.last_hidden_state.float())), out
 
     def loss(self, model, batch, targets):
