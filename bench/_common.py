@@ -176,5 +176,12 @@ def run_command(script: str, args, extra: str = "") -> str:
             f"{extra + ' ' if extra else ''}--seed {args.seed} --jobs {args.jobs}")
 
 
+def subset(flag: str, chosen, default) -> str:
+    """``--rows a b`` when a run was limited to some rows (quoted where a name has a ``|``)."""
+    if not chosen or list(chosen) == list(default or []):
+        return ""
+    return flag + " " + " ".join(f'"{c}"' if "|" in c else c for c in chosen)
+
+
 def pct(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}"

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, device_name, pct, run_command, run_ours, run_parser, run_rows, run_settings,  # noqa: E402
+from _common import (RESULTS, device_name, pct, run_command, run_ours, run_parser, run_rows, run_settings, subset,  # noqa: E402
                      start_report, versions)
 
 OUT = RESULTS / "quality_fewglue.json"
@@ -117,7 +117,7 @@ def main() -> None:
 
     load_base(MODEL)  # converts the GGUF once, before the workers start
     header = {"benchmark": "FewGLUE, SmolLM2-135M-Instruct", "device": device_name(), "settings": run_settings(args),
-              "versions": versions(), "command": run_command("quality_fewglue.py", args)}
+              "versions": versions(), "command": run_command("quality_fewglue.py", args, subset("--runs", args.runs, runs()))}
     report = start_report(Path(args.out), header, list(args.runs))
 
     def done(r: dict) -> str:

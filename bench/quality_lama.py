@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, device_name, pct, run_command, run_ours, run_parser, run_rows, run_settings,  # noqa: E402
+from _common import (RESULTS, device_name, pct, run_command, run_ours, run_parser, run_rows, run_settings, subset,  # noqa: E402
                      start_report, versions)
 
 OUT = RESULTS / "quality_lama.json"
@@ -219,7 +219,10 @@ def main() -> None:
                   "versions": versions(),
                   "candidates": {"kept": len(args.candidates), "total": total, "facts_kept": facts_kept,
                                  "facts_total": facts_total},
-                  "command": run_command("quality_lama.py", args, "--lrs " + " ".join(f"{x:g}" for x in args.lrs))}
+                  "command": run_command("quality_lama.py", args, " ".join(filter(None, [
+                      "--lrs " + " ".join(f"{x:g}" for x in args.lrs), subset("--only", args.only, None),
+                      subset("--relations", None if args.only else args.relations, None),
+                      subset("--variants", args.variants, list(VARIANTS))])))}
         names = [f"{rel}|{v}" if v == "zero-shot" else f"{rel}|{v}@{lr:g}"
                  for rel in args.plans for v in args.variants for lr in ([0] if v == "zero-shot" else args.lrs)]
         if args.only:

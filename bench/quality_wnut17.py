@@ -17,37 +17,42 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, device_name, pct, run_command, run_ours, run_parser, run_rows, run_settings,  # noqa: E402
+from _common import (RESULTS, device_name, pct, run_command, run_ours, run_parser, run_rows, run_settings, subset,  # noqa: E402
                      start_report, versions)
 
 OUT = RESULTS / "quality_wnut17.json"
-P = 16  # deep prompt length (P-tuning v2 used 11-16 for NER)
+P = 16  # deep prompt length (P-tuning v2 used 11-16 for NER); the prompt length is tuned too
 HEAD_LR = 5e-3
-LRS = {"p-tuning-v2": [5e-3, 1e-2, 2e-2], "full-ft": [3e-5, 5e-5, 1e-4]}
+# run name -> (method, virtual tokens, learning rates)
+GRID = {"p-tuning-v2": ("p-tuning-v2", P, [5e-3, 1e-2, 2e-2, 5e-2]),
+        "p-tuning-v2-P64": ("p-tuning-v2", 64, [1e-2, 2e-2]),
+        "full-ft": ("full-ft", 0, [3e-5, 5e-5, 1e-4])}
+METHODS = ("p-tuning-v2", "full-ft")  # compared, in table order
 LABELS = {"p-tuning-v2": "P-tuning v2 (frozen encoder)", "full-ft": "full fine-tuning"}
 
 
 def runs() -> list[str]:
-    return [f"{method}@{lr:g}" for method, lrs in LRS.items() for lr in lrs]
+    return [f"{name}@{lr:g}" for name, (_, _, lrs) in GRID.items() for lr in lrs]
 
 
 def run(name: str, args) -> dict:
     from softprompt.runconfig import RunConfig
     from softprompt.train import TrainConfig
 
-    method, lr = name.split("@")
+    key, lr = name.split("@")
+    method, n, _ = GRID[key]
     lr = float(lr)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, head_lr=HEAD_LR,
                         eval_every=args.eval_every, seed=args.seed, progress=False)
     cfg = RunConfig(model="minilm", method="p-tuning-v2", task="wnut17", data_root=args.data_root,
-                    num_virtual_tokens=P, train=train)
+                    num_virtual_tokens=n or P, train=train)
     if method == "full-ft":
         from _finetune import full_finetune
 
         result = full_finetune(cfg, lr=lr, head_lr=HEAD_LR)
     else:
         result = run_ours(cfg)
-    return {"method": method, "lr": lr, "head_lr": HEAD_LR, **{k: v for k, v in result.items() if k != "wall_seconds"}}
+    return {"method": method, "num_virtual_tokens": n, "lr": lr, "head_lr": HEAD_LR, **{k: v for k, v in result.items() if k != "wall_seconds"}}
 
 
 def best_runs(report: dict) -> dict[str, dict]:
@@ -67,22 +72,24 @@ def render(report: dict) -> list[str]:
         f"Rerun: `{report['command']}`, then `python bench/render_results.py`.",
         "",
         f"{s['steps']} steps of {s['batch_size']} sentences (about {s['steps'] * s['batch_size'] / 3394:.0f} epochs of "
-        f"the 3,394 training sentences), seed {s['seed']}, dev F1 every {s['eval_every']} steps; each method at three "
-        "learning rates, the best on dev reported, its best dev state scored on test. Same head for both: dropout 0.1 "
+        f"the 3,394 training sentences), seed {s['seed']}, dev F1 every {s['eval_every']} steps; each method over a "
+        "grid (learning rate; P-tuning v2 also the prompt length), the run with the best dev F1 reported, its best "
+        "dev state scored on test. Same head for both: dropout 0.1 "
         f"and a linear layer over each real token's last hidden state (head LR {HEAD_LR:g}), a word tagged at its "
-        f"first sub-token. P-tuning v2: {P} deep virtual tokens per layer, encoder frozen. Entity-level micro F1 "
+        "first sub-token. P-tuning v2: deep virtual tokens in every layer, encoder frozen. Entity-level micro F1 "
         "(seqeval). " + report.get("data", ""),
         "",
-        "| method | LR (best on dev) | trainable params | dev F1 % (step) | test F1 % | test precision % | test recall % | train time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | virtual tokens | LR (best on dev) | trainable params | dev F1 % (step) | test F1 % | test precision % | test recall % | train time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for method in LRS:
+    for method in METHODS:
         r = best.get(method)
         if r is None:
-            lines.append(f"| {LABELS[method]} | not measured | | | | | | |")
+            lines.append(f"| {LABELS[method]} | | not measured | | | | | | |")
             continue
         t = r.get("test") or {}
-        lines.append(f"| {LABELS[method]} | {r['lr']:g} | {r['trainable_params']:,} | {pct(r['best_dev'])} "
+        tokens = r.get("num_virtual_tokens", P if method == "p-tuning-v2" else 0)
+        lines.append(f"| {LABELS[method]} | {tokens or '-'} | {r['lr']:g} | {r['trainable_params']:,} | {pct(r['best_dev'])} "
                      f"({r['best_step']}) | {pct(t.get('f1'))} | {pct(t.get('precision'))} | {pct(t.get('recall'))} | "
                      f"{r['train_seconds']:.0f} s |")
     lines += ["", "Every run (dev F1 % at its best step; test F1 % of that state):", ""]
@@ -90,7 +97,8 @@ def render(report: dict) -> list[str]:
         if "error" in r:
             lines.append(f"- {r['row']}: failed: {r['error'][:160]}")
         else:
-            lines.append(f"- {LABELS[r['method']]}, LR {r['lr']:g}: dev {pct(r['best_dev'])} (step {r['best_step']}), "
+            tokens = r.get("num_virtual_tokens", P if r["method"] == "p-tuning-v2" else 0)
+            lines.append(f"- {LABELS[r['method']]}{f', P={tokens}' if tokens else ''}, LR {r['lr']:g}: dev {pct(r['best_dev'])} (step {r['best_step']}), "
                          f"test {pct((r.get('test') or {}).get('f1'))}")
     lines += ["", "### Target of issue 3 (WNUT-17)", ""]
     if "p-tuning-v2" in best and "full-ft" in best and best["p-tuning-v2"].get("test") and best["full-ft"].get("test"):
@@ -111,7 +119,7 @@ def main() -> None:
 
     recipe = load_recipe("wnut17", args.data_root)
     header = {"benchmark": "WNUT-17 entity F1, all-MiniLM-L6-v2", "device": device_name(), "settings": run_settings(args),
-              "versions": versions(), "data": recipe.notes, "command": run_command("quality_wnut17.py", args)}
+              "versions": versions(), "data": recipe.notes, "command": run_command("quality_wnut17.py", args, subset("--runs", args.runs, runs()))}
     report = start_report(Path(args.out), header, list(args.runs))
 
     def done(r: dict) -> str:

@@ -28,6 +28,22 @@ SECTIONS = [
 ]
 
 
+def short(command: str, limit: int = 240) -> str:
+    return command if len(command) <= limit else command[:limit] + " ... (the whole command is in the report's parts)"
+
+
+def parts_note(report: dict) -> list[str]:
+    """Where a report was assembled from several runs (`merge_reports.py`), say so."""
+    parts = report.get("parts") or []
+    if len(parts) < 2:
+        return []
+    lines = [f"This report was assembled from {len(parts)} runs (`bench/merge_reports.py`; rows keyed by name, a "
+             "failed row replaced by its rerun):", ""]
+    lines += [f"- {p.get('started')} to {p.get('finished') or '(cut off at the device time limit)'}, "
+              f"{p.get('rows_count')} rows: `{short(p.get('command') or '')}`" for p in parts]
+    return lines + [""]
+
+
 def render() -> str:
     lines = [
         "# Quality results",
@@ -40,7 +56,13 @@ def render() -> str:
     for module, name, title in SECTIONS:
         path = RESULTS / name
         if path.exists():
-            lines += module.render(json.loads(path.read_text()))
+            report = json.loads(path.read_text())
+            if module is quality_sst2:  # the rows rerun at other seeds
+                seeds = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality_sst2_seed*.json"))]
+                lines += module.render(report, seeds)
+            else:
+                lines += module.render(report)
+            lines += parts_note(report)
         else:
             lines += [f"## {title}", "", f"Not measured yet: run `bench/{module.__name__}.py`.", ""]
     return "\n".join(lines)
