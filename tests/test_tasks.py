@@ -239,6 +239,7 @@ def test_ner_truncated_words_predicted_outside(wordpiece_tokenizer):
     predictions = task.predict(model, batch)
     assert [len(p) for p in predictions] == [4, 3]
     assert predictions[0][1:] == ["O", "O", "O"] and predictions[1][2:] == ["O"]
+    assert task.predict(model, batch.to("cpu")) == predictions  # moving the batch keeps its word counts
     # the truncated entities count as missed
     scores = task.metrics([["B-PER"], ["O", "O"]], [task.reference(e) for e in NER[:2]])
     assert scores["precision"] == 1.0 and scores["recall"] == pytest.approx(1 / 3)

@@ -40,7 +40,9 @@ class PromptBatch(dict):
     """
 
     def to(self, device) -> "PromptBatch":
-        return PromptBatch({k: v.to(device) for k, v in self.items()})
+        moved = PromptBatch({k: v.to(device) for k, v in self.items()})
+        moved.__dict__.update(self.__dict__)  # what tasks attach (e.g. num_words) travels with the batch
+        return moved
 
 
 def _special_frame(tokenizer) -> tuple[list[int], list[int]]:

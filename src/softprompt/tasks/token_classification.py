@@ -170,11 +170,10 @@ class TokenClassification(Task):
         logits, out = self.logits(model, batch)
         best = logits.argmax(-1)  # (B, T)
         counts = getattr(batch, "num_words", None)
-        if counts is None:  # a batch built elsewhere: the words it shows
+        if counts is None:  # a batch not built by collate: the words it shows (trailing truncated words lost)
             counts = [int(w.max()) + 1 if (w >= 0).any() else 0 for w in out.word_index]
         W = max(counts, default=0)
         first = first_subtoken_positions(out.field_index, out.word_index, self._field_no, W)  # (B, W)
-        best.shape[1]
         padded = torch.cat([best, torch.full_like(best[:, :1], -1)], 1)  # column T: no token
         chosen = padded.gather(1, first).tolist()
         return [[self.tags[t] if t >= 0 else OUTSIDE for t in row[:n]] for row, n in zip(chosen, counts)]
