@@ -6,51 +6,18 @@ on the model kind: causal LM, encoder, or encoder-decoder.
 
 from __future__ import annotations
 
-import inspect
-
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutput
-from transformers.utils import ModelOutput
 
-from . import inject
+from . import forward
 from .architecture import ModelKind, ModelSpec, _forward_takes, base_identity, model_spec
 from .encode import PromptBatch, TemplateEncoder
 from .errors import ConfigError, EncodingError, UnsupportedModelError
+from .forward import Prompts, SoftPromptOutput
 from .methods import PromptConfig, PromptModule, build_module
-
-
-@dataclass
-class SoftPromptOutput(ModelOutput):
-    """What `SoftPromptModel.forward` returns. Token-level tensors cover the real tokens
-    only (T = S - P), in the order of the row: the virtual slots are taken out.
-
-    Attributes:
-        loss: scalar, when labels were given.
-        logits: (B, T, V) for causal and masked LMs; (B, T_dec, V) decoder logits for
-            encoder-decoders; None for a bare encoder, and when `forward` was asked for
-            ``logits="answer"`` or ``"none"``.
-        last_hidden_state: (B, T, D) last-layer states of the real tokens (encoder side of
-            an encoder-decoder); for models with an LM head only with ``output_hidden_states=True``.
-        answer_logits: (B, V) the output at each row's answer slot ([MASK]), when the
-            template has one and the model has an LM head.
-        attention_mask: (B, T) which of the T positions are real tokens (not pads).
-        field_index: (B, T) template field of each token (-1: anchor, special, pad).
-        word_index: (B, T) word number of each token within a pre-split field (-1 else).
-    """
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    last_hidden_state: torch.Tensor | None = None
-    answer_logits: torch.Tensor | None = None
-    attention_mask: torch.Tensor | None = None
-    field_index: torch.Tensor | None = None
-    word_index: torch.Tensor | None = None
 
 
 class SoftPromptModel(nn.Module):
@@ -106,8 +73,7 @@ class SoftPromptModel(nn.Module):
         self._disabled = False
         # Causal LMs of transformers 5 apply their LM head only at the columns named by
         # `logits_to_keep`: (B, S, V) logits are the largest tensor of a step otherwise.
-        self._keeps_logits = (self.spec.kind is ModelKind.CAUSAL
-                              and "logits_to_keep" in inspect.signature(base.forward).parameters)
+        self._keeps_logits = self.spec.kind is ModelKind.CAUSAL and forward.keeps_logits(base)
 
     # -- identity -------------------------------------------------------------
     @property
@@ -175,23 +141,12 @@ class SoftPromptModel(nn.Module):
         return self.prompt.export()
 
     # -- forward --------------------------------------------------------------
-    def _inputs(self, input_ids, attention_mask, prompt_index):
-        """Shared set-up: embeddings with input prompts, the deep prefix, masks, positions."""
-        B = input_ids.shape[0]
-        embed = self.base.get_input_embeddings()
-        dtype = embed.weight.dtype
-        prefix = None
-        if self._disabled:
-            keep = inject.real_token_index(prompt_index)
-            input_ids = inject.gather_tokens(input_ids, keep)
-            attention_mask = inject.gather_tokens(attention_mask, keep)
-            embeds = embed(input_ids)
-        elif self.deep:
-            embeds = embed(input_ids)
-            prefix = self.prompt()  # (L, 2, H_kv, P, D_head), once per step for the whole batch
-        else:
-            embeds = inject.place_input_prompts(embed(input_ids), prompt_index, self.prompt())
-        return embeds, attention_mask, prefix, dtype, B
+    def prompts(self) -> Prompts:
+        """This model's prompt for a forward (training-time module: encoder / projection run
+        once per call, for the whole batch)."""
+        if self.deep:
+            return Prompts(prefix=self.prompt())  # (L, 2, H_kv, P, D_head)
+        return Prompts(tables=self.prompt())  # (P, D)
 
     def forward(
         self,
@@ -228,136 +183,26 @@ class SoftPromptModel(nn.Module):
         Returns:
             `SoftPromptOutput`.
         """
-        if logits not in ("all", "answer", "none"):
-            raise ConfigError(f"logits must be 'all', 'answer' or 'none', got {logits!r}")
-        if labels is not None and logits != "all":
-            raise ConfigError("a token loss (labels=...) reads the logits of every position: use logits='all'")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if prompt_index is None:
             prompt_index = torch.full_like(input_ids, -1)
-        if not self.deep and not self._disabled and (prompt_index >= 0).sum(1).ne(self.num_virtual_tokens).any():
-            raise EncodingError(
-                f"every row needs its {self.num_virtual_tokens} virtual slots in prompt_index; build batches with encode()"
-            )
-        keep = inject.real_token_index(prompt_index)  # (B, T)
-        if self.spec.kind is ModelKind.SEQ2SEQ:  # decoder logits: what generation and its loss read
-            return self._forward_seq2seq(input_ids, attention_mask, prompt_index, keep, answer_index,
-                                         field_index, word_index, labels, decoder_input_ids)
-        embeds, mask, prefix, dtype, B = self._inputs(input_ids, attention_mask, prompt_index)
-        kwargs: dict[str, Any] = {}
-        if prefix is not None:
-            full_mask = inject.prefix_mask(mask, self.num_virtual_tokens)
-            kwargs["past_key_values"] = (
-                inject.decoder_prefix_cache(prefix, self.spec, self.base.config, B, dtype)
-                if self.spec.kind is ModelKind.CAUSAL
-                else inject.encoder_prefix_cache(prefix, self.spec, B, dtype)
-            )
-            positions = inject.position_ids(full_mask, self.spec)[:, self.num_virtual_tokens :]
-        else:
-            full_mask = mask
-            positions = inject.position_ids(mask, self.spec)
-        if self.spec.accepts_position_ids:
-            kwargs["position_ids"] = positions
-        wants_answer = logits != "none" and answer_index is not None and bool((answer_index >= 0).any())
-        position = columns = None
-        if wants_answer:
-            position = answer_index.clamp(min=0)  # (B,) column of the answer slot in the row
-            if self._disabled:  # the answer moved left by the virtual slots before it
-                before = ((prompt_index >= 0) & (torch.arange(prompt_index.shape[1], device=position.device) < position[:, None])).sum(1)
-                position = position - before
-        if logits != "all" and self._keeps_logits:
-            if wants_answer:
-                columns = torch.unique(position)  # (K,) sorted; K = 1 when every row ends at its answer
-                kwargs["logits_to_keep"] = columns
-            else:
-                kwargs["logits_to_keep"] = 1  # the fewest the LM head computes
-        out = self.base(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False,
-                        output_hidden_states=output_hidden_states or None, return_dict=True, **kwargs)
-        all_logits = getattr(out, "logits", None)  # (B, S, V), (B, K, V), or None for a bare encoder
-        hidden = getattr(out, "last_hidden_state", None)  # bare models
-        if hidden is None and output_hidden_states:
-            hidden = out.hidden_states[-1]  # models with an LM head
-        align = (lambda x: x) if self._disabled else (lambda x: inject.gather_tokens(x, keep))
-        answer_logits = None
-        if all_logits is not None and wants_answer:
-            at = position if columns is None else torch.searchsorted(columns, position)
-            answer_logits = all_logits[torch.arange(B, device=all_logits.device), at]  # (B, V)
-        loss = None
-        if labels is not None and all_logits is not None:
-            loss = self._token_loss(all_logits, labels, keep, prompt_index, mask)
-        return SoftPromptOutput(
-            loss=loss,
-            logits=None if all_logits is None or logits != "all" else align(all_logits),
-            last_hidden_state=None if hidden is None else align(hidden),
-            answer_logits=answer_logits,
-            attention_mask=inject.gather_tokens(attention_mask, keep),
-            field_index=None if field_index is None else inject.gather_tokens(field_index, keep),
-            word_index=None if word_index is None else inject.gather_tokens(word_index, keep),
-        )
-
-    def _token_loss(self, logits, labels, keep, prompt_index, mask) -> torch.Tensor:
-        """Cross-entropy over real tokens. `labels` (B, T) are aligned to the real tokens;
-        they are scattered back to the full row so that a causal LM's shift pairs each
-        position with the *next token of the row*, virtual slots included (those targets
-        are ignored). `mask` is the attention mask of the row the base model ran on."""
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, prompt_index=prompt_index,
+                     answer_index=answer_index, field_index=field_index, word_index=word_index)
         if self._disabled:
-            full = labels
+            batch, prompts = forward.drop_virtual_slots(batch), Prompts()
         else:
-            full = torch.full(prompt_index.shape, -100, dtype=labels.dtype, device=labels.device)
-            full.scatter_(1, keep, labels)
-        if self.spec.kind is ModelKind.CAUSAL:
-            # A target right after a pad has no real context (left padding): its logits are
-            # the pad's, so it is not scored; a row's loss must not depend on its batch.
-            logits, full = logits[:, :-1], full[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), full.reshape(-1), ignore_index=-100)
+            if not self.deep and (prompt_index >= 0).sum(1).ne(self.num_virtual_tokens).any():
+                raise EncodingError(f"every row needs its {self.num_virtual_tokens} virtual slots in prompt_index; "
+                                    "build batches with encode()")
+            prompts = self.prompts()
+        return forward.run(self.base, self.spec, batch["input_ids"], batch["attention_mask"], batch["prompt_index"],
+                           prompts, answer_index=batch["answer_index"], field_index=batch["field_index"],
+                           word_index=batch["word_index"], labels=labels, decoder_input_ids=decoder_input_ids,
+                           output_hidden_states=output_hidden_states, logits=logits,
+                           lm_head_columns=self._keeps_logits)
 
-    def _encode_seq2seq(self, input_ids, attention_mask, prompt_index) -> BaseModelOutput:
-        """Run the encoder of an encoder-decoder with the input prompt or its deep prefix."""
-        embeds, mask, prefix, dtype, B = self._inputs(input_ids, attention_mask, prompt_index)
-        encoder = self.base.get_encoder()
-        if prefix is None:
-            return encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
-        cache = inject.encoder_prefix_cache(prefix, self.spec, B, dtype)
-        with inject.encoder_prefix_hooks(encoder, self.spec, cache):
-            return encoder(
-                inputs_embeds=embeds, attention_mask=inject.prefix_mask(mask, self.num_virtual_tokens), return_dict=True
-            )
-
-    def _decoder_cache(self, B: int):
-        if self._disabled or not self.deep:
-            return None
-        dtype = self.base.get_input_embeddings().weight.dtype
-        return inject.decoder_prefix_cache(self.prompt(), self.spec, self.base.config, B, dtype)
-
-    def _forward_seq2seq(self, input_ids, attention_mask, prompt_index, keep, answer_index,
-                         field_index, word_index, labels, decoder_input_ids) -> SoftPromptOutput:
-        encoded = self._encode_seq2seq(input_ids, attention_mask, prompt_index)
-        enc_mask = inject.gather_tokens(attention_mask, keep) if self._disabled else attention_mask
-        if decoder_input_ids is None:
-            if labels is None:
-                raise EncodingError("an encoder-decoder forward needs decoder_input_ids or labels")
-            decoder_input_ids = self.base.prepare_decoder_input_ids_from_labels(labels=labels)
-        out = self.base(
-            encoder_outputs=encoded,
-            attention_mask=enc_mask,
-            decoder_input_ids=decoder_input_ids,
-            past_key_values=self._decoder_cache(input_ids.shape[0]),
-            labels=labels,
-            use_cache=False,
-            return_dict=True,
-        )
-        align = (lambda x: x) if self._disabled else (lambda x: inject.gather_tokens(x, keep))
-        return SoftPromptOutput(
-            loss=out.loss,
-            logits=out.logits,
-            last_hidden_state=align(encoded.last_hidden_state),
-            attention_mask=inject.gather_tokens(attention_mask, keep),
-            field_index=None if field_index is None else inject.gather_tokens(field_index, keep),
-            word_index=None if word_index is None else inject.gather_tokens(word_index, keep),
-        )
-
-    # -- generation (generation.py does the work) ----------------------------
+    # -- generation ------------------------------------------------------------
     @torch.no_grad()
     def generate(
         self,
@@ -380,9 +225,18 @@ class SoftPromptModel(nn.Module):
         Returns:
             (B, N) the new tokens only (pads after a row's end-of-sequence).
         """
-        from .generation import generate
-
-        return generate(self, input_ids, attention_mask, prompt_index, **generate_kwargs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if prompt_index is None:
+            prompt_index = torch.full_like(input_ids, -1)
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, prompt_index=prompt_index)
+        if self._disabled:
+            batch, prompts = forward.drop_virtual_slots(batch), Prompts()
+        else:
+            prompts = self.prompts()
+        pad_id = self.encoder.pad_id if self.encoder is not None else 0
+        return forward.generate(self.base, self.spec, batch["input_ids"], batch["attention_mask"], batch["prompt_index"],
+                                prompts, pad_id, **generate_kwargs)
 
     # -- persistence (io.py does the work) ------------------------------------
     def save_pretrained(self, directory, *, save_trainable: bool = True, metadata: Mapping[str, Any] | None = None,

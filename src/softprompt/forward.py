@@ -1,0 +1,278 @@
+"""One forward of the frozen base model with prompts given row by row.
+
+`SoftPromptModel` runs every row with its own prompt; the serving engine runs each row
+with its task's prompt. Both describe what to apply as `Prompts` (input tables and a deep
+key/value prefix, shared or per row, with a per-row mask over the prefix positions) and
+call `run` / `generate` here, so that one code path turns prompts into a forward.
+`inject.py` remains the one place that touches the base model's inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import ModelOutput
+
+from . import inject
+from .architecture import ModelKind, ModelSpec
+from .errors import ConfigError, EncodingError, UnsupportedModelError
+
+LOGITS = ("all", "answer", "none")
+
+
+@dataclass
+class SoftPromptOutput(ModelOutput):
+    """What a forward with prompts returns. Token-level tensors cover the real tokens
+    only (T = S - P), in the order of the row: the virtual slots are taken out.
+
+    Attributes:
+        loss: scalar, when labels were given.
+        logits: (B, T, V) for causal and masked LMs; (B, T_dec, V) decoder logits for
+            encoder-decoders; None for a bare encoder, and when the forward was asked for
+            ``logits="answer"`` or ``"none"``.
+        last_hidden_state: (B, T, D) last-layer states of the real tokens (encoder side of
+            an encoder-decoder); for models with an LM head only with ``output_hidden_states=True``.
+        answer_logits: (B, V) the output at each row's answer slot ([MASK]), when the
+            template has one and the model has an LM head.
+        attention_mask: (B, T) which of the T positions are real tokens (not pads).
+        field_index: (B, T) template field of each token (-1: anchor, special, pad).
+        word_index: (B, T) word number of each token within a pre-split field (-1 else).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    answer_logits: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    field_index: torch.Tensor | None = None
+    word_index: torch.Tensor | None = None
+
+
+@dataclass
+class Prompts:
+    """The prompts of one forward.
+
+    Attributes:
+        tables: input prompts, placed at the virtual slots by ``prompt_index``: (P, D) one
+            table for every row, or (B, P, D) a table per row; None: no input prompt.
+        prefix: deep prompts: (L, 2, H_kv, P, D_head) for every row, or
+            (L, 2, B, H_kv, P, D_head) per row; None: no deep prompt.
+        prefix_mask: (B, P) 1 where a row uses a prefix position (rows of different
+            prompt lengths, or rows without a deep prompt, in one batch); None: every row
+            uses all P.
+    """
+
+    tables: torch.Tensor | None = None
+    prefix: torch.Tensor | None = None
+    prefix_mask: torch.Tensor | None = None
+
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.prefix is None else int(self.prefix.shape[-2])
+
+    def full_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, P + S): the attention mask with the prefix positions in front."""
+        if self.prefix is None:
+            return attention_mask
+        if self.prefix_mask is None:
+            return inject.prefix_mask(attention_mask, self.prefix_length)
+        return torch.cat([self.prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+
+
+def keeps_logits(base) -> bool:
+    """Whether `base` (a causal LM of transformers 5) applies its LM head only at the columns
+    named by ``logits_to_keep``: (B, S, V) logits are the largest tensor of a step otherwise."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def embed(base, input_ids: torch.Tensor, prompt_index: torch.Tensor, prompts: Prompts) -> torch.Tensor:
+    """(B, S, D) token embeddings with the input prompts in their virtual slots."""
+    embeds = base.get_input_embeddings()(input_ids)
+    if prompts.tables is None:
+        return embeds
+    return inject.place_input_prompts(embeds, prompt_index, prompts.tables)
+
+
+def _dtype(base) -> torch.dtype:
+    return base.get_input_embeddings().weight.dtype
+
+
+def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_index: torch.Tensor,
+        prompts: Prompts, *, answer_index: torch.Tensor | None = None, field_index: torch.Tensor | None = None,
+        word_index: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
+        logits: str = "all", lm_head_columns: bool = False) -> SoftPromptOutput:
+    """Run `base` on a batch with `prompts` (see `SoftPromptModel.forward` for the arguments).
+
+    Args:
+        lm_head_columns: `base` takes ``logits_to_keep`` (see `keeps_logits`).
+    """
+    if logits not in LOGITS:
+        raise ConfigError(f"logits must be 'all', 'answer' or 'none', got {logits!r}")
+    if labels is not None and logits != "all":
+        raise ConfigError("a token loss (labels=...) reads the logits of every position: use logits='all'")
+    keep = inject.real_token_index(prompt_index)  # (B, T)
+    align = lambda x: inject.gather_tokens(x, keep)  # noqa: E731
+    if spec.kind is ModelKind.SEQ2SEQ:  # decoder logits: what generation and its loss read
+        encoded = encode_seq2seq(base, spec, input_ids, attention_mask, prompt_index, prompts)
+        if decoder_input_ids is None:
+            if labels is None:
+                raise EncodingError("an encoder-decoder forward needs decoder_input_ids or labels")
+            decoder_input_ids = base.prepare_decoder_input_ids_from_labels(labels=labels)
+        dec_mask = None  # the decoder's default mask, unless rows use prefixes of different lengths
+        if prompts.prefix is not None and prompts.prefix_mask is not None:
+            dec_mask = prompts.full_mask(torch.ones_like(decoder_input_ids))
+        out = base(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                   decoder_attention_mask=dec_mask, past_key_values=decoder_cache(base, spec, prompts, input_ids.shape[0]),
+                   labels=labels, use_cache=False, return_dict=True)
+        return SoftPromptOutput(
+            loss=out.loss, logits=out.logits, last_hidden_state=align(encoded.last_hidden_state),
+            attention_mask=align(attention_mask),
+            field_index=None if field_index is None else align(field_index),
+            word_index=None if word_index is None else align(word_index),
+        )
+    B = input_ids.shape[0]
+    embeds = embed(base, input_ids, prompt_index, prompts)
+    full_mask = prompts.full_mask(attention_mask)
+    kwargs: dict[str, Any] = {}
+    P = prompts.prefix_length
+    if prompts.prefix is not None:
+        kwargs["past_key_values"] = (
+            inject.decoder_prefix_cache(prompts.prefix, spec, base.config, B, _dtype(base))
+            if spec.kind is ModelKind.CAUSAL
+            else inject.encoder_prefix_cache(prompts.prefix, spec, B, _dtype(base))
+        )
+    if spec.accepts_position_ids:
+        kwargs["position_ids"] = inject.position_ids(full_mask, spec)[:, P:]
+    wants_answer = logits != "none" and answer_index is not None and bool((answer_index >= 0).any())
+    position = columns = None
+    if wants_answer:
+        position = answer_index.clamp(min=0)  # (B,) column of the answer slot in the row
+    if logits != "all" and lm_head_columns:
+        if wants_answer:
+            columns = torch.unique(position)  # (K,) sorted; K = 1 when every row ends at its answer
+            kwargs["logits_to_keep"] = columns
+        else:
+            kwargs["logits_to_keep"] = 1  # the fewest the LM head computes
+    out = base(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False,
+               output_hidden_states=output_hidden_states or None, return_dict=True, **kwargs)
+    all_logits = getattr(out, "logits", None)  # (B, S, V), (B, K, V), or None for a bare encoder
+    hidden = getattr(out, "last_hidden_state", None)  # bare models
+    if hidden is None and output_hidden_states:
+        hidden = out.hidden_states[-1]  # models with an LM head
+    answer_logits = None
+    if all_logits is not None and wants_answer:
+        at = position if columns is None else torch.searchsorted(columns, position)
+        answer_logits = all_logits[torch.arange(B, device=all_logits.device), at]  # (B, V)
+    loss = None
+    if labels is not None and all_logits is not None:
+        loss = token_loss(spec, all_logits, labels, keep, prompt_index, attention_mask)
+    return SoftPromptOutput(
+        loss=loss,
+        logits=None if all_logits is None or logits != "all" else align(all_logits),
+        last_hidden_state=None if hidden is None else align(hidden),
+        answer_logits=answer_logits,
+        attention_mask=align(attention_mask),
+        field_index=None if field_index is None else align(field_index),
+        word_index=None if word_index is None else align(word_index),
+    )
+
+
+def token_loss(spec: ModelSpec, logits, labels, keep, prompt_index, mask) -> torch.Tensor:
+    """Cross-entropy over real tokens. `labels` (B, T) are aligned to the real tokens;
+    they are scattered back to the full row so that a causal LM's shift pairs each
+    position with the *next token of the row*, virtual slots included (those targets
+    are ignored). `mask` is the attention mask of the row the base model ran on."""
+    full = torch.full(prompt_index.shape, -100, dtype=labels.dtype, device=labels.device)
+    full.scatter_(1, keep, labels)
+    if spec.kind is ModelKind.CAUSAL:
+        # A target right after a pad has no real context (left padding): its logits are
+        # the pad's, so it is not scored; a row's loss must not depend on its batch.
+        logits, full = logits[:, :-1], full[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), full.reshape(-1), ignore_index=-100)
+
+
+def encode_seq2seq(base, spec: ModelSpec, input_ids, attention_mask, prompt_index, prompts: Prompts) -> BaseModelOutput:
+    """Run the encoder of an encoder-decoder with the input prompts or the deep prefix."""
+    embeds = embed(base, input_ids, prompt_index, prompts)
+    encoder = base.get_encoder()
+    if prompts.prefix is None:
+        return encoder(inputs_embeds=embeds, attention_mask=attention_mask, return_dict=True)
+    cache = inject.encoder_prefix_cache(prompts.prefix, spec, input_ids.shape[0], _dtype(base))
+    with inject.encoder_prefix_hooks(encoder, spec, cache):
+        return encoder(inputs_embeds=embeds, attention_mask=prompts.full_mask(attention_mask), return_dict=True)
+
+
+def decoder_cache(base, spec: ModelSpec, prompts: Prompts, batch_size: int):
+    """The decoder's pre-filled self-attention cache of an encoder-decoder (None: no deep prompt)."""
+    if prompts.prefix is None:
+        return None
+    return inject.decoder_prefix_cache(prompts.prefix, spec, base.config, batch_size, _dtype(base))
+
+
+def generate(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_index: torch.Tensor,
+             prompts: Prompts, pad_id: int, **generate_kwargs) -> torch.Tensor:
+    """transformers' `generate()` with prompts and its KV cache. Returns (B, N) new tokens only.
+
+    Input prompts go in as ``inputs_embeds`` (causal LMs) or through the encoder
+    (encoder-decoders). Deep prompts go in as a pre-filled cache: `generate()` continues
+    from a cache when its ids (and, for a decoder, its mask) span the cached prefix too, so
+    P placeholder ids stand in front; they carry only the cache's length and are never
+    embedded.
+    """
+    if spec.kind is ModelKind.ENCODER:
+        raise UnsupportedModelError(f"{type(base).__name__} is an encoder: it cannot generate")
+    if not hasattr(base, "generate"):
+        raise UnsupportedModelError(f"{type(base).__name__} has no LM head to generate with")
+    if spec.kind is ModelKind.CAUSAL and attention_mask[:, -1].eq(0).any():
+        raise EncodingError("causal generation continues each row at its end: encode with padding_side='left'")
+    generate_kwargs.setdefault("pad_token_id", pad_id)
+    B, P = input_ids.shape[0], prompts.prefix_length
+    if spec.kind is ModelKind.SEQ2SEQ:
+        encoded = encode_seq2seq(base, spec, input_ids, attention_mask, prompt_index, prompts)
+        kwargs: dict[str, Any] = dict(encoder_outputs=encoded, attention_mask=attention_mask)
+        cache = decoder_cache(base, spec, prompts, B)
+        if cache is None:
+            return base.generate(**kwargs, **generate_kwargs)[:, 1:]  # drop the decoder start token
+        start = base.generation_config.decoder_start_token_id
+        if start is None:
+            start = base.config.decoder_start_token_id
+        dec = torch.full((B, P + 1), int(start), dtype=torch.long, device=input_ids.device)
+        dec_mask = prompts.full_mask(torch.ones((B, 1), dtype=torch.long, device=input_ids.device))
+        kwargs.update(past_key_values=cache, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+        return base.generate(**kwargs, **generate_kwargs)[:, P + 1 :]
+    embeds = embed(base, input_ids, prompt_index, prompts)
+    if prompts.prefix is None:
+        return base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+    cache = inject.decoder_prefix_cache(prompts.prefix, spec, base.config, B, _dtype(base))
+    placeholder = torch.full((B, P), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+    ids = torch.cat([placeholder, input_ids], dim=1)
+    out = base.generate(input_ids=ids, attention_mask=prompts.full_mask(attention_mask), past_key_values=cache,
+                        **generate_kwargs)
+    return out[:, ids.shape[1] :]
+
+
+def drop_virtual_slots(batch: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    """The batch without its virtual slots (the bare base model on the real tokens): the
+    token tensors shortened to T, the answer column moved left past the slots before it."""
+    prompt_index = batch["prompt_index"]
+    keep = inject.real_token_index(prompt_index)
+    out = {k: (None if v is None else inject.gather_tokens(v, keep))
+           for k, v in batch.items() if k in ("input_ids", "attention_mask", "field_index", "word_index")}
+    out["prompt_index"] = torch.full_like(out["input_ids"], -1)
+    answer = batch.get("answer_index")
+    if answer is not None:
+        columns = torch.arange(prompt_index.shape[1], device=answer.device)
+        before = ((prompt_index >= 0) & (columns < answer.clamp(min=0)[:, None])).sum(1)
+        out["answer_index"] = torch.where(answer >= 0, answer - before, answer)
+    return out
+
+
+__all__ = ["Prompts", "SoftPromptOutput", "run", "generate", "encode_seq2seq", "decoder_cache", "token_loss",
+           "drop_virtual_slots", "keeps_logits", "embed"]
