@@ -119,6 +119,9 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         raise ConfigError("a token loss (labels=...) reads the logits of every position: use logits='all'")
     keep = inject.real_token_index(prompt_index)  # (B, T)
     align = lambda x: inject.gather_tokens(x, keep)  # noqa: E731
+    # A row with more virtual slots than another of the batch (tasks of a mixed batch) ends
+    # its T entries with virtual positions: they are not real tokens.
+    real_mask = attention_mask * (prompt_index < 0)
     if spec.kind is ModelKind.SEQ2SEQ:  # decoder logits: what generation and its loss read
         encoded = encode_seq2seq(base, spec, input_ids, attention_mask, prompt_index, prompts)
         if decoder_input_ids is None:
@@ -133,7 +136,7 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
                    labels=labels, use_cache=False, return_dict=True)
         return SoftPromptOutput(
             loss=out.loss, logits=out.logits, last_hidden_state=align(encoded.last_hidden_state),
-            attention_mask=align(attention_mask),
+            attention_mask=align(real_mask),
             field_index=None if field_index is None else align(field_index),
             word_index=None if word_index is None else align(word_index),
         )
@@ -178,7 +181,7 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         logits=None if all_logits is None or logits != "all" else align(all_logits),
         last_hidden_state=None if hidden is None else align(hidden),
         answer_logits=answer_logits,
-        attention_mask=align(attention_mask),
+        attention_mask=align(real_mask),
         field_index=None if field_index is None else align(field_index),
         word_index=None if word_index is None else align(word_index),
     )
@@ -253,8 +256,13 @@ def generate(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: tor
     cache = inject.decoder_prefix_cache(prompts.prefix, spec, base.config, B, _dtype(base))
     placeholder = torch.full((B, P), pad_id, dtype=input_ids.dtype, device=input_ids.device)
     ids = torch.cat([placeholder, input_ids], dim=1)
+    inputs: dict[str, Any] = {}
+    if prompts.tables is not None:
+        # Rows with input prompts beside rows with deep prompts (a mixed batch): generate()
+        # embeds only the uncached columns, so the P cached ones get placeholders here too.
+        inputs["inputs_embeds"] = torch.cat([embeds.new_zeros(B, P, embeds.shape[-1]), embeds], dim=1)
     out = base.generate(input_ids=ids, attention_mask=prompts.full_mask(attention_mask), past_key_values=cache,
-                        **generate_kwargs)
+                        **inputs, **generate_kwargs)
     return out[:, ids.shape[1] :]
 
 

@@ -1,0 +1,258 @@
+"""The prompt bank: many tasks' prompts on one frozen base model.
+
+Each task is a saved prompt folder (``save_pretrained`` / ``softprompt train`` output: the
+collapsed tensor, its template, and optionally its task head) loaded onto the shared base
+as a `SoftPromptModel` whose prompt is the collapsed tensor. What a batch needs is built
+per batch from the tasks in it (`prompts_for`): input tables and deep key/value prefixes
+are stacked row by row, padded to the longest prompt, with a mask over the prefix.
+
+At most ``max_on_device`` tasks keep their tensor on the accelerator (least recently used
+first out); the others wait in host memory and move over when a batch needs them.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..errors import ConfigError, SoftPromptError
+from ..forward import Prompts
+from ..model import SoftPromptModel
+from ..tasks import Task
+
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Families whose decoder takes its positions from the cache length (BART's learned
+# absolute positions): a row behind a longer padded prefix would sit at other positions
+# than alone, so their deep prompts share a batch only at equal lengths.
+POSITIONS_FROM_CACHE = ("bart", "mbart")
+
+
+class UnknownTaskError(SoftPromptError, KeyError):
+    """A request names a task the bank does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def check_task_name(name: str) -> str:
+    """Task names become folder names and URL parts: letters, digits, ``_ . -``, not
+    starting with a dot (no hidden files, no path traversal), at most 64 characters."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"invalid task name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
+                          "starting with a letter or digit")
+    return name
+
+
+@dataclass
+class BankEntry:
+    """One task in the bank.
+
+    Attributes:
+        name: the task name requests use.
+        model: the task's `SoftPromptModel` on the shared base (collapsed prompt).
+        task: its head (classification, NER, ...) when the folder had one, bound to `model`.
+        tensor: the collapsed prompt in host memory, fp32: (P, D) or (L, 2, H_kv, P, D_head).
+        metadata: what the folder recorded (training run, metrics, ...).
+    """
+
+    name: str
+    model: SoftPromptModel
+    task: Task | None
+    tensor: torch.Tensor
+    metadata: dict[str, Any] = field(default_factory=dict)
+    on_device: torch.Tensor | None = None
+
+    @property
+    def deep(self) -> bool:
+        return self.model.deep
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.model.num_virtual_tokens
+
+
+class PromptBank:
+    """Soft prompts of many tasks on one frozen base model.
+
+    Args:
+        base: the shared frozen model (moved nowhere: put it on its device first).
+        tokenizer: its tokenizer.
+        max_on_device: most tasks whose tensors stay on the base model's device (None:
+            all); the least recently used go back to host memory.
+
+    Example:
+        >>> bank = PromptBank.from_directory(base, tok, "prompts/")   # prompts/<task>/...
+        >>> bank.add("sentiment", "runs/sst2/prompt")                 # while serving
+        >>> prompts = bank.prompts_for(["sentiment", "ner", "sentiment"])   # per-row Prompts
+    """
+
+    def __init__(self, base, tokenizer, *, max_on_device: int | None = None):
+        if max_on_device is not None and (not isinstance(max_on_device, int) or max_on_device < 1):
+            raise ConfigError(f"max_on_device must be a positive integer or None, got {max_on_device!r}")
+        self.base = base
+        self.tokenizer = tokenizer
+        self.max_on_device = max_on_device
+        self._entries: OrderedDict[str, BankEntry] = OrderedDict()  # in least-recently-used order
+        self._lock = threading.RLock()
+
+    # -- loading --------------------------------------------------------------
+    @classmethod
+    def from_directory(cls, base, tokenizer, directory: str | Path, **kwargs) -> "PromptBank":
+        """A bank of every prompt folder under `directory` (one sub-folder per task, named
+        after the task; a run directory's ``prompt/`` folder is found too).
+
+        Raises:
+            ConfigError: `directory` is missing or holds no prompt folder.
+            PromptFileError / BaseModelMismatchError: a folder is unreadable or was saved
+                for another base model (the message names the folder).
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ConfigError(f"prompt directory {directory} does not exist")
+        bank = cls(base, tokenizer, **kwargs)
+        for sub in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            bank.add(sub.name, sub)
+        if not len(bank):
+            raise ConfigError(f"{directory} holds no prompt folders (one sub-folder per task, each written by "
+                              "save_pretrained or softprompt train)")
+        return bank
+
+    def add(self, name: str, source: str | Path | SoftPromptModel, *, task: Task | None = None,
+            replace: bool = False) -> BankEntry:
+        """Load a task: a saved prompt folder (or run directory), or a `SoftPromptModel` on
+        this bank's base model.
+
+        Raises:
+            ConfigError: an invalid name, a name already taken (without `replace`), or a
+                model on another base.
+        """
+        from ..run import load_saved, prompt_directory
+
+        check_task_name(name)
+        metadata: dict[str, Any] = {}
+        if isinstance(source, SoftPromptModel):
+            if source.base is not self.base:
+                raise ConfigError(f"task {name!r}: its SoftPromptModel is built on another base model")
+            model = source
+        else:
+            folder = prompt_directory(source)
+            if (folder / "task.json").exists():
+                model, task = load_saved(folder, self.base, self.tokenizer)
+            else:
+                model = SoftPromptModel.from_pretrained(self.base, folder, tokenizer=self.tokenizer).eval()
+            from ..io import read_config
+
+            metadata = read_config(folder).get("metadata") or {}
+        entry = BankEntry(name, model, task, model.export().cpu(), metadata)
+        with self._lock:
+            if name in self._entries and not replace:
+                raise ConfigError(f"task {name!r} is already loaded; remove it first or replace it")
+            self._entries.pop(name, None)
+            self._entries[name] = entry
+        return entry
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            if name not in self._entries:
+                raise self._unknown(name)
+            del self._entries[name]
+
+    # -- lookup ---------------------------------------------------------------
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __getitem__(self, name: str) -> BankEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise self._unknown(name) from None
+
+    def _unknown(self, name: str) -> UnknownTaskError:
+        return UnknownTaskError(f"unknown task {name!r}; loaded tasks: {', '.join(self.names()) or '(none)'}")
+
+    def on_device(self) -> list[str]:
+        """The tasks whose tensors are on the accelerator now."""
+        return [n for n, e in self._entries.items() if e.on_device is not None]
+
+    # -- per-batch prompts ----------------------------------------------------
+    def _device_tensor(self, entry: BankEntry, device: torch.device) -> torch.Tensor:
+        """The entry's tensor on `device`, marking it most recently used and evicting the
+        least recently used beyond `max_on_device` (their host copies stay)."""
+        self._entries.move_to_end(entry.name)
+        if entry.on_device is None or entry.on_device.device != device:
+            entry.on_device = entry.tensor.to(device, non_blocking=True)
+        if self.max_on_device is not None:
+            resident = [e for e in self._entries.values() if e.on_device is not None]
+            for old in resident[: max(0, len(resident) - self.max_on_device)]:
+                if old is not entry:
+                    old.on_device = None
+        return entry.on_device
+
+    def prompts_for(self, names: Sequence[str]) -> Prompts:
+        """The `Prompts` of a batch whose row b uses task ``names[b]``.
+
+        Input tasks' tables are stacked to (B, P_in, D) (rows of deep tasks get zeros, which
+        no slot of theirs reads); deep tasks' prefixes to (L, 2, B, H_kv, P_deep, D_head)
+        with a (B, P_deep) mask: 1 on the last P of the row's task (a shorter prefix is
+        padded in front), 0 on padding and on the rows of input tasks.
+        """
+        if not names:
+            raise ConfigError("a batch needs at least one row")
+        device = self.base.get_input_embeddings().weight.device
+        with self._lock:
+            entries = [self[n] for n in names]
+            tensors = {e.name: self._device_tensor(e, device) for e in entries}
+        B = len(entries)
+        tables = prefix = mask = None
+        inputs = [e for e in entries if not e.deep]
+        if inputs:
+            P = max(e.num_virtual_tokens for e in inputs)
+            D = inputs[0].tensor.shape[-1]
+            tables = torch.zeros(B, P, D, device=device)
+            for b, e in enumerate(entries):
+                if not e.deep:
+                    tables[b, : e.num_virtual_tokens] = tensors[e.name]
+        deeps = [e for e in entries if e.deep]
+        if deeps:
+            P = max(e.num_virtual_tokens for e in deeps)
+            lengths = sorted({e.num_virtual_tokens for e in deeps} | ({0} if inputs else set()))
+            if len(lengths) > 1 and deeps[0].model.spec.model_type in POSITIONS_FROM_CACHE:
+                raise ConfigError(
+                    f"{deeps[0].model.spec.model_type} decoders place tokens after the cached prefix by its length: "
+                    f"rows with deep prompts of different lengths ({lengths}) cannot share a batch; group them by "
+                    "prompt length (see prompt_length)")
+            L, _, H, _, Dh = deeps[0].tensor.shape
+            prefix = torch.zeros(L, 2, B, H, P, Dh, device=device)
+            mask = torch.zeros(B, P, dtype=torch.long, device=device)
+            for b, e in enumerate(entries):
+                if e.deep:
+                    # A shorter prefix ends where the longest does: the row's tokens then sit
+                    # right after its own prefix, at the distance relative position biases
+                    # (T5) see when the row runs alone; position ids come from the mask.
+                    prefix[:, :, b, :, P - e.num_virtual_tokens :] = tensors[e.name]
+                    mask[b, P - e.num_virtual_tokens :] = 1
+        return Prompts(tables=tables, prefix=prefix, prefix_mask=mask)
+
+    def prompt_length(self, name: str) -> int:
+        """The deep prefix length a task's rows take in a batch (0 for input prompts): what
+        batches of `POSITIONS_FROM_CACHE` families must agree on."""
+        entry = self[name]
+        return entry.num_virtual_tokens if entry.deep else 0
+
+    def entries(self, names: Iterable[str]) -> list[BankEntry]:
+        return [self[n] for n in names]
+
+
+__all__ = ["PromptBank", "BankEntry", "UnknownTaskError", "check_task_name"]

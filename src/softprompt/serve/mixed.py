@@ -1,0 +1,102 @@
+"""Mixed-task batches: every row of one batch with its own task's prompt and template.
+
+    batch = encode_mixed(bank, ["sentiment", "ner", "sentiment"], [ex0, ex1, ex2])
+    out = forward_mixed(bank, batch)               # row b == row b alone with its task
+    new = generate_mixed(bank, batch, max_new_tokens=16)
+
+Rows are encoded by their task's template encoder and padded together; input prompts are
+gathered into each row's virtual slots and deep prompts go in as a per-row key/value
+prefix with a per-row mask (`PromptBank.prompts_for`), through the same `forward.run` /
+`forward.generate` a single `SoftPromptModel` uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .. import forward
+from ..encode import PromptBatch
+from ..errors import ConfigError, EncodingError
+from .bank import PromptBank
+
+
+class MixedBatch(PromptBatch):
+    """A `PromptBatch` whose rows belong to different tasks: ``batch.tasks[b]`` names row b's."""
+
+    tasks: list[str]
+
+    def to(self, device) -> "MixedBatch":
+        moved = MixedBatch({k: v.to(device) for k, v in self.items()})
+        moved.__dict__.update(self.__dict__)
+        return moved
+
+
+def encode_mixed(bank: PromptBank, tasks: Sequence[str], examples: Sequence[Mapping[str, Any]], *,
+                 padding_side: str | None = None, max_length: int | None = None) -> MixedBatch:
+    """Encode row b with task ``tasks[b]``'s template and pad the rows together.
+
+    Args:
+        padding_side: default: the base model's (left for causal LMs, right otherwise).
+        max_length: most tokens per row, virtual and deep-prompt positions included
+            (default: the model's limit); longer inputs are cut inside their placeholders.
+
+    Raises:
+        UnknownTaskError: a task the bank does not hold (the message lists the loaded ones).
+        EncodingError: an example that does not fit its template (missing field, ...).
+    """
+    if len(tasks) != len(examples):
+        raise ConfigError(f"{len(tasks)} task names for {len(examples)} examples")
+    if not tasks:
+        raise EncodingError("nothing to encode: the batch is empty")
+    entries = bank.entries(tasks)
+    first = entries[0].model
+    side = padding_side or first.padding_side
+    rows = [e.model.encoder.encode(ex, max_length=max_length, index=i) for i, (e, ex) in enumerate(zip(entries, examples))]
+    batch = MixedBatch(first.encoder.collate(rows, side))  # one tokenizer: one pad id for every task
+    batch.tasks = list(tasks)
+    return batch.to(first.device)
+
+
+def _check(bank: PromptBank, batch: MixedBatch) -> None:
+    if not isinstance(getattr(batch, "tasks", None), list) or len(batch.tasks) != batch["input_ids"].shape[0]:
+        raise ConfigError("a mixed batch names the task of every row: build it with encode_mixed")
+
+
+def forward_mixed(bank: PromptBank, batch: MixedBatch, *, output_hidden_states: bool = False,
+                  logits: str = "all", decoder_input_ids: torch.Tensor | None = None) -> forward.SoftPromptOutput:
+    """One forward of the base model, row b with the prompt of ``batch.tasks[b]``.
+
+    Args:
+        decoder_input_ids: (B, T_dec) for an encoder-decoder.
+
+    Returns:
+        `SoftPromptOutput` over the real tokens (T = S - the fewest virtual slots of a row;
+        rows with more virtual slots are padded at the end, see ``attention_mask``).
+    """
+    _check(bank, batch)
+    model = bank[batch.tasks[0]].model
+    prompts = bank.prompts_for(batch.tasks)
+    with torch.no_grad():
+        return forward.run(bank.base, model.spec, batch["input_ids"], batch["attention_mask"], batch["prompt_index"],
+                           prompts, answer_index=batch.get("answer_index"), field_index=batch.get("field_index"),
+                           word_index=batch.get("word_index"), output_hidden_states=output_hidden_states,
+                           logits=logits, lm_head_columns=model._keeps_logits, decoder_input_ids=decoder_input_ids)
+
+
+def generate_mixed(bank: PromptBank, batch: MixedBatch, **generate_kwargs) -> torch.Tensor:
+    """transformers' `generate()` for a mixed batch (greedy or sampling, its KV cache).
+
+    Returns:
+        (B, N) the new tokens only (pads after a row's end-of-sequence).
+    """
+    _check(bank, batch)
+    model = bank[batch.tasks[0]].model
+    prompts = bank.prompts_for(batch.tasks)
+    with torch.no_grad():
+        return forward.generate(bank.base, model.spec, batch["input_ids"], batch["attention_mask"],
+                                batch["prompt_index"], prompts, model.encoder.pad_id, **generate_kwargs)
+
+
+__all__ = ["MixedBatch", "encode_mixed", "forward_mixed", "generate_mixed"]

@@ -1,0 +1,165 @@
+"""Mixed-task batches: row b of a batch that mixes tasks (every method, different templates
+and prompt lengths) equals row b run alone with its own task, forward and generate, with
+left and right padding; the prompt bank loads, replaces, removes and evicts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import softprompt as sp
+from softprompt.serve import PromptBank, UnknownTaskError, encode_mixed, forward_mixed, generate_mixed
+
+from conftest import CAUSAL, ENCODERS, SEQ2SEQ
+
+# Five tasks on one base: every method, different templates, prompt lengths and answer slots.
+TASKS = {
+    "pt": lambda: sp.PromptTuningConfig(template="[P:2] {text} [P:2] It was [MASK] .", init="vocab"),
+    "lstm": lambda: sp.PTuningConfig(template="{text} [P:3] It was [MASK] .", encoder="lstm", encoder_hidden_size=16),
+    "mlp": lambda: sp.PTuningConfig(template="Review: [P:1] {text} [MASK]", encoder="mlp", encoder_hidden_size=16),
+    "prefix": lambda: sp.PrefixTuningConfig(num_virtual_tokens=3, template="{text} It was [MASK] .",
+                                            projection_hidden_size=16),
+    "v2": lambda: sp.PTuningV2Config(num_virtual_tokens=5, template="Q: {text} A: [MASK]", init_std=0.5),
+}
+TEXTS = ["a gem of a film", "bad", "the plot wanders but the cast holds it together", "fine", "not my cup of tea"]
+
+
+def make_bank(family_models, family, **kwargs):
+    base, tok = family_models(family)
+    bank = PromptBank(base, tok, **kwargs)
+    models = {}
+    for name, make in TASKS.items():
+        torch.manual_seed(len(name))
+        model = sp.SoftPromptModel(base, make(), tokenizer=tok).eval()
+        models[name] = model
+        bank.add(name, model)
+    return bank, models
+
+
+def mixed_rows():
+    """Every task twice, interleaved, with different texts."""
+    names = list(TASKS) + list(reversed(TASKS))
+    return names, [{"text": TEXTS[i % len(TEXTS)]} for i in range(len(names))]
+
+
+def test_bart_refuses_deep_prompts_of_different_lengths_in_one_batch(family_models):
+    bank, _ = make_bank(family_models, "bart")
+    assert bank.prompt_length("prefix") == 3 and bank.prompt_length("v2") == 5 and bank.prompt_length("pt") == 0
+    with pytest.raises(sp.ConfigError, match=r"different lengths \(\[0, 3\]\).*group them by prompt length"):
+        bank.prompts_for(["pt", "prefix"])
+    bank.prompts_for(["prefix", "prefix"])  # one length: fine
+
+
+def real(out, b):
+    """Row b's outputs at its real tokens."""
+    keep = out.attention_mask[b].bool()
+    return {k: getattr(out, k)[b][keep] for k in ("logits", "last_hidden_state") if getattr(out, k) is not None}
+
+
+def decoder_ids(base, batch_size, length=3):
+    start = base.config.decoder_start_token_id
+    return torch.tensor([[start] + [5 + i for i in range(length - 1)]]).expand(batch_size, -1)
+
+
+def same_length_deep(names, family, bank):
+    """BART takes decoder positions from the cache length: its rows share a batch only at
+    one prefix length (input prompts: 0), so its mixed batches keep the input tasks."""
+    if family != "bart":
+        return names
+    return [n for n in names if bank.prompt_length(n) == 0]
+
+
+# T5 and BART take no position ids: softprompt pads them on the right only.
+SIDES = [(f, s) for f in CAUSAL + ENCODERS for s in ("left", "right")] + [(f, "right") for f in SEQ2SEQ]
+
+
+@pytest.mark.parametrize("family,side", SIDES)
+def test_mixed_forward_rows_equal_rows_alone(family_models, family, side):
+    bank, models = make_bank(family_models, family)
+    names, examples = mixed_rows()
+    names = same_length_deep(names, family, bank)
+    examples = examples[: len(names)]
+    batch = encode_mixed(bank, names, examples, padding_side=side)
+    extra = {"decoder_input_ids": decoder_ids(bank.base, len(names))} if family in SEQ2SEQ else {}
+    out = forward_mixed(bank, batch, output_hidden_states=True, **extra)
+    for b, (name, example) in enumerate(zip(names, examples)):
+        model = models[name]
+        alone_extra = {"decoder_input_ids": decoder_ids(bank.base, 1)} if family in SEQ2SEQ else {}
+        with torch.no_grad():
+            alone = model(**model.encode([example], padding_side=side), output_hidden_states=True, **alone_extra)
+        if family in SEQ2SEQ:  # decoder logits (B, T_dec, V); encoder states at the real tokens
+            diff = (out.logits[b] - alone.logits[0]).abs().max()
+            assert diff < 1e-3, (name, float(diff))  # logits ~10 after T5 rescaling: fp32 sums in another order
+            encoder_states = out.last_hidden_state[b][out.attention_mask[b].bool()]
+            alone_states = alone.last_hidden_state[0][alone.attention_mask[0].bool()]
+            assert torch.allclose(encoder_states, alone_states, atol=1e-5), name
+            continue
+        mine, ref = real(out, b), real(alone, 0)
+        assert mine.keys() == ref.keys() and mine
+        for key in mine:
+            assert torch.allclose(mine[key], ref[key], atol=1e-5), (name, key)
+        if alone.answer_logits is not None:
+            assert torch.allclose(out.answer_logits[b], alone.answer_logits[0], atol=1e-5), name
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_mixed_answer_logits_only_where_read(family_models, family):
+    bank, _ = make_bank(family_models, family)
+    names, examples = mixed_rows()
+    batch = encode_mixed(bank, names, examples)
+    full = forward_mixed(bank, batch)
+    answer = forward_mixed(bank, batch, logits="answer")
+    assert answer.logits is None and torch.allclose(answer.answer_logits, full.answer_logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", CAUSAL + SEQ2SEQ)
+def test_mixed_greedy_generate_rows_equal_rows_alone(family_models, family):
+    bank, models = make_bank(family_models, family)
+    names, examples = mixed_rows()
+    names = same_length_deep(names, family, bank)
+    examples = examples[: len(names)]
+    if family in SEQ2SEQ:
+        # T5 / BART take no position ids: right padding, and their templates end anywhere
+        batch = encode_mixed(bank, names, examples, padding_side="right")
+    else:
+        batch = encode_mixed(bank, names, examples)
+    new = generate_mixed(bank, batch, max_new_tokens=6, do_sample=False)
+    for b, (name, example) in enumerate(zip(names, examples)):
+        model = models[name]
+        side = "right" if family in SEQ2SEQ else "left"
+        alone = model.generate(**model.encode([example], padding_side=side), max_new_tokens=6, do_sample=False)
+        n = alone.shape[1]
+        assert new[b, :n].tolist() == alone[0].tolist(), name
+
+
+def test_bank_loads_replaces_removes_and_evicts(family_models, tmp_path):
+    bank, models = make_bank(family_models, "llama", max_on_device=2)
+    for name in ("pt", "v2"):
+        models[name].save_pretrained(tmp_path / "prompts" / name)
+    loaded = PromptBank.from_directory(bank.base, bank.tokenizer, tmp_path / "prompts")
+    assert loaded.names() == ["pt", "v2"]
+    batch = encode_mixed(loaded, ["v2", "pt"], [{"text": "bad"}, {"text": "fine"}])
+    again = encode_mixed(bank, ["v2", "pt"], [{"text": "bad"}, {"text": "fine"}])
+    assert torch.equal(forward_mixed(loaded, batch).logits, forward_mixed(bank, again).logits)
+    # least recently used tensors leave the device; the batch still runs and gives the same rows
+    bank.prompts_for(["pt", "lstm", "mlp"])
+    assert bank.on_device() == ["lstm", "mlp"]
+    # replace and remove while serving
+    with pytest.raises(sp.ConfigError, match="already loaded"):
+        bank.add("pt", models["lstm"])
+    bank.add("pt", models["lstm"], replace=True)
+    assert bank["pt"].model is models["lstm"]
+    bank.remove("pt")
+    with pytest.raises(UnknownTaskError, match=r"unknown task 'pt'; loaded tasks: lstm, mlp, prefix, v2"):
+        encode_mixed(bank, ["pt"], [{"text": "x"}])
+    for bad in ("../etc", ".hidden", "a/b", "", "x" * 65):
+        with pytest.raises(sp.ConfigError, match="invalid task name"):
+            bank.add(bad, models["v2"])
+
+
+def test_bank_refuses_a_prompt_of_another_base(family_models, tmp_path):
+    bank, models = make_bank(family_models, "llama")
+    other, tok = family_models("gpt2")
+    with pytest.raises(sp.BaseModelMismatchError, match="saved for another base model"):
+        models["v2"].save_pretrained(tmp_path / "v2")
+        PromptBank(other, tok).add("v2", tmp_path / "v2")
