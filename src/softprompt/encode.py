@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .architecture import ModelKind, ModelSpec
-from .errors import ConfigError, EncodingError, TemplateError
+from .errors import ConfigError, EncodingError, InputTooLongError, TemplateError
 from .template import Anchor, Mask, Placeholder, Template, Virtual
 
 
@@ -153,7 +153,8 @@ class TemplateEncoder:
         return self.spec.max_positions - self.deep_tokens
 
     # -- one example ----------------------------------------------------------
-    def encode(self, example: Mapping[str, Any], *, max_length: int | None = None, index: int | None = None) -> EncodedRow:
+    def encode(self, example: Mapping[str, Any], *, max_length: int | None = None, index: int | None = None,
+               truncate: bool = True) -> EncodedRow:
         """Encode one example.
 
         Args:
@@ -162,10 +163,12 @@ class TemplateEncoder:
             max_length: most tokens in the row, virtual slots included (tightened to
                 the model's position limit).
             index: the example's number, for error messages.
+            truncate: cut over-long fields (longest first); False: refuse them instead.
 
         Raises:
             EncodingError: a field is missing or not text, or the fixed part of the
                 template alone exceeds the length limit.
+            InputTooLongError: with ``truncate=False``, the fields do not fit the limit.
         """
         where = f"example {index}" if index is not None else "example"
         if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
@@ -207,10 +210,10 @@ class TemplateEncoder:
                         f"{where}: field {item.name!r} must be a string or a list of words, got {type(value).__name__}"
                     )
                 real_before = real_before or bool(value)
-        self._truncate(pieces, max_length, where)
+        self._truncate(pieces, max_length, where, truncate)
         return self._assemble(pieces, where)
 
-    def _truncate(self, pieces: list, max_length: int | None, where: str) -> None:
+    def _truncate(self, pieces: list, max_length: int | None, where: str, allowed: bool = True) -> None:
         model_limit = self.max_length  # the model's positions less the deep prompt's, or None
         if max_length is None and model_limit is None:
             return
@@ -245,6 +248,10 @@ class TemplateEncoder:
                 "shorten the template or allow more positions"
             )
         excess = sum(lengths) - budget
+        if excess > 0 and not allowed:
+            raise InputTooLongError(
+                f"{where}: the input takes {sum(lengths) + fixed} tokens with the template, over the limit of {limit} "
+                f"by {excess}")
         while excess > 0:  # longest first, one token at a time: keeps short fields whole
             longest = max(range(len(lengths)), key=lambda i: lengths[i])
             lengths[longest] -= 1

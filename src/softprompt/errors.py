@@ -31,6 +31,10 @@ class EncodingError(SoftPromptError):
     """An example cannot be encoded with a template (missing field, too long, ...)."""
 
 
+class InputTooLongError(EncodingError):
+    """An input exceeds the length limit and truncation was not allowed."""
+
+
 class UnsupportedModelError(SoftPromptError):
     """The base model cannot take the requested prompt."""
 

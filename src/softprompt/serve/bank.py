@@ -140,6 +140,8 @@ class PromptBank:
             if source.base is not self.base:
                 raise ConfigError(f"task {name!r}: its SoftPromptModel is built on another base model")
             model = source
+            if task is not None:
+                task.bind(model)
         else:
             folder = prompt_directory(source)
             if (folder / "task.json").exists():
@@ -149,6 +151,9 @@ class PromptBank:
             from ..io import read_config
 
             metadata = read_config(folder).get("metadata") or {}
+        model.eval()  # serving: no dropout in the base, the prompt or the head
+        if task is not None:
+            task.eval()
         entry = BankEntry(name, model, task, model.export().cpu(), metadata)
         with self._lock:
             if name in self._entries and not replace:

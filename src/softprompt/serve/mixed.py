@@ -34,13 +34,14 @@ class MixedBatch(PromptBatch):
 
 
 def encode_mixed(bank: PromptBank, tasks: Sequence[str], examples: Sequence[Mapping[str, Any]], *,
-                 padding_side: str | None = None, max_length: int | None = None) -> MixedBatch:
+                 padding_side: str | None = None, max_length: int | None = None, truncate: bool = True) -> MixedBatch:
     """Encode row b with task ``tasks[b]``'s template and pad the rows together.
 
     Args:
         padding_side: default: the base model's (left for causal LMs, right otherwise).
         max_length: most tokens per row, virtual and deep-prompt positions included
-            (default: the model's limit); longer inputs are cut inside their placeholders.
+            (default: the model's limit); longer inputs are cut inside their placeholders,
+            or refused with `InputTooLongError` when `truncate` is False.
 
     Raises:
         UnknownTaskError: a task the bank does not hold (the message lists the loaded ones).
@@ -53,10 +54,27 @@ def encode_mixed(bank: PromptBank, tasks: Sequence[str], examples: Sequence[Mapp
     entries = bank.entries(tasks)
     first = entries[0].model
     side = padding_side or first.padding_side
-    rows = [e.model.encoder.encode(ex, max_length=max_length, index=i) for i, (e, ex) in enumerate(zip(entries, examples))]
+    rows = [e.model.encoder.encode(ex, max_length=max_length, index=i, truncate=truncate)
+            for i, (e, ex) in enumerate(zip(entries, examples))]
     batch = MixedBatch(first.encoder.collate(rows, side))  # one tokenizer: one pad id for every task
     batch.tasks = list(tasks)
     return batch.to(first.device)
+
+
+def rows_of(batch: MixedBatch, rows: Sequence[int]) -> MixedBatch:
+    """The sub-batch of `rows` (same columns), e.g. the rows of one task."""
+    index = torch.as_tensor(list(rows), dtype=torch.long, device=batch["input_ids"].device)
+    sub = MixedBatch({k: v.index_select(0, index) for k, v in batch.items()})
+    sub.tasks = [batch.tasks[r] for r in rows]
+    return sub
+
+
+def output_rows(out: forward.SoftPromptOutput, rows: Sequence[int]) -> forward.SoftPromptOutput:
+    """The rows `rows` of a forward's output."""
+    index = torch.as_tensor(list(rows), dtype=torch.long)
+    picked = {k: (v.index_select(0, index.to(v.device)) if torch.is_tensor(v) and v.dim() > 0 else v)
+              for k, v in out.items()}
+    return forward.SoftPromptOutput(**picked)
 
 
 def _check(bank: PromptBank, batch: MixedBatch) -> None:
@@ -99,4 +117,4 @@ def generate_mixed(bank: PromptBank, batch: MixedBatch, **generate_kwargs) -> to
                                 batch["prompt_index"], prompts, model.encoder.pad_id, **generate_kwargs)
 
 
-__all__ = ["MixedBatch", "encode_mixed", "forward_mixed", "generate_mixed"]
+__all__ = ["MixedBatch", "encode_mixed", "forward_mixed", "generate_mixed", "rows_of", "output_rows"]

@@ -37,6 +37,9 @@ class Task(nn.Module):
 
     kind: ClassVar[str] = ""
     metric: ClassVar[str] = ""
+    #: What `predict` reads of a forward (keyword arguments of `SoftPromptModel.forward`),
+    #: so that a caller who ran the forward already (a mixed-task batch) can hand it over.
+    reads: ClassVar[dict[str, Any]] = {}
 
     def bind(self, model) -> None:
         """Called once with the SoftPromptModel before training or inference: resolve
@@ -57,9 +60,18 @@ class Task(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def predict(self, model, batch: PromptBatch) -> list[Any]:
-        """One JSON-serialisable prediction per row."""
+    def predict(self, model, batch: PromptBatch, out=None) -> list[Any]:
+        """One JSON-serialisable prediction per row.
+
+        Args:
+            out: the output of a forward over `batch` already run with at least `reads`
+                (None: run ``model(**batch, **reads)`` here).
+        """
         raise NotImplementedError
+
+    def annotate(self, batch: PromptBatch, examples: Sequence[dict[str, Any]]) -> None:
+        """Attach to a batch built elsewhere (a mixed-task batch) what `predict` needs of
+        the examples beyond the tensors (e.g. word counts)."""
 
     def reference(self, example: dict[str, Any]) -> Any:
         """The gold answer of one example, in the form `predict` returns."""

@@ -28,6 +28,7 @@ class SequenceClassification(LabelTask):
     """
 
     kind = "classification"
+    reads = {"output_hidden_states": True, "logits": "none"}
 
     def __init__(self, labels: Sequence[str], pool: str | None = None, dropout: float = 0.1):
         super().__init__()
@@ -63,9 +64,9 @@ class SequenceClassification(LabelTask):
             targets["labels"] = torch.tensor([self.label_id(e, i) for i, e in enumerate(examples)], device=model.device)
         return batch, targets
 
-    def scores(self, model, batch) -> torch.Tensor:
+    def scores(self, model, batch, out=None) -> torch.Tensor:
         """(B, num_labels)."""
-        out = model(**batch, output_hidden_states=True, logits="none")
+        out = model(**batch, **self.reads) if out is None else out
         states, mask = out.last_hidden_state, out.attention_mask  # (B, T, D), (B, T)
         if self.pool == "mean":
             w = mask.unsqueeze(-1).to(states.dtype)

@@ -156,18 +156,28 @@ class Generation(Task):
     def loss(self, model, batch, targets):
         return model(**batch, labels=targets["labels"]).loss
 
-    @torch.no_grad()
-    def predict(self, model, batch):
+    def generate_options(self) -> dict[str, Any]:
+        """The `generate` keyword arguments of `predict` (greedy, up to max_new_tokens)."""
         self._require_bound()
-        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": False}
         if self.eos_id is not None:
             kwargs["eos_token_id"] = self.eos_id
-        new = model.generate(**batch, **kwargs)  # (B, N) new tokens only
+        return kwargs
+
+    @torch.no_grad()
+    def predict(self, model, batch, out=None):
+        """The generated text of each row (`out`: (B, N) new tokens already generated with
+        `generate_options`, e.g. in a mixed-task batch)."""
+        new = model.generate(**batch, **self.generate_options()) if out is None else out  # (B, N) new tokens
+        return self.decode(model.tokenizer, new)
+
+    def decode(self, tokenizer, new: torch.Tensor) -> list[str]:
+        """(B, N) new tokens -> texts, each cut at its end-of-sequence token."""
         texts = []
         for row in new.tolist():
             if self.eos_id is not None and self.eos_id in row:
                 row = row[: row.index(self.eos_id)]
-            texts.append(model.tokenizer.decode(row, skip_special_tokens=True).strip())
+            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts
 
     def reference(self, example):

@@ -17,15 +17,15 @@ class LabelTask(Task):
     metric = "accuracy"
     labels: list[str]
 
-    def scores(self, model, batch) -> torch.Tensor:  # pragma: no cover - abstract
+    def scores(self, model, batch, out=None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def loss(self, model, batch, targets):
         return F.cross_entropy(self.scores(model, batch), targets["labels"])
 
     @torch.no_grad()
-    def predict(self, model, batch):
-        probs = self.scores(model, batch).softmax(-1)
+    def predict(self, model, batch, out=None):
+        probs = self.scores(model, batch, out).softmax(-1)
         return [
             {"label": self.labels[int(p.argmax())], "scores": {l: round(float(s), 6) for l, s in zip(self.labels, p)}}
             for p in probs

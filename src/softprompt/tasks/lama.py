@@ -98,6 +98,7 @@ class KnowledgeProbe(Task):
     """
 
     kind = "lama"
+    reads = {"logits": "answer"}
     metric = "precision_at_1"
 
     def __init__(self, candidates: Sequence[str] | str | Path | None = None, subject_field: str = "X",
@@ -215,13 +216,15 @@ class KnowledgeProbe(Task):
         return -row_log_probs(model, batch, sequences, chunk_size=self.chunk_size).mean()
 
     @torch.no_grad()
-    def predict(self, model, batch):
+    def predict(self, model, batch, out=None):
         self._require_bound()
+        out = model(**batch, **self.reads) if out is None else out
         if self._ids is None:  # the open vocabulary, one token
-            logits = model(**batch, logits="answer").answer_logits.float()  # (B, V)
+            logits = out.answer_logits.float()  # (B, V)
             top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices.tolist()
             return [{"object": self._decode(row[0]), "top": [self._decode(t) for t in row]} for row in top]
-        scores = sequence_log_probs(model, batch, self._ids, chunk_size=self.chunk_size)  # (B, C)
+        first = out.answer_logits.float().log_softmax(-1)
+        scores = sequence_log_probs(model, batch, self._ids, answer_log_probs=first, chunk_size=self.chunk_size)  # (B, C)
         top = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1).indices.tolist()
         return [{"object": self._strings[row[0]], "top": [self._strings[t] for t in row]} for row in top]
 

@@ -64,6 +64,7 @@ class TokenClassification(Task):
     """
 
     kind = "ner"
+    reads = {"output_hidden_states": True, "logits": "none"}
     metric = "f1"
 
     def __init__(self, tags: Sequence[str], field: str = "tokens", tags_field: str = "tags",
@@ -133,7 +134,7 @@ class TokenClassification(Task):
         examples = list(examples)
         counts = [len(self._words(e, i)) for i, e in enumerate(examples)]
         batch = model.encode(examples, max_length=self.max_length)
-        batch.num_words = counts
+        self.annotate(batch, examples)
         targets: Targets = {}
         if with_targets:
             W = max(counts, default=0)
@@ -150,11 +151,14 @@ class TokenClassification(Task):
             targets["labels"] = labels[:, :T]
         return batch, targets
 
+    def annotate(self, batch, examples) -> None:
+        batch.num_words = [len(self._words(e, i)) for i, e in enumerate(examples)]
+
     # -- model ----------------------------------------------------------------
-    def logits(self, model, batch) -> tuple[torch.Tensor, Any]:
+    def logits(self, model, batch, out=None) -> tuple[torch.Tensor, Any]:
         """(B, T, num_tags) for the real tokens, and the model output."""
         self._require_bound()
-        out = model(**batch, output_hidden_states=True, logits="none")
+        out = model(**batch, **self.reads) if out is None else out
         return self.head(self.dropout(out.last_hidden_state.float())), out
 
     def loss(self, model, batch, targets):
@@ -165,9 +169,9 @@ class TokenClassification(Task):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
     @torch.no_grad()
-    def predict(self, model, batch):
+    def predict(self, model, batch, out=None):
         """One list of word-level tags per row (``"O"`` for words with no token)."""
-        logits, out = self.logits(model, batch)
+        logits, out = self.logits(model, batch, out)
         best = logits.argmax(-1)  # (B, T)
         counts = getattr(batch, "num_words", None)
         if counts is None:  # a batch not built by collate: the words it shows (trailing truncated words lost)

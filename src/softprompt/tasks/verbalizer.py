@@ -46,6 +46,7 @@ class Verbalizer(LabelTask):
     """
 
     kind = "verbalizer"
+    reads = {"logits": "answer"}
     metric = "accuracy"
 
     def __init__(self, label_words: Mapping[str, Sequence[str] | str], aggregate: str = "logsumexp",
@@ -130,14 +131,16 @@ class Verbalizer(LabelTask):
         return batch, targets
 
     # -- scores ---------------------------------------------------------------
-    def word_scores(self, model, batch) -> torch.Tensor:
-        """(B, W) log p(word | row) of every label word, in `word_ids` order."""
+    def word_scores(self, model, batch, out=None) -> torch.Tensor:
+        """(B, W) log p(word | row) of every label word, in `word_ids` order (`out`: a
+        forward over `batch` with answer logits, reused for the words' first tokens)."""
         self._require_bound()
-        return sequence_log_probs(model, batch, self.word_ids, chunk_size=self.chunk_size)
+        first = None if out is None else out.answer_logits.float().log_softmax(-1)
+        return sequence_log_probs(model, batch, self.word_ids, answer_log_probs=first, chunk_size=self.chunk_size)
 
-    def scores(self, model, batch) -> torch.Tensor:
+    def scores(self, model, batch, out=None) -> torch.Tensor:
         """(B, num_labels) label log-scores (not normalised over labels)."""
-        words = self.word_scores(model, batch)  # (B, W)
+        words = self.word_scores(model, batch, out)  # (B, W)
         owner = self._word_label.to(words.device)
         columns = []
         for li in range(len(self.labels)):

@@ -1,0 +1,285 @@
+"""The engine: requests of many tasks in, answers out, in mixed-task batches.
+
+    engine = Engine(bank)
+    engine.classify("sentiment", ["a gem of a film"])        # [{"label": ..., "scores": {...}}]
+    engine.generate("summarise", ["..."], max_new_tokens=32)  # ["..."]
+    engine.run([Request("sentiment", "great"), Request("ner", "Paris is nice"), ...])
+
+`run` validates every request on its own (an unknown task, a bad input or an over-long
+one fails that request alone, with an HTTP-like status), then cuts the rest into batches
+under a row and token budget: requests read by a task head share one forward of the base
+model (`forward_mixed`), each task's head then reads its rows; generation requests with
+the same sampling settings share one `generate_mixed`. A batch that fails as a whole is
+retried request by request, so one poisoned request cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import InputTooLongError, SoftPromptError
+from ..tasks import Generation
+from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
+from .mixed import encode_mixed, forward_mixed, generate_mixed, output_rows, rows_of
+
+log = logging.getLogger("softprompt.serve")
+
+#: generation options a request may set (transformers `generate` names), and `stop`.
+GENERATE_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop")
+
+
+@dataclass
+class Request:
+    """One input for one task.
+
+    Attributes:
+        task: a task name of the bank.
+        input: a text (fills the template's only field; split into words for NER) or an
+            object of the template's fields.
+        generate: generate text (completions) instead of reading the task's head.
+        options: generation options (`GENERATE_OPTIONS`).
+    """
+
+    task: str
+    input: Any
+    generate: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    """The answer to one request: `output` (the task's prediction, or the generated text),
+    or `error` with an HTTP-like `status` (404 unknown task, 413 input too long, 422 bad
+    input, 500 failure inside the model)."""
+
+    task: str
+    output: Any = None
+    error: str | None = None
+    status: int = 200
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class _Row:
+    index: int
+    request: Request
+    entry: BankEntry
+    example: dict[str, Any]
+    length: int
+
+
+class Engine:
+    """Runs requests of many tasks on one bank.
+
+    Args:
+        bank: the tasks' prompts on the shared base model.
+        max_batch_rows: most requests in one batch.
+        max_batch_tokens: most padded tokens (rows x longest row) in one forward batch.
+        truncate: cut over-long inputs inside their fields (default: refuse them, 413).
+        max_length: most tokens per row (default: the model's limit).
+    """
+
+    def __init__(self, bank: PromptBank, *, max_batch_rows: int = 64, max_batch_tokens: int = 16384,
+                 truncate: bool = False, max_length: int | None = None):
+        self.bank = bank
+        self.max_batch_rows = max_batch_rows
+        self.max_batch_tokens = max_batch_tokens
+        self.truncate = truncate
+        self.max_length = max_length
+        self.batches: list[tuple[str, int]] = []  # (kind, rows) of every batch run, for metrics
+
+    # -- convenience ----------------------------------------------------------
+    def classify(self, task: str, inputs: Sequence[Any]) -> list[Any]:
+        """The task head's prediction for each input (label and scores; tags for NER).
+
+        Raises:
+            SoftPromptError (UnknownTaskError, EncodingError, ...): the first failed input.
+        """
+        return self._outputs(self.run([Request(task, x) for x in inputs]))
+
+    def generate(self, task: str, prompts: Sequence[Any], **options) -> list[str]:
+        """Generated text for each prompt with the task's prompt (`GENERATE_OPTIONS`)."""
+        return self._outputs(self.run([Request(task, x, generate=True, options=options) for x in prompts]))
+
+    @staticmethod
+    def _outputs(results: list[Result]) -> list[Any]:
+        for r in results:
+            if not r.ok:
+                raise (UnknownTaskError if r.status == 404 else SoftPromptError)(r.error)
+        return [r.output for r in results]
+
+    # -- the work ---------------------------------------------------------------
+    def run(self, requests: Sequence[Request]) -> list[Result]:
+        """Answer every request; the results come in the order of the requests."""
+        results: list[Result | None] = [None] * len(requests)
+        rows: list[_Row] = []
+        for i, request in enumerate(requests):
+            try:
+                rows.append(self._prepare(i, request))
+            except SoftPromptError as e:
+                results[i] = Result(request.task, error=str(e), status=_status(e))
+        heads = [r for r in rows if not self._generates(r)]
+        for batch in self._batches(heads):
+            self._guarded(batch, results, self._run_heads, "forward")
+        groups: dict[tuple, list[_Row]] = {}
+        for r in rows:
+            if self._generates(r):
+                groups.setdefault(_options_key(self._generation_options(r)), []).append(r)
+        for group in groups.values():
+            for batch in self._batches(group):
+                self._guarded(batch, results, self._run_generation, "generate")
+        return [r if r is not None else Result("", error="not run", status=500) for r in results]
+
+    def _prepare(self, index: int, request: Request) -> _Row:
+        entry = self.bank[request.task]
+        example = self._example(entry, request.input)
+        unknown = sorted(set(request.options) - set(GENERATE_OPTIONS))
+        if unknown:
+            raise SoftPromptError(f"unknown generation option(s) {unknown}; known: {list(GENERATE_OPTIONS)}")
+        if not request.generate and entry.task is None:
+            raise SoftPromptError(f"task {entry.name!r} has no task head (its folder has no task.json): "
+                                  "use it for completions")
+        encoded = entry.model.encoder.encode(example, max_length=self.max_length, index=index, truncate=self.truncate)
+        return _Row(index, request, entry, example, len(encoded.input_ids))
+
+    @staticmethod
+    def _example(entry: BankEntry, value: Any) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return value
+        if not isinstance(value, str):
+            raise SoftPromptError(f"an input is a text or an object of fields, got {type(value).__name__}")
+        fields = entry.model.template.fields
+        if len(fields) != 1:
+            raise SoftPromptError(f"task {entry.name!r} has template fields {list(fields)}: send an object with them")
+        words = getattr(entry.task, "field", None) == fields[0]  # a token-classification task reads words
+        return {fields[0]: value.split() if words else value}
+
+    @staticmethod
+    def _generates(row: _Row) -> bool:
+        return row.request.generate or isinstance(row.entry.task, Generation)
+
+    @staticmethod
+    def _generation_options(row: _Row) -> dict[str, Any]:
+        if row.request.generate:
+            return dict(row.request.options)
+        return row.entry.task.generate_options()
+
+    def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
+        """Consecutive requests under the row and token budgets (for BART-like families, of
+        one prefix length)."""
+        if not rows:
+            return []
+        spec = rows[0].entry.model.spec
+        if spec.model_type in POSITIONS_FROM_CACHE:
+            by_length: dict[int, list[_Row]] = {}
+            for r in rows:
+                by_length.setdefault(self.bank.prompt_length(r.entry.name), []).append(r)
+            return [b for group in by_length.values() for b in self._cut(group)]
+        return self._cut(rows)
+
+    def _cut(self, rows: list[_Row]) -> list[list[_Row]]:
+        batches: list[list[_Row]] = []
+        current: list[_Row] = []
+        longest = 0
+        for r in rows:
+            padded = max(longest, r.length) * (len(current) + 1)
+            if current and (len(current) >= self.max_batch_rows or padded > self.max_batch_tokens):
+                batches.append(current)
+                current, longest = [], 0
+            current.append(r)
+            longest = max(longest, r.length)
+        if current:
+            batches.append(current)
+        return batches
+
+    def _guarded(self, batch: list[_Row], results: list, work, kind: str) -> None:
+        """Run `work` on the batch; if it fails as a whole, run each request alone."""
+        try:
+            for row, result in zip(batch, work(batch)):
+                results[row.index] = result
+            self.batches.append((kind, len(batch)))
+        except Exception as e:  # a failure inside the model: isolate the request that causes it
+            if len(batch) > 1:
+                log.warning("a %s batch of %d failed (%s); retrying its requests one by one", kind, len(batch), e)
+                for row in batch:
+                    self._guarded([row], results, work, kind)
+                return
+            log.error("request %d (%s) failed: %s", batch[0].index, batch[0].entry.name, traceback.format_exc())
+            status = _status(e) if isinstance(e, SoftPromptError) else 500
+            results[batch[0].index] = Result(batch[0].entry.name, error=f"{type(e).__name__}: {e}", status=status)
+
+    def _run_heads(self, batch: list[_Row]) -> list[Result]:
+        names = [r.entry.name for r in batch]
+        encoded = encode_mixed(self.bank, names, [r.example for r in batch], max_length=self.max_length,
+                               truncate=self.truncate)
+        tasks = {r.entry.name: r.entry.task for r in batch}
+        reads = {"output_hidden_states": any(t.reads.get("output_hidden_states") for t in tasks.values()),
+                 "logits": "answer" if any(t.reads.get("logits") == "answer" for t in tasks.values()) else "none"}
+        out = forward_mixed(self.bank, encoded, **reads)
+        results: list[Result | None] = [None] * len(batch)
+        for name, task in tasks.items():
+            mine = [i for i, n in enumerate(names) if n == name]
+            sub = rows_of(encoded, mine)
+            task.annotate(sub, [batch[i].example for i in mine])
+            predictions = task.predict(self.bank[name].model, sub, output_rows(out, mine))
+            for i, p in zip(mine, predictions):
+                results[i] = Result(name, output=p, prompt_tokens=batch[i].length)
+        return results
+
+    def _run_generation(self, batch: list[_Row]) -> list[Result]:
+        options = self._generation_options(batch[0])
+        stop = options.pop("stop", None)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        seed = options.pop("seed", None)
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        if options.get("temperature") is not None and "do_sample" not in options:
+            options["do_sample"] = float(options["temperature"]) > 0
+        if options.get("temperature") == 0:
+            options.pop("temperature")
+        encoded = encode_mixed(self.bank, [r.entry.name for r in batch], [r.example for r in batch],
+                               max_length=self.max_length, truncate=self.truncate)
+        new = generate_mixed(self.bank, encoded, **options)  # (B, N)
+        tokenizer = self.bank.tokenizer
+        results = []
+        for r, tokens in zip(batch, new):
+            task = r.entry.task
+            if isinstance(task, Generation) and not r.request.generate:
+                text = task.decode(tokenizer, tokens.unsqueeze(0))[0]
+            else:
+                ids = tokens.tolist()
+                eos = tokenizer.eos_token_id
+                if eos is not None and eos in ids:
+                    ids = ids[: ids.index(eos)]
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+            n_new = int((tokens != (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1)).sum())
+            for s in stops:
+                if s and s in text:
+                    text = text[: text.index(s)]
+            results.append(Result(r.entry.name, output=text, prompt_tokens=r.length, new_tokens=n_new))
+        return results
+
+
+def _options_key(options: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
+
+
+def _status(error: Exception) -> int:
+    if isinstance(error, UnknownTaskError):
+        return 404
+    if isinstance(error, InputTooLongError):
+        return 413
+    return 422
+
+
+__all__ = ["Engine", "Request", "Result", "GENERATE_OPTIONS"]

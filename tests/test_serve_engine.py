@@ -1,0 +1,148 @@
+"""The engine: mixed-task requests give each request the answer its task gives it alone,
+and a bad or failing request fails alone, with the status a server returns for it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import softprompt as sp
+from softprompt.serve import Engine, PromptBank, Request
+from softprompt.tasks import Generation, SequenceClassification, TokenClassification, Verbalizer
+
+from conftest import make_bert, make_llama
+
+TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+TEXTS = ["a gem of a film", "bad", "the plot wanders but the cast holds it together", "Anna lives in Sarajevo"]
+
+
+def alone(model, task, example):
+    batch, _ = task.collate(model, [example], with_targets=False)
+    with torch.no_grad():
+        return task.predict(model, batch)[0]
+
+
+@pytest.fixture
+def encoder_bank(wordpiece_tokenizer):
+    """Three tasks with heads on one tiny BERT: two classifiers (deep and input prompts,
+    different templates) and a tagger."""
+    tok = wordpiece_tokenizer
+    base = make_bert(tok).bert.eval()
+    bank = PromptBank(base, tok)
+    specs = {
+        "sentiment": (sp.PTuningV2Config(num_virtual_tokens=4, template="{text}", init_std=0.5),
+                      SequenceClassification(["neg", "pos"])),
+        "topic": (sp.PromptTuningConfig(template="[P:3] Topic: {text}", init="vocab"),
+                  SequenceClassification(["film", "food", "place"], pool="first")),
+        "ner": (sp.PrefixTuningConfig(num_virtual_tokens=2, template="{tokens}", projection_hidden_size=16),
+                TokenClassification(TAGS)),
+    }
+    for i, (name, (config, task)) in enumerate(specs.items()):
+        torch.manual_seed(i)
+        model = sp.SoftPromptModel(base, config, tokenizer=tok).eval()
+        task.bind(model)
+        task.eval()
+        bank.add(name, model, task=task)
+    return bank
+
+
+def test_mixed_head_requests_equal_each_task_alone(encoder_bank):
+    bank = encoder_bank
+    requests = [Request("sentiment", TEXTS[0]), Request("ner", TEXTS[3]), Request("topic", TEXTS[1]),
+                Request("sentiment", {"text": TEXTS[2]}), Request("ner", {"tokens": ["Anna", "Maria"]}),
+                Request("topic", TEXTS[2])]
+    engine = Engine(bank, max_batch_rows=4)
+    results = engine.run(requests)
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert [kind for kind, _ in engine.batches] == ["forward", "forward"] and sum(n for _, n in engine.batches) == 6
+    for request, result in zip(requests, results):
+        entry = bank[request.task]
+        example = Engine._example(entry, request.input)
+        expected = alone(entry.model, entry.task, example)
+        if request.task == "ner":
+            assert result.output == expected and len(expected) == len(example["tokens"])
+        else:
+            assert result.output["label"] == expected["label"]
+            for label, score in expected["scores"].items():
+                assert result.output["scores"][label] == pytest.approx(score, abs=1e-5)
+    assert engine.classify("topic", [TEXTS[1]]) == [results[2].output]
+
+
+def test_bad_requests_fail_alone_with_their_status(encoder_bank):
+    engine = Engine(encoder_bank, max_length=12)
+    long_text = " ".join(["word"] * 40)
+    results = engine.run([Request("sentiment", TEXTS[0]), Request("nope", "x"), Request("sentiment", {"txt": "x"}),
+                          Request("sentiment", long_text), Request("sentiment", 3), Request("topic", TEXTS[1])])
+    assert [r.status for r in results] == [200, 404, 422, 413, 422, 200]
+    assert "unknown task 'nope'; loaded tasks: ner, sentiment, topic" in results[1].error
+    assert "'text'" in results[2].error and "over the limit of 12" in results[3].error
+    truncating = Engine(encoder_bank, max_length=12, truncate=True)
+    assert truncating.run([Request("sentiment", long_text)])[0].ok
+    with pytest.raises(sp.SoftPromptError, match="unknown task"):
+        engine.classify("nope", ["x"])
+
+
+class Fragile(SequenceClassification):
+    """A head that fails on one input: the batch it is in must not fail with it."""
+
+    def predict(self, model, batch, out=None):
+        if any(self.poison in row for row in batch["input_ids"].tolist()):
+            raise RuntimeError("boom")
+        return super().predict(model, batch, out)
+
+
+def test_a_request_failing_inside_the_model_fails_alone(encoder_bank):
+    bank = encoder_bank
+    tok = bank.tokenizer
+    fragile = Fragile(["neg", "pos"])
+    fragile.poison = tok.convert_tokens_to_ids("boring")
+    bank.add("fragile", bank["sentiment"].model, task=fragile)
+    engine = Engine(bank)
+    results = engine.run([Request("fragile", "a gem"), Request("fragile", "boring"), Request("sentiment", "fine"),
+                          Request("fragile", "fine")])
+    assert [r.status for r in results] == [200, 500, 200, 200]
+    assert "boom" in results[1].error
+    assert results[0].output == alone(bank["fragile"].model, fragile, {"text": "a gem"})
+
+
+def test_causal_verbalizer_and_generation_in_one_run(gpt2_tokenizer):
+    tok = gpt2_tokenizer
+    base = make_llama(tok).eval()
+    bank = PromptBank(base, tok)
+    torch.manual_seed(0)
+    review = sp.SoftPromptModel(base, sp.PTuningConfig(template="[P:2] {text} [P:2] It was [MASK]", encoder="mlp",
+                                                       encoder_hidden_size=16), tokenizer=tok).eval()
+    verbalizer = Verbalizer({"neg": ["bad", "awful"], "pos": ["good"]})
+    bank.add("review", review, task=verbalizer)
+    summary = sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=3, template="Text: {input} Summary:",
+                                                          init_std=0.5), tokenizer=tok).eval()
+    generation = Generation(max_new_tokens=5)
+    bank.add("summary", summary, task=generation)
+    bank.add("free", sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:4] {text}"), tokenizer=tok).eval())
+    engine = Engine(bank)
+    requests = [Request("review", TEXTS[0]), Request("summary", TEXTS[2]), Request("free", TEXTS[1], generate=True,
+                options={"max_new_tokens": 4}), Request("review", TEXTS[1]), Request("summary", TEXTS[1]),
+                Request("free", TEXTS[3], generate=True, options={"max_new_tokens": 4})]
+    results = engine.run(requests)
+    assert all(r.ok for r in results), [r.error for r in results]
+    for request, result in zip(requests, results):
+        entry = bank[request.task]
+        example = Engine._example(entry, request.input)
+        if request.task == "free":
+            new = entry.model.generate(**entry.model.encode([example]), max_new_tokens=4, do_sample=False)
+            assert result.output == tok.decode(new[0].tolist(), skip_special_tokens=True)
+            assert result.new_tokens == 4
+        elif request.task == "summary":
+            assert result.output == alone(entry.model, entry.task, example)
+        else:
+            expected = alone(entry.model, entry.task, example)
+            assert result.output["label"] == expected["label"]
+            assert result.output["scores"]["pos"] == pytest.approx(expected["scores"]["pos"], abs=1e-5)
+    text = results[2].output
+    assert len(text) >= 4
+    stop = text[2:4]
+    stopped = engine.run([Request("free", TEXTS[1], generate=True, options={"max_new_tokens": 4, "stop": [stop]})])
+    assert stopped[0].output == text[: text.index(stop)]
+    bad = engine.run([Request("free", "x", generate=True, options={"beams": 3}), Request("free", "x")])
+    assert [r.status for r in bad] == [422, 422]
+    assert "unknown generation option" in bad[0].error and "no task head" in bad[1].error
