@@ -19,7 +19,7 @@ from .errors import PromptFileError, SoftPromptError
 
 app = typer.Typer(
     name="softprompt",
-    help="Soft-prompt tuning on frozen transformers: train, evaluate, predict, inspect.",
+    help="Soft-prompt tuning on frozen transformers: train, evaluate, predict, inspect, serve.",
     no_args_is_help=True,
     add_completion=False,
     # A traceback is only shown for real bugs; keep it plain (rich's boxes hide the frames in CI logs).
@@ -266,6 +266,48 @@ def models(
     for r in rows:
         status = "installed" if r["installed"] else "missing: " + ", ".join(r["missing"])
         typer.echo(f"{r['alias']:<{width}}  {status:<12}  {r['description']}")
+
+
+# -- serve -----------------------------------------------------------------------------
+@app.command()
+@_reports_errors
+def serve(
+    model: str = typer.Option(..., "--model", help="The shared base model: alias, local path or hub id."),
+    prompts: Path = typer.Option(..., "--prompts", help="A folder with one sub-folder per task (prompt folders or run directories)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: loopback only)."),
+    port: int = typer.Option(8000, "--port"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option(None, "--dtype", help="float32, float16, bfloat16 (default: the checkpoint's loader default)."),
+    admin: bool = typer.Option(False, "--admin", help="Enable PUT / DELETE /v1/prompts/{task}."),
+    api_key: str = typer.Option(None, "--api-key", envvar="SOFTPROMPT_API_KEY", help="Require Authorization: Bearer KEY on every endpoint."),
+    truncate: bool = typer.Option(False, "--truncate", help="Cut over-long inputs instead of answering 413."),
+    max_batch_rows: int = typer.Option(64, "--max-batch-rows"),
+    max_batch_tokens: int = typer.Option(16384, "--max-batch-tokens"),
+    max_queue: int = typer.Option(1024, "--max-queue", help="Waiting requests beyond this get 429."),
+    max_on_device: int = typer.Option(None, "--max-on-device", help="Most tasks' prompts kept on the accelerator (LRU)."),
+) -> None:
+    """Serve many tasks' prompts on one base model over HTTP (classify, tag, OpenAI-style completions)."""
+    import uvicorn
+
+    from .models import load_base
+    from .serve import Engine, PromptBank, create_app
+
+    base, tokenizer = load_base(model, dtype=dtype)
+    target = ("cuda" if _cuda() else "cpu") if device == "auto" else device
+    base.to(target)
+    bank = PromptBank.from_directory(base, tokenizer, prompts, max_on_device=max_on_device)
+    engine = Engine(bank, max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens, truncate=truncate)
+    application = create_app(bank, engine=engine, max_queue=max_queue, admin=admin, api_key=api_key,
+                             prompt_root=prompts if admin else None)
+    typer.echo(f"serving {len(bank)} task(s) ({', '.join(bank.names())}) on {model} ({target}) at "
+               f"http://{host}:{port}", err=True)
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main() -> None:  # pragma: no cover - `python -m softprompt.cli`

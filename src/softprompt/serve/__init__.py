@@ -1,9 +1,23 @@
-"""Serving many tasks' soft prompts on one frozen base model: the prompt bank and
-mixed-task batches (each row with its own task's prompt and template)."""
+"""Serving many tasks' soft prompts on one frozen base model: the prompt bank, mixed-task
+batches (each row with its own task's prompt and template), the engine, dynamic batching
+and the HTTP server.
 
+The server's modules (FastAPI, uvicorn) load only with `create_app`."""
+
+from typing import Any
+
+from .batcher import Batcher, QueueFullError
 from .bank import BankEntry, PromptBank, UnknownTaskError, check_task_name
-from .engine import Engine, Request, Result
+from .engine import Engine, Request, Result, TokenStream
 from .mixed import MixedBatch, encode_mixed, forward_mixed, generate_mixed
 
-__all__ = ["Engine", "Request", "Result", "PromptBank", "BankEntry", "UnknownTaskError", "check_task_name", "MixedBatch", "encode_mixed",
-           "forward_mixed", "generate_mixed"]
+__all__ = ["create_app", "Batcher", "QueueFullError", "Engine", "Request", "Result", "TokenStream", "PromptBank",
+           "BankEntry", "UnknownTaskError", "check_task_name", "MixedBatch", "encode_mixed", "forward_mixed",
+           "generate_mixed"]
+
+
+def create_app(*args: Any, **kwargs: Any):
+    """See `softprompt.serve.app.create_app` (imported here on first use: FastAPI is heavy)."""
+    from .app import create_app as make
+
+    return make(*args, **kwargs)

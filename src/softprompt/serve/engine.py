@@ -16,11 +16,14 @@ retried request by request, so one poisoned request cannot fail its neighbours.
 from __future__ import annotations
 
 import logging
+import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from ..errors import InputTooLongError, SoftPromptError
 from ..tasks import Generation
@@ -33,6 +36,23 @@ log = logging.getLogger("softprompt.serve")
 GENERATE_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop")
 
 
+class TokenStream:
+    """A generating request's text as it is produced: `on_text` receives each new piece
+    (called from the engine's thread); `cancel()` (a client gone) stops the row at the
+    next step."""
+
+    def __init__(self, on_text: Callable[[str], None]):
+        self.on_text = on_text
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
 @dataclass
 class Request:
     """One input for one task.
@@ -43,12 +63,14 @@ class Request:
             object of the template's fields.
         generate: generate text (completions) instead of reading the task's head.
         options: generation options (`GENERATE_OPTIONS`).
+        stream: receives the generated text piece by piece.
     """
 
     task: str
     input: Any
     generate: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    stream: TokenStream | None = None
 
 
 @dataclass
@@ -63,6 +85,7 @@ class Result:
     status: int = 200
     prompt_tokens: int = 0
     new_tokens: int = 0
+    finish_reason: str | None = None  # generation: "stop" (end of sequence or a stop string) or "length"
 
     @property
     def ok(self) -> bool:
@@ -239,7 +262,7 @@ class Engine:
     def _run_generation(self, batch: list[_Row]) -> list[Result]:
         options = self._generation_options(batch[0])
         stop = options.pop("stop", None)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         seed = options.pop("seed", None)
         if seed is not None:
             torch.manual_seed(int(seed))
@@ -249,25 +272,99 @@ class Engine:
             options.pop("temperature")
         encoded = encode_mixed(self.bank, [r.entry.name for r in batch], [r.example for r in batch],
                                max_length=self.max_length, truncate=self.truncate)
-        new = generate_mixed(self.bank, encoded, **options)  # (B, N)
         tokenizer = self.bank.tokenizer
+        eos = options.get("eos_token_id", tokenizer.eos_token_id)
+        decoders = [_RowText(tokenizer, eos, stops, r.request.stream,
+                             task=r.entry.task if isinstance(r.entry.task, Generation) and not r.request.generate
+                             else None) for r in batch]
+        new = generate_mixed(self.bank, encoded, streamer=_Streamer(decoders),
+                             stopping_criteria=StoppingCriteriaList([_StopRows(decoders)]), **options)  # (B, N)
         results = []
-        for r, tokens in zip(batch, new):
-            task = r.entry.task
-            if isinstance(task, Generation) and not r.request.generate:
-                text = task.decode(tokenizer, tokens.unsqueeze(0))[0]
-            else:
-                ids = tokens.tolist()
-                eos = tokenizer.eos_token_id
-                if eos is not None and eos in ids:
-                    ids = ids[: ids.index(eos)]
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-            n_new = int((tokens != (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1)).sum())
-            for s in stops:
-                if s and s in text:
-                    text = text[: text.index(s)]
-            results.append(Result(r.entry.name, output=text, prompt_tokens=r.length, new_tokens=n_new))
+        for r, tokens, text in zip(batch, new, decoders):
+            text.finish(tokens.tolist())
+            results.append(Result(r.entry.name, output=text.text, prompt_tokens=r.length, new_tokens=text.count,
+                                  finish_reason="stop" if text.stopped else "length"))
         return results
+
+
+class _RowText:
+    """One generating row's text: decoded as tokens arrive, cut at its end-of-sequence token
+    or a stop string, handed piece by piece to its stream."""
+
+    def __init__(self, tokenizer, eos: int | None, stops: list[str], stream: TokenStream | None, task=None):
+        self.tokenizer, self.eos, self.stops, self.stream, self.task = tokenizer, eos, stops, stream, task
+        self.ids: list[int] = []
+        self.text = ""
+        self.stopped = False  # end of sequence or a stop string
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or (self.stream is not None and self.stream.cancelled)
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    def add(self, token: int) -> None:
+        if self.done:
+            return
+        if self.eos is not None and token == self.eos:
+            self.stopped = True
+            return
+        self.ids.append(token)
+        self._update()
+
+    def _update(self) -> None:
+        if self.task is not None:  # a generation task's own decoding (its eos, stripped)
+            text = self.task.decode(self.tokenizer, torch.tensor([self.ids]))[0]
+        else:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for s in self.stops:
+            if s in text:
+                text, self.stopped = text[: text.index(s)], True
+        if text.startswith(self.text) and len(text) > len(self.text) and not text.endswith("\ufffd"):
+            piece, self.text = text[len(self.text):], text  # a piece: wait for whole characters
+            if self.stream is not None and not self.stream.cancelled:
+                self.stream.on_text(piece)
+        elif not text.startswith(self.text):  # re-tokenised text changed earlier characters: keep the new
+            self.text = text
+
+    def finish(self, tokens: list[int]) -> None:
+        """After generate(): the same tokens (a row that never streamed) decoded at once."""
+        if not self.ids and not self.stopped:
+            for t in tokens:
+                self.add(t)
+                if self.done:
+                    break
+
+
+class _Streamer(BaseStreamer):
+    """generate()'s streamer for a batch: the first call is the prompt, then one (B,)
+    tensor of new tokens a step, handed to each row."""
+
+    def __init__(self, rows: list[_RowText]):
+        self.rows = rows
+        self.first = True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.first:  # the prompt (or the decoder's start tokens)
+            self.first = False
+            return
+        for row, token in zip(self.rows, value.view(-1).tolist()):
+            row.add(int(token))
+
+    def end(self) -> None:
+        pass
+
+
+class _StopRows(StoppingCriteria):
+    """Per-row stop: a stop string was produced, or the row's client went away."""
+
+    def __init__(self, rows: list[_RowText]):
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
 def _options_key(options: dict[str, Any]) -> tuple:
@@ -282,4 +379,4 @@ def _status(error: Exception) -> int:
     return 422
 
 
-__all__ = ["Engine", "Request", "Result", "GENERATE_OPTIONS"]
+__all__ = ["Engine", "Request", "Result", "TokenStream", "GENERATE_OPTIONS"]

@@ -1,0 +1,266 @@
+"""The HTTP server, run for real by uvicorn on 127.0.0.1 in a thread: interleaved concurrent
+requests of several tasks get the answers each task gives alone; errors get their status
+and name the problem; streams and disconnects; admin and API-key checks."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+import softprompt as sp
+from softprompt.serve import Batcher, Engine, PromptBank, QueueFullError, Request, Result, create_app
+from softprompt.tasks import SequenceClassification, TokenClassification, Verbalizer
+
+from conftest import make_bert, make_llama
+
+TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+TEXTS = ["a gem of a film", "bad", "the plot wanders but the cast holds it together", "Anna lives in Sarajevo",
+         "fine", "not my cup of tea", "Paris in spring"]
+
+
+class Server:
+    """uvicorn serving `app` on a free loopback port, in a thread."""
+
+    def __init__(self, app):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "Server":
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        self.sock.close()
+
+
+def alone(entry, example):
+    batch, _ = entry.task.collate(entry.model, [example], with_targets=False)
+    with torch.no_grad():
+        return entry.task.predict(entry.model, batch)[0]
+
+
+@pytest.fixture
+def encoder_bank(wordpiece_tokenizer):
+    tok = wordpiece_tokenizer
+    base = make_bert(tok).bert.eval()
+    bank = PromptBank(base, tok)
+    for i, (name, config, task) in enumerate([
+        ("sentiment", sp.PTuningV2Config(num_virtual_tokens=4, template="{text}", init_std=0.5),
+         SequenceClassification(["neg", "pos"])),
+        ("topic", sp.PromptTuningConfig(template="[P:3] Topic: {text}", init="vocab"),
+         SequenceClassification(["film", "food", "place"], pool="first")),
+        ("ner", sp.PrefixTuningConfig(num_virtual_tokens=2, template="{tokens}", projection_hidden_size=16),
+         TokenClassification(TAGS)),
+    ]):
+        torch.manual_seed(i)
+        bank.add(name, sp.SoftPromptModel(base, config, tokenizer=tok), task=task)
+    return bank
+
+
+@pytest.fixture
+def causal_bank(gpt2_tokenizer):
+    tok = gpt2_tokenizer
+    base = make_llama(tok).eval()
+    bank = PromptBank(base, tok)
+    torch.manual_seed(0)
+    bank.add("review", sp.SoftPromptModel(base, sp.PTuningConfig(template="[P:2] {text} It was [MASK]", encoder="mlp",
+                                                                 encoder_hidden_size=16), tokenizer=tok),
+             task=Verbalizer({"neg": ["bad"], "pos": ["good"]}))
+    bank.add("writer", sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=3, template="{text}",
+                                                                   init_std=0.5), tokenizer=tok))
+    return bank
+
+
+def same_prediction(got, expected):
+    if isinstance(expected, list):
+        return got == expected
+    return got["label"] == expected["label"] and all(
+        abs(got["scores"][k] - v) < 1e-5 for k, v in expected["scores"].items())
+
+
+def test_interleaved_concurrent_requests_get_each_tasks_answer(encoder_bank):
+    bank = encoder_bank
+    app = create_app(bank, max_wait=0.02)
+    jobs = []
+    for i in range(48):
+        task = ("sentiment", "topic", "ner")[i % 3]
+        text = TEXTS[i % len(TEXTS)]
+        jobs.append((task, text))
+    expected = {(t, x): alone(bank[t], Engine._example(bank[t], x)) for t, x in jobs}
+    with Server(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        def call(job):
+            task, text = job
+            endpoint = "/v1/tag" if task == "ner" else "/v1/classify"
+            r = client.post(endpoint, json={"task": task, "inputs": [text]})
+            assert r.status_code == 200, r.text
+            return job, r.json()["results"][0]
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(call, jobs))
+        for (task, text), answer in answers:
+            if task == "ner":
+                assert answer["tags"] == expected[(task, text)] and answer["tokens"] == text.split()
+                assert all(answer["tokens"][e["start"]] in e["text"] for e in answer["entities"])
+            else:
+                assert same_prediction(answer, expected[(task, text)]), (task, text)
+        models = client.get("/v1/models").json()
+        assert [m["id"] for m in models["data"]] == ["ner", "sentiment", "topic"]
+        assert {m["id"]: m["method"] for m in models["data"]}["topic"] == "prompt-tuning"
+        assert client.get("/health").json() == {"status": "ok", "tasks": 3}
+        metrics = client.get("/metrics").text
+    count = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("softprompt_batch_rows_count")))
+    total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("softprompt_batch_rows_sum")))
+    assert total == 48 and count < 48  # requests of different tasks and callers shared engine runs
+    assert 'softprompt_requests_total{endpoint="/v1/classify",status="200"} 32.0' in metrics
+    assert "softprompt_request_seconds_bucket" in metrics and "softprompt_queue_waiting 0.0" in metrics
+
+
+def test_errors_name_the_problem(encoder_bank):
+    app = create_app(encoder_bank, max_body_bytes=2000, max_inputs=4)
+    with Server(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        r = client.post("/v1/classify", json={"task": "nope", "inputs": ["x"]})
+        assert r.status_code == 404 and "loaded tasks: ner, sentiment, topic" in r.json()["detail"]
+        r = client.post("/v1/classify", content=b'{"task": "sentiment", "inputs": [', headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "json" in r.text.lower()
+        r = client.post("/v1/classify", json={"task": "sentiment"})
+        assert r.status_code == 422 and "inputs" in r.text
+        r = client.post("/v1/classify", json={"task": "sentiment", "inputs": ["fine", {"txt": "x"}]})
+        assert r.status_code == 422 and r.json()["detail"].startswith("input 1:") and "'text'" in r.json()["detail"]
+        r = client.post("/v1/classify", json={"task": "sentiment", "inputs": [" ".join(["word"] * 600)]})
+        assert r.status_code == 413 and "over the limit" in r.json()["detail"]
+        r = client.post("/v1/classify", json={"task": "sentiment", "inputs": ["x" * 3000]})
+        assert r.status_code == 413 and "over the limit of 2000" in r.json()["detail"]
+        r = client.post("/v1/classify", json={"task": "sentiment", "inputs": ["a"] * 5})
+        assert r.status_code == 413 and "at most 4" in r.json()["detail"]
+        r = client.post("/v1/classify", json={"task": "ner", "inputs": ["x"]})
+        assert r.status_code == 422 and "/v1/tag" in r.json()["detail"]
+        r = client.post("/v1/tag", json={"task": "topic", "inputs": ["x"]})
+        assert r.status_code == 422 and "/v1/classify" in r.json()["detail"]
+        r = client.put("/v1/prompts/x", json={"path": "/tmp"})
+        assert r.status_code == 403 and "--admin" in r.json()["detail"]
+        r = client.post("/v1/completions", json={"model": "sentiment", "prompt": "x", "n": 2})
+        assert r.status_code == 422 and "n=1" in r.text
+
+
+def test_admin_loads_and_unloads_prompts_and_the_api_key_guards_everything(encoder_bank, tmp_path):
+    bank = encoder_bank
+    folder = tmp_path / "prompts" / "sentiment2"
+    bank["sentiment"].model.save_pretrained(folder)
+    app = create_app(bank, admin=True, api_key="s3cret", prompt_root=tmp_path / "prompts")
+    with Server(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        for method, path in [("get", "/health"), ("get", "/metrics"), ("get", "/v1/models"),
+                             ("post", "/v1/classify"), ("delete", "/v1/prompts/topic")]:
+            assert getattr(client, method)(path).status_code == 401, path
+        auth = {"Authorization": "Bearer s3cret"}
+        assert client.get("/health", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        r = client.put("/v1/prompts/sentiment2", json={"path": str(folder)}, headers=auth)
+        assert r.status_code == 200 and r.json()["status"] == "loaded"
+        r = client.post("/v1/completions", json={"model": "sentiment2", "prompt": "x"}, headers=auth)
+        assert r.status_code == 422  # a BERT encoder cannot generate: named, not a crash
+        r = client.put("/v1/prompts/evil", json={"path": str(tmp_path)}, headers=auth)
+        assert r.status_code == 403 and "outside the prompt root" in r.json()["detail"]
+        r = client.put("/v1/prompts/..hidden", json={"path": str(folder)}, headers=auth)
+        assert r.status_code == 422 and "invalid task name" in r.json()["detail"]
+        r = client.delete("/v1/prompts/topic", headers=auth)
+        assert r.status_code == 200 and "topic" not in bank
+        r = client.post("/v1/classify", json={"task": "topic", "inputs": ["x"]}, headers=auth)
+        assert r.status_code == 404 and "loaded tasks: ner, sentiment, sentiment2" in r.json()["detail"]
+
+
+def test_completions_plain_and_streamed(causal_bank):
+    bank = causal_bank
+    engine = Engine(bank)
+    expected = engine.generate("writer", ["a gem of a film"], max_new_tokens=6, temperature=0)[0]
+    with Server(create_app(bank, engine=engine)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        r = client.post("/v1/completions", json={"model": "writer", "prompt": "a gem of a film", "max_tokens": 6,
+                                                 "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "text_completion" and body["choices"][0]["text"] == expected
+        assert body["choices"][0]["finish_reason"] in ("length", "stop")
+        assert body["usage"]["completion_tokens"] <= 6 and body["usage"]["prompt_tokens"] > 0
+        with client.stream("POST", "/v1/completions", json={"model": "writer", "prompt": "a gem of a film",
+                                                            "max_tokens": 6, "temperature": 0, "stream": True}) as s:
+            assert s.headers["content-type"].startswith("text/event-stream")
+            events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+        assert chunks[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
+        r = client.post("/v1/classify", json={"task": "review", "inputs": ["great"]})
+        assert r.status_code == 200 and set(r.json()["results"][0]["scores"]) == {"neg", "pos"}
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_rows(causal_bank):
+    app = create_app(causal_bank)
+    batcher = app.state.batcher
+    with Server(app) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            with client.stream("POST", "/v1/completions", json={"model": "writer", "prompt": "x", "max_tokens": 400,
+                                                                "temperature": 0, "stream": True}) as s:
+                for line in s.iter_lines():
+                    if line.startswith("data: "):
+                        break  # one piece, then hang up
+        deadline = time.time() + 20
+        while batcher.stats.runs < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert batcher.stats.runs == 1
+        assert batcher.stats.new_tokens < 400  # the row stopped early: its slot is free
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            metrics = client.get("/metrics").text
+        assert "softprompt_streams_open 0.0" in metrics
+
+
+class Blocking(Engine):
+    """An engine that holds its first run until released: the queue behind it fills."""
+
+    def __init__(self, bank):
+        super().__init__(bank)
+        self.release = threading.Event()
+
+    def run(self, requests):
+        self.release.wait(timeout=30)
+        return [Result(r.task, output="ok") for r in requests]
+
+
+def test_a_full_queue_answers_429_and_never_crashes(encoder_bank):
+    engine = Blocking(encoder_bank)
+    batcher = Batcher(engine, max_queue=2, max_wait=0)
+    first = batcher.submit([Request("sentiment", "a")])  # taken by the worker, which blocks
+    time.sleep(0.2)
+    batcher.submit([Request("sentiment", "b"), Request("sentiment", "c")])  # fills the queue
+    with pytest.raises(QueueFullError, match="2 requests are waiting"):
+        batcher.submit([Request("sentiment", "d")])
+    engine.release.set()
+    assert first[0].result(timeout=10).output == "ok"
+    batcher.close()
+    app_engine = Blocking(encoder_bank)
+    app = create_app(encoder_bank, engine=app_engine, max_queue=1, max_wait=0)
+    with Server(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        with ThreadPoolExecutor(3) as pool:
+            calls = []
+            for t in "abc":  # a: taken by the (blocked) worker; b: waits in the queue of one; c: refused
+                calls.append(pool.submit(client.post, "/v1/classify", json={"task": "sentiment", "inputs": [t]}))
+                time.sleep(0.3)
+            app_engine.release.set()
+            codes = [c.result().status_code for c in calls]
+        assert codes == [200, 200, 429]
+        assert calls[2].result().headers["retry-after"] == "1" and "waiting" in calls[2].result().json()["detail"]
