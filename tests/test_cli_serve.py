@@ -1,0 +1,92 @@
+"""`softprompt serve` end to end, as a user runs it: two prompts trained with the CLI (two
+tasks, two methods) served by the real command in a subprocess on loopback; interleaved
+concurrent requests get the answers `softprompt predict` gives."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from test_cli_train import bert_dir, invoke, last_json, reviews  # noqa: F401 (fixtures)
+
+NER = [("Anna lives in Paris", "B-PER O O B-LOC"), ("Paris is big", "B-LOC O O"), ("I met Anna", "O O B-PER"),
+       ("Tom left Rome", "B-PER O B-LOC")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_two_trained_prompts_of_different_tasks_and_methods(bert_dir, reviews, tmp_path):  # noqa: F811
+    conll = tmp_path / "ner.conll"
+    conll.write_text("\n".join("\n".join(f"{w}\t{t}" for w, t in zip(s.split(), tags.split())) + "\n"
+                               for s, tags in NER))
+    common = ["--model", bert_dir, "--set", "train.steps=8", "--set", "train.eval_every=4", "--set",
+              "train.batch_size=4", "--set", "train.progress=false", "--set", "train.lr=0.1", "--set", "train.head_lr=0.1"]
+    r = invoke("train", *common, "--method", "p-tuning-v2", "--task", "classification", "--train", reviews, "--eval",
+               reviews, "--field", "review:text", "--output", tmp_path / "run-sentiment", "-P", "4")
+    assert r.exit_code == 0, r.output
+    r = invoke("train", *common, "--method", "prompt-tuning", "--task", "ner", "--train", conll, "--eval", conll,
+               "--output", tmp_path / "run-ner", "-P", "3")
+    assert r.exit_code == 0, r.output
+    prompts = tmp_path / "prompts"
+    shutil.copytree(tmp_path / "run-sentiment" / "prompt", prompts / "sentiment")
+    shutil.copytree(tmp_path / "run-ner" / "prompt", prompts / "ner")
+    texts = ["a gem of a film", "tedious", "great fun", "a dull mess"]
+    sentences = [s for s, _ in NER]
+    expected = {}
+    for name, inputs in (("sentiment", texts), ("ner", sentences)):
+        r = invoke("predict", "--prompt", prompts / name, "--model", bert_dir, *inputs)
+        assert r.exit_code == 0, r.output
+        for x, line in zip(inputs, [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]):
+            expected[(name, x)] = line["prediction"]
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", str(bert_dir), "--prompts",
+                               str(prompts), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.stderr.read()
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        jobs = [("sentiment", texts[i % 4]) if i % 2 else ("ner", sentences[i % 4]) for i in range(40)]
+
+        def call(job):
+            name, x = job
+            endpoint = "/v1/tag" if name == "ner" else "/v1/classify"
+            r = httpx.post(f"{url}{endpoint}", json={"task": name, "inputs": [x]}, timeout=30)
+            assert r.status_code == 200, r.text
+            return job, r.json()["results"][0]
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(call, jobs))
+        for (name, x), got in answers:
+            want = expected[(name, x)]
+            if name == "ner":
+                assert got["tags"] == want
+            else:
+                assert got["label"] == want["label"] and got["scores"].keys() == want["scores"].keys()
+                for label, score in want["scores"].items():
+                    assert abs(got["scores"][label] - score) < 1e-5
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["ner", "sentiment"]
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert f"serving 2 task(s) (ner, sentiment) on {bert_dir} (cpu) at http://127.0.0.1:{port}" in err
