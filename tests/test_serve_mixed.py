@@ -24,11 +24,12 @@ TASKS = {
 TEXTS = ["a gem of a film", "bad", "the plot wanders but the cast holds it together", "fine", "not my cup of tea"]
 
 
-def make_bank(family_models, family, **kwargs):
+def make_bank(family_models, family, tasks=TASKS, **kwargs):
     base, tok = family_models(family)
+    kwargs.setdefault("cache_prompts", False)  # rows run whole: outputs for every real token
     bank = PromptBank(base, tok, **kwargs)
     models = {}
-    for name, make in TASKS.items():
+    for name, make in tasks.items():
         torch.manual_seed(len(name))
         model = sp.SoftPromptModel(base, make(), tokenizer=tok).eval()
         models[name] = model
@@ -163,3 +164,49 @@ def test_bank_refuses_a_prompt_of_another_base(family_models, tmp_path):
     with pytest.raises(sp.BaseModelMismatchError, match="saved for another base model"):
         models["v2"].save_pretrained(tmp_path / "v2")
         PromptBank(other, tok).add("v2", tmp_path / "v2")
+
+
+# Tasks whose rows start with the same tokens: their keys and values are cached once.
+CACHED = {
+    "lead-virtual": lambda: sp.PromptTuningConfig(template="[P:4] {text} It was [MASK]", init="vocab"),
+    "lead-text": lambda: sp.PTuningConfig(template="[P:3] Review: [P:2] {text} Sentiment: [MASK]", encoder="lstm",
+                                          encoder_hidden_size=16),
+    "not-leading": lambda: sp.PTuningConfig(template="{text} [P:3] It was [MASK]", encoder="mlp",
+                                            encoder_hidden_size=16),
+    "v2": TASKS["v2"],
+}
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_cached_leading_segment_equals_recomputing_it(family_models, family):
+    cached, _ = make_bank(family_models, family, CACHED, cache_prompts=True)
+    plain, _ = make_bank(family_models, family, CACHED, cache_prompts=False)
+    assert {n: (cached[n].lead.length if cached[n].lead else 0) for n in CACHED} == {
+        "lead-virtual": 4, "lead-text": 3 + len(cached.tokenizer.encode(" Review:")) + 2, "not-leading": 0, "v2": 0}
+    names = list(CACHED) * 2
+    examples = [{"text": TEXTS[i % len(TEXTS)]} for i in range(len(names))]
+    a, b = encode_mixed(cached, names, examples), encode_mixed(plain, names, examples)
+    assert int(a["attention_mask"].sum()) == int(b["attention_mask"].sum()) - 2 * (4 + cached["lead-text"].lead.length)
+    out_a = forward_mixed(cached, a, output_hidden_states=True)
+    out_b = forward_mixed(plain, b, output_hidden_states=True)
+    assert torch.allclose(out_a.answer_logits, out_b.answer_logits, atol=1e-5)
+    for row in range(len(names)):
+        mine, ref = real(out_a, row), real(out_b, row)
+        for key in mine:  # the row's own tokens: the last ones of the recomputed row
+            assert torch.allclose(mine[key], ref[key][-mine[key].shape[0]:], atol=1e-5), (names[row], key)
+    new_a = generate_mixed(cached, a, max_new_tokens=5, do_sample=False)
+    new_b = generate_mixed(plain, b, max_new_tokens=5, do_sample=False)
+    assert torch.equal(new_a, new_b)
+
+
+def test_heads_that_read_every_token_keep_fixed_text_in_the_row(family_models):
+    from softprompt.tasks import SequenceClassification
+
+    base, tok = family_models("llama")
+    bank = PromptBank(base, tok)
+    model = sp.SoftPromptModel(base, CACHED["lead-text"](), tokenizer=tok)
+    bank.add("head", model, task=SequenceClassification(["a", "b"], pool="mean"))
+    assert bank["head"].lead is None  # "Review:" would vanish from its mean pooling
+    bank.add("virtual-only", sp.SoftPromptModel(base, CACHED["lead-virtual"](), tokenizer=tok),
+             task=SequenceClassification(["a", "b"], pool="mean"))
+    assert bank["virtual-only"].lead.length == 4

@@ -25,6 +25,7 @@ from ..errors import ConfigError, SoftPromptError
 from ..forward import Prompts
 from ..model import SoftPromptModel
 from ..tasks import Task
+from .prompt_cache import CachedLead, cacheable, compute_lead
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Families whose decoder takes its positions from the cache length (BART's learned
@@ -66,15 +67,24 @@ class BankEntry:
     task: Task | None
     tensor: torch.Tensor
     metadata: dict[str, Any] = field(default_factory=dict)
+    lead: CachedLead | None = None
     on_device: torch.Tensor | None = None
 
     @property
     def deep(self) -> bool:
-        return self.model.deep
+        """The task's rows take a key/value prefix: a deep prompt, or a cached leading segment."""
+        return self.model.deep or self.lead is not None
 
     @property
     def num_virtual_tokens(self) -> int:
-        return self.model.num_virtual_tokens
+        """Positions of the prompt in a batch: the deep prefix's, the cached segment's, or
+        the input prompt's virtual slots."""
+        return self.lead.length if self.lead is not None else self.model.num_virtual_tokens
+
+    @property
+    def served(self) -> torch.Tensor:
+        """What a batch uses: the cached segment's keys and values, or the collapsed prompt."""
+        return self.lead.kv if self.lead is not None else self.tensor
 
 
 class PromptBank:
@@ -85,6 +95,8 @@ class PromptBank:
         tokenizer: its tokenizer.
         max_on_device: most tasks whose tensors stay on the base model's device (None:
             all); the least recently used go back to host memory.
+        cache_prompts: compute the keys and values of a task's leading virtual tokens (and
+            fixed text) once, and start its rows after them (causal LMs; `prompt_cache.py`).
 
     Example:
         >>> bank = PromptBank.from_directory(base, tok, "prompts/")   # prompts/<task>/...
@@ -92,12 +104,13 @@ class PromptBank:
         >>> prompts = bank.prompts_for(["sentiment", "ner", "sentiment"])   # per-row Prompts
     """
 
-    def __init__(self, base, tokenizer, *, max_on_device: int | None = None):
+    def __init__(self, base, tokenizer, *, max_on_device: int | None = None, cache_prompts: bool = True):
         if max_on_device is not None and (not isinstance(max_on_device, int) or max_on_device < 1):
             raise ConfigError(f"max_on_device must be a positive integer or None, got {max_on_device!r}")
         self.base = base
         self.tokenizer = tokenizer
         self.max_on_device = max_on_device
+        self.cache_prompts = cache_prompts
         self._entries: OrderedDict[str, BankEntry] = OrderedDict()  # in least-recently-used order
         self._lock = threading.RLock()
 
@@ -155,6 +168,10 @@ class PromptBank:
         if task is not None:
             task.eval()
         entry = BankEntry(name, model, task, model.export().cpu(), metadata)
+        n = cacheable(model, task) if self.cache_prompts else 0
+        if n:
+            lead = compute_lead(model, n)
+            entry.lead = CachedLead(lead.length, lead.kv.cpu())
         with self._lock:
             if name in self._entries and not replace:
                 raise ConfigError(f"task {name!r} is already loaded; remove it first or replace it")
@@ -197,7 +214,7 @@ class PromptBank:
         least recently used beyond `max_on_device` (their host copies stay)."""
         self._entries.move_to_end(entry.name)
         if entry.on_device is None or entry.on_device.device != device:
-            entry.on_device = entry.tensor.to(device, non_blocking=True)
+            entry.on_device = entry.served.to(device, non_blocking=True)
         if self.max_on_device is not None:
             resident = [e for e in self._entries.values() if e.on_device is not None]
             for old in resident[: max(0, len(resident) - self.max_on_device)]:
@@ -224,7 +241,7 @@ class PromptBank:
         inputs = [e for e in entries if not e.deep]
         if inputs:
             P = max(e.num_virtual_tokens for e in inputs)
-            D = inputs[0].tensor.shape[-1]
+            D = inputs[0].served.shape[-1]
             tables = torch.zeros(B, P, D, device=device)
             for b, e in enumerate(entries):
                 if not e.deep:
@@ -238,7 +255,7 @@ class PromptBank:
                     f"{deeps[0].model.spec.model_type} decoders place tokens after the cached prefix by its length: "
                     f"rows with deep prompts of different lengths ({lengths}) cannot share a batch; group them by "
                     "prompt length (see prompt_length)")
-            L, _, H, _, Dh = deeps[0].tensor.shape
+            L, _, H, _, Dh = deeps[0].served.shape
             prefix = torch.zeros(L, 2, B, H, P, Dh, device=device)
             mask = torch.zeros(B, P, dtype=torch.long, device=device)
             for b, e in enumerate(entries):

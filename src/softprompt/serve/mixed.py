@@ -20,6 +20,7 @@ from .. import forward
 from ..encode import PromptBatch
 from ..errors import ConfigError, EncodingError
 from .bank import PromptBank
+from .prompt_cache import strip_lead
 
 
 class MixedBatch(PromptBatch):
@@ -56,6 +57,8 @@ def encode_mixed(bank: PromptBank, tasks: Sequence[str], examples: Sequence[Mapp
     side = padding_side or first.padding_side
     rows = [e.model.encoder.encode(ex, max_length=max_length, index=i, truncate=truncate)
             for i, (e, ex) in enumerate(zip(entries, examples))]
+    # a task with a cached leading segment starts its rows after it (its keys and values are the prefix)
+    rows = [strip_lead(r, e.lead.length) if e.lead is not None else r for r, e in zip(rows, entries)]
     batch = MixedBatch(first.encoder.collate(rows, side))  # one tokenizer: one pad id for every task
     batch.tasks = list(tasks)
     return batch.to(first.device)

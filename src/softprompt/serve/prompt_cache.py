@@ -1,0 +1,97 @@
+"""Prompt K/V caching: a task whose template begins with its virtual tokens (and any fixed
+text before the first field) starts every row with the same tokens; on a causal LM their
+keys and values are the same for every request. They are computed once per task and used
+as a key/value prefix, like a deep prompt: each row then runs only from its first field on.
+
+    [P:100] Review: {text} Sentiment: [MASK]
+    '-------------------' computed once per task -> (L, 2, H_kv, n, D_head)
+
+A row with the cached prefix equals the row recomputed: the prefix's keys and values are
+those the full row computes at positions 0..n-1 (a causal LM's early positions never see
+later ones), and the row's own tokens take positions n, n+1, ... as they would.
+Outputs exist only for the row's own tokens, so a task that reads the states of fixed text
+in that leading segment (a classification head pooling every token) is not cached when the
+segment holds real tokens; tasks that read the answer slot or generate always are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .. import forward
+from ..architecture import ModelKind
+from ..encode import EncodedRow
+from ..template import Mask, Placeholder, Virtual
+
+#: task kinds that read only the answer slot or generate (no outputs of the leading tokens)
+ANSWER_ONLY = ("verbalizer", "lama", "generation")
+
+
+@dataclass
+class CachedLead:
+    """A task's cached leading segment.
+
+    Attributes:
+        length: n, the row positions the prefix stands for (specials, virtual slots, text).
+        kv: (L, 2, H_kv, n, D_head) their keys and values, in the base model's dtype.
+    """
+
+    length: int
+    kv: torch.Tensor
+
+
+def lead_length(model) -> int:
+    """How many leading positions of every row of `model` are the same for every example
+    and hold all its virtual slots (0: the template does not start that way)."""
+    if model.deep or model.spec.kind is not ModelKind.CAUSAL or model.encoder is None:
+        return 0
+    items = model.encoder.items
+    first = next((i for i, it in enumerate(items) if isinstance(it, (Placeholder, Mask))), len(items))
+    if not any(isinstance(it, Virtual) for it in items[:first]) or any(isinstance(it, Virtual) for it in items[first:]):
+        return 0
+    probe = model.encoder.encode({name: "x" for name in model.template.fields})
+    starts = [i for i, f in enumerate(probe.field_index) if f >= 0]
+    if probe.answer_index >= 0:
+        starts.append(probe.answer_index)  # the token whose output answers [MASK] stays in the row
+    return min(starts) if starts else 0
+
+
+def cacheable(model, task) -> int:
+    """The lead length to cache for a task (0: none)."""
+    n = lead_length(model)
+    if not n:
+        return 0
+    if task is None or getattr(task, "kind", None) in ANSWER_ONLY:
+        return n
+    probe = model.encoder.encode({name: "x" for name in model.template.fields})
+    real = [i for i in range(n) if probe.prompt_index[i] < 0]
+    return 0 if real else n  # the head reads every real token's state: only virtual slots may go
+
+
+@torch.no_grad()
+def compute_lead(model, n: int) -> CachedLead:
+    """Run the base model once on the first n positions of a row with the task's prompt."""
+    probe = model.encoder.encode({name: "x" for name in model.template.fields})
+    device = model.device
+    ids = torch.tensor([probe.input_ids[:n]], device=device)
+    prompt_index = torch.tensor([probe.prompt_index[:n]], device=device)
+    embeds = forward.embed(model.base, ids, prompt_index, model.prompts())
+    extra = {"logits_to_keep": 1} if model._keeps_logits else {}  # only the cache is wanted
+    out = model.base(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True,
+                     **extra)
+    layers = out.past_key_values.layers
+    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers])  # (L, 2, H_kv, n, D_head)
+    return CachedLead(n, kv)
+
+
+def strip_lead(row: EncodedRow, n: int) -> EncodedRow:
+    """The row without its first n positions (they are in the cached prefix)."""
+    return dataclasses.replace(
+        row, input_ids=row.input_ids[n:], prompt_index=row.prompt_index[n:], field_index=row.field_index[n:],
+        word_index=row.word_index[n:], answer_index=row.answer_index - n if row.answer_index >= 0 else -1)
+
+
+__all__ = ["CachedLead", "lead_length", "cacheable", "compute_lead", "strip_lead", "ANSWER_ONLY"]
