@@ -236,17 +236,21 @@ class PromptBank:
         with self._lock:
             entries = [self[n] for n in names]
             tensors = {e.name: self._device_tensor(e, device) for e in entries}
-        B = len(entries)
+        unique = list(dict.fromkeys(names))  # the batch's tasks, each padded and stacked once
+        if len(unique) == 1:  # one task: its tensor serves every row as it is (no copies)
+            entry = entries[0]
+            return Prompts(prefix=tensors[entry.name]) if entry.deep else Prompts(tables=tensors[entry.name])
+        slot = {n: u for u, n in enumerate(unique)}
+        row_slot = torch.tensor([slot[n] for n in names], device=device)  # (B,)
         tables = prefix = mask = None
-        inputs = [e for e in entries if not e.deep]
+        inputs = [self[n] for n in unique if not self[n].deep]
         if inputs:
             P = max(e.num_virtual_tokens for e in inputs)
-            D = inputs[0].served.shape[-1]
-            tables = torch.zeros(B, P, D, device=device)
-            for b, e in enumerate(entries):
-                if not e.deep:
-                    tables[b, : e.num_virtual_tokens] = tensors[e.name]
-        deeps = [e for e in entries if e.deep]
+            stack = torch.zeros(len(unique), P, inputs[0].served.shape[-1], device=device)  # rows of deep tasks: 0
+            for e in inputs:
+                stack[slot[e.name], : e.num_virtual_tokens] = tensors[e.name]
+            tables = stack.index_select(0, row_slot)  # (B, P, D)
+        deeps = [self[n] for n in unique if self[n].deep]
         if deeps:
             P = max(e.num_virtual_tokens for e in deeps)
             lengths = sorted({e.num_virtual_tokens for e in deeps} | ({0} if inputs else set()))
@@ -256,15 +260,16 @@ class PromptBank:
                     f"rows with deep prompts of different lengths ({lengths}) cannot share a batch; group them by "
                     "prompt length (see prompt_length)")
             L, _, H, _, Dh = deeps[0].served.shape
-            prefix = torch.zeros(L, 2, B, H, P, Dh, device=device)
-            mask = torch.zeros(B, P, dtype=torch.long, device=device)
-            for b, e in enumerate(entries):
-                if e.deep:
-                    # A shorter prefix ends where the longest does: the row's tokens then sit
-                    # right after its own prefix, at the distance relative position biases
-                    # (T5) see when the row runs alone; position ids come from the mask.
-                    prefix[:, :, b, :, P - e.num_virtual_tokens :] = tensors[e.name]
-                    mask[b, P - e.num_virtual_tokens :] = 1
+            stack = torch.zeros(L, 2, len(unique), H, P, Dh, dtype=deeps[0].served.dtype, device=device)
+            valid = torch.zeros(len(unique), P, dtype=torch.long, device=device)
+            for e in deeps:
+                # A shorter prefix ends where the longest does: the row's tokens then sit
+                # right after its own prefix, at the distance relative position biases
+                # (T5) see when the row runs alone; position ids come from the mask.
+                stack[:, :, slot[e.name], :, P - e.num_virtual_tokens :] = tensors[e.name]
+                valid[slot[e.name], P - e.num_virtual_tokens :] = 1
+            prefix = stack.index_select(2, row_slot)  # (L, 2, B, H_kv, P, D_head)
+            mask = valid.index_select(0, row_slot)  # (B, P)
         return Prompts(tables=tables, prefix=prefix, prefix_mask=mask)
 
     def prompt_length(self, name: str) -> int:
