@@ -120,7 +120,7 @@ def s3(base, tok, args) -> dict:
 
 # -- S2 -------------------------------------------------------------------------------
 def s2(base, tok, args, n_tasks: int) -> dict:
-    from peft import PeftModel, PromptTuningConfig, get_peft_model
+    from peft import PeftModel
 
     from softprompt.serve import Engine, Request
 
@@ -129,7 +129,9 @@ def s2(base, tok, args, n_tasks: int) -> dict:
     tasks = [f"t{i % n_tasks}" for i in range(n_requests)]
     out: dict = {"tasks": n_tasks, "requests": n_requests, "virtual_tokens": P, "input_tokens": 64}
     for cache in (False, True):
+        progress(f"S2 {n_tasks} tasks, cache={cache}: building the bank")
         bank = bank_of(base, tok, n_tasks, f"[P:{P}] {{text}} [MASK]", cache)
+        progress(f"S2 {n_tasks} tasks, cache={cache}: running")
         engine = Engine(bank, max_batch_rows=args.rows, max_batch_tokens=args.rows * 128)
         requests = [Request(t, text, generate=False) for t in tasks]
         for e in bank.entries(bank.names()):  # answer logits are what a verbalizer reads: a head-less probe
@@ -137,14 +139,8 @@ def s2(base, tok, args, n_tasks: int) -> dict:
         seconds = timed(lambda: engine.run(requests), args.repeats)
         out["softprompt_cached" if cache else "softprompt"] = {"seconds": seconds, "requests_per_s": n_requests / seconds}
     # PEFT: one adapter per task, one batch per task group after set_adapter
-    peft_model = None
-    for t in range(n_tasks):
-        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
-        if peft_model is None:
-            peft_model = get_peft_model(base, config, adapter_name=f"t{t}")
-        else:
-            peft_model.add_adapter(f"t{t}", config)
-    peft_model.eval()
+    peft_model = peft_adapters(base, n_tasks, P)
+    progress(f"S2 {n_tasks} tasks: PEFT adapters built")
     groups: dict[str, int] = {}
     for t in tasks:
         groups[t] = groups.get(t, 0) + 1
@@ -160,12 +156,32 @@ def s2(base, tok, args, n_tasks: int) -> dict:
                 logits.argmax(-1).tolist()
 
     seconds = timed(peft_run, args.repeats)
+    progress(f"S2 {n_tasks} tasks: PEFT timed")
     out["peft"] = {"seconds": seconds, "requests_per_s": n_requests / seconds}
     out["speedup"] = out["softprompt"]["requests_per_s"] / out["peft"]["requests_per_s"]
     out["speedup_cached"] = out["softprompt_cached"]["requests_per_s"] / out["peft"]["requests_per_s"]
     _unwrap(peft_model)
     assert not isinstance(base, PeftModel)
     return out
+
+
+def peft_adapters(base, n_tasks: int, P: int):
+    """A PEFT model with one prompt-tuning adapter per task, ``t0`` ... (switched with set_adapter)."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    model = None
+    for t in range(n_tasks):
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+        if model is None:
+            model = get_peft_model(base, config, adapter_name=f"t{t}")
+        else:
+            model.add_adapter(f"t{t}", config)
+    return model.eval()
+
+
+def progress(message: str) -> None:
+    """Where a long run is (stderr, unbuffered: a run cut off by a time limit still says)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 class _AnswerProbe:
@@ -191,8 +207,6 @@ def _unwrap(peft_model) -> None:
 
 # -- S1 -------------------------------------------------------------------------------
 def s1(base, tok, args) -> dict:
-    from peft import PromptTuningConfig, get_peft_model
-
     from softprompt.serve import encode_mixed, generate_mixed
 
     n_requests, n_tasks, P, new = 64, 16, 20, 32
@@ -207,13 +221,7 @@ def s1(base, tok, args) -> dict:
     enc = tok([text] * n_requests, return_tensors="pt").to(base.device)
     seconds = timed(lambda: base.generate(**enc, **options), args.gen_repeats)
     out["plain_generate"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
-    peft_model = None
-    for t in range(n_tasks):
-        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
-        if peft_model is None:
-            peft_model = get_peft_model(base, config, adapter_name=f"t{t}")
-        else:
-            peft_model.add_adapter(f"t{t}", config)
+    peft_model = peft_adapters(base, n_tasks, P)
     per_task = n_requests // n_tasks
     enc_group = tok([text] * per_task, return_tensors="pt").to(base.device)
 
