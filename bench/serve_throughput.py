@@ -11,7 +11,8 @@ Scenarios (ours and PEFT's in one process, same requests, bf16 on a GPU):
       20 virtual tokens, 64-token inputs), the label read at the answer slot; ours: the
       engine's mixed batches; PEFT: one forward per task group after `set_adapter`.
   S1  mixed-task generation: 64 requests over 16 tasks, 64-token inputs, 32 new tokens
-      (greedy); ours: `generate_mixed` on one batch; PEFT: `generate` per task group; and
+      (greedy); ours: the engine's decode loop (and `generate_mixed`); PEFT: `generate` per
+      task group; and
       one plain `generate` batch of the base model (no prompts) for reference.
 """
 
@@ -217,6 +218,14 @@ def s1(base, tok, args) -> dict:
     bank = bank_of(base, tok, n_tasks, f"[P:{P}] {{text}}", cache=True)
     batch = encode_mixed(bank, tasks, [{"text": text}] * n_requests)
     seconds = timed(lambda: generate_mixed(bank, batch, **options), args.gen_repeats)
+    out["softprompt_generate"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
+    from softprompt.serve.decode import Decoder, DecodeRow, Sampling
+
+    def decoder_run():  # the engine's path: continuous batching (no end-of-sequence stop: exactly `new` tokens)
+        rows = [DecodeRow(t, {"text": text}, Sampling(max_new_tokens=new)) for t in tasks]
+        Decoder(bank, max_rows=n_requests).run(rows)
+
+    seconds = timed(decoder_run, args.gen_repeats)
     out["softprompt"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
     enc = tok([text] * n_requests, return_tensors="pt").to(base.device)
     seconds = timed(lambda: base.generate(**enc, **options), args.gen_repeats)

@@ -210,3 +210,41 @@ def test_heads_that_read_every_token_keep_fixed_text_in_the_row(family_models):
     bank.add("virtual-only", sp.SoftPromptModel(base, CACHED["lead-virtual"](), tokenizer=tok),
              task=SequenceClassification(["a", "b"], pool="mean"))
     assert bank["virtual-only"].lead.length == 4
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_continuous_batching_rows_equal_rows_alone(family_models, family):
+    """Rows join the running batch as others end (max_rows 3 for 10 rows of five tasks,
+    budgets of 2..7 tokens, some joining through the admit hook): each row's greedy tokens
+    equal generate() on the row alone."""
+    from softprompt.serve.decode import Decoder, DecodeRow, Sampling
+
+    bank, models = make_bank(family_models, family, cache_prompts=True)
+    names, examples = mixed_rows()
+    budgets = [2 + (i * 3) % 6 for i in range(len(names))]
+    rows = [DecodeRow(n, e, Sampling(max_new_tokens=k)) for n, e, k in zip(names, examples, budgets)]
+    late = rows[7:]
+    decoder = Decoder(bank, max_rows=3, admit=lambda room: [late.pop(0) for _ in range(min(room, len(late)))])
+    decoder.run(rows[:7])
+    assert not late
+    for row, name, example, k in zip(rows, names, examples, budgets):
+        model = models[name]
+        alone = model.generate(**model.encode([example]), max_new_tokens=k, do_sample=False)[0].tolist()
+        assert row.tokens == alone, name
+    assert decoder.steps < sum(budgets)  # rows shared steps
+
+
+def test_decoder_sampling_is_seeded_and_top_k_1_is_greedy(family_models):
+    from softprompt.serve.decode import Decoder, DecodeRow, Sampling
+
+    bank, _ = make_bank(family_models, "llama")
+    names, examples = mixed_rows()
+
+    def run(sampling, seed=0):
+        rows = [DecodeRow(n, e, sampling) for n, e in zip(names, examples)]
+        Decoder(bank, max_rows=4, generator=torch.Generator().manual_seed(seed)).run(rows)
+        return [r.tokens for r in rows]
+
+    hot = Sampling(max_new_tokens=6, do_sample=True, temperature=1.5, top_p=0.9)
+    assert run(hot) == run(hot) and run(hot) != run(hot, seed=1)
+    assert run(Sampling(max_new_tokens=6, do_sample=True, top_k=1)) == run(Sampling(max_new_tokens=6))

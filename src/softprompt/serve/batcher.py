@@ -7,11 +7,11 @@ and hands each caller its answers. The queue is bounded: past `max_queue` waitin
 requests, `submit` refuses at once (the server answers 429) instead of growing without
 limit.
 
-Generation runs as static batches: a `generate()` call takes its rows from start to
-finish; a row that ends early (end of sequence, a stop string, a client gone) stops
-being extended and streamed, but its place is only reused by the next batch. Rows are
-not admitted into a running batch (no continuous batching): transformers' `generate()`
-keeps one cache for the rows it started with.
+Generation on a causal LM is continuously batched within one engine run (`decode.py`):
+a row that ends (end of sequence, a stop string, a client gone) leaves the running batch
+at once and a waiting row of that run takes its place. Requests that arrive while a run
+decodes wait for the next run (the decoder's `admit` hook can take them; the worker does
+not feed it yet). Encoder-decoders use transformers' `generate()` in static batches.
 """
 
 from __future__ import annotations

@@ -25,9 +25,11 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from ..architecture import ModelKind
 from ..errors import InputTooLongError, SoftPromptError
 from ..tasks import Generation
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
+from .decode import Decoder, DecodeRow, Sampling
 from .mixed import encode_mixed, forward_mixed, generate_mixed, output_rows, rows_of
 
 log = logging.getLogger("softprompt.serve")
@@ -154,13 +156,17 @@ class Engine:
         heads = [r for r in rows if not self._generates(r)]
         for batch in self._batches(heads):
             self._guarded(batch, results, self._run_heads, "forward")
-        groups: dict[tuple, list[_Row]] = {}
-        for r in rows:
-            if self._generates(r):
+        generating = [r for r in rows if self._generates(r)]
+        if generating and generating[0].entry.model.spec.kind is ModelKind.CAUSAL:
+            # one decode loop: rows of every task and setting, joining as others end
+            self._guarded(generating, results, self._run_decoder, "decode")
+        else:
+            groups: dict[tuple, list[_Row]] = {}
+            for r in generating:
                 groups.setdefault(_options_key(self._generation_options(r)), []).append(r)
-        for group in groups.values():
-            for batch in self._batches(group):
-                self._guarded(batch, results, self._run_generation, "generate")
+            for group in groups.values():
+                for batch in self._batches(group):
+                    self._guarded(batch, results, self._run_generation, "generate")
         return [r if r is not None else Result("", error="not run", status=500) for r in results]
 
     def _prepare(self, index: int, request: Request) -> _Row:
@@ -258,6 +264,27 @@ class Engine:
             for i, p in zip(mine, predictions):
                 results[i] = Result(name, output=p, prompt_tokens=batch[i].length)
         return results
+
+    def _run_decoder(self, batch: list[_Row]) -> list[Result]:
+        """Causal LMs: continuous batching (`decode.py`); per-row settings, stop strings, streams."""
+        tokenizer = self.bank.tokenizer
+        texts, decode_rows = [], []
+        for r in batch:
+            options = self._generation_options(r)
+            stop = options.pop("stop", None)
+            seed = options.pop("seed", None)
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            sampling = Sampling.from_options(options, tokenizer.eos_token_id)
+            task = r.entry.task if isinstance(r.entry.task, Generation) and not r.request.generate else None
+            text = _RowText(tokenizer, None, [stop] if isinstance(stop, str) else [x for x in (stop or []) if x],
+                            r.request.stream, task=task)
+            texts.append(text)
+            decode_rows.append(DecodeRow(r.entry.name, r.example, sampling, on_token=_sink(text)))
+        Decoder(self.bank, max_rows=self.max_batch_rows).run(decode_rows)
+        return [Result(r.entry.name, output=t.text, prompt_tokens=r.length, new_tokens=len(d.tokens),
+                       finish_reason="length" if len(d.tokens) >= d.sampling.max_new_tokens and not t.stopped
+                       else "stop") for r, t, d in zip(batch, texts, decode_rows)]
 
     def _run_generation(self, batch: list[_Row]) -> list[Result]:
         options = self._generation_options(batch[0])
@@ -365,6 +392,14 @@ class _StopRows(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
+
+
+def _sink(text: "_RowText") -> Callable[[int], bool]:
+    def take(token: int) -> bool:
+        text.add(token)
+        return text.done
+
+    return take
 
 
 def _options_key(options: dict[str, Any]) -> tuple:
