@@ -236,7 +236,7 @@ class Blocking(Engine):
         super().__init__(bank)
         self.release = threading.Event()
 
-    def run(self, requests):
+    def run(self, requests, admit=None):
         self.release.wait(timeout=30)
         return [Result(r.task, output="ok") for r in requests]
 
@@ -264,3 +264,27 @@ def test_a_full_queue_answers_429_and_never_crashes(encoder_bank):
             codes = [c.result().status_code for c in calls]
         assert codes == [200, 200, 429]
         assert calls[2].result().headers["retry-after"] == "1" and "waiting" in calls[2].result().json()["detail"]
+
+
+def test_generation_requests_join_a_running_decode(causal_bank):
+    """Continuous batching at the server: a completion that arrives while another decodes
+    joins the running batch and ends first, within the same engine run."""
+    engine = Engine(causal_bank)
+    alone = engine.generate("writer", ["a short one"], max_new_tokens=3, temperature=0)[0]
+    batcher = Batcher(engine, max_wait=0)
+    try:
+        long = batcher.submit([Request("writer", "a long one", generate=True,
+                                       options={"max_new_tokens": 300, "temperature": 0})])[0]
+        deadline = time.time() + 10
+        while not long.running() and time.time() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.05)  # decoding has begun
+        short = batcher.submit([Request("writer", "a short one", generate=True,
+                                        options={"max_new_tokens": 3, "temperature": 0})])[0]
+        result = short.result(timeout=60)
+        assert not long.done()  # ended inside the long request's run
+        assert result.ok and result.output == alone and result.new_tokens == 3
+        assert long.result(timeout=120).new_tokens > 3
+        assert batcher.stats.runs == 1 and batcher.stats.rows == 2
+    finally:
+        batcher.close()

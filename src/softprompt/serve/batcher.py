@@ -9,17 +9,17 @@ limit.
 
 Generation on a causal LM is continuously batched within one engine run (`decode.py`):
 a row that ends (end of sequence, a stop string, a client gone) leaves the running batch
-at once and a waiting row of that run takes its place. Requests that arrive while a run
-decodes wait for the next run (the decoder's `admit` hook can take them; the worker does
-not feed it yet). Encoder-decoders use transformers' `generate()` in static batches.
+at once and a waiting row takes its place, including generation requests that arrived
+while the run decodes (the worker hands them over through the engine's `admit` hook).
+Encoder-decoders use transformers' `generate()` in static batches.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -58,17 +58,16 @@ class Batcher:
         self.max_queue = max_queue
         self.max_wait = max_wait
         self.stats = BatchStats()
-        self._queue: queue.Queue[tuple[Request, Future]] = queue.Queue()
-        self._waiting = 0
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
+        self._items: deque[tuple[Request, Future]] = deque()
+        self._cond = threading.Condition()
+        self._stopped = False
         self._worker = threading.Thread(target=self._work, name="softprompt-batcher", daemon=True)
         self._worker.start()
 
     @property
     def waiting(self) -> int:
         """Requests submitted and not yet taken by the worker."""
-        return self._waiting
+        return len(self._items)
 
     def submit(self, requests: Sequence[Request]) -> list[Future]:
         """Queue requests; each future resolves to its `Result`.
@@ -76,18 +75,15 @@ class Batcher:
         Raises:
             QueueFullError: the queue cannot take them all (none is queued then).
         """
-        with self._lock:
-            if self._stopped.is_set():
+        futures = [Future() for _ in requests]
+        with self._cond:
+            if self._stopped:
                 raise QueueFullError("the server is shutting down")
-            if self._waiting + len(requests) > self.max_queue:
-                raise QueueFullError(f"{self._waiting} requests are waiting (the queue holds {self.max_queue}); "
+            if len(self._items) + len(requests) > self.max_queue:
+                raise QueueFullError(f"{len(self._items)} requests are waiting (the queue holds {self.max_queue}); "
                                      "retry later")
-            self._waiting += len(requests)
-        futures = []
-        for request in requests:
-            future: Future = Future()
-            self._queue.put((request, future))
-            futures.append(future)
+            self._items.extend(zip(requests, futures))
+            self._cond.notify()
         return futures
 
     async def run(self, requests: Sequence[Request]) -> list[Result]:
@@ -96,43 +92,59 @@ class Batcher:
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
     def close(self) -> None:
-        self._stopped.set()
-        self._queue.put(None)  # wakes the worker
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
         self._worker.join(timeout=30)
 
     # -- the worker -----------------------------------------------------------
     def _take(self) -> list[tuple[Request, Future]]:
-        first = self._queue.get()
-        if first is None:
-            return []
-        taken = [first]
+        """What is waiting, after a short gathering window, up to four batches' worth."""
         limit = self.engine.max_batch_rows * 4  # the engine cuts this into budgeted batches
-        deadline = time.monotonic() + self.max_wait
-        while len(taken) < limit:
-            timeout = deadline - time.monotonic()
-            try:
-                item = self._queue.get(timeout=max(timeout, 0)) if timeout > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                self._stopped.set()
-                break
-            taken.append(item)
-        with self._lock:
-            self._waiting -= len(taken)
-        return taken
+        with self._cond:
+            while not self._items and not self._stopped:
+                self._cond.wait()
+            deadline = time.monotonic() + self.max_wait
+            while len(self._items) < limit and not self._stopped:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return [self._items.popleft() for _ in range(min(limit, len(self._items)))]
+
+    def _admit(self, room: int) -> list[tuple[Request, Callable[[Result], None]]]:
+        """Generation requests that arrived while the engine decodes: they join its batch."""
+        with self._cond:
+            chosen = [item for item in self._items if self.engine.generates(item[0])][: max(room, 0)]
+            for item in chosen:
+                self._items.remove(item)
+        admitted = []
+        for request, future in chosen:
+            if future.set_running_or_notify_cancel():
+                admitted.append((request, self._resolver(future)))
+        return admitted
+
+    def _resolver(self, future: Future) -> Callable[[Result], None]:
+        def resolve(result: Result) -> None:
+            self.stats.rows += 1
+            self.stats.new_tokens += result.new_tokens
+            future.set_result(result)
+
+        return resolve
 
     def _work(self) -> None:
-        while not self._stopped.is_set():
+        while True:
             taken = self._take()
             if not taken:
+                if self._stopped:
+                    break
                 continue
             live = [(r, f) for r, f in taken if f.set_running_or_notify_cancel()]
             if not live:
                 continue
             start = time.perf_counter()
             try:
-                results = self.engine.run([r for r, _ in live])
+                results = self.engine.run([r for r, _ in live], admit=self._admit)
             except BaseException as e:  # the engine isolates request failures; this is a bug
                 for _, f in live:
                     f.set_exception(e)
@@ -146,13 +158,11 @@ class Batcher:
                 observe(len(live), seconds, results)
             for (_, f), result in zip(live, results):
                 f.set_result(result)
-        while True:  # shutting down: answer what is left
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None and item[1].set_running_or_notify_cancel():
-                item[1].set_exception(QueueFullError("the server is shutting down"))
+        with self._cond:  # shutting down: answer what is left
+            left, self._items = list(self._items), deque()
+        for _, future in left:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(QueueFullError("the server is shutting down"))
 
 
 __all__ = ["Batcher", "QueueFullError", "BatchStats"]

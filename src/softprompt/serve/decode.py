@@ -58,13 +58,16 @@ class DecodeRow:
     Attributes:
         on_token: called with each new token id; returns True when the row is done (a stop
             string, a client gone) even before its end-of-sequence token or budget.
+        on_done: called once with the row when it has finished.
     """
 
     task: str
     example: dict[str, Any]
     sampling: Sampling
     on_token: Callable[[int], bool] = lambda token: False
+    on_done: Callable[["DecodeRow"], None] | None = None
     tokens: list[int] = field(default_factory=list)
+    result: Any = None  # what on_done made of the row (the engine's Result)
 
 
 def _pick(logits: torch.Tensor, rows: Sequence[DecodeRow], generator: torch.Generator | None) -> torch.Tensor:
@@ -161,7 +164,11 @@ class Decoder:
     def _drop(keep, cache, mask, positions, current, active, done_rows):
         if all(keep):
             return cache, mask, positions, current, active
-        done_rows += [r for r, k in zip(active, keep) if not k]
+        for r, k in zip(active, keep):
+            if not k:
+                done_rows.append(r)
+                if r.on_done is not None:
+                    r.on_done(r)
         index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=mask.device)
         active = [r for r, k in zip(active, keep) if k]
         if not active:

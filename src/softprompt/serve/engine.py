@@ -38,6 +38,9 @@ log = logging.getLogger("softprompt.serve")
 GENERATE_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop")
 
 
+Admit = Callable[[int], list[tuple["Request", Callable[["Result"], None]]]]
+
+
 class TokenStream:
     """A generating request's text as it is produced: `on_text` receives each new piece
     (called from the engine's thread); `cancel()` (a client gone) stops the row at the
@@ -144,8 +147,14 @@ class Engine:
         return [r.output for r in results]
 
     # -- the work ---------------------------------------------------------------
-    def run(self, requests: Sequence[Request]) -> list[Result]:
-        """Answer every request; the results come in the order of the requests."""
+    def run(self, requests: Sequence[Request], admit: Admit | None = None) -> list[Result]:
+        """Answer every request; the results come in the order of the requests.
+
+        Args:
+            admit: while a causal LM decodes, called for more generation requests when the
+                running batch has room (`Batcher` hands over the requests that arrived since);
+                each comes with the callback that takes its `Result`.
+        """
         results: list[Result | None] = [None] * len(requests)
         rows: list[_Row] = []
         for i, request in enumerate(requests):
@@ -159,7 +168,7 @@ class Engine:
         generating = [r for r in rows if self._generates(r)]
         if generating and generating[0].entry.model.spec.kind is ModelKind.CAUSAL:
             # one decode loop: rows of every task and setting, joining as others end
-            self._guarded(generating, results, self._run_decoder, "decode")
+            self._guarded(generating, results, lambda batch: self._run_decoder(batch, admit), "decode")
         else:
             groups: dict[tuple, list[_Row]] = {}
             for r in generating:
@@ -265,26 +274,59 @@ class Engine:
                 results[i] = Result(name, output=p, prompt_tokens=batch[i].length)
         return results
 
-    def _run_decoder(self, batch: list[_Row]) -> list[Result]:
-        """Causal LMs: continuous batching (`decode.py`); per-row settings, stop strings, streams."""
+    def generates(self, request: Request) -> bool:
+        """Whether a request generates text (a completion, or a task whose head generates)."""
+        return request.generate or (request.task in self.bank and isinstance(self.bank[request.task].task, Generation))
+
+    def _decode_row(self, r: _Row, on_result: Callable[[Result], None] | None = None) -> DecodeRow:
+        """A request as a decoder row: its sampling settings, stop strings and stream; the
+        `Result` is built when the row finishes (and handed to `on_result`)."""
         tokenizer = self.bank.tokenizer
-        texts, decode_rows = [], []
-        for r in batch:
-            options = self._generation_options(r)
-            stop = options.pop("stop", None)
-            seed = options.pop("seed", None)
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            sampling = Sampling.from_options(options, tokenizer.eos_token_id)
-            task = r.entry.task if isinstance(r.entry.task, Generation) and not r.request.generate else None
-            text = _RowText(tokenizer, None, [stop] if isinstance(stop, str) else [x for x in (stop or []) if x],
-                            r.request.stream, task=task)
-            texts.append(text)
-            decode_rows.append(DecodeRow(r.entry.name, r.example, sampling, on_token=_sink(text)))
-        Decoder(self.bank, max_rows=self.max_batch_rows).run(decode_rows)
-        return [Result(r.entry.name, output=t.text, prompt_tokens=r.length, new_tokens=len(d.tokens),
-                       finish_reason="length" if len(d.tokens) >= d.sampling.max_new_tokens and not t.stopped
-                       else "stop") for r, t, d in zip(batch, texts, decode_rows)]
+        options = self._generation_options(r)
+        stop = options.pop("stop", None)
+        seed = options.pop("seed", None)
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        sampling = Sampling.from_options(options, tokenizer.eos_token_id)
+        task = r.entry.task if isinstance(r.entry.task, Generation) and not r.request.generate else None
+        text = _RowText(tokenizer, None, [stop] if isinstance(stop, str) else [x for x in (stop or []) if x],
+                        r.request.stream, task=task)
+
+        def done(row: DecodeRow) -> None:
+            row.result = Result(r.entry.name, output=text.text, prompt_tokens=r.length, new_tokens=len(row.tokens),
+                                finish_reason="length" if len(row.tokens) >= sampling.max_new_tokens and not text.stopped
+                                else "stop")
+            if on_result is not None:
+                on_result(row.result)
+
+        return DecodeRow(r.entry.name, r.example, sampling, on_token=_sink(text), on_done=done)
+
+    def _run_decoder(self, batch: list[_Row], admit: Admit | None = None) -> list[Result]:
+        """Causal LMs: continuous batching (`decode.py`); per-row settings, stop strings,
+        streams; requests from `admit` join the running batch."""
+        joined: list[tuple[DecodeRow, Callable[[Result], None]]] = []
+
+        def more(room: int) -> list[DecodeRow]:
+            rows = []
+            for request, on_result in admit(room):
+                try:
+                    row = self._decode_row(self._prepare(-1, request), on_result)
+                except SoftPromptError as e:
+                    on_result(Result(request.task, error=str(e), status=_status(e)))
+                    continue
+                joined.append((row, on_result))
+                rows.append(row)
+            return rows
+
+        decode_rows = [self._decode_row(r) for r in batch]
+        try:
+            Decoder(self.bank, max_rows=self.max_batch_rows, admit=more if admit else None).run(decode_rows)
+        except Exception as e:  # the rows that joined have no other way to hear of it
+            for row, on_result in joined:
+                if getattr(row, "result", None) is None:
+                    on_result(Result(row.task, error=f"{type(e).__name__}: {e}", status=500))
+            raise
+        return [d.result for d in decode_rows]
 
     def _run_generation(self, batch: list[_Row]) -> list[Result]:
         options = self._generation_options(batch[0])
