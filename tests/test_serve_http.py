@@ -268,9 +268,11 @@ def test_a_full_queue_answers_429_and_never_crashes(encoder_bank):
 
 def test_generation_requests_join_a_running_decode(causal_bank):
     """Continuous batching at the server: a completion that arrives while another decodes
-    joins the running batch and ends first, within the same engine run."""
+    joins the running batch and ends first, within the same engine run; a classification
+    request that arrives meanwhile is answered between two decode steps."""
     engine = Engine(causal_bank)
     alone = engine.generate("writer", ["a short one"], max_new_tokens=3, temperature=0)[0]
+    classified = engine.classify("review", ["great"])[0]
     batcher = Batcher(engine, max_wait=0)
     try:
         long = batcher.submit([Request("writer", "a long one", generate=True,
@@ -279,12 +281,14 @@ def test_generation_requests_join_a_running_decode(causal_bank):
         while not long.running() and time.time() < deadline:
             time.sleep(0.001)
         time.sleep(0.05)  # decoding has begun
-        short = batcher.submit([Request("writer", "a short one", generate=True,
-                                        options={"max_new_tokens": 3, "temperature": 0})])[0]
+        short, label = batcher.submit([Request("writer", "a short one", generate=True,
+                                               options={"max_new_tokens": 3, "temperature": 0}),
+                                       Request("review", "great")])
         result = short.result(timeout=60)
-        assert not long.done()  # ended inside the long request's run
+        assert label.result(timeout=60).output == classified  # answered between decode steps
+        assert not long.done()  # both ended inside the long request's run
         assert result.ok and result.output == alone and result.new_tokens == 3
         assert long.result(timeout=120).new_tokens > 3
-        assert batcher.stats.runs == 1 and batcher.stats.rows == 2
+        assert batcher.stats.runs == 2 and batcher.stats.rows == 3  # the decode run and one head forward
     finally:
         batcher.close()

@@ -10,7 +10,8 @@ limit.
 Generation on a causal LM is continuously batched within one engine run (`decode.py`):
 a row that ends (end of sequence, a stop string, a client gone) leaves the running batch
 at once and a waiting row takes its place, including generation requests that arrived
-while the run decodes (the worker hands them over through the engine's `admit` hook).
+while the run decodes (the worker hands them over through the engine's `admit` hook);
+requests for task heads that arrive meanwhile are answered between two decode steps.
 Encoder-decoders use transformers' `generate()` in static batches.
 """
 
@@ -113,11 +114,22 @@ class Batcher:
             return [self._items.popleft() for _ in range(min(limit, len(self._items)))]
 
     def _admit(self, room: int) -> list[tuple[Request, Callable[[Result], None]]]:
-        """Generation requests that arrived while the engine decodes: they join its batch."""
+        """Called by the engine between decode steps: requests read by a task head that
+        arrived meanwhile are answered at once (one mixed forward, so they do not wait for
+        the decoding to end); generation requests join the running batch."""
         with self._cond:
+            heads = [item for item in self._items if not self.engine.generates(item[0])]
+            heads = heads[: self.engine.max_batch_rows]
             chosen = [item for item in self._items if self.engine.generates(item[0])][: max(room, 0)]
-            for item in chosen:
+            for item in heads + chosen:
                 self._items.remove(item)
+        live = [(r, f) for r, f in heads if f.set_running_or_notify_cancel()]
+        if live:
+            start = time.perf_counter()
+            results = self.engine.run([r for r, _ in live])
+            self._record(len(live), time.perf_counter() - start, results)
+            for (_, f), result in zip(live, results):
+                f.set_result(result)
         admitted = []
         for request, future in chosen:
             if future.set_running_or_notify_cancel():
@@ -131,6 +143,14 @@ class Batcher:
             future.set_result(result)
 
         return resolve
+
+    def _record(self, rows: int, seconds: float, results: list[Result]) -> None:
+        self.stats.runs += 1
+        self.stats.rows += rows
+        self.stats.busy_seconds += seconds
+        self.stats.new_tokens += sum(r.new_tokens for r in results)
+        for observe in self.stats.observers:
+            observe(rows, seconds, results)
 
     def _work(self) -> None:
         while True:
@@ -149,13 +169,7 @@ class Batcher:
                 for _, f in live:
                     f.set_exception(e)
                 continue
-            seconds = time.perf_counter() - start
-            self.stats.runs += 1
-            self.stats.rows += len(live)
-            self.stats.busy_seconds += seconds
-            self.stats.new_tokens += sum(r.new_tokens for r in results)
-            for observe in self.stats.observers:
-                observe(len(live), seconds, results)
+            self._record(len(live), time.perf_counter() - start, results)
             for (_, f), result in zip(live, results):
                 f.set_result(result)
         with self._cond:  # shutting down: answer what is left
