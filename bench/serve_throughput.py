@@ -253,6 +253,19 @@ def s1(base, tok, args) -> dict:
     return out
 
 
+def command(argv: list[str]) -> str:
+    """The rerun command: the arguments given, less where the report was written."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            kept.append(a)
+    return " ".join(["python bench/serve_throughput.py", *kept])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-1b")
@@ -273,7 +286,7 @@ def main() -> None:
               "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()})",
               "dtype": str(dtype), "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                                 "peft": peft.__version__, "softprompt": softprompt.__version__},
-              "command": " ".join(["python bench/serve_throughput.py"] + sys.argv[1:]), "results": {}}
+              "command": command(sys.argv[1:]), "results": {}}
     out = Path(args.out)
     tok = tokenizer()
     base = build_base(args.shape, device, dtype)
