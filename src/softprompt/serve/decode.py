@@ -23,9 +23,10 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from .. import inject
+from ..encode import EncodedRow
 from ..forward import embed
 from .bank import PromptBank
-from .mixed import encode_mixed
+from .mixed import collate_mixed, encode_mixed
 
 
 @dataclass
@@ -67,7 +68,8 @@ class DecodeRow:
     on_token: Callable[[int], bool] = lambda token: False
     on_done: Callable[["DecodeRow"], None] | None = None
     tokens: list[int] = field(default_factory=list)
-    result: Any = None  # what on_done made of the row (the engine's Result)
+    result: Any = None
+    encoded: EncodedRow | None = None  # the row already encoded by its task (else encoded here)  # what on_done made of the row (the engine's Result)
 
 
 def _pick(logits: torch.Tensor, rows: Sequence[DecodeRow], generator: torch.Generator | None) -> torch.Tensor:
@@ -181,7 +183,11 @@ class Decoder:
         """One forward over the joining rows with their prompts: their first tokens, cache,
         attention mask over the cache (prefix + row) and next positions."""
         spec = self.bank[rows[0].task].model.spec
-        batch = encode_mixed(self.bank, [r.task for r in rows], [r.example for r in rows], padding_side="left")
+        names = [r.task for r in rows]
+        if all(r.encoded is not None for r in rows):
+            batch = collate_mixed(self.bank, names, [r.encoded for r in rows], padding_side="left")
+        else:
+            batch = encode_mixed(self.bank, names, [r.example for r in rows], padding_side="left")
         prompts = self.bank.prompts_for(batch.tasks)
         embeds = embed(self.base, batch["input_ids"], batch["prompt_index"], prompts)
         full_mask = prompts.full_mask(batch["attention_mask"])

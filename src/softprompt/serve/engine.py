@@ -26,11 +26,12 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.streamers import BaseStreamer
 
 from ..architecture import ModelKind
+from ..encode import EncodedRow
 from ..errors import InputTooLongError, SoftPromptError
 from ..tasks import Generation
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .decode import Decoder, DecodeRow, Sampling
-from .mixed import encode_mixed, forward_mixed, generate_mixed, output_rows, rows_of
+from .mixed import collate_mixed, forward_mixed, generate_mixed, output_rows, rows_of
 
 log = logging.getLogger("softprompt.serve")
 
@@ -103,7 +104,11 @@ class _Row:
     request: Request
     entry: BankEntry
     example: dict[str, Any]
-    length: int
+    encoded: EncodedRow  # the row as checked: batches collate it, nothing is encoded twice
+
+    @property
+    def length(self) -> int:
+        return len(self.encoded.input_ids)
 
 
 class Engine:
@@ -188,7 +193,7 @@ class Engine:
             raise SoftPromptError(f"task {entry.name!r} has no task head (its folder has no task.json): "
                                   "use it for completions")
         encoded = entry.model.encoder.encode(example, max_length=self.max_length, index=index, truncate=self.truncate)
-        return _Row(index, request, entry, example, len(encoded.input_ids))
+        return _Row(index, request, entry, example, encoded)
 
     @staticmethod
     def _example(entry: BankEntry, value: Any) -> dict[str, Any]:
@@ -258,8 +263,7 @@ class Engine:
 
     def _run_heads(self, batch: list[_Row]) -> list[Result]:
         names = [r.entry.name for r in batch]
-        encoded = encode_mixed(self.bank, names, [r.example for r in batch], max_length=self.max_length,
-                               truncate=self.truncate)
+        encoded = collate_mixed(self.bank, names, [r.encoded for r in batch])
         tasks = {r.entry.name: r.entry.task for r in batch}
         reads = {"output_hidden_states": any(t.reads.get("output_hidden_states") for t in tasks.values()),
                  "logits": "answer" if any(t.reads.get("logits") == "answer" for t in tasks.values()) else "none"}
@@ -299,7 +303,7 @@ class Engine:
             if on_result is not None:
                 on_result(row.result)
 
-        return DecodeRow(r.entry.name, r.example, sampling, on_token=_sink(text), on_done=done)
+        return DecodeRow(r.entry.name, r.example, sampling, on_token=_sink(text), on_done=done, encoded=r.encoded)
 
     def _run_decoder(self, batch: list[_Row], admit: Admit | None = None) -> list[Result]:
         """Causal LMs: continuous batching (`decode.py`); per-row settings, stop strings,
@@ -339,8 +343,7 @@ class Engine:
             options["do_sample"] = float(options["temperature"]) > 0
         if options.get("temperature") == 0:
             options.pop("temperature")
-        encoded = encode_mixed(self.bank, [r.entry.name for r in batch], [r.example for r in batch],
-                               max_length=self.max_length, truncate=self.truncate)
+        encoded = collate_mixed(self.bank, [r.entry.name for r in batch], [r.encoded for r in batch])
         tokenizer = self.bank.tokenizer
         eos = options.get("eos_token_id", tokenizer.eos_token_id)
         decoders = [_RowText(tokenizer, eos, stops, r.request.stream,

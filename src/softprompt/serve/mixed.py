@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .. import forward
-from ..encode import PromptBatch
+from ..encode import EncodedRow, PromptBatch
 from ..errors import ConfigError, EncodingError
 from .bank import PromptBank
 from .prompt_cache import strip_lead
@@ -53,10 +53,18 @@ def encode_mixed(bank: PromptBank, tasks: Sequence[str], examples: Sequence[Mapp
     if not tasks:
         raise EncodingError("nothing to encode: the batch is empty")
     entries = bank.entries(tasks)
-    first = entries[0].model
-    side = padding_side or first.padding_side
     rows = [e.model.encoder.encode(ex, max_length=max_length, index=i, truncate=truncate)
             for i, (e, ex) in enumerate(zip(entries, examples))]
+    return collate_mixed(bank, tasks, rows, padding_side=padding_side)
+
+
+def collate_mixed(bank: PromptBank, tasks: Sequence[str], rows: Sequence[EncodedRow], *,
+                  padding_side: str | None = None) -> MixedBatch:
+    """Pad rows already encoded by their tasks' encoders into one batch (the engine encodes
+    each request once, when it checks it)."""
+    entries = bank.entries(tasks)
+    first = entries[0].model
+    side = padding_side or first.padding_side
     # a task with a cached leading segment starts its rows after it (its keys and values are the prefix)
     rows = [strip_lead(r, e.lead.length) if e.lead is not None else r for r, e in zip(rows, entries)]
     batch = MixedBatch(first.encoder.collate(rows, side))  # one tokenizer: one pad id for every task
@@ -120,4 +128,4 @@ def generate_mixed(bank: PromptBank, batch: MixedBatch, **generate_kwargs) -> to
                                 batch["prompt_index"], prompts, model.encoder.pad_id, **generate_kwargs)
 
 
-__all__ = ["MixedBatch", "encode_mixed", "forward_mixed", "generate_mixed", "rows_of", "output_rows"]
+__all__ = ["MixedBatch", "encode_mixed", "collate_mixed", "forward_mixed", "generate_mixed", "rows_of", "output_rows"]
