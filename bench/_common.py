@@ -51,11 +51,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_json(report: dict, out: Path) -> None:
+def write_text(text: str, out: Path) -> None:
+    """Write a file atomically (a temporary name, then rename): readers never see half of it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, out)
+
+
+def write_json(report: dict, out: Path) -> None:
+    write_text(json.dumps(report, indent=2) + "\n", out)
 
 
 def start_report(out: Path, header: dict[str, Any], rerun: list[str]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT  # noqa: E402
+from _common import RESULTS, ROOT, write_text  # noqa: E402
 
 TARGETS = {"s3": 2.5, "s2_16": 1.5, "s2_256": 3.0, "s1": 20.0}
 
@@ -136,9 +136,7 @@ def render() -> str:
 
 def main() -> None:
     out = ROOT / "docs" / "PERFORMANCE.md"
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render())
-    tmp.replace(out)
+    write_text(render(), out)
     print(f"wrote {out}")
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT, write_json  # noqa: E402,F401
+from _common import RESULTS, ROOT, write_text  # noqa: E402
 
 import quality_fewglue  # noqa: E402
 import quality_lama  # noqa: E402
@@ -70,10 +70,7 @@ def render() -> str:
 
 def main() -> None:
     out = ROOT / "docs" / "RESULTS.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render())
-    tmp.replace(out)
+    write_text(render(), out)
     print(f"wrote {out}")
 
 
