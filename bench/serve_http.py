@@ -41,6 +41,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def command(argv: list[str]) -> str:
+    """The rerun command: the arguments given, less where the report was written."""
+    kept = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")
+            and not a.startswith("--out=")]
+    return " ".join(["python bench/serve_http.py", *kept])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -48,12 +55,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default=None, help="the server's --dtype (bfloat16 on a GPU)")
     parser.add_argument("--out", default=str(RESULTS / "serve_http.json"))
     args = parser.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", args.model, "--prompts",
-                               args.prompts, "--port", str(port), "--device", args.device],
+                               args.prompts, "--port", str(port), "--device", args.device,
+                               *(["--dtype", args.dtype] if args.dtype else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -115,10 +124,10 @@ def main() -> None:
     import torch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    report = {"benchmark": "HTTP serving on loopback", "command": "python bench/serve_http.py " + " ".join(sys.argv[1:]),
+    report = {"benchmark": "HTTP serving on loopback", "command": command(sys.argv[1:]),
               "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else
               f"CPU, {torch.get_num_threads()} threads ({platform.machine()})",
-              "model": args.model, "tasks": [m["id"] for m in models], "clients": args.clients,
+              "model": args.model, "dtype": args.dtype, "tasks": [m["id"] for m in models], "clients": args.clients,
               "seconds": round(wall, 1), "requests": len(latencies), "failures": failures,
               "requests_per_s": len(latencies) / wall, "latency_p50_ms": 1000 * percentile(latencies, 0.5),
               "latency_p99_ms": 1000 * percentile(latencies, 0.99),

@@ -11,8 +11,8 @@ Scenarios (ours and PEFT's in one process, same requests, bf16 on a GPU):
       20 virtual tokens, 64-token inputs), the label read at the answer slot; ours: the
       engine's mixed batches; PEFT: one forward per task group after `set_adapter`.
   S1  mixed-task generation: 64 requests over 16 tasks, 64-token inputs, 32 new tokens
-      (greedy); ours: the engine's decode loop (and `generate_mixed`); PEFT: `generate` per
-      task group; and
+      (greedy); ours: the engine's decode loop on fixed slots with the step replayed as a
+      CUDA graph (and eagerly, and `generate_mixed`); PEFT: `generate` per task group; and
       one plain `generate` batch of the base model (no prompts) for reference.
 """
 
@@ -105,17 +105,19 @@ def s3(base, tok, args) -> dict:
     from softprompt.serve import encode_mixed, forward_mixed
 
     template = "[P:100] {text} [MASK]"
-    rows = 64
-    names = ["t0"] * rows
-    examples = [{"text": text_of(31)} for _ in range(rows)]  # 31 + the answer token = 32 input tokens
-    out = {"virtual_tokens": 100, "input_tokens": 32, "rows": rows}
-    for cache in (False, True):
-        bank = bank_of(base, tok, 1, template, cache)
-        batch = encode_mixed(bank, names, examples)
-        seconds = timed(lambda: forward_mixed(bank, batch, logits="answer"), args.repeats)
-        out["cached" if cache else "recomputed"] = {"seconds_per_batch": seconds, "rows_per_s": rows / seconds,
-                                                    "row_tokens": int(batch["attention_mask"][0].sum())}
-    out["speedup"] = out["cached"]["rows_per_s"] / out["recomputed"]["rows_per_s"]
+    out: dict = {"virtual_tokens": 100, "input_tokens": 32}
+    banks = {cache: bank_of(base, tok, 1, template, cache) for cache in (False, True)}
+    for rows in args.s3_rows:
+        names = ["t0"] * rows
+        examples = [{"text": text_of(31)} for _ in range(rows)]  # 31 + the answer token = 32 input tokens
+        part: dict = {"rows": rows}
+        for cache, bank in banks.items():
+            batch = encode_mixed(bank, names, examples)
+            seconds = timed(lambda: forward_mixed(bank, batch, logits="answer"), args.repeats)
+            part["cached" if cache else "recomputed"] = {"seconds_per_batch": seconds, "rows_per_s": rows / seconds,
+                                                         "row_tokens": int(batch["attention_mask"][0].sum())}
+        part["speedup"] = part["cached"]["rows_per_s"] / part["recomputed"]["rows_per_s"]
+        out[f"batch_{rows}"] = part
     return out
 
 
@@ -128,12 +130,13 @@ def s2(base, tok, args, n_tasks: int) -> dict:
     n_requests, P = 512, 20
     text = text_of(63)  # + the answer token: 64 input tokens
     tasks = [f"t{i % n_tasks}" for i in range(n_requests)]
-    out: dict = {"tasks": n_tasks, "requests": n_requests, "virtual_tokens": P, "input_tokens": 64}
+    out: dict = {"tasks": n_tasks, "requests": n_requests, "virtual_tokens": P, "input_tokens": 64,
+                 "max_batch_rows": args.s2_rows}
     for cache in (False, True):
         progress(f"S2 {n_tasks} tasks, cache={cache}: building the bank")
         bank = bank_of(base, tok, n_tasks, f"[P:{P}] {{text}} [MASK]", cache)
         progress(f"S2 {n_tasks} tasks, cache={cache}: running")
-        engine = Engine(bank, max_batch_rows=args.rows, max_batch_tokens=args.rows * 128)
+        engine = Engine(bank, max_batch_rows=args.s2_rows, max_batch_tokens=args.s2_rows * 128)
         requests = [Request(t, text, generate=False) for t in tasks]
         for e in bank.entries(bank.names()):  # answer logits are what a verbalizer reads: a head-less probe
             e.task = _AnswerProbe()
@@ -150,8 +153,8 @@ def s2(base, tok, args, n_tasks: int) -> dict:
     def peft_run():
         for name, count in groups.items():
             peft_model.set_adapter(name)
-            for start in range(0, count, args.rows):
-                n = min(args.rows, count - start)
+            for start in range(0, count, args.s2_rows):
+                n = min(args.s2_rows, count - start)
                 enc = tok([text] * n, return_tensors="pt").to(base.device)
                 logits = peft_model(**enc).logits[:, -1]  # the answer slot
                 logits.argmax(-1).tolist()
@@ -221,12 +224,29 @@ def s1(base, tok, args) -> dict:
     out["softprompt_generate"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
     from softprompt.serve.decode import Decoder, DecodeRow, Sampling
 
-    def decoder_run():  # the engine's path: continuous batching (no end-of-sequence stop: exactly `new` tokens)
+    def decoder_run(decoder):  # the engine's path: continuous batching (no end-of-sequence stop: exactly `new` tokens)
         rows = [DecodeRow(t, {"text": text}, Sampling(max_new_tokens=new)) for t in tasks]
-        Decoder(bank, max_rows=n_requests).run(rows)
+        decoder.run(rows)
+        return [r.tokens for r in rows]
 
-    seconds = timed(decoder_run, args.gen_repeats)
-    out["softprompt"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
+    graphed = Decoder(bank, max_rows=n_requests)  # kept, as the engine keeps it: the graph is captured once
+    eager = Decoder(bank, max_rows=n_requests, graphs=False)
+    seconds = timed(lambda: decoder_run(graphed), args.gen_repeats)
+    out["softprompt"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds,
+                         "cuda_graph": graphed.slots is not None and graphed.slots._graph is not None}
+    seconds = timed(lambda: decoder_run(eager), args.gen_repeats)
+    out["softprompt_eager_step"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
+    # the replayed graph computes what the eager step computes (same slots, same kernels)
+    same = sum(a == b for a, b in zip(decoder_run(graphed), decoder_run(eager)))
+    out["graph_rows_equal_eager"] = f"{same}/{n_requests}"
+    slots = graphed.slots  # one decode step alone (all 64 slots), without the host loop around it
+    for name, use_graph in (("graph", True), ("eager", False)) if slots is not None else ():
+        slots.reset()
+        slots.graphs = use_graph and slots._graph is not None
+        out[f"decode_step_ms_{name}"] = 1000 * timed(slots.step, 20)
+    if slots is not None:
+        slots.reset()
+        slots.graphs = slots._graph is not None
     enc = tok([text] * n_requests, return_tensors="pt").to(base.device)
     seconds = timed(lambda: base.generate(**enc, **options), args.gen_repeats)
     out["plain_generate"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
@@ -269,8 +289,10 @@ def command(argv: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-1b")
-    parser.add_argument("--scenarios", nargs="+", default=["s3", "s2", "s1"], choices=["s1", "s2", "s3"])
-    parser.add_argument("--rows", type=int, default=64, help="most rows per batch (both implementations)")
+    parser.add_argument("--scenarios", nargs="+", default=["s1", "s3", "s2"], choices=["s1", "s2", "s3"])
+    parser.add_argument("--s2-rows", type=int, default=128,
+                        help="S2: most rows per batch (both; PEFT's batches are its task groups, 32 or 2 rows)")
+    parser.add_argument("--s3-rows", type=int, nargs="+", default=[64, 256], help="S3's batch sizes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gen-repeats", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "serve_throughput.json"))

@@ -544,3 +544,22 @@ def test_property_truncation(gpt2_tokenizer, gpt2_enc, which, text, max_length):
     assert keep(row) == keep(full)
     if len(full.input_ids) <= max_length:
         assert row == full
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.text(alphabet=string.ascii_letters + " .,!'[]<>|" + "éß", max_size=30), min_size=1, max_size=6))
+def test_pretokenized_batch_gives_the_ids_of_one_by_one(gpt2_enc, bert_enc, texts):
+    """The engine tokenizes a batch's field values in one call (`pretokenized`): every row
+    encodes exactly as it does alone, special-token text ("[MASK]", "<|endoftext|>") and
+    word-boundary forms included."""
+    texts = texts + ["[MASK] <|endoftext|> [SEP]"]
+    for make in (gpt2_enc, bert_enc):
+        enc = make("{a} [P:2] and {b} ? [MASK]")  # a field at the start, one after a word
+        fields = enc.template.fields
+        examples = [{f: t for f in fields} for t in texts]
+        alone = [enc.encode(e) for e in examples]
+        with enc.pretokenized(texts):
+            assert enc._local.memo  # the batch was tokenized once ...
+            batched = [enc.encode(e) for e in examples]
+        assert batched == alone  # ... and gave every row its own ids
+        assert enc._local.memo is None

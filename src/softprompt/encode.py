@@ -11,8 +11,10 @@ before pads. Truncation shortens only placeholders (longest first, from their en
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -94,6 +96,7 @@ class TemplateEncoder:
         self.pad_id = self._pad_id()
         self.mask_id = None if self.causal or not template.has_mask else self._mask_id()
         self._probe = tokenizer("x", add_special_tokens=False)["input_ids"]
+        self._local = threading.local()  # `pretokenized` memo of the calling thread
         self._anchor_ids = {}
 
     # -- tokenization helpers -------------------------------------------------
@@ -130,6 +133,9 @@ class TemplateEncoder:
         """
         if not text:
             return []
+        memo = getattr(self._local, "memo", None)
+        if data and memo is not None and (text, space_before) in memo:
+            return list(memo[(text, space_before)])
         kwargs = {"add_special_tokens": False}
         if data:
             kwargs["split_special_tokens"] = True
@@ -138,6 +144,35 @@ class TemplateEncoder:
             if ids[: len(self._probe)] == self._probe:
                 return list(ids[len(self._probe) :])
         return list(self.tokenizer(text, **kwargs)["input_ids"])
+
+    @contextmanager
+    def pretokenized(self, texts: Iterable[str]) -> Iterator[None]:
+        """Tokenize many field values at once for the `encode` calls inside the block.
+
+        A fast tokenizer encodes a list in one call (in parallel where it may), where one
+        call per value costs more than the tokenization itself for short texts. Each text
+        is tokenized in both forms `tokenize` may need (after a word boundary and not);
+        the ids are the ones `tokenize(text, space, data=True)` returns.
+        """
+        texts = list(dict.fromkeys(t for t in texts if isinstance(t, str) and t))
+        memo: dict[tuple[str, bool], list[int]] = {}
+        try:
+            kwargs = {"add_special_tokens": False, "split_special_tokens": True}
+            plain = self.tokenizer(texts, **kwargs)["input_ids"] if texts else []
+            spaced = self.tokenizer(["x " + t for t in texts], **kwargs)["input_ids"] if texts else []
+        except Exception:  # a value the tokenizer refuses: `encode` meets it alone and says which
+            plain = spaced = []
+        n = len(self._probe)
+        if plain:
+            for text, ids, probed in zip(texts, plain, spaced):
+                memo[(text, False)] = ids
+                memo[(text, True)] = probed[n:] if probed[:n] == self._probe else ids
+        previous = getattr(self._local, "memo", None)
+        self._local.memo = memo
+        try:
+            yield
+        finally:
+            self._local.memo = previous
 
     def _anchor(self, item: Anchor, space: bool) -> list[int]:
         key = (item.text, space)

@@ -50,18 +50,26 @@ def _sample_vocab_rows(weight: torch.Tensor, n: int, generator: torch.Generator,
     pool = weight.shape[0] if allowed is None else len(allowed)
     picks = torch.randint(0, pool, (n,), generator=generator)
     ids = picks if allowed is None else allowed[picks]
-    return weight[ids.to(weight.device)]
+    return _rows(weight, ids)
+
+
+def _rows(weight: torch.Tensor, ids) -> torch.Tensor:
+    """Rows `ids` of the embedding table as a new fp32 CPU tensor: (len(ids), D)."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    return weight[ids.to(weight.device)].float().cpu()
 
 
 def initial_table(config: PromptTuningConfig, P: int, embeddings: torch.Tensor, tokenizer) -> torch.Tensor:
     """The ``[P, D]`` starting table for `config.init` (fp32, on CPU)."""
-    weight = embeddings.detach().float().cpu()
+    # Only the rows (or the one statistic) the init reads leave the table's device: a
+    # copy of a 128k-word table to the host costs a second per prompt.
+    weight = embeddings.detach()
     generator = torch.Generator().manual_seed(config.init_seed)
     specials = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
     if config.init == "random":
-        return torch.randn(P, weight.shape[1], generator=generator) * weight.std()
+        return torch.randn(P, weight.shape[1], generator=generator) * weight.float().std().item()
     if config.init == "vocab":
-        return _sample_vocab_rows(weight, P, generator, specials).clone()
+        return _sample_vocab_rows(weight, P, generator, specials)
     if tokenizer is None:
         raise ConfigError(f"PromptTuningConfig.init={config.init!r} needs the tokenizer: pass tokenizer=...")
     if config.init == "text":
@@ -69,12 +77,12 @@ def initial_table(config: PromptTuningConfig, P: int, embeddings: torch.Tensor, 
         if not ids:
             raise ConfigError(f"PromptTuningConfig.init_text {config.init_text!r} tokenizes to nothing")
         ids = (ids * (P // len(ids) + 1))[:P]
-        return weight[torch.tensor(ids)].clone()
+        return _rows(weight, ids)
     ids = [i for word in config.label_words for i in tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]]
-    rows = weight[torch.tensor(ids[:P], dtype=torch.long)]
+    rows = _rows(weight, ids[:P])
     if len(rows) < P:
         rows = torch.cat([rows, _sample_vocab_rows(weight, P - len(rows), generator, specials)])
-    return rows.clone()
+    return rows
 
 
 class PromptTuning(PromptModule):

@@ -6,15 +6,17 @@ and their keys and values merged into the shared cache) and leave it as soon as 
 carries finished rows, and waiting rows do not wait for the whole batch to end. Each row
 keeps its own sampling settings (greedy, or temperature / top-k / top-p).
 
-The shared cache is a transformers `DynamicCache`; rows of different lengths are aligned
-on the right (the newest column is every row's current token), shorter ones padded on
-the left with masked zeros; each row carries its own position.
+The running batch lives in fixed decode slots (`slots.py`): rows of different lengths are
+aligned on the right (the newest column is every row's current token), shorter ones padded
+on the left with masked columns; each row carries its own position. On a GPU the decode
+step is a replayed CUDA graph; joining rows are prefilled eagerly (their lengths vary).
 
 Greedy rows give exactly what transformers' `generate()` gives each row alone (tested).
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -27,6 +29,7 @@ from ..encode import EncodedRow
 from ..forward import embed
 from .bank import PromptBank
 from .mixed import collate_mixed, encode_mixed
+from .slots import DecodeSlots
 
 
 @dataclass
@@ -68,8 +71,8 @@ class DecodeRow:
     on_token: Callable[[int], bool] = lambda token: False
     on_done: Callable[["DecodeRow"], None] | None = None
     tokens: list[int] = field(default_factory=list)
-    result: Any = None
-    encoded: EncodedRow | None = None  # the row already encoded by its task (else encoded here)  # what on_done made of the row (the engine's Result)
+    result: Any = None  # what on_done made of the row (the engine's Result)
+    encoded: EncodedRow | None = None  # the row already encoded by its task (else encoded here)
 
 
 def _pick(logits: torch.Tensor, rows: Sequence[DecodeRow], generator: torch.Generator | None) -> torch.Tensor:
@@ -103,56 +106,127 @@ class Decoder:
         bank: the tasks (a causal LM base).
         max_rows: most rows decoding at once.
         admit: called between steps for more rows when there is room (the server's queue);
-            returns a list of rows (possibly empty).
+            returns a list of rows (possibly empty). `run` may name another.
+        graphs: record the decode step as a CUDA graph on `max_rows` fixed slots kept from
+            run to run (default: when the base model is on a CUDA device; on a CPU the fixed
+            slots step eagerly); False: the step runs eagerly on as many slots as there are
+            rows.
+        columns: the slots' first allocation of cache columns (default: the first rows'
+            length plus their token budget, rounded up to 64); they grow when rows need more.
+
+    A decoder keeps its slots (and its captured graph) from one `run` to the next when it
+    uses graphs: keep one per server. `run` calls are serialised.
     """
 
     def __init__(self, bank: PromptBank, *, max_rows: int = 64, admit: Callable[[int], list[DecodeRow]] | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, graphs: bool | None = None, columns: int | None = None):
         self.bank = bank
         self.base = bank.base
         self.max_rows = max_rows
         self.admit = admit
         self.generator = generator
+        self.graphs = graphs
+        self.columns = columns
+        self.slots: DecodeSlots | None = None
         self.steps = 0  # forward calls of the last run (prefills included), for tests and metrics
+        self._rows: list[DecodeRow | None] = []  # the row in each slot
+        self._fixed = False  # max_rows slots kept between runs (graph mode), or slots sized to the rows
+        self._lock = threading.Lock()
+
+    @property
+    def uses_graphs(self) -> bool:
+        if self.graphs is not None:
+            return self.graphs
+        return self.base.get_input_embeddings().weight.is_cuda
 
     @torch.no_grad()
-    def run(self, rows: Sequence[DecodeRow]) -> list[DecodeRow]:
+    def run(self, rows: Sequence[DecodeRow], admit: Callable[[int], list[DecodeRow]] | None = None) -> list[DecodeRow]:
         """Decode every row (and any the `admit` hook adds); each row's `tokens` holds its
         new tokens (without the end-of-sequence token) when it returns."""
-        waiting = deque(rows)
-        active: list[DecodeRow] = []
-        cache = mask = positions = current = None
-        self.steps = 0
-        done_rows: list[DecodeRow] = []
-        while waiting or active or self.admit is not None:
-            room = self.max_rows - len(active)
-            if room > 0 and self.admit is not None:
-                waiting.extend(self.admit(room - len(waiting)) if room > len(waiting) else [])
-            if not waiting and not active:
-                break
-            if waiting and room > 0:
-                joining = [waiting.popleft() for _ in range(min(room, len(waiting)))]
-                first, j_cache, j_mask, j_pos = self._prefill(joining)
-                cache, mask, positions = _merge(self.base, cache, mask, positions, j_cache, j_mask, j_pos)
-                active += joining
-                current = first if current is None else torch.cat([current, first])
-                finished = [self._emit(r, int(t)) for r, t in zip(joining, first.tolist())]
-                keep = [True] * (len(active) - len(joining)) + [not f for f in finished]
-                cache, mask, positions, current, active = self._drop(keep, cache, mask, positions, current, active,
-                                                                     done_rows)
-                continue  # admit more before the next step if the joiners ended at once
-            if not active:
-                continue
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = self.base(input_ids=current[:, None], attention_mask=mask, position_ids=positions[:, None],
-                            past_key_values=cache, use_cache=True, return_dict=True)
-            self.steps += 1
-            cache, positions = out.past_key_values, positions + 1
-            current = _pick(out.logits[:, -1], active, self.generator)
-            finished = [self._emit(r, int(t)) for r, t in zip(active, current.tolist())]
-            cache, mask, positions, current, active = self._drop([not f for f in finished], cache, mask, positions,
-                                                                 current, active, done_rows)
+        admit = admit or self.admit
+        with self._lock:
+            try:
+                self._loop(deque(rows), admit)
+            finally:
+                self._rows = [None] * len(self._rows)
+                if self.slots is not None:
+                    if self._fixed:  # fixed slots (and their graph) serve the next run
+                        self.slots.reset()
+                    else:  # slots sized to this run's rows: give the memory back
+                        self.slots, self._rows = None, []
         return list(rows)
+
+    def _loop(self, waiting: deque, admit) -> None:
+        self.steps = 0
+        while True:
+            active = sum(r is not None for r in self._rows)
+            room = self.max_rows - active
+            if room > len(waiting) and admit is not None:
+                waiting.extend(admit(room - len(waiting)))
+            if not waiting and not active:
+                return
+            if waiting and room > 0:
+                self._join([waiting.popleft() for _ in range(min(room, len(waiting)))])
+                continue  # admit more before the next step if the joiners ended at once
+            self._step()
+
+    def _step(self) -> None:
+        slots = self.slots
+        slots.step()
+        self.steps += 1
+        tokens = slots.greedy.tolist()  # the one host synchronisation of a step
+        sampled = [s for s, r in enumerate(self._rows) if r is not None and r.sampling.do_sample]
+        if sampled:
+            index = torch.tensor(sampled, device=slots.logits.device)
+            chosen = _pick(slots.logits.index_select(0, index), [self._rows[s] for s in sampled], self.generator)
+            slots.set_tokens(sampled, chosen)
+            for s, token in zip(sampled, chosen.tolist()):
+                tokens[s] = token
+        for s, row in enumerate(self._rows):
+            if row is not None and self._emit(row, tokens[s]):
+                self._finish(s)
+        self._shrink()
+
+    def _join(self, joining: list[DecodeRow]) -> None:
+        """Prefill the joining rows and put them into free slots."""
+        first, cache, mask, positions = self._prefill(joining)
+        budget = min(max(r.sampling.max_new_tokens for r in joining), 256)  # grown further as needed
+        if self.slots is None:
+            graphs = self._fixed = self.uses_graphs
+            rows = self.max_rows if graphs else len(joining)
+            columns = self.columns or _round_up(mask.shape[1] + budget, 64)
+            self.slots = DecodeSlots(self.base, cache, rows, columns, graphs=graphs)
+            self._rows = [None] * rows
+        free = self.slots.free_slots()
+        if len(free) < len(joining):  # eager slots: make room for the joiners
+            self._resize(self.slots.rows - len(free) + len(joining))
+            free = self.slots.free_slots()
+        slots = free[: len(joining)]
+        self.slots.place(slots, cache, mask, first, positions, budget)
+        for s, row, token in zip(slots, joining, first.tolist()):
+            self._rows[s] = row
+            if self._emit(row, token):
+                self._finish(s)
+
+    def _finish(self, slot: int) -> None:
+        row = self._rows[slot]
+        self._rows[slot] = None
+        self.slots.free(slot)
+        if row.on_done is not None:
+            row.on_done(row)
+
+    def _shrink(self) -> None:
+        """Eager slots follow the rows: a quarter used, halve them (the step's cost is per slot)."""
+        active = sum(r is not None for r in self._rows)
+        if not self._fixed and active and active <= self.slots.rows // 4:
+            self._resize(2 * active)
+
+    def _resize(self, rows: int) -> None:
+        moved = self.slots.resize(rows)
+        placed: list[DecodeRow | None] = [None] * rows
+        for old, new in moved.items():
+            placed[new] = self._rows[old]
+        self._rows = placed
 
     def _emit(self, row: DecodeRow, token: int) -> bool:
         """Hand a row its new token; True when the row is done."""
@@ -161,23 +235,6 @@ class Decoder:
             return True
         row.tokens.append(token)
         return bool(row.on_token(token)) or len(row.tokens) >= s.max_new_tokens
-
-    @staticmethod
-    def _drop(keep, cache, mask, positions, current, active, done_rows):
-        if all(keep):
-            return cache, mask, positions, current, active
-        for r, k in zip(active, keep):
-            if not k:
-                done_rows.append(r)
-                if r.on_done is not None:
-                    r.on_done(r)
-        index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=mask.device)
-        active = [r for r, k in zip(active, keep) if k]
-        if not active:
-            return None, None, None, None, []
-        cache.batch_select_indices(index)
-        return cache, mask.index_select(0, index), positions.index_select(0, index), current.index_select(0, index), \
-            active
 
     def _prefill(self, rows: list[DecodeRow]):
         """One forward over the joining rows with their prompts: their first tokens, cache,
@@ -203,33 +260,8 @@ class Decoder:
         return first, out.past_key_values, full_mask, position_ids[:, -1] + 1
 
 
-def _merge(base, cache, mask, positions, new_cache, new_mask, new_positions):
-    """The running batch and joining rows in one cache: columns aligned on the right, the
-    shorter side padded on the left with masked zeros."""
-    if cache is None:
-        return new_cache, new_mask, new_positions
-    K_old, K_new = mask.shape[1], new_mask.shape[1]
-    K = max(K_old, K_new)
-    merged = DynamicCache(config=base.config)
-    for i, (old, new) in enumerate(zip(cache.layers, new_cache.layers)):
-        keys = torch.cat([_left_pad(old.keys, K), _left_pad(new.keys, K)], dim=0)
-        values = torch.cat([_left_pad(old.values, K), _left_pad(new.values, K)], dim=0)
-        merged.update(keys, values, i)
-    mask = torch.cat([_left_pad_mask(mask, K), _left_pad_mask(new_mask, K)], dim=0)
-    return merged, mask, torch.cat([positions, new_positions])
-
-
-def _left_pad(x: torch.Tensor, K: int) -> torch.Tensor:
-    """(B, H, k, D) -> (B, H, K, D) with zeros in front."""
-    if x.shape[2] == K:
-        return x
-    return torch.cat([x.new_zeros(x.shape[0], x.shape[1], K - x.shape[2], x.shape[3]), x], dim=2)
-
-
-def _left_pad_mask(mask: torch.Tensor, K: int) -> torch.Tensor:
-    if mask.shape[1] == K:
-        return mask
-    return torch.cat([mask.new_zeros(mask.shape[0], K - mask.shape[1]), mask], dim=1)
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 __all__ = ["Decoder", "DecodeRow", "Sampling"]

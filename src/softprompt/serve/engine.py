@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
@@ -130,6 +131,7 @@ class Engine:
         self.truncate = truncate
         self.max_length = max_length
         self.batches: list[tuple[str, int]] = []  # (kind, rows) of every batch run, for metrics
+        self._decoder: Decoder | None = None  # one for the engine's life: its slots (and CUDA graph) stay
 
     # -- convenience ----------------------------------------------------------
     def classify(self, task: str, inputs: Sequence[Any]) -> list[Any]:
@@ -162,11 +164,12 @@ class Engine:
         """
         results: list[Result | None] = [None] * len(requests)
         rows: list[_Row] = []
-        for i, request in enumerate(requests):
-            try:
-                rows.append(self._prepare(i, request))
-            except SoftPromptError as e:
-                results[i] = Result(request.task, error=str(e), status=_status(e))
+        with self._pretokenized(requests):
+            for i, request in enumerate(requests):
+                try:
+                    rows.append(self._prepare(i, request))
+                except SoftPromptError as e:
+                    results[i] = Result(request.task, error=str(e), status=_status(e))
         heads = [r for r in rows if not self._generates(r)]
         for batch in self._batches(heads):
             self._guarded(batch, results, self._run_heads, "forward")
@@ -182,6 +185,19 @@ class Engine:
                 for batch in self._batches(group):
                     self._guarded(batch, results, self._run_generation, "generate")
         return [r if r is not None else Result("", error="not run", status=500) for r in results]
+
+    @contextmanager
+    def _pretokenized(self, requests: Sequence[Request]) -> Iterator[None]:
+        """Each task's text inputs tokenized in one batched call (`TemplateEncoder.pretokenized`)."""
+        texts: dict[str, list[str]] = {}
+        for request in requests:
+            values = request.input.values() if isinstance(request.input, dict) else [request.input]
+            if request.task in self.bank:
+                texts.setdefault(request.task, []).extend(v for v in values if isinstance(v, str))
+        with ExitStack() as stack:
+            for task, values in texts.items():
+                stack.enter_context(self.bank[task].model.encoder.pretokenized(values))
+            yield
 
     def _prepare(self, index: int, request: Request) -> _Row:
         entry = self.bank[request.task]
@@ -324,7 +340,9 @@ class Engine:
 
         decode_rows = [self._decode_row(r) for r in batch]
         try:
-            Decoder(self.bank, max_rows=self.max_batch_rows, admit=more if admit else None).run(decode_rows)
+            if self._decoder is None:
+                self._decoder = Decoder(self.bank, max_rows=self.max_batch_rows)
+            self._decoder.run(decode_rows, admit=more if admit else None)
         except Exception as e:  # the rows that joined have no other way to hear of it
             for row, on_result in joined:
                 if getattr(row, "result", None) is None:
