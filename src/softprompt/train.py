@@ -330,7 +330,9 @@ def train(
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=mixed)
+    # A base on the CPU trains on the CPU; launched as several processes (torchrun), that is
+    # accelerate's multi-CPU mode (gloo), which it enters only when told the run is on the CPU.
+    accelerator = Accelerator(mixed_precision=mixed, cpu=model.device.type == "cpu")
     set_seed(config.seed)
     task.bind(model)
     model.train()
@@ -375,6 +377,8 @@ def train(
             accelerator.backward(loss)
             step_loss += loss.detach().float().item()
             window_tokens += task.num_tokens(batch) * world
+        if world > 1:  # every process logs, checks and stops on the same loss: the global batch's
+            step_loss = accelerator.reduce(torch.tensor([step_loss], device=accelerator.device), "mean").item()
         if not math.isfinite(step_loss):
             stopped = f"non-finite loss ({step_loss}) at step {state['step'] + 1}"
             _finish(output, state, evals, metric, stopped, accelerator)
@@ -438,7 +442,8 @@ def train(
 def _finish(output: Path, state, evals, metric, stopped, accelerator) -> dict[str, Any]:
     best = next((e for e in evals if e["step"] == state["best_step"]), None)
     summary = {"metric": metric, "best": best, "best_step": state["best_step"], "steps": state["step"],
-               "train_seconds": round(state["train_seconds"], 3), "stopped": stopped}
+               "train_seconds": round(state["train_seconds"], 3), "stopped": stopped,
+               "processes": accelerator.num_processes}
     if accelerator.is_main_process:
         _write_json(output / "metrics.json", summary)
         plot_curves([tuple(x) for x in state["losses"]], evals, metric, output / "curves.png")
