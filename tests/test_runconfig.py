@@ -20,6 +20,15 @@ def test_yaml_and_sets_layer_in_order(tmp_path):
     assert cfg.template == "[P:2] {text} [MASK]" and cfg.train.patience is None
 
 
+def test_yaml_1_1_words_stay_words_in_sets():
+    """`--set train.mixed_precision=no` means the setting "no", not YAML 1.1's False;
+    true/false are still booleans."""
+    cfg = RunConfig()
+    apply_sets(cfg, ["train.mixed_precision=no", "train.progress=false", "task.pool=on"])
+    cfg.validate()
+    assert cfg.train.mixed_precision == "no" and cfg.train.progress is False and cfg.task_options == {"pool": "on"}
+
+
 @pytest.mark.parametrize("assignment,match", [
     ("train.lrr=0.1", r"unknown key 'train.lrr'; did you mean 'train.lr'"),
     ("modle=minilm", r"unknown key 'modle'; did you mean 'model'"),

@@ -92,6 +92,8 @@ def _coerce(raw: str) -> Any:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        return raw  # YAML 1.1 reads yes/no/on/off as booleans: `train.mixed_precision=no` means "no"
     return raw if isinstance(value, dict) else value
 
 
