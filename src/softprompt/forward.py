@@ -147,7 +147,7 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
     P = prompts.prefix_length
     if prompts.prefix is not None:
         kwargs["past_key_values"] = (
-            inject.decoder_prefix_cache(prompts.prefix, spec, base.config, B, _dtype(base))
+            inject.forward_prefix_cache(prompts.prefix, spec, base.config, B, _dtype(base))
             if spec.kind is ModelKind.CAUSAL
             else inject.encoder_prefix_cache(prompts.prefix, spec, B, _dtype(base))
         )
@@ -212,11 +212,14 @@ def encode_seq2seq(base, spec: ModelSpec, input_ids, attention_mask, prompt_inde
         return encoder(inputs_embeds=embeds, attention_mask=prompts.full_mask(attention_mask), return_dict=True)
 
 
-def decoder_cache(base, spec: ModelSpec, prompts: Prompts, batch_size: int):
-    """The decoder's pre-filled self-attention cache of an encoder-decoder (None: no deep prompt)."""
+def decoder_cache(base, spec: ModelSpec, prompts: Prompts, batch_size: int, *, generating: bool = False):
+    """The decoder's pre-filled self-attention cache of an encoder-decoder (None: no deep
+    prompt): read-only for a forward, growing for generation."""
     if prompts.prefix is None:
         return None
-    return inject.decoder_prefix_cache(prompts.prefix, spec, base.config, batch_size, _dtype(base))
+    if generating:
+        return inject.decoder_prefix_cache(prompts.prefix, spec, base.config, batch_size, _dtype(base))
+    return inject.forward_decoder_cache(prompts.prefix, spec, batch_size, _dtype(base))
 
 
 def generate(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_index: torch.Tensor,
@@ -240,7 +243,7 @@ def generate(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: tor
     if spec.kind is ModelKind.SEQ2SEQ:
         encoded = encode_seq2seq(base, spec, input_ids, attention_mask, prompt_index, prompts)
         kwargs: dict[str, Any] = dict(encoder_outputs=encoded, attention_mask=attention_mask)
-        cache = decoder_cache(base, spec, prompts, B)
+        cache = decoder_cache(base, spec, prompts, B, generating=True)
         if cache is None:
             return base.generate(**kwargs, **generate_kwargs)[:, 1:]  # drop the decoder start token
         start = base.generation_config.decoder_start_token_id

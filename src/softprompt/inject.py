@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
 from .architecture import ModelSpec
 from .errors import UnsupportedModelError
@@ -96,10 +96,79 @@ def decoder_prefix_cache(
     return _fill(DynamicCache(config=config), prefix, batch_size, dtype)
 
 
-def encoder_prefix_cache(prefix: torch.Tensor, spec: ModelSpec, batch_size: int, dtype: torch.dtype) -> DynamicCache:
-    """A Cache holding the encoder layers' part of the deep prefix (a fresh one per call:
-    attention appends to it)."""
-    return _fill(DynamicCache(), prefix[: spec.num_layers], batch_size, dtype)
+def encoder_prefix_cache(prefix: torch.Tensor, spec: ModelSpec, batch_size: int, dtype: torch.dtype) -> "PrefixCache":
+    """A read-only Cache holding the encoder layers' part of the deep prefix."""
+    return PrefixCache.of(prefix[: spec.num_layers], batch_size, dtype)
+
+
+class PrefixLayer(DynamicLayer):
+    """One layer's deep prefix, read-only: `update` returns the prefix followed by the
+    call's keys and values without storing them. A forward can then run twice on the same
+    cache: activation checkpointing recomputes each layer during the backward pass, and a
+    cache that appended would hand the recomputation P + 2S keys."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys, self.values = keys, values  # (B, H_kv, P, D_head)
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+class PrefixCache(Cache):
+    """The Cache of a forward without generation (training, scoring): `PrefixLayer`s."""
+
+    def __init__(self, layers: list[PrefixLayer]):
+        super().__init__(layers=layers)
+
+    @classmethod
+    def of(cls, prefix: torch.Tensor, batch_size: int, dtype: torch.dtype) -> "PrefixCache":
+        """prefix: (L, 2, H_kv, P, D_head) shared, or (L, 2, B, H_kv, P, D_head) per row."""
+        layers = []
+        for layer in range(prefix.shape[0]):
+            keys, values = prefix[layer, 0].to(dtype), prefix[layer, 1].to(dtype)
+            if keys.dim() == 3:
+                keys = keys.unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, H_kv, P, D_head), a view
+                values = values.unsqueeze(0).expand(batch_size, -1, -1, -1)
+            layers.append(PrefixLayer(keys, values))
+        return cls(layers)
+
+
+class _NeverRecorded(dict):
+    """An `EncoderDecoderCache.is_updated` that records nothing: every call computes its
+    cross-attention keys and values, so a recomputed (checkpointed) block saves the same
+    tensors as its first run."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
+def forward_decoder_cache(prefix: torch.Tensor, spec: ModelSpec, batch_size: int,
+                          dtype: torch.dtype) -> EncoderDecoderCache:
+    """The decoder cache of an encoder-decoder's forward without generation: the read-only
+    prefix for self-attention, and a cross-attention part that stores nothing."""
+    empty = torch.tensor([], dtype=dtype, device=prefix.device)  # cat() skips it; its length is 0
+    cross = PrefixCache([PrefixLayer(empty, empty) for _ in range(spec.num_decoder_layers)])
+    cache = EncoderDecoderCache(PrefixCache.of(prefix[spec.num_layers:], batch_size, dtype), cross)
+    cache.is_updated = _NeverRecorded()
+    return cache
+
+
+def forward_prefix_cache(prefix: torch.Tensor, spec: ModelSpec, config, batch_size: int,
+                         dtype: torch.dtype) -> Cache:
+    """The Cache of a causal LM's forward without generation: read-only `PrefixCache`,
+    unless the family has sliding-window layers (their cache layers trim what they keep:
+    the generation cache of `decoder_prefix_cache` is used as it is)."""
+    if has_sliding_layers(config):
+        return decoder_prefix_cache(prefix, spec, config, batch_size, dtype)
+    return PrefixCache.of(prefix, batch_size, dtype)
+
+
+def has_sliding_layers(config) -> bool:
+    """Whether transformers builds sliding-window cache layers for this model config."""
+    return any(type(layer) is not DynamicLayer for layer in DynamicCache(config=config).layers)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import forward
+from . import forward, inject
 from .architecture import ModelKind, ModelSpec, _forward_takes, base_identity, model_spec
 from .encode import PromptBatch, TemplateEncoder
 from .errors import ConfigError, EncodingError, UnsupportedModelError
@@ -71,6 +71,9 @@ class SoftPromptModel(nn.Module):
             else None
         )
         self._disabled = False
+        # A training-time view of the base (compiled / checkpointed blocks, see regions.py),
+        # kept out of the module tree: it shares the base's parameters.
+        self.__dict__["_train_base"] = None
         # Causal LMs of transformers 5 apply their LM head only at the columns named by
         # `logits_to_keep`: (B, S, V) logits are the largest tensor of a step otherwise.
         self._keeps_logits = self.spec.kind is ModelKind.CAUSAL and forward.keeps_logits(base)
@@ -136,6 +139,47 @@ class SoftPromptModel(nn.Module):
         finally:
             self._disabled = previous
 
+    @contextmanager
+    def accelerated(self, *, compile: bool = False, checkpointing: bool = False,
+                    compile_options: dict[str, Any] | None = None) -> Iterator[None]:
+        """Within the block, training forwards (``model.train()``, grad on) run the base
+        through a view with its repeated blocks compiled and/or checkpointed (regions.py);
+        evaluation and generation keep the base as it is. The base is never modified.
+
+        Args:
+            compile: `torch.compile` each block (regional compilation).
+            checkpointing: activation checkpointing of each block (deep prompts included).
+            compile_options: keyword arguments of `torch.compile`.
+        """
+        from . import regions
+
+        if checkpointing and self.deep and self.spec.kind is ModelKind.CAUSAL and inject.has_sliding_layers(
+                self.base.config):
+            raise ConfigError(f"{self.spec.model_type}: activation checkpointing with a deep prompt is not supported "
+                              "for families with sliding-window layers")
+        if checkpointing and self.deep and self.spec.kind is ModelKind.SEQ2SEQ:
+            # The encoder receives its prefix through hooks that live for one forward call;
+            # the recomputation of a checkpointed encoder block runs later, in the backward pass.
+            raise ConfigError(f"{self.spec.model_type}: activation checkpointing with a deep prompt is not supported "
+                              "for encoder-decoders")
+        base_view = regions.view(self.base, compile=compile, checkpointing=checkpointing,
+                                 compile_options=compile_options)
+        previous, self.__dict__["_train_base"] = self._train_base, base_view
+        dynamo = torch._dynamo.config
+        limit = dynamo.recompile_limit
+        if compile:
+            dynamo.recompile_limit = max(limit, regions.recompile_limit(self.base))
+        try:
+            yield
+        finally:
+            self.__dict__["_train_base"] = previous
+            dynamo.recompile_limit = limit
+
+    def _running_base(self) -> nn.Module:
+        if self._train_base is not None and self.training and torch.is_grad_enabled():
+            return self._train_base
+        return self.base
+
     def export(self) -> torch.Tensor:
         """The collapsed inference tensor: (P, D) for input methods, (L, 2, H_kv, P, D_head) for deep ones."""
         return self.prompt.export()
@@ -196,7 +240,7 @@ class SoftPromptModel(nn.Module):
                 raise EncodingError(f"every row needs its {self.num_virtual_tokens} virtual slots in prompt_index; "
                                     "build batches with encode()")
             prompts = self.prompts()
-        return forward.run(self.base, self.spec, batch["input_ids"], batch["attention_mask"], batch["prompt_index"],
+        return forward.run(self._running_base(), self.spec, batch["input_ids"], batch["attention_mask"], batch["prompt_index"],
                            prompts, answer_index=batch["answer_index"], field_index=batch["field_index"],
                            word_index=batch["word_index"], labels=labels, decoder_input_ids=decoder_input_ids,
                            output_hidden_states=output_hidden_states, logits=logits,

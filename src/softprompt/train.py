@@ -38,6 +38,7 @@ from .tasks.base import Task
 
 SCHEDULES = ("linear", "cosine", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class TrainingError(SoftPromptError):
@@ -62,7 +63,14 @@ class TrainConfig:
         eval_batch_size: examples per evaluation batch.
         patience: stop after this many evaluations without improvement (None: never).
         bucket: group examples of similar length into batches (less padding).
-        mixed_precision: auto (bf16 on a GPU, none on the CPU), no, bf16.
+        mixed_precision: auto (bf16 autocast for an fp32 base on a GPU; a base loaded in
+            bf16 / fp16, or on the CPU, runs as it is), no, bf16.
+        compile: `torch.compile` the base's repeated blocks for training forwards (regional
+            compilation): false, true (`torch.compile`'s default mode) or a mode name,
+            ``reduce-overhead`` (each block's forward and backward replayed as CUDA graphs:
+            fewer launches, for small models whose steps the host bounds) or ``max-autotune``.
+        gradient_checkpointing: recompute each block's activations in the backward pass
+            (less memory, about one more forward of time); works for deep prompts too.
         tensorboard: also write TensorBoard logs.
         progress: show a progress bar.
     """
@@ -82,6 +90,8 @@ class TrainConfig:
     patience: int | None = None
     bucket: bool = True
     mixed_precision: str = "auto"
+    compile: bool | str = False
+    gradient_checkpointing: bool = False
     tensorboard: bool = False
     progress: bool = True
 
@@ -101,6 +111,11 @@ class TrainConfig:
             raise ConfigError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.compile not in (True, False) + COMPILE_MODES:
+            raise ConfigError(f"train.compile must be true, false or one of {COMPILE_MODES}, got {self.compile!r}")
+        for name in ("bucket", "gradient_checkpointing", "tensorboard", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience <= 0):
             raise ConfigError(f"train.patience must be a positive integer or null, got {self.patience!r}")
 
@@ -161,6 +176,13 @@ def _param_groups(model, task: Task, config: TrainConfig) -> list[dict]:
     if not groups[0]["params"]:
         raise ConfigError("the prompt has no trainable parameters (a collapsed prompt? load it with trainable=True)")
     return groups
+
+
+def make_optimizer(model, task: Task, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the prompt and the head (their own learning rates); one fused kernel on a GPU."""
+    fused = model.device.type == "cuda"
+    return torch.optim.AdamW(_param_groups(model, task, config), weight_decay=config.weight_decay,
+                             fused=fused or None)
 
 
 # -- evaluation ---------------------------------------------------------------------
@@ -320,16 +342,27 @@ def train(
         TrainingError: empty training data, a non-finite loss (the last good checkpoint
             and best prompt are kept), or nothing to resume from.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     config.validate()
     if not train_examples:
         raise TrainingError("no training examples")
+    options = {"mode": config.compile} if isinstance(config.compile, str) else None
+    with model.accelerated(compile=config.compile is not False, checkpointing=config.gradient_checkpointing,
+                           compile_options=options):
+        return _train(model, task, train_examples, eval_examples, config, output, resume=resume, metadata=metadata)
+
+
+def _train(model, task: Task, train_examples: Sequence[dict], eval_examples: Sequence[dict] | None,
+           config: TrainConfig, output: str | os.PathLike, *, resume: bool, metadata: dict[str, Any] | None) -> RunResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
     output = Path(output)
     mixed = config.mixed_precision
     if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() else "no"
+        # Autocast pays for fp32 weights; over a bf16 base it only adds casts (and runs
+        # norms and softmaxes in fp32), so a half-precision base runs as it was loaded.
+        on_gpu = model.device.type == "cuda"
+        mixed = "bf16" if on_gpu and model.base.get_input_embeddings().weight.dtype == torch.float32 else "no"
     # A base on the CPU trains on the CPU; launched as several processes (torchrun), that is
     # accelerate's multi-CPU mode (gloo), which it enters only when told the run is on the CPU.
     accelerator = Accelerator(mixed_precision=mixed, cpu=model.device.type == "cpu")
@@ -338,7 +371,7 @@ def train(
     model.train()
     task.train()
     unit = PromptAndHead(model, task)
-    optimizer = torch.optim.AdamW(_param_groups(model, task, config), weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, task, config)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_metric": None, "best_step": None,
                              "bad_evals": 0, "losses": [], "tokens": 0, "train_seconds": 0.0}
     if resume:
@@ -372,13 +405,16 @@ def train(
             share = indices[rank * len(indices) // world : (rank + 1) * len(indices) // world]
             batch, targets = task.collate(model, [train_examples[i] for i in share])
             sync = nullcontext() if micro == config.grad_accum - 1 else accelerator.no_sync(wrapped)
+            if config.compile == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free
             with sync, accelerator.autocast():
                 loss = wrapped(batch, targets) / config.grad_accum
             accelerator.backward(loss)
-            step_loss += loss.detach().float().item()
+            step_loss = step_loss + loss.detach().float()  # on the device: no wait between micro-batches
             window_tokens += task.num_tokens(batch) * world
         if world > 1:  # every process logs, checks and stops on the same loss: the global batch's
-            step_loss = accelerator.reduce(torch.tensor([step_loss], device=accelerator.device), "mean").item()
+            step_loss = accelerator.reduce(step_loss.reshape(1), "mean")
+        step_loss = float(step_loss)  # the step's one wait for the device: the loss is checked before the update
         if not math.isfinite(step_loss):
             stopped = f"non-finite loss ({step_loss}) at step {state['step'] + 1}"
             _finish(output, state, evals, metric, stopped, accelerator)
@@ -399,14 +435,14 @@ def train(
         if bar is not None:
             elapsed = time.perf_counter() - window_start
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{window_tokens / max(elapsed, 1e-9):,.0f}",
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{float(window_tokens) / max(elapsed, 1e-9):,.0f}",
                             dev=f"{state['best_metric']:.4f}" if state["best_metric"] is not None else "-")
         last = state["step"] == config.steps
         if eval_examples and ((config.eval_every and state["step"] % config.eval_every == 0) or last):
             scores, _ = evaluate(model, task, eval_examples, config.eval_batch_size)
             elapsed = time.perf_counter() - window_start
             row = {"step": state["step"], "epoch": state["epoch"], "train_loss": sum(window_loss) / len(window_loss),
-                   **scores, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                   **scores, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": float(window_tokens) / max(elapsed, 1e-9),
                    "train_seconds": state["train_seconds"]}
             window_loss, window_tokens, window_start = [], 0, time.perf_counter()
             evals.append(row)

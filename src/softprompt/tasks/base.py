@@ -89,6 +89,7 @@ class Task(nn.Module):
     def from_config(cls, config: dict[str, Any]) -> "Task":
         raise NotImplementedError
 
-    def num_tokens(self, batch: PromptBatch) -> int:
-        """Tokens the model processes for `batch` (for tokens/s)."""
-        return int(batch["attention_mask"].sum())
+    def num_tokens(self, batch: PromptBatch) -> torch.Tensor:
+        """Tokens the model processes for `batch` (for tokens/s), as a 0-dim tensor on the
+        batch's device: the training loop adds them up without waiting for the device."""
+        return batch["attention_mask"].sum()
