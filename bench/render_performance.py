@@ -2,6 +2,7 @@
 
     python bench/render_performance.py
 
+Training: `bench/render_training.py` (train_throughput.json, train_distributed.json, train_profile_*.json).
 Serving: `bench/results/serve_throughput.json` (`bench/serve_throughput.py`, on a GPU),
 `bench/results/serve_http_gpu.json` and `serve_http.json` (`bench/serve_http.py`, GPU and CPU).
 The report's ``notes.analysis`` (lines written after a profile) is printed under the table. A scenario missing from a report is
@@ -16,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, write_text  # noqa: E402
+from render_training import training  # noqa: E402
 
 TARGETS = {"s3": 2.5, "s2_16": 1.5, "s2_256": 3.0, "s1": 20.0}
 
@@ -193,6 +195,7 @@ def render() -> str:
     ]
     https = [h for h in (_load("serve_http_gpu.json"), _load("serve_http.json")) if h is not None]
     lines += serving(_load("serve_throughput.json"), https)
+    lines += [""] + training()
     return "\n".join(lines)
 
 

@@ -155,7 +155,24 @@ def test_epoch_batches_cover_each_example_once_and_bucket_lengths():
     ("schedule", "step", "train.schedule must be one of"),
     ("lr", -1, "train.lr must be positive"),
     ("patience", 0, "train.patience"),
+    ("compile", "fast", "train.compile must be true, false or one of"),
+    ("gradient_checkpointing", "yes", "train.gradient_checkpointing must be true or false"),
 ])
 def test_bad_train_config(field, value, match):
     with pytest.raises(sp.ConfigError, match=match):
         TrainConfig(**{field: value}).validate()
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(wordpiece_tokenizer, tmp_path):
+    """train.gradient_checkpointing recomputes each block in the backward pass: same weights
+    (P-tuning v2: the deep prefix is kept under recomputation), dropout included."""
+    runs = []
+    for name, checkpointing in (("plain", False), ("checkpointed", True)):
+        model, task = setup(wordpiece_tokenizer)
+        train(model, task, DATA, None, small(steps=6, gradient_checkpointing=checkpointing), tmp_path / name)
+        runs.append(_weights(model, task))
+        assert model._train_base is None  # the training view is gone after the run
+    plain, checkpointed = runs
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert any((plain[k] != 0).any() for k in plain)

@@ -23,10 +23,10 @@ import math
 import os
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -216,7 +216,51 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def _save_checkpoint(directory: Path, unit: PromptAndHead, optimizer, state: dict[str, Any]) -> None:
+@contextmanager
+def _whole(wrapped, unit: PromptAndHead) -> Iterator[None]:
+    """Within the block the unit's own parameters are whole on every process.
+
+    Under FSDP 2 the parameters that belong to no sharded block (the prompt, the head, the
+    base's embeddings and final layers) are sharded tensors; evaluation and saving read them
+    outside the unit's forward, so each is replaced by its gathered copy until the block
+    ends (a collective: every process enters together). The base's sharded blocks gather
+    their own weights whenever they run. Elsewhere (one process, DDP) nothing happens.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP 2
+        FSDPModule = ()
+    if not isinstance(wrapped, FSDPModule):
+        yield
+        return
+    swapped = []
+
+    def gather(module: nn.Module) -> None:
+        for name, param in list(module._parameters.items()):
+            if param is not None and hasattr(param, "full_tensor"):
+                module._parameters[name] = nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
+                swapped.append((module, name, param))
+        for child in module.children():
+            if not isinstance(child, FSDPModule):  # a sharded block gathers itself
+                gather(child)
+
+    gather(unit)
+    try:
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) optimizer state gathered whole (a collective: every process calls it)."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def _save_checkpoint(directory: Path, unit: PromptAndHead, optimizer, state: dict[str, Any], *,
+                     write: bool = True) -> None:
+    """Every process calls this (sharded optimizer states are gathered collectively);
+    the process with `write` writes."""
     tensors: dict[str, torch.Tensor] = {}
     for k, v in unit.model.prompt.state_dict().items():
         tensors[f"prompt.{k}"] = v
@@ -225,7 +269,9 @@ def _save_checkpoint(directory: Path, unit: PromptAndHead, optimizer, state: dic
     opt = optimizer.state_dict()
     for index, param_state in opt["state"].items():
         for key, value in param_state.items():
-            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{index}.{key}"] = _full(value) if torch.is_tensor(value) else torch.tensor(value)
+    if not write:
+        return
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -439,34 +485,36 @@ def _train(model, task: Task, train_examples: Sequence[dict], eval_examples: Seq
                             dev=f"{state['best_metric']:.4f}" if state["best_metric"] is not None else "-")
         last = state["step"] == config.steps
         if eval_examples and ((config.eval_every and state["step"] % config.eval_every == 0) or last):
-            scores, _ = evaluate(model, task, eval_examples, config.eval_batch_size)
-            elapsed = time.perf_counter() - window_start
-            row = {"step": state["step"], "epoch": state["epoch"], "train_loss": sum(window_loss) / len(window_loss),
-                   **scores, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": float(window_tokens) / max(elapsed, 1e-9),
-                   "train_seconds": state["train_seconds"]}
-            window_loss, window_tokens, window_start = [], 0, time.perf_counter()
-            evals.append(row)
-            improved = state["best_metric"] is None or scores[metric] > state["best_metric"]
-            if improved:
-                state["best_metric"], state["best_step"], state["bad_evals"] = scores[metric], state["step"], 0
-            else:
-                state["bad_evals"] += 1
-            if accelerator.is_main_process:
-                _append_metrics(output / "metrics.jsonl", row)
-                if writer is not None:
-                    for k, v in scores.items():
-                        writer.add_scalar(f"dev/{k}", v, state["step"])
+            with _whole(wrapped, unit):  # every process: evaluation and saving see the whole prompt
+                scores, _ = evaluate(model, task, eval_examples, config.eval_batch_size)
+                elapsed = time.perf_counter() - window_start
+                row = {"step": state["step"], "epoch": state["epoch"], "train_loss": sum(window_loss) / len(window_loss),
+                       **scores, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": float(window_tokens) / max(elapsed, 1e-9),
+                       "train_seconds": state["train_seconds"]}
+                window_loss, window_tokens, window_start = [], 0, time.perf_counter()
+                evals.append(row)
+                improved = state["best_metric"] is None or scores[metric] > state["best_metric"]
                 if improved:
-                    save_for_inference(model, task, output / "prompt",
-                                       {**(metadata or {}), "step": state["step"], "dev": scores})
-                _save_checkpoint(output / "checkpoint", unit, optimizer, state)
+                    state["best_metric"], state["best_step"], state["bad_evals"] = scores[metric], state["step"], 0
+                else:
+                    state["bad_evals"] += 1
+                if accelerator.is_main_process:
+                    _append_metrics(output / "metrics.jsonl", row)
+                    if writer is not None:
+                        for k, v in scores.items():
+                            writer.add_scalar(f"dev/{k}", v, state["step"])
+                    if improved:
+                        save_for_inference(model, task, output / "prompt",
+                                           {**(metadata or {}), "step": state["step"], "dev": scores})
+                _save_checkpoint(output / "checkpoint", unit, optimizer, state, write=accelerator.is_main_process)
             if config.patience and state["bad_evals"] >= config.patience:
                 stopped = f"early stopping: no better dev {metric} in {config.patience} evaluations"
                 break
-        elif last and accelerator.is_main_process:
-            if not eval_examples:
-                save_for_inference(model, task, output / "prompt", {**(metadata or {}), "step": state["step"]})
-            _save_checkpoint(output / "checkpoint", unit, optimizer, state)
+        elif last:
+            with _whole(wrapped, unit):
+                if not eval_examples and accelerator.is_main_process:
+                    save_for_inference(model, task, output / "prompt", {**(metadata or {}), "step": state["step"]})
+                _save_checkpoint(output / "checkpoint", unit, optimizer, state, write=accelerator.is_main_process)
     if bar is not None:
         bar.close()
     if writer is not None:

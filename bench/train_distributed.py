@@ -1,0 +1,144 @@
+"""Training on more than one GPU with `accelerate launch`: data-parallel (DDP) and FSDP (the
+frozen base sharded), through `softprompt.train.train` itself, against one GPU.
+
+    python bench/train_distributed.py --out bench/results/train_distributed.json     # on 2 GPUs
+
+It launches, for each configuration, the same worker (this file with ``--worker``):
+
+  1 GPU       python bench/train_distributed.py --worker ...
+  DDP, 2 GPUs accelerate launch --multi_gpu --num_processes 2 bench/train_distributed.py --worker ...
+  FSDP 2 GPUs accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 \\
+                --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer \\
+                bench/train_distributed.py --worker ...
+
+The worker builds a randomly initialised Llama shape in bf16 on its process's GPU (same seed
+on every process), a prompt-tuning prompt (20 virtual tokens) with a verbalizer, and trains
+on random ~256-token texts with the same global batch in every configuration, one run of
+--steps steps (its first steps included, as in any run). Scaling efficiency =
+tokens/s on 2 GPUs / (2 x tokens/s on 1 GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, versions, write_json  # noqa: E402
+
+FSDP = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+        "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "--fsdp_reshard_after_forward", "true"]
+
+
+def worker(args) -> None:
+    import train_throughput as tt
+
+    import softprompt as sp
+    from softprompt.tasks import Verbalizer
+    from softprompt.train import TrainConfig, train
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    tok = tt.tokenizer()
+    base = tt.build_base(args.model, f"cuda:{local}" if cuda else "cpu")
+    model = sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:20] {text} It was [MASK] ."), tokenizer=tok)
+    task = Verbalizer({"positive": " great", "negative": " terrible"})
+    rng = random.Random(0)
+    vocab = [w for w in ("the a film plot actor scene story music light dark long short good bad slow fast "
+                         "moving funny quiet loud cast script ending").split()]
+    examples = [{"text": " ".join(rng.choice(vocab) for _ in range(args.words)), "label": rng.choice(["positive", "negative"])}
+                for _ in range(args.batch_size * (args.steps + 8))]
+    tokens_per_example = sum(int(model.encode(e)["attention_mask"].sum()) for e in examples[:64]) / 64
+    # One run, as a user runs it (FSDP 2 shards the model in place: it is prepared once).
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, eval_every=0, progress=False, bucket=False,
+                         lr=1e-3, warmup_ratio=0.0)
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        result = train(model, task, examples, None, config, out)
+        seconds = {"timed": (result.metrics["train_seconds"], time.perf_counter() - start)}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    peaks = [peak]
+    if world > 1 and torch.distributed.is_initialized():
+        peaks = [None] * world
+        torch.distributed.all_gather_object(peaks, peak)
+    if int(os.environ.get("RANK", 0)) == 0:
+        step_s = seconds["timed"][0] / args.steps
+        Path(args.result).write_text(json.dumps({
+            "processes": world, "model": args.model, "global_batch": args.batch_size,
+            "tokens_per_example": round(tokens_per_example, 1), "ms_per_step": round(step_s * 1e3, 2),
+            "tokens_per_s": round(args.batch_size * tokens_per_example / step_s, 1),
+            "peak_gib_per_process": [round(p, 2) for p in peaks], "wall_s_timed_run": round(seconds["timed"][1], 2),
+            "distributed": os.environ.get("ACCELERATE_USE_FSDP") == "true" and "fsdp2" or (world > 1 and "ddp") or "none",
+        }))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def launch(prefix: list[str], args, model: str, label: str, report: dict, out: Path) -> None:
+    result = Path(tempfile.mkdtemp()) / "result.json"
+    command = prefix + [str(Path(__file__).resolve()), "--worker", "--model", model, "--batch-size",
+                        str(args.batch_size), "--steps", str(args.steps), "--words", str(args.words),
+                        "--result", str(result)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    row = {"config": label, "command": " ".join(c if c != str(Path(__file__).resolve()) else "bench/train_distributed.py"
+                                                for c in command[:-2])}
+    if done.returncode == 0 and result.exists():
+        row.update(json.loads(result.read_text()))
+    else:
+        row["error"] = (done.stderr or done.stdout)[-2500:]
+    row["launch_s"] = round(time.perf_counter() - start, 1)
+    report["rows"].append(row)
+    print({k: v for k, v in row.items() if k != "error"}, row.get("error", "")[-600:], flush=True)
+    write_json(report, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--model", default="llama-1b")
+    parser.add_argument("--fsdp-model", default="llama-8b")
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch (split over the processes)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--words", type=int, default=240)
+    parser.add_argument("--result", default="")
+    parser.add_argument("--configs", default="1gpu,ddp,fsdp-1gpu,fsdp")
+    parser.add_argument("--timeout", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_distributed.json")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    report = {"benchmark": "train_distributed", "device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}",
+              "versions": versions(), "rows": []}
+    python, accelerate = [sys.executable], [sys.executable, "-m", "accelerate.commands.launch"]
+    plans = {
+        "1gpu": (python, args.model),
+        "ddp": (accelerate + ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"], args.model),
+        "fsdp-1gpu": (python, args.fsdp_model),
+        "fsdp": (accelerate + FSDP + ["--num_processes", "2", "--mixed_precision", "no"], args.fsdp_model),
+    }
+    for label in args.configs.split(","):
+        prefix, model = plans[label]
+        launch(prefix, args, model, label, report, args.out)
+    rows = {r["config"]: r for r in report["rows"] if "tokens_per_s" in r}
+    for two, one in (("ddp", "1gpu"), ("fsdp", "fsdp-1gpu")):
+        if two in rows and one in rows:
+            rows[two]["scaling_efficiency"] = round(rows[two]["tokens_per_s"] / (2 * rows[one]["tokens_per_s"]), 3)
+    write_json(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
