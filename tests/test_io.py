@@ -168,3 +168,35 @@ def test_llama_gqa_prefix_round_trip(gpt2_tokenizer, tmp_path):
     model = sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=3), tokenizer=gpt2_tokenizer)
     model.save_pretrained(tmp_path / "p")
     assert json.loads((tmp_path / "p" / "prompt_config.json").read_text())["tensor_shape"] == [2, 2, 2, 3, 8]
+
+
+@pytest.mark.parametrize("config", [sp.PromptTuningConfig(num_virtual_tokens=3), sp.PTuningV2Config(num_virtual_tokens=3)])
+def test_bfloat16_storage_halves_the_file_and_loads_the_rounded_prompt(gpt2_tokenizer, tmp_path, config):
+    base = make_gpt2(gpt2_tokenizer)
+    model = sp.SoftPromptModel(base, config, tokenizer=gpt2_tokenizer)
+    model.save_pretrained(tmp_path / "fp32", save_trainable=False)
+    model.save_pretrained(tmp_path / "bf16", save_trainable=False, dtype="bfloat16")
+    fp32, bf16 = ((tmp_path / d / "prompt.safetensors").stat().st_size for d in ("fp32", "bf16"))
+    tensor = model.export()
+    assert abs((fp32 - bf16) - 2 * tensor.numel()) <= 8  # two bytes fewer per value (header padding aside)
+    assert json.loads((tmp_path / "bf16" / "prompt_config.json").read_text())["tensor_dtype"] == "bfloat16"
+    loaded = sp.SoftPromptModel.from_pretrained(base, tmp_path / "bf16", tokenizer=gpt2_tokenizer)
+    assert loaded.export().dtype == torch.float32
+    assert torch.equal(loaded.export(), tensor.bfloat16().float())  # exactly the rounded values
+    assert not torch.equal(loaded.export(), tensor)  # rounding happened (the test can tell)
+    batch = model.encode({"text": "a gem of a film"})
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0.05, atol=0.05)
+
+
+def test_bad_storage_dtype_is_refused_and_other_dtypes_on_disk_are_named(saved, tmp_path):
+    model, base, path = saved
+    with pytest.raises(sp.ConfigError, match="dtype must be one of"):
+        model.save_pretrained(tmp_path / "x", dtype="float16")
+    assert not (tmp_path / "x").exists()
+    from safetensors.torch import load_file, save_file
+
+    tensor = load_file(path / "prompt.safetensors")["prompt"]
+    save_file({"prompt": tensor.half()}, str(path / "prompt.safetensors"))
+    with pytest.raises(sp.PromptFileError, match="prompt.safetensors: tensor 'prompt' is torch.float16"):
+        sp.SoftPromptModel.from_pretrained(base, path)

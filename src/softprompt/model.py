@@ -288,7 +288,8 @@ class SoftPromptModel(nn.Module):
         """Write the prompt to `directory` atomically: ``prompt_config.json`` and
         ``prompt.safetensors`` (the collapsed tensor), plus ``trainable.safetensors`` (the
         full trainable state, to resume training) unless `save_trainable` is False.
-        ``extra_tensors`` / ``extra_json`` add files to the same write (see `io.save_prompt`)."""
+        ``extra_tensors`` / ``extra_json`` add files to the same write; ``dtype="bfloat16"``
+        stores the collapsed tensor in half the bytes (see `io.save_prompt`)."""
         from .io import save_prompt
 
         save_prompt(self, directory, save_trainable=save_trainable, metadata=metadata, **extra)
