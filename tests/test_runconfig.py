@@ -63,3 +63,12 @@ def test_method_aliases():
     cfg = RunConfig(method="p_tuning_v2")
     cfg.validate()
     assert cfg.method == "p-tuning-v2"
+
+
+@pytest.mark.parametrize("value,expected", [("true", True), ("false", False), ("reduce-overhead", "reduce-overhead"),
+                                            ("default", "default")])
+def test_compile_setting_takes_a_switch_or_a_mode(value, expected):
+    cfg = RunConfig()
+    apply_sets(cfg, [f"train.compile={value}", "train.gradient_checkpointing=true"])
+    cfg.validate()
+    assert cfg.train.compile == expected and cfg.train.gradient_checkpointing is True

@@ -107,17 +107,27 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         prompts: Prompts, *, answer_index: torch.Tensor | None = None, field_index: torch.Tensor | None = None,
         word_index: torch.Tensor | None = None, labels: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
-        logits: str = "all", lm_head_columns: bool = False) -> SoftPromptOutput:
+        logits: str = "all", lm_head_columns: bool = False, virtual_tokens: int | None = None) -> SoftPromptOutput:
     """Run `base` on a batch with `prompts` (see `SoftPromptModel.forward` for the arguments).
 
     Args:
         lm_head_columns: `base` takes ``logits_to_keep`` (see `keeps_logits`).
+        virtual_tokens: every row must hold exactly this many virtual slots (checked).
+
+    The forward waits for the device at most twice before the base model runs (the rows'
+    virtual-slot counts, and the answer columns when the LM head is applied there only):
+    a training step's host work overlaps the device's otherwise.
     """
     if logits not in LOGITS:
         raise ConfigError(f"logits must be 'all', 'answer' or 'none', got {logits!r}")
     if labels is not None and logits != "all":
         raise ConfigError("a token loss (labels=...) reads the logits of every position: use logits='all'")
-    keep = inject.real_token_index(prompt_index)  # (B, T)
+    counts = (prompt_index >= 0).sum(1)  # (B,) virtual slots per row
+    fewest, most = torch.stack(torch.aminmax(counts)).tolist()  # one read for the check and for T
+    if virtual_tokens is not None and not fewest == most == virtual_tokens:
+        raise EncodingError(f"every row needs its {virtual_tokens} virtual slots in prompt_index; "
+                            "build batches with encode()")
+    keep = inject.real_token_index(prompt_index, fewest)  # (B, T)
     align = lambda x: inject.gather_tokens(x, keep)  # noqa: E731
     # A row with more virtual slots than another of the batch (tasks of a mixed batch) ends
     # its T entries with virtual positions: they are not real tokens.
@@ -153,13 +163,17 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         )
     if spec.accepts_position_ids:
         kwargs["position_ids"] = inject.position_ids(full_mask, spec)[:, P:]
-    wants_answer = logits != "none" and answer_index is not None and bool((answer_index >= 0).any())
+    answers: list[int] = []  # the distinct answer columns of the batch, -1 for rows without one
+    if logits != "none" and answer_index is not None:
+        answers = answer_index.unique().tolist()
+    wants_answer = bool(answers) and answers[-1] >= 0
     position = columns = None
     if wants_answer:
         position = answer_index.clamp(min=0)  # (B,) column of the answer slot in the row
     if logits != "all" and lm_head_columns:
         if wants_answer:
-            columns = torch.unique(position)  # (K,) sorted; K = 1 when every row ends at its answer
+            # (K,) sorted; K = 1 when every row ends at its answer
+            columns = torch.tensor(sorted({max(c, 0) for c in answers}), device=answer_index.device)
             kwargs["logits_to_keep"] = columns
         else:
             kwargs["logits_to_keep"] = 1  # the fewest the LM head computes

@@ -198,17 +198,19 @@ def encoder_prefix_hooks(encoder: nn.Module, spec: ModelSpec, cache: DynamicCach
             handle.remove()
 
 
-def real_token_index(prompt_index: torch.Tensor) -> torch.Tensor:
+def real_token_index(prompt_index: torch.Tensor, fewest_virtual: int | None = None) -> torch.Tensor:
     """(B, T) positions of the non-virtual tokens of each row, in order.
 
-    T = S - min over rows of the row's virtual tokens; a row with more virtual tokens is
+    T = S - min over rows of the row's virtual tokens (`fewest_virtual`, when the caller
+    read it already; reading it waits for the device); a row with more virtual tokens is
     padded at the end with its last position (its extra entries are masked by the
     caller). Stable sort keeps real tokens and pads in their order.
     """
     virtual = (prompt_index >= 0).long()  # (B, S)
     order = torch.sort(virtual, dim=1, stable=True).indices  # real first, then virtual
-    keep = prompt_index.shape[1] - int(virtual.sum(1).min())
-    return order[:, :keep]
+    if fewest_virtual is None:
+        fewest_virtual = int(virtual.sum(1).min())
+    return order[:, : prompt_index.shape[1] - fewest_virtual]
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 from . import forward, inject
 from .architecture import ModelKind, ModelSpec, _forward_takes, base_identity, model_spec
 from .encode import PromptBatch, TemplateEncoder
-from .errors import ConfigError, EncodingError, UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError
 from .forward import Prompts, SoftPromptOutput
 from .methods import PromptConfig, PromptModule, build_module
 
@@ -233,18 +233,17 @@ class SoftPromptModel(nn.Module):
             prompt_index = torch.full_like(input_ids, -1)
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, prompt_index=prompt_index,
                      answer_index=answer_index, field_index=field_index, word_index=word_index)
+        virtual = None
         if self._disabled:
             batch, prompts = forward.drop_virtual_slots(batch), Prompts()
         else:
-            if not self.deep and (prompt_index >= 0).sum(1).ne(self.num_virtual_tokens).any():
-                raise EncodingError(f"every row needs its {self.num_virtual_tokens} virtual slots in prompt_index; "
-                                    "build batches with encode()")
+            virtual = None if self.deep else self.num_virtual_tokens  # checked in forward.run
             prompts = self.prompts()
         return forward.run(self._running_base(), self.spec, batch["input_ids"], batch["attention_mask"], batch["prompt_index"],
                            prompts, answer_index=batch["answer_index"], field_index=batch["field_index"],
                            word_index=batch["word_index"], labels=labels, decoder_input_ids=decoder_input_ids,
                            output_hidden_states=output_hidden_states, logits=logits,
-                           lm_head_columns=self._keeps_logits)
+                           lm_head_columns=self._keeps_logits, virtual_tokens=virtual)
 
     # -- generation ------------------------------------------------------------
     @torch.no_grad()

@@ -212,15 +212,20 @@ def _check_causal_rows(batch: PromptBatch) -> None:
         )
 
 
+def _answer_log_probs(model, batch: PromptBatch) -> torch.Tensor:
+    """(B, V) log-softmax at each row's answer slot (the LM head runs there only)."""
+    out = model(**batch, logits="answer")
+    if out.answer_logits is None:
+        raise ConfigError(f"no answer logits: template {model.template.source!r} needs [MASK] and the model an LM head")
+    return out.answer_logits.float().log_softmax(-1)
+
+
 def _score(model, batch: PromptBatch, plans: Sequence[_Plan], answer_log_probs: torch.Tensor | None,
            chunk_size: int) -> torch.Tensor:
     """Summed log-probabilities of every row's continuations, flattened row-major: (sum C_b,)."""
     B = batch["input_ids"].shape[0]
     if answer_log_probs is None:
-        out = model(**batch, logits="answer")  # the LM head at the answer slot only
-        if out.answer_logits is None:
-            raise ConfigError(f"no answer logits: template {model.template.source!r} needs [MASK] and the model an LM head")
-        answer_log_probs = out.answer_logits.float().log_softmax(-1)  # (B, V)
+        answer_log_probs = _answer_log_probs(model, batch)
     device = answer_log_probs.device
     sizes = [len(p.firsts) for p in plans]
     offsets = [0]
@@ -282,6 +287,10 @@ def sequence_log_probs(model, batch: PromptBatch, continuations: Sequence[Sequen
     """
     B = batch["input_ids"].shape[0]
     plan = _plan(continuations)
+    if not plan.contexts:  # one token each (label words, mostly): a gather at the answer slot
+        if answer_log_probs is None:
+            answer_log_probs = _answer_log_probs(model, batch)
+        return answer_log_probs[:, plan.firsts.to(answer_log_probs.device, non_blocking=True)]
     return _score(model, batch, [plan] * B, answer_log_probs, chunk_size).view(B, len(continuations))
 
 

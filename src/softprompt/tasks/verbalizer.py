@@ -72,6 +72,7 @@ class Verbalizer(LabelTask):
         self.chunk_size = chunk_size
         self.word_ids: list[list[int]] | None = None  # set by bind, one entry per word
         self._word_label: torch.Tensor | None = None
+        self._label_index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- binding --------------------------------------------------------------
     def bind(self, model) -> None:
@@ -109,6 +110,7 @@ class Verbalizer(LabelTask):
                 owner.append(li)
         self.word_ids = ids_list
         self._word_label = torch.tensor(owner, dtype=torch.long)
+        self._label_index = {}
 
     def _require_bound(self) -> None:
         if self.word_ids is None:
@@ -141,12 +143,24 @@ class Verbalizer(LabelTask):
     def scores(self, model, batch, out=None) -> torch.Tensor:
         """(B, num_labels) label log-scores (not normalised over labels)."""
         words = self.word_scores(model, batch, out)  # (B, W)
-        owner = self._word_label.to(words.device)
-        columns = []
-        for li in range(len(self.labels)):
-            mine = words[:, owner == li]  # (B, W_label)
-            columns.append(mine.logsumexp(-1) if self.aggregate == "logsumexp" else mine.max(-1).values)
-        return torch.stack(columns, -1)
+        index, present = self._label_words(words.device)  # (L, K) word columns per label, K = most words of a label
+        if index.shape[1] == 1:  # one word per label
+            return words[:, index[:, 0]]
+        grouped = words[:, index].masked_fill(~present, float("-inf"))  # (B, L, K)
+        return grouped.logsumexp(-1) if self.aggregate == "logsumexp" else grouped.max(-1).values
+
+    def _label_words(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each label's word columns, padded: (L, K) indices and (L, K) which are real,
+        built once per device (no host-device traffic in a training step)."""
+        cached = self._label_index.get(device)
+        if cached is None:
+            owner = self._word_label.tolist()
+            columns = [[w for w, o in enumerate(owner) if o == li] for li in range(len(self.labels))]
+            K = max(len(c) for c in columns)
+            index = torch.tensor([c + [c[0]] * (K - len(c)) for c in columns], dtype=torch.long)
+            present = torch.tensor([[True] * len(c) + [False] * (K - len(c)) for c in columns])
+            cached = self._label_index[device] = (index.to(device), present.to(device))
+        return cached
 
     def to_config(self):
         return {"kind": self.kind, "label_words": self.label_words, "aggregate": self.aggregate,
