@@ -68,8 +68,9 @@ def prefix_mask(attention_mask: torch.Tensor, num_virtual_tokens: int) -> torch.
 
 def _fill(cache: DynamicCache, prefix: torch.Tensor, batch_size: int, dtype: torch.dtype) -> DynamicCache:
     # prefix: (L, 2, H_kv, P, D_head) shared, or (L, 2, B, H_kv, P, D_head) per row
+    prefix = prefix.to(dtype)  # one cast for every layer; the layers' tensors are views
     for layer in range(prefix.shape[0]):
-        keys, values = prefix[layer, 0].to(dtype), prefix[layer, 1].to(dtype)
+        keys, values = prefix[layer, 0], prefix[layer, 1]
         if keys.dim() == 3:
             keys = keys.unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, H_kv, P, D_head), a view
             values = values.unsqueeze(0).expand(batch_size, -1, -1, -1)
@@ -126,9 +127,10 @@ class PrefixCache(Cache):
     @classmethod
     def of(cls, prefix: torch.Tensor, batch_size: int, dtype: torch.dtype) -> "PrefixCache":
         """prefix: (L, 2, H_kv, P, D_head) shared, or (L, 2, B, H_kv, P, D_head) per row."""
+        prefix = prefix.to(dtype)  # one cast for every layer; the layers' tensors are views
         layers = []
         for layer in range(prefix.shape[0]):
-            keys, values = prefix[layer, 0].to(dtype), prefix[layer, 1].to(dtype)
+            keys, values = prefix[layer, 0], prefix[layer, 1]
             if keys.dim() == 3:
                 keys = keys.unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, H_kv, P, D_head), a view
                 values = values.unsqueeze(0).expand(batch_size, -1, -1, -1)
