@@ -150,6 +150,9 @@ class SoftPromptModel(nn.Module):
             compile: `torch.compile` each block (regional compilation).
             checkpointing: activation checkpointing of each block (deep prompts included).
             compile_options: keyword arguments of `torch.compile`.
+
+        With `compile`, dynamo's recompile limit is raised for the block (a deep prompt
+        compiles one graph per layer, see `regions.recompile_limit`) and restored after.
         """
         from . import regions
 

@@ -216,6 +216,15 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def _fsdp2(module) -> bool:
+    """Whether `module` was sharded by FSDP 2 (`fully_shard`)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP 2
+        return False
+    return isinstance(module, FSDPModule)
+
+
 @contextmanager
 def _whole(wrapped, unit: PromptAndHead) -> Iterator[None]:
     """Within the block the unit's own parameters are whole on every process.
@@ -226,13 +235,11 @@ def _whole(wrapped, unit: PromptAndHead) -> Iterator[None]:
     ends (a collective: every process enters together). The base's sharded blocks gather
     their own weights whenever they run. Elsewhere (one process, DDP) nothing happens.
     """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP 2
-        FSDPModule = ()
-    if not isinstance(wrapped, FSDPModule):
+    if not _fsdp2(wrapped):
         yield
         return
+    from torch.distributed.fsdp import FSDPModule
+
     swapped = []
 
     def gather(module: nn.Module) -> None:
@@ -429,6 +436,9 @@ def _train(model, task: Task, train_examples: Sequence[dict], eval_examples: Seq
         for _ in range(state["step"]):
             scheduler.step()  # the schedule is a pure function of the step
     wrapped, optimizer = accelerator.prepare(unit, optimizer)
+    if accelerator.distributed_type.name == "FSDP" and not _fsdp2(wrapped):
+        # FSDP 1 flattens the prompt into shards that saving and evaluation cannot read whole.
+        raise ConfigError("FSDP version 1 is not supported: launch with `accelerate launch --use_fsdp --fsdp_version 2 ...`")
     world, rank = accelerator.num_processes, accelerator.process_index
     evals = _read_metrics(output / "metrics.jsonl")
     writer = _tensorboard(output, config) if accelerator.is_main_process else None
