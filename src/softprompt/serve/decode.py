@@ -29,7 +29,7 @@ from ..encode import EncodedRow
 from ..forward import embed
 from .bank import PromptBank
 from .mixed import collate_mixed, encode_mixed
-from .slots import DecodeSlots
+from .slots import DecodeSlots, round_up
 
 
 @dataclass
@@ -194,7 +194,7 @@ class Decoder:
         if self.slots is None:
             graphs = self._fixed = self.uses_graphs
             rows = self.max_rows if graphs else len(joining)
-            columns = self.columns or _round_up(mask.shape[1] + budget, 64)
+            columns = self.columns or round_up(mask.shape[1] + budget, 64)
             self.slots = DecodeSlots(self.base, cache, rows, columns, graphs=graphs)
             self._rows = [None] * rows
         free = self.slots.free_slots()
@@ -258,10 +258,6 @@ class Decoder:
         self.steps += 1
         first = _pick(out.logits[:, -1], rows, self.generator)
         return first, out.past_key_values, full_mask, position_ids[:, -1] + 1
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 __all__ = ["Decoder", "DecodeRow", "Sampling"]

@@ -181,7 +181,7 @@ class DecodeSlots:
             return
         self._compact()
         if self.t + columns > self.columns:
-            self._grow(_round_up(self.t + columns, 64))
+            self._grow(round_up(self.t + columns, 64))
 
     # -- rows -----------------------------------------------------------------------
     def free_slots(self) -> list[int]:
@@ -202,7 +202,7 @@ class DecodeSlots:
         if max(self.t, K) + room > self.columns:
             self._compact()
             if max(self.t, K) + room > self.columns:
-                self._grow(_round_up(max(self.t, K) + room, 64))
+                self._grow(round_up(max(self.t, K) + room, 64))
         if K > self.t:  # the joining rows are longer than the running ones: move those right
             self._shift(K - self.t)
         t = self.t
@@ -347,7 +347,8 @@ def sliding_window(config) -> tuple[int | None, bool]:
     return int(window), len(kinds) > 1
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` at least `n` (slot buffers grow in steps of 64 columns)."""
     return -(-n // multiple) * multiple
 
 
