@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import typer
 
-from .errors import PromptFileError, SoftPromptError
+from .errors import ConfigError, PromptFileError, SoftPromptError
 
 app = typer.Typer(
     name="softprompt",
@@ -206,7 +206,6 @@ def eval_(
     batch_size: int = typer.Option(64, "--batch-size"),
 ) -> None:
     """Evaluate a trained prompt (or, with --zero-shot, the manual prompt alone); prints a metrics JSON object."""
-    from .errors import ConfigError
     from .run import evaluate_trained, evaluate_zero_shot
 
     if zero_shot:
@@ -244,6 +243,61 @@ def predict(
         batch, _ = task.collate(sp_model, chunk, with_targets=False)
         for example, prediction in zip(chunk, task.predict(sp_model, batch)):
             typer.echo(json.dumps({"input": example, "prediction": prediction}))
+
+
+# -- PEFT adapters in and out -------------------------------------------------------------
+FORMATS = ("peft",)
+
+
+def _check_format(value: str, option: str) -> None:
+    if value not in FORMATS:
+        raise ConfigError(f"{option} {value!r}: known formats: {', '.join(FORMATS)}")
+
+
+@app.command("import")
+@_reports_errors
+def import_(
+    source: Path = typer.Argument(..., help="The adapter folder (adapter_config.json, adapter_model.safetensors)."),
+    output: Path = typer.Argument(..., help="The prompt folder to write."),
+    from_format: str = typer.Option("peft", "--from", help="The adapter's format: peft."),
+    model: str = typer.Option(..., "--model", help="The base model the adapter was trained on (alias, path or hub id)."),
+) -> None:
+    """Import a PEFT prompt-learning adapter (prompt tuning, P-tuning, prefix tuning) as a prompt folder."""
+    from .models import load_base
+    from .peft_format import import_peft
+
+    _check_format(from_format, "--from")
+    base, tokenizer = load_base(model)
+    sp_model = import_peft(source, base, tokenizer)
+    sp_model.save_pretrained(output, metadata={"model": model, "imported_from": f"peft:{source}"})
+    typer.echo(f"imported {sp_model.config.method} ({sp_model.num_virtual_tokens} virtual tokens) to {output}")
+
+
+@app.command("export")
+@_reports_errors
+def export(
+    prompt: Path = typer.Argument(..., help="A run directory or its prompt/ folder."),
+    output: Path = typer.Argument(..., help="The adapter folder to write."),
+    to_format: str = typer.Option("peft", "--to", help="The adapter format: peft."),
+    model: str = typer.Option(None, "--model", help="Base model (default: the one it was trained on)."),
+) -> None:
+    """Export a prompt as a PEFT adapter folder (`PeftModel.from_pretrained` loads it)."""
+    from .io import read_config
+    from .models import load_base
+    from .peft_format import export_peft
+    from .run import prompt_directory
+
+    _check_format(to_format, "--to")
+    directory = prompt_directory(prompt)
+    saved = read_config(directory)
+    name = model or saved["metadata"].get("model") or saved["base_model"].get("name_or_path")
+    if not name:
+        raise ConfigError(f"{directory}: the base model is not recorded; pass --model")
+    base, tokenizer = load_base(name)
+    from .model import SoftPromptModel
+
+    export_peft(SoftPromptModel.from_pretrained(base, directory, tokenizer=tokenizer), output)
+    typer.echo(f"exported {saved['method']} to {output} (PEFT format)")
 
 
 # -- models -------------------------------------------------------------------------------
