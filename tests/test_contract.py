@@ -131,7 +131,7 @@ def test_save_load_bit_identical(family_models, method, family, tmp_path):
     opt.step()
     model.save_pretrained(tmp_path / "prompt")
     assert sorted(p.name for p in (tmp_path / "prompt").iterdir()) == [
-        "prompt.safetensors", "prompt_config.json", "trainable.safetensors"]
+        "README.md", "prompt.safetensors", "prompt_config.json", "trainable.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["prompt"]  # no temporary folder left behind
     batch = model.encode(TEXTS)
     expected = run(model, batch, base)

@@ -39,7 +39,7 @@ def test_config_records_method_template_and_base_identity(saved):
 def test_collapsed_only_save_has_no_trainable_state(gpt2_tokenizer, tmp_path):
     model = sp.SoftPromptModel(make_gpt2(gpt2_tokenizer), sp.PrefixTuningConfig(num_virtual_tokens=2), tokenizer=gpt2_tokenizer)
     model.save_pretrained(tmp_path / "p", save_trainable=False)
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["prompt.safetensors", "prompt_config.json"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["README.md", "prompt.safetensors", "prompt_config.json"]
     with pytest.raises(sp.PromptFileError, match="trainable.safetensors: missing"):
         sp.SoftPromptModel.from_pretrained(model.base, tmp_path / "p", trainable=True)
 
@@ -200,3 +200,27 @@ def test_bad_storage_dtype_is_refused_and_other_dtypes_on_disk_are_named(saved, 
     save_file({"prompt": tensor.half()}, str(path / "prompt.safetensors"))
     with pytest.raises(sp.PromptFileError, match="prompt.safetensors: tensor 'prompt' is torch.float16"):
         sp.SoftPromptModel.from_pretrained(base, path)
+
+
+def test_saved_prompt_has_a_model_card(gpt2_tokenizer, tmp_path):
+    """README.md beside the prompt: Hugging Face model-card metadata and the prompt's facts."""
+    from huggingface_hub import ModelCard
+
+    from softprompt.tasks import Verbalizer
+    from softprompt.train import save_for_inference
+
+    base = make_gpt2(gpt2_tokenizer)
+    model = sp.SoftPromptModel(base, sp.PTuningConfig(template="[P:2] {text} [P:2] It was [MASK]", encoder="lstm"),
+                               tokenizer=gpt2_tokenizer)
+    task = Verbalizer({"pos": " good", "neg": " bad"})
+    task.bind(model)
+    save_for_inference(model, task, tmp_path / "prompt",
+                       {"model": "org/tiny-gpt2", "step": 40, "dev": {"accuracy": 0.875, "macro_f1": 0.87, "n": 16},
+                        "train": {"steps": 40, "lr": 0.01, "batch_size": 8}})
+    card = ModelCard.load(tmp_path / "prompt" / "README.md")
+    assert card.data.library_name == "softprompt" and card.data.base_model == "org/tiny-gpt2"
+    assert "p-tuning" in card.data.tags and card.data.metrics == ["accuracy", "macro_f1"]
+    text = card.text
+    assert "`[P:2] {text} [P:2] It was [MASK]`" in text and "| label words | pos: good; neg: bad |" in text
+    assert "accuracy 0.8750" in text and "steps 40, batch_size 8, lr 0.01" in text
+    assert "4 virtual tokens" in text

@@ -32,10 +32,12 @@ from .architecture import BaseIdentity, base_identity, model_spec
 from .errors import BaseModelMismatchError, ConfigError, PromptFileError
 from .methods import build_module, config_class
 from .methods.collapsed import CollapsedPrompt
+from .model_card import model_card
 
 FORMAT = "softprompt"
 FORMAT_VERSION = 1
 CONFIG_FILE = "prompt_config.json"
+CARD_FILE = "README.md"
 PROMPT_FILE = "prompt.safetensors"
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TRAINABLE_FILE = "trainable.safetensors"
@@ -142,8 +144,11 @@ def save_prompt(
     if save_trainable and not isinstance(model.prompt, CollapsedPrompt):
         trainable = {k: v.detach().float().contiguous().cpu() for k, v in model.prompt.state_dict().items()}
 
+    card = model_card(config, (extra_json or {}).get("task.json"))
+
     def write(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+        (tmp / CARD_FILE).write_text(card)
         save_file({"prompt": tensor.cpu()}, str(tmp / PROMPT_FILE), metadata={"format": FORMAT})
         if trainable is not None:
             save_file(trainable, str(tmp / TRAINABLE_FILE), metadata={"format": FORMAT})

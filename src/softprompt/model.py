@@ -296,6 +296,25 @@ class SoftPromptModel(nn.Module):
 
         save_prompt(self, directory, save_trainable=save_trainable, metadata=metadata, **extra)
 
+    def push_to_hub(self, repo_id: str, *, private: bool = True, token: str | None = None, **save_kwargs) -> str:
+        """Save the prompt folder (model card included) and upload it to the Hugging Face Hub
+        with `huggingface_hub` (network and a token needed: not exercised by the tests).
+
+        Returns:
+            The URL of the upload's commit.
+        """
+        import tempfile
+        from pathlib import Path
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "prompt"
+            self.save_pretrained(folder, **save_kwargs)
+            return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder)).commit_url)
+
     @classmethod
     def from_pretrained(cls, base: nn.Module, directory, tokenizer=None, *, trainable: bool = False) -> "SoftPromptModel":
         """Load a saved prompt onto `base`.

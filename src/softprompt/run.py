@@ -7,6 +7,8 @@ model and task: what `softprompt train / eval / predict` do, callable from Pytho
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 from dataclasses import dataclass
@@ -194,7 +196,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                                 "resolved_task": task.kind, "data": data.source}
     if not resume:
         (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-    metadata = {"task": task.kind, "model": cfg.model, "data": data.source}
+    metadata = {"task": task.kind, "model": cfg.model, "data": data.source,
+                "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("progress", "tensorboard")}}
     result = train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata)
     if data.test and data.test != data.dev and (out / "prompt" / "task.json").exists():
         # Model selection on dev, the reported number on test: the best prompt, not the last.
