@@ -2,8 +2,8 @@
 processes, gloo): the training loop's saves gather the sharded prompt and head, and what they
 write equals one unsharded process's weights on the same global batch.
 
-Tolerance: 1e-4 absolute after 3 AdamW steps (the reduce-scatter sums the halves' gradients
-in another order than one process's backward)."""
+Tolerance: 1e-5 absolute after 3 SGD-with-momentum steps (the reduce-scatter sums the halves'
+gradients in another order than one process's backward)."""
 
 from __future__ import annotations
 
@@ -34,5 +34,5 @@ def test_sharded_training_saves_the_whole_prompt_and_head(tmp_path):
         assert keys and set(keys) <= set(two), name
         for key in keys:
             assert one[key].shape == two[key].shape, (name, key)  # whole, not a shard
-            assert (one[key] - two[key]).abs().max().item() < 1e-4, (name, key)
+            assert (one[key] - two[key]).abs().max().item() < 1e-5, (name, key)
         assert any((one[k] != 0).any() for k in keys)

@@ -88,11 +88,57 @@ def test_export_refuses_what_peft_cannot_express(gpt2_tokenizer, wordpiece_token
                                 tokenizer=gpt2_tokenizer)
     with pytest.raises(sp.ConfigError, match="has no PEFT equivalent"):
         export_peft(inside, tmp_path / "a")
-    encoder = sp.SoftPromptModel(make_bert(wordpiece_tokenizer), sp.PTuningV2Config(num_virtual_tokens=2),
+    encoder = sp.SoftPromptModel(make_bert(wordpiece_tokenizer), sp.PromptTuningConfig(num_virtual_tokens=2),
                                  tokenizer=wordpiece_tokenizer)
-    with pytest.raises(sp.ConfigError, match="not a causal LM"):
+    with pytest.raises(sp.ConfigError, match="PEFT puts input prompts before \\[CLS\\]"):
         export_peft(encoder, tmp_path / "b")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    from conftest import make_t5
+
+    seq2seq = sp.SoftPromptModel(make_t5(wordpiece_tokenizer), sp.PTuningV2Config(num_virtual_tokens=2),
+                                 tokenizer=wordpiece_tokenizer)
+    with pytest.raises(sp.ConfigError, match="encoder-decoder"):
+        export_peft(seq2seq, tmp_path / "c")
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_encoder_deep_prompts_convert_both_ways(wordpiece_tokenizer, tmp_path):
+    """BERT with a prefix in every layer (PEFT's FEATURE_EXTRACTION prefix tuning = P-tuning v2):
+    import gives PEFT's outputs, export loads in PEFT with ours."""
+    from conftest import make_bert
+
+    text = "a gem of a film"
+    ids = torch.tensor([wordpiece_tokenizer(text)["input_ids"]])
+    base = make_bert(wordpiece_tokenizer)
+    peft_model = get_peft_model(base, PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3))
+    for p in peft_model.prompt_encoder.parameters():
+        p.data.normal_(0, 0.5)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    expected = _peft_logits(peft_model.eval(), ids)
+    base = peft_model.unload() if hasattr(peft_model, "unload") else peft_model.get_base_model()
+    model = import_peft(tmp_path / "adapter", base, wordpiece_tokenizer).eval()
+    with torch.no_grad():
+        ours = model(**model.encode({"text": text})).logits
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    mine = sp.SoftPromptModel(make_bert(wordpiece_tokenizer), sp.PTuningV2Config(num_virtual_tokens=3),
+                              tokenizer=wordpiece_tokenizer).eval()
+    export_peft(mine, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"
+    theirs = _peft_logits(PeftModel.from_pretrained(mine.base, str(tmp_path / "out")).eval(), ids)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs, mine(**mine.encode({"text": text})).logits, rtol=0, atol=1e-5)
+
+
+def test_import_refuses_adapters_with_head_weights(wordpiece_tokenizer, tmp_path):
+    from peft import PeftModel  # noqa: F401 - the same package writes the adapter
+    from transformers import BertConfig, BertForSequenceClassification
+
+    classifier = BertForSequenceClassification(BertConfig(vocab_size=wordpiece_tokenizer.vocab_size, hidden_size=32,
+                                                          num_hidden_layers=2, num_attention_heads=4,
+                                                          intermediate_size=64, max_position_embeddings=64))
+    adapter = get_peft_model(classifier, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    adapter.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(sp.PromptFileError, match="task_type' is 'SEQ_CLS'|holds more than the prompt"):
+        import_peft(tmp_path / "adapter", classifier)
 
 
 def test_import_refuses_bad_adapters(gpt2_tokenizer, tmp_path):

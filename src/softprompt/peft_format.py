@@ -11,10 +11,11 @@ holding one tensor, ``prompt_embeddings``:
 
 That is exactly softprompt's collapsed inference tensor, laid out differently, for the
 templates PEFT can express: ``[P:n] {text}`` (input methods) and ``{text}`` (deep ones), on
-a causal LM. Anything else has no PEFT equivalent and is refused with the reason, rather
-than written as something that would behave differently: virtual tokens inside a template,
-anchor words, an answer slot, encoder models and encoder-decoders (PEFT puts their prompts
-in other places: before [CLS], or in the decoder too).
+a causal LM (``CAUSAL_LM``), and deep prompts on an encoder (``FEATURE_EXTRACTION``).
+Anything else has no PEFT equivalent and is refused with the reason, rather than written
+as something that would behave differently: virtual tokens inside a template, anchor words,
+an answer slot, input prompts on encoders (PEFT puts them before [CLS]) and any prompt on an
+encoder-decoder (PEFT puts it in the decoder too), an adapter with trained head weights.
 
 No dependency on the ``peft`` package: the format is read and written here (the tests load
 what we write with PEFT itself and compare logits).
@@ -38,6 +39,7 @@ from .methods.collapsed import CollapsedPrompt
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 IMPORTED = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+TASK_TYPES = (None, "CAUSAL_LM", "FEATURE_EXTRACTION")
 
 
 def read_adapter_config(directory: Path) -> dict[str, Any]:
@@ -64,8 +66,8 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
         raise PromptFileError(f"{path}: field 'num_transformer_submodules' is {submodules}: the adapter puts prompts "
                               "in an encoder-decoder's decoder too, which softprompt does not do")
     task = data.get("task_type")
-    if task not in (None, "CAUSAL_LM"):
-        raise PromptFileError(f"{path}: field 'task_type' is {task!r}; import supports CAUSAL_LM adapters so far")
+    if task not in TASK_TYPES:
+        raise PromptFileError(f"{path}: field 'task_type' is {task!r}; import supports {', '.join(map(str, TASK_TYPES))}")
     return data
 
 
@@ -88,10 +90,9 @@ def import_peft(directory: str | os.PathLike, base, tokenizer=None):
     directory = Path(directory)
     data = read_adapter_config(directory)
     spec = model_spec(base)
-    if spec.kind is not ModelKind.CAUSAL:
-        raise ConfigError(f"{type(base).__name__} is not a causal LM: import supports CAUSAL_LM adapters so far")
     P, kind = data["num_virtual_tokens"], data["peft_type"]
     deep = kind == "PREFIX_TUNING"
+    _check_placement(spec, deep, f"{directory / CONFIG_FILE}: {kind}")
     expected = ({"token_dim": spec.num_key_value_heads * spec.head_dim, "num_attention_heads": spec.num_key_value_heads,
                  "num_layers": spec.num_layers} if deep else {"token_dim": spec.hidden_size, "num_layers": spec.num_layers})
     differences = [f"{k}: adapter {data[k]}, base {v}" for k, v in expected.items() if data[k] != v]
@@ -99,6 +100,11 @@ def import_peft(directory: str | os.PathLike, base, tokenizer=None):
         raise BaseModelMismatchError(f"{directory} was trained on another base model "
                                      f"({data.get('base_model_name_or_path') or 'unnamed'}): " + "; ".join(differences))
     tensors = load_tensors(directory / WEIGHTS_FILE)
+    others = sorted(k for k in tensors if k != "prompt_embeddings")
+    if others:
+        raise PromptFileError(f"{directory / WEIGHTS_FILE}: holds more than the prompt ({', '.join(others[:4])}): "
+                              "weights PEFT trained beside it (a task head, modules_to_save) have no place in a "
+                              "softprompt prompt; import an adapter of the prompt alone")
     table = tensors.get("prompt_embeddings")
     width = spec.num_layers * 2 * data["token_dim"] if deep else data["token_dim"]
     if table is None or tuple(table.shape) != (P, width):
@@ -130,9 +136,7 @@ def export_peft(model, directory: str | os.PathLike) -> None:
     """
     spec = model.spec
     method = model.config.method
-    if spec.kind is not ModelKind.CAUSAL:
-        raise ConfigError(f"{spec.model_type} is not a causal LM: PEFT places prompts differently on encoders "
-                          "(before [CLS]) and encoder-decoders (in the decoder too); export supports causal LMs")
+    _check_placement(spec, model.deep, f"{method} prompt")
     P = model.num_virtual_tokens
     template = model.template.source
     plain = "{text}" if model.deep else f"[P:{P}] {{text}}"
@@ -141,7 +145,8 @@ def export_peft(model, directory: str | os.PathLike) -> None:
                           f"the input with nothing else around it (the template {plain!r})")
     tensor = model.export().cpu()  # (P, D) or (L, 2, H_kv, P, D_head)
     name = getattr(model.base.config, "_name_or_path", "") or None
-    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": P, "num_transformer_submodules": 1,
+    task_type = "CAUSAL_LM" if spec.kind is ModelKind.CAUSAL else "FEATURE_EXTRACTION"
+    common = {"task_type": task_type, "num_virtual_tokens": P, "num_transformer_submodules": 1,
               "num_layers": spec.num_layers, "base_model_name_or_path": name, "inference_mode": True,
               "revision": None, "auto_mapping": None, "modules_to_save": None}
     if model.deep:
@@ -168,6 +173,20 @@ def export_peft(model, directory: str | os.PathLike) -> None:
         save_file({"prompt_embeddings": table.float().contiguous()}, str(tmp / WEIGHTS_FILE))
 
     write_directory_atomically(Path(directory), write)
+
+
+def _check_placement(spec, deep: bool, what: str) -> None:
+    """Where PEFT and softprompt put the same prompt: everything on a causal LM; on an encoder,
+    deep prompts only (PEFT puts input prompts before [CLS], our templates after it); never
+    on an encoder-decoder (PEFT puts prompt-tuning prompts in the decoder's input too, and a
+    prefix in the decoder only, where ours spans encoder and decoder)."""
+    if spec.kind is ModelKind.SEQ2SEQ:
+        raise ConfigError(f"{what}: on an encoder-decoder ({spec.model_type}) PEFT places prompts in the decoder "
+                          "(input prompts in both stacks, prefixes in the decoder only) and softprompt does not: "
+                          "no equivalent to convert")
+    if spec.kind is ModelKind.ENCODER and not deep:
+        raise ConfigError(f"{what}: on an encoder ({spec.model_type}) PEFT puts input prompts before [CLS] and "
+                          "softprompt's templates after it: no equivalent to convert (deep prompts convert)")
 
 
 def _attention_heads(base) -> int:
