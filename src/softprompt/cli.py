@@ -282,20 +282,12 @@ def export(
     model: str = typer.Option(None, "--model", help="Base model (default: the one it was trained on)."),
 ) -> None:
     """Export a prompt as a PEFT adapter folder (`PeftModel.from_pretrained` loads it)."""
-    from .io import read_config
-    from .models import load_base
+    from .model import SoftPromptModel
     from .peft_format import export_peft
-    from .run import prompt_directory
+    from .run import load_recorded_base
 
     _check_format(to_format, "--to")
-    directory = prompt_directory(prompt)
-    saved = read_config(directory)
-    name = model or saved["metadata"].get("model") or saved["base_model"].get("name_or_path")
-    if not name:
-        raise ConfigError(f"{directory}: the base model is not recorded; pass --model")
-    base, tokenizer = load_base(name)
-    from .model import SoftPromptModel
-
+    directory, saved, base, tokenizer = load_recorded_base(prompt, model=model)
     export_peft(SoftPromptModel.from_pretrained(base, directory, tokenizer=tokenizer), output)
     typer.echo(f"exported {saved['method']} to {output} (PEFT format)")
 

@@ -244,6 +244,17 @@ def load_trained(path: str | Path, *, model: str | None = None):
     Returns:
         (SoftPromptModel, Task, metadata dict).
     """
+    directory, saved, base, tokenizer = load_recorded_base(path, model=model)
+    sp_model, task = load_saved(directory, base, tokenizer)
+    return sp_model, task, saved["metadata"]
+
+
+def load_recorded_base(path: str | Path, *, model: str | None = None):
+    """The base model a saved prompt was trained on (or `model`), loaded.
+
+    Returns:
+        (prompt folder, its prompt_config.json content, base model, tokenizer).
+    """
     from .io import read_config
     from .models import load_base
 
@@ -253,8 +264,7 @@ def load_trained(path: str | Path, *, model: str | None = None):
     if not name:
         raise ConfigError(f"{directory}: the base model is not recorded; pass --model")
     base, tokenizer = load_base(name)
-    sp_model, task = load_saved(directory, base, tokenizer)
-    return sp_model, task, saved["metadata"]
+    return directory, saved, base, tokenizer
 
 
 def load_saved(directory: Path, base, tokenizer) -> tuple[SoftPromptModel, Task]:
