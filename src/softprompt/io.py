@@ -161,6 +161,21 @@ def save_prompt(
 
 
 # -- load -----------------------------------------------------------------------------
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; PromptFileError naming the file (and line and column)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PromptFileError(f"{path}: missing") from None
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise PromptFileError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise PromptFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_config(directory) -> dict[str, Any]:
     """Read and check ``prompt_config.json``.
 
@@ -173,14 +188,7 @@ def read_config(directory) -> dict[str, Any]:
         raise PromptFileError(f"{directory}: no such prompt directory")
     if not path.is_file():
         raise PromptFileError(f"{path}: missing; not a softprompt prompt directory")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise PromptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise PromptFileError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise PromptFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    data = read_json_object(path)
     if data.get("format") != FORMAT:
         raise PromptFileError(f"{path}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
     version = data.get("format_version")

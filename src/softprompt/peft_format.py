@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from .architecture import ModelKind, model_spec
 from .errors import ConfigError, PromptFileError
-from .io import load_tensors, write_directory_atomically
+from .io import load_tensors, read_json_object, write_directory_atomically
 from .methods import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from .methods.collapsed import CollapsedPrompt
 
@@ -45,14 +45,9 @@ TASK_TYPES = (None, "CAUSAL_LM", "FEATURE_EXTRACTION")
 def read_adapter_config(directory: Path) -> dict[str, Any]:
     """``adapter_config.json`` of a PEFT adapter folder, checked for what import needs."""
     path = directory / CONFIG_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PromptFileError(f"{path}: missing (not a PEFT adapter folder)") from None
-    except json.JSONDecodeError as e:
-        raise PromptFileError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise PromptFileError(f"{path}: expected a JSON object")
+    if not path.is_file():
+        raise PromptFileError(f"{path}: missing (not a PEFT adapter folder)")
+    data = read_json_object(path)
     kind = data.get("peft_type")
     if kind not in IMPORTED:
         raise PromptFileError(f"{path}: field 'peft_type' is {kind!r}; softprompt imports the prompt-learning "
