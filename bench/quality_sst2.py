@@ -150,7 +150,7 @@ def autocast(device: torch.device):
 @torch.no_grad()
 def accuracy(clf: Classifier, tok, examples, labels, batch_size: int, device) -> float:
     """Dev accuracy; batches sorted by length as `softprompt.train.evaluate` does."""
-    from softprompt.train import _length
+    from softprompt.batches import example_length as _length
 
     clf.eval()
     order = sorted(range(len(examples)), key=lambda i: _length(examples[i]))

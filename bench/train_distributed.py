@@ -35,6 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, versions, write_json  # noqa: E402
 
+# ZeRO-3 through accelerate needs the micro-batch size in a DeepSpeed file: the loop prepares
+# no DataLoader for accelerate to read it from.
+ZERO3 = {"zero_optimization": {"stage": 3, "overlap_comm": True}, "gradient_accumulation_steps": 1,
+         "gradient_clipping": 1.0, "bf16": {"enabled": False}}
 FSDP = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
         "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "--fsdp_reshard_after_forward", "true"]
 
@@ -80,17 +84,18 @@ def worker(args) -> None:
             "tokens_per_example": round(tokens_per_example, 1), "ms_per_step": round(step_s * 1e3, 2),
             "tokens_per_s": round(args.batch_size * tokens_per_example / step_s, 1),
             "peak_gib_per_process": [round(p, 2) for p in peaks], "wall_s_timed_run": round(seconds["timed"][1], 2),
-            "distributed": os.environ.get("ACCELERATE_USE_FSDP") == "true" and "fsdp2" or (world > 1 and "ddp") or "none",
+            "distributed": (os.environ.get("ACCELERATE_USE_FSDP") == "true" and "fsdp2"
+                            or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and "deepspeed-zero3"
+                            or (world > 1 and "ddp") or "none"),
         }))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
-def launch(prefix: list[str], args, model: str, label: str, report: dict, out: Path) -> None:
+def launch(prefix: list[str], args, model: str, batch: int, label: str, report: dict, out: Path) -> None:
     result = Path(tempfile.mkdtemp()) / "result.json"
-    command = prefix + [str(Path(__file__).resolve()), "--worker", "--model", model, "--batch-size",
-                        str(args.batch_size), "--steps", str(args.steps), "--words", str(args.words),
+    command = prefix + [str(Path(__file__).resolve()), "--worker", "--model", model, "--batch-size", str(batch), "--steps", str(args.steps), "--words", str(args.words),
                         "--result", str(result)]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
@@ -99,7 +104,10 @@ def launch(prefix: list[str], args, model: str, label: str, report: dict, out: P
     if done.returncode == 0 and result.exists():
         row.update(json.loads(result.read_text()))
     else:
-        row["error"] = (done.stderr or done.stdout)[-2500:]
+        text = (done.stderr or "") + (done.stdout or "")
+        # The launcher's own traceback ends the output; the workers' lines say what failed.
+        ranks = [line for line in text.splitlines() if line.startswith("[rank")]
+        row["error"] = "\n".join(ranks[-40:])[-4000:] if ranks else text[-2500:]
     row["launch_s"] = round(time.perf_counter() - start, 1)
     report["rows"].append(row)
     print({k: v for k, v in row.items() if k != "error"}, row.get("error", "")[-600:], flush=True)
@@ -125,16 +133,21 @@ def main() -> None:
               "versions": versions(), "rows": []}
     python, accelerate = [sys.executable], [sys.executable, "-m", "accelerate.commands.launch"]
     plans = {
-        "1gpu": (python, args.model),
-        "ddp": (accelerate + ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"], args.model),
-        "fsdp-1gpu": (python, args.fsdp_model),
-        "fsdp": (accelerate + FSDP + ["--num_processes", "2", "--mixed_precision", "no"], args.fsdp_model),
+        "1gpu": (python, args.model, args.batch_size),
+        "1gpu-half": (python, args.model, args.batch_size // 2),  # one GPU with the per-GPU batch of the 2-GPU runs
+        "ddp": (accelerate + ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"], args.model, args.batch_size),
+        "fsdp-1gpu": (python, args.fsdp_model, args.batch_size),
+        "fsdp": (accelerate + FSDP + ["--num_processes", "2", "--mixed_precision", "no"], args.fsdp_model, args.batch_size),
     }
+    ds_file = Path(tempfile.mkdtemp()) / "zero3.json"
+    ds_file.write_text(json.dumps({**ZERO3, "train_micro_batch_size_per_gpu": args.batch_size // 2}))
+    plans["zero3"] = (accelerate + ["--use_deepspeed", "--deepspeed_config_file", str(ds_file), "--num_processes", "2",
+                                    "--zero3_init_flag", "false"], args.fsdp_model, args.batch_size)
     for label in args.configs.split(","):
-        prefix, model = plans[label]
-        launch(prefix, args, model, label, report, args.out)
+        prefix, model, batch = plans[label]
+        launch(prefix, args, model, batch, label, report, args.out)
     rows = {r["config"]: r for r in report["rows"] if "tokens_per_s" in r}
-    for two, one in (("ddp", "1gpu"), ("fsdp", "fsdp-1gpu")):
+    for two, one in (("ddp", "1gpu"), ("fsdp", "fsdp-1gpu"), ("zero3", "fsdp-1gpu")):
         if two in rows and one in rows:
             rows[two]["scaling_efficiency"] = round(rows[two]["tokens_per_s"] / (2 * rows[one]["tokens_per_s"]), 3)
     write_json(report, args.out)

@@ -135,11 +135,14 @@ def adamw(params) -> torch.optim.Optimizer:
 
 
 def our_step(model, task, loss_kind: str, ids: torch.Tensor, tok, graphs: bool = False) -> Callable[[], None]:
-    """softprompt's step as train.py runs it (the step's loss read once, as its NaN check does)."""
+    """softprompt's step as train.py runs it: fused AdamW told on the device to skip a
+    non-finite step (found_inf), and each step's loss read one step late (its NaN check)."""
     batch = our_batch(ids, model.deep, tok.pad_token_id)
     labels = {"labels": torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)}
-    optimizer = adamw(p for p in list(model.prompt.parameters()) + list(task.parameters()) if p.requires_grad)
+    optimizer = torch.optim.AdamW([p for p in list(model.prompt.parameters()) + list(task.parameters()) if p.requires_grad],
+                                  lr=1e-3, fused=True)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    pending: list[torch.Tensor] = []
 
     def loss() -> torch.Tensor:
         if loss_kind == "lm":  # the generation task's loss: labels are the real tokens
@@ -151,11 +154,14 @@ def our_step(model, task, loss_kind: str, ids: torch.Tensor, tok, graphs: bool =
             torch.compiler.cudagraph_mark_step_begin()
         value = loss()
         value.backward()
-        if not torch.isfinite(value.detach()).item():
-            raise RuntimeError("non-finite loss")
+        value = value.detach().float()
+        optimizer.found_inf = (~torch.isfinite(value)).float()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if pending and not torch.isfinite(pending.pop()).item():
+            raise RuntimeError("non-finite loss")
+        pending.append(value)
 
     return step
 

@@ -21,6 +21,7 @@ import torch
 from .architecture import ModelKind, ModelSpec
 from .errors import ConfigError, EncodingError, InputTooLongError, TemplateError
 from .template import Anchor, Mask, Placeholder, Template, Virtual
+from .transfer import to_device
 
 
 @dataclass
@@ -42,7 +43,7 @@ class PromptBatch(dict):
     """
 
     def to(self, device) -> "PromptBatch":
-        moved = PromptBatch({k: v.to(device) for k, v in self.items()})
+        moved = PromptBatch({k: to_device(v, device) for k, v in self.items()})
         moved.__dict__.update(self.__dict__)  # what tasks attach (e.g. num_words) travels with the batch
         return moved
 

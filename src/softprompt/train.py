@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .batches import BatchStream, epoch_batches, example_length
 from .errors import ConfigError, SoftPromptError
 from .io import load_tensors, write_directory_atomically
 from .tasks.base import Task
@@ -124,37 +125,6 @@ class TrainConfig:
         return [f.name for f in fields(cls)]
 
 
-# -- data order -----------------------------------------------------------------------
-def _length(example: dict[str, Any]) -> int:
-    """A cheap proxy of an example's token count: characters of its text fields."""
-    total = 0
-    for value in example.values():
-        if isinstance(value, str):
-            total += len(value)
-        elif isinstance(value, list):
-            total += sum(len(str(v)) + 1 for v in value)
-    return total
-
-
-def epoch_batches(examples: Sequence[dict], batch_size: int, epoch: int, seed: int, bucket: bool) -> list[list[int]]:
-    """The batches (lists of example indices) of one epoch, a pure function of its arguments.
-
-    With `bucket`, each window of 50 batches is sorted by length before it is cut, and the
-    batches are shuffled again, so batches hold similar lengths in a random order.
-    """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(examples), generator=generator).tolist()
-    if not bucket:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    window = batch_size * 50
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: _length(examples[i]))
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    shuffle = torch.randperm(len(batches), generator=generator).tolist()
-    return [batches[i] for i in shuffle]
-
-
 # -- the trainable unit -------------------------------------------------------------
 class PromptAndHead(nn.Module):
     """The SoftPromptModel and its task as one module, so DDP / FSDP wrap them together."""
@@ -179,10 +149,16 @@ def _param_groups(model, task: Task, config: TrainConfig) -> list[dict]:
 
 
 def make_optimizer(model, task: Task, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the prompt and the head (their own learning rates); one fused kernel on a GPU."""
-    fused = model.device.type == "cuda"
-    return torch.optim.AdamW(_param_groups(model, task, config), weight_decay=config.weight_decay,
-                             fused=fused or None)
+    """AdamW over the prompt and the head (their own learning rates), one fused kernel (it can
+    skip a step on the device: see `_update_guard`)."""
+    return torch.optim.AdamW(_param_groups(model, task, config), weight_decay=config.weight_decay, fused=True)
+
+
+def _update_guard(optimizer) -> torch.optim.Optimizer | None:
+    """The optimizer whose ``found_inf`` flag (a 0-dim float tensor; 1 skips the update and
+    its step count, as under a GradScaler) the loop sets each step; None if it has none."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper steps the torch optimizer
+    return inner if getattr(inner, "_step_supports_amp_scaling", False) and inner.defaults.get("fused") else None
 
 
 # -- evaluation ---------------------------------------------------------------------
@@ -194,7 +170,7 @@ def evaluate(model, task: Task, examples: Sequence[dict], batch_size: int = 64) 
     was_training = model.training
     model.eval()
     task.eval()
-    order = sorted(range(len(examples)), key=lambda i: _length(examples[i]))
+    order = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))
     predictions: list[Any] = [None] * len(examples)
     try:
         for start in range(0, len(order), batch_size):
@@ -419,6 +395,12 @@ def _train(model, task: Task, train_examples: Sequence[dict], eval_examples: Seq
     # A base on the CPU trains on the CPU; launched as several processes (torchrun), that is
     # accelerate's multi-CPU mode (gloo), which it enters only when told the run is on the CPU.
     accelerator = Accelerator(mixed_precision=mixed, cpu=model.device.type == "cpu")
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        # Tried (ZeRO-3, deepspeed 0.19.8, 2 x H200): the steps run, but DeepSpeed's partitioned
+        # optimizer has no per-parameter AdamW moments for the checkpoint, so a run could not be
+        # resumed; refused before any work rather than failing at the first checkpoint.
+        raise ConfigError("DeepSpeed is not supported: shard a large base with FSDP 2 instead "
+                          "(`accelerate launch --use_fsdp --fsdp_version 2 ...`; see docs/PERFORMANCE.md)")
     set_seed(config.seed)
     task.bind(model)
     model.train()
@@ -446,20 +428,40 @@ def _train(model, task: Task, train_examples: Sequence[dict], eval_examples: Seq
     stopped = "max steps"
     bar = _progress(config, state["step"], accelerator.is_main_process)
     window_loss, window_tokens, window_start = [], 0, time.perf_counter()
-    batches = epoch_batches(train_examples, config.batch_size, state["epoch"], config.seed, config.bucket)
+    # With a fused AdamW the update of a non-finite step is skipped on the device (the kernel's
+    # found_inf flag), so the loss can be read one step late, never stalling the host on the
+    # step it has just queued. FSDP's and DeepSpeed's optimizers keep the read-then-update order.
+    guard = _update_guard(optimizer) if accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED") else None
+    pending: tuple[int, torch.Tensor] | None = None  # (step, [loss, tokens]) not yet read from the device
+
+    def record(step: int, loss: float, tokens) -> None:
+        """Log step `step`'s loss; stop the run on a non-finite one."""
+        nonlocal stopped
+        if not math.isfinite(loss):
+            stopped = f"non-finite loss ({loss}) at step {step}"
+            _finish(output, state, evals, metric, stopped, accelerator)
+            raise TrainingError(
+                f"{stopped}: stopped; the last good checkpoint ({output / 'checkpoint'}) and the best prompt "
+                f"({output / 'prompt'}) are kept. Lower the learning rate (train.lr={config.lr})."
+            )
+        state["losses"].append([step, round(loss, 6)])
+        window_loss.append(loss)
+        if writer is not None:
+            writer.add_scalar("train/loss", loss, step)
+        if bar is not None:
+            elapsed = time.perf_counter() - window_start
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{float(tokens) / max(elapsed, 1e-9):,.0f}",
+                            dev=f"{state['best_metric']:.4f}" if state["best_metric"] is not None else "-")
+
+    stream = BatchStream(train_examples, config.batch_size, config.seed, config.bucket, state,
+                         lambda examples: task.collate(model, examples), rank, world)
     while state["step"] < config.steps:
         step_start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for micro in range(config.grad_accum):
-            if state["batch_in_epoch"] >= len(batches):
-                state["epoch"] += 1
-                state["batch_in_epoch"] = 0
-                batches = epoch_batches(train_examples, config.batch_size, state["epoch"], config.seed, config.bucket)
-            indices = batches[state["batch_in_epoch"]]
-            state["batch_in_epoch"] += 1
-            share = indices[rank * len(indices) // world : (rank + 1) * len(indices) // world]
-            batch, targets = task.collate(model, [train_examples[i] for i in share])
+            batch, targets = stream.take()
             sync = nullcontext() if micro == config.grad_accum - 1 else accelerator.no_sync(wrapped)
             if config.compile == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free
@@ -468,33 +470,33 @@ def _train(model, task: Task, train_examples: Sequence[dict], eval_examples: Seq
             accelerator.backward(loss)
             step_loss = step_loss + loss.detach().float()  # on the device: no wait between micro-batches
             window_tokens += task.num_tokens(batch) * world
+        if state["step"] + 1 < config.steps:
+            stream.prefetch()  # the next step's tokenization overlaps this step's backward
         if world > 1:  # every process logs, checks and stops on the same loss: the global batch's
             step_loss = accelerator.reduce(step_loss.reshape(1), "mean")
-        step_loss = float(step_loss)  # the step's one wait for the device: the loss is checked before the update
-        if not math.isfinite(step_loss):
-            stopped = f"non-finite loss ({step_loss}) at step {state['step'] + 1}"
-            _finish(output, state, evals, metric, stopped, accelerator)
-            raise TrainingError(
-                f"{stopped}: stopped; the last good checkpoint ({output / 'checkpoint'}) and the best prompt "
-                f"({output / 'prompt'}) are kept. Lower the learning rate (train.lr={config.lr})."
-            )
+        step_loss = step_loss.reshape(())
+        if guard is not None:
+            guard.found_inf = (~torch.isfinite(step_loss)).float()  # a non-finite step updates nothing
+        else:  # the loss is checked before the update: one wait for the device per step
+            record(state["step"] + 1, float(step_loss), window_tokens)
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         state["step"] += 1
-        state["train_seconds"] += time.perf_counter() - step_start
-        state["losses"].append([state["step"], round(step_loss, 6)])
-        window_loss.append(step_loss)
-        if writer is not None:
-            writer.add_scalar("train/loss", step_loss, state["step"])
-        if bar is not None:
-            elapsed = time.perf_counter() - window_start
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{float(window_tokens) / max(elapsed, 1e-9):,.0f}",
-                            dev=f"{state['best_metric']:.4f}" if state["best_metric"] is not None else "-")
+        if guard is not None:
+            # Read the previous step's loss, long computed, while this step runs on the device:
+            # the host never waits for the step it has just queued.
+            if pending is not None:
+                record(pending[0], *pending[1].tolist())
+            pending = (state["step"], torch.stack([step_loss.float(), torch.as_tensor(window_tokens).float()]))
         last = state["step"] == config.steps
-        if eval_examples and ((config.eval_every and state["step"] % config.eval_every == 0) or last):
+        evaluating = eval_examples and ((config.eval_every and state["step"] % config.eval_every == 0) or last)
+        if pending is not None and (evaluating or last):  # what is logged, checked and saved is up to date
+            record(pending[0], *pending[1].tolist())
+            pending = None
+        state["train_seconds"] += time.perf_counter() - step_start
+        if evaluating:
             with _whole(wrapped, unit):  # every process: evaluation and saving see the whole prompt
                 scores, _ = evaluate(model, task, eval_examples, config.eval_batch_size)
                 elapsed = time.perf_counter() - window_start

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..architecture import ModelKind
 from ..errors import ConfigError, EncodingError
+from ..transfer import tensor_on
 from .base import Targets
 from .labels import LabelTask
 
@@ -61,7 +62,7 @@ class SequenceClassification(LabelTask):
         batch = model.encode(list(examples))
         targets: Targets = {}
         if with_targets:
-            targets["labels"] = torch.tensor([self.label_id(e, i) for i, e in enumerate(examples)], device=model.device)
+            targets["labels"] = tensor_on([self.label_id(e, i) for i, e in enumerate(examples)], model.device)
         return batch, targets
 
     def scores(self, model, batch, out=None) -> torch.Tensor:

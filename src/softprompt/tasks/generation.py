@@ -9,6 +9,7 @@ import torch
 
 from ..architecture import ModelKind
 from ..errors import ConfigError, EncodingError, UnsupportedModelError
+from ..transfer import to_device
 from .base import Task
 from .metrics import generation_metrics
 from .scoring import align_to_real_tokens, append_tokens
@@ -140,7 +141,7 @@ class Generation(Task):
             labels = torch.full((len(examples), L), -100, dtype=torch.long)
             for i, t in enumerate(target_ids):
                 labels[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-            return batch, {"labels": labels.to(model.device)}
+            return batch, {"labels": to_device(labels, model.device)}
         inputs = self._encode_inputs(model, examples, [len(t) for t in target_ids])
         rows = torch.arange(len(examples), device=model.device)
         batch, positions = append_tokens(model, inputs, rows, target_ids)  # positions: (B, L) columns of the targets

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..architecture import ModelKind
 from ..errors import ConfigError, EncodingError, TemplateError
+from ..transfer import tensor_on, to_device
 from .base import Targets, Task
 from .scoring import (
     DEFAULT_CHUNK_SIZE,
@@ -201,9 +202,9 @@ class KnowledgeProbe(Task):
                 table = torch.full((len(ids), L), -100, dtype=torch.long)
                 for i, t in enumerate(ids):
                     table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-                targets["object_ids"] = table.to(model.device)
+                targets["object_ids"] = to_device(table, model.device)
             else:
-                targets["object_ids"] = torch.tensor([t[0] for t in ids], device=model.device)
+                targets["object_ids"] = tensor_on([t[0] for t in ids], model.device)
         return batch, targets
 
     # -- model ----------------------------------------------------------------

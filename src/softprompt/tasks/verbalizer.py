@@ -8,6 +8,7 @@ import torch
 
 from ..architecture import ModelKind
 from ..errors import ConfigError, EncodingError
+from ..transfer import tensor_on
 from .labels import LabelTask
 from .base import Targets
 from .scoring import DEFAULT_CHUNK_SIZE, answer_token_ids, describe_tokens, require_answer_slot, sequence_log_probs
@@ -129,7 +130,7 @@ class Verbalizer(LabelTask):
         batch = model.encode(list(examples))
         targets: Targets = {}
         if with_targets:
-            targets["labels"] = torch.tensor([self.label_id(e, i) for i, e in enumerate(examples)], device=model.device)
+            targets["labels"] = tensor_on([self.label_id(e, i) for i, e in enumerate(examples)], model.device)
         return batch, targets
 
     # -- scores ---------------------------------------------------------------
