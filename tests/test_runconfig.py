@@ -72,3 +72,26 @@ def test_compile_setting_takes_a_switch_or_a_mode(value, expected):
     apply_sets(cfg, [f"train.compile={value}", "train.gradient_checkpointing=true"])
     cfg.validate()
     assert cfg.train.compile == expected and cfg.train.gradient_checkpointing is True
+
+
+def test_device_and_dtype_settings():
+    import torch
+
+    from softprompt.errors import ConfigError
+    from softprompt.models import resolve_device, training_dtype
+
+    cfg = RunConfig()
+    apply_sets(cfg, ["device=cpu", "dtype=bfloat16"])
+    cfg.validate()
+    assert (cfg.device, cfg.dtype) == ("cpu", "bfloat16")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert training_dtype("auto", torch.device("cpu")) is None  # the checkpoint's own dtype on the CPU
+    assert training_dtype("float16", torch.device("cpu")) is torch.float16
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        RunConfig(dtype="half").validate()
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N, got 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device 'cuda:0': no such CUDA device on this machine"):
+            resolve_device("cuda:0")

@@ -287,7 +287,7 @@ def export(
     from .run import load_recorded_base
 
     _check_format(to_format, "--to")
-    directory, saved, base, tokenizer = load_recorded_base(prompt, model=model)
+    directory, saved, base, tokenizer = load_recorded_base(prompt, model=model, device="cpu")
     export_peft(SoftPromptModel.from_pretrained(base, directory, tokenizer=tokenizer), output)
     typer.echo(f"exported {saved['method']} to {output} (PEFT format)")
 
@@ -335,11 +335,11 @@ def serve(
     """Serve many tasks' prompts on one base model over HTTP (classify, tag, OpenAI-style completions)."""
     import uvicorn
 
-    from .models import load_base
+    from .models import load_base, resolve_device
     from .serve import Engine, PromptBank, create_app
 
+    target = resolve_device(device)
     base, tokenizer = load_base(model, dtype=dtype)
-    target = ("cuda" if _cuda() else "cpu") if device == "auto" else device
     base.to(target)
     bank = PromptBank.from_directory(base, tokenizer, prompts, max_on_device=max_on_device)
     engine = Engine(bank, max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens, truncate=truncate)
@@ -348,12 +348,6 @@ def serve(
     typer.echo(f"serving {len(bank)} task(s) ({', '.join(bank.names())}) on {model} ({target}) at "
                f"http://{host}:{port}", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def main() -> None:  # pragma: no cover - `python -m softprompt.cli`

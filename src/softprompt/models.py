@@ -175,6 +175,36 @@ def load_base(name_or_path: str, head: str = "auto", dtype: Any = None) -> tuple
     return _finish(model, tokenizer)
 
 
+def resolve_device(name: str = "auto"):
+    """A `torch.device` from ``auto`` (the first CUDA device when there is one, else the CPU),
+    ``cpu``, ``cuda``, ``cuda:1``, ...; refuses a malformed name or a missing accelerator."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device {name!r}: no such CUDA device on this machine "
+                          f"({torch.cuda.device_count()} visible); use device=cpu or auto")
+    return device
+
+
+def training_dtype(dtype: str, device) -> Any:
+    """The dtype a frozen base is loaded in for training: ``auto`` is bfloat16 on a GPU that
+    has it (a frozen base needs no fp32 master weights; the prompt stays fp32) and the
+    checkpoint's own dtype elsewhere."""
+    import torch
+
+    if dtype != "auto":
+        return _resolve_dtype(dtype)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def _resolve_dtype(dtype):
     if dtype is None:
         return None

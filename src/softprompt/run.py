@@ -168,7 +168,7 @@ def _check_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Train as `softprompt train` does; returns the result (metrics also in the run dir)."""
-    from .models import load_base
+    from .models import load_base, resolve_device, training_dtype
 
     if resume:
         saved = json.loads((Path(cfg.output) / "config.json").read_text()) if (Path(cfg.output) / "config.json").exists() else None
@@ -180,8 +180,9 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     data = load_data(cfg)
     if not data.train:
         raise TrainingError("the training split is empty")
-    probe_head = "auto"
-    base, tokenizer = load_base(cfg.model, head=probe_head)
+    device = resolve_device(cfg.device)
+    base, tokenizer = load_base(cfg.model, head="auto", dtype=training_dtype(cfg.dtype, device))
+    base.to(device)
     kind = _kind(base)
     has_lm_head = base.get_output_embeddings() is not None
     verbalizer = uses_verbalizer(cfg, data, kind, has_lm_head)
@@ -249,14 +250,15 @@ def load_trained(path: str | Path, *, model: str | None = None):
     return sp_model, task, saved["metadata"]
 
 
-def load_recorded_base(path: str | Path, *, model: str | None = None):
-    """The base model a saved prompt was trained on (or `model`), loaded.
+def load_recorded_base(path: str | Path, *, model: str | None = None, device: str = "auto"):
+    """The base model a saved prompt was trained on (or `model`), loaded on `device`
+    (auto: the GPU when there is one).
 
     Returns:
         (prompt folder, its prompt_config.json content, base model, tokenizer).
     """
     from .io import read_config
-    from .models import load_base
+    from .models import load_base, resolve_device
 
     directory = prompt_directory(path)
     saved = read_config(directory)
@@ -264,6 +266,7 @@ def load_recorded_base(path: str | Path, *, model: str | None = None):
     if not name:
         raise ConfigError(f"{directory}: the base model is not recorded; pass --model")
     base, tokenizer = load_base(name)
+    base.to(resolve_device(device))
     return directory, saved, base, tokenizer
 
 
@@ -330,7 +333,7 @@ def evaluate_zero_shot(model: str, task_name: str, *, split: str = "test", templ
     """
     from . import data as datamod
     from .methods import PTuningV2Config
-    from .models import load_base
+    from .models import load_base, resolve_device
 
     cfg = RunConfig(model=model, task=task_name, data_root=data_root, labels=labels, fields=fields,
                     train_file=data_file, eval_file=data_file, test_file=data_file)
@@ -343,6 +346,8 @@ def evaluate_zero_shot(model: str, task_name: str, *, split: str = "test", templ
         raise ConfigError(f"zero-shot evaluation reads an answer slot (verbalizer or LAMA); {data.kind!r} has none: "
                           "train a prompt and a head instead")
     base, tokenizer = base_and_tokenizer or load_base(model)
+    if base_and_tokenizer is None:
+        base.to(resolve_device("auto"))
     kind = _kind(base)
     task = build_task(RunConfig(task_options=dict(task_options or {})), data, verbalizer=True)
     if template is None:

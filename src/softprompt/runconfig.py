@@ -23,6 +23,7 @@ from .train import TrainConfig
 METHOD_ALIASES = {"prompt_tuning": "prompt-tuning", "p_tuning": "p-tuning", "prefix_tuning": "prefix-tuning",
                   "p_tuning_v2": "p-tuning-v2", "ptuning": "p-tuning", "ptuning-v2": "p-tuning-v2"}
 HEADS = ("auto", "verbalizer", "linear")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -44,6 +45,9 @@ class RunConfig:
         head: auto (verbalizer for input methods on a model with an LM head, else a
             linear head), verbalizer, linear.
         max_length: most tokens per row, virtual tokens included.
+        device: where the base model trains: auto (the GPU when there is one), cpu, cuda, cuda:N.
+        dtype: the frozen base's dtype: auto (bfloat16 on a GPU, the checkpoint's on the CPU),
+            float32, bfloat16, float16. The prompt and head always train in float32.
         prompt / task_options: extra fields of the method config / the task.
     """
 
@@ -61,6 +65,8 @@ class RunConfig:
     fields: list[str] | None = None
     head: str = "auto"
     max_length: int | None = 256
+    device: str = "auto"
+    dtype: str = "auto"
     train: TrainConfig = field(default_factory=TrainConfig)
     prompt: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +77,10 @@ class RunConfig:
             raise ConfigError(f"unknown method {self.method!r}; known: {sorted(CONFIGS)}")
         if self.head not in HEADS:
             raise ConfigError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.device, str):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         known = {f.name for f in dataclasses.fields(CONFIGS[self.method])}
         for key in self.prompt:
             if key not in known:
