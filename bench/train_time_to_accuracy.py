@@ -11,7 +11,7 @@ and evaluation interval; each side otherwise as its users run it:
 
   ours   `softprompt.run.run_training` (what `softprompt train` runs): its defaults (linear
          decay after 6% warm-up, clipping at 1.0, length-bucketed batches, head lr 5e-3), the
-         base in bf16 on a GPU, and ``train.compile`` as given (``--compile``).
+         base as loaded (fp32) with bf16 autocast on a GPU (``--dtype`` changes it), and ``train.compile`` as given (``--compile``).
   peft   `get_peft_model(LlamaForSequenceClassification, PromptTuningConfig(task_type="SEQ_CLS"))`
          under `Trainer` with its defaults (linear decay, no warm-up, AdamW, clipping at 1.0,
          random batches, ``bf16=True`` on a GPU); inputs padded on the left so that the
@@ -46,6 +46,7 @@ def ours(args) -> dict:
 
     compile_setting = {"false": False, "true": True}.get(args.compile, args.compile)
     cfg = RunConfig(model="smollm2-135m", method="prompt-tuning", task="sst2", head="linear", data_root=args.data_root,
+                    dtype=args.dtype,
                     num_virtual_tokens=P, template=f"[P:{P}] {{text}}",
                     train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                       eval_every=args.eval_every, seed=0, progress=False, compile=compile_setting))
@@ -155,6 +156,7 @@ def main() -> None:
     parser.add_argument("--compile", default="reduce-overhead", help="ours: train.compile (false, true or a mode)")
     parser.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev examples (0: all)")
     parser.add_argument("--sides", default="ours,peft")
+    parser.add_argument("--dtype", default="auto", help="ours: the base's dtype (auto: the checkpoint's, with bf16 autocast)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "train_time_to_accuracy.json")
     args = parser.parse_args()

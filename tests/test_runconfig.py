@@ -86,7 +86,7 @@ def test_device_and_dtype_settings():
     assert (cfg.device, cfg.dtype) == ("cpu", "bfloat16")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")
-    assert training_dtype("auto", torch.device("cpu")) is None  # the checkpoint's own dtype on the CPU
+    assert training_dtype("auto", torch.device("cpu")) is None  # the checkpoint's own dtype
     assert training_dtype("float16", torch.device("cpu")) is torch.float16
     with pytest.raises(ConfigError, match="dtype must be one of"):
         RunConfig(dtype="half").validate()

@@ -46,8 +46,8 @@ class RunConfig:
             linear head), verbalizer, linear.
         max_length: most tokens per row, virtual tokens included.
         device: where the base model trains: auto (the GPU when there is one), cpu, cuda, cuda:N.
-        dtype: the frozen base's dtype: auto (bfloat16 on a GPU, the checkpoint's on the CPU),
-            float32, bfloat16, float16. The prompt and head always train in float32.
+        dtype: the frozen base's dtype: auto (the checkpoint's; on a GPU the loop autocasts
+            matmuls to bfloat16), float32, bfloat16, float16. Prompt and head train in float32.
         prompt / task_options: extra fields of the method config / the task.
     """
 
