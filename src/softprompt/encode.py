@@ -50,7 +50,7 @@ class PromptBatch(dict):
         return moved
 
 
-def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
+def special_frame(tokenizer) -> tuple[list[int], list[int]]:
     """The special tokens a tokenizer puts before and after a text (e.g. [CLS] / [SEP], <s>, </s>)."""
     bare = tokenizer("hello", add_special_tokens=False)["input_ids"]
     full = tokenizer("hello", add_special_tokens=True)["input_ids"]
@@ -80,7 +80,7 @@ class TemplateEncoder:
         self.deep_tokens = deep_tokens
         self.fields = template.fields
         self.causal = spec.kind is ModelKind.CAUSAL
-        lead, trail = _special_frame(tokenizer)
+        lead, trail = special_frame(tokenizer)
         self.lead = lead
         # A causal LM reads its answer / continues generation at the end of the row: no
         # trailing end-of-sequence token, and nothing after the answer slot.
