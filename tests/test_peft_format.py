@@ -310,6 +310,9 @@ def test_encoder_input_prompts_convert_both_ways(wordpiece_tokenizer, roberta_to
     theirs = _peft_logits(PeftModel.from_pretrained(mine.base, str(tmp_path / "out")).eval(), ids)[:, 3:]
     with torch.no_grad():
         torch.testing.assert_close(theirs, mine(**mine.encode({"text": TEXT})).logits, rtol=0, atol=1e-5)
+    back = import_peft(tmp_path / "out", mine.base, tok)  # ours -> PEFT -> ours: the same tensor and layout
+    torch.testing.assert_close(back.export(), mine.export(), rtol=0, atol=0)
+    assert back.template.source == "[P:3] [START] {text}"
 
 
 # -- what has no equivalent ----------------------------------------------------------------

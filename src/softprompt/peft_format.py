@@ -46,12 +46,12 @@ from .errors import ConfigError, PromptFileError
 from .io import load_tensors, read_json_object, write_directory_atomically
 from .methods import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from .methods.collapsed import CollapsedPrompt
+from .template import START
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 IMPORTED = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 TASK_TYPES = (None, "CAUSAL_LM", "FEATURE_EXTRACTION", "SEQ_2_SEQ_LM")
-START = "[START]"
 
 # Why a prefix-tuning adapter on an encoder-decoder has no softprompt equivalent, by
 # num_transformer_submodules (read from PEFT 0.21's get_prompt and checked numerically).
