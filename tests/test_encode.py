@@ -148,6 +148,22 @@ def test_wordpiece_layout_masked(family, wordpiece_tokenizer, bert_spec, t5_spec
     assert row.field_index.count(0) == n and row.field_index[4 : 4 + n] == [0] * n
 
 
+def test_start_puts_virtual_tokens_before_the_leading_specials(wordpiece_tokenizer, bert_spec, gpt2_tokenizer, gpt2_enc):
+    """``[P:3] [START] {text}``: the virtual slots before [CLS] (PEFT's layout), the same
+    text tokens as ``[P:3] {text}``; a tokenizer without leading specials encodes both alike."""
+    tok = wordpiece_tokenizer
+    before = TemplateEncoder(parse_template("[P:3] [START] {text} [MASK]"), tok, bert_spec).encode({"text": FILM})
+    after = TemplateEncoder(parse_template("[P:3] {text} [MASK]"), tok, bert_spec).encode({"text": FILM})
+    check_lengths(before)
+    n = len(ids(tok, FILM))
+    assert before.input_ids == [tok.pad_token_id] * 3 + [tok.cls_token_id] + after.input_ids[4:]
+    assert before.prompt_index == [0, 1, 2] + [-1] * (n + 3)
+    assert before.field_index == [-1] * 4 + [0] * n + [-1, -1]
+    assert before.answer_index == after.answer_index == 4 + n
+    with_start, plain = (gpt2_enc(t).encode({"text": FILM}) for t in ("[P:3] [START] {text}", "[P:3] {text}"))
+    assert with_start == plain
+
+
 def test_t5_has_no_position_limit(wordpiece_tokenizer, t5_spec):
     enc = TemplateEncoder(parse_template("[P:4] {text} [MASK]"), wordpiece_tokenizer, t5_spec)
     assert enc.max_length is None

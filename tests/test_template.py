@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import softprompt as sp
 from softprompt.errors import ConfigError, TemplateError
-from softprompt.template import Anchor, Mask, Placeholder, Virtual, default_template, parse_template
+from softprompt.template import Anchor, Mask, Placeholder, Start, Virtual, default_template, parse_template
 
 
 # -- the documented examples ------------------------------------------------------
@@ -105,6 +105,24 @@ def test_virtual_slots_are_transparent_to_whitespace():
     # Leading slots: nothing real comes before the first item, so no space.
     assert parse_template("[P:2] Review: {t}").items[1] == Anchor("Review:", space_before=False)
     assert parse_template("  [P:2]  [MASK] {t}").items[1] == Mask(space_before=False)
+
+
+def test_start_marks_where_the_leading_specials_go():
+    t = parse_template("[P:2] [START] [P] {text}")
+    assert t.items == (Virtual(2, 0), Start(), Virtual(1, 2), Placeholder("text", space_before=False))
+    assert t.has_start and t.num_virtual_tokens == 3
+    assert not parse_template("[P:2] {text}").has_start
+
+
+@pytest.mark.parametrize("source, column, words", [
+    ("{text} [START]", 8, "only virtual tokens"),
+    ("Review: [START] {text}", 9, "only virtual tokens"),
+    ("[P] [START] [START] {text}", 13, r"one \[START\]"),
+])
+def test_start_only_after_virtual_tokens_and_once(source, column, words):
+    with pytest.raises(TemplateError, match=words) as info:
+        parse_template(source)
+    assert info.value.column == column
 
 
 def test_default_template():

@@ -4,6 +4,9 @@ One row is laid out as
 
     [leading specials] [items of the template, in order] [trailing specials]
 
+or, when the template has ``[START]`` (preceded by virtual slots only), with the leading
+specials at that item instead of first.
+
 where a virtual slot holds a placeholder id and its prompt-table row in `prompt_index`.
 Virtual slots are part of the row before padding is added, so they are never placed
 before pads. Truncation shortens only placeholders (longest first, from their end).
@@ -20,7 +23,7 @@ import torch
 
 from .architecture import ModelKind, ModelSpec
 from .errors import ConfigError, EncodingError, InputTooLongError, TemplateError
-from .template import Anchor, Mask, Placeholder, Template, Virtual
+from .template import Anchor, Mask, Placeholder, Start, Template, Virtual
 from .transfer import to_device
 
 
@@ -48,7 +51,7 @@ class PromptBatch(dict):
         return moved
 
 
-def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
+def special_frame(tokenizer) -> tuple[list[int], list[int]]:
     """The special tokens a tokenizer puts before and after a text (e.g. [CLS] / [SEP], <s>, </s>)."""
     bare = tokenizer("hello", add_special_tokens=False)["input_ids"]
     full = tokenizer("hello", add_special_tokens=True)["input_ids"]
@@ -78,7 +81,7 @@ class TemplateEncoder:
         self.deep_tokens = deep_tokens
         self.fields = template.fields
         self.causal = spec.kind is ModelKind.CAUSAL
-        lead, trail = _special_frame(tokenizer)
+        lead, trail = special_frame(tokenizer)
         self.lead = lead
         # A causal LM reads its answer / continues generation at the end of the row: no
         # trailing end-of-sequence token, and nothing after the answer slot.
@@ -216,6 +219,8 @@ class TemplateEncoder:
         for item in self.items:
             if isinstance(item, Virtual):
                 pieces.append(("virtual", item))
+            elif isinstance(item, Start):
+                pieces.append(("start", None))  # counted with the specials; nothing to truncate
             elif isinstance(item, Mask):
                 pieces.append(("mask", None))
                 real_before = True
@@ -298,12 +303,18 @@ class TemplateEncoder:
                 pieces[i] = ("field", (field_no, ids[: lengths[i]], words[: lengths[i]]))
 
     def _assemble(self, pieces: list, where: str) -> EncodedRow:
-        ids: list[int] = list(self.lead)
+        ids: list[int] = [] if self.template.has_start else list(self.lead)
         prompt = [-1] * len(ids)
         fields = [-1] * len(ids)
         words = [-1] * len(ids)
         answer = -1
         for kind, payload in pieces:
+            if kind == "start":  # the leading specials, after the virtual slots before [START]
+                ids += self.lead
+                prompt += [-1] * len(self.lead)
+                fields += [-1] * len(self.lead)
+                words += [-1] * len(self.lead)
+                continue
             if kind == "virtual":
                 ids += [self.pad_id] * payload.count
                 prompt += list(range(payload.first, payload.first + payload.count))

@@ -3,19 +3,29 @@
 A PEFT prompt-learning adapter is ``adapter_config.json`` plus ``adapter_model.safetensors``
 holding one tensor, ``prompt_embeddings``:
 
-* ``PROMPT_TUNING`` and ``P_TUNING``: (P, D), the virtual tokens' input embeddings, put in
-  front of the whole input (for P-tuning, the prompt encoder's output: what PEFT uses when it
-  loads the adapter for inference);
+* ``PROMPT_TUNING`` and ``P_TUNING``: (P * n, D), the virtual tokens' input embeddings (for
+  P-tuning, the prompt encoder's output: what PEFT uses when it loads the adapter for
+  inference). n is ``num_transformer_submodules``: 1, or 2 by default for ``SEQ_2_SEQ_LM``;
+  PEFT 0.21 reads only the first P rows for these two methods, in ``forward`` and in
+  ``generate`` alike, and puts them in front of the encoder's input (the decoder gets none);
 * ``PREFIX_TUNING``: (P, L * 2 * H_kv * D_head), each layer's prefix keys then values (the
   projection's output when ``prefix_projection`` is on).
 
-That is exactly softprompt's collapsed inference tensor, laid out differently, for the
-templates PEFT can express: ``[P:n] {text}`` (input methods) and ``{text}`` (deep ones), on
-a causal LM (``CAUSAL_LM``), and deep prompts on an encoder (``FEATURE_EXTRACTION``).
-Anything else has no PEFT equivalent and is refused with the reason, rather than written
-as something that would behave differently: virtual tokens inside a template, anchor words,
-an answer slot, input prompts on encoders (PEFT puts them before [CLS]) and any prompt on an
-encoder-decoder (PEFT puts it in the decoder too), an adapter with trained head weights.
+PEFT puts input prompts in front of the tokenized input, before the tokenizer's leading
+special tokens ([CLS], <s>, BOS): softprompt's template ``[P:n] [START] {text}`` (the same
+row as ``[P:n] {text}`` when the tokenizer has no leading special token). With that, the
+collapsed inference tensors correspond exactly:
+
+| base            | PEFT task_type      | input prompts (prompt / P-tuning) | deep prompts (prefix / P-tuning v2) |
+|-----------------|---------------------|-----------------------------------|-------------------------------------|
+| causal LM       | CAUSAL_LM           | converts                          | converts                            |
+| encoder         | FEATURE_EXTRACTION  | converts                          | converts                            |
+| encoder-decoder | SEQ_2_SEQ_LM        | converts (encoder input)          | refused (see `_SEQ2SEQ_PREFIX`)     |
+
+Anything else has no PEFT equivalent and is refused with the reason, rather than written as
+something that would behave differently: virtual tokens inside a template, anchor words, an
+answer slot, virtual tokens after the leading special tokens, deep prompts on an
+encoder-decoder, an adapter with trained head weights.
 
 No dependency on the ``peft`` package: the format is read and written here (the tests load
 what we write with PEFT itself and compare logits).
@@ -31,15 +41,28 @@ from typing import Any
 from safetensors.torch import save_file
 
 from .architecture import ModelKind, model_spec
+from .encode import special_frame
 from .errors import ConfigError, PromptFileError
 from .io import load_tensors, read_json_object, write_directory_atomically
 from .methods import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from .methods.collapsed import CollapsedPrompt
+from .template import START
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 IMPORTED = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
-TASK_TYPES = (None, "CAUSAL_LM", "FEATURE_EXTRACTION")
+TASK_TYPES = (None, "CAUSAL_LM", "FEATURE_EXTRACTION", "SEQ_2_SEQ_LM")
+
+# Why a prefix-tuning adapter on an encoder-decoder has no softprompt equivalent, by
+# num_transformer_submodules (read from PEFT 0.21's get_prompt and checked numerically).
+_SEQ2SEQ_PREFIX = {
+    2: ("PEFT gives the encoder no prefix, and gives decoder self-attention layer j the adapter's layer slot "
+        "2j mod num_layers (the other slots go to the cross-attention cache, which PEFT then discards), where "
+        "softprompt's deep prompt puts a prefix in every self-attention layer of the encoder and of the decoder"),
+    1: ("PEFT hands the decoder one plain cache that its cross-attention layers also append the encoder's keys to "
+        "(decoder layer j then cross-attends to the prefix and to the decoder's own tokens too), where softprompt's "
+        "deep prompt puts a prefix in every self-attention layer of the encoder and of the decoder"),
+}
 
 
 def read_adapter_config(directory: Path) -> dict[str, Any]:
@@ -56,13 +79,13 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
         value = data.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise PromptFileError(f"{path}: field {name!r} must be a positive integer, got {value!r}")
-    submodules = data.get("num_transformer_submodules", 1)
-    if submodules not in (1, None):
-        raise PromptFileError(f"{path}: field 'num_transformer_submodules' is {submodules}: the adapter puts prompts "
-                              "in an encoder-decoder's decoder too, which softprompt does not do")
     task = data.get("task_type")
     if task not in TASK_TYPES:
         raise PromptFileError(f"{path}: field 'task_type' is {task!r}; import supports {', '.join(map(str, TASK_TYPES))}")
+    submodules = data.get("num_transformer_submodules") or 1
+    if submodules not in (1, 2) or (submodules == 2 and task != "SEQ_2_SEQ_LM"):
+        raise PromptFileError(f"{path}: field 'num_transformer_submodules' is {submodules} with task_type {task!r}: "
+                              "PEFT uses 2 only for an encoder-decoder (SEQ_2_SEQ_LM), 1 otherwise")
     return data
 
 
@@ -72,7 +95,9 @@ def import_peft(directory: str | os.PathLike, base, tokenizer=None):
 
     Args:
         directory: the adapter folder (``adapter_config.json``, ``adapter_model.safetensors``).
-        base: the causal LM the adapter was trained on.
+        base: the model the adapter was trained on (causal LM, encoder or encoder-decoder).
+        tokenizer: the base model's tokenizer; it tells whether the imported template needs
+            ``[START]`` (PEFT's prompts come before the leading special tokens).
 
     Raises:
         PromptFileError: not a PEFT prompt-learning adapter, a corrupt file, or a field out
@@ -87,7 +112,16 @@ def import_peft(directory: str | os.PathLike, base, tokenizer=None):
     spec = model_spec(base)
     P, kind = data["num_virtual_tokens"], data["peft_type"]
     deep = kind == "PREFIX_TUNING"
-    _check_placement(spec, deep, f"{directory / CONFIG_FILE}: {kind}")
+    where = f"{directory / CONFIG_FILE}: {kind}"
+    if (data.get("task_type") == "SEQ_2_SEQ_LM") != (spec.kind is ModelKind.SEQ2SEQ):
+        what = "an encoder-decoder" if spec.kind is ModelKind.SEQ2SEQ else "not an encoder-decoder"
+        raise PromptFileError(f"{where}: field 'task_type' is {data.get('task_type')!r} but the base model "
+                              f"({spec.model_type}) is {what}: PEFT's SEQ_2_SEQ_LM adapters go with encoder-decoders, "
+                              "and only they")
+    submodules = data.get("num_transformer_submodules") or 1
+    if deep and spec.kind is ModelKind.SEQ2SEQ:
+        raise PromptFileError(f"{where} with num_transformer_submodules {submodules} on an encoder-decoder "
+                              f"({spec.model_type}): {_SEQ2SEQ_PREFIX[submodules]}: no equivalent to import")
     expected = ({"token_dim": spec.num_key_value_heads * spec.head_dim, "num_attention_heads": spec.num_key_value_heads,
                  "num_layers": spec.num_layers} if deep else {"token_dim": spec.hidden_size, "num_layers": spec.num_layers})
     differences = [f"{k}: adapter {data[k]}, base {v}" for k, v in expected.items() if data[k] != v]
@@ -102,10 +136,13 @@ def import_peft(directory: str | os.PathLike, base, tokenizer=None):
                               "softprompt prompt; import an adapter of the prompt alone")
     table = tensors.get("prompt_embeddings")
     width = spec.num_layers * 2 * data["token_dim"] if deep else data["token_dim"]
-    if table is None or tuple(table.shape) != (P, width):
-        raise PromptFileError(f"{directory / WEIGHTS_FILE}: expected a tensor 'prompt_embeddings' of shape {(P, width)}, "
+    rows = P if deep else P * submodules  # prefix tuning saves P rows whatever the submodules
+    if table is None or tuple(table.shape) != (rows, width):
+        raise PromptFileError(f"{directory / WEIGHTS_FILE}: expected a tensor 'prompt_embeddings' of shape {(rows, width)}, "
                               f"found {None if table is None else tuple(table.shape)}")
-    table = table.float()
+    # With 2 submodules PEFT trains and saves 2P input rows but its forward and generate put
+    # only the first P in front of the encoder's input (the rest never reach the model).
+    table = table[:P].float()
     if deep:
         # (P, L * 2 * H_kv * D_head) -> (L, 2, H_kv, P, D_head)
         table = table.view(P, spec.num_layers, 2, spec.num_key_value_heads, spec.head_dim).permute(1, 2, 3, 0, 4).contiguous()
@@ -114,9 +151,9 @@ def import_peft(directory: str | os.PathLike, base, tokenizer=None):
                                        if data.get("prefix_projection") and data.get("encoder_hidden_size") else {}))
     elif kind == "P_TUNING":
         encoder = str(data.get("encoder_reparameterization_type", "MLP")).lower()
-        config = PTuningConfig(template=f"[P:{P}] {{text}}", encoder=encoder if encoder in ("lstm", "mlp") else "mlp")
+        config = PTuningConfig(template=peft_template(P, tokenizer), encoder=encoder if encoder in ("lstm", "mlp") else "mlp")
     else:
-        config = PromptTuningConfig(num_virtual_tokens=P)
+        config = PromptTuningConfig(num_virtual_tokens=P, template=peft_template(P, tokenizer))
     device = base.get_input_embeddings().weight.device
     prompt = CollapsedPrompt(table.to(device), spec, deep=deep)
     return SoftPromptModel(base, config, tokenizer, prompt=prompt)
@@ -131,16 +168,17 @@ def export_peft(model, directory: str | os.PathLike) -> None:
     """
     spec = model.spec
     method = model.config.method
-    _check_placement(spec, model.deep, f"{method} prompt")
+    if model.deep and spec.kind is ModelKind.SEQ2SEQ:
+        raise ConfigError(f"{method} prompt on an encoder-decoder ({spec.model_type}): PEFT's SEQ_2_SEQ_LM prefix "
+                          f"tuning has no equivalent ({_SEQ2SEQ_PREFIX[2]})")
     P = model.num_virtual_tokens
-    template = model.template.source
-    plain = "{text}" if model.deep else f"[P:{P}] {{text}}"
-    if " ".join(template.split()) != plain:
-        raise ConfigError(f"template {template!r} has no PEFT equivalent: PEFT puts all virtual tokens in front of "
-                          f"the input with nothing else around it (the template {plain!r})")
+    _check_template(model.template.source, P, model.deep, model.tokenizer)
     tensor = model.export().cpu()  # (P, D) or (L, 2, H_kv, P, D_head)
     name = getattr(model.base.config, "_name_or_path", "") or None
-    task_type = "CAUSAL_LM" if spec.kind is ModelKind.CAUSAL else "FEATURE_EXTRACTION"
+    task_type = {ModelKind.CAUSAL: "CAUSAL_LM", ModelKind.ENCODER: "FEATURE_EXTRACTION",
+                 ModelKind.SEQ2SEQ: "SEQ_2_SEQ_LM"}[spec.kind]
+    # One submodule: the P rows in front of the encoder's input are all PEFT reads of an
+    # input prompt on an encoder-decoder (its default 2 would ask for P more, never read).
     common = {"task_type": task_type, "num_virtual_tokens": P, "num_transformer_submodules": 1,
               "num_layers": spec.num_layers, "base_model_name_or_path": name, "inference_mode": True,
               "revision": None, "auto_mapping": None, "modules_to_save": None}
@@ -170,18 +208,38 @@ def export_peft(model, directory: str | os.PathLike) -> None:
     write_directory_atomically(Path(directory), write)
 
 
-def _check_placement(spec, deep: bool, what: str) -> None:
-    """Where PEFT and softprompt put the same prompt: everything on a causal LM; on an encoder,
-    deep prompts only (PEFT puts input prompts before [CLS], our templates after it); never
-    on an encoder-decoder (PEFT puts prompt-tuning prompts in the decoder's input too, and a
-    prefix in the decoder only, where ours spans encoder and decoder)."""
-    if spec.kind is ModelKind.SEQ2SEQ:
-        raise ConfigError(f"{what}: on an encoder-decoder ({spec.model_type}) PEFT places prompts in the decoder "
-                          "(input prompts in both stacks, prefixes in the decoder only) and softprompt does not: "
-                          "no equivalent to convert")
-    if spec.kind is ModelKind.ENCODER and not deep:
-        raise ConfigError(f"{what}: on an encoder ({spec.model_type}) PEFT puts input prompts before [CLS] and "
-                          "softprompt's templates after it: no equivalent to convert (deep prompts convert)")
+def peft_template(num_virtual_tokens: int, tokenizer=None) -> str:
+    """softprompt's template for PEFT's layout of an input prompt: the P virtual tokens in
+    front of the tokenized input, before its leading special tokens. ``[P:n] {text}`` when
+    the tokenizer is known to put none there (e.g. GPT-2, T5), else ``[P:n] [START] {text}``."""
+    if tokenizer is not None and not special_frame(tokenizer)[0]:
+        return f"[P:{num_virtual_tokens}] {{text}}"
+    return f"[P:{num_virtual_tokens}] {START} {{text}}"
+
+
+def _check_template(template: str, P: int, deep: bool, tokenizer) -> None:
+    """Refuse a template that PEFT's layout cannot express (see `peft_template`)."""
+    plain = " ".join(template.split())
+    if deep:
+        if plain not in ("{text}", f"{START} {{text}}"):
+            raise ConfigError(f"template {template!r} has no PEFT equivalent: PEFT's prefix sees the input with "
+                              "nothing around it (the template '{text}')")
+        return
+    peft = f"[P:{P}] {START} {{text}}"
+    if plain == peft:
+        return
+    if plain != f"[P:{P}] {{text}}":
+        raise ConfigError(f"template {template!r} has no PEFT equivalent: PEFT puts all virtual tokens in front of "
+                          f"the input with nothing else around it (the template {peft!r})")
+    if tokenizer is None:
+        raise ConfigError(f"template {template!r}: without the tokenizer it cannot be told whether the virtual "
+                          "tokens follow leading special tokens ([CLS], <s>, BOS), which PEFT puts after them: "
+                          "pass tokenizer=... to SoftPromptModel")
+    lead = special_frame(tokenizer)[0]
+    if lead:
+        raise ConfigError(f"template {template!r} has no PEFT equivalent: it puts the virtual tokens after the "
+                          f"tokenizer's leading special tokens {tokenizer.convert_ids_to_tokens(lead)}, PEFT before "
+                          f"them (the template {peft!r})")
 
 
 def _attention_heads(base) -> int:
@@ -189,4 +247,4 @@ def _attention_heads(base) -> int:
     return int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head"))
 
 
-__all__ = ["import_peft", "export_peft", "read_adapter_config"]
+__all__ = ["import_peft", "export_peft", "read_adapter_config", "peft_template"]

@@ -6,10 +6,11 @@
 Grammar (parsed by hand, character by character; nothing is evaluated):
 
     template    := item*
-    item        := virtual | placeholder | mask | anchor
+    item        := virtual | placeholder | mask | start | anchor
     virtual     := "[P]" | "[P:" digits "]"        one or more virtual tokens
     placeholder := "{" name "}"                     a field of the example, name = [A-Za-z_][A-Za-z0-9_]*
     mask        := "[MASK]"                         the answer slot
+    start       := "[START]"                        where the tokenizer's leading special tokens go
     anchor      := any other text; "{{" and "}}" are literal braces; a "[" that does
                    not open one of the forms above is literal text
 
@@ -18,6 +19,13 @@ word boundaries the template shows. Virtual slots have no text and are transpare
 whitespace: the real text is the template with its ``[P:n]`` slots deleted, so in
 ``"{a} [P:2]{b}"`` a space separates ``{a}`` and ``{b}``, and in ``"[P:3] {text}"`` nothing
 comes before ``{text}``.
+
+A row begins with the tokenizer's leading special tokens ([CLS], <s>, BOS), so the virtual
+tokens of ``"[P:3] {text}"`` follow them. ``"[P:3] [START] {text}"`` puts them first, before
+the leading specials: the layout of HF PEFT, which prepends its prompts to the tokenized
+input. Only virtual slots may precede ``[START]``; like them it has no text of its own and
+is transparent to whitespace. Without a leading special token the two templates encode the
+same row.
 """
 
 from __future__ import annotations
@@ -59,7 +67,14 @@ class Mask:
     space_before: bool
 
 
-Item = Union[Virtual, Placeholder, Anchor, Mask]
+@dataclass(frozen=True)
+class Start:
+    """Where the tokenizer's leading special tokens go (default: first in the row)."""
+
+
+START = "[START]"
+
+Item = Union[Virtual, Placeholder, Anchor, Mask, Start]
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,11 @@ class Template:
     @property
     def has_mask(self) -> bool:
         return any(isinstance(i, Mask) for i in self.items)
+
+    @property
+    def has_start(self) -> bool:
+        """The template places the leading special tokens itself (``[START]``)."""
+        return any(isinstance(i, Start) for i in self.items)
 
     def __str__(self) -> str:
         return self.source
@@ -186,6 +206,15 @@ def parse_template(source: str, *, require_placeholder: bool = True) -> Template
                 raise TemplateError("a template takes one [MASK] answer slot; found a second", source, i + 1)
             items.append(Mask(space_before=take_space()))
             i += len("[MASK]")
+        elif source.startswith(START, i):
+            flush_text()
+            if any(isinstance(it, Start) for it in items):
+                raise TemplateError(f"a template takes one {START}; found a second", source, i + 1)
+            if not all(isinstance(it, Virtual) for it in items):
+                raise TemplateError(f"only virtual tokens ([P:n]) may come before {START}: the leading special "
+                                    "tokens start the real text", source, i + 1)
+            items.append(Start())  # no text: whitespace around it carries over, as for virtual slots
+            i += len(START)
         elif source.startswith("[P]", i) or source.startswith("[P:", i):
             flush_text()
             if source.startswith("[P]", i):
