@@ -95,3 +95,14 @@ def test_device_and_dtype_settings():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device 'cuda:0': no such CUDA device on this machine"):
             resolve_device("cuda:0")
+
+
+def test_yaml_files_keep_yes_no_on_off_as_words(tmp_path):
+    """A run file's `mixed_precision: no` is the setting "no" (YAML 1.1 would read False)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  mixed_precision: no\n  bucket: false\n  progress: True\ntask:\n  pool: on\n")
+    cfg = RunConfig()
+    load_yaml(path, cfg)
+    cfg.validate()
+    assert cfg.train.mixed_precision == "no" and cfg.train.bucket is False and cfg.train.progress is True
+    assert cfg.task_options == {"pool": "on"}

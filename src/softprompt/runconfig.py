@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,14 +97,26 @@ def _suggest(key: str, known, prefix: str = "") -> str:
     return f"; did you mean '{prefix}{close[0]}'?" if close else f"; known: {sorted(known)}"
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false are booleans. YAML 1.1
+    (PyYAML's default) also reads yes/no/on/off as booleans, so ``mixed_precision: no`` in a
+    run file, or ``--set train.mixed_precision=no``, would mean False instead of "no"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
 def _coerce(raw: str) -> Any:
     """A --set value: YAML scalars (numbers, true/false, null, lists) or the raw string."""
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_Loader)
     except yaml.YAMLError:
         return raw
-    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
-        return raw  # YAML 1.1 reads yes/no/on/off as booleans: `train.mixed_precision=no` means "no"
     return raw if isinstance(value, dict) else value
 
 
@@ -141,7 +154,7 @@ def load_yaml(path: str | Path, config: RunConfig) -> None:
     """Apply a YAML run file (nested ``train:`` / ``prompt:`` / ``task:`` sections)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except yaml.YAMLError as e:
