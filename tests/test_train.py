@@ -179,3 +179,18 @@ def test_gradient_checkpointing_trains_to_the_same_weights(wordpiece_tokenizer, 
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-5, msg=key)
     assert any((plain[k] != 0).any() for k in plain)
+
+
+def test_training_forwards_on_a_gpu_leave_cudnn_attention_out():
+    """cuDNN attention's backward gives NaN for fully masked query rows (left pads); a forward
+    that will be differentiated on CUDA runs without it, everything else keeps all backends."""
+    from torch.nn.attention import SDPBackend
+
+    from softprompt.attention import training_backends
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert SDPBackend.CUDNN_ATTENTION not in training_backends(cuda)
+    assert SDPBackend.EFFICIENT_ATTENTION in training_backends(cuda)
+    assert training_backends(cpu) is None
+    with torch.no_grad():
+        assert training_backends(cuda) is None

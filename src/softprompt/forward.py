@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
 from . import inject
+from .attention import attention_for
 from .architecture import ModelKind, ModelSpec
 from .errors import ConfigError, EncodingError, UnsupportedModelError
 
@@ -141,9 +142,10 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         dec_mask = None  # the decoder's default mask, unless rows use prefixes of different lengths
         if prompts.prefix is not None and prompts.prefix_mask is not None:
             dec_mask = prompts.full_mask(torch.ones_like(decoder_input_ids))
-        out = base(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-                   decoder_attention_mask=dec_mask, past_key_values=decoder_cache(base, spec, prompts, input_ids.shape[0]),
-                   labels=labels, use_cache=False, return_dict=True)
+        with attention_for(input_ids.device):
+            out = base(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                       decoder_attention_mask=dec_mask, past_key_values=decoder_cache(base, spec, prompts, input_ids.shape[0]),
+                       labels=labels, use_cache=False, return_dict=True)
         return SoftPromptOutput(
             loss=out.loss, logits=out.logits, last_hidden_state=align(encoded.last_hidden_state),
             attention_mask=align(real_mask),
@@ -177,8 +179,9 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
             kwargs["logits_to_keep"] = columns
         else:
             kwargs["logits_to_keep"] = 1  # the fewest the LM head computes
-    out = base(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False,
-               output_hidden_states=output_hidden_states or None, return_dict=True, **kwargs)
+    with attention_for(embeds.device):  # no cuDNN attention in a training step (see attention.py)
+        out = base(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False,
+                   output_hidden_states=output_hidden_states or None, return_dict=True, **kwargs)
     all_logits = getattr(out, "logits", None)  # (B, S, V), (B, K, V), or None for a bare encoder
     hidden = getattr(out, "last_hidden_state", None)  # bare models
     if hidden is None and output_hidden_states:
