@@ -194,10 +194,9 @@ def resolve_device(name: str = "auto"):
 
 def training_dtype(dtype: str, device) -> Any:
     """The dtype a frozen base is loaded in for training: ``auto`` keeps the checkpoint's own
-    dtype (on a GPU the loop then autocasts its matmuls to bfloat16: `TrainConfig.mixed_precision`).
-    A bfloat16 base (``dtype=bfloat16``) halves the weights' memory, but a run of SST-2 on
-    SmolLM2-135M at lr 3e-2 diverged there (non-finite loss at step 124) where autocast over
-    fp32 weights keeps norms and softmaxes in fp32; so it is asked for, not the default."""
+    dtype (on a GPU the loop then autocasts its matmuls to bfloat16: `TrainConfig.mixed_precision`,
+    norms and softmaxes staying in fp32, as the SST-2 figures in docs/PERFORMANCE.md were
+    measured); ``bfloat16`` halves the weights' memory and is asked for, not assumed."""
     return None if dtype == "auto" else _resolve_dtype(dtype)
 
 
