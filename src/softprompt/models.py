@@ -76,7 +76,7 @@ HEADS: dict[str, str] = {
 _CACHE_FORMAT = 1
 _CACHE_STAMP = "softprompt_source.json"
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # what load_base and a run's `dtype` take
 
 
 # -- packages -------------------------------------------------------------------------
@@ -207,9 +207,9 @@ def _resolve_dtype(dtype):
 
     if isinstance(dtype, torch.dtype):
         return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
+    if isinstance(dtype, str) and dtype in DTYPES:
         return dtype if dtype == "auto" else getattr(torch, dtype)
-    raise ConfigError(f"dtype must be a torch.dtype or one of {list(_DTYPES)}, got {dtype!r}")
+    raise ConfigError(f"dtype must be a torch.dtype or one of {list(DTYPES)}, got {dtype!r}")
 
 
 def _finish(model, tokenizer):

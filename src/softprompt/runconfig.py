@@ -19,12 +19,12 @@ import yaml
 
 from .errors import ConfigError
 from .methods import CONFIGS
+from .models import DTYPES
 from .train import TrainConfig
 
 METHOD_ALIASES = {"prompt_tuning": "prompt-tuning", "p_tuning": "p-tuning", "prefix_tuning": "prefix-tuning",
                   "p_tuning_v2": "p-tuning-v2", "ptuning": "p-tuning", "ptuning-v2": "p-tuning-v2"}
 HEADS = ("auto", "verbalizer", "linear")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
