@@ -238,7 +238,7 @@ def test_deep_prefix_of_real_cache_equals_those_tokens(family_models, method, fa
     model, base, _ = build(family_models, family, method)
     P = model.num_virtual_tokens
     filler = torch.arange(1000, 1000 + P).unsqueeze(0)
-    cache = base(input_ids=filler, use_cache=True).past_key_values
+    cache = inject.output_cache(base(input_ids=filler, use_cache=True))
     prefix = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
     model.prompt = CollapsedPrompt(prefix, model.spec, deep=True)
     batch = model.encode(TEXTS, padding_side="left")
@@ -319,3 +319,22 @@ def test_logits_only_where_read(family_models, method, family, side):
         assert torch.allclose(model(**batch, logits="answer").answer_logits, model(**batch).answer_logits, atol=1e-5)
     with pytest.raises(sp.ConfigError, match="logits='all'"):
         model(**batch, logits="answer", labels=torch.zeros_like(full.attention_mask))
+
+
+@pytest.mark.parametrize("family", CAUSAL + ENCODERS + SEQ2SEQ)
+def test_the_cache_goes_in_and_comes_out_under_the_installed_name(family_models, family):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (argument and output): the
+    one name `inject.CACHE_ARG` must be what the installed base takes (an old name would be
+    mapped with a warning until 5.40, then fail) and what its output carries."""
+    import inspect
+
+    base, _ = family_models(family)
+    takes = inspect.signature(getattr(base, "base_model", base).forward).parameters
+    assert inject.CACHE_ARG in takes
+    if family in ENCODERS:
+        return  # encoders return no cache
+    ids = torch.arange(1000, 1004).unsqueeze(0)
+    extra = {"decoder_input_ids": ids[:, :2]} if family in SEQ2SEQ else {}
+    with torch.no_grad():
+        cache = inject.output_cache(base(input_ids=ids, use_cache=True, **extra))
+    assert cache is not None and cache.get_seq_length() == (2 if family in SEQ2SEQ else 4)

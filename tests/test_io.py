@@ -156,7 +156,7 @@ def test_no_pickle_in_saved_files(saved):
 def test_deep_prompt_on_model_without_cache_is_refused(wordpiece_tokenizer):
     torch.manual_seed(0)
     base = DistilBertModel(DistilBertConfig(vocab_size=len(wordpiece_tokenizer), dim=32, n_layers=2, n_heads=4, hidden_dim=64))
-    with pytest.raises(sp.UnsupportedModelError, match="DistilBertModel takes no past_key_values"):
+    with pytest.raises(sp.UnsupportedModelError, match="DistilBertModel takes no cache"):
         sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=4), tokenizer=wordpiece_tokenizer)
     # input prompts need only inputs_embeds, which it takes
     model = sp.SoftPromptModel(base, sp.PromptTuningConfig(num_virtual_tokens=4), tokenizer=wordpiece_tokenizer)

@@ -13,6 +13,7 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
 import softprompt as sp
+from softprompt import inject
 from softprompt.peft_format import export_peft, import_peft
 
 from conftest import make_gpt2, make_llama
@@ -353,8 +354,8 @@ def test_peft_seq2seq_prefix_is_what_the_refusal_says(wordpiece_tokenizer, tmp_p
         for j in range(2):
             cache.update(kv[slot(j), 0][None], kv[slot(j), 1][None], j)
         with torch.no_grad():
-            return base(input_ids=ids, decoder_input_ids=dec, past_key_values=EncoderDecoderCache(cache, DynamicCache()),
-                        use_cache=True).logits
+            return base(input_ids=ids, decoder_input_ids=dec, use_cache=True,
+                        **{inject.CACHE_ARG: EncoderDecoderCache(cache, DynamicCache())}).logits
 
     torch.testing.assert_close(decoder_only(lambda j: 2 * j % 2), expected, rtol=0, atol=1e-5)
     assert not torch.allclose(decoder_only(lambda j: j), expected, atol=1e-3)  # not layer j's own slot

@@ -144,8 +144,8 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
             dec_mask = prompts.full_mask(torch.ones_like(decoder_input_ids))
         with attention_for(input_ids.device):
             out = base(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-                       decoder_attention_mask=dec_mask, past_key_values=decoder_cache(base, spec, prompts, input_ids.shape[0]),
-                       labels=labels, use_cache=False, return_dict=True)
+                       decoder_attention_mask=dec_mask, labels=labels, use_cache=False, return_dict=True,
+                       **{inject.CACHE_ARG: decoder_cache(base, spec, prompts, input_ids.shape[0])})
         return SoftPromptOutput(
             loss=out.loss, logits=out.logits, last_hidden_state=align(encoded.last_hidden_state),
             attention_mask=align(real_mask),
@@ -158,7 +158,7 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
     kwargs: dict[str, Any] = {}
     P = prompts.prefix_length
     if prompts.prefix is not None:
-        kwargs["past_key_values"] = (
+        kwargs[inject.CACHE_ARG] = (
             inject.forward_prefix_cache(prompts.prefix, spec, base.config, B, _dtype(base))
             if spec.kind is ModelKind.CAUSAL
             else inject.encoder_prefix_cache(prompts.prefix, spec, B, _dtype(base))
@@ -268,7 +268,7 @@ def generate(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: tor
             start = base.config.decoder_start_token_id
         dec = torch.full((B, P + 1), int(start), dtype=torch.long, device=input_ids.device)
         dec_mask = prompts.full_mask(torch.ones((B, 1), dtype=torch.long, device=input_ids.device))
-        kwargs.update(past_key_values=cache, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+        kwargs.update({inject.CACHE_ARG: cache}, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
         return base.generate(**kwargs, **generate_kwargs)[:, P + 1 :]
     embeds = embed(base, input_ids, prompt_index, prompts)
     if prompts.prefix is None:
@@ -281,8 +281,8 @@ def generate(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: tor
         # Rows with input prompts beside rows with deep prompts (a mixed batch): generate()
         # embeds only the uncached columns, so the P cached ones get placeholders here too.
         inputs["inputs_embeds"] = torch.cat([embeds.new_zeros(B, P, embeds.shape[-1]), embeds], dim=1)
-    out = base.generate(input_ids=ids, attention_mask=prompts.full_mask(attention_mask), past_key_values=cache,
-                        **inputs, **generate_kwargs)
+    out = base.generate(input_ids=ids, attention_mask=prompts.full_mask(attention_mask),
+                        **{inject.CACHE_ARG: cache}, **inputs, **generate_kwargs)
     return out[:, ids.shape[1] :]
 
 

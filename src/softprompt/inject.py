@@ -24,9 +24,21 @@ from typing import Iterator
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .architecture import ModelSpec
 from .errors import UnsupportedModelError
+
+# The name under which transformers takes and returns a Cache. 5.24 renamed
+# ``past_key_values`` to ``cache`` (the old argument still works until 5.40, with a warning
+# on every call; outputs carry only the new one). Every call of ours uses this one name,
+# read off the installed version, so both sides of the rename work.
+CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def output_cache(output) -> Cache | None:
+    """The Cache a base model's forward returned (under either name, see `CACHE_ARG`)."""
+    return getattr(output, CACHE_ARG, None)
 
 
 def place_input_prompts(
@@ -177,7 +189,7 @@ def has_sliding_layers(config) -> bool:
 def encoder_prefix_hooks(encoder: nn.Module, spec: ModelSpec, cache: DynamicCache) -> Iterator[None]:
     """Hand `cache` to each encoder self-attention whose stack would drop it.
 
-    T5 and BART encoders accept ``past_key_values`` in their attention modules but their
+    T5 and BART encoders accept a cache (`CACHE_ARG`) in their attention modules but their
     stacks never pass one; a forward pre-hook supplies it for the duration of the block.
     """
     locate = spec.encoder_self_attention
@@ -189,7 +201,7 @@ def encoder_prefix_hooks(encoder: nn.Module, spec: ModelSpec, cache: DynamicCach
     modules = locate(encoder)
 
     def give_cache(module, args, kwargs):
-        kwargs["past_key_values"] = cache
+        kwargs[CACHE_ARG] = cache
         return args, kwargs
 
     handles = [m.register_forward_pre_hook(give_cache, with_kwargs=True) for m in modules]

@@ -49,9 +49,9 @@ class SoftPromptModel(nn.Module):
         self.tokenizer = tokenizer
         self.spec: ModelSpec = model_spec(base)
         self.deep = config.deep
-        if self.deep and self.spec.kind is ModelKind.ENCODER and not _forward_takes(base, "past_key_values"):
+        if self.deep and self.spec.kind is ModelKind.ENCODER and not _forward_takes(base, inject.CACHE_ARG):
             raise UnsupportedModelError(
-                f"{type(base).__name__} takes no past_key_values: a deep prompt cannot be injected into it"
+                f"{type(base).__name__} takes no cache (past_key_values): a deep prompt cannot be injected into it"
             )
         if self.deep and self.spec.kind is ModelKind.SEQ2SEQ and self.spec.encoder_self_attention is None:
             raise UnsupportedModelError(

@@ -253,11 +253,11 @@ class Decoder:
                  if prompts.prefix is not None else DynamicCache(config=self.base.config))
         position_ids = inject.position_ids(full_mask, spec)
         out = self.base(inputs_embeds=embeds, attention_mask=full_mask,
-                        position_ids=position_ids[:, prompts.prefix_length:], past_key_values=cache, use_cache=True,
+                        position_ids=position_ids[:, prompts.prefix_length:], use_cache=True, **{inject.CACHE_ARG: cache},
                         return_dict=True, logits_to_keep=1)
         self.steps += 1
         first = _pick(out.logits[:, -1], rows, self.generator)
-        return first, out.past_key_values, full_mask, position_ids[:, -1] + 1
+        return first, inject.output_cache(out), full_mask, position_ids[:, -1] + 1
 
 
 __all__ = ["Decoder", "DecodeRow", "Sampling"]

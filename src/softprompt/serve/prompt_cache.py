@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import forward
+from .. import forward, inject
 from ..architecture import ModelKind
 from ..encode import EncodedRow
 from ..template import Mask, Placeholder, Virtual
@@ -82,7 +82,7 @@ def compute_lead(model, n: int) -> CachedLead:
     extra = {"logits_to_keep": 1} if model._keeps_logits else {}  # only the cache is wanted
     out = model.base(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True,
                      **extra)
-    layers = out.past_key_values.layers
+    layers = inject.output_cache(out).layers
     kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers])  # (L, 2, H_kv, n, D_head)
     return CachedLead(n, kv)
 

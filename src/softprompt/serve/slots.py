@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .. import inject
+
 log = logging.getLogger(__name__)
 
 
@@ -278,7 +280,7 @@ class DecodeSlots:
         else:
             mask = self.window_mask if self.window else self.mask
         out = self.base(input_ids=self.ids, attention_mask=mask, position_ids=self.pos,
-                        past_key_values=self.cache, use_cache=True, return_dict=True, **extra)
+                        use_cache=True, return_dict=True, **{inject.CACHE_ARG: self.cache}, **extra)
         logits = out.logits[:, -1]
         if self.logits is None or self.logits.shape != logits.shape:
             self.logits = torch.empty_like(logits)
