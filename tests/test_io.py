@@ -65,7 +65,7 @@ def test_failed_save_keeps_previous_prompt_and_leaves_nothing(saved, monkeypatch
     monkeypatch.setattr(spio, "save_file", broken)
     with torch.no_grad():
         next(model.prompt.parameters()).add_(1.0)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(sp.PromptFileError, match=r"could not be written \(disk full\); what was there before is unchanged"):
         model.save_pretrained(path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert [p.name for p in path.parent.iterdir()] == ["prompt"]

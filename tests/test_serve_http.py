@@ -5,7 +5,6 @@ and name the problem; streams and disconnects; admin and API-key checks."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,42 +12,17 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-import uvicorn
 
 import softprompt as sp
 from softprompt.serve import Batcher, Engine, PromptBank, QueueFullError, Request, Result, create_app
 from softprompt.tasks import SequenceClassification, TokenClassification, Verbalizer
 
 from conftest import make_bert, make_llama
+from serving import Server
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 TEXTS = ["a gem of a film", "bad", "the plot wanders but the cast holds it together", "Anna lives in Sarajevo",
          "fine", "not my cup of tea", "Paris in spring"]
-
-
-class Server:
-    """uvicorn serving `app` on a free loopback port, in a thread."""
-
-    def __init__(self, app):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> "Server":
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
-        self.sock.close()
 
 
 def alone(entry, example):

@@ -101,6 +101,8 @@ class ModelSpec:
         position_offset: added to 0-based position ids (RoBERTa counts from pad + 1).
         accepts_position_ids: False where positions follow the layout (T5, BART).
         deep_layers: L of a deep prompt: every self-attention stack that takes a prefix.
+        sliding_window_layers: a causal LM whose cache has sliding-window layers (they trim
+            what they keep, so a deep prefix goes through the generation cache).
     """
 
     kind: ModelKind
@@ -114,6 +116,7 @@ class ModelSpec:
     max_positions: int | None
     position_offset: int
     accepts_position_ids: bool
+    sliding_window_layers: bool = False
 
     @property
     def deep_layers(self) -> int:
@@ -202,7 +205,17 @@ def model_spec(base: nn.Module) -> ModelSpec:
         # Families without `position_ids` (T5, BART) place tokens by row layout: they are
         # always right-padded.
         accepts_position_ids=_forward_takes(base, "position_ids"),
+        sliding_window_layers=kind is ModelKind.CAUSAL and _has_sliding_layers(config),
     )
+
+
+def _has_sliding_layers(config) -> bool:
+    """Whether transformers builds sliding-window cache layers for this model config (read
+    once here: building the cache to find out costs a cache per layer)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return any(type(layer) is not DynamicLayer for layer in DynamicCache(config=config).layers)
 
 
 def _forward_takes(base: nn.Module, name: str) -> bool:

@@ -331,20 +331,35 @@ def serve(
     max_batch_tokens: int = typer.Option(16384, "--max-batch-tokens"),
     max_queue: int = typer.Option(1024, "--max-queue", help="Waiting requests beyond this get 429."),
     max_on_device: int = typer.Option(None, "--max-on-device", help="Most tasks' prompts kept on the accelerator (LRU)."),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="Larger request bodies get 413."),
+    max_inputs: int = typer.Option(256, "--max-inputs", min=1, help="Most inputs (or prompts) in one request (413 beyond)."),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Most tokens one completion may ask for (422 beyond)."),
 ) -> None:
     """Serve many tasks' prompts on one base model over HTTP (classify, tag, OpenAI-style completions)."""
+    import ipaddress
+
     import uvicorn
 
     from .models import load_base, resolve_device
     from .serve import Engine, PromptBank, create_app
 
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and api_key is None:
+        if admin:  # anyone who can reach the port could load any folder the server can read
+            raise ConfigError(f"--admin on the non-loopback address {host} needs --api-key (or SOFTPROMPT_API_KEY)")
+        typer.echo(f"warning: serving on {host} without an API key: anyone who can reach the port can use it",
+                   err=True)
     target = resolve_device(device)
     base, tokenizer = load_base(model, dtype=dtype)
     base.to(target)
     bank = PromptBank.from_directory(base, tokenizer, prompts, max_on_device=max_on_device)
     engine = Engine(bank, max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens, truncate=truncate)
     application = create_app(bank, engine=engine, max_queue=max_queue, admin=admin, api_key=api_key,
-                             prompt_root=prompts if admin else None)
+                             prompt_root=prompts if admin else None, max_body_bytes=max_body_bytes,
+                             max_inputs=max_inputs, max_new_tokens=max_new_tokens)
     typer.echo(f"serving {len(bank)} task(s) ({', '.join(bank.names())}) on {model} ({target}) at "
                f"http://{host}:{port}", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning")

@@ -216,6 +216,9 @@ class TemplateEncoder:
             raise EncodingError(f"{where}: expected a mapping of field names to text, got {type(example).__name__}")
         pieces: list[tuple[str, Any]] = []  # (kind, payload)
         real_before = bool(self.lead)
+        # The template's whitespace before an empty field still separates what comes after
+        # it: "Review: {a}{b}" with a="" reads "Review: b", not "Review:b".
+        carried = False
         for item in self.items:
             if isinstance(item, Virtual):
                 pieces.append(("virtual", item))
@@ -223,10 +226,10 @@ class TemplateEncoder:
                 pieces.append(("start", None))  # counted with the specials; nothing to truncate
             elif isinstance(item, Mask):
                 pieces.append(("mask", None))
-                real_before = True
+                real_before, carried = True, False
             elif isinstance(item, Anchor):
-                pieces.append(("ids", self._anchor(item, item.space_before and real_before)))
-                real_before = True
+                pieces.append(("ids", self._anchor(item, (item.space_before or carried) and real_before)))
+                real_before, carried = True, False
             else:
                 if item.name not in example:
                     raise EncodingError(
@@ -234,7 +237,7 @@ class TemplateEncoder:
                         f"its fields are {sorted(example)}"
                     )
                 value = example[item.name]
-                space = item.space_before and real_before
+                space = (item.space_before or carried) and real_before
                 field_no = self.fields.index(item.name)
                 if isinstance(value, str):
                     ids = self.tokenize(value, space, data=True)
@@ -251,6 +254,7 @@ class TemplateEncoder:
                         f"{where}: field {item.name!r} must be a string or a list of words, got {type(value).__name__}"
                     )
                 real_before = real_before or bool(value)
+                carried = (item.space_before or carried) and not value
         self._truncate(pieces, max_length, where, truncate)
         return self._assemble(pieces, where)
 

@@ -124,7 +124,10 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
     if labels is not None and logits != "all":
         raise ConfigError("a token loss (labels=...) reads the logits of every position: use logits='all'")
     counts = (prompt_index >= 0).sum(1)  # (B,) virtual slots per row
-    fewest, most = torch.stack(torch.aminmax(counts)).tolist()  # one read for the check and for T
+    # one read for the check, for T, and for a row with no token at all
+    fewest, most, shortest = torch.stack([*torch.aminmax(counts), attention_mask.sum(1).min().to(counts.dtype)]).tolist()
+    if shortest == 0:
+        _refuse_empty_rows(attention_mask)
     if virtual_tokens is not None and not fewest == most == virtual_tokens:
         raise EncodingError(f"every row needs its {virtual_tokens} virtual slots in prompt_index; "
                             "build batches with encode()")
@@ -204,6 +207,17 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
     )
 
 
+def _refuse_empty_rows(attention_mask: torch.Tensor) -> None:
+    """A row of no token at all (an empty input through a template with nothing else, e.g.
+    ``"{text}"`` with a deep prompt on a tokenizer without leading specials) has nothing for
+    the model to read: alone the model fails deep inside (a reshape of 0 elements), and in a
+    batch its outputs would be read off padding. Refuse it with an error that says so."""
+    empty = attention_mask.sum(1).eq(0).nonzero().flatten().tolist()
+    if empty:
+        raise EncodingError(f"row(s) {empty} of the batch have no tokens: an empty input through a template with no "
+                            "other text, virtual tokens or special tokens gives the model nothing to read")
+
+
 def token_loss(spec: ModelSpec, logits, labels, keep, prompt_index, mask) -> torch.Tensor:
     """Cross-entropy over real tokens. `labels` (B, T) are aligned to the real tokens;
     they are scattered back to the full row so that a causal LM's shift pairs each
@@ -253,6 +267,7 @@ def generate(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: tor
         raise UnsupportedModelError(f"{type(base).__name__} is an encoder: it cannot generate")
     if not hasattr(base, "generate"):
         raise UnsupportedModelError(f"{type(base).__name__} has no LM head to generate with")
+    _refuse_empty_rows(attention_mask)
     if spec.kind is ModelKind.CAUSAL and attention_mask[:, -1].eq(0).any():
         raise EncodingError("causal generation continues each row at its end: encode with padding_side='left'")
     generate_kwargs.setdefault("pad_token_id", pad_id)

@@ -175,14 +175,9 @@ def forward_prefix_cache(prefix: torch.Tensor, spec: ModelSpec, config, batch_si
     """The Cache of a causal LM's forward without generation: read-only `PrefixCache`,
     unless the family has sliding-window layers (their cache layers trim what they keep:
     the generation cache of `decoder_prefix_cache` is used as it is)."""
-    if has_sliding_layers(config):
+    if spec.sliding_window_layers:
         return decoder_prefix_cache(prefix, spec, config, batch_size, dtype)
     return PrefixCache.of(prefix, batch_size, dtype)
-
-
-def has_sliding_layers(config) -> bool:
-    """Whether transformers builds sliding-window cache layers for this model config."""
-    return any(type(layer) is not DynamicLayer for layer in DynamicCache(config=config).layers)
 
 
 @contextmanager

@@ -17,10 +17,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -70,17 +74,80 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# A temporary folder's name says who made it: ``.{target}.{tmp|old}-{host}-{pid}-{random}``,
+# so a later save can tell a folder left by a killed process (kill -9, power cut: no
+# `except` ran to remove it) from one a live process is still writing.
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[a-z0-9_]{8}$")
+STALE_AFTER_S = 24 * 3600  # no save takes this long: older temporaries are abandoned
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_prefix(target: Path, kind: str) -> str:
+    return f".{target.name}.{kind}-{_host_tag()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(parent: Path) -> list[Path]:
+    """Remove the temporary folders that dead writers left in `parent`; return them.
+
+    Only folders named by `write_directory_atomically` (see `_TEMP_NAME`) are touched, and
+    only when their process is gone (same host) or they were untouched for `STALE_AFTER_S`
+    (another host's, on a shared disk, or a dead writer's pid taken by a new process). A
+    folder moved aside by the no-exchange fallback whose target is missing (killed between
+    its two renames) is moved back first: the previous content is restored, not lost.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    here = _host_tag()
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            dead = match["host"] == here and not _pid_alive(int(match["pid"]))
+            # age also covers a dead writer whose pid a live process took over since
+            if not dead and time.time() - entry.stat().st_mtime <= STALE_AFTER_S:
+                continue
+            if match["kind"] == "old":
+                target, kept = entry.parent / match["target"], entry / "old"
+                if kept.is_dir() and not os.path.lexists(target):
+                    os.rename(kept, target)
+            shutil.rmtree(entry)
+        except OSError:  # another process cleaning up at the same time, a read-only disk: not ours to fail on
+            continue
+        removed.append(entry)
+    return removed
+
+
 def write_directory_atomically(target: Path, write) -> None:
     """Call ``write(tmp_dir)`` then put `tmp_dir` at `target` in one step.
 
     If `target` exists it is swapped out atomically (renameat2) and removed afterwards;
     where the kernel lacks the exchange, the old folder is moved aside first (a crash
-    in between leaves it intact beside the target, hidden).
+    in between leaves it intact beside the target, hidden, and the next save moves it
+    back). Temporary folders left in the same parent by killed processes are removed
+    first (`remove_stale_temporaries`).
     """
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    remove_stale_temporaries(parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, "tmp"), dir=parent))
     try:
         write(tmp)
         for f in tmp.iterdir():
@@ -94,14 +161,22 @@ def write_directory_atomically(target: Path, write) -> None:
         elif _exchange(tmp, target):
             shutil.rmtree(tmp)  # tmp now holds the old prompt
         else:
-            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
+            aside = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, "old"), dir=parent))
             os.rename(target, aside / "old")
             os.rename(tmp, target)
             shutil.rmtree(aside)
         _fsync_dir(parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):  # a full disk, a size limit, no permission
+            raise PromptFileError(f"{target}: could not be written ({_first_line(e)}); "
+                                  "what was there before is unchanged") from e
         raise
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # -- save -----------------------------------------------------------------------------
@@ -202,8 +277,18 @@ def read_config(directory) -> dict[str, Any]:
     return data
 
 
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; PromptFileError naming the file when it is
+    missing (and a pickled file beside it, which is never loaded) or corrupt."""
     if not path.is_file():
+        pickled = sorted(p.name for p in path.parent.glob(path.stem + ".*") if p.suffix in PICKLED) \
+            if path.parent.is_dir() else []
+        if pickled:
+            raise PromptFileError(f"{path}: missing; {pickled[0]} beside it is a pickle file, which softprompt never "
+                                  "loads (it can run code): save the tensors with safetensors")
         raise PromptFileError(f"{path}: missing")
     try:
         return load_file(str(path))

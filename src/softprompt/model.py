@@ -70,6 +70,9 @@ class SoftPromptModel(nn.Module):
             if tokenizer is not None
             else None
         )
+        # Most tokens per row when `encode` is given no max_length (None: the model's own
+        # limit); `softprompt train` sets it from the run's ``max_length``.
+        self.max_length: int | None = None
         self._disabled = False
         # A training-time view of the base (compiled / checkpointed blocks, see regions.py),
         # kept out of the module tree: it shares the base's parameters.
@@ -111,7 +114,8 @@ class SoftPromptModel(nn.Module):
             examples: one example or a list; each maps the template's fields to text
                 (or to a list of words).
             padding_side: ``left`` / ``right``; default `padding_side`.
-            max_length: most tokens per row, virtual slots included.
+            max_length: most tokens per row, virtual slots included (default: the
+                model's `max_length` attribute, then the base model's limit).
 
         Returns:
             A `PromptBatch` of (B, S) tensors, on the model's device.
@@ -126,6 +130,7 @@ class SoftPromptModel(nn.Module):
                 f"{self.spec.model_type} takes no position ids, so left padding would shift its positions; "
                 "use padding_side='right'"
             )
+        max_length = self.max_length if max_length is None else max_length
         rows = [self.encoder.encode(ex, max_length=max_length, index=i) for i, ex in enumerate(examples)]
         return self.encoder.collate(rows, side).to(self.device)
 
@@ -156,8 +161,7 @@ class SoftPromptModel(nn.Module):
         """
         from . import regions
 
-        if checkpointing and self.deep and self.spec.kind is ModelKind.CAUSAL and inject.has_sliding_layers(
-                self.base.config):
+        if checkpointing and self.deep and self.spec.sliding_window_layers:
             raise ConfigError(f"{self.spec.model_type}: activation checkpointing with a deep prompt is not supported "
                               "for families with sliding-window layers")
         if checkpointing and self.deep and self.spec.kind is ModelKind.SEQ2SEQ:

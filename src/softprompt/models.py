@@ -261,10 +261,17 @@ def _load_pretrained(name_or_path: str, head: str, dtype, *, name: str | None = 
         config = AutoConfig.from_pretrained(name_or_path)
         if head == "auto":
             head = _head_from_config(config)
-        model = _auto_class(head).from_pretrained(name_or_path, **_kwargs(dtype))
+        # safetensors only: a folder with just pytorch_model.bin would be unpickled by torch.load
+        model = _auto_class(head).from_pretrained(name_or_path, use_safetensors=True, **_kwargs(dtype))
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError, ImportError) as e:
         as_head = "" if head == "auto" else f" as a {head} model"
+        folder = Path(name_or_path)
+        pickled = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
+        if pickled and not any(folder.glob("*.safetensors")):
+            raise ConfigError(f"cannot load {name_or_path!r}{as_head}: it holds {pickled[0]}, a pickle file, which "
+                              "softprompt never loads (it can run code); save the model as safetensors "
+                              "(model.save_pretrained(folder) where you trust the file)") from None
         raise ConfigError(f"cannot load {name_or_path!r}{as_head}: {_first_line(e)}") from None
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         # Without tokenizer files transformers builds an empty tokenizer (special tokens

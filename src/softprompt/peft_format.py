@@ -118,6 +118,9 @@ def import_peft(directory: str | os.PathLike, base, tokenizer=None):
         raise PromptFileError(f"{where}: field 'task_type' is {data.get('task_type')!r} but the base model "
                               f"({spec.model_type}) is {what}: PEFT's SEQ_2_SEQ_LM adapters go with encoder-decoders, "
                               "and only they")
+    if data.get("task_type") == "CAUSAL_LM" and spec.kind is not ModelKind.CAUSAL:
+        raise PromptFileError(f"{where}: field 'task_type' is 'CAUSAL_LM' but the base model ({spec.model_type}) is "
+                              f"not a causal LM: the adapter was trained on another base model")
     submodules = data.get("num_transformer_submodules") or 1
     if deep and spec.kind is ModelKind.SEQ2SEQ:
         raise PromptFileError(f"{where} with num_transformer_submodules {submodules} on an encoder-decoder "

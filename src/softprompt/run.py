@@ -7,17 +7,18 @@ model and task: what `softprompt train / eval / predict` do, callable from Pytho
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .architecture import ModelKind
-from .errors import ConfigError
-from .io import load_tensors
+from .errors import ConfigError, SoftPromptError
+from .io import load_tensors, read_json_object
 from .methods import config_class
 from .model import SoftPromptModel
 from .runconfig import RunConfig
@@ -146,6 +147,7 @@ def default_template(cfg: RunConfig, data: Data, task: Task, model_kind: ModelKi
 
 
 def _check_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    """Refuse an output that cannot take this run, touching nothing."""
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--output {out} exists and is not a directory")
@@ -153,9 +155,40 @@ def _check_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     if resume:
         if not (out / "checkpoint").is_dir():
             raise TrainingError(f"--resume: {out} holds no checkpoint to continue from")
-    elif holds_run:
-        if not overwrite:
-            raise TrainingError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    elif holds_run and not overwrite:
+        raise TrainingError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    return out
+
+
+def _check_examples(model: SoftPromptModel, task: Task, data: Data) -> None:
+    """Every example has the template's fields, and the first of each split encodes (a
+    fixed part longer than max_length, say): refused before the run directory is touched,
+    naming the file and the example."""
+    for split, examples in (("train", data.train), ("eval", data.dev), ("test", data.test)):
+        if not examples:
+            continue
+        source = data.source.get(split) or f"the {data.source.get('recipe', 'recipe')} {split} split"
+        for i, example in enumerate(examples):
+            missing = [name for name in model.template.fields if name not in example]
+            if missing:
+                raise ConfigError(f"{source}: example {i + 1} has no field {missing[0]!r} used by the template "
+                                  f"{model.template.source!r}; its fields are {sorted(example)} (map a column to a "
+                                  f"field with --field COLUMN:{missing[0]})")
+        # A throwaway copy of the task, under a forked RNG: binding creates a head with random
+        # weights, which must still come from the run's seed inside `train`.
+        with torch.random.fork_rng(devices=[]):
+            probe = copy.deepcopy(task)
+            probe.bind(model)
+            try:
+                probe.collate(model, examples[:1])
+            except SoftPromptError as e:
+                raise type(e)(f"{source}: {e}") from None
+
+
+def _prepare_output(out: Path, resume: bool) -> None:
+    """Clear a replaced run and create the directory: called only once everything the run
+    needs (data, model, template, task) has loaded, so a refused run loses nothing."""
+    if not resume:
         for marker in RUN_MARKERS + ("metrics.json", "curves.png", "tensorboard"):
             target = out / marker
             if target.is_dir():
@@ -163,7 +196,6 @@ def _check_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
             elif target.exists():
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> RunResult:
@@ -171,10 +203,10 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     from .models import load_base, resolve_device, training_dtype
 
     if resume:
-        saved = json.loads((Path(cfg.output) / "config.json").read_text()) if (Path(cfg.output) / "config.json").exists() else None
-        if saved is None:
-            raise TrainingError(f"--resume: {cfg.output}/config.json is missing")
-        cfg = _from_dict(saved)
+        recorded = Path(cfg.output) / "config.json"
+        if not recorded.is_file():
+            raise TrainingError(f"--resume: {recorded} is missing")
+        cfg = _from_dict(read_json_object(recorded))
     cfg.validate()
     out = _check_output(cfg, resume, overwrite)
     data = load_data(cfg)
@@ -193,11 +225,14 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     n = cfg.num_virtual_tokens if not method_cls.deep else P
     prompt_config = method_cls(num_virtual_tokens=n, template=template, **cfg.prompt)
     model = SoftPromptModel(base, prompt_config, tokenizer=tokenizer)
+    model.max_length = cfg.max_length
+    _check_examples(model, task, data)
     resolved = cfg.to_dict() | {"template": template, "num_virtual_tokens": model.num_virtual_tokens,
                                 "resolved_task": task.kind, "data": data.source}
+    _prepare_output(out, resume)
     if not resume:
-        (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-    metadata = {"task": task.kind, "model": cfg.model, "data": data.source,
+        _write_json(out / "config.json", resolved)
+    metadata = {"task": task.kind, "model": cfg.model, "data": data.source, "max_length": cfg.max_length,
                 "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("progress", "tensorboard")}}
     result = train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata)
     if data.test and data.test != data.dev and (out / "prompt" / "task.json").exists():
@@ -247,6 +282,7 @@ def load_trained(path: str | Path, *, model: str | None = None):
     """
     directory, saved, base, tokenizer = load_recorded_base(path, model=model)
     sp_model, task = load_saved(directory, base, tokenizer)
+    sp_model.max_length = saved["metadata"].get("max_length")  # rows as long as in training
     return sp_model, task, saved["metadata"]
 
 
@@ -276,7 +312,7 @@ def load_saved(directory: Path, base, tokenizer) -> tuple[SoftPromptModel, Task]
     task_file = directory / "task.json"
     if not task_file.exists():
         raise ConfigError(f"{task_file}: missing; this prompt was saved without a task")
-    task = task_from_config(json.loads(task_file.read_text()))
+    task = task_from_config(read_json_object(task_file))
     task.bind(sp_model)
     if (directory / "head.safetensors").exists():
         task.load_state_dict(load_tensors(directory / "head.safetensors"))

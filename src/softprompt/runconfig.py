@@ -80,6 +80,14 @@ class RunConfig:
             raise ConfigError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("max_length", "num_virtual_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.template is not None:
+            from .template import parse_template
+
+            parse_template(str(self.template))  # a syntax error is named before any data or model loads
         if not isinstance(self.device, str):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         known = {f.name for f in dataclasses.fields(CONFIGS[self.method])}
@@ -98,17 +106,23 @@ def _suggest(key: str, known, prefix: str = "") -> str:
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's booleans: only true/false are booleans. YAML 1.1
+    """PyYAML's safe loader with YAML 1.2's booleans and floats: only true/false are booleans,
+    and 1e-4 is a number. YAML 1.1
     (PyYAML's default) also reads yes/no/on/off as booleans, so ``mixed_precision: no`` in a
     run file, or ``--set train.mixed_precision=no``, would mean False instead of "no"."""
 
 
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
+# YAML 1.2 floats: PyYAML (1.1) wants a dot, so ``lr: 1e-4`` would be the string "1e-4".
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
 
 def _coerce(raw: str) -> Any:
@@ -165,8 +179,20 @@ def load_yaml(path: str | Path, config: RunConfig) -> None:
         return
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    lines = _key_lines(yaml.compose(path.read_text(encoding="utf-8"), Loader=_Loader))
     for key, value in _flatten(data):
-        apply(config, key, value, source=str(path))
+        apply(config, key, value, source=f"{path}, line {lines[key]}" if key in lines else str(path))
+
+
+def _key_lines(node, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> the 1-based line where a run file sets it (for error messages)."""
+    lines = {}
+    for key_node, value_node in getattr(node, "value", []) if isinstance(node, yaml.MappingNode) else []:
+        key = f"{prefix}{key_node.value}"
+        lines[key] = key_node.start_mark.line + 1
+        if isinstance(value_node, yaml.MappingNode) and not prefix and key_node.value in ("train", "prompt", "task"):
+            lines |= _key_lines(value_node, f"{key}.")
+    return lines
 
 
 def apply_sets(config: RunConfig, assignments: list[str]) -> None:

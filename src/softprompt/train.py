@@ -34,7 +34,7 @@ from torch import nn
 
 from .batches import BatchStream, epoch_batches, example_length
 from .errors import ConfigError, SoftPromptError
-from .io import load_tensors, write_directory_atomically
+from .io import load_tensors, read_json_object, remove_stale_temporaries, write_directory_atomically
 from .tasks.base import Task
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -110,8 +110,9 @@ class TrainConfig:
             raise ConfigError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not isinstance(self.warmup_ratio, (int, float)) or isinstance(self.warmup_ratio, bool) \
+                or not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must be a number in [0, 1), got {self.warmup_ratio!r}")
         if self.compile not in (True, False) + COMPILE_MODES:
             raise ConfigError(f"train.compile must be true, false or one of {COMPILE_MODES}, got {self.compile!r}")
         for name in ("bucket", "gradient_checkpointing", "tensorboard", "progress"):
@@ -269,22 +270,23 @@ def _save_checkpoint(directory: Path, unit: PromptAndHead, optimizer, state: dic
 
 def _load_checkpoint(directory: Path, unit: PromptAndHead, optimizer) -> dict[str, Any]:
     path = directory / "trainer_state.json"
-    try:
-        state = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TrainingError(f"{directory}: no checkpoint to resume from (trainer_state.json missing)") from None
-    except json.JSONDecodeError as e:
-        raise TrainingError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not path.is_file():
+        raise TrainingError(f"{directory}: no checkpoint to resume from (trainer_state.json missing)")
+    state = read_json_object(path)
     tensors = load_tensors(directory / "state.safetensors")
-    unit.model.prompt.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("prompt.")})
-    unit.task.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("task.")})
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, index, key = k.split(".", 2)
-            opt_state.setdefault(int(index), {})[key] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
-    torch.set_rng_state(tensors["rng.cpu"])
+    try:
+        unit.model.prompt.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("prompt.")})
+        unit.task.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("task.")})
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, index, key = k.split(".", 2)
+                opt_state.setdefault(int(index), {})[key] = v
+        optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+        torch.set_rng_state(tensors["rng.cpu"])
+    except (RuntimeError, KeyError, ValueError) as e:  # another prompt's or task's checkpoint
+        what = " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:400] or type(e).__name__
+        raise TrainingError(f"{directory}: the checkpoint does not fit this run's prompt and task ({what})") from None
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return state
@@ -386,6 +388,7 @@ def _train(model, task: Task, train_examples: Sequence[dict], eval_examples: Seq
     from accelerate.utils import set_seed
 
     output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)  # a new folder, from Python (the CLI made it already)
     mixed = config.mixed_precision
     if mixed == "auto":
         # Autocast pays for fp32 weights; over a bf16 base it only adds casts (and runs
@@ -411,7 +414,9 @@ def _train(model, task: Task, train_examples: Sequence[dict], eval_examples: Seq
                              "bad_evals": 0, "losses": [], "tokens": 0, "train_seconds": 0.0}
     if resume:
         state = _load_checkpoint(output / "checkpoint", unit, optimizer)
-        _truncate_metrics(output / "metrics.jsonl", state["step"])
+        if accelerator.is_main_process:
+            _truncate_metrics(output / "metrics.jsonl", state["step"])
+            remove_stale_temporaries(output)  # a checkpoint or prompt half-written by the killed run
     scheduler = _schedule(optimizer, config)
     with warnings.catch_warnings():  # fast-forwarding the schedule, not skipping an optimiser step
         warnings.simplefilter("ignore", UserWarning)
@@ -422,7 +427,9 @@ def _train(model, task: Task, train_examples: Sequence[dict], eval_examples: Seq
         # FSDP 1 flattens the prompt into shards that saving and evaluation cannot read whole.
         raise ConfigError("FSDP version 1 is not supported: launch with `accelerate launch --use_fsdp --fsdp_version 2 ...`")
     world, rank = accelerator.num_processes, accelerator.process_index
-    evals = _read_metrics(output / "metrics.jsonl")
+    # Only the main process rewrites metrics.jsonl on resume (above); the others may read it
+    # before it has, so each keeps the rows up to the checkpoint itself.
+    evals = [r for r in _read_metrics(output / "metrics.jsonl") if r["step"] <= state["step"]]
     writer = _tensorboard(output, config) if accelerator.is_main_process else None
     metric = task.metric
     stopped = "max steps"
@@ -440,10 +447,7 @@ def _train(model, task: Task, train_examples: Sequence[dict], eval_examples: Seq
         if not math.isfinite(loss):
             stopped = f"non-finite loss ({loss}) at step {step}"
             _finish(output, state, evals, metric, stopped, accelerator)
-            raise TrainingError(
-                f"{stopped}: stopped; the last good checkpoint ({output / 'checkpoint'}) and the best prompt "
-                f"({output / 'prompt'}) are kept. Lower the learning rate (train.lr={config.lr})."
-            )
+            raise TrainingError(f"{stopped}: stopped; {_kept(output)}. Lower the learning rate (train.lr={config.lr}).")
         state["losses"].append([step, round(loss, 6)])
         window_loss.append(loss)
         if writer is not None:
@@ -453,6 +457,17 @@ def _train(model, task: Task, train_examples: Sequence[dict], eval_examples: Seq
             bar.update(step - bar.n)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{float(tokens) / max(elapsed, 1e-9):,.0f}",
                             dev=f"{state['best_metric']:.4f}" if state["best_metric"] is not None else "-")
+
+    def weights_finite(step: int) -> None:
+        """Before anything is evaluated or saved: a finite loss can still come with an update
+        that overflowed the weights (a huge learning rate), and such weights must not replace
+        the last good checkpoint or the best prompt."""
+        nonlocal stopped
+        bad = [name for name, p in unit.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            stopped = f"non-finite weights ({bad[0]}) after step {step}"
+            _finish(output, state, evals, metric, stopped, accelerator)
+            raise TrainingError(f"{stopped}: stopped; {_kept(output)}. Lower the learning rate (train.lr={config.lr}).")
 
     stream = BatchStream(train_examples, config.batch_size, config.seed, config.bucket, state,
                          lambda examples: task.collate(model, examples), rank, world)
@@ -496,6 +511,9 @@ def _train(model, task: Task, train_examples: Sequence[dict], eval_examples: Seq
             record(pending[0], *pending[1].tolist())
             pending = None
         state["train_seconds"] += time.perf_counter() - step_start
+        if evaluating or last:
+            with _whole(wrapped, unit):
+                weights_finite(state["step"])
         if evaluating:
             with _whole(wrapped, unit):  # every process: evaluation and saving see the whole prompt
                 scores, _ = evaluate(model, task, eval_examples, config.eval_batch_size)
@@ -535,6 +553,13 @@ def _train(model, task: Task, train_examples: Sequence[dict], eval_examples: Seq
     return RunResult(state["best_metric"], state["best_step"], state["step"], stopped, summary)
 
 
+def _kept(output: Path) -> str:
+    """What a stopped run leaves to use: the last good checkpoint and best prompt, if any."""
+    if (output / "checkpoint").is_dir():
+        return f"the last good checkpoint ({output / 'checkpoint'}) and the best prompt ({output / 'prompt'}) are kept"
+    return "no checkpoint had been written yet"
+
+
 def _finish(output: Path, state, evals, metric, stopped, accelerator) -> dict[str, Any]:
     best = next((e for e in evals if e["step"] == state["best_step"]), None)
     summary = {"metric": metric, "best": best, "best_step": state["best_step"], "steps": state["step"],
@@ -556,7 +581,20 @@ def _append_metrics(path: Path, row: dict[str, Any]) -> None:
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").split("\n")
+    # Every row ends with a newline; a last line without one is the remnant of an append cut
+    # short by a kill (or a full disk). Its evaluation reached no checkpoint, so a resumed run
+    # redoes it: the fragment is dropped here (and by `_truncate_metrics` from the file).
+    rows = []
+    for number, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise TrainingError(f"{path}: line {number} is not a JSON object ({e.msg}); "
+                                "remove it to resume") from None
+    return rows
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

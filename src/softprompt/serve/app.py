@@ -16,7 +16,6 @@ API key (when one is set), 403 admin endpoints while admin is off.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
@@ -24,8 +23,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Union
 
-from fastapi import Depends, FastAPI, HTTPException, Request as HTTPRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi import FastAPI, HTTPException, Request as HTTPRequest
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
 from ..errors import SoftPromptError
@@ -33,6 +32,7 @@ from ..tasks import Generation, TokenClassification
 from .bank import PromptBank, UnknownTaskError, check_task_name
 from .batcher import Batcher, QueueFullError
 from .engine import Engine, Request, Result, TokenStream
+from .guard import RequestGuard
 
 Input = Union[str, dict[str, Any]]
 
@@ -76,8 +76,9 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
         engine: the engine (default: `Engine(bank)`).
         max_queue / max_wait: the batcher's queue bound and gathering window.
         admin: enable PUT / DELETE /v1/prompts.
-        api_key: required on every endpoint (``Authorization: Bearer KEY``) when set.
-        max_body_bytes: larger request bodies get 413.
+        api_key: required on every path, /docs and unknown ones included (``Authorization:
+            Bearer KEY`` or ``X-API-Key: KEY``), when set.
+        max_body_bytes: larger request bodies get 413 (chunked bodies are counted as they arrive).
         max_inputs: most inputs (or prompts) in one request.
         max_new_tokens: most tokens one completion may ask for.
         prompt_root: admin loads only folders under it (default: anywhere the server can read).
@@ -115,33 +116,17 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
     app = FastAPI(title="softprompt", version="0.1.0", lifespan=lifespan)
     app.state.bank, app.state.engine, app.state.batcher = bank, engine, batcher
     root = Path(prompt_root).resolve() if prompt_root else None
+    # added first, so it runs inside the metrics middleware: refused requests are counted too
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.middleware("http")
     async def _limits_and_metrics(request: HTTPRequest, call_next):
         start = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            response = JSONResponse({"detail": f"request body of {length} bytes is over the limit of {max_body_bytes}"},
-                                    status_code=413)
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         endpoint = request.scope.get("route").path if request.scope.get("route") else "other"
         requests_total.labels(endpoint, str(response.status_code)).inc()
         latency.labels(endpoint).observe(time.perf_counter() - start)
         return response
-
-    def authorised(request: HTTPRequest) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if not given or not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key>)",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    def admin_only() -> None:
-        if not admin:
-            raise HTTPException(403, "admin endpoints are off: start the server with --admin to load and unload prompts")
 
     async def run(requests: list[Request]) -> list[Result]:
         try:
@@ -172,15 +157,15 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
             raise HTTPException(413, f"{n} {what} in one request; the server takes at most {max_inputs}")
 
     @app.get("/health")
-    def health(_: None = Depends(authorised)) -> dict[str, Any]:
+    def health() -> dict[str, Any]:
         return {"status": "ok", "tasks": len(bank)}
 
     @app.get("/metrics")
-    def metrics(_: None = Depends(authorised)) -> PlainTextResponse:
+    def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    def models(_: None = Depends(authorised)) -> dict[str, Any]:
+    def models() -> dict[str, Any]:
         data = []
         for name in bank.names():
             e = bank[name]
@@ -190,7 +175,7 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
         return {"object": "list", "data": data}
 
     @app.post("/v1/classify")
-    async def classify(body: InputsBody, _: None = Depends(authorised)) -> dict[str, Any]:
+    async def classify(body: InputsBody) -> dict[str, Any]:
         entry_for(body.task, "classify")
         check_count(len(body.inputs), "inputs")
         results = await run([Request(body.task, x) for x in body.inputs])
@@ -198,7 +183,7 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
         return {"task": body.task, "results": [r.output for r in results]}
 
     @app.post("/v1/tag")
-    async def tag(body: InputsBody, _: None = Depends(authorised)) -> dict[str, Any]:
+    async def tag(body: InputsBody) -> dict[str, Any]:
         from seqeval.metrics.sequence_labeling import get_entities
 
         entry = entry_for(body.task, "tag")
@@ -215,7 +200,7 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
         return {"task": body.task, "results": out}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody, request: HTTPRequest, _: None = Depends(authorised)):
+    async def completions(body: CompletionBody, request: HTTPRequest):
         entry_for(body.model, "completions")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         check_count(len(prompts), "prompts")
@@ -259,6 +244,7 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
 
         async def events():
             streams_open.inc()
+            getter = None
             try:
                 while True:
                     getter = asyncio.ensure_future(pieces.get())
@@ -280,14 +266,25 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
                         yield chunk(i, "", r.finish_reason)
                 yield "data: [DONE]\n\n"
             finally:  # also when the client goes away: its rows stop at the next step
+                if getter is not None:
+                    getter.cancel()  # else asyncio warns of a pending task when the client left mid-wait
                 for s in streams:
                     s.cancel()
                 streams_open.dec()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    if not admin:
+        # Without --admin the routes take no body at all, so the answer is 403 whatever is sent
+        # (a route with a body model would parse, and answer 422 on, a body it then refuses).
+        @app.api_route("/v1/prompts/{task}", methods=["PUT", "DELETE"])
+        def admin_off(task: str):
+            raise HTTPException(403, "admin endpoints are off: start the server with --admin to load and unload prompts")
+
+        return app
+
     @app.put("/v1/prompts/{task}")
-    async def load_prompt(task: str, body: PromptBody, _: None = Depends(authorised), __: None = Depends(admin_only)):
+    async def load_prompt(task: str, body: PromptBody):
         try:
             check_task_name(task)
         except SoftPromptError as e:
@@ -303,7 +300,7 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
         return {"task": task, "status": "replaced" if replaced else "loaded"}
 
     @app.delete("/v1/prompts/{task}")
-    def unload_prompt(task: str, _: None = Depends(authorised), __: None = Depends(admin_only)):
+    def unload_prompt(task: str):
         try:
             bank.remove(task)
         except UnknownTaskError as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -69,6 +70,7 @@ class BankEntry:
     metadata: dict[str, Any] = field(default_factory=dict)
     lead: CachedLead | None = None
     on_device: torch.Tensor | None = None
+    _uncached: "BankEntry | None" = field(default=None, repr=False, compare=False)
 
     @property
     def deep(self) -> bool:
@@ -85,6 +87,16 @@ class BankEntry:
     def served(self) -> torch.Tensor:
         """What a batch uses: the cached segment's keys and values, or the collapsed prompt."""
         return self.lead.kv if self.lead is not None else self.tensor
+
+    def uncached(self) -> "BankEntry":
+        """The same task without its cached lead, for a row that cannot start after it
+        (`prompt_cache.starts_after_lead`): its rows run whole, with the prompt table. Made
+        once per entry, so its device copy is kept between requests."""
+        if self.lead is None:
+            return self
+        if self._uncached is None:
+            self._uncached = dataclasses.replace(self, lead=None, on_device=None)
+        return self._uncached
 
 
 class PromptBank:
@@ -201,6 +213,18 @@ class PromptBank:
         except KeyError:
             raise self._unknown(name) from None
 
+    def entry(self, task: str | BankEntry) -> BankEntry:
+        """A task name's entry now, or an entry itself (pinned).
+
+        The engine pins each request to the entry it was checked against and passes the
+        entries, not the names, down to the batch: an admin may remove or replace a task
+        between the check and the forward (or while the row waits to join a decode), and
+        a lookup by name then would fail the whole batch, other tasks' rows included
+        (found by the load test, tests/robustness/test_server_load.py), or run a row
+        encoded for one prompt with another's tensor.
+        """
+        return task if isinstance(task, BankEntry) else self[task]
+
     def _unknown(self, name: str) -> UnknownTaskError:
         return UnknownTaskError(f"unknown task {name!r}; loaded tasks: {', '.join(self.names()) or '(none)'}")
 
@@ -212,7 +236,8 @@ class PromptBank:
     def _device_tensor(self, entry: BankEntry, device: torch.device) -> torch.Tensor:
         """The entry's tensor on `device`, marking it most recently used and evicting the
         least recently used beyond `max_on_device` (their host copies stay)."""
-        self._entries.move_to_end(entry.name)
+        if self._entries.get(entry.name) is entry:  # a pinned entry may have been removed or replaced since
+            self._entries.move_to_end(entry.name)
         if entry.on_device is None or entry.on_device.device != device:
             entry.on_device = entry.served.to(device, non_blocking=True)
         if self.max_on_device is not None:
@@ -222,8 +247,9 @@ class PromptBank:
                     old.on_device = None
         return entry.on_device
 
-    def prompts_for(self, names: Sequence[str]) -> Prompts:
-        """The `Prompts` of a batch whose row b uses task ``names[b]``.
+    def prompts_for(self, names: Sequence[str | BankEntry]) -> Prompts:
+        """The `Prompts` of a batch whose row b uses task ``names[b]`` (a name, or a pinned
+        entry: see `entry`).
 
         Input tasks' tables are stacked to (B, P_in, D) (rows of deep tasks get zeros, which
         no slot of theirs reads); deep tasks' prefixes to (L, 2, B, H_kv, P_deep, D_head)
@@ -234,23 +260,24 @@ class PromptBank:
             raise ConfigError("a batch needs at least one row")
         device = self.base.get_input_embeddings().weight.device
         with self._lock:
-            entries = [self[n] for n in names]
-            tensors = {e.name: self._device_tensor(e, device) for e in entries}
-        unique = list(dict.fromkeys(names))  # the batch's tasks, each padded and stacked once
+            entries = [self.entry(n) for n in names]
+            # keyed by entry, not name: a batch may hold rows of a task and of its replacement
+            tensors = {id(e): self._device_tensor(e, device) for e in entries}
+        unique = list({id(e): e for e in entries}.values())  # the batch's tasks, each padded and stacked once
         if len(unique) == 1:  # one task: its tensor serves every row as it is (no copies)
             entry = entries[0]
-            return Prompts(prefix=tensors[entry.name]) if entry.deep else Prompts(tables=tensors[entry.name])
-        slot = {n: u for u, n in enumerate(unique)}
-        row_slot = torch.tensor([slot[n] for n in names], device=device)  # (B,)
+            return Prompts(prefix=tensors[id(entry)]) if entry.deep else Prompts(tables=tensors[id(entry)])
+        slot = {id(e): u for u, e in enumerate(unique)}
+        row_slot = torch.tensor([slot[id(e)] for e in entries], device=device)  # (B,)
         tables = prefix = mask = None
-        inputs = [self[n] for n in unique if not self[n].deep]
+        inputs = [e for e in unique if not e.deep]
         if inputs:
             P = max(e.num_virtual_tokens for e in inputs)
             stack = torch.zeros(len(unique), P, inputs[0].served.shape[-1], device=device)  # rows of deep tasks: 0
             for e in inputs:
-                stack[slot[e.name], : e.num_virtual_tokens] = tensors[e.name]
+                stack[slot[id(e)], : e.num_virtual_tokens] = tensors[id(e)]
             tables = stack.index_select(0, row_slot)  # (B, P, D)
-        deeps = [self[n] for n in unique if self[n].deep]
+        deeps = [e for e in unique if e.deep]
         if deeps:
             P = max(e.num_virtual_tokens for e in deeps)
             lengths = sorted({e.num_virtual_tokens for e in deeps} | ({0} if inputs else set()))
@@ -266,20 +293,20 @@ class PromptBank:
                 # A shorter prefix ends where the longest does: the row's tokens then sit
                 # right after its own prefix, at the distance relative position biases
                 # (T5) see when the row runs alone; position ids come from the mask.
-                stack[:, :, slot[e.name], :, P - e.num_virtual_tokens :] = tensors[e.name]
-                valid[slot[e.name], P - e.num_virtual_tokens :] = 1
+                stack[:, :, slot[id(e)], :, P - e.num_virtual_tokens :] = tensors[id(e)]
+                valid[slot[id(e)], P - e.num_virtual_tokens :] = 1
             prefix = stack.index_select(2, row_slot)  # (L, 2, B, H_kv, P, D_head)
             mask = valid.index_select(0, row_slot)  # (B, P)
         return Prompts(tables=tables, prefix=prefix, prefix_mask=mask)
 
-    def prompt_length(self, name: str) -> int:
+    def prompt_length(self, name: str | BankEntry) -> int:
         """The deep prefix length a task's rows take in a batch (0 for input prompts): what
         batches of `POSITIONS_FROM_CACHE` families must agree on."""
-        entry = self[name]
+        entry = self.entry(name)
         return entry.num_virtual_tokens if entry.deep else 0
 
-    def entries(self, names: Iterable[str]) -> list[BankEntry]:
-        return [self[n] for n in names]
+    def entries(self, names: Iterable[str | BankEntry]) -> list[BankEntry]:
+        return [self.entry(n) for n in names]
 
 
 __all__ = ["PromptBank", "BankEntry", "UnknownTaskError", "check_task_name"]

@@ -73,6 +73,7 @@ class DecodeRow:
     tokens: list[int] = field(default_factory=list)
     result: Any = None  # what on_done made of the row (the engine's Result)
     encoded: EncodedRow | None = None  # the row already encoded by its task (else encoded here)
+    entry: Any = None  # the task's BankEntry when the row was checked (pinned: see PromptBank.entry)
 
 
 def _pick(logits: torch.Tensor, rows: Sequence[DecodeRow], generator: torch.Generator | None) -> torch.Tensor:
@@ -239,13 +240,15 @@ class Decoder:
     def _prefill(self, rows: list[DecodeRow]):
         """One forward over the joining rows with their prompts: their first tokens, cache,
         attention mask over the cache (prefix + row) and next positions."""
-        spec = self.bank[rows[0].task].model.spec
-        names = [r.task for r in rows]
+        # by pinned entry where the row has one: a task removed while its row waited to
+        # join must not fail the rows joining with it (nor those decoding already)
+        names = [r.entry if r.entry is not None else r.task for r in rows]
+        spec = self.bank.entry(names[0]).model.spec
         if all(r.encoded is not None for r in rows):
             batch = collate_mixed(self.bank, names, [r.encoded for r in rows], padding_side="left")
         else:
             batch = encode_mixed(self.bank, names, [r.example for r in rows], padding_side="left")
-        prompts = self.bank.prompts_for(batch.tasks)
+        prompts = self.bank.prompts_for(batch.entries)
         embeds = embed(self.base, batch["input_ids"], batch["prompt_index"], prompts)
         full_mask = prompts.full_mask(batch["attention_mask"])
         dtype = self.base.get_input_embeddings().weight.dtype

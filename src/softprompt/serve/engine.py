@@ -20,6 +20,7 @@ import threading
 import traceback
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -28,11 +29,12 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..architecture import ModelKind
 from ..encode import EncodedRow
-from ..errors import InputTooLongError, SoftPromptError
+from ..errors import EncodingError, InputTooLongError, SoftPromptError
 from ..tasks import Generation
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .decode import Decoder, DecodeRow, Sampling
 from .mixed import collate_mixed, forward_mixed, generate_mixed, output_rows, rows_of
+from .prompt_cache import starts_after_lead
 
 log = logging.getLogger("softprompt.serve")
 
@@ -50,6 +52,7 @@ class TokenStream:
 
     def __init__(self, on_text: Callable[[str], None]):
         self.on_text = on_text
+        self.emitted = False  # a piece went out: the row cannot be run again from the start
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -71,6 +74,10 @@ class Request:
         generate: generate text (completions) instead of reading the task's head.
         options: generation options (`GENERATE_OPTIONS`).
         stream: receives the generated text piece by piece.
+        on_result: called (on the engine's thread) with the request's `Result` as soon as
+            it is ready, before `Engine.run` returns: the `Batcher` answers its caller
+            then, not when the whole run (which may decode for as long as new rows keep
+            joining) ends.
     """
 
     task: str
@@ -78,6 +85,7 @@ class Request:
     generate: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     stream: TokenStream | None = None
+    on_result: Callable[[Result], None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -162,7 +170,7 @@ class Engine:
                 running batch has room (`Batcher` hands over the requests that arrived since);
                 each comes with the callback that takes its `Result`.
         """
-        results: list[Result | None] = [None] * len(requests)
+        results = _Answers(requests)
         rows: list[_Row] = []
         with self._pretokenized(requests):
             for i, request in enumerate(requests):
@@ -176,7 +184,7 @@ class Engine:
         generating = [r for r in rows if self._generates(r)]
         if generating and generating[0].entry.model.spec.kind is ModelKind.CAUSAL:
             # one decode loop: rows of every task and setting, joining as others end
-            self._guarded(generating, results, lambda batch: self._run_decoder(batch, admit), "decode")
+            self._guarded(generating, results, lambda batch: self._run_decoder(batch, admit, results), "decode")
         else:
             groups: dict[tuple, list[_Row]] = {}
             for r in generating:
@@ -184,20 +192,31 @@ class Engine:
             for group in groups.values():
                 for batch in self._batches(group):
                     self._guarded(batch, results, self._run_generation, "generate")
-        return [r if r is not None else Result("", error="not run", status=500) for r in results]
+        return [r if r is not None else Result("", error="not run", status=500) for r in results.results]
 
     @contextmanager
     def _pretokenized(self, requests: Sequence[Request]) -> Iterator[None]:
         """Each task's text inputs tokenized in one batched call (`TemplateEncoder.pretokenized`)."""
         texts: dict[str, list[str]] = {}
+        encoders = {}
         for request in requests:
             values = request.input.values() if isinstance(request.input, dict) else [request.input]
-            if request.task in self.bank:
+            entry = self._lookup(request.task)
+            if entry is not None:
+                encoders.setdefault(request.task, entry.model.encoder)
                 texts.setdefault(request.task, []).extend(v for v in values if isinstance(v, str))
         with ExitStack() as stack:
             for task, values in texts.items():
-                stack.enter_context(self.bank[task].model.encoder.pretokenized(values))
+                stack.enter_context(encoders[task].pretokenized(values))
             yield
+
+    def _lookup(self, task: str) -> BankEntry | None:
+        """The task's entry, or None: one lookup, not `in` then `[]`, which an admin's
+        DELETE in between turns into an exception that fails every request of the run."""
+        try:
+            return self.bank[task]
+        except UnknownTaskError:
+            return None
 
     def _prepare(self, index: int, request: Request) -> _Row:
         entry = self.bank[request.task]
@@ -209,6 +228,11 @@ class Engine:
             raise SoftPromptError(f"task {entry.name!r} has no task head (its folder has no task.json): "
                                   "use it for completions")
         encoded = entry.model.encoder.encode(example, max_length=self.max_length, index=index, truncate=self.truncate)
+        if not encoded.input_ids:  # refused here, before it joins a batch it would read padding in
+            raise EncodingError("the input has no tokens: an empty input through a template with no other text, "
+                                "virtual tokens or special tokens gives the model nothing to read")
+        if entry.lead is not None and not starts_after_lead(encoded, entry.lead.length):
+            entry = entry.uncached()  # this row (an empty field) runs whole
         return _Row(index, request, entry, example, encoded)
 
     @staticmethod
@@ -242,7 +266,7 @@ class Engine:
         if spec.model_type in POSITIONS_FROM_CACHE:
             by_length: dict[int, list[_Row]] = {}
             for r in rows:
-                by_length.setdefault(self.bank.prompt_length(r.entry.name), []).append(r)
+                by_length.setdefault(self.bank.prompt_length(r.entry), []).append(r)
             return [b for group in by_length.values() for b in self._cut(group)]
         return self._cut(rows)
 
@@ -261,8 +285,9 @@ class Engine:
             batches.append(current)
         return batches
 
-    def _guarded(self, batch: list[_Row], results: list, work, kind: str) -> None:
-        """Run `work` on the batch; if it fails as a whole, run each request alone."""
+    def _guarded(self, batch: list[_Row], results: "_Answers", work, kind: str) -> None:
+        """Run `work` on the batch; if it fails as a whole, run each request alone (those
+        not answered yet: a decode answers its rows as they end)."""
         try:
             for row, result in zip(batch, work(batch)):
                 results[row.index] = result
@@ -271,6 +296,13 @@ class Engine:
             if len(batch) > 1:
                 log.warning("a %s batch of %d failed (%s); retrying its requests one by one", kind, len(batch), e)
                 for row in batch:
+                    stream = row.request.stream
+                    if results[row.index] is not None:
+                        continue
+                    if stream is not None and stream.emitted:  # run again, its client would get the text twice
+                        results[row.index] = Result(row.entry.name, error=f"failed mid-stream: {type(e).__name__}: {e}",
+                                                    status=500)
+                        continue
                     self._guarded([row], results, work, kind)
                 return
             log.error("request %d (%s) failed: %s", batch[0].index, batch[0].entry.name, traceback.format_exc())
@@ -278,25 +310,27 @@ class Engine:
             results[batch[0].index] = Result(batch[0].entry.name, error=f"{type(e).__name__}: {e}", status=status)
 
     def _run_heads(self, batch: list[_Row]) -> list[Result]:
-        names = [r.entry.name for r in batch]
-        encoded = collate_mixed(self.bank, names, [r.encoded for r in batch])
-        tasks = {r.entry.name: r.entry.task for r in batch}
-        reads = {"output_hidden_states": any(t.reads.get("output_hidden_states") for t in tasks.values()),
-                 "logits": "answer" if any(t.reads.get("logits") == "answer" for t in tasks.values()) else "none"}
+        # the entries each row was checked with, not the names: see `PromptBank.entry`
+        encoded = collate_mixed(self.bank, [r.entry for r in batch], [r.encoded for r in batch])
+        entries = {id(r.entry): r.entry for r in batch}
+        tasks = [e.task for e in entries.values()]
+        reads = {"output_hidden_states": any(t.reads.get("output_hidden_states") for t in tasks),
+                 "logits": "answer" if any(t.reads.get("logits") == "answer" for t in tasks) else "none"}
         out = forward_mixed(self.bank, encoded, **reads)
         results: list[Result | None] = [None] * len(batch)
-        for name, task in tasks.items():
-            mine = [i for i, n in enumerate(names) if n == name]
+        for key, entry in entries.items():
+            mine = [i for i, r in enumerate(batch) if id(r.entry) == key]
             sub = rows_of(encoded, mine)
-            task.annotate(sub, [batch[i].example for i in mine])
-            predictions = task.predict(self.bank[name].model, sub, output_rows(out, mine))
+            entry.task.annotate(sub, [batch[i].example for i in mine])
+            predictions = entry.task.predict(entry.model, sub, output_rows(out, mine))
             for i, p in zip(mine, predictions):
-                results[i] = Result(name, output=p, prompt_tokens=batch[i].length)
+                results[i] = Result(entry.name, output=p, prompt_tokens=batch[i].length)
         return results
 
     def generates(self, request: Request) -> bool:
         """Whether a request generates text (a completion, or a task whose head generates)."""
-        return request.generate or (request.task in self.bank and isinstance(self.bank[request.task].task, Generation))
+        entry = self._lookup(request.task)
+        return request.generate or (entry is not None and isinstance(entry.task, Generation))
 
     def _decode_row(self, r: _Row, on_result: Callable[[Result], None] | None = None) -> DecodeRow:
         """A request as a decoder row: its sampling settings, stop strings and stream; the
@@ -319,9 +353,11 @@ class Engine:
             if on_result is not None:
                 on_result(row.result)
 
-        return DecodeRow(r.entry.name, r.example, sampling, on_token=_sink(text), on_done=done, encoded=r.encoded)
+        return DecodeRow(r.entry.name, r.example, sampling, on_token=_sink(text), on_done=done, encoded=r.encoded,
+                         entry=r.entry)
 
-    def _run_decoder(self, batch: list[_Row], admit: Admit | None = None) -> list[Result]:
+    def _run_decoder(self, batch: list[_Row], admit: Admit | None = None,
+                     answers: "_Answers | None" = None) -> list[Result]:
         """Causal LMs: continuous batching (`decode.py`); per-row settings, stop strings,
         streams; requests from `admit` join the running batch."""
         joined: list[tuple[DecodeRow, Callable[[Result], None]]] = []
@@ -338,7 +374,9 @@ class Engine:
                 rows.append(row)
             return rows
 
-        decode_rows = [self._decode_row(r) for r in batch]
+        # each row answered when it ends: the loop runs on while new rows keep joining
+        decode_rows = [self._decode_row(r, None if answers is None else partial(answers.__setitem__, r.index))
+                       for r in batch]
         try:
             if self._decoder is None:
                 self._decoder = Decoder(self.bank, max_rows=self.max_batch_rows)
@@ -361,7 +399,7 @@ class Engine:
             options["do_sample"] = float(options["temperature"]) > 0
         if options.get("temperature") == 0:
             options.pop("temperature")
-        encoded = collate_mixed(self.bank, [r.entry.name for r in batch], [r.encoded for r in batch])
+        encoded = collate_mixed(self.bank, [r.entry for r in batch], [r.encoded for r in batch])
         tokenizer = self.bank.tokenizer
         eos = options.get("eos_token_id", tokenizer.eos_token_id)
         decoders = [_RowText(tokenizer, eos, stops, r.request.stream,
@@ -375,6 +413,27 @@ class Engine:
             results.append(Result(r.entry.name, output=text.text, prompt_tokens=r.length, new_tokens=text.count,
                                   finish_reason="stop" if text.stopped else "length"))
         return results
+
+
+class _Answers:
+    """A run's results, in the order of its requests; each is handed to its request's
+    `on_result` the moment it is set. The first answer stays (a decode row is answered
+    when it ends, and again, the same, when the decode returns)."""
+
+    def __init__(self, requests: Sequence[Request]):
+        self.requests = requests
+        self.results: list[Result | None] = [None] * len(requests)
+
+    def __getitem__(self, i: int) -> Result | None:
+        return self.results[i]
+
+    def __setitem__(self, i: int, result: Result) -> None:
+        if self.results[i] is not None:
+            return
+        self.results[i] = result
+        callback = self.requests[i].on_result
+        if callback is not None:
+            callback(result)
 
 
 class _RowText:
@@ -415,6 +474,7 @@ class _RowText:
         if text.startswith(self.text) and len(text) > len(self.text) and not text.endswith("\ufffd"):
             piece, self.text = text[len(self.text):], text  # a piece: wait for whole characters
             if self.stream is not None and not self.stream.cancelled:
+                self.stream.emitted = True
                 self.stream.on_text(piece)
         elif not text.startswith(self.text):  # re-tokenised text changed earlier characters: keep the new
             self.text = text

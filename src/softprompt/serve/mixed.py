@@ -19,14 +19,17 @@ import torch
 from .. import forward
 from ..encode import EncodedRow, PromptBatch
 from ..errors import ConfigError, EncodingError
-from .bank import PromptBank
-from .prompt_cache import strip_lead
+from .bank import BankEntry, PromptBank
+from .prompt_cache import starts_after_lead, strip_lead
 
 
 class MixedBatch(PromptBatch):
-    """A `PromptBatch` whose rows belong to different tasks: ``batch.tasks[b]`` names row b's."""
+    """A `PromptBatch` whose rows belong to different tasks: ``batch.tasks[b]`` names row b's,
+    ``batch.entries[b]`` is its bank entry as the batch was built (the forward uses that
+    one even if the task is removed or replaced meanwhile: `PromptBank.entry`)."""
 
     tasks: list[str]
+    entries: list[BankEntry]
 
     def to(self, device) -> "MixedBatch":
         moved = MixedBatch({k: v.to(device) for k, v in self.items()})
@@ -34,7 +37,7 @@ class MixedBatch(PromptBatch):
         return moved
 
 
-def encode_mixed(bank: PromptBank, tasks: Sequence[str], examples: Sequence[Mapping[str, Any]], *,
+def encode_mixed(bank: PromptBank, tasks: Sequence[str | BankEntry], examples: Sequence[Mapping[str, Any]], *,
                  padding_side: str | None = None, max_length: int | None = None, truncate: bool = True) -> MixedBatch:
     """Encode row b with task ``tasks[b]``'s template and pad the rows together.
 
@@ -58,17 +61,20 @@ def encode_mixed(bank: PromptBank, tasks: Sequence[str], examples: Sequence[Mapp
     return collate_mixed(bank, tasks, rows, padding_side=padding_side)
 
 
-def collate_mixed(bank: PromptBank, tasks: Sequence[str], rows: Sequence[EncodedRow], *,
+def collate_mixed(bank: PromptBank, tasks: Sequence[str | BankEntry], rows: Sequence[EncodedRow], *,
                   padding_side: str | None = None) -> MixedBatch:
     """Pad rows already encoded by their tasks' encoders into one batch (the engine encodes
-    each request once, when it checks it)."""
-    entries = bank.entries(tasks)
+    each request once, when it checks it, and passes the entries it checked them with)."""
+    # a row that cannot start after its task's cached lead (an empty field) runs whole
+    entries = [e.uncached() if e.lead is not None and not starts_after_lead(r, e.lead.length) else e
+               for e, r in zip(bank.entries(tasks), rows)]
     first = entries[0].model
     side = padding_side or first.padding_side
     # a task with a cached leading segment starts its rows after it (its keys and values are the prefix)
     rows = [strip_lead(r, e.lead.length) if e.lead is not None else r for r, e in zip(rows, entries)]
     batch = MixedBatch(first.encoder.collate(rows, side))  # one tokenizer: one pad id for every task
-    batch.tasks = list(tasks)
+    batch.tasks = [e.name for e in entries]
+    batch.entries = entries
     return batch.to(first.device)
 
 
@@ -77,6 +83,8 @@ def rows_of(batch: MixedBatch, rows: Sequence[int]) -> MixedBatch:
     index = torch.as_tensor(list(rows), dtype=torch.long, device=batch["input_ids"].device)
     sub = MixedBatch({k: v.index_select(0, index) for k, v in batch.items()})
     sub.tasks = [batch.tasks[r] for r in rows]
+    if getattr(batch, "entries", None) is not None:
+        sub.entries = [batch.entries[r] for r in rows]
     return sub
 
 
@@ -93,6 +101,12 @@ def _check(bank: PromptBank, batch: MixedBatch) -> None:
         raise ConfigError("a mixed batch names the task of every row: build it with encode_mixed")
 
 
+def _entries(bank: PromptBank, batch: MixedBatch) -> list[BankEntry]:
+    """The entries the batch was built with (by name for a batch built by hand)."""
+    pinned = getattr(batch, "entries", None)
+    return list(pinned) if pinned is not None else bank.entries(batch.tasks)
+
+
 def forward_mixed(bank: PromptBank, batch: MixedBatch, *, output_hidden_states: bool = False,
                   logits: str = "all", decoder_input_ids: torch.Tensor | None = None) -> forward.SoftPromptOutput:
     """One forward of the base model, row b with the prompt of ``batch.tasks[b]``.
@@ -105,8 +119,9 @@ def forward_mixed(bank: PromptBank, batch: MixedBatch, *, output_hidden_states: 
         rows with more virtual slots are padded at the end, see ``attention_mask``).
     """
     _check(bank, batch)
-    model = bank[batch.tasks[0]].model
-    prompts = bank.prompts_for(batch.tasks)
+    entries = _entries(bank, batch)
+    model = entries[0].model
+    prompts = bank.prompts_for(entries)
     with torch.no_grad():
         return forward.run(bank.base, model.spec, batch["input_ids"], batch["attention_mask"], batch["prompt_index"],
                            prompts, answer_index=batch.get("answer_index"), field_index=batch.get("field_index"),
@@ -121,8 +136,9 @@ def generate_mixed(bank: PromptBank, batch: MixedBatch, **generate_kwargs) -> to
         (B, N) the new tokens only (pads after a row's end-of-sequence).
     """
     _check(bank, batch)
-    model = bank[batch.tasks[0]].model
-    prompts = bank.prompts_for(batch.tasks)
+    entries = _entries(bank, batch)
+    model = entries[0].model
+    prompts = bank.prompts_for(entries)
     with torch.no_grad():
         return forward.generate(bank.base, model.spec, batch["input_ids"], batch["attention_mask"],
                                 batch["prompt_index"], prompts, model.encoder.pad_id, **generate_kwargs)

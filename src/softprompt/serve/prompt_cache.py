@@ -87,6 +87,14 @@ def compute_lead(model, n: int) -> CachedLead:
     return CachedLead(n, kv)
 
 
+def starts_after_lead(row: EncodedRow, n: int) -> bool:
+    """Whether a row keeps what it needs once its first n positions are the cached lead: a
+    token of its own (a causal LM reads its last one) and its answer slot. The lead is
+    measured with text in every field; an empty field can move both into it (the row
+    "[P:4] {text}[MASK]" with text "" is its 4 virtual tokens, answered at the last)."""
+    return len(row.input_ids) > n and (row.answer_index < 0 or row.answer_index >= n)
+
+
 def strip_lead(row: EncodedRow, n: int) -> EncodedRow:
     """The row without its first n positions (they are in the cached prefix)."""
     return dataclasses.replace(
