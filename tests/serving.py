@@ -32,3 +32,20 @@ class Server:
         self.server.should_exit = True
         self.thread.join(timeout=20)
         self.sock.close()
+
+
+def wait_until_serving(url: str, process, *, status: int = 200, timeout: float = 120) -> None:
+    """Poll `url`/health until it answers `status` (401 behind an API key); fail with the
+    server's stderr if `process` (a `subprocess.Popen`) exits first, or after `timeout` s."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == status:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline, "the server did not come up"
+        time.sleep(0.2)

@@ -9,11 +9,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from serving import wait_until_serving
 from test_cli_train import bert_dir, invoke, last_json, reviews  # noqa: F401 (fixtures)
 
 NER = [("Anna lives in Paris", "B-PER O O B-LOC"), ("Paris is big", "B-LOC O O"), ("I met Anna", "O O B-PER"),
@@ -56,16 +56,7 @@ def test_serve_two_trained_prompts_of_different_tasks_and_methods(bert_dir, revi
                               text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.stderr.read()
-            assert time.time() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_until_serving(url, server)
         jobs = [("sentiment", texts[i % 4]) if i % 2 else ("ner", sentences[i % 4]) for i in range(40)]
 
         def call(job):

@@ -14,7 +14,6 @@ import pickle
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -27,7 +26,7 @@ from softprompt.serve import PromptBank, check_task_name, create_app
 from softprompt.tasks import SequenceClassification
 
 from conftest import make_bert, make_gpt2
-from serving import Server
+from serving import Server, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "src" / "softprompt"
@@ -257,16 +256,8 @@ def test_serve_binds_to_loopback_by_default_and_takes_the_key_from_the_environme
                                "--prompts", str(prompts_folder / "prompts"), "--port", str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 401:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.stderr.read()
-            assert time.time() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(url, server, status=401)  # the key from the environment is required
         assert _listening(port) == ["0100007F"], _listening(port)  # 127.0.0.1 only, no 0.0.0.0 or ::
         assert httpx.get(f"{url}/health", headers={"Authorization": "Bearer from-env"}, timeout=5).status_code == 200
     finally:
