@@ -45,3 +45,10 @@ class PromptFileError(SoftPromptError):
 
 class BaseModelMismatchError(SoftPromptError):
     """A saved prompt was trained for another base model."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): for
+    messages that quote another library's error inside ours."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .architecture import BaseIdentity, base_identity, model_spec
-from .errors import BaseModelMismatchError, ConfigError, PromptFileError
+from .errors import BaseModelMismatchError, ConfigError, PromptFileError, first_line
 from .methods import build_module, config_class
 from .methods.collapsed import CollapsedPrompt
 from .model_card import model_card
@@ -134,6 +134,26 @@ def remove_stale_temporaries(parent: Path) -> list[Path]:
     return removed
 
 
+def write_file_atomically(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename `tmp_path` onto `path` (one step on POSIX): a
+    reader, or a run killed mid-write, sees the old file or the new one, never half of one.
+    The temporary file is hidden beside `path` and keeps its suffix (matplotlib picks the
+    format by it)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    """`value` as indented JSON at `path`, by `write_file_atomically`."""
+    write_file_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8"))
+
+
 def write_directory_atomically(target: Path, write) -> None:
     """Call ``write(tmp_dir)`` then put `tmp_dir` at `target` in one step.
 
@@ -169,14 +189,9 @@ def write_directory_atomically(target: Path, write) -> None:
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (OSError, SafetensorError)):  # a full disk, a size limit, no permission
-            raise PromptFileError(f"{target}: could not be written ({_first_line(e)}); "
+            raise PromptFileError(f"{target}: could not be written ({first_line(e)}); "
                                   "what was there before is unchanged") from e
         raise
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # -- save -----------------------------------------------------------------------------

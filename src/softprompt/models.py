@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 __all__ = ["ALIASES", "HEADS", "load_base", "missing_packages", "cache_dir"]
 
@@ -272,7 +272,7 @@ def _load_pretrained(name_or_path: str, head: str, dtype, *, name: str | None = 
             raise ConfigError(f"cannot load {name_or_path!r}{as_head}: it holds {pickled[0]}, a pickle file, which "
                               "softprompt never loads (it can run code); save the model as safetensors "
                               "(model.save_pretrained(folder) where you trust the file)") from None
-        raise ConfigError(f"cannot load {name_or_path!r}{as_head}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot load {name_or_path!r}{as_head}: {first_line(e)}") from None
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         # Without tokenizer files transformers builds an empty tokenizer (special tokens
         # only) instead of failing; every text would then encode to unknown tokens.
@@ -281,11 +281,6 @@ def _load_pretrained(name_or_path: str, head: str, dtype, *, name: str | None = 
         model.config._name_or_path = name
         model.name_or_path = name
     return model, tokenizer
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _load_packaged(alias: str, head: str, dtype):
@@ -380,7 +375,7 @@ def _read_gguf(path: Path, head: str, dtype):
         model = _auto_class(head).from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        raise ConfigError(f"cannot load {path} as a {head} model: {_first_line(e)}") from None
+        raise ConfigError(f"cannot load {path} as a {head} model: {first_line(e)}") from None
     _drop_quantizer(model)
     return model, tokenizer
 
