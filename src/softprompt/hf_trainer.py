@@ -23,6 +23,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .encode import PromptBatch
 from .errors import EncodingError
+from .io import write_file_atomically
 
 BATCH_KEYS = ("input_ids", "attention_mask", "prompt_index", "answer_index", "field_index", "word_index")
 
@@ -65,9 +66,9 @@ class TrainerModel(PreTrainedModel):
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_for_inference(self.model, self.task, directory / "prompt", {"trainer": True})
-        tmp = directory / ".model.safetensors.tmp"
-        save_file(self.trainable_state(), str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, directory / "model.safetensors")
+        state = self.trainable_state()
+        write_file_atomically(directory / "model.safetensors",
+                              lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
 
 
 class ExampleCollator:

@@ -18,12 +18,12 @@ import torch
 
 from .architecture import ModelKind
 from .errors import ConfigError, SoftPromptError
-from .io import load_tensors, read_json_object
+from .io import load_tensors, read_json_object, write_json_atomically
 from .methods import config_class
 from .model import SoftPromptModel
 from .runconfig import RunConfig
 from .tasks import Task, task_from_config
-from .train import RunResult, TrainingError, _write_json, evaluate, train
+from .train import RunResult, TrainingError, evaluate, train
 
 DEFAULT_DEEP_TOKENS = 20
 DEFAULT_INPUT_TOKENS = 8
@@ -231,7 +231,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                                 "resolved_task": task.kind, "data": data.source}
     _prepare_output(out, resume)
     if not resume:
-        _write_json(out / "config.json", resolved)
+        write_json_atomically(out / "config.json", resolved)
     metadata = {"task": task.kind, "model": cfg.model, "data": data.source, "max_length": cfg.max_length,
                 "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("progress", "tensorboard")}}
     result = train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata)
@@ -239,7 +239,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         # Model selection on dev, the reported number on test: the best prompt, not the last.
         scores, _ = evaluate_saved(out / "prompt", model.base, tokenizer, data.test, cfg.train.eval_batch_size)
         result.metrics["test"] = scores
-        _write_json(out / "metrics.json", result.metrics)
+        write_json_atomically(out / "metrics.json", result.metrics)
     return result
 
 

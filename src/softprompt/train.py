@@ -34,7 +34,8 @@ from torch import nn
 
 from .batches import BatchStream, epoch_batches, example_length
 from .errors import ConfigError, SoftPromptError
-from .io import load_tensors, read_json_object, remove_stale_temporaries, write_directory_atomically
+from .io import (load_tensors, read_json_object, remove_stale_temporaries, write_directory_atomically,
+                 write_file_atomically, write_json_atomically)
 from .tasks.base import Task
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -187,12 +188,6 @@ def evaluate(model, task: Task, examples: Sequence[dict], batch_size: int = 64) 
 
 
 # -- checkpoints --------------------------------------------------------------------
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _fsdp2(module) -> bool:
     """Whether `module` was sharded by FSDP 2 (`fully_shard`)."""
     try:
@@ -321,10 +316,10 @@ def plot_curves(losses: list[tuple[int, float]], evals: list[dict[str, Any]], me
         ax2.set_ylabel(f"dev {metric}", color="tab:orange")
     ax.set_title("softprompt training")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)
 
 
 # -- the loop -----------------------------------------------------------------------
@@ -566,7 +561,7 @@ def _finish(output: Path, state, evals, metric, stopped, accelerator) -> dict[st
                "train_seconds": round(state["train_seconds"], 3), "stopped": stopped,
                "processes": accelerator.num_processes}
     if accelerator.is_main_process:
-        _write_json(output / "metrics.json", summary)
+        write_json_atomically(output / "metrics.json", summary)
         plot_curves([tuple(x) for x in state["losses"]], evals, metric, output / "curves.png")
     return summary
 
@@ -600,9 +595,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop evaluation lines written after the checkpoint (they will be redone)."""
     rows = [r for r in _read_metrics(path) if r["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_file_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"))
 
 
 def _tensorboard(output: Path, config: TrainConfig):

@@ -13,8 +13,8 @@ Training points:
                     folder, not yet trainer_state.json (nor renamed the folder into place)
     append:K        the K-th metrics.jsonl row is half-written (the driver writes the first half
                     of the line, as a write cut short would leave it)
-    replace:NAME    an atomic file write of train.py has its temporary file complete and is
-                    about to rename it to NAME
+    replace:NAME    an atomic file write (`io.write_file_atomically`) has its temporary file
+                    complete and is about to rename it to NAME
 
 At the point the child writes MARKER (a JSON object saying where it stands, renamed into
 place so the parent never reads half of it) and blocks until it is killed. A child whose
@@ -123,10 +123,12 @@ def arm_training(marker: Path, point: str) -> None:
 
         train._append_metrics = counted_append
     elif kind == "replace":
-        real_os = train.os
+        import softprompt.io as spio
+
+        real_os = spio.os
 
         class Os:
-            """train.py's `os`, with `replace` stopping before it renames onto `name`."""
+            """io.py's `os`, with `replace` stopping before it renames onto `name`."""
 
             def __getattr__(self, attr):
                 return getattr(real_os, attr)
@@ -138,7 +140,7 @@ def arm_training(marker: Path, point: str) -> None:
                                        "source_bytes": Path(src).stat().st_size})
                 real_os.replace(src, dst)
 
-        train.os = Os()
+        spio.os = Os()
     else:
         raise SystemExit(f"crash_child: unknown point {point!r}")
 
