@@ -12,21 +12,22 @@ first out); the others wait in host memory and move over when a batch needs them
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from collections import OrderedDict
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
+from ..encode import EncodedRow
 from ..errors import ConfigError, SoftPromptError
 from ..forward import Prompts
 from ..model import SoftPromptModel
 from ..tasks import Task
-from .prompt_cache import CachedLead, cacheable, compute_lead
+from .prompt_cache import CachedLead, cacheable, compute_lead, starts_after_lead
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Families whose decoder takes its positions from the cache length (BART's learned
@@ -88,11 +89,12 @@ class BankEntry:
         """What a batch uses: the cached segment's keys and values, or the collapsed prompt."""
         return self.lead.kv if self.lead is not None else self.tensor
 
-    def uncached(self) -> "BankEntry":
-        """The same task without its cached lead, for a row that cannot start after it
-        (`prompt_cache.starts_after_lead`): its rows run whole, with the prompt table. Made
-        once per entry, so its device copy is kept between requests."""
-        if self.lead is None:
+    def for_row(self, row: EncodedRow) -> "BankEntry":
+        """The entry a row runs with: this one, or, for a row that cannot start after the
+        cached lead (`prompt_cache.starts_after_lead`: an empty field), the same task
+        without it, whose rows run whole with the prompt table. That one is made once per
+        entry, so its device copy is kept between requests."""
+        if self.lead is None or starts_after_lead(row, self.lead.length):
             return self
         if self._uncached is None:
             self._uncached = dataclasses.replace(self, lead=None, on_device=None)

@@ -34,7 +34,6 @@ from ..tasks import Generation
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .decode import Decoder, DecodeRow, Sampling
 from .mixed import collate_mixed, forward_mixed, generate_mixed, output_rows, rows_of
-from .prompt_cache import starts_after_lead
 
 log = logging.getLogger("softprompt.serve")
 
@@ -231,9 +230,8 @@ class Engine:
         if not encoded.input_ids:  # refused here, before it joins a batch it would read padding in
             raise EncodingError("the input has no tokens: an empty input through a template with no other text, "
                                 "virtual tokens or special tokens gives the model nothing to read")
-        if entry.lead is not None and not starts_after_lead(encoded, entry.lead.length):
-            entry = entry.uncached()  # this row (an empty field) runs whole
-        return _Row(index, request, entry, example, encoded)
+        # before batches are cut: rows grouped by prefix length must have their final entry
+        return _Row(index, request, entry.for_row(encoded), example, encoded)
 
     @staticmethod
     def _example(entry: BankEntry, value: Any) -> dict[str, Any]:

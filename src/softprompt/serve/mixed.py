@@ -20,7 +20,7 @@ from .. import forward
 from ..encode import EncodedRow, PromptBatch
 from ..errors import ConfigError, EncodingError
 from .bank import BankEntry, PromptBank
-from .prompt_cache import starts_after_lead, strip_lead
+from .prompt_cache import strip_lead
 
 
 class MixedBatch(PromptBatch):
@@ -66,8 +66,7 @@ def collate_mixed(bank: PromptBank, tasks: Sequence[str | BankEntry], rows: Sequ
     """Pad rows already encoded by their tasks' encoders into one batch (the engine encodes
     each request once, when it checks it, and passes the entries it checked them with)."""
     # a row that cannot start after its task's cached lead (an empty field) runs whole
-    entries = [e.uncached() if e.lead is not None and not starts_after_lead(r, e.lead.length) else e
-               for e, r in zip(bank.entries(tasks), rows)]
+    entries = [e.for_row(r) for e, r in zip(bank.entries(tasks), rows)]
     first = entries[0].model
     side = padding_side or first.padding_side
     # a task with a cached leading segment starts its rows after it (its keys and values are the prefix)
