@@ -51,6 +51,34 @@ def versions() -> dict[str, str]:
     return out
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a server the benchmark starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll `url`/health until it answers 200; RuntimeError if `alive()` turns false first
+    (the server process exited) or after `timeout` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if not alive():
+            raise RuntimeError("the server exited before it answered /health")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def write_text(text: str, out: Path) -> None:
     """Write a file atomically (a temporary name, then rename): readers never see half of it."""
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import subprocess
 import sys
 import threading
@@ -24,16 +23,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_json  # noqa: E402
+from _common import RESULTS, free_port, wait_healthy, write_json  # noqa: E402
 
 TEXTS = ["a gem of a film", "Anna flew to Paris with Lufthansa", "the plot wanders but the cast holds it together",
          "a dull , lifeless mess", "Microsoft opened an office in Berlin", "great fun for the whole family"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -65,16 +58,10 @@ def main() -> None:
                                *(["--dtype", args.dtype] if args.dtype else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"the server did not start: {server.stderr.read()}")
-            time.sleep(0.2)
+        try:
+            wait_healthy(url, 300, alive=lambda: server.poll() is None)
+        except RuntimeError as e:
+            raise SystemExit(f"the server did not start ({e}): {server.stderr.read()}") from None
         models = httpx.get(f"{url}/v1/models").json()["data"]
         plan = []
         for m in models:

@@ -48,7 +48,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, device_name, free_port, versions, wait_healthy, write_json  # noqa: E402
 
 TEXTS = ["a gem of a film", "bad", "the plot wanders but the cast holds it together", "fine", "not my cup of tea",
          "great fun for the whole family", "a dull , lifeless mess"]
@@ -498,21 +500,6 @@ def rss_mib(pid: int | None = None) -> float | None:
     return None
 
 
-def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if not alive():
-            raise RuntimeError("the server exited before it answered /health")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
-        time.sleep(0.2)
-
-
 def run_load(url: str, plan: Plan, *, clients: int = 64, seconds: float = 60, seed: int = 0, timeout: float = 120,
              pid: int | None = None, settle: float = 30) -> dict[str, Any]:
     """Load the server at `url` (with `--admin`, the plan's tasks loaded) and check every
@@ -582,12 +569,6 @@ def run_load(url: str, plan: Plan, *, clients: int = 64, seconds: float = 60, se
 
 
 # -- the 60 s form: the CLI server in a subprocess ----------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="a causal LM (alias or path): all five tasks on it")
@@ -597,9 +578,6 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the prompt folders go (default: a temporary folder)")
     parser.add_argument("--out", default=None, help="default: bench/results/serve_load_cpu.json")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import RESULTS, device_name, versions, write_json
-
     import torch
 
     from softprompt.models import load_base

@@ -9,6 +9,13 @@ import time
 import uvicorn
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a server started as a subprocess."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
     """uvicorn serving `app` on a free loopback port, in a thread."""
 

@@ -6,24 +6,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from serving import wait_until_serving
+from serving import free_port, wait_until_serving
 from test_cli_train import bert_dir, invoke, last_json, reviews  # noqa: F401 (fixtures)
 
 NER = [("Anna lives in Paris", "B-PER O O B-LOC"), ("Paris is big", "B-LOC O O"), ("I met Anna", "O O B-PER"),
        ("Tom left Rome", "B-PER O B-LOC")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_two_trained_prompts_of_different_tasks_and_methods(bert_dir, reviews, tmp_path):  # noqa: F811

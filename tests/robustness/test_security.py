@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import os
 import pickle
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from softprompt.serve import PromptBank, check_task_name, create_app
 from softprompt.tasks import SequenceClassification
 
 from conftest import make_bert, make_gpt2
-from serving import Server, wait_until_serving
+from serving import Server, free_port, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "src" / "softprompt"
@@ -217,12 +216,6 @@ def test_completion_tokens_are_bounded(gpt2_tokenizer):
 
 
 # -- the real command's defaults ------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listening(port: int) -> list[str]:
     """Local addresses (hex, as the kernel lists them) of the TCP sockets listening on `port`."""
     out = []
@@ -250,7 +243,7 @@ def prompts_folder(tmp_path_factory, wordpiece_tokenizer):
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads the kernel's socket table (Linux)")
 def test_serve_binds_to_loopback_by_default_and_takes_the_key_from_the_environment(prompts_folder):
-    port = _free_port()
+    port = free_port()
     env = os.environ | {"SOFTPROMPT_API_KEY": "from-env"}
     server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", str(prompts_folder / "base"),
                                "--prompts", str(prompts_folder / "prompts"), "--port", str(port)], env=env,
@@ -269,5 +262,5 @@ def test_admin_on_a_public_address_without_a_key_is_refused(prompts_folder):
     env = {k: v for k, v in os.environ.items() if k != "SOFTPROMPT_API_KEY"}
     r = subprocess.run([sys.executable, "-m", "softprompt.cli", "serve", "--model", str(prompts_folder / "base"),
                         "--prompts", str(prompts_folder / "prompts"), "--host", "0.0.0.0", "--admin",
-                        "--port", str(_free_port())], env=env, capture_output=True, text=True, timeout=120)
+                        "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "--admin on the non-loopback address 0.0.0.0 needs --api-key" in r.stderr, r.stderr
