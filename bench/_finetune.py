@@ -33,7 +33,7 @@ def full_finetune(cfg, *, lr: float, head_lr: float) -> dict[str, Any]:
 
     from softprompt import PTuningV2Config, SoftPromptModel
     from softprompt.architecture import model_kind
-    from softprompt.models import load_base
+    from softprompt.base_models import load_base
     from softprompt.run import build_task, default_template, load_data
     from softprompt.train import epoch_batches, evaluate
 

@@ -81,7 +81,7 @@ def sizes(shape: str) -> list[dict]:
 def bf16_accuracy(method: str, steps: int, data_root: str | None) -> dict:
     from softprompt.io import load_tensors
     from softprompt.run import load_saved
-    from softprompt.models import load_base
+    from softprompt.base_models import load_base
     from softprompt.runconfig import RunConfig
     from softprompt.train import TrainConfig, evaluate
     from softprompt import data as datamod

@@ -35,7 +35,7 @@ def runs() -> list[str]:
 def run(name: str, args) -> dict:
     import torch
 
-    from softprompt.models import load_base
+    from softprompt.base_models import load_base
     from softprompt.run import evaluate_zero_shot
     from softprompt.runconfig import RunConfig
     from softprompt.train import TrainConfig
@@ -113,7 +113,7 @@ def main() -> None:
     parser = run_parser(__doc__, OUT, steps=300, batch_size=16, eval_every=25)
     parser.add_argument("--runs", nargs="+", default=runs(), choices=runs())
     args = parser.parse_args()
-    from softprompt.models import load_base
+    from softprompt.base_models import load_base
 
     load_base(MODEL)  # converts the GGUF once, before the workers start
     header = {"benchmark": "FewGLUE, SmolLM2-135M-Instruct", "device": device_name(), "settings": run_settings(args),

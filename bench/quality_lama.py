@@ -46,7 +46,7 @@ def prepare(args) -> tuple[list[str], dict[str, dict]]:
     from softprompt import PTuningV2Config, SoftPromptModel
     from softprompt.data import load_recipe
     from softprompt.data.lama import lama_relations
-    from softprompt.models import load_base
+    from softprompt.base_models import load_base
     from softprompt.tasks import KnowledgeProbe
 
     base, tok = load_base(MODEL)
@@ -77,7 +77,7 @@ def prepare(args) -> tuple[list[str], dict[str, dict]]:
 def run(name: str, args) -> dict:
     import torch
 
-    from softprompt.models import load_base
+    from softprompt.base_models import load_base
     from softprompt.run import evaluate_zero_shot
     from softprompt.runconfig import RunConfig
     from softprompt.train import TrainConfig

@@ -168,7 +168,7 @@ def train_loop(name: str, args) -> dict:
     from transformers import get_scheduler
 
     from softprompt.data import load_recipe
-    from softprompt.models import load_base
+    from softprompt.base_models import load_base
     from softprompt.train import TrainConfig, epoch_batches
 
     spec = ROWS[name]

@@ -580,7 +580,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from softprompt.models import load_base
+    from softprompt.base_models import load_base
 
     out = Path(args.out) if args.out else RESULTS / "serve_load_cpu.json"
     with tempfile.TemporaryDirectory() as tmp:

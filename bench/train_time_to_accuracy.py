@@ -86,10 +86,10 @@ def peft_trainer(args) -> dict:
                               TrainingArguments)
 
     from softprompt import data as datamod
-    from softprompt.models import load_base
+    from softprompt.base_models import load_base
 
     _, tokenizer = load_base("smollm2-135m")  # converts the packaged GGUF once, into softprompt's cache
-    from softprompt.models import cache_dir
+    from softprompt.base_models import cache_dir
 
     folder = cache_dir() / "models" / "smollm2-135m"
     cuda = torch.cuda.is_available()

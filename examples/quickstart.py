@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import softprompt as sp
-from softprompt.models import load_base
+from softprompt.base_models import load_base
 
 
 def read_sst2(path: Path) -> list[tuple[str, int]]:

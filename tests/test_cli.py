@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import softprompt as sp
 from softprompt.cli import app
-from softprompt.models import ALIASES
+from softprompt.base_models import ALIASES
 
 from conftest import make_gpt2
 

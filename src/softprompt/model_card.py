@@ -67,7 +67,7 @@ def model_card(config: Mapping[str, Any], task: Mapping[str, Any] | None = None)
         "",
         "```python",
         "import softprompt as sp",
-        "from softprompt.models import load_base",
+        "from softprompt.base_models import load_base",
         f"base, tokenizer = load_base({base_name!r})" if base_name else "base, tokenizer = ...  # the base model above",
         'model = sp.SoftPromptModel.from_pretrained(base, "this-folder", tokenizer=tokenizer)',
         "```",

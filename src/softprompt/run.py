@@ -200,7 +200,7 @@ def _prepare_output(out: Path, resume: bool) -> None:
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Train as `softprompt train` does; returns the result (metrics also in the run dir)."""
-    from .models import load_base, resolve_device, training_dtype
+    from .base_models import load_base, resolve_device, training_dtype
 
     if resume:
         recorded = Path(cfg.output) / "config.json"
@@ -294,7 +294,7 @@ def load_recorded_base(path: str | Path, *, model: str | None = None, device: st
         (prompt folder, its prompt_config.json content, base model, tokenizer).
     """
     from .io import read_config
-    from .models import load_base, resolve_device
+    from .base_models import load_base, resolve_device
 
     directory = prompt_directory(path)
     saved = read_config(directory)
@@ -369,7 +369,7 @@ def evaluate_zero_shot(model: str, task_name: str, *, split: str = "test", templ
     """
     from . import data as datamod
     from .methods import PTuningV2Config
-    from .models import load_base, resolve_device
+    from .base_models import load_base, resolve_device
 
     cfg = RunConfig(model=model, task=task_name, data_root=data_root, labels=labels, fields=fields,
                     train_file=data_file, eval_file=data_file, test_file=data_file)

@@ -19,7 +19,7 @@ import yaml
 
 from .errors import ConfigError
 from .methods import CONFIGS
-from .models import DTYPES
+from .base_models import DTYPES
 from .train import TrainConfig
 
 METHOD_ALIASES = {"prompt_tuning": "prompt-tuning", "p_tuning": "p-tuning", "prefix_tuning": "prefix-tuning",

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .batches import BatchStream, epoch_batches, example_length
-from .errors import ConfigError, SoftPromptError
+from .errors import ConfigError, TrainingError
 from .io import (load_tensors, read_json_object, remove_stale_temporaries, write_directory_atomically,
                  write_file_atomically, write_json_atomically)
 from .tasks.base import Task
@@ -41,10 +41,6 @@ from .tasks.base import Task
 SCHEDULES = ("linear", "cosine", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-class TrainingError(SoftPromptError):
-    """Training cannot go on (non-finite loss, a run directory in the way, ...)."""
 
 
 @dataclass

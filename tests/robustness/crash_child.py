@@ -153,7 +153,7 @@ def two_saves(marker: Path, base_dir: str, folder: str, expected: str) -> None:
 
     import softprompt as sp
     import softprompt.io as spio
-    from softprompt.models import load_base
+    from softprompt.base_models import load_base
 
     base, tokenizer = load_base(base_dir)
 

@@ -326,7 +326,7 @@ def test_kill_mid_metrics_append_then_mid_final_write_resumes_to_the_uninterrupt
 
 # -- save_pretrained killed ---------------------------------------------------------------
 def test_kill_during_save_pretrained_keeps_the_previous_prompt(runs):
-    from softprompt.models import load_base
+    from softprompt.base_models import load_base
 
     where = runs.processes["save"].kill_at_marker()
     folder = runs.root / "prompts" / "sentiment"

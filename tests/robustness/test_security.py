@@ -74,7 +74,7 @@ def test_every_load_path_reads_only_safetensors_and_json(no_unpickling, wordpiec
     """Save through the public API, then load every kind of file back (a prompt with its
     trainable state, a training checkpoint on resume, a PEFT adapter, a served bank, a
     base model folder) with every unpickler disabled."""
-    from softprompt.models import load_base
+    from softprompt.base_models import load_base
     from softprompt.peft_format import export_peft, import_peft
     from softprompt.train import TrainConfig, train
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .readers import DataError
+from ..errors import DataError
 
 Records = Iterator[tuple[int, dict[str, Any]]]  # (1-based row, raw record)
 

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .readers import DataError, read_examples, read_text
+from ..errors import DataError
+from .readers import read_examples, read_text
 
 FRACTIONS = (0.6, 0.2, 0.2)
 SPLIT_NAMES = ("train", "dev", "test")

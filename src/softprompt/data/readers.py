@@ -21,32 +21,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import SoftPromptError
+from ..errors import DataError
+from .hf import disk_records, disk_split, hf_records
 
 FORMATS = ("jsonl", "json", "csv", "tsv", "conll", "hf", "disk")
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".conll": "conll"}
 BOM = "\ufeff"
 
 Records = Iterator[tuple[int, dict[str, Any]]]  # (1-based line or row, raw record)
-
-
-class DataError(SoftPromptError):
-    """A data file, dataset or recipe cannot be read as examples.
-
-    Attributes:
-        path: the file (or ``hf:`` source) at fault, when there is one.
-        line: 1-based line of the file (``unit == "row"``: row of a dataset), or None.
-        column: 1-based column, for JSON syntax errors.
-    """
-
-    def __init__(self, message: str, path: str | os.PathLike | None = None, line: int | None = None,
-                 column: int | None = None, unit: str = "line"):
-        self.path = None if path is None else str(path)
-        self.line, self.column, self.unit = line, column, unit
-        where = self.path or ""
-        if line is not None:
-            where += f", {unit} {line}" + (f", column {column}" if column is not None else "")
-        super().__init__(f"{where}: {message}" if where else message)
 
 
 def normalise_label(value: Any) -> str:
@@ -114,12 +96,6 @@ def read_examples(
             a record with a missing field or an unknown label; a CoNLL line without a tag;
             no examples at all. The message names the file and the 1-based line.
     """
-    from .hf import (  # here: hf.py imports DataError from this module
-        disk_records,
-        disk_split,
-        hf_records,
-    )
-
     source = os.fspath(path)
     fmt = format
     if fmt is None:

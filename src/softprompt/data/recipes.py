@@ -24,7 +24,8 @@ from .lama import (
     lama_template,
     read_relation_templates,
 )
-from .readers import DataError, read_examples
+from ..errors import DataError
+from .readers import read_examples
 
 SPLITS = ("train", "dev", "test")
 TASK_KINDS = ("classification", "ner", "generation", "lama")
