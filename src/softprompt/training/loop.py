@@ -1,9 +1,9 @@
 """The training loop, on `accelerate`: the same code on the CPU, one GPU or several.
 
 `train` runs a `Loop`: its phases are `step` (one optimiser step: micro-batches, backward,
-update), `record` (log a step's loss; a non-finite one stops the run), `evaluate` (dev
-metrics; the best prompt so far saved), `checkpoint`, and `finish` (the summary), over one
-typed `TrainState`. A run directory holds
+update), `log` (a step's loss; a non-finite one stops the run), `evaluate` (dev metrics;
+the best prompt so far saved) and `checkpoint`, over one typed `TrainState`; the summary
+ends the run (`logs.RunLog.finish`). A run directory holds
 
     config.json        the resolved run configuration (written by the caller, `run.py`)
     metrics.jsonl      one line per evaluation                          (`logs.py`)
@@ -216,7 +216,7 @@ class Loop:
             # FSDP 1 flattens the prompt into shards that saving and evaluation cannot read whole.
             raise ConfigError("FSDP version 1 is not supported: launch with `accelerate launch --use_fsdp --fsdp_version 2 ...`")
         self.world, rank = accelerator.num_processes, accelerator.process_index
-        self.log = RunLog(self.output, config, self.state.step, accelerator.is_main_process)
+        self.logs = RunLog(self.output, config, self.state.step, accelerator.is_main_process)
         self.metric = task.metric
         self.stopped = "max steps"
         # With a fused AdamW the update of a non-finite step is skipped on the device (the kernel's
@@ -238,7 +238,7 @@ class Loop:
             evaluating = bool(self.eval_examples) and bool(
                 (config.eval_every and state.step % config.eval_every == 0) or last)
             if self.pending is not None and (evaluating or last):  # what is logged, checked and saved is up to date
-                self.record_pending()
+                self.log_pending()
             state.train_seconds += time.perf_counter() - step_start
             if evaluating or last:
                 with whole(self.wrapped, self.unit):
@@ -256,8 +256,8 @@ class Loop:
                         save_with_task(self.model, self.task, self.output / RUN_PROMPT,
                                        {**self.metadata, "step": state.step})
                     self.checkpoint()
-        self.log.close()
-        summary = self.log.finish(state, self.metric, self.stopped, self.accelerator.num_processes)
+        self.logs.close()
+        summary = self.logs.finish(state, self.metric, self.stopped, self.accelerator.num_processes)
         return RunResult(state.best_metric, state.best_step, state.step, self.stopped, summary)
 
     # -- step ---------------------------------------------------------------------------
@@ -274,7 +274,7 @@ class Loop:
         if self.guard is not None:
             self.guard.found_inf = (~torch.isfinite(step_loss)).float()  # a non-finite step updates nothing
         else:  # the loss is checked before the update: one wait for the device per step
-            self.record(state.step + 1, float(step_loss), self.log.window_tokens)
+            self.log(state.step + 1, float(step_loss), self.logs.window_tokens)
         if config.max_grad_norm > 0:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             self.accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -285,8 +285,8 @@ class Loop:
             # Read the previous step's loss, long computed, while this step runs on the device:
             # the host never waits for the step it has just queued.
             if self.pending is not None:
-                self.record_pending()
-            tokens = torch.as_tensor(self.log.window_tokens).float()
+                self.log_pending()
+            tokens = torch.as_tensor(self.logs.window_tokens).float()
             self.pending = (state.step, torch.stack([step_loss.float(), tokens]))
 
     def forward_backward(self) -> torch.Tensor:
@@ -303,20 +303,21 @@ class Loop:
                 loss = self.wrapped(batch, targets) / config.grad_accum
             accelerator.backward(loss)
             step_loss = step_loss + loss.detach().float()  # on the device: no wait between micro-batches
-            self.log.window_tokens += self.task.num_tokens(batch) * self.world
+            self.logs.window_tokens += self.task.num_tokens(batch) * self.world
         return step_loss
 
     # -- log ----------------------------------------------------------------------------
-    def record(self, step: int, loss: float, tokens) -> None:
+    def log(self, step: int, loss: float, tokens) -> None:
         """Log step `step`'s loss; stop the run on a non-finite one."""
         if not math.isfinite(loss):
             self.stop(f"non-finite loss ({loss}) at step {step}")
-        self.log.loss(self.state, step, loss, tokens)
+        self.logs.loss(self.state, step, loss, tokens)
 
-    def record_pending(self) -> None:
+    def log_pending(self) -> None:
+        """Log the step whose loss is still on the device (the update guard's one-step lag)."""
         step, values = self.pending
         self.pending = None
-        self.record(step, *values.tolist())
+        self.log(step, *values.tolist())
 
     def check_weights(self) -> None:
         """Before anything is evaluated or saved: a finite loss can still come with an update
@@ -329,7 +330,7 @@ class Loop:
     def stop(self, reason: str) -> None:
         """End the run on `reason` (the summary written, the last good files kept): raises."""
         self.stopped = reason
-        self.log.finish(self.state, self.metric, reason, self.accelerator.num_processes)
+        self.logs.finish(self.state, self.metric, reason, self.accelerator.num_processes)
         raise TrainingError(f"{reason}: stopped; {_kept(self.output)}. Lower the learning rate (train.lr={self.config.lr}).")
 
     # -- evaluate and checkpoint ----------------------------------------------------------
@@ -337,14 +338,14 @@ class Loop:
         """Dev metrics at this step (one metrics line); an improvement saves the prompt."""
         state, metric = self.state, self.metric
         scores, _ = evaluate(self.model, self.task, self.eval_examples, self.config.eval_batch_size)
-        row = self.log.evaluation(state, scores, self.optimizer.param_groups[0]["lr"])
+        row = self.logs.evaluation(state, scores, self.optimizer.param_groups[0]["lr"])
         improved = state.best_metric is None or scores[metric] > state.best_metric
         if improved:
             state.best_metric, state.best_step, state.bad_evals = scores[metric], state.step, 0
         else:
             state.bad_evals += 1
         if self.accelerator.is_main_process:
-            self.log.write_evaluation(row, scores)
+            self.logs.write_evaluation(row, scores)
             if improved:
                 save_with_task(self.model, self.task, self.output / RUN_PROMPT,
                                {**self.metadata, "step": state.step, "dev": scores})
