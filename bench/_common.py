@@ -163,8 +163,8 @@ def run_ours(cfg, *, keep: str | None = None) -> dict[str, Any]:
     """
     import shutil
 
-    from softprompt.io import load_tensors
-    from softprompt.run import run_training
+    from softprompt.io.atomic import load_tensors
+    from softprompt.training.run import run_training
 
     with tempfile.TemporaryDirectory() as out:
         cfg.output = out

@@ -34,8 +34,9 @@ def full_finetune(cfg, *, lr: float, head_lr: float) -> dict[str, Any]:
     from softprompt import PTuningV2Config, SoftPromptModel
     from softprompt.architecture import model_kind
     from softprompt.base_models import load_base
-    from softprompt.run import build_task, default_template, load_data
-    from softprompt.train import epoch_batches, evaluate
+    from softprompt.training.assemble import build_task, default_template, load_data
+    from softprompt.training.evaluate import evaluate
+    from softprompt.training.order import epoch_batches
 
     t = cfg.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

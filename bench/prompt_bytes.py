@@ -79,11 +79,12 @@ def sizes(shape: str) -> list[dict]:
 
 
 def bf16_accuracy(method: str, steps: int, data_root: str | None) -> dict:
-    from softprompt.io import load_tensors
-    from softprompt.run import load_saved
+    from softprompt.io.atomic import load_tensors
+    from softprompt.folder import load_with_task as load_saved
     from softprompt.base_models import load_base
-    from softprompt.runconfig import RunConfig
-    from softprompt.train import TrainConfig, evaluate
+    from softprompt.training.config import RunConfig
+    from softprompt.training.config import TrainConfig
+    from softprompt.training.evaluate import evaluate
     from softprompt import data as datamod
     from safetensors.torch import save_file
 

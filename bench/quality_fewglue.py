@@ -36,9 +36,9 @@ def run(name: str, args) -> dict:
     import torch
 
     from softprompt.base_models import load_base
-    from softprompt.run import evaluate_zero_shot
-    from softprompt.runconfig import RunConfig
-    from softprompt.train import TrainConfig
+    from softprompt.training.evaluate import evaluate_zero_shot
+    from softprompt.training.config import RunConfig
+    from softprompt.training.config import TrainConfig
 
     task, variant = name.split("|")
     if variant == "zero-shot":

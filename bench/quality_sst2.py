@@ -97,8 +97,8 @@ def row_lrs(name: str) -> tuple[float | None, float]:
 
 # -- our rows -----------------------------------------------------------------------
 def ours(name: str, args) -> dict:
-    from softprompt.runconfig import RunConfig
-    from softprompt.train import TrainConfig
+    from softprompt.training.config import RunConfig
+    from softprompt.training.config import TrainConfig
 
     spec = ROWS[name]
     lr, head_lr = row_lrs(name)
@@ -150,7 +150,7 @@ def autocast(device: torch.device):
 @torch.no_grad()
 def accuracy(clf: Classifier, tok, examples, labels, batch_size: int, device) -> float:
     """Dev accuracy; batches sorted by length as `softprompt.train.evaluate` does."""
-    from softprompt.batches import example_length as _length
+    from softprompt.training.order import example_length as _length
 
     clf.eval()
     order = sorted(range(len(examples)), key=lambda i: _length(examples[i]))
@@ -169,7 +169,8 @@ def train_loop(name: str, args) -> dict:
 
     from softprompt.data import load_recipe
     from softprompt.base_models import load_base
-    from softprompt.train import TrainConfig, epoch_batches
+    from softprompt.training.config import TrainConfig
+    from softprompt.training.order import epoch_batches
 
     spec = ROWS[name]
     lr, head_lr = row_lrs(name)

@@ -36,8 +36,8 @@ def runs() -> list[str]:
 
 
 def run(name: str, args) -> dict:
-    from softprompt.runconfig import RunConfig
-    from softprompt.train import TrainConfig
+    from softprompt.training.config import RunConfig
+    from softprompt.training.config import TrainConfig
 
     key, lr = name.split("@")
     method, n, _ = GRID[key]

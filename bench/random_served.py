@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     import softprompt as sp
     from softprompt.tasks import SequenceClassification, Verbalizer
-    from softprompt.train import save_for_inference
+    from softprompt.folder import save_with_task as save_for_inference
 
     out = Path(args.out)
     tok = tokenizer()

@@ -121,7 +121,7 @@ def save_prompts(base, tokenizer, folder: Path) -> Plan:
 
     import softprompt as sp
     from softprompt.tasks import SequenceClassification, TokenClassification, Verbalizer
-    from softprompt.train import save_for_inference
+    from softprompt.folder import save_with_task as save_for_inference
 
     folders = {
         "sentiment": (sp.PTuningV2Config(num_virtual_tokens=4, template="{text} It was [MASK]", init_std=0.5),

@@ -48,7 +48,8 @@ def worker(args) -> None:
 
     import softprompt as sp
     from softprompt.tasks import Verbalizer
-    from softprompt.train import TrainConfig, train
+    from softprompt.training.config import TrainConfig
+    from softprompt.training.loop import train
 
     local = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()

@@ -267,7 +267,7 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 # -- the grid ---------------------------------------------------------------------------
 def run_model(name: str, args, tok, report: dict, out: Path) -> None:
     import softprompt as sp
-    from softprompt import regions
+    from softprompt.training import regions
     from softprompt.tasks import Verbalizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -40,9 +40,9 @@ P = 20
 
 
 def ours(args) -> dict:
-    from softprompt.run import run_training
-    from softprompt.runconfig import RunConfig
-    from softprompt.train import TrainConfig
+    from softprompt.training.run import run_training
+    from softprompt.training.config import RunConfig
+    from softprompt.training.config import TrainConfig
 
     compile_setting = {"false": False, "true": True}.get(args.compile, args.compile)
     cfg = RunConfig(model="smollm2-135m", method="prompt-tuning", task="sst2", head="linear", data_root=args.data_root,

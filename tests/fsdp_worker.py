@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import softprompt as sp  # noqa: E402
 from softprompt.tasks import SequenceClassification  # noqa: E402
-from softprompt.train import PromptAndHead, _save_checkpoint, _whole, save_for_inference  # noqa: E402
+from softprompt.folder import save_with_task  # noqa: E402
+from softprompt.training.checkpoint import save_checkpoint, whole  # noqa: E402
+from softprompt.training.loop import PromptAndHead  # noqa: E402
 
 TEXTS = ["a gem of a film", "dull and flat", "wonderful acting", "a waste of time", "great fun", "tedious",
          "moving and funny", "awful dialogue"]
@@ -70,10 +72,10 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    with _whole(unit, unit):
+    with whole(unit, unit):
         if rank == 0:
-            save_for_inference(model, task, out / "prompt", {})
-        _save_checkpoint(out / "checkpoint", unit, optimizer, {"step": 3}, write=rank == 0)
+            save_with_task(model, task, out / "prompt", {})
+        save_checkpoint(out / "checkpoint", unit, optimizer, {"step": 3}, write=rank == 0)
     if rank == 0:
         (out / "done.json").write_text(json.dumps({"world": world, "sharded": world > 1}))
     if world > 1:

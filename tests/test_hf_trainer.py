@@ -10,7 +10,7 @@ from transformers import Trainer, TrainingArguments
 import softprompt as sp
 from softprompt.hf_trainer import ExampleCollator, TrainerModel
 from softprompt.tasks import SequenceClassification
-from softprompt.train import evaluate
+from softprompt.training.evaluate import evaluate
 
 from conftest import make_bert
 
@@ -44,9 +44,9 @@ def test_trainer_trains_the_prompt_and_head_only_and_saves_our_format(wordpiece_
     assert saved and all(k.startswith(("model.prompt.", "task.")) for k in saved)  # no base weights
     loaded = sp.SoftPromptModel.from_pretrained(make_bert(wordpiece_tokenizer), tmp_path / "final" / "prompt",
                                                 tokenizer=wordpiece_tokenizer)
-    from softprompt.run import load_saved
+    from softprompt.folder import load_with_task
 
-    again, task2 = load_saved(tmp_path / "final" / "prompt", loaded.base, wordpiece_tokenizer)
+    again, task2 = load_with_task(tmp_path / "final" / "prompt", loaded.base, wordpiece_tokenizer)
     assert evaluate(again, task2, DATA)[0]["accuracy"] == scores["accuracy"]
     assert (tmp_path / "run" / "checkpoint-8" / "prompt" / "prompt_config.json").exists()
 

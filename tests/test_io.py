@@ -9,7 +9,7 @@ import torch
 from transformers import DistilBertConfig, DistilBertModel, GPT2Config, GPT2LMHeadModel
 
 import softprompt as sp
-from softprompt import io as spio
+from softprompt.io import prompt as spio
 
 from conftest import make_gpt2, make_llama
 
@@ -207,14 +207,14 @@ def test_saved_prompt_has_a_model_card(gpt2_tokenizer, tmp_path):
     from huggingface_hub import ModelCard
 
     from softprompt.tasks import Verbalizer
-    from softprompt.train import save_for_inference
+    from softprompt.folder import save_with_task
 
     base = make_gpt2(gpt2_tokenizer)
     model = sp.SoftPromptModel(base, sp.PTuningConfig(template="[P:2] {text} [P:2] It was [MASK]", encoder="lstm"),
                                tokenizer=gpt2_tokenizer)
     task = Verbalizer({"pos": " good", "neg": " bad"})
     task.bind(model)
-    save_for_inference(model, task, tmp_path / "prompt",
+    save_with_task(model, task, tmp_path / "prompt",
                        {"model": "org/tiny-gpt2", "step": 40, "dev": {"accuracy": 0.875, "macro_f1": 0.87, "n": 16},
                         "train": {"steps": 40, "lr": 0.01, "batch_size": 8}})
     card = ModelCard.load(tmp_path / "prompt" / "README.md")

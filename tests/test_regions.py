@@ -1,4 +1,4 @@
-"""Training views of the base (regions.py): checkpointed and compiled blocks give the same
+"""Training views of the base (training/regions.py): checkpointed and compiled blocks give the same
 loss and prompt gradients as the plain base, deep prompts included, and leave the base as it was."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import softprompt as sp
-from softprompt import regions
+from softprompt.training import regions
 from softprompt.errors import ConfigError
 
 from conftest import CAUSAL, ENCODERS, SEQ2SEQ

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import softprompt as sp
-from softprompt.runconfig import RunConfig, apply_sets, load_yaml
+from softprompt.training.config import RunConfig, apply_sets, load_yaml
 
 
 def test_yaml_and_sets_layer_in_order(tmp_path):

@@ -513,8 +513,10 @@ def test_task_trains_saves_and_reloads_through_the_loop(gpt2_tokenizer, wordpiec
     head, and the saved task.json + head rebuild the same predictions."""
     import json
 
-    from softprompt.io import load_tensors
-    from softprompt.train import TrainConfig, evaluate, train
+    from softprompt.io.atomic import load_tensors
+    from softprompt.training.config import TrainConfig
+    from softprompt.training.evaluate import evaluate
+    from softprompt.training.loop import train
 
     if kind == "ner":
         tok = wordpiece_tokenizer

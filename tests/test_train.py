@@ -9,7 +9,11 @@ import torch
 
 import softprompt as sp
 from softprompt.tasks import SequenceClassification
-from softprompt.train import TrainConfig, TrainingError, epoch_batches, evaluate, train
+from softprompt.errors import TrainingError
+from softprompt.training.config import TrainConfig
+from softprompt.training.evaluate import evaluate
+from softprompt.training.loop import train
+from softprompt.training.order import epoch_batches
 
 from conftest import make_bert
 
@@ -44,7 +48,7 @@ def test_training_learns_and_writes_the_run_directory(wordpiece_tokenizer, tmp_p
     assert {p.name for p in (tmp_path / "prompt").iterdir()} >= {"prompt_config.json", "head.safetensors", "task.json"}
     # the saved best prompt + head reproduce the best dev accuracy
     loaded = sp.SoftPromptModel.from_pretrained(model.base, tmp_path / "prompt", tokenizer=wordpiece_tokenizer)
-    from softprompt.io import load_tensors
+    from softprompt.io.atomic import load_tensors
     from softprompt.tasks import task_from_config
 
     task2 = task_from_config(json.loads((tmp_path / "prompt" / "task.json").read_text()))
@@ -186,7 +190,7 @@ def test_training_forwards_on_a_gpu_leave_cudnn_attention_out():
     that will be differentiated on CUDA runs without it, everything else keeps all backends."""
     from torch.nn.attention import SDPBackend
 
-    from softprompt.attention import training_backends
+    from softprompt.training.attention import training_backends
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert SDPBackend.CUDNN_ATTENTION not in training_backends(cuda)

@@ -3,19 +3,21 @@
 A thin layer over the library: every command parses its options, calls one library
 function and prints the result. Library errors (`SoftPromptError`) are the user's to fix,
 so they print as one ``error: ...`` line on stderr with exit status 1, never a traceback.
+
+Each command imports the library modules it calls inside its body, not here: `softprompt
+--help` (and any one command) then loads only what it needs.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable
 
 import typer
 
-from .errors import ConfigError, PromptFileError, SoftPromptError
+from .errors import ConfigError, SoftPromptError
 
 app = typer.Typer(
     name="softprompt",
@@ -42,70 +44,6 @@ def _reports_errors(command: Callable) -> Callable:
 
 
 # -- info ---------------------------------------------------------------------------------
-def _tensor_header(path: Path) -> dict[str, list[int]]:
-    """Names and shapes of the tensors in a safetensors file, read from its header only."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise PromptFileError(f"{path}: corrupt or truncated safetensors file ({e})") from None
-
-
-def prompt_info(directory: Path) -> dict[str, Any]:
-    """What `softprompt info` reports about a saved prompt directory.
-
-    Args:
-        directory: a folder written by `SoftPromptModel.save_pretrained`.
-
-    Returns:
-        A JSON-serialisable dict: method, kind, template, num_virtual_tokens, the stored
-        tensor's shape and parameter count, whether trainable state is present (and its
-        parameter count), the size on disk in bytes, the base model's identity, metadata.
-
-    Raises:
-        PromptFileError: not a prompt directory, or its files are unreadable.
-    """
-    from . import io
-
-    directory = Path(directory)
-    data = io.read_config(directory)
-    tensors = _tensor_header(directory / io.PROMPT_FILE)
-    if "prompt" not in tensors:
-        raise PromptFileError(f"{directory / io.PROMPT_FILE}: has no tensor 'prompt'")
-    shape = tensors["prompt"]
-    trainable_path = directory / io.TRAINABLE_FILE
-    trainable = None
-    if trainable_path.is_file():
-        trainable = sum(math.prod(s) for s in _tensor_header(trainable_path).values())
-    base = data["base_model"]
-    return {
-        "path": str(directory),
-        "method": data["method"],
-        "kind": data.get("kind", "deep" if len(shape) == 5 else "input"),
-        "template": data.get("template"),
-        "num_virtual_tokens": data.get("num_virtual_tokens"),
-        "tensor_shape": shape,
-        "parameters": math.prod(shape),
-        "trainable_state": trainable is not None,
-        "trainable_parameters": trainable,
-        "size_bytes": sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()),
-        "base_model": {
-            "model_type": base.get("model_type"),
-            "name_or_path": base.get("name_or_path"),
-            "architecture": base.get("architecture"),
-            "num_layers": base.get("num_layers"),
-            "hidden_size": base.get("hidden_size"),
-            "num_key_value_heads": base.get("num_key_value_heads"),
-            "head_dim": base.get("head_dim"),
-            "vocab_size": base.get("vocab_size"),
-            "embedding_fingerprint": base.get("embedding_fingerprint"),
-        },
-        "metadata": data.get("metadata") or {},
-    }
-
-
 def _format_info(info: dict[str, Any]) -> str:
     base = info["base_model"]
     trainable = (
@@ -138,6 +76,8 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """Describe a saved prompt: method, template, base model, tensor shape, size on disk."""
+    from .folder import prompt_info
+
     result = prompt_info(directory)
     typer.echo(json.dumps(result) if as_json else _format_info(result))
 
@@ -164,8 +104,9 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --output."),
 ) -> None:
     """Train a soft prompt; prints the final metrics as JSON on stdout."""
-    from .run import run_training
-    from .runconfig import RunConfig, apply_sets, load_yaml
+    from .folder import RUN_PROMPT
+    from .training.config import RunConfig, apply_sets, load_yaml
+    from .training.run import run_training
 
     cfg = RunConfig()
     if config is not None:
@@ -184,7 +125,7 @@ def train(
     metric = result.metrics.get("metric")
     if metric in best:
         typer.echo(f"best dev {metric}: {best[metric]:.4f} at step {result.best_step} of {result.steps} "
-                   f"({result.stopped}); prompt saved to {Path(cfg.output) / 'prompt'}", err=True)
+                   f"({result.stopped}); prompt saved to {Path(cfg.output) / RUN_PROMPT}", err=True)
         if metric in result.metrics.get("test", {}):
             typer.echo(f"test {metric} of that prompt: {result.metrics['test'][metric]:.4f}", err=True)
     typer.echo(json.dumps(result.metrics))
@@ -206,7 +147,7 @@ def eval_(
     batch_size: int = typer.Option(64, "--batch-size"),
 ) -> None:
     """Evaluate a trained prompt (or, with --zero-shot, the manual prompt alone); prints a metrics JSON object."""
-    from .run import evaluate_trained, evaluate_zero_shot
+    from .training.evaluate import evaluate_trained, evaluate_zero_shot
 
     if zero_shot:
         if prompt is not None:
@@ -234,7 +175,8 @@ def predict(
     batch_size: int = typer.Option(32, "--batch-size"),
 ) -> None:
     """Predict with a trained prompt: one JSON line per input on stdout."""
-    from .run import load_trained, read_inputs
+    from .folder import load_trained
+    from .training.evaluate import read_inputs
 
     sp_model, task, _ = load_trained(prompt, model=model)
     examples = read_inputs(sp_model, texts or [], input_file)
@@ -282,9 +224,9 @@ def export(
     model: str = typer.Option(None, "--model", help="Base model (default: the one it was trained on)."),
 ) -> None:
     """Export a prompt as a PEFT adapter folder (`PeftModel.from_pretrained` loads it)."""
+    from .folder import load_recorded_base
     from .model import SoftPromptModel
     from .peft_format import export_peft
-    from .run import load_recorded_base
 
     _check_format(to_format, "--to")
     directory, saved, base, tokenizer = load_recorded_base(prompt, model=model, device="cpu")

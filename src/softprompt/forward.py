@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
 from . import inject
-from .attention import attention_for
+from .training.attention import attention_for
 from .architecture import ModelKind, ModelSpec
 from .errors import ConfigError, EncodingError, UnsupportedModelError
 

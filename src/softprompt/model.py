@@ -6,7 +6,9 @@ on the model kind: causal LM, encoder, or encoder-decoder.
 
 from __future__ import annotations
 
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -17,7 +19,9 @@ from .architecture import ModelKind, ModelSpec, _forward_takes, base_identity, m
 from .encode import PromptBatch, TemplateEncoder
 from .errors import ConfigError, UnsupportedModelError
 from .forward import Prompts, SoftPromptOutput
+from .io.prompt import load_prompt, save_prompt
 from .methods import PromptConfig, PromptModule, build_module
+from .training import regions
 
 
 class SoftPromptModel(nn.Module):
@@ -159,8 +163,6 @@ class SoftPromptModel(nn.Module):
         With `compile`, dynamo's recompile limit is raised for the block (a deep prompt
         compiles one graph per layer, see `regions.recompile_limit`) and restored after.
         """
-        from . import regions
-
         if checkpointing and self.deep and self.spec.sliding_window_layers:
             raise ConfigError(f"{self.spec.model_type}: activation checkpointing with a deep prompt is not supported "
                               "for families with sliding-window layers")
@@ -288,16 +290,14 @@ class SoftPromptModel(nn.Module):
         return forward.generate(self.base, self.spec, batch["input_ids"], batch["attention_mask"], batch["prompt_index"],
                                 prompts, pad_id, **generate_kwargs)
 
-    # -- persistence (io.py does the work) ------------------------------------
+    # -- persistence (io/prompt.py does the work) ------------------------------
     def save_pretrained(self, directory, *, save_trainable: bool = True, metadata: Mapping[str, Any] | None = None,
                         **extra) -> None:
         """Write the prompt to `directory` atomically: ``prompt_config.json`` and
         ``prompt.safetensors`` (the collapsed tensor), plus ``trainable.safetensors`` (the
         full trainable state, to resume training) unless `save_trainable` is False.
         ``extra_tensors`` / ``extra_json`` add files to the same write; ``dtype="bfloat16"``
-        stores the collapsed tensor in half the bytes (see `io.save_prompt`)."""
-        from .io import save_prompt
-
+        stores the collapsed tensor in half the bytes (see `io.prompt.save_prompt`)."""
         save_prompt(self, directory, save_trainable=save_trainable, metadata=metadata, **extra)
 
     def push_to_hub(self, repo_id: str, *, private: bool = True, token: str | None = None, **save_kwargs) -> str:
@@ -307,9 +307,6 @@ class SoftPromptModel(nn.Module):
         Returns:
             The URL of the upload's commit.
         """
-        import tempfile
-        from pathlib import Path
-
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
@@ -331,6 +328,4 @@ class SoftPromptModel(nn.Module):
             PromptFileError: missing, corrupt or unknown-version files.
             BaseModelMismatchError: the prompt was saved for another base model.
         """
-        from .io import load_prompt
-
         return load_prompt(cls, base, directory, tokenizer, trainable=trainable)

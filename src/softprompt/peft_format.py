@@ -42,10 +42,11 @@ from safetensors.torch import save_file
 
 from .architecture import ModelKind, model_spec
 from .encode import special_frame
-from .errors import ConfigError, PromptFileError
-from .io import load_tensors, read_json_object, write_directory_atomically
+from .errors import BaseModelMismatchError, ConfigError, PromptFileError
+from .io.atomic import load_tensors, read_json_object, write_directory_atomically
 from .methods import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from .methods.collapsed import CollapsedPrompt
+from .model import SoftPromptModel
 from .template import START
 
 CONFIG_FILE = "adapter_config.json"
@@ -104,9 +105,6 @@ def import_peft(directory: str | os.PathLike, base, tokenizer=None):
             of range (the file and field are named).
         BaseModelMismatchError: the adapter's sizes differ from `base`'s (what differs is named).
     """
-    from .errors import BaseModelMismatchError
-    from .model import SoftPromptModel
-
     directory = Path(directory)
     data = read_adapter_config(directory)
     spec = model_spec(base)

@@ -13,16 +13,16 @@ Training points:
                     folder, not yet trainer_state.json (nor renamed the folder into place)
     append:K        the K-th metrics.jsonl row is half-written (the driver writes the first half
                     of the line, as a write cut short would leave it)
-    replace:NAME    an atomic file write (`io.write_file_atomically`) has its temporary file
+    replace:NAME    an atomic file write (`io.atomic.write_file_atomically`) has its temporary file
                     complete and is about to rename it to NAME
 
 At the point the child writes MARKER (a JSON object saying where it stands, renamed into
 place so the parent never reads half of it) and blocks until it is killed. A child whose
 parent died instead of killing it exits, so none lingers.
 
-Each point replaces a name that softprompt.train (or softprompt.io, for the save) looks
-up at run time: our functions, or the safetensors / os functions as our code calls them;
-the base model is never touched.
+Each point replaces a name that the training modules (softprompt.training.loop, .checkpoint,
+.logs; softprompt.io.atomic / .prompt for the saves) look up at run time: our functions, or
+the safetensors / os functions as our code calls them; the base model is never touched.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def stop_here(marker: Path, where: dict) -> None:
 
 
 def arm_training(marker: Path, point: str) -> None:
-    import softprompt.train as train
+    import softprompt.training.checkpoint as checkpoint_module
+    import softprompt.training.logs as logs
+    import softprompt.training.loop as loop
 
     kind, _, argument = point.partition(":")
     numbers = [int(n) for n in argument.split(":")] if kind != "replace" else []
@@ -57,7 +59,7 @@ def arm_training(marker: Path, point: str) -> None:
 
     if kind == "backward":
         (step,) = numbers
-        forward = train.PromptAndHead.forward
+        forward = loop.PromptAndHead.forward
 
         def counted_forward(self, batch, targets):
             import torch
@@ -70,10 +72,10 @@ def arm_training(marker: Path, point: str) -> None:
                                                                     "grad_enabled": grad_enabled}))
             return loss
 
-        train.PromptAndHead.forward = counted_forward
+        loop.PromptAndHead.forward = counted_forward
     elif kind == "evaluate":
         evaluation, batch_number = numbers
-        evaluate = train.evaluate
+        evaluate = loop.evaluate
 
         def counted_evaluate(model, task, examples, batch_size=64):
             calls["n"] += 1
@@ -91,10 +93,10 @@ def arm_training(marker: Path, point: str) -> None:
                 task.predict = counted_predict  # this evaluation's task object only
             return evaluate(model, task, examples, batch_size)
 
-        train.evaluate = counted_evaluate
+        loop.evaluate = counted_evaluate
     elif kind == "checkpoint":
         (checkpoint,) = numbers
-        save_file = train.save_file  # used by _save_checkpoint only
+        save_file = checkpoint_module.save_file  # used by save_checkpoint only
 
         def counted_save_file(tensors, filename, *args, **kwargs):
             calls["n"] += 1
@@ -104,10 +106,10 @@ def arm_training(marker: Path, point: str) -> None:
                 stop_here(marker, {"point": "checkpoint", "checkpoint": calls["n"], "temporary": folder.name,
                                    "written": sorted(p.name for p in folder.iterdir())})
 
-        train.save_file = counted_save_file
+        checkpoint_module.save_file = counted_save_file
     elif kind == "append":
         (row_number,) = numbers
-        append = train._append_metrics
+        append = logs.append_metrics
 
         def counted_append(path, row):
             calls["n"] += 1
@@ -121,14 +123,14 @@ def arm_training(marker: Path, point: str) -> None:
                                    "written": len(line) // 2, "of": len(line)})
             append(path, row)
 
-        train._append_metrics = counted_append
+        logs.append_metrics = counted_append
     elif kind == "replace":
-        import softprompt.io as spio
+        import softprompt.io.atomic as spio
 
         real_os = spio.os
 
         class Os:
-            """io.py's `os`, with `replace` stopping before it renames onto `name`."""
+            """io/atomic.py's `os`, with `replace` stopping before it renames onto `name`."""
 
             def __getattr__(self, attr):
                 return getattr(real_os, attr)
@@ -152,7 +154,7 @@ def two_saves(marker: Path, base_dir: str, folder: str, expected: str) -> None:
     from safetensors.torch import save_file
 
     import softprompt as sp
-    import softprompt.io as spio
+    import softprompt.io.prompt as spio
     from softprompt.base_models import load_base
 
     base, tokenizer = load_base(base_dir)

@@ -41,7 +41,8 @@ import torch
 from safetensors.torch import load_file
 
 import softprompt as sp
-import softprompt.io as spio
+import softprompt.io.atomic as spio
+from softprompt.io.prompt import read_config
 
 from conftest import make_bert
 
@@ -345,7 +346,7 @@ def test_kill_during_save_pretrained_keeps_the_previous_prompt(runs):
     assert not torch.equal(loaded.export(), expected["second.export"])
     state = loaded.prompt.state_dict()
     assert all(torch.equal(v, expected[f"first.{k}"]) for k, v in state.items())
-    assert spio.read_config(folder)["metadata"] == {"which": "first"}
+    assert read_config(folder)["metadata"] == {"which": "first"}
 
     # The next save in that folder's parent removes the dead writer's temporary folder.
     loaded.save_pretrained(folder, metadata={"which": "first"})

@@ -76,7 +76,8 @@ def test_every_load_path_reads_only_safetensors_and_json(no_unpickling, wordpiec
     base model folder) with every unpickler disabled."""
     from softprompt.base_models import load_base
     from softprompt.peft_format import export_peft, import_peft
-    from softprompt.train import TrainConfig, train
+    from softprompt.training.config import TrainConfig
+    from softprompt.training.loop import train
 
     tok = wordpiece_tokenizer
     base = make_bert(tok).bert

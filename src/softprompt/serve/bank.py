@@ -24,7 +24,9 @@ import torch
 
 from ..encode import EncodedRow
 from ..errors import ConfigError, SoftPromptError
+from ..folder import has_task, load_with_task, prompt_directory
 from ..forward import Prompts
+from ..io.prompt import read_config
 from ..model import SoftPromptModel
 from ..tasks import Task
 from .prompt_cache import CachedLead, cacheable, compute_lead, starts_after_lead
@@ -159,8 +161,6 @@ class PromptBank:
             ConfigError: an invalid name, a name already taken (without `replace`), or a
                 model on another base.
         """
-        from ..run import load_saved, prompt_directory
-
         check_task_name(name)
         metadata: dict[str, Any] = {}
         if isinstance(source, SoftPromptModel):
@@ -171,12 +171,10 @@ class PromptBank:
                 task.bind(model)
         else:
             folder = prompt_directory(source)
-            if (folder / "task.json").exists():
-                model, task = load_saved(folder, self.base, self.tokenizer)
+            if has_task(folder):
+                model, task = load_with_task(folder, self.base, self.tokenizer)
             else:
                 model = SoftPromptModel.from_pretrained(self.base, folder, tokenizer=self.tokenizer).eval()
-            from ..io import read_config
-
             metadata = read_config(folder).get("metadata") or {}
         model.eval()  # serving: no dropout in the base, the prompt or the head
         if task is not None:

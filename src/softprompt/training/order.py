@@ -51,18 +51,19 @@ class BatchStream:
     queueing the backward and before it waits for the step's loss, so the host work of the
     next step overlaps the device work of this one instead of following it.
 
-    The position (``state["epoch"]``, ``state["batch_in_epoch"]``) counts only batches
+    The position (``state.epoch``, ``state.batch_in_epoch``) counts only batches
     *taken*, so a checkpoint written while a batch is prefetched still resumes at that batch.
 
     Args:
         examples: the training examples.
         batch_size / seed / bucket: as in `epoch_batches` (batch_size over all processes).
-        state: the loop's state dict; its "epoch" and "batch_in_epoch" are read and advanced.
+        state: the loop's `TrainState` (any object with ``epoch`` and ``batch_in_epoch``);
+            both are read and advanced.
         collate: examples -> (batch, targets) on the model's device.
         rank / world: this process's share of each global batch.
     """
 
-    def __init__(self, examples: Sequence[dict], batch_size: int, seed: int, bucket: bool, state: dict[str, Any],
+    def __init__(self, examples: Sequence[dict], batch_size: int, seed: int, bucket: bool, state: Any,
                  collate: Callable[[list[dict]], tuple[Any, Any]], rank: int = 0, world: int = 1):
         self.examples, self.batch_size, self.seed, self.bucket = examples, batch_size, seed, bucket
         self.state, self.collate, self.rank, self.world = state, collate, rank, world
@@ -76,7 +77,7 @@ class BatchStream:
         return self._order
 
     def _next(self) -> tuple[tuple[int, int], Any]:
-        epoch, index = self.state["epoch"], self.state["batch_in_epoch"]
+        epoch, index = self.state.epoch, self.state.batch_in_epoch
         if index >= len(self._batches(epoch)):
             epoch, index = epoch + 1, 0
         indices = self._batches(epoch)[index]
@@ -92,7 +93,7 @@ class BatchStream:
         """The next micro-batch (batch, targets); advances the position."""
         (epoch, index), collated = self._ahead if self._ahead is not None else self._next()
         self._ahead = None
-        self.state["epoch"], self.state["batch_in_epoch"] = epoch, index
+        self.state.epoch, self.state.batch_in_epoch = epoch, index
         return collated
 
 

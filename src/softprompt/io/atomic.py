@@ -1,22 +1,17 @@
-"""Saving and loading prompts: JSON + safetensors only, written atomically.
+"""Crash-safe writes, and the reads that name the file they fail on.
 
-A prompt directory holds
-
-    prompt_config.json       format version, method and its config, template, the base
-                             model's identity, tensor shape
-    prompt.safetensors       {"prompt": the collapsed inference tensor}, fp32
-    trainable.safetensors    the training-time module's state (optional, to resume)
-
-Nothing is ever unpickled. A save is built in a hidden temporary directory beside the
-target and swapped into place in one rename, so a crash leaves either the old prompt or
-the new one, never a half-written folder.
+Every file softprompt writes (a prompt folder, a checkpoint, metrics, curves) goes through
+here: a file is written under a hidden temporary name and renamed onto its target; a
+folder is built in a hidden temporary folder beside the target and swapped into place in
+one rename, so a crash leaves either the old content or the new, never half of it. Reads
+accept JSON and safetensors only (nothing is ever unpickled) and raise `PromptFileError`
+naming the file.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import dataclasses
 import hashlib
 import json
 import os
@@ -26,26 +21,13 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .architecture import BaseIdentity, base_identity, model_spec
-from .errors import BaseModelMismatchError, ConfigError, PromptFileError, first_line
-from .methods import build_module, config_class
-from .methods.collapsed import CollapsedPrompt
-from .model_card import model_card
-
-FORMAT = "softprompt"
-FORMAT_VERSION = 1
-CONFIG_FILE = "prompt_config.json"
-CARD_FILE = "README.md"
-PROMPT_FILE = "prompt.safetensors"
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-TRAINABLE_FILE = "trainable.safetensors"
-
+from ..errors import PromptFileError, first_line
 
 # -- atomic directory replacement ----------------------------------------------------
 _RENAME_EXCHANGE = 2
@@ -194,63 +176,7 @@ def write_directory_atomically(target: Path, write) -> None:
         raise
 
 
-# -- save -----------------------------------------------------------------------------
-def save_prompt(
-    model,
-    directory,
-    *,
-    save_trainable: bool = True,
-    metadata: Mapping[str, Any] | None = None,
-    extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-    extra_json: Mapping[str, Any] | None = None,
-    dtype: str = "float32",
-) -> None:
-    """Write `model`'s prompt to `directory` (see the module docstring for the layout).
-
-    `extra_tensors` (file name -> tensors, written as safetensors) and `extra_json`
-    (file name -> JSON value) land in the same atomic write: a task head and its
-    settings travel with the prompt they were trained with. `dtype` is the storage of the
-    inference tensor: ``float32`` or ``bfloat16`` (half the bytes; on SST-2 it changed no
-    prediction, see docs/PERFORMANCE.md); it loads back as float32 either way.
-    """
-    if dtype not in STORAGE_DTYPES:
-        raise ConfigError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
-    tensor = model.export().to(STORAGE_DTYPES[dtype]).contiguous()
-    identity = model.identity
-    config = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "method": model.config.method,
-        "kind": "deep" if model.deep else "input",
-        "num_virtual_tokens": model.num_virtual_tokens,
-        "template": model.template.source,
-        "config": model.config.to_dict(),
-        "tensor_shape": list(tensor.shape),
-        "tensor_dtype": dtype,
-        "base_model": {**identity.to_dict(), "name_or_path": getattr(model.base.config, "_name_or_path", "")},
-        "metadata": dict(metadata or {}),
-    }
-    trainable = None
-    if save_trainable and not isinstance(model.prompt, CollapsedPrompt):
-        trainable = {k: v.detach().float().contiguous().cpu() for k, v in model.prompt.state_dict().items()}
-
-    card = model_card(config, (extra_json or {}).get("task.json"))
-
-    def write(tmp: Path) -> None:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
-        (tmp / CARD_FILE).write_text(card)
-        save_file({"prompt": tensor.cpu()}, str(tmp / PROMPT_FILE), metadata={"format": FORMAT})
-        if trainable is not None:
-            save_file(trainable, str(tmp / TRAINABLE_FILE), metadata={"format": FORMAT})
-        for name, tensors in (extra_tensors or {}).items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
-        for name, value in (extra_json or {}).items():
-            (tmp / name).write_text(json.dumps(value, indent=2) + "\n")
-
-    write_directory_atomically(Path(directory), write)
-
-
-# -- load -----------------------------------------------------------------------------
+# -- reads -------------------------------------------------------------------------------
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON object from `path`; PromptFileError naming the file (and line and column)."""
     try:
@@ -263,32 +189,6 @@ def read_json_object(path: Path) -> dict[str, Any]:
         raise PromptFileError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(data, dict):
         raise PromptFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def read_config(directory) -> dict[str, Any]:
-    """Read and check ``prompt_config.json``.
-
-    Raises:
-        PromptFileError: missing file, invalid JSON (with line and column), missing
-            field, or an unknown format / version.
-    """
-    path = Path(directory) / CONFIG_FILE
-    if not Path(directory).is_dir():
-        raise PromptFileError(f"{directory}: no such prompt directory")
-    if not path.is_file():
-        raise PromptFileError(f"{path}: missing; not a softprompt prompt directory")
-    data = read_json_object(path)
-    if data.get("format") != FORMAT:
-        raise PromptFileError(f"{path}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise PromptFileError(
-            f"{path}: field 'format_version' is {version!r}; this softprompt reads version {FORMAT_VERSION}"
-        )
-    for key in ("method", "config", "tensor_shape", "base_model"):
-        if key not in data:
-            raise PromptFileError(f"{path}: missing field {key!r}")
     return data
 
 
@@ -309,48 +209,3 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise PromptFileError(f"{path}: corrupt or truncated safetensors file ({e})") from None
-
-
-def load_prompt(cls, base, directory, tokenizer=None, *, trainable: bool = False):
-    """Rebuild a `SoftPromptModel` from `directory` onto `base` (see `SoftPromptModel.from_pretrained`)."""
-    directory = Path(directory)
-    data = read_config(directory)
-    cfg_path = directory / CONFIG_FILE
-    try:
-        config = config_class(data["method"]).from_dict(data["config"], source=f"{cfg_path}: field 'config'")
-    except TypeError as e:
-        raise PromptFileError(f"{cfg_path}: field 'config': {e}") from None
-    spec = model_spec(base)
-    saved = data["base_model"]
-    try:
-        saved_identity = BaseIdentity(**{k: saved[k] for k in BaseIdentity.__dataclass_fields__})
-    except (KeyError, TypeError) as e:
-        raise PromptFileError(f"{cfg_path}: field 'base_model' is incomplete ({e})") from None
-    differences = saved_identity.differences(base_identity(base, spec))
-    if differences:
-        raise BaseModelMismatchError(
-            f"{directory} was saved for another base model ({saved.get('name_or_path') or saved_identity.model_type}): "
-            + "; ".join(differences)
-        )
-    tensor = load_tensors(directory / PROMPT_FILE).get("prompt")
-    if tensor is None or list(tensor.shape) != list(data["tensor_shape"]):
-        raise PromptFileError(
-            f"{directory / PROMPT_FILE}: expected a tensor 'prompt' of shape {data['tensor_shape']}, "
-            f"found {None if tensor is None else list(tensor.shape)}"
-        )
-    if tensor.dtype not in STORAGE_DTYPES.values():
-        raise PromptFileError(f"{directory / PROMPT_FILE}: tensor 'prompt' is {tensor.dtype}; expected float32 or bfloat16")
-    tensor = tensor.float()  # bfloat16 storage widens exactly
-    device = base.get_input_embeddings().weight.device
-    if trainable:
-        state = load_tensors(directory / TRAINABLE_FILE)
-        _, P = config.resolve()
-        build_config = dataclasses.replace(config, init="random") if hasattr(config, "init") else config
-        module = build_module(build_config, P, spec, base.get_input_embeddings().weight, tokenizer)
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as e:
-            raise PromptFileError(f"{directory / TRAINABLE_FILE}: does not match the {config.method} module ({e})") from None
-    else:
-        module = CollapsedPrompt(tensor, spec, deep=config.deep)
-    return cls(base, config, tokenizer, prompt=module.to(device))

@@ -1,4 +1,5 @@
-"""A run's configuration: dataclasses in code, YAML on disk, ``--set key=value`` at the CLI.
+"""A run's configuration: dataclasses in code (`TrainConfig`: the loop's settings;
+`RunConfig`: the whole run), YAML on disk, ``--set key=value`` at the CLI.
 
 Keys are dotted paths: top-level run settings (``model``, ``method``, ``template``, ...),
 ``train.<field>`` (`TrainConfig`), ``prompt.<field>`` (the method config's own fields,
@@ -11,16 +12,101 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ConfigError
-from .methods import CONFIGS
-from .base_models import DTYPES
-from .train import TrainConfig
+from ..base_models import DTYPES
+from ..errors import ConfigError
+from ..methods import CONFIGS
+from ..template import parse_template
+
+SCHEDULES = ("linear", "cosine", "constant")
+MIXED_PRECISION = ("auto", "no", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run.
+
+    Attributes:
+        steps: optimiser steps (an upper bound when early stopping is on).
+        batch_size: examples per micro-batch, over all processes.
+        grad_accum: micro-batches per optimiser step.
+        lr: learning rate of the prompt; head_lr: of the task head.
+        weight_decay: AdamW weight decay (prompt and head).
+        warmup_ratio: share of `steps` with a linear warm-up.
+        schedule: decay after warm-up: linear, cosine or constant.
+        max_grad_norm: gradient clipping (0: off).
+        seed: data order, dropout and initialisation; a CPU run is bit-reproducible.
+        eval_every: evaluate (and checkpoint) every N steps; 0: only at the end.
+        eval_batch_size: examples per evaluation batch.
+        patience: stop after this many evaluations without improvement (None: never).
+        bucket: group examples of similar length into batches (less padding).
+        mixed_precision: auto (bf16 autocast for an fp32 base on a GPU; a base loaded in
+            bf16 / fp16, or on the CPU, runs as it is), no, bf16.
+        compile: `torch.compile` the base's repeated blocks for training forwards (regional
+            compilation): false, true (`torch.compile`'s default mode) or a mode name,
+            ``reduce-overhead`` (each block's forward and backward replayed as CUDA graphs:
+            fewer launches, for small models whose steps the host bounds) or ``max-autotune``.
+        gradient_checkpointing: recompute each block's activations in the backward pass
+            (less memory, about one more forward of time); works for deep prompts too.
+        tensorboard: also write TensorBoard logs.
+        progress: show a progress bar.
+    """
+
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-2
+    head_lr: float = 5e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_every: int = 200
+    eval_batch_size: int = 64
+    patience: int | None = None
+    bucket: bool = True
+    mixed_precision: str = "auto"
+    compile: bool | str = False
+    gradient_checkpointing: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be a non-negative integer, got {self.eval_every!r}")
+        for name in ("lr", "head_lr"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if not isinstance(self.warmup_ratio, (int, float)) or isinstance(self.warmup_ratio, bool) \
+                or not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must be a number in [0, 1), got {self.warmup_ratio!r}")
+        if self.compile not in (True, False) + COMPILE_MODES:
+            raise ConfigError(f"train.compile must be true, false or one of {COMPILE_MODES}, got {self.compile!r}")
+        for name in ("bucket", "gradient_checkpointing", "tensorboard", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience <= 0):
+            raise ConfigError(f"train.patience must be a positive integer or null, got {self.patience!r}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
 
 METHOD_ALIASES = {"prompt_tuning": "prompt-tuning", "p_tuning": "p-tuning", "prefix_tuning": "prefix-tuning",
                   "p_tuning_v2": "p-tuning-v2", "ptuning": "p-tuning", "ptuning-v2": "p-tuning-v2"}
@@ -85,8 +171,6 @@ class RunConfig:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.template is not None:
-            from .template import parse_template
-
             parse_template(str(self.template))  # a syntax error is named before any data or model loads
         if not isinstance(self.device, str):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
@@ -98,6 +182,13 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> "RunConfig":
+        """The configuration a run directory's ``config.json`` records (its extra keys ignored)."""
+        keep = {k: v for k, v in saved.items() if k in cls.__dataclass_fields__}
+        keep["train"] = TrainConfig(**keep.get("train", {}))
+        return cls(**keep)
 
 
 def _suggest(key: str, known, prefix: str = "") -> str:

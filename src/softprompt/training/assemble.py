@@ -1,0 +1,176 @@
+"""A run configuration assembled into what the loop takes: the examples (`load_data`), the
+task (`build_task`), the template (`default_template`) and the prompt's configuration
+(`prompt_config`), each checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import data as datamod
+from .. import tasks
+from ..architecture import ModelKind
+from ..errors import ConfigError, SoftPromptError
+from ..methods import PromptConfig, config_class
+from ..model import SoftPromptModel
+from ..tasks import Task
+from .config import RunConfig
+
+DEFAULT_DEEP_TOKENS = 20
+DEFAULT_INPUT_TOKENS = 8
+
+
+@dataclass
+class Data:
+    """The examples of a run and where they came from."""
+
+    train: list[dict]
+    dev: list[dict]
+    test: list[dict] | None
+    kind: str  # classification | ner | generation | lama
+    labels: list[str] | None
+    label_words: dict[str, list[str]] | None
+    recipe: Any | None
+    source: dict[str, Any]
+
+
+def load_data(cfg: RunConfig) -> Data:
+    """Examples for `cfg`: a recipe's splits, or the user's files (`--train/--eval`)."""
+    generic = {"classification", "ner", "generation"}
+    fields = parse_fields(cfg.fields)
+    labels, words = _labels(cfg.labels)
+    if cfg.task in generic:
+        if not cfg.train_file or not cfg.eval_file:
+            raise ConfigError(f"task {cfg.task!r} is generic: give --train FILE and --eval FILE (or a recipe name)")
+        read = lambda p: datamod.read_examples(p, fields=fields, labels=labels if cfg.task == "classification" else None)
+        train_ex, dev_ex = read(cfg.train_file), read(cfg.eval_file)
+        test_ex = read(cfg.test_file) if cfg.test_file else None
+        if cfg.task == "classification" and labels is None:
+            labels = sorted({str(e["label"]) for e in train_ex})
+        return Data(train_ex, dev_ex, test_ex, cfg.task, labels, words, None,
+                    {"train": cfg.train_file, "eval": cfg.eval_file, "test": cfg.test_file})
+    recipe = datamod.load_recipe(cfg.task, cfg.data_root)
+    train_ex = datamod.read_examples(cfg.train_file, fields=fields) if cfg.train_file else recipe.examples("train")
+    dev_ex = datamod.read_examples(cfg.eval_file, fields=fields) if cfg.eval_file else recipe.examples("dev")
+    test_ex = datamod.read_examples(cfg.test_file, fields=fields) if cfg.test_file else recipe.examples("test")
+    return Data(train_ex, dev_ex, test_ex, recipe.task, labels or recipe.labels, words or recipe.label_words,
+                recipe, {"recipe": recipe.name, "notes": getattr(recipe, "notes", "")})
+
+
+def parse_fields(items: list[str] | None) -> dict[str, str] | None:
+    """``["sentence:text"]`` (``--field COLUMN:FIELD``) -> ``{"sentence": "text"}``."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        column, sep, name = item.partition(":")
+        if not sep or not column or not name:
+            raise ConfigError(f"--field {item!r}: expected COLUMN:FIELD (e.g. sentence:text)")
+        out[column] = name
+    return out
+
+
+def _labels(items: list[str] | None) -> tuple[list[str] | None, dict[str, list[str]] | None]:
+    """``["pos", "neg"]`` or ``["pos:great", "neg:terrible|awful"]``."""
+    if not items:
+        return None, None
+    labels, words = [], {}
+    for item in items:
+        label, sep, ws = item.partition(":")
+        labels.append(label)
+        if sep:
+            words[label] = [w for w in ws.split("|") if w]
+    if words and len(words) != len(labels):
+        raise ConfigError(f"--labels {items}: give label words for every label or for none")
+    return labels, words or None
+
+
+def uses_verbalizer(cfg: RunConfig, data: Data, kind: ModelKind, has_lm_head: bool) -> bool:
+    if cfg.head == "verbalizer":
+        return True
+    if cfg.head == "linear" or data.kind != "classification" or not has_lm_head or not data.label_words:
+        return False
+    return not config_class(cfg.method).deep  # P-tuning v1 / PET: input prompts read at [MASK]
+
+
+def build_task(cfg: RunConfig, data: Data, verbalizer: bool) -> Task:
+    options = dict(cfg.task_options)
+    if data.kind == "classification":
+        if verbalizer:
+            if not data.label_words:
+                raise ConfigError("a verbalizer needs label words: --labels LABEL:WORD ...")
+            return tasks.TASKS["verbalizer"](data.label_words, **options)
+        return tasks.TASKS["classification"](data.labels, **options)
+    if data.kind == "ner":
+        tags = sorted({t for e in data.train for t in e["tags"]} | {t for e in data.dev for t in e["tags"]})
+        return tasks.TASKS["ner"](tags, **options)
+    if data.kind == "generation":
+        return tasks.TASKS["generation"](**options)
+    if data.kind == "lama":
+        return tasks.TASKS["lama"](**options)
+    raise ConfigError(f"unknown task kind {data.kind!r}")
+
+
+def default_template(cfg: RunConfig, data: Data, task: Task, model_kind: ModelKind, P: int, deep: bool) -> str:
+    """The template when none is given: the recipe's for this model kind and head, with
+    the virtual tokens in front for input methods that have no slots of their own."""
+    recipe = data.recipe
+    template = None
+    if recipe is not None and hasattr(recipe, "template_for"):
+        template = recipe.template_for(model_kind=model_kind.value, head=task.kind, deep=deep, method=cfg.method)
+    if template is None:
+        if data.kind == "ner":
+            template = "{tokens}"
+        elif data.kind == "generation":
+            template = "{input}"
+        else:
+            fields = sorted({k for e in data.train[:50] for k in e if k not in ("label", "idx", "target", "tags")})
+            template = " ".join(f"{{{f}}}" for f in fields) if fields else "{text}"
+            if task.kind == "verbalizer":
+                template += " [MASK]"
+    if not deep and "[P" not in template:
+        template = f"[P:{P}] " + template
+    return template
+
+
+def prompt_config(cfg: RunConfig, data: Data, task: Task, kind: ModelKind) -> PromptConfig:
+    """The method's configuration: the virtual tokens (default 20 per layer for deep methods,
+    8 for input ones) and the template (default: `default_template`)."""
+    method_cls = config_class(cfg.method)
+    P = cfg.num_virtual_tokens or (DEFAULT_DEEP_TOKENS if method_cls.deep else DEFAULT_INPUT_TOKENS)
+    template = cfg.template or default_template(cfg, data, task, kind, P, method_cls.deep)
+    n = cfg.num_virtual_tokens if not method_cls.deep else P
+    return method_cls(num_virtual_tokens=n, template=template, **cfg.prompt)
+
+
+def check_examples(model: SoftPromptModel, task: Task, data: Data) -> None:
+    """Every example has the template's fields, and the first of each split encodes (a
+    fixed part longer than max_length, say): refused before the run directory is touched,
+    naming the file and the example."""
+    for split, examples in (("train", data.train), ("eval", data.dev), ("test", data.test)):
+        if not examples:
+            continue
+        source = data.source.get(split) or f"the {data.source.get('recipe', 'recipe')} {split} split"
+        for i, example in enumerate(examples):
+            missing = [name for name in model.template.fields if name not in example]
+            if missing:
+                raise ConfigError(f"{source}: example {i + 1} has no field {missing[0]!r} used by the template "
+                                  f"{model.template.source!r}; its fields are {sorted(example)} (map a column to a "
+                                  f"field with --field COLUMN:{missing[0]})")
+        # A throwaway copy of the task, under a forked RNG: binding creates a head with random
+        # weights, which must still come from the run's seed inside `train`.
+        with torch.random.fork_rng(devices=[]):
+            probe = copy.deepcopy(task)
+            probe.bind(model)
+            try:
+                probe.collate(model, examples[:1])
+            except SoftPromptError as e:
+                raise type(e)(f"{source}: {e}") from None
+
+
+__all__ = ["Data", "load_data", "parse_fields", "uses_verbalizer", "build_task", "default_template", "prompt_config",
+           "check_examples"]

@@ -1,0 +1,94 @@
+"""From a run configuration to a trained prompt: what `softprompt train` does, callable from
+Python. Assemble (data, base model, task, prompt), train, then score the best prompt on the
+test split.
+
+    result = run_training(RunConfig(model="minilm", method="p-tuning-v2", task="sst2", output="runs/sst2"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from ..architecture import model_kind
+from ..base_models import load_base, resolve_device, training_dtype
+from ..errors import TrainingError
+from ..folder import RUN_PROMPT, has_task
+from ..io.atomic import read_json_object, write_json_atomically
+from ..model import SoftPromptModel
+from .assemble import build_task, check_examples, load_data, prompt_config, uses_verbalizer
+from .checkpoint import CHECKPOINT
+from .config import RunConfig
+from .evaluate import evaluate_saved
+from .logs import CURVES, METRICS_LINES, METRICS_SUMMARY, TENSORBOARD
+from .loop import RunResult, train
+
+CONFIG = "config.json"
+RUN_MARKERS = (CONFIG, METRICS_LINES, CHECKPOINT, RUN_PROMPT)
+
+
+def _check_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    """Refuse an output that cannot take this run, touching nothing."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--output {out} exists and is not a directory")
+    holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
+    if resume:
+        if not (out / CHECKPOINT).is_dir():
+            raise TrainingError(f"--resume: {out} holds no checkpoint to continue from")
+    elif holds_run and not overwrite:
+        raise TrainingError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    return out
+
+
+def _prepare_output(out: Path, resume: bool) -> None:
+    """Clear a replaced run and create the directory: called only once everything the run
+    needs (data, model, template, task) has loaded, so a refused run loses nothing."""
+    if not resume:
+        for marker in RUN_MARKERS + (METRICS_SUMMARY, CURVES, TENSORBOARD):
+            target = out / marker
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Train as `softprompt train` does; returns the result (metrics also in the run dir)."""
+    if resume:
+        recorded = Path(cfg.output) / CONFIG
+        if not recorded.is_file():
+            raise TrainingError(f"--resume: {recorded} is missing")
+        cfg = RunConfig.from_dict(read_json_object(recorded))
+    cfg.validate()
+    out = _check_output(cfg, resume, overwrite)
+    data = load_data(cfg)
+    if not data.train:
+        raise TrainingError("the training split is empty")
+    device = resolve_device(cfg.device)
+    base, tokenizer = load_base(cfg.model, head="auto", dtype=training_dtype(cfg.dtype, device))
+    base.to(device)
+    kind = model_kind(base)
+    task = build_task(cfg, data, uses_verbalizer(cfg, data, kind, base.get_output_embeddings() is not None))
+    model = SoftPromptModel(base, prompt_config(cfg, data, task, kind), tokenizer=tokenizer)
+    model.max_length = cfg.max_length
+    check_examples(model, task, data)
+    resolved = cfg.to_dict() | {"template": model.config.template, "num_virtual_tokens": model.num_virtual_tokens,
+                                "resolved_task": task.kind, "data": data.source}
+    _prepare_output(out, resume)
+    if not resume:
+        write_json_atomically(out / CONFIG, resolved)
+    metadata = {"task": task.kind, "model": cfg.model, "data": data.source, "max_length": cfg.max_length,
+                "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("progress", "tensorboard")}}
+    result = train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata)
+    if data.test and data.test != data.dev and has_task(out / RUN_PROMPT):
+        # Model selection on dev, the reported number on test: the best prompt, not the last.
+        scores, _ = evaluate_saved(out / RUN_PROMPT, model.base, tokenizer, data.test, cfg.train.eval_batch_size)
+        result.metrics["test"] = scores
+        write_json_atomically(out / METRICS_SUMMARY, result.metrics)
+    return result
+
+
+__all__ = ["run_training"]
