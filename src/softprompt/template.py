@@ -143,113 +143,140 @@ def parse_template(source: str, *, require_placeholder: bool = True) -> Template
     """
     if not isinstance(source, str):
         raise TemplateError(f"template must be a string, got {type(source).__name__}")
-    items: list[Item] = []
-    text: list[str] = []  # pending anchor characters
-    space_pending = False  # whitespace seen since the last real (non-virtual) item
-    next_virtual = 0
-    masks = 0
-    real_seen = False  # a real (non-virtual) item precedes: only then can a space separate
-    i, n = 0, len(source)
-
-    def flush_text() -> None:
-        nonlocal space_pending, real_seen
-        raw = "".join(text)
-        text.clear()
-        if not raw.strip():
-            space_pending = space_pending or bool(raw)
-            return
-        lead = raw[0].isspace() or space_pending
-        items.append(Anchor(text=raw.strip(), space_before=lead and real_seen))
-        space_pending = raw[-1].isspace()
-        real_seen = True
-
-    def take_space() -> bool:
-        nonlocal space_pending, real_seen
-        lead = space_pending and real_seen
-        space_pending = False
-        real_seen = True
-        return lead
-
-    while i < n:
-        c = source[i]
-        if c == "{":
-            if source.startswith("{{", i):
-                text.append("{")
-                i += 2
-                continue
-            flush_text()
-            j = i + 1
-            if j >= n or not _is_name_start(source[j]):
-                raise TemplateError(
-                    "'{' must open a placeholder like {text} (write '{{' for a literal brace)", source, i + 1
-                )
-            while j < n and _is_name_char(source[j]):
-                j += 1
-            if j >= n or (source[j] != "}" and "}" not in source[j:]):
-                raise TemplateError("unclosed placeholder: missing '}'", source, i + 1)
-            if source[j] != "}":
-                raise TemplateError(
-                    f"invalid character {source[j]!r} in placeholder name", source, j + 1
-                )
-            items.append(Placeholder(name=source[i + 1 : j], space_before=take_space()))
-            i = j + 1
-        elif c == "}":
-            if source.startswith("}}", i):
-                text.append("}")
-                i += 2
-                continue
-            raise TemplateError("unmatched '}' (write '}}' for a literal brace)", source, i + 1)
-        elif source.startswith("[MASK]", i):
-            flush_text()
-            masks += 1
-            if masks > 1:
-                raise TemplateError("a template takes one [MASK] answer slot; found a second", source, i + 1)
-            items.append(Mask(space_before=take_space()))
-            i += len("[MASK]")
-        elif source.startswith(START, i):
-            flush_text()
-            if any(isinstance(it, Start) for it in items):
-                raise TemplateError(f"a template takes one {START}; found a second", source, i + 1)
-            if not all(isinstance(it, Virtual) for it in items):
-                raise TemplateError(f"only virtual tokens ([P:n]) may come before {START}: the leading special "
-                                    "tokens start the real text", source, i + 1)
-            items.append(Start())  # no text: whitespace around it carries over, as for virtual slots
-            i += len(START)
-        elif source.startswith("[P]", i) or source.startswith("[P:", i):
-            flush_text()
-            if source.startswith("[P]", i):
-                count, end = 1, i + 3
-            else:
-                close = source.find("]", i)
-                # A '[', '{' or '}' before the ']' means this slot was never closed (the ']'
-                # found belongs to a later item, as in "[P:3 {text} [MASK]").
-                if close < 0 or any(ch in "[{}" for ch in source[i + 3 : close]):
-                    raise TemplateError("unclosed virtual-token slot: missing ']'", source, i + 1)
-                digits = source[i + 3 : close]
-                if not digits.isdigit() or not digits.isascii():
-                    raise TemplateError(
-                        f"virtual-token count must be a positive integer, got {digits!r}", source, i + 4
-                    )
-                if len(digits.lstrip("0")) > len(str(_MAX_VIRTUAL)):  # int() of 4,300+ digits raises ValueError
-                    raise TemplateError(f"virtual-token count must be at most {_MAX_VIRTUAL}", source, i + 4)
-                count, end = int(digits), close + 1
-                if count <= 0:
-                    raise TemplateError("virtual-token count must be at least 1", source, i + 4)
-                if count > _MAX_VIRTUAL:
-                    raise TemplateError(f"virtual-token count must be at most {_MAX_VIRTUAL}", source, i + 4)
-            # Virtual tokens have no text: whitespace pending before them carries over to
-            # the next real item, and they do not count as a real item before it.
-            items.append(Virtual(count=count, first=next_virtual))
-            next_virtual += count
-            i = end
-        else:
-            text.append(c)
-            i += 1
-    flush_text()
-    template = Template(source=source, items=tuple(items))
+    template = Template(source=source, items=_Parser(source).items())
     if require_placeholder and not template.fields:
         raise TemplateError(f"template {source!r} has no placeholder such as {{text}}: it would never see the input")
     return template
+
+
+class _Parser:
+    """One left-to-right pass over a template: each item kind is one method that consumes it
+    from position `i` and appends it; anchor text accumulates until the next item."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.i = 0
+        self.out: list[Item] = []
+        self.text: list[str] = []  # pending anchor characters
+        self.space_pending = False  # whitespace seen since the last real (non-virtual) item
+        self.real_seen = False  # a real (non-virtual) item precedes: only then can a space separate
+        self.next_virtual = 0
+        self.masks = 0
+
+    def items(self) -> tuple[Item, ...]:
+        source = self.source
+        while self.i < len(source):
+            if source[self.i] == "{":
+                self.open_brace()
+            elif source[self.i] == "}":
+                self.close_brace()
+            elif source.startswith("[MASK]", self.i):
+                self.mask()
+            elif source.startswith(START, self.i):
+                self.start()
+            elif source.startswith("[P]", self.i) or source.startswith("[P:", self.i):
+                self.virtual()
+            else:
+                self.text.append(source[self.i])
+                self.i += 1
+        self.flush_text()
+        return tuple(self.out)
+
+    def error(self, message: str, column: int) -> TemplateError:
+        return TemplateError(message, self.source, column)
+
+    # -- anchors and the whitespace between items -------------------------------------
+    def flush_text(self) -> None:
+        raw = "".join(self.text)
+        self.text.clear()
+        if not raw.strip():
+            self.space_pending = self.space_pending or bool(raw)
+            return
+        lead = raw[0].isspace() or self.space_pending
+        self.out.append(Anchor(text=raw.strip(), space_before=lead and self.real_seen))
+        self.space_pending = raw[-1].isspace()
+        self.real_seen = True
+
+    def take_space(self) -> bool:
+        """Whether a real item about to be appended is separated from the previous one."""
+        lead = self.space_pending and self.real_seen
+        self.space_pending = False
+        self.real_seen = True
+        return lead
+
+    # -- one method per item kind --------------------------------------------------------
+    def open_brace(self) -> None:
+        source, i, n = self.source, self.i, len(self.source)
+        if source.startswith("{{", i):
+            self.text.append("{")
+            self.i += 2
+            return
+        self.flush_text()
+        j = i + 1
+        if j >= n or not _is_name_start(source[j]):
+            raise self.error("'{' must open a placeholder like {text} (write '{{' for a literal brace)", i + 1)
+        while j < n and _is_name_char(source[j]):
+            j += 1
+        if j >= n or (source[j] != "}" and "}" not in source[j:]):
+            raise self.error("unclosed placeholder: missing '}'", i + 1)
+        if source[j] != "}":
+            raise self.error(f"invalid character {source[j]!r} in placeholder name", j + 1)
+        self.out.append(Placeholder(name=source[i + 1 : j], space_before=self.take_space()))
+        self.i = j + 1
+
+    def close_brace(self) -> None:
+        if self.source.startswith("}}", self.i):
+            self.text.append("}")
+            self.i += 2
+            return
+        raise self.error("unmatched '}' (write '}}' for a literal brace)", self.i + 1)
+
+    def mask(self) -> None:
+        self.flush_text()
+        self.masks += 1
+        if self.masks > 1:
+            raise self.error("a template takes one [MASK] answer slot; found a second", self.i + 1)
+        self.out.append(Mask(space_before=self.take_space()))
+        self.i += len("[MASK]")
+
+    def start(self) -> None:
+        self.flush_text()
+        if any(isinstance(it, Start) for it in self.out):
+            raise self.error(f"a template takes one {START}; found a second", self.i + 1)
+        if not all(isinstance(it, Virtual) for it in self.out):
+            raise self.error(f"only virtual tokens ([P:n]) may come before {START}: the leading special "
+                             "tokens start the real text", self.i + 1)
+        self.out.append(Start())  # no text: whitespace around it carries over, as for virtual slots
+        self.i += len(START)
+
+    def virtual(self) -> None:
+        self.flush_text()
+        count, end = (1, self.i + 3) if self.source.startswith("[P]", self.i) else self.virtual_count()
+        # Virtual tokens have no text: whitespace pending before them carries over to
+        # the next real item, and they do not count as a real item before it.
+        self.out.append(Virtual(count=count, first=self.next_virtual))
+        self.next_virtual += count
+        self.i = end
+
+    def virtual_count(self) -> tuple[int, int]:
+        """``[P:n]`` at `i` -> (n, the position after its ``]``)."""
+        source, i = self.source, self.i
+        close = source.find("]", i)
+        # A '[', '{' or '}' before the ']' means this slot was never closed (the ']'
+        # found belongs to a later item, as in "[P:3 {text} [MASK]").
+        if close < 0 or any(ch in "[{}" for ch in source[i + 3 : close]):
+            raise self.error("unclosed virtual-token slot: missing ']'", i + 1)
+        digits = source[i + 3 : close]
+        if not digits.isdigit() or not digits.isascii():
+            raise self.error(f"virtual-token count must be a positive integer, got {digits!r}", i + 4)
+        if len(digits.lstrip("0")) > len(str(_MAX_VIRTUAL)):  # int() of 4,300+ digits raises ValueError
+            raise self.error(f"virtual-token count must be at most {_MAX_VIRTUAL}", i + 4)
+        count = int(digits)
+        if count <= 0:
+            raise self.error("virtual-token count must be at least 1", i + 4)
+        if count > _MAX_VIRTUAL:
+            raise self.error(f"virtual-token count must be at most {_MAX_VIRTUAL}", i + 4)
+        return count, close + 1
 
 
 def default_template(num_virtual_tokens: int, *, deep: bool) -> str:
