@@ -268,4 +268,4 @@ def drop_virtual_slots(batch: dict[str, torch.Tensor | None]) -> dict[str, torch
 
 
 __all__ = ["Prompts", "SoftPromptOutput", "run", "generate", "encode_seq2seq", "decoder_cache", "token_loss",
-           "drop_virtual_slots", "embed"]
+           "drop_virtual_slots"]

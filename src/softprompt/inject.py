@@ -177,14 +177,24 @@ def prefix_mask(attention_mask: torch.Tensor, num_virtual_tokens: int) -> torch.
     return torch.cat([ones, attention_mask], dim=1)
 
 
-def _fill(cache: DynamicCache, prefix: torch.Tensor, batch_size: int, dtype: torch.dtype) -> DynamicCache:
-    # prefix: (L, 2, H_kv, P, D_head) shared, or (L, 2, B, H_kv, P, D_head) per row
+def _prefix_layers(prefix: torch.Tensor, batch_size: int,
+                   dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (B, H_kv, P, D_head) keys and values of a deep prefix.
+
+    prefix: (L, 2, H_kv, P, D_head) shared (expanded to B rows as views), or
+    (L, 2, B, H_kv, P, D_head) per row.
+    """
     prefix = prefix.to(dtype)  # one cast for every layer; the layers' tensors are views
     for layer in range(prefix.shape[0]):
         keys, values = prefix[layer, 0], prefix[layer, 1]
         if keys.dim() == 3:
             keys = keys.unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, H_kv, P, D_head), a view
             values = values.unsqueeze(0).expand(batch_size, -1, -1, -1)
+        yield keys, values
+
+
+def _fill(cache: DynamicCache, prefix: torch.Tensor, batch_size: int, dtype: torch.dtype) -> DynamicCache:
+    for layer, (keys, values) in enumerate(_prefix_layers(prefix, batch_size, dtype)):
         cache.update(keys, values, layer)
     return cache
 
@@ -238,15 +248,7 @@ class PrefixCache(Cache):
     @classmethod
     def of(cls, prefix: torch.Tensor, batch_size: int, dtype: torch.dtype) -> "PrefixCache":
         """prefix: (L, 2, H_kv, P, D_head) shared, or (L, 2, B, H_kv, P, D_head) per row."""
-        prefix = prefix.to(dtype)  # one cast for every layer; the layers' tensors are views
-        layers = []
-        for layer in range(prefix.shape[0]):
-            keys, values = prefix[layer, 0], prefix[layer, 1]
-            if keys.dim() == 3:
-                keys = keys.unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, H_kv, P, D_head), a view
-                values = values.unsqueeze(0).expand(batch_size, -1, -1, -1)
-            layers.append(PrefixLayer(keys, values))
-        return cls(layers)
+        return cls([PrefixLayer(keys, values) for keys, values in _prefix_layers(prefix, batch_size, dtype)])
 
 
 class _NeverRecorded(dict):
