@@ -8,6 +8,7 @@ for another base model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from dataclasses import asdict, dataclass
@@ -204,7 +205,7 @@ def model_spec(base: nn.Module) -> ModelSpec:
         position_offset=offset,
         # Families without `position_ids` (T5, BART) place tokens by row layout: they are
         # always right-padded.
-        accepts_position_ids=_forward_takes(base, "position_ids"),
+        accepts_position_ids=forward_accepts(base, "position_ids"),
         sliding_window_layers=kind is ModelKind.CAUSAL and _has_sliding_layers(config),
     )
 
@@ -218,9 +219,17 @@ def _has_sliding_layers(config) -> bool:
     return any(type(layer) is not DynamicLayer for layer in DynamicCache(config=config).layers)
 
 
-def _forward_takes(base: nn.Module, name: str) -> bool:
-    inner = getattr(base, "base_model", base)
-    return name in inspect.signature(inner.forward).parameters
+def forward_accepts(base: nn.Module, name: str) -> bool:
+    """Whether `base`'s forward takes the keyword argument `name`: named by the head class's
+    forward (``logits_to_keep``), or by its body's (`base.base_model`) for what a head class
+    hands on through ``**kwargs`` (a cache, position ids). The one such probe of the
+    package; read once per class."""
+    return _forward_takes(type(base), type(getattr(base, "base_model", base)), name)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes(head: type, body: type, name: str) -> bool:
+    return any(name in inspect.signature(cls.forward).parameters for cls in (head, body))
 
 
 def base_identity(base: nn.Module, spec: ModelSpec | None = None) -> BaseIdentity:

@@ -4,7 +4,8 @@
 with its task's prompt. Both describe what to apply as `Prompts` (input tables and a deep
 key/value prefix, shared or per row, with a per-row mask over the prefix positions) and
 call `run` / `generate` here, so that one code path turns prompts into a forward.
-`inject.py` remains the one place that touches the base model's inputs.
+`inject.py` remains the one place that touches the base model's inputs (`Prompts`, and
+`inject.base_inputs` for causal LMs and encoders).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers.utils import ModelOutput
 from . import inject
 from .training.attention import attention_for
 from .architecture import ModelKind, ModelSpec
+from .inject import Prompts, embed
 from .errors import ConfigError, EncodingError, UnsupportedModelError
 
 LOGITS = ("all", "answer", "none")
@@ -53,57 +55,6 @@ class SoftPromptOutput(ModelOutput):
     word_index: torch.Tensor | None = None
 
 
-@dataclass
-class Prompts:
-    """The prompts of one forward.
-
-    Attributes:
-        tables: input prompts, placed at the virtual slots by ``prompt_index``: (P, D) one
-            table for every row, or (B, P, D) a table per row; None: no input prompt.
-        prefix: deep prompts: (L, 2, H_kv, P, D_head) for every row, or
-            (L, 2, B, H_kv, P, D_head) per row; None: no deep prompt.
-        prefix_mask: (B, P) 1 where a row uses a prefix position (rows of different
-            prompt lengths, or rows without a deep prompt, in one batch); None: every row
-            uses all P.
-    """
-
-    tables: torch.Tensor | None = None
-    prefix: torch.Tensor | None = None
-    prefix_mask: torch.Tensor | None = None
-
-    @property
-    def prefix_length(self) -> int:
-        return 0 if self.prefix is None else int(self.prefix.shape[-2])
-
-    def full_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, P + S): the attention mask with the prefix positions in front."""
-        if self.prefix is None:
-            return attention_mask
-        if self.prefix_mask is None:
-            return inject.prefix_mask(attention_mask, self.prefix_length)
-        return torch.cat([self.prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
-
-
-def keeps_logits(base) -> bool:
-    """Whether `base` (a causal LM of transformers 5) applies its LM head only at the columns
-    named by ``logits_to_keep``: (B, S, V) logits are the largest tensor of a step otherwise."""
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-def embed(base, input_ids: torch.Tensor, prompt_index: torch.Tensor, prompts: Prompts) -> torch.Tensor:
-    """(B, S, D) token embeddings with the input prompts in their virtual slots."""
-    embeds = base.get_input_embeddings()(input_ids)
-    if prompts.tables is None:
-        return embeds
-    return inject.place_input_prompts(embeds, prompt_index, prompts.tables)
-
-
-def _dtype(base) -> torch.dtype:
-    return base.get_input_embeddings().weight.dtype
-
-
 def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_index: torch.Tensor,
         prompts: Prompts, *, answer_index: torch.Tensor | None = None, field_index: torch.Tensor | None = None,
         word_index: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -112,7 +63,7 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
     """Run `base` on a batch with `prompts` (see `SoftPromptModel.forward` for the arguments).
 
     Args:
-        lm_head_columns: `base` takes ``logits_to_keep`` (see `keeps_logits`).
+        lm_head_columns: `base` takes ``logits_to_keep`` (`SoftPromptModel.keeps_logits`).
         virtual_tokens: every row must hold exactly this many virtual slots (checked).
 
     The forward waits for the device at most twice before the base model runs (the rows'
@@ -123,6 +74,40 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         raise ConfigError(f"logits must be 'all', 'answer' or 'none', got {logits!r}")
     if labels is not None and logits != "all":
         raise ConfigError("a token loss (labels=...) reads the logits of every position: use logits='all'")
+    keep = _real_tokens(attention_mask, prompt_index, virtual_tokens)  # (B, T)
+    align = lambda x: None if x is None else inject.gather_tokens(x, keep)  # noqa: E731
+    # A row with more virtual slots than another of the batch (tasks of a mixed batch) ends
+    # its T entries with virtual positions: they are not real tokens.
+    aligned = dict(attention_mask=align(attention_mask * (prompt_index < 0)), field_index=align(field_index),
+                   word_index=align(word_index))
+    if spec.kind is ModelKind.SEQ2SEQ:  # decoder logits: what generation and its loss read
+        encoded = encode_seq2seq(base, spec, input_ids, attention_mask, prompt_index, prompts)
+        out = _run_decoder(base, spec, encoded, attention_mask, prompts, labels, decoder_input_ids)
+        return SoftPromptOutput(loss=out.loss, logits=out.logits, last_hidden_state=align(encoded.last_hidden_state),
+                                **aligned)
+    position, columns, logits_to_keep = _answer_columns(answer_index, logits, lm_head_columns)
+    inputs = inject.base_inputs(base, spec, input_ids, attention_mask, prompt_index, prompts,
+                                logits_to_keep=logits_to_keep)
+    with attention_for(inputs["inputs_embeds"].device):  # no cuDNN attention in a training step (see attention.py)
+        out = base(**inputs, output_hidden_states=output_hidden_states or None)
+    all_logits = getattr(out, "logits", None)  # (B, S, V), (B, K, V), or None for a bare encoder
+    hidden = getattr(out, "last_hidden_state", None)  # bare models
+    if hidden is None and output_hidden_states:
+        hidden = out.hidden_states[-1]  # models with an LM head
+    answer_logits = None
+    if all_logits is not None and position is not None:
+        at = position if columns is None else torch.searchsorted(columns, position)
+        answer_logits = all_logits[torch.arange(input_ids.shape[0], device=all_logits.device), at]  # (B, V)
+    loss = None
+    if labels is not None and all_logits is not None:
+        loss = token_loss(spec, all_logits, labels, keep, prompt_index, attention_mask)
+    return SoftPromptOutput(loss=loss, logits=align(all_logits) if logits == "all" else None,
+                            last_hidden_state=align(hidden), answer_logits=answer_logits, **aligned)
+
+
+def _real_tokens(attention_mask: torch.Tensor, prompt_index: torch.Tensor, virtual_tokens: int | None) -> torch.Tensor:
+    """(B, T) positions of each row's real tokens (`inject.real_token_index`), after the
+    checks that need the rows' virtual-slot counts: one read of the device for all."""
     counts = (prompt_index >= 0).sum(1)  # (B,) virtual slots per row
     # one read for the check, for T, and for a row with no token at all
     fewest, most, shortest = torch.stack([*torch.aminmax(counts), attention_mask.sum(1).min().to(counts.dtype)]).tolist()
@@ -131,80 +116,45 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
     if virtual_tokens is not None and not fewest == most == virtual_tokens:
         raise EncodingError(f"every row needs its {virtual_tokens} virtual slots in prompt_index; "
                             "build batches with encode()")
-    keep = inject.real_token_index(prompt_index, fewest)  # (B, T)
-    align = lambda x: inject.gather_tokens(x, keep)  # noqa: E731
-    # A row with more virtual slots than another of the batch (tasks of a mixed batch) ends
-    # its T entries with virtual positions: they are not real tokens.
-    real_mask = attention_mask * (prompt_index < 0)
-    if spec.kind is ModelKind.SEQ2SEQ:  # decoder logits: what generation and its loss read
-        encoded = encode_seq2seq(base, spec, input_ids, attention_mask, prompt_index, prompts)
-        if decoder_input_ids is None:
-            if labels is None:
-                raise EncodingError("an encoder-decoder forward needs decoder_input_ids or labels")
-            decoder_input_ids = base.prepare_decoder_input_ids_from_labels(labels=labels)
-        dec_mask = None  # the decoder's default mask, unless rows use prefixes of different lengths
-        if prompts.prefix is not None and prompts.prefix_mask is not None:
-            dec_mask = prompts.full_mask(torch.ones_like(decoder_input_ids))
-        with attention_for(input_ids.device):
-            out = base(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-                       decoder_attention_mask=dec_mask, labels=labels, use_cache=False, return_dict=True,
-                       **{inject.CACHE_ARG: decoder_cache(base, spec, prompts, input_ids.shape[0])})
-        return SoftPromptOutput(
-            loss=out.loss, logits=out.logits, last_hidden_state=align(encoded.last_hidden_state),
-            attention_mask=align(real_mask),
-            field_index=None if field_index is None else align(field_index),
-            word_index=None if word_index is None else align(word_index),
-        )
-    B = input_ids.shape[0]
-    embeds = embed(base, input_ids, prompt_index, prompts)
-    full_mask = prompts.full_mask(attention_mask)
-    kwargs: dict[str, Any] = {}
-    P = prompts.prefix_length
-    if prompts.prefix is not None:
-        kwargs[inject.CACHE_ARG] = (
-            inject.forward_prefix_cache(prompts.prefix, spec, base.config, B, _dtype(base))
-            if spec.kind is ModelKind.CAUSAL
-            else inject.encoder_prefix_cache(prompts.prefix, spec, B, _dtype(base))
-        )
-    if spec.accepts_position_ids:
-        kwargs["position_ids"] = inject.position_ids(full_mask, spec)[:, P:]
+    return inject.real_token_index(prompt_index, fewest)
+
+
+def _answer_columns(answer_index: torch.Tensor | None, logits: str, lm_head_columns: bool):
+    """Where each row's answer logits are read, and the columns the LM head computes.
+
+    Returns:
+        position: (B,) each row's answer column, or None (no answer logits wanted).
+        columns: (K,) the sorted answer columns the LM head computes alone (``position``
+            indexes into them), or None (``position`` indexes the row).
+        logits_to_keep: what the base is given (None: every column).
+    """
     answers: list[int] = []  # the distinct answer columns of the batch, -1 for rows without one
     if logits != "none" and answer_index is not None:
         answers = answer_index.unique().tolist()
-    wants_answer = bool(answers) and answers[-1] >= 0
-    position = columns = None
-    if wants_answer:
-        position = answer_index.clamp(min=0)  # (B,) column of the answer slot in the row
-    if logits != "all" and lm_head_columns:
-        if wants_answer:
-            # (K,) sorted; K = 1 when every row ends at its answer
-            columns = torch.tensor(sorted({max(c, 0) for c in answers}), device=answer_index.device)
-            kwargs["logits_to_keep"] = columns
-        else:
-            kwargs["logits_to_keep"] = 1  # the fewest the LM head computes
-    with attention_for(embeds.device):  # no cuDNN attention in a training step (see attention.py)
-        out = base(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False,
-                   output_hidden_states=output_hidden_states or None, return_dict=True, **kwargs)
-    all_logits = getattr(out, "logits", None)  # (B, S, V), (B, K, V), or None for a bare encoder
-    hidden = getattr(out, "last_hidden_state", None)  # bare models
-    if hidden is None and output_hidden_states:
-        hidden = out.hidden_states[-1]  # models with an LM head
-    answer_logits = None
-    if all_logits is not None and wants_answer:
-        at = position if columns is None else torch.searchsorted(columns, position)
-        answer_logits = all_logits[torch.arange(B, device=all_logits.device), at]  # (B, V)
-    loss = None
-    if labels is not None and all_logits is not None:
-        loss = token_loss(spec, all_logits, labels, keep, prompt_index, attention_mask)
-    return SoftPromptOutput(
-        loss=loss,
-        logits=None if all_logits is None or logits != "all" else align(all_logits),
-        last_hidden_state=None if hidden is None else align(hidden),
-        answer_logits=answer_logits,
-        attention_mask=align(real_mask),
-        field_index=None if field_index is None else align(field_index),
-        word_index=None if word_index is None else align(word_index),
-    )
+    position = answer_index.clamp(min=0) if answers and answers[-1] >= 0 else None
+    if logits == "all" or not lm_head_columns:
+        return position, None, None
+    if position is None:
+        return None, None, 1  # the fewest the LM head computes
+    # K = 1 when every row ends at its answer
+    columns = torch.tensor(sorted({max(c, 0) for c in answers}), device=answer_index.device)
+    return position, columns, columns
+
+
+def _run_decoder(base, spec: ModelSpec, encoded: BaseModelOutput, attention_mask: torch.Tensor, prompts: Prompts,
+                 labels: torch.Tensor | None, decoder_input_ids: torch.Tensor | None):
+    """An encoder-decoder's decoder over `encoded`, with the decoder layers' deep prefix."""
+    if decoder_input_ids is None:
+        if labels is None:
+            raise EncodingError("an encoder-decoder forward needs decoder_input_ids or labels")
+        decoder_input_ids = base.prepare_decoder_input_ids_from_labels(labels=labels)
+    dec_mask = None  # the decoder's default mask, unless rows use prefixes of different lengths
+    if prompts.prefix is not None and prompts.prefix_mask is not None:
+        dec_mask = prompts.full_mask(torch.ones_like(decoder_input_ids))
+    with attention_for(attention_mask.device):
+        return base(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                    decoder_attention_mask=dec_mask, labels=labels, use_cache=False, return_dict=True,
+                    **{inject.CACHE_ARG: decoder_cache(base, spec, prompts, attention_mask.shape[0])})
 
 
 def _refuse_empty_rows(attention_mask: torch.Tensor) -> None:
@@ -238,7 +188,7 @@ def encode_seq2seq(base, spec: ModelSpec, input_ids, attention_mask, prompt_inde
     encoder = base.get_encoder()
     if prompts.prefix is None:
         return encoder(inputs_embeds=embeds, attention_mask=attention_mask, return_dict=True)
-    cache = inject.encoder_prefix_cache(prompts.prefix, spec, input_ids.shape[0], _dtype(base))
+    cache = inject.encoder_prefix_cache(prompts.prefix, spec, input_ids.shape[0], inject.embedding_dtype(base))
     with inject.encoder_prefix_hooks(encoder, spec, cache):
         return encoder(inputs_embeds=embeds, attention_mask=prompts.full_mask(attention_mask), return_dict=True)
 
@@ -249,8 +199,8 @@ def decoder_cache(base, spec: ModelSpec, prompts: Prompts, batch_size: int, *, g
     if prompts.prefix is None:
         return None
     if generating:
-        return inject.decoder_prefix_cache(prompts.prefix, spec, base.config, batch_size, _dtype(base))
-    return inject.forward_decoder_cache(prompts.prefix, spec, batch_size, _dtype(base))
+        return inject.decoder_prefix_cache(prompts.prefix, spec, base.config, batch_size, inject.embedding_dtype(base))
+    return inject.forward_decoder_cache(prompts.prefix, spec, batch_size, inject.embedding_dtype(base))
 
 
 def generate(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_index: torch.Tensor,
@@ -288,7 +238,7 @@ def generate(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: tor
     embeds = embed(base, input_ids, prompt_index, prompts)
     if prompts.prefix is None:
         return base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
-    cache = inject.decoder_prefix_cache(prompts.prefix, spec, base.config, B, _dtype(base))
+    cache = inject.decoder_prefix_cache(prompts.prefix, spec, base.config, B, inject.embedding_dtype(base))
     placeholder = torch.full((B, P), pad_id, dtype=input_ids.dtype, device=input_ids.device)
     ids = torch.cat([placeholder, input_ids], dim=1)
     inputs: dict[str, Any] = {}
@@ -318,4 +268,4 @@ def drop_virtual_slots(batch: dict[str, torch.Tensor | None]) -> dict[str, torch
 
 
 __all__ = ["Prompts", "SoftPromptOutput", "run", "generate", "encode_seq2seq", "decoder_cache", "token_loss",
-           "drop_virtual_slots", "keeps_logits", "embed"]
+           "drop_virtual_slots"]

@@ -14,19 +14,25 @@ Convention: a deep prefix occupies positions ``0..P-1`` (as in the papers' code 
 so the real tokens of a row start at position P; input prompts occupy their slots'
 positions. Position ids always count only attended tokens, so left padding never
 shifts them.
+
+`base_inputs` is the one builder of a single-stack forward's inputs (causal LM or encoder):
+a training or scoring forward (`forward.run`), a decoder's prefill (`serve/decode.py`) and a
+cached leading segment (`serve/prompt_cache.py`) all call the base model with what it
+returns.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .architecture import ModelSpec
+from .architecture import ModelKind, ModelSpec
 from .errors import UnsupportedModelError
 
 # The name under which transformers takes and returns a Cache. 5.24 renamed
@@ -39,6 +45,99 @@ CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ el
 def output_cache(output) -> Cache | None:
     """The Cache a base model's forward returned (under either name, see `CACHE_ARG`)."""
     return getattr(output, CACHE_ARG, None)
+
+
+@dataclass
+class Prompts:
+    """The prompts of one forward.
+
+    Attributes:
+        tables: input prompts, placed at the virtual slots by ``prompt_index``: (P, D) one
+            table for every row, or (B, P, D) a table per row; None: no input prompt.
+        prefix: deep prompts: (L, 2, H_kv, P, D_head) for every row, or
+            (L, 2, B, H_kv, P, D_head) per row; None: no deep prompt.
+        prefix_mask: (B, P) 1 where a row uses a prefix position (rows of different
+            prompt lengths, or rows without a deep prompt, in one batch); None: every row
+            uses all P.
+    """
+
+    tables: torch.Tensor | None = None
+    prefix: torch.Tensor | None = None
+    prefix_mask: torch.Tensor | None = None
+
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.prefix is None else int(self.prefix.shape[-2])
+
+    def full_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, P + S): the attention mask with the prefix positions in front."""
+        if self.prefix is None:
+            return attention_mask
+        if self.prefix_mask is None:
+            return prefix_mask(attention_mask, self.prefix_length)
+        return torch.cat([self.prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+
+
+def embedding_dtype(base) -> torch.dtype:
+    """The dtype of `base`'s weights (its input embeddings'): prompts are cast to it."""
+    return base.get_input_embeddings().weight.dtype
+
+
+def embed(base, input_ids: torch.Tensor, prompt_index: torch.Tensor, prompts: Prompts) -> torch.Tensor:
+    """(B, S, D) token embeddings with the input prompts in their virtual slots."""
+    embeds = base.get_input_embeddings()(input_ids)
+    if prompts.tables is None:
+        return embeds
+    return place_input_prompts(embeds, prompt_index, prompts.tables)
+
+
+def base_inputs(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                prompt_index: torch.Tensor, prompts: Prompts, *, keep_cache: bool = False,
+                logits_to_keep: int | torch.Tensor | None = None) -> dict[str, Any]:
+    """The base model's keyword arguments for one forward of a causal LM or an encoder
+    with `prompts`: ``base(**base_inputs(...))``.
+
+    Args:
+        input_ids, attention_mask, prompt_index: (B, S) rows, padded on either side.
+        keep_cache: the forward's keys and values are kept for later steps (a decoder's
+            prefill, a cached leading segment): the cache grows from the deep prefix, or
+            from nothing. Otherwise (training, scoring) the deep prefix goes in read-only.
+        logits_to_keep: the columns the LM head is applied at (an int: the last ones; a
+            (K,) tensor: those), for a base that takes ``logits_to_keep``; None: all.
+
+    Returns:
+        ``inputs_embeds`` (B, S, D) with the input prompts placed; ``attention_mask``
+        (B, P + S) with the prefix in front; ``position_ids`` (B, S) counting only attended
+        positions, for families that take them; the Cache under `CACHE_ARG`, pre-filled
+        with the deep prefix (none for a forward without prefix that keeps nothing);
+        ``use_cache``, ``return_dict`` and ``logits_to_keep`` where given.
+    """
+    full_mask = prompts.full_mask(attention_mask)
+    inputs: dict[str, Any] = dict(inputs_embeds=embed(base, input_ids, prompt_index, prompts),
+                                  attention_mask=full_mask, use_cache=keep_cache, return_dict=True)
+    cache = _base_cache(base, spec, prompts, input_ids.shape[0], keep_cache)
+    if cache is not None:
+        inputs[CACHE_ARG] = cache
+    if spec.accepts_position_ids:
+        inputs["position_ids"] = position_ids(full_mask, spec)[:, prompts.prefix_length :]
+    if logits_to_keep is not None:
+        inputs["logits_to_keep"] = logits_to_keep
+    return inputs
+
+
+def _base_cache(base, spec: ModelSpec, prompts: Prompts, batch_size: int, keep_cache: bool) -> Cache | None:
+    """The Cache of `base_inputs`: a growing one when `keep_cache`, else the read-only
+    prefix of a causal LM or an encoder (None: no deep prompt)."""
+    dtype = embedding_dtype(base)
+    if keep_cache:
+        if prompts.prefix is None:
+            return DynamicCache(config=base.config)
+        return decoder_prefix_cache(prompts.prefix, spec, base.config, batch_size, dtype)
+    if prompts.prefix is None:
+        return None
+    if spec.kind is ModelKind.CAUSAL:
+        return forward_prefix_cache(prompts.prefix, spec, base.config, batch_size, dtype)
+    return encoder_prefix_cache(prompts.prefix, spec, batch_size, dtype)
 
 
 def place_input_prompts(
@@ -78,14 +177,24 @@ def prefix_mask(attention_mask: torch.Tensor, num_virtual_tokens: int) -> torch.
     return torch.cat([ones, attention_mask], dim=1)
 
 
-def _fill(cache: DynamicCache, prefix: torch.Tensor, batch_size: int, dtype: torch.dtype) -> DynamicCache:
-    # prefix: (L, 2, H_kv, P, D_head) shared, or (L, 2, B, H_kv, P, D_head) per row
+def _prefix_layers(prefix: torch.Tensor, batch_size: int,
+                   dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (B, H_kv, P, D_head) keys and values of a deep prefix.
+
+    prefix: (L, 2, H_kv, P, D_head) shared (expanded to B rows as views), or
+    (L, 2, B, H_kv, P, D_head) per row.
+    """
     prefix = prefix.to(dtype)  # one cast for every layer; the layers' tensors are views
     for layer in range(prefix.shape[0]):
         keys, values = prefix[layer, 0], prefix[layer, 1]
         if keys.dim() == 3:
             keys = keys.unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, H_kv, P, D_head), a view
             values = values.unsqueeze(0).expand(batch_size, -1, -1, -1)
+        yield keys, values
+
+
+def _fill(cache: DynamicCache, prefix: torch.Tensor, batch_size: int, dtype: torch.dtype) -> DynamicCache:
+    for layer, (keys, values) in enumerate(_prefix_layers(prefix, batch_size, dtype)):
         cache.update(keys, values, layer)
     return cache
 
@@ -139,15 +248,7 @@ class PrefixCache(Cache):
     @classmethod
     def of(cls, prefix: torch.Tensor, batch_size: int, dtype: torch.dtype) -> "PrefixCache":
         """prefix: (L, 2, H_kv, P, D_head) shared, or (L, 2, B, H_kv, P, D_head) per row."""
-        prefix = prefix.to(dtype)  # one cast for every layer; the layers' tensors are views
-        layers = []
-        for layer in range(prefix.shape[0]):
-            keys, values = prefix[layer, 0], prefix[layer, 1]
-            if keys.dim() == 3:
-                keys = keys.unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, H_kv, P, D_head), a view
-                values = values.unsqueeze(0).expand(batch_size, -1, -1, -1)
-            layers.append(PrefixLayer(keys, values))
-        return cls(layers)
+        return cls([PrefixLayer(keys, values) for keys, values in _prefix_layers(prefix, batch_size, dtype)])
 
 
 class _NeverRecorded(dict):

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from . import forward, inject
-from .architecture import ModelKind, ModelSpec, _forward_takes, base_identity, model_spec
+from .architecture import ModelKind, ModelSpec, base_identity, forward_accepts, model_spec
 from .encode import PromptBatch, TemplateEncoder
 from .errors import ConfigError, UnsupportedModelError
-from .forward import Prompts, SoftPromptOutput
+from .forward import SoftPromptOutput
+from .inject import Prompts
 from .io.prompt import load_prompt, save_prompt
 from .methods import PromptConfig, PromptModule, build_module
 from .training import regions
@@ -53,7 +54,7 @@ class SoftPromptModel(nn.Module):
         self.tokenizer = tokenizer
         self.spec: ModelSpec = model_spec(base)
         self.deep = config.deep
-        if self.deep and self.spec.kind is ModelKind.ENCODER and not _forward_takes(base, inject.CACHE_ARG):
+        if self.deep and self.spec.kind is ModelKind.ENCODER and not forward_accepts(base, inject.CACHE_ARG):
             raise UnsupportedModelError(
                 f"{type(base).__name__} takes no cache (past_key_values): a deep prompt cannot be injected into it"
             )
@@ -81,9 +82,6 @@ class SoftPromptModel(nn.Module):
         # A training-time view of the base (compiled / checkpointed blocks, see regions.py),
         # kept out of the module tree: it shares the base's parameters.
         self.__dict__["_train_base"] = None
-        # Causal LMs of transformers 5 apply their LM head only at the columns named by
-        # `logits_to_keep`: (B, S, V) logits are the largest tensor of a step otherwise.
-        self._keeps_logits = self.spec.kind is ModelKind.CAUSAL and forward.keeps_logits(base)
 
     # -- identity -------------------------------------------------------------
     @property
@@ -93,6 +91,13 @@ class SoftPromptModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.base.get_input_embeddings().weight.device
+
+    @property
+    def keeps_logits(self) -> bool:
+        """Whether the base applies its LM head only at the columns named by
+        ``logits_to_keep`` (causal LMs of transformers 5): (B, S, V) logits are the largest
+        tensor of a step otherwise, and serving asks for one column or the answer's."""
+        return self.spec.kind is ModelKind.CAUSAL and forward_accepts(self.base, "logits_to_keep")
 
     @property
     def padding_side(self) -> str:
@@ -252,7 +257,7 @@ class SoftPromptModel(nn.Module):
                            prompts, answer_index=batch["answer_index"], field_index=batch["field_index"],
                            word_index=batch["word_index"], labels=labels, decoder_input_ids=decoder_input_ids,
                            output_hidden_states=output_hidden_states, logits=logits,
-                           lm_head_columns=self._keeps_logits, virtual_tokens=virtual)
+                           lm_head_columns=self.keeps_logits, virtual_tokens=virtual)
 
     # -- generation ------------------------------------------------------------
     @torch.no_grad()

@@ -22,11 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from .. import inject
 from ..encode import EncodedRow
-from ..forward import embed
 from .bank import PromptBank
 from .mixed import collate_mixed, encode_mixed
 from .slots import DecodeSlots, round_up
@@ -243,24 +241,18 @@ class Decoder:
         # by pinned entry where the row has one: a task removed while its row waited to
         # join must not fail the rows joining with it (nor those decoding already)
         names = [r.entry if r.entry is not None else r.task for r in rows]
-        spec = self.bank.entry(names[0]).model.spec
         if all(r.encoded is not None for r in rows):
             batch = collate_mixed(self.bank, names, [r.encoded for r in rows], padding_side="left")
         else:
             batch = encode_mixed(self.bank, names, [r.example for r in rows], padding_side="left")
-        prompts = self.bank.prompts_for(batch.entries)
-        embeds = embed(self.base, batch["input_ids"], batch["prompt_index"], prompts)
-        full_mask = prompts.full_mask(batch["attention_mask"])
-        dtype = self.base.get_input_embeddings().weight.dtype
-        cache = (inject.decoder_prefix_cache(prompts.prefix, spec, self.base.config, len(rows), dtype)
-                 if prompts.prefix is not None else DynamicCache(config=self.base.config))
-        position_ids = inject.position_ids(full_mask, spec)
-        out = self.base(inputs_embeds=embeds, attention_mask=full_mask,
-                        position_ids=position_ids[:, prompts.prefix_length:], use_cache=True, **{inject.CACHE_ARG: cache},
-                        return_dict=True, logits_to_keep=1)
+        model = self.bank.entry(names[0]).model
+        inputs = inject.base_inputs(self.base, model.spec, batch["input_ids"], batch["attention_mask"],
+                                    batch["prompt_index"], self.bank.prompts_for(batch.entries), keep_cache=True,
+                                    logits_to_keep=1 if model.keeps_logits else None)
+        out = self.base(**inputs)
         self.steps += 1
         first = _pick(out.logits[:, -1], rows, self.generator)
-        return first, inject.output_cache(out), full_mask, position_ids[:, -1] + 1
+        return first, inject.output_cache(out), inputs["attention_mask"], inputs["position_ids"][:, -1] + 1
 
 
 __all__ = ["Decoder", "DecodeRow", "Sampling"]

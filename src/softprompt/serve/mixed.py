@@ -125,7 +125,7 @@ def forward_mixed(bank: PromptBank, batch: MixedBatch, *, output_hidden_states: 
         return forward.run(bank.base, model.spec, batch["input_ids"], batch["attention_mask"], batch["prompt_index"],
                            prompts, answer_index=batch.get("answer_index"), field_index=batch.get("field_index"),
                            word_index=batch.get("word_index"), output_hidden_states=output_hidden_states,
-                           logits=logits, lm_head_columns=model._keeps_logits, decoder_input_ids=decoder_input_ids)
+                           logits=logits, lm_head_columns=model.keeps_logits, decoder_input_ids=decoder_input_ids)
 
 
 def generate_mixed(bank: PromptBank, batch: MixedBatch, **generate_kwargs) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import forward, inject
+from .. import inject
 from ..architecture import ModelKind
 from ..encode import EncodedRow
 from ..template import Mask, Placeholder, Virtual
@@ -75,13 +75,11 @@ def cacheable(model, task) -> int:
 def compute_lead(model, n: int) -> CachedLead:
     """Run the base model once on the first n positions of a row with the task's prompt."""
     probe = model.encoder.encode({name: "x" for name in model.template.fields})
-    device = model.device
-    ids = torch.tensor([probe.input_ids[:n]], device=device)
-    prompt_index = torch.tensor([probe.prompt_index[:n]], device=device)
-    embeds = forward.embed(model.base, ids, prompt_index, model.prompts())
-    extra = {"logits_to_keep": 1} if model._keeps_logits else {}  # only the cache is wanted
-    out = model.base(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True,
-                     **extra)
+    ids = torch.tensor([probe.input_ids[:n]], device=model.device)  # (1, n)
+    prompt_index = torch.tensor([probe.prompt_index[:n]], device=model.device)
+    out = model.base(**inject.base_inputs(model.base, model.spec, ids, torch.ones_like(ids), prompt_index,
+                                          model.prompts(), keep_cache=True,
+                                          logits_to_keep=1 if model.keeps_logits else None))  # only the cache is wanted
     layers = inject.output_cache(out).layers
     kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers])  # (L, 2, H_kv, n, D_head)
     return CachedLead(n, kv)

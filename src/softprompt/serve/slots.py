@@ -31,6 +31,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import inject
+from ..architecture import forward_accepts
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class DecodeSlots:
         self._graph: torch.cuda.CUDAGraph | None = None
         self.window, self._mixed_layers = sliding_window(base.config)
         self._allocate(columns)
-        self.keeps_logits = _takes(base, "logits_to_keep")
+        self.keeps_logits = forward_accepts(base, "logits_to_keep")
 
     # -- buffers ------------------------------------------------------------------
     @property
@@ -352,12 +353,6 @@ def sliding_window(config) -> tuple[int | None, bool]:
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of `multiple` at least `n` (slot buffers grow in steps of 64 columns)."""
     return -(-n // multiple) * multiple
-
-
-def _takes(base, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(base.forward).parameters
 
 
 __all__ = ["DecodeSlots", "SlotCache", "SlotLayer"]
