@@ -55,6 +55,9 @@ class Generation(Task):
 
     kind = "generation"
     metric = "token_f1"
+    generates = True
+    answer_only = True
+    endpoint = "completions"
 
     def __init__(self, max_new_tokens: int = 32, target_field: str = "target", max_length: int | None = None,
                  max_target_length: int | None = None):

@@ -79,6 +79,7 @@ class KnowledgeProbe(Task):
     kind = "lama"
     reads = {"logits": "answer"}
     metric = "precision_at_1"
+    answer_only = True
 
     def __init__(self, candidates: Sequence[str] | str | Path | None = None, subject_field: str = "X",
                  object_field: str = "Y", top_k: int = 10, chunk_size: int = DEFAULT_CHUNK_SIZE,

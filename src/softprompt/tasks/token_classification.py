@@ -66,6 +66,7 @@ class TokenClassification(Task):
     kind = "ner"
     reads = {"output_hidden_states": True, "logits": "none"}
     metric = "f1"
+    endpoint = "tag"
 
     def __init__(self, tags: Sequence[str], field: str = "tokens", tags_field: str = "tags",
                  dropout: float = 0.1, max_length: int | None = None):
@@ -84,6 +85,10 @@ class TokenClassification(Task):
         self._tag_ids = {t: i for i, t in enumerate(tags)}
         self.head: nn.Linear | None = None
         self._field_no: int | None = None
+
+    @property
+    def word_field(self) -> str:
+        return self.field
 
     def bind(self, model) -> None:
         fields = model.template.fields

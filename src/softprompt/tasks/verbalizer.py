@@ -47,6 +47,7 @@ class Verbalizer(LabelTask):
     kind = "verbalizer"
     reads = {"logits": "answer"}
     metric = "accuracy"
+    answer_only = True
 
     def __init__(self, label_words: Mapping[str, Sequence[str] | str], aggregate: str = "logsumexp",
                  chunk_size: int = DEFAULT_CHUNK_SIZE):
