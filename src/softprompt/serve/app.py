@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Union
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request as HTTPRequest
+from fastapi import FastAPI, HTTPException, Request as HTTPRequest
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, field_validator
@@ -149,22 +149,16 @@ def check_results(results: list[Result], what: str = "input") -> None:
             raise HTTPException(STATUS[r.error_kind], f"{what} {i}: {r.error}")
 
 
-# -- routes ---------------------------------------------------------------------------
-routes = APIRouter()
-
-
-@routes.get("/health")
+# -- routes (registered by `create_app` from ROUTES) -----------------------------------
 def health(request: HTTPRequest) -> dict[str, Any]:
     return {"status": "ok", "tasks": len(server_of(request).bank)}
 
 
-@routes.get("/metrics")
 def metrics(request: HTTPRequest) -> PlainTextResponse:
     text = generate_latest(server_of(request).metrics.registry).decode()
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 
-@routes.get("/v1/models")
 def models(request: HTTPRequest) -> dict[str, Any]:
     bank = server_of(request).bank
     data = []
@@ -176,7 +170,6 @@ def models(request: HTTPRequest) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@routes.post("/v1/classify")
 async def classify(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
     server = server_of(request)
     server.entry_for(body.task, "classify")
@@ -186,7 +179,6 @@ async def classify(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
     return {"task": body.task, "results": [r.output for r in results]}
 
 
-@routes.post("/v1/tag")
 async def tag(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
     from seqeval.metrics.sequence_labeling import get_entities  # seqeval loads only when tagging
 
@@ -204,7 +196,6 @@ async def tag(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
     return {"task": body.task, "results": out}
 
 
-@routes.post("/v1/completions")
 async def completions(body: CompletionBody, request: HTTPRequest):
     server = server_of(request)
     server.entry_for(body.model, "completions")
@@ -290,10 +281,6 @@ class _Completion:
 
 
 # -- admin ----------------------------------------------------------------------------
-admin_routes = APIRouter()
-
-
-@admin_routes.put("/v1/prompts/{task}")
 async def load_prompt(task: str, body: PromptBody, request: HTTPRequest):
     server = server_of(request)
     try:
@@ -312,7 +299,6 @@ async def load_prompt(task: str, body: PromptBody, request: HTTPRequest):
     return {"task": task, "status": "replaced" if replaced else "loaded"}
 
 
-@admin_routes.delete("/v1/prompts/{task}")
 def unload_prompt(task: str, request: HTTPRequest):
     try:
         server_of(request).bank.remove(task)
@@ -321,14 +307,17 @@ def unload_prompt(task: str, request: HTTPRequest):
     return {"task": task, "status": "removed"}
 
 
-admin_off_routes = APIRouter()
-
-
-# Without --admin the routes take no body at all, so the answer is 403 whatever is sent
-# (a route with a body model would parse, and answer 422 on, a body it then refuses).
-@admin_off_routes.api_route("/v1/prompts/{task}", methods=["PUT", "DELETE"])
 def admin_off(task: str):
+    """Without --admin the routes take no body at all, so the answer is 403 whatever is sent
+    (a route with a body model would parse, and answer 422 on, a body it then refuses)."""
     raise HTTPException(403, "admin endpoints are off: start the server with --admin to load and unload prompts")
+
+
+#: (methods, path, route function): the server's routes, then the admin routes (or their refusal)
+ROUTES = [(["GET"], "/health", health), (["GET"], "/metrics", metrics), (["GET"], "/v1/models", models),
+          (["POST"], "/v1/classify", classify), (["POST"], "/v1/tag", tag), (["POST"], "/v1/completions", completions)]
+ADMIN_ROUTES = [(["PUT"], "/v1/prompts/{task}", load_prompt), (["DELETE"], "/v1/prompts/{task}", unload_prompt)]
+ADMIN_OFF_ROUTES = [(["PUT", "DELETE"], "/v1/prompts/{task}", admin_off)]
 
 
 async def count_requests(request: HTTPRequest, call_next):
@@ -374,8 +363,8 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
     # added first, so it runs inside the metrics middleware: refused requests are counted too
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
     app.middleware("http")(count_requests)
-    app.include_router(routes)
-    app.include_router(admin_routes if admin else admin_off_routes)
+    for methods, path, route in ROUTES + (ADMIN_ROUTES if admin else ADMIN_OFF_ROUTES):
+        app.add_api_route(path, route, methods=methods)
     return app
 
 

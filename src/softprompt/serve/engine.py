@@ -337,9 +337,9 @@ class Engine:
         text = RowText(tokenizer, None, r.options.stop, r.request.stream, decode=r.task_decode)
 
         def done(row: DecodeRow) -> None:
+            ran_out = len(row.tokens) >= sampling.max_new_tokens and not text.stopped
             row.result = Result(r.entry.name, output=text.text, prompt_tokens=r.length, new_tokens=len(row.tokens),
-                                finish_reason="length" if len(row.tokens) >= sampling.max_new_tokens and not text.stopped
-                                else "stop")
+                                finish_reason="length" if ran_out else "stop")
             if on_result is not None:
                 on_result(row.result)
 

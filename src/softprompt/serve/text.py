@@ -46,7 +46,8 @@ class GenerationOptions:
     eos_token_id: int | None = None  # a generating task's own end of sequence
 
     @classmethod
-    def parse(cls, options: Mapping[str, Any] | GenerationOptions, *, known: tuple[str, ...] = GENERATE_OPTIONS) -> "GenerationOptions":
+    def parse(cls, options: Mapping[str, Any] | GenerationOptions, *,
+              known: tuple[str, ...] = GENERATE_OPTIONS) -> "GenerationOptions":
         """Options by their transformers names (`GENERATE_OPTIONS`); ``stop`` a string or a
         list of strings (empty ones ignored); a None value is not set.
 
@@ -88,9 +89,10 @@ class GenerationOptions:
 
     def sampling(self, eos: int | None) -> Sampling:
         """The decoder's per-row settings (`eos`: the tokenizer's, unless the task has its own)."""
+        eos = self.eos_token_id if self.eos_token_id is not None else eos
         return Sampling(max_new_tokens=self.max_new_tokens if self.max_new_tokens is not None else 16,
                         do_sample=self.sampled, temperature=self.temperature or 1.0, top_k=self.top_k or 0,
-                        top_p=self.top_p or 1.0, eos_token_id=self.eos_token_id if self.eos_token_id is not None else eos)
+                        top_p=self.top_p or 1.0, eos_token_id=eos)
 
     def generate_kwargs(self) -> dict[str, Any]:
         """transformers `generate()` keyword arguments: the options set (temperature 0 means
