@@ -87,6 +87,13 @@ class PromptBatch(Mapping[str, torch.Tensor]):
         """The batch on `device` (what is not a tensor, e.g. `num_words`, comes along)."""
         return dataclasses.replace(self, **{k: to_device(v, device) for k, v in self.items()})
 
+    def rows(self, rows: Sequence[int]) -> "PromptBatch":
+        """The sub-batch of `rows` (same columns; `num_words` follows), e.g. one task's rows."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.input_ids.device)
+        picked = {k: v.index_select(0, index) for k, v in self.items()}
+        words = None if self.num_words is None else [self.num_words[r] for r in rows]
+        return dataclasses.replace(self, **picked, num_words=words)
+
     def append_tokens(self, rows: torch.Tensor, tokens: Sequence[Sequence[int]], *, pad_id: int, padding_side: str
                       ) -> tuple["PromptBatch", torch.Tensor]:
         """Rows of this batch with `tokens` appended after their last token, as real tokens.

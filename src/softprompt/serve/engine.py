@@ -34,7 +34,7 @@ from ..encode import EncodedRow
 from ..errors import EncodingError, InputTooLongError, SoftPromptError
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .decode import Decoder, DecodeRow
-from .mixed import collate_mixed, forward_mixed, generate_mixed, output_rows, rows_of
+from .mixed import collate_mixed, forward_mixed, generate_mixed, output_rows
 from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
 
 log = logging.getLogger("softprompt.serve")
@@ -316,7 +316,7 @@ class Engine:
         results: list[Result | None] = [None] * len(batch)
         for key, entry in entries.items():
             mine = [i for i, r in enumerate(batch) if id(r.entry) == key]
-            sub = rows_of(encoded, mine)
+            sub = encoded.rows(mine)
             entry.task.annotate(sub, [batch[i].example for i in mine])
             predictions = entry.task.predict(entry.model, sub, output_rows(out, mine))
             for i, p in zip(mine, predictions):

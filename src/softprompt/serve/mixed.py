@@ -12,6 +12,7 @@ prefix with a per-row mask (`PromptBank.prompts_for`), through the same `forward
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -33,6 +34,11 @@ class MixedBatch(PromptBatch):
 
     tasks: list[str] = field(default_factory=list)
     entries: list[BankEntry] | None = None
+
+    def rows(self, rows: Sequence[int]) -> "MixedBatch":
+        sub = super().rows(rows)
+        return dataclasses.replace(sub, tasks=[self.tasks[r] for r in rows],
+                                   entries=None if self.entries is None else [self.entries[r] for r in rows])
 
 
 def encode_mixed(bank: PromptBank, tasks: Sequence[str | BankEntry], examples: Sequence[Mapping[str, Any]], *,
@@ -71,13 +77,6 @@ def collate_mixed(bank: PromptBank, tasks: Sequence[str | BankEntry], rows: Sequ
     rows = [strip_lead(r, e.lead.length) if e.lead is not None else r for r, e in zip(rows, entries)]
     batch = first.encoder.collate(rows, side)  # one tokenizer: one pad id for every task
     return MixedBatch(**batch, tasks=[e.name for e in entries], entries=entries).to(first.device)
-
-
-def rows_of(batch: MixedBatch, rows: Sequence[int]) -> MixedBatch:
-    """The sub-batch of `rows` (same columns), e.g. the rows of one task."""
-    index = torch.as_tensor(list(rows), dtype=torch.long, device=batch["input_ids"].device)
-    return MixedBatch(**{k: v.index_select(0, index) for k, v in batch.items()}, tasks=[batch.tasks[r] for r in rows],
-                      entries=None if batch.entries is None else [batch.entries[r] for r in rows])
 
 
 def output_rows(out: forward.SoftPromptOutput, rows: Sequence[int]) -> forward.SoftPromptOutput:
@@ -135,4 +134,4 @@ def generate_mixed(bank: PromptBank, batch: MixedBatch, **generate_kwargs) -> to
                                 batch["prompt_index"], prompts, model.encoder.pad_id, **generate_kwargs)
 
 
-__all__ = ["MixedBatch", "encode_mixed", "collate_mixed", "forward_mixed", "generate_mixed", "rows_of", "output_rows"]
+__all__ = ["MixedBatch", "encode_mixed", "collate_mixed", "forward_mixed", "generate_mixed", "output_rows"]
