@@ -331,6 +331,13 @@ async def count_requests(request: HTTPRequest, call_next):
     return response
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The batcher's worker stops with the server."""
+    yield
+    app.state.batcher.close()
+
+
 def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int = 1024, max_wait: float = 0.005,
                admin: bool = False, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                max_inputs: int = 256, max_new_tokens: int = 1024, prompt_root: str | Path | None = None) -> FastAPI:
@@ -350,12 +357,6 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
     """
     engine = engine or Engine(bank)
     batcher = Batcher(engine, max_queue=max_queue, max_wait=max_wait)
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        yield
-        batcher.close()
-
     app = FastAPI(title="softprompt", version="0.1.0", lifespan=lifespan)
     app.state.bank, app.state.engine, app.state.batcher = bank, engine, batcher
     app.state.server = Server(bank, engine, batcher, Metrics(bank, batcher), max_inputs, max_new_tokens,
