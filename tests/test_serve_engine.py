@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import softprompt as sp
-from softprompt.serve import Engine, PromptBank, Request
+from softprompt.serve import Engine, ErrorKind, PromptBank, Request
 from softprompt.tasks import Generation, SequenceClassification, TokenClassification, Verbalizer
 
 from conftest import make_bert, make_llama
@@ -73,7 +73,8 @@ def test_bad_requests_fail_alone_with_their_status(encoder_bank):
     long_text = " ".join(["word"] * 40)
     results = engine.run([Request("sentiment", TEXTS[0]), Request("nope", "x"), Request("sentiment", {"txt": "x"}),
                           Request("sentiment", long_text), Request("sentiment", 3), Request("topic", TEXTS[1])])
-    assert [r.status for r in results] == [200, 404, 422, 413, 422, 200]
+    assert [r.error_kind for r in results] == [None, ErrorKind.UNKNOWN_TASK, ErrorKind.BAD_INPUT,
+                                               ErrorKind.INPUT_TOO_LONG, ErrorKind.BAD_INPUT, None]
     assert "unknown task 'nope'; loaded tasks: ner, sentiment, topic" in results[1].error
     assert "'text'" in results[2].error and "over the limit of 12" in results[3].error
     truncating = Engine(encoder_bank, max_length=12, truncate=True)
@@ -100,7 +101,7 @@ def test_a_request_failing_inside_the_model_fails_alone(encoder_bank):
     engine = Engine(bank)
     results = engine.run([Request("fragile", "a gem"), Request("fragile", "boring"), Request("sentiment", "fine"),
                           Request("fragile", "fine")])
-    assert [r.status for r in results] == [200, 500, 200, 200]
+    assert [r.error_kind for r in results] == [None, ErrorKind.FAILED, None, None]
     assert "boom" in results[1].error
     assert results[0].output == alone(bank["fragile"].model, fragile, {"text": "a gem"})
 
@@ -144,5 +145,5 @@ def test_causal_verbalizer_and_generation_in_one_run(gpt2_tokenizer):
     stopped = engine.run([Request("free", TEXTS[1], generate=True, options={"max_new_tokens": 4, "stop": [stop]})])
     assert stopped[0].output == text[: text.index(stop)]
     bad = engine.run([Request("free", "x", generate=True, options={"beams": 3}), Request("free", "x")])
-    assert [r.status for r in bad] == [422, 422]
+    assert [r.error_kind for r in bad] == [ErrorKind.BAD_INPUT, ErrorKind.BAD_INPUT]
     assert "unknown generation option" in bad[0].error and "no task head" in bad[1].error

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, TemplateError
 from .readers import read_examples, read_text
 
 FRACTIONS = (0.6, 0.2, 0.2)
@@ -29,25 +29,42 @@ def lama_relations(root: Path) -> list[str]:
     return sorted(found, key=lambda r: int(r[1:]))
 
 
-def lama_template(manual: str, *, causal: bool = False) -> str:
-    """LAMA's ``[X] was born in [Y] .`` -> softprompt's ``{X} was born in [MASK] .``.
+class LamaTemplateError(TemplateError, DataError):
+    """A LAMA manual template that cannot be converted: a bad template (`TemplateError`)
+    read from a relation file or a recipe (`DataError`); callers catch either."""
+
+
+def lama_template(manual: str, subject: str = "X", *, causal: bool = False) -> str:
+    """LAMA's manual template in softprompt's template language.
+
+    ``"[X] was born in [Y] ."`` -> ``"{X} was born in [MASK] ."``. Braces are escaped,
+    and ``[P:n]`` slots pass through, so ``"[P:3] [X] [P:3] [Y]"`` becomes a P-tuning
+    template with anchors.
 
     Args:
         manual: a template with one ``[X]`` (subject) and one ``[Y]`` (object).
+        subject: the field name ``[X]`` becomes.
         causal: for a causal LM, which reads the answer at the end: drop what follows ``[Y]``
-            (``{X} was born in [MASK]``).
+            (``{X} was born in [MASK]``). Without it, a template with [Y] before [X] (LAMA's
+            P1923, ``"[Y] participated in the [X] ."``) is refused by a causal LM's encoder.
 
     Raises:
-        DataError: not exactly one ``[X]`` and one ``[Y]``, or (causal) ``[X]`` after ``[Y]``.
+        LamaTemplateError: not a string, [X] or [Y] missing or repeated, or (causal) [X]
+            after [Y].
     """
-    if manual.count("[X]") != 1 or manual.count("[Y]") != 1:
-        raise DataError(f"a LAMA template needs one [X] and one [Y], got {manual!r}")
+    if not isinstance(manual, str):
+        raise LamaTemplateError(f"a LAMA template must be a string, got {type(manual).__name__}")
+    for slot in ("[X]", "[Y]"):
+        count = manual.count(slot)
+        if count != 1:
+            raise LamaTemplateError(f"LAMA template {manual!r} must contain {slot} exactly once (found {count}): "
+                                    "a LAMA template needs one [X] and one [Y]")
     if causal:
         if manual.index("[X]") > manual.index("[Y]"):
-            raise DataError(f"template {manual!r}: a causal LM cannot see [X] after the answer [Y]")
+            raise LamaTemplateError(f"template {manual!r}: a causal LM cannot see [X] after the answer [Y]")
         manual = manual[: manual.index("[Y]") + 3]
     escaped = manual.replace("{", "{{").replace("}", "}}")
-    return escaped.replace("[X]", "{X}").replace("[Y]", "[MASK]").strip()
+    return escaped.replace("[X]", "{" + subject + "}").replace("[Y]", "[MASK]").strip()
 
 
 @functools.lru_cache(maxsize=8)
@@ -146,6 +163,7 @@ def lama_examples(root: Path, relations: Sequence[str], split: str, *, seed: int
 __all__ = [
     "common_vocab",
     "lama_examples",
+    "LamaTemplateError",
     "lama_relations",
     "lama_template",
     "read_relation_templates",

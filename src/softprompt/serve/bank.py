@@ -25,7 +25,7 @@ import torch
 from ..encode import EncodedRow
 from ..errors import ConfigError, SoftPromptError
 from ..folder import has_task, load_with_task, prompt_directory
-from ..forward import Prompts
+from ..inject import Prompts
 from ..io.prompt import read_config
 from ..model import SoftPromptModel
 from ..tasks import Task

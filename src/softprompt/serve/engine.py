@@ -6,60 +6,57 @@
     engine.run([Request("sentiment", "great"), Request("ner", "Paris is nice"), ...])
 
 `run` validates every request on its own (an unknown task, a bad input or an over-long
-one fails that request alone, with an HTTP-like status), then cuts the rest into batches
+one fails that request alone, with its `ErrorKind`), then cuts the rest into batches
 under a row and token budget: requests read by a task head share one forward of the base
 model (`forward_mixed`), each task's head then reads its rows; generation requests with
 the same sampling settings share one `generate_mixed`. A batch that fails as a whole is
 retried request by request, so one poisoned request cannot fail its neighbours.
+
+The engine works on tokens and asks each task what it can do (`Task.generates`,
+`Task.word_field`): text around generation (options, stop strings, streams) is `text.py`'s,
+HTTP status codes are the app's.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
-import threading
 import traceback
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
-import torch
-from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from ..architecture import ModelKind
 from ..encode import EncodedRow
 from ..errors import EncodingError, InputTooLongError, SoftPromptError
-from ..tasks import Generation
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
-from .decode import Decoder, DecodeRow, Sampling
-from .mixed import collate_mixed, forward_mixed, generate_mixed, output_rows, rows_of
+from .decode import Decoder, DecodeRow
+from .mixed import collate_mixed, forward_mixed, generate_mixed, output_rows
+from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
 
 log = logging.getLogger("softprompt.serve")
-
-#: generation options a request may set (transformers `generate` names), and `stop`.
-GENERATE_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop")
-
 
 Admit = Callable[[int], list[tuple["Request", Callable[["Result"], None]]]]
 
 
-class TokenStream:
-    """A generating request's text as it is produced: `on_text` receives each new piece
-    (called from the engine's thread); `cancel()` (a client gone) stops the row at the
-    next step."""
+class ErrorKind(enum.Enum):
+    """Why a request failed (the HTTP app maps each to a status code)."""
 
-    def __init__(self, on_text: Callable[[str], None]):
-        self.on_text = on_text
-        self.emitted = False  # a piece went out: the row cannot be run again from the start
-        self._cancelled = threading.Event()
+    UNKNOWN_TASK = "unknown task"
+    INPUT_TOO_LONG = "input too long"
+    BAD_INPUT = "bad input"  # a malformed input or option, or one the task cannot take
+    FAILED = "failed"  # a failure inside the model
 
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+    @classmethod
+    def of(cls, error: Exception) -> "ErrorKind":
+        if isinstance(error, UnknownTaskError):
+            return cls.UNKNOWN_TASK
+        if isinstance(error, InputTooLongError):
+            return cls.INPUT_TOO_LONG
+        return cls.BAD_INPUT if isinstance(error, SoftPromptError) else cls.FAILED
 
 
 @dataclass
@@ -71,7 +68,8 @@ class Request:
         input: a text (fills the template's only field; split into words for NER) or an
             object of the template's fields.
         generate: generate text (completions) instead of reading the task's head.
-        options: generation options (`GENERATE_OPTIONS`).
+        options: generation options by name (`GENERATE_OPTIONS`, read by
+            `GenerationOptions.parse`), or parsed already.
         stream: receives the generated text piece by piece.
         on_result: called (on the engine's thread) with the request's `Result` as soon as
             it is ready, before `Engine.run` returns: the `Batcher` answers its caller
@@ -82,7 +80,7 @@ class Request:
     task: str
     input: Any
     generate: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] | GenerationOptions = field(default_factory=dict)
     stream: TokenStream | None = None
     on_result: Callable[[Result], None] | None = field(default=None, repr=False, compare=False)
 
@@ -90,13 +88,12 @@ class Request:
 @dataclass
 class Result:
     """The answer to one request: `output` (the task's prediction, or the generated text),
-    or `error` with an HTTP-like `status` (404 unknown task, 413 input too long, 422 bad
-    input, 500 failure inside the model)."""
+    or `error` with its `error_kind`."""
 
     task: str
     output: Any = None
     error: str | None = None
-    status: int = 200
+    error_kind: ErrorKind | None = None
     prompt_tokens: int = 0
     new_tokens: int = 0
     finish_reason: str | None = None  # generation: "stop" (end of sequence or a stop string) or "length"
@@ -113,10 +110,20 @@ class _Row:
     entry: BankEntry
     example: dict[str, Any]
     encoded: EncodedRow  # the row as checked: batches collate it, nothing is encoded twice
+    options: GenerationOptions | None  # None: read by the task's head
 
     @property
     def length(self) -> int:
         return len(self.encoded.input_ids)
+
+    @property
+    def generates(self) -> bool:
+        return self.options is not None
+
+    @property
+    def task_decode(self):
+        """A generating task's own decoding of its tokens (None: a completion)."""
+        return None if self.request.generate else self.entry.task.decode
 
 
 class Engine:
@@ -157,7 +164,7 @@ class Engine:
     def _outputs(results: list[Result]) -> list[Any]:
         for r in results:
             if not r.ok:
-                raise (UnknownTaskError if r.status == 404 else SoftPromptError)(r.error)
+                raise (UnknownTaskError if r.error_kind is ErrorKind.UNKNOWN_TASK else SoftPromptError)(r.error)
         return [r.output for r in results]
 
     # -- the work ---------------------------------------------------------------
@@ -176,22 +183,22 @@ class Engine:
                 try:
                     rows.append(self._prepare(i, request))
                 except SoftPromptError as e:
-                    results[i] = Result(request.task, error=str(e), status=_status(e))
-        heads = [r for r in rows if not self._generates(r)]
-        for batch in self._batches(heads):
+                    results[i] = Result(request.task, error=str(e), error_kind=ErrorKind.of(e))
+        for batch in self._batches([r for r in rows if not r.generates]):
             self._guarded(batch, results, self._run_heads, "forward")
-        generating = [r for r in rows if self._generates(r)]
+        generating = [r for r in rows if r.generates]
         if generating and generating[0].entry.model.spec.kind is ModelKind.CAUSAL:
             # one decode loop: rows of every task and setting, joining as others end
             self._guarded(generating, results, lambda batch: self._run_decoder(batch, admit, results), "decode")
         else:
-            groups: dict[tuple, list[_Row]] = {}
+            groups: dict[GenerationOptions, list[_Row]] = {}
             for r in generating:
-                groups.setdefault(_options_key(self._generation_options(r)), []).append(r)
+                groups.setdefault(r.options, []).append(r)
             for group in groups.values():
                 for batch in self._batches(group):
                     self._guarded(batch, results, self._run_generation, "generate")
-        return [r if r is not None else Result("", error="not run", status=500) for r in results.results]
+        return [r if r is not None else Result("", error="not run", error_kind=ErrorKind.FAILED)
+                for r in results.results]
 
     @contextmanager
     def _pretokenized(self, requests: Sequence[Request]) -> Iterator[None]:
@@ -220,18 +227,19 @@ class Engine:
     def _prepare(self, index: int, request: Request) -> _Row:
         entry = self.bank[request.task]
         example = self._example(entry, request.input)
-        unknown = sorted(set(request.options) - set(GENERATE_OPTIONS))
-        if unknown:
-            raise SoftPromptError(f"unknown generation option(s) {unknown}; known: {list(GENERATE_OPTIONS)}")
+        options = GenerationOptions.parse(request.options)
         if not request.generate and entry.task is None:
             raise SoftPromptError(f"task {entry.name!r} has no task head (its folder has no task.json): "
                                   "use it for completions")
+        if not request.generate:  # a generating task decodes with its own settings
+            options = GenerationOptions.parse(entry.task.generate_options(), known=TASK_OPTIONS) \
+                if entry.task.generates else None
         encoded = entry.model.encoder.encode(example, max_length=self.max_length, index=index, truncate=self.truncate)
         if not encoded.input_ids:  # refused here, before it joins a batch it would read padding in
             raise EncodingError("the input has no tokens: an empty input through a template with no other text, "
                                 "virtual tokens or special tokens gives the model nothing to read")
         # before batches are cut: rows grouped by prefix length must have their final entry
-        return _Row(index, request, entry.for_row(encoded), example, encoded)
+        return _Row(index, request, entry.for_row(encoded), example, encoded, options)
 
     @staticmethod
     def _example(entry: BankEntry, value: Any) -> dict[str, Any]:
@@ -242,18 +250,8 @@ class Engine:
         fields = entry.model.template.fields
         if len(fields) != 1:
             raise SoftPromptError(f"task {entry.name!r} has template fields {list(fields)}: send an object with them")
-        words = getattr(entry.task, "field", None) == fields[0]  # a token-classification task reads words
+        words = entry.task is not None and entry.task.word_field == fields[0]
         return {fields[0]: value.split() if words else value}
-
-    @staticmethod
-    def _generates(row: _Row) -> bool:
-        return row.request.generate or isinstance(row.entry.task, Generation)
-
-    @staticmethod
-    def _generation_options(row: _Row) -> dict[str, Any]:
-        if row.request.generate:
-            return dict(row.request.options)
-        return row.entry.task.generate_options()
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
         """Consecutive requests under the row and token budgets (for BART-like families, of
@@ -299,13 +297,13 @@ class Engine:
                         continue
                     if stream is not None and stream.emitted:  # run again, its client would get the text twice
                         results[row.index] = Result(row.entry.name, error=f"failed mid-stream: {type(e).__name__}: {e}",
-                                                    status=500)
+                                                    error_kind=ErrorKind.FAILED)
                         continue
                     self._guarded([row], results, work, kind)
                 return
             log.error("request %d (%s) failed: %s", batch[0].index, batch[0].entry.name, traceback.format_exc())
-            status = _status(e) if isinstance(e, SoftPromptError) else 500
-            results[batch[0].index] = Result(batch[0].entry.name, error=f"{type(e).__name__}: {e}", status=status)
+            results[batch[0].index] = Result(batch[0].entry.name, error=f"{type(e).__name__}: {e}",
+                                             error_kind=ErrorKind.of(e))
 
     def _run_heads(self, batch: list[_Row]) -> list[Result]:
         # the entries each row was checked with, not the names: see `PromptBank.entry`
@@ -318,7 +316,7 @@ class Engine:
         results: list[Result | None] = [None] * len(batch)
         for key, entry in entries.items():
             mine = [i for i, r in enumerate(batch) if id(r.entry) == key]
-            sub = rows_of(encoded, mine)
+            sub = encoded.rows(mine)
             entry.task.annotate(sub, [batch[i].example for i in mine])
             predictions = entry.task.predict(entry.model, sub, output_rows(out, mine))
             for i, p in zip(mine, predictions):
@@ -328,30 +326,24 @@ class Engine:
     def generates(self, request: Request) -> bool:
         """Whether a request generates text (a completion, or a task whose head generates)."""
         entry = self._lookup(request.task)
-        return request.generate or (entry is not None and isinstance(entry.task, Generation))
+        return request.generate or (entry is not None and entry.task is not None and entry.task.generates)
 
     def _decode_row(self, r: _Row, on_result: Callable[[Result], None] | None = None) -> DecodeRow:
         """A request as a decoder row: its sampling settings, stop strings and stream; the
         `Result` is built when the row finishes (and handed to `on_result`)."""
         tokenizer = self.bank.tokenizer
-        options = self._generation_options(r)
-        stop = options.pop("stop", None)
-        seed = options.pop("seed", None)
-        if seed is not None:
-            torch.manual_seed(int(seed))
-        sampling = Sampling.from_options(options, tokenizer.eos_token_id)
-        task = r.entry.task if isinstance(r.entry.task, Generation) and not r.request.generate else None
-        text = _RowText(tokenizer, None, [stop] if isinstance(stop, str) else [x for x in (stop or []) if x],
-                        r.request.stream, task=task)
+        r.options.seed_rng()
+        sampling = r.options.sampling(tokenizer.eos_token_id)
+        text = RowText(tokenizer, None, r.options.stop, r.request.stream, decode=r.task_decode)
 
         def done(row: DecodeRow) -> None:
+            ran_out = len(row.tokens) >= sampling.max_new_tokens and not text.stopped
             row.result = Result(r.entry.name, output=text.text, prompt_tokens=r.length, new_tokens=len(row.tokens),
-                                finish_reason="length" if len(row.tokens) >= sampling.max_new_tokens and not text.stopped
-                                else "stop")
+                                finish_reason="length" if ran_out else "stop")
             if on_result is not None:
                 on_result(row.result)
 
-        return DecodeRow(r.entry.name, r.example, sampling, on_token=_sink(text), on_done=done, encoded=r.encoded,
+        return DecodeRow(r.entry.name, r.example, sampling, on_token=text.add, on_done=done, encoded=r.encoded,
                          entry=r.entry)
 
     def _run_decoder(self, batch: list[_Row], admit: Admit | None = None,
@@ -366,7 +358,7 @@ class Engine:
                 try:
                     row = self._decode_row(self._prepare(-1, request), on_result)
                 except SoftPromptError as e:
-                    on_result(Result(request.task, error=str(e), status=_status(e)))
+                    on_result(Result(request.task, error=str(e), error_kind=ErrorKind.of(e)))
                     continue
                 joined.append((row, on_result))
                 rows.append(row)
@@ -382,29 +374,20 @@ class Engine:
         except Exception as e:  # the rows that joined have no other way to hear of it
             for row, on_result in joined:
                 if getattr(row, "result", None) is None:
-                    on_result(Result(row.task, error=f"{type(e).__name__}: {e}", status=500))
+                    on_result(Result(row.task, error=f"{type(e).__name__}: {e}", error_kind=ErrorKind.FAILED))
             raise
         return [d.result for d in decode_rows]
 
     def _run_generation(self, batch: list[_Row]) -> list[Result]:
-        options = self._generation_options(batch[0])
-        stop = options.pop("stop", None)
-        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        seed = options.pop("seed", None)
-        if seed is not None:
-            torch.manual_seed(int(seed))
-        if options.get("temperature") is not None and "do_sample" not in options:
-            options["do_sample"] = float(options["temperature"]) > 0
-        if options.get("temperature") == 0:
-            options.pop("temperature")
+        options = batch[0].options  # a batch shares its options
+        options.seed_rng()
         encoded = collate_mixed(self.bank, [r.entry for r in batch], [r.encoded for r in batch])
         tokenizer = self.bank.tokenizer
-        eos = options.get("eos_token_id", tokenizer.eos_token_id)
-        decoders = [_RowText(tokenizer, eos, stops, r.request.stream,
-                             task=r.entry.task if isinstance(r.entry.task, Generation) and not r.request.generate
-                             else None) for r in batch]
-        new = generate_mixed(self.bank, encoded, streamer=_Streamer(decoders),
-                             stopping_criteria=StoppingCriteriaList([_StopRows(decoders)]), **options)  # (B, N)
+        eos = options.eos_token_id if options.eos_token_id is not None else tokenizer.eos_token_id
+        decoders = [RowText(tokenizer, eos, options.stop, r.request.stream, decode=r.task_decode) for r in batch]
+        new = generate_mixed(self.bank, encoded, streamer=Streamer(decoders),
+                             stopping_criteria=StoppingCriteriaList([StopRows(decoders)]),
+                             **options.generate_kwargs())  # (B, N)
         results = []
         for r, tokens, text in zip(batch, new, decoders):
             text.finish(tokens.tolist())
@@ -434,105 +417,4 @@ class _Answers:
             callback(result)
 
 
-class _RowText:
-    """One generating row's text: decoded as tokens arrive, cut at its end-of-sequence token
-    or a stop string, handed piece by piece to its stream."""
-
-    def __init__(self, tokenizer, eos: int | None, stops: list[str], stream: TokenStream | None, task=None):
-        self.tokenizer, self.eos, self.stops, self.stream, self.task = tokenizer, eos, stops, stream, task
-        self.ids: list[int] = []
-        self.text = ""
-        self.stopped = False  # end of sequence or a stop string
-
-    @property
-    def done(self) -> bool:
-        return self.stopped or (self.stream is not None and self.stream.cancelled)
-
-    @property
-    def count(self) -> int:
-        return len(self.ids)
-
-    def add(self, token: int) -> None:
-        if self.done:
-            return
-        if self.eos is not None and token == self.eos:
-            self.stopped = True
-            return
-        self.ids.append(token)
-        self._update()
-
-    def _update(self) -> None:
-        if self.task is not None:  # a generation task's own decoding (its eos, stripped)
-            text = self.task.decode(self.tokenizer, torch.tensor([self.ids]))[0]
-        else:
-            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        for s in self.stops:
-            if s in text:
-                text, self.stopped = text[: text.index(s)], True
-        if text.startswith(self.text) and len(text) > len(self.text) and not text.endswith("\ufffd"):
-            piece, self.text = text[len(self.text):], text  # a piece: wait for whole characters
-            if self.stream is not None and not self.stream.cancelled:
-                self.stream.emitted = True
-                self.stream.on_text(piece)
-        elif not text.startswith(self.text):  # re-tokenised text changed earlier characters: keep the new
-            self.text = text
-
-    def finish(self, tokens: list[int]) -> None:
-        """After generate(): the same tokens (a row that never streamed) decoded at once."""
-        if not self.ids and not self.stopped:
-            for t in tokens:
-                self.add(t)
-                if self.done:
-                    break
-
-
-class _Streamer(BaseStreamer):
-    """generate()'s streamer for a batch: the first call is the prompt, then one (B,)
-    tensor of new tokens a step, handed to each row."""
-
-    def __init__(self, rows: list[_RowText]):
-        self.rows = rows
-        self.first = True
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.first:  # the prompt (or the decoder's start tokens)
-            self.first = False
-            return
-        for row, token in zip(self.rows, value.view(-1).tolist()):
-            row.add(int(token))
-
-    def end(self) -> None:
-        pass
-
-
-class _StopRows(StoppingCriteria):
-    """Per-row stop: a stop string was produced, or the row's client went away."""
-
-    def __init__(self, rows: list[_RowText]):
-        self.rows = rows
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
-
-
-def _sink(text: "_RowText") -> Callable[[int], bool]:
-    def take(token: int) -> bool:
-        text.add(token)
-        return text.done
-
-    return take
-
-
-def _options_key(options: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
-
-
-def _status(error: Exception) -> int:
-    if isinstance(error, UnknownTaskError):
-        return 404
-    if isinstance(error, InputTooLongError):
-        return 413
-    return 422
-
-
-__all__ = ["Engine", "Request", "Result", "TokenStream", "GENERATE_OPTIONS"]
+__all__ = ["Engine", "Request", "Result", "ErrorKind", "TokenStream", "GENERATE_OPTIONS"]

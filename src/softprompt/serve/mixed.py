@@ -12,6 +12,8 @@ prefix with a per-row mask (`PromptBank.prompts_for`), through the same `forward
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -23,18 +25,20 @@ from .bank import BankEntry, PromptBank
 from .prompt_cache import strip_lead
 
 
+@dataclass(eq=False)
 class MixedBatch(PromptBatch):
     """A `PromptBatch` whose rows belong to different tasks: ``batch.tasks[b]`` names row b's,
     ``batch.entries[b]`` is its bank entry as the batch was built (the forward uses that
-    one even if the task is removed or replaced meanwhile: `PromptBank.entry`)."""
+    one even if the task is removed or replaced meanwhile: `PromptBank.entry`; None: look
+    the names up)."""
 
-    tasks: list[str]
-    entries: list[BankEntry]
+    tasks: list[str] = field(default_factory=list)
+    entries: list[BankEntry] | None = None
 
-    def to(self, device) -> "MixedBatch":
-        moved = MixedBatch({k: v.to(device) for k, v in self.items()})
-        moved.__dict__.update(self.__dict__)
-        return moved
+    def rows(self, rows: Sequence[int]) -> "MixedBatch":
+        sub = super().rows(rows)
+        return dataclasses.replace(sub, tasks=[self.tasks[r] for r in rows],
+                                   entries=None if self.entries is None else [self.entries[r] for r in rows])
 
 
 def encode_mixed(bank: PromptBank, tasks: Sequence[str | BankEntry], examples: Sequence[Mapping[str, Any]], *,
@@ -71,20 +75,8 @@ def collate_mixed(bank: PromptBank, tasks: Sequence[str | BankEntry], rows: Sequ
     side = padding_side or first.padding_side
     # a task with a cached leading segment starts its rows after it (its keys and values are the prefix)
     rows = [strip_lead(r, e.lead.length) if e.lead is not None else r for r, e in zip(rows, entries)]
-    batch = MixedBatch(first.encoder.collate(rows, side))  # one tokenizer: one pad id for every task
-    batch.tasks = [e.name for e in entries]
-    batch.entries = entries
-    return batch.to(first.device)
-
-
-def rows_of(batch: MixedBatch, rows: Sequence[int]) -> MixedBatch:
-    """The sub-batch of `rows` (same columns), e.g. the rows of one task."""
-    index = torch.as_tensor(list(rows), dtype=torch.long, device=batch["input_ids"].device)
-    sub = MixedBatch({k: v.index_select(0, index) for k, v in batch.items()})
-    sub.tasks = [batch.tasks[r] for r in rows]
-    if getattr(batch, "entries", None) is not None:
-        sub.entries = [batch.entries[r] for r in rows]
-    return sub
+    batch = first.encoder.collate(rows, side)  # one tokenizer: one pad id for every task
+    return MixedBatch(**batch, tasks=[e.name for e in entries], entries=entries).to(first.device)
 
 
 def output_rows(out: forward.SoftPromptOutput, rows: Sequence[int]) -> forward.SoftPromptOutput:
@@ -96,14 +88,13 @@ def output_rows(out: forward.SoftPromptOutput, rows: Sequence[int]) -> forward.S
 
 
 def _check(bank: PromptBank, batch: MixedBatch) -> None:
-    if not isinstance(getattr(batch, "tasks", None), list) or len(batch.tasks) != batch["input_ids"].shape[0]:
+    if len(getattr(batch, "tasks", ())) != batch["input_ids"].shape[0]:  # e.g. a plain PromptBatch
         raise ConfigError("a mixed batch names the task of every row: build it with encode_mixed")
 
 
 def _entries(bank: PromptBank, batch: MixedBatch) -> list[BankEntry]:
     """The entries the batch was built with (by name for a batch built by hand)."""
-    pinned = getattr(batch, "entries", None)
-    return list(pinned) if pinned is not None else bank.entries(batch.tasks)
+    return list(batch.entries) if batch.entries is not None else bank.entries(batch.tasks)
 
 
 def forward_mixed(bank: PromptBank, batch: MixedBatch, *, output_hidden_states: bool = False,
@@ -143,4 +134,4 @@ def generate_mixed(bank: PromptBank, batch: MixedBatch, **generate_kwargs) -> to
                                 batch["prompt_index"], prompts, model.encoder.pad_id, **generate_kwargs)
 
 
-__all__ = ["MixedBatch", "encode_mixed", "collate_mixed", "forward_mixed", "generate_mixed", "rows_of", "output_rows"]
+__all__ = ["MixedBatch", "encode_mixed", "collate_mixed", "forward_mixed", "generate_mixed", "output_rows"]

@@ -26,10 +26,6 @@ from ..architecture import ModelKind
 from ..encode import EncodedRow
 from ..template import Mask, Placeholder, Virtual
 
-#: task kinds that read only the answer slot or generate (no outputs of the leading tokens)
-ANSWER_ONLY = ("verbalizer", "lama", "generation")
-
-
 @dataclass
 class CachedLead:
     """A task's cached leading segment.
@@ -64,7 +60,7 @@ def cacheable(model, task) -> int:
     n = lead_length(model)
     if not n:
         return 0
-    if task is None or getattr(task, "kind", None) in ANSWER_ONLY:
+    if task is None or task.answer_only:  # completions only, or no outputs of the leading tokens read
         return n
     probe = model.encoder.encode({name: "x" for name in model.template.fields})
     real = [i for i in range(n) if probe.prompt_index[i] < 0]
@@ -100,4 +96,4 @@ def strip_lead(row: EncodedRow, n: int) -> EncodedRow:
         word_index=row.word_index[n:], answer_index=row.answer_index - n if row.answer_index >= 0 else -1)
 
 
-__all__ = ["CachedLead", "lead_length", "cacheable", "compute_lead", "strip_lead", "ANSWER_ONLY"]
+__all__ = ["CachedLead", "lead_length", "cacheable", "compute_lead", "strip_lead"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..data.lama import lama_template  # the one home of LAMA's template conversion
 from ..errors import ConfigError
 from .base import Task
 from .classification import SequenceClassification
 from .generation import Generation
-from .lama import KnowledgeProbe, lama_template
+from .lama import KnowledgeProbe
 from .scoring import row_log_probs, sequence_log_probs
 from .token_classification import TokenClassification
 from .verbalizer import Verbalizer

@@ -3,7 +3,9 @@
 A task owns its head (trainable parameters, possibly none), turns examples into model
 inputs plus targets, computes the loss, decodes predictions and scores them. The
 training loop, `softprompt eval` and `softprompt predict` talk to tasks only through
-this interface, so a new task is one file.
+this interface, so a new task is one file. Serving and the prompt cache ask a task what
+it can do through its capabilities (`generates`, `answer_only`, `word_field`,
+`endpoint`), never by its class or kind name.
 
 Examples are plain dicts. Conventions for the reserved keys:
 
@@ -33,6 +35,16 @@ class Task(nn.Module):
     Attributes:
         kind: the task's name on the command line (``classification``, ``ner``, ...).
         metric: the key of `metrics()` that model selection and early stopping maximise.
+
+    Capabilities (what serving asks of a task):
+        generates: its prediction is generated text: a server decodes its rows (with
+            `generate_options` and `decode`) instead of reading a head.
+        answer_only: it reads no outputs of the tokens before its first field, only the
+            answer slot or generated tokens (a cached leading segment loses nothing).
+        word_field: the template field whose text input is a list of words (a text
+            sent to a server is split at whitespace), or None.
+        endpoint: the HTTP endpoint that answers with its predictions (``classify``,
+            ``tag``, ``completions``).
     """
 
     kind: ClassVar[str] = ""
@@ -40,6 +52,13 @@ class Task(nn.Module):
     #: What `predict` reads of a forward (keyword arguments of `SoftPromptModel.forward`),
     #: so that a caller who ran the forward already (a mixed-task batch) can hand it over.
     reads: ClassVar[dict[str, Any]] = {}
+    generates: ClassVar[bool] = False
+    answer_only: ClassVar[bool] = False
+    endpoint: ClassVar[str] = "classify"
+
+    @property
+    def word_field(self) -> str | None:
+        return None
 
     def bind(self, model) -> None:
         """Called once with the SoftPromptModel before training or inference: resolve
@@ -67,6 +86,14 @@ class Task(nn.Module):
             out: the output of a forward over `batch` already run with at least `reads`
                 (None: run ``model(**batch, **reads)`` here).
         """
+        raise NotImplementedError
+
+    def generate_options(self) -> dict[str, Any]:
+        """A generating task's decoding settings (transformers `generate` names)."""
+        raise NotImplementedError
+
+    def decode(self, tokenizer, new: torch.Tensor) -> list[str]:
+        """A generating task's (B, N) new tokens -> its B texts."""
         raise NotImplementedError
 
     def annotate(self, batch: PromptBatch, examples: Sequence[dict[str, Any]]) -> None:

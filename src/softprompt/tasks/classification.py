@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..architecture import ModelKind
-from ..errors import ConfigError, EncodingError
-from ..transfer import tensor_on
-from .base import Targets
+from ..errors import ConfigError
 from .labels import LabelTask
 
 POOLS = ("first", "last", "mean")
@@ -49,21 +47,6 @@ class SequenceClassification(LabelTask):
             self.pool = "last" if model.spec.kind is ModelKind.CAUSAL else "mean"
         if self.head is None:
             self.head = nn.Linear(model.spec.hidden_size, len(self.labels)).to(model.device)
-
-    def label_id(self, example: dict[str, Any], index: int) -> int:
-        if "label" not in example:
-            raise EncodingError(f"example {index} has no 'label' field")
-        label = str(example["label"])
-        if label not in self.labels:
-            raise EncodingError(f"example {index}: unknown label {label!r}; known labels: {self.labels}")
-        return self.labels.index(label)
-
-    def collate(self, model, examples, *, with_targets=True):
-        batch = model.encode(list(examples))
-        targets: Targets = {}
-        if with_targets:
-            targets["labels"] = tensor_on([self.label_id(e, i) for i, e in enumerate(examples)], model.device)
-        return batch, targets
 
     def scores(self, model, batch, out=None) -> torch.Tensor:
         """(B, num_labels)."""

@@ -12,7 +12,6 @@ from ..errors import ConfigError, EncodingError, UnsupportedModelError
 from ..transfer import to_device
 from .base import Task
 from .metrics import generation_metrics
-from .scoring import align_to_real_tokens, append_tokens
 
 
 def _first_int(value) -> int | None:
@@ -55,6 +54,9 @@ class Generation(Task):
 
     kind = "generation"
     metric = "token_f1"
+    generates = True
+    answer_only = True
+    endpoint = "completions"
 
     def __init__(self, max_new_tokens: int = 32, target_field: str = "target", max_length: int | None = None,
                  max_target_length: int | None = None):
@@ -144,14 +146,15 @@ class Generation(Task):
             return batch, {"labels": to_device(labels, model.device)}
         inputs = self._encode_inputs(model, examples, [len(t) for t in target_ids])
         rows = torch.arange(len(examples), device=model.device)
-        batch, positions = append_tokens(model, inputs, rows, target_ids)  # positions: (B, L) columns of the targets
+        batch, positions = inputs.append_tokens(rows, target_ids, pad_id=model.encoder.pad_id,
+                                                padding_side=model.padding_side)  # positions: (B, L) target columns
         S = batch["input_ids"].shape[1]
         present = positions >= 0
         columns = torch.where(present, positions, S)  # absent entries go to a dump column S
         values = batch["input_ids"].gather(1, positions.clamp(min=0)).masked_fill(~present, -100)
         full = torch.full((len(examples), S + 1), -100, dtype=torch.long, device=model.device)
         full = full.scatter(1, columns, values)[:, :S]  # (B, S) the target ids at their columns
-        return batch, {"labels": align_to_real_tokens(batch, full)}
+        return batch, {"labels": batch.align_to_real_tokens(full)}
 
     # -- model ----------------------------------------------------------------
     def loss(self, model, batch, targets):

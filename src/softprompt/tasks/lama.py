@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..architecture import ModelKind
-from ..errors import ConfigError, EncodingError, TemplateError
+from ..errors import ConfigError, EncodingError
 from ..transfer import tensor_on, to_device
 from .base import Targets, Task
 from .scoring import (
@@ -22,28 +22,6 @@ from .scoring import (
     row_log_probs,
     sequence_log_probs,
 )
-
-
-def lama_template(manual: str, subject: str = "X") -> str:
-    """LAMA's manual template in softprompt's template language.
-
-    ``"[X] was born in [Y] ."`` -> ``"{X} was born in [MASK] ."``. Braces are escaped,
-    and ``[P:n]`` slots pass through, so ``"[P:3] [X] [P:3] [Y]"`` becomes a P-tuning
-    template with anchors. A causal LM reads the answer from the tokens before [MASK]:
-    a template with [Y] before [X] (LAMA's P1923, ``"[Y] participated in the [X] ."``)
-    is refused by the model's encoder and needs rewording for a causal LM.
-
-    Raises:
-        TemplateError: [X] or [Y] missing or repeated.
-    """
-    if not isinstance(manual, str):
-        raise TemplateError(f"a LAMA template must be a string, got {type(manual).__name__}")
-    for slot in ("[X]", "[Y]"):
-        count = manual.count(slot)
-        if count != 1:
-            raise TemplateError(f"LAMA template {manual!r} must contain {slot} exactly once (found {count})")
-    escaped = manual.replace("{", "{{").replace("}", "}}")
-    return escaped.replace("[X]", "{" + subject + "}").replace("[Y]", "[MASK]")
 
 
 def read_candidates(path: str | Path) -> list[str]:
@@ -101,6 +79,7 @@ class KnowledgeProbe(Task):
     kind = "lama"
     reads = {"logits": "answer"}
     metric = "precision_at_1"
+    answer_only = True
 
     def __init__(self, candidates: Sequence[str] | str | Path | None = None, subject_field: str = "X",
                  object_field: str = "Y", top_k: int = 10, chunk_size: int = DEFAULT_CHUNK_SIZE,

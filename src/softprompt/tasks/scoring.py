@@ -25,7 +25,6 @@ from typing import Sequence
 
 import torch
 
-from .. import inject
 from ..architecture import ModelKind
 from ..encode import PromptBatch
 from ..errors import ConfigError, EncodingError, UnsupportedModelError
@@ -84,79 +83,6 @@ def answer_token_ids(model, text: str, *, data: bool = False) -> list[int]:
 def describe_tokens(model, ids: Sequence[int]) -> str:
     """``['Ġgre', 'at']`` for error messages."""
     return str(model.tokenizer.convert_ids_to_tokens(list(ids)))
-
-
-# -- rows with tokens appended --------------------------------------------------------
-def append_tokens(model, batch: PromptBatch, rows: torch.Tensor, tokens: Sequence[Sequence[int]]
-                  ) -> tuple[PromptBatch, torch.Tensor]:
-    """Rows of `batch` with `tokens` appended after their last token, as real tokens.
-
-    Works for left- and right-padded batches; the result is padded on the model's side
-    (`model.padding_side`) and trimmed to its longest row. Virtual slots stay where they
-    were (before the appended tokens), so a causal LM reads the appended tokens after
-    the whole row, prompt included.
-
-    Args:
-        batch: (B, S) from `model.encode`.
-        rows: (N,) which row of `batch` each new row copies (repeats allowed).
-        tokens: N lists of token ids to append (may be empty).
-
-    Returns:
-        (new_batch, positions): `new_batch` of (N, S') tensors; `positions` (N, L) the
-        column of each appended token in `new_batch`, -1 where a row has fewer than L.
-    """
-    device = batch["input_ids"].device
-    rows = torch.as_tensor(rows, dtype=torch.long, device=device)
-    N, L = len(tokens), max((len(t) for t in tokens), default=0)
-    pad_id = model.encoder.pad_id if model.encoder is not None else 0
-    extra = torch.full((N, L), pad_id, dtype=torch.long)
-    valid_extra = torch.zeros((N, L), dtype=torch.bool)
-    for i, t in enumerate(tokens):
-        if len(t):
-            extra[i, : len(t)] = torch.as_tensor(list(t), dtype=torch.long)
-            valid_extra[i, : len(t)] = True
-    extra, valid_extra = extra.to(device), valid_extra.to(device)
-    minus = torch.full((N, L), -1, dtype=torch.long, device=device)
-    S = batch["input_ids"].shape[1]
-    valid = torch.cat([batch["attention_mask"][rows].bool(), valid_extra], 1)  # (N, S + L)
-    columns = {
-        "input_ids": torch.cat([batch["input_ids"][rows], extra], 1),
-        "prompt_index": torch.cat([batch["prompt_index"][rows], minus], 1),
-        "field_index": torch.cat([batch.get("field_index", torch.full_like(batch["input_ids"], -1))[rows], minus], 1),
-        "word_index": torch.cat([batch.get("word_index", torch.full_like(batch["input_ids"], -1))[rows], minus], 1),
-    }
-    left = model.padding_side == "left"
-    # A stable sort on "is a pad" moves every pad to one side and keeps the tokens in order.
-    key = (~valid).long() if not left else valid.long()
-    order = torch.sort(key, dim=1, stable=True).indices  # (N, S + L) new column -> old column
-    inverse = torch.argsort(order, dim=1)  # old column -> new column
-    new_valid = valid.gather(1, order)
-    out = {}
-    fills = {"input_ids": pad_id, "prompt_index": -1, "field_index": -1, "word_index": -1}
-    for k, v in columns.items():
-        out[k] = v.gather(1, order).masked_fill(~new_valid, fills[k])
-    out["attention_mask"] = new_valid.long()
-    answer = batch["answer_index"][rows] if "answer_index" in batch else torch.full((N,), -1, device=device)
-    moved = inverse.gather(1, answer.clamp(min=0).unsqueeze(1)).squeeze(1)
-    out["answer_index"] = torch.where(answer >= 0, moved, answer)
-    positions = torch.where(valid_extra, inverse[:, S:], minus)
-    # Drop the columns that are padding in every row.
-    width = int(new_valid.sum(1).max()) if N else 0
-    drop = new_valid.shape[1] - width
-    if drop:
-        if left:
-            out = {k: (v[:, drop:] if v.dim() == 2 else v) for k, v in out.items()}
-            out["answer_index"] = torch.where(out["answer_index"] >= 0, out["answer_index"] - drop, out["answer_index"])
-            positions = torch.where(positions >= 0, positions - drop, positions)
-        else:
-            out = {k: (v[:, :width] if v.dim() == 2 else v) for k, v in out.items()}
-    return PromptBatch(out), positions
-
-
-def align_to_real_tokens(batch: PromptBatch, full: torch.Tensor) -> torch.Tensor:
-    """(B, S) values per column of `batch` -> (B, T) aligned to the real tokens, the layout
-    of `SoftPromptOutput` and of the ``labels`` that `SoftPromptModel.forward` takes."""
-    return inject.gather_tokens(full, inject.real_token_index(batch["prompt_index"]))
 
 
 # -- scoring --------------------------------------------------------------------------
@@ -247,7 +173,7 @@ def _score(model, batch: PromptBatch, plans: Sequence[_Plan], answer_log_probs: 
         chunk = pairs[start : start + chunk_size]
         rows = torch.tensor([b for b, _ in chunk], device=device)
         contexts = [plans[b].contexts[m] for b, m in chunk]
-        extended, _ = append_tokens(model, batch, rows, contexts)
+        extended, _ = batch.append_tokens(rows, contexts, pad_id=model.encoder.pad_id, padding_side=model.padding_side)
         out = model(**extended)
         mask = out.attention_mask  # (n, T)
         last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # (n,) the last context token

@@ -12,7 +12,6 @@ from torch import nn
 
 from ..errors import ConfigError, EncodingError
 from .base import Targets, Task
-from .scoring import align_to_real_tokens
 
 OUTSIDE = "O"
 
@@ -66,6 +65,7 @@ class TokenClassification(Task):
     kind = "ner"
     reads = {"output_hidden_states": True, "logits": "none"}
     metric = "f1"
+    endpoint = "tag"
 
     def __init__(self, tags: Sequence[str], field: str = "tokens", tags_field: str = "tags",
                  dropout: float = 0.1, max_length: int | None = None):
@@ -84,6 +84,10 @@ class TokenClassification(Task):
         self._tag_ids = {t: i for i, t in enumerate(tags)}
         self.head: nn.Linear | None = None
         self._field_no: int | None = None
+
+    @property
+    def word_field(self) -> str:
+        return self.field
 
     def bind(self, model) -> None:
         fields = model.template.fields
@@ -142,8 +146,8 @@ class TokenClassification(Task):
             for i, e in enumerate(examples):
                 row = self._tag_row(e, i, counts[i])
                 tag_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            field_index = align_to_real_tokens(batch, batch["field_index"])  # (B, T)
-            word_index = align_to_real_tokens(batch, batch["word_index"])
+            field_index = batch.align_to_real_tokens(batch.field_index)  # (B, T)
+            word_index = batch.align_to_real_tokens(batch.word_index)
             first = first_subtoken_positions(field_index, word_index, self._field_no, W)  # (B, W)
             T = word_index.shape[1]
             labels = torch.full((len(examples), T + 1), -100, dtype=torch.long, device=word_index.device)
@@ -173,7 +177,7 @@ class TokenClassification(Task):
         """One list of word-level tags per row (``"O"`` for words with no token)."""
         logits, out = self.logits(model, batch, out)
         best = logits.argmax(-1)  # (B, T)
-        counts = getattr(batch, "num_words", None)
+        counts = batch.num_words
         if counts is None:  # a batch not built by collate: the words it shows (trailing truncated words lost)
             counts = [int(w.max()) + 1 if (w >= 0).any() else 0 for w in out.word_index]
         W = max(counts, default=0)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from ..architecture import ModelKind
-from ..errors import ConfigError, EncodingError
-from ..transfer import tensor_on
+from ..errors import ConfigError
 from .labels import LabelTask
-from .base import Targets
 from .scoring import DEFAULT_CHUNK_SIZE, answer_token_ids, describe_tokens, require_answer_slot, sequence_log_probs
 
 AGGREGATES = ("logsumexp", "max")
@@ -49,6 +47,7 @@ class Verbalizer(LabelTask):
     kind = "verbalizer"
     reads = {"logits": "answer"}
     metric = "accuracy"
+    answer_only = True
 
     def __init__(self, label_words: Mapping[str, Sequence[str] | str], aggregate: str = "logsumexp",
                  chunk_size: int = DEFAULT_CHUNK_SIZE):
@@ -116,22 +115,6 @@ class Verbalizer(LabelTask):
     def _require_bound(self) -> None:
         if self.word_ids is None:
             raise ConfigError("the verbalizer is not bound to a model: call task.bind(model) first")
-
-    # -- data -----------------------------------------------------------------
-    def label_id(self, example: Mapping[str, Any], index: int) -> int:
-        if "label" not in example:
-            raise EncodingError(f"example {index} has no 'label' field")
-        label = str(example["label"])
-        if label not in self.label_words:
-            raise EncodingError(f"example {index}: unknown label {label!r}; known labels: {self.labels}")
-        return self.labels.index(label)
-
-    def collate(self, model, examples, *, with_targets=True):
-        batch = model.encode(list(examples))
-        targets: Targets = {}
-        if with_targets:
-            targets["labels"] = tensor_on([self.label_id(e, i) for i, e in enumerate(examples)], model.device)
-        return batch, targets
 
     # -- scores ---------------------------------------------------------------
     def word_scores(self, model, batch, out=None) -> torch.Tensor:

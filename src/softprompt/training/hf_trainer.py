@@ -48,7 +48,7 @@ class TrainerModel(PreTrainedModel):
         self.task = task
 
     def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        batch = PromptBatch({k: inputs.pop(k) for k in BATCH_KEYS if k in inputs})
+        batch = PromptBatch(**{k: inputs.pop(k) for k in BATCH_KEYS if k in inputs})
         loss = self.task.loss(self.model, batch, inputs)
         return {"loss": loss}
 
