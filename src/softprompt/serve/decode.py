@@ -41,17 +41,6 @@ class Sampling:
     top_p: float = 1.0
     eos_token_id: int | None = None
 
-    @classmethod
-    def from_options(cls, options: dict[str, Any], eos: int | None) -> "Sampling":
-        s = cls(eos_token_id=options.get("eos_token_id", eos))
-        s.max_new_tokens = int(options.get("max_new_tokens", s.max_new_tokens))
-        temperature = options.get("temperature")
-        s.do_sample = bool(options.get("do_sample", temperature is not None and float(temperature) > 0))
-        s.temperature = float(temperature) if temperature else 1.0
-        s.top_k = int(options.get("top_k") or 0)
-        s.top_p = float(options.get("top_p") or 1.0)
-        return s
-
 
 @dataclass
 class DecodeRow:
