@@ -1,5 +1,5 @@
 """The training part of docs/PERFORMANCE.md, from `bench/results/train_throughput.json`,
-`train_distributed.json` and `train_profile_*.json` (called by `bench/render_performance.py`).
+`train_distributed.json` and `train_profile_*.json` (called by `bench.render.performance`).
 
 "ours" is the fastest of softprompt's settings for a row (eager, ``train.compile=true``,
 ``train.compile=reduce-overhead``), named in the table; PEFT is the faster of its runs with
@@ -10,9 +10,8 @@ against the compiled floor).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.harness.report import RESULTS, shown_command, shown_path
 METHODS = ("prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "prefix_tuning", "prefix_tuning_noproj", "p_tuning_v2")
 NAMES = {"prompt_tuning": "prompt tuning", "p_tuning_mlp": "P-tuning (MLP)", "p_tuning_lstm": "P-tuning (LSTM)",
          "prefix_tuning": "prefix tuning (projection)", "prefix_tuning_noproj": "prefix tuning (no projection)",
@@ -232,7 +231,7 @@ def _distributed() -> list[str]:
     lines.append("")
     for r in report["rows"]:
         command = " ".join(["python"] + r["command"].split()[1:])  # the interpreter's path on the GPU machine left out
-        lines.append(f"- `{command}`" + (f": **failed**. {r.get('diagnosis', '')}" if "error" in r else ""))
+        lines.append(f"- `{shown_command(command)}`" + (f": **failed**. {r.get('diagnosis', '')}" if "error" in r else ""))
     if "note" in report:
         lines.append(f"- {report['note']}")
     if "earlier_failure" in report:
@@ -242,7 +241,7 @@ def _distributed() -> list[str]:
         lines.append(f"- Before the loop built the next batch during the step and read the loss one step late "
                      f"({before['note'].split(',')[0]}): 1 GPU {before['1gpu_tokens_per_s']:,.0f} tokens/s, DDP "
                      f"{before['ddp_tokens_per_s']:,.0f} (efficiency {before['ddp_scaling_efficiency']}).")
-    lines.append(f"- Rerun: `{report.get('rerun', 'python bench/train_distributed.py')}`")
+    lines.append(f"- Rerun: `{shown_command(report.get('rerun', 'python -m bench.train.distributed'))}`")
     return lines + [""]
 
 
@@ -252,7 +251,7 @@ def _time_to_accuracy() -> list[str]:
         return ["Time to accuracy on real data: not measured.", ""]
     settings, sides = report["settings"], report["sides"]
     lines = [f"### Real data: SST-2 to {100 * settings['target']:.0f}% dev accuracy ({report['device']}, "
-             "`bench/train_time_to_accuracy.py`)", "",
+             "`bench.train.time_to_accuracy`)", "",
              f"SmolLM2-135M-Instruct, {report['weights']}; prompt tuning, 20 virtual tokens, a linear head on the last "
              f"token; batch {settings['batch_size']}, lr {settings['lr']}, {settings['steps']} steps, all 872 dev "
              f"sentences every {settings['eval_every']} steps. Ours: `softprompt train` as shipped (eager, fp32 weights "
@@ -274,7 +273,8 @@ def _time_to_accuracy() -> list[str]:
         + " Per step: " + ", ".join(f"{s} {per_step[s]:.0f} ms" for s in sides)
         + ". The advantage to the target comes from ours reaching it at an earlier evaluation (both curves are noisy "
         "at this learning rate), not from faster steps: eager, our fp32 weights with autocast step ~7% slower than "
-        "PEFT's bf16 base.", f"- {report.get('note', '')}", f"- Rerun: `{report.get('rerun', '')}`", ""]
+        "PEFT's bf16 base.", f"- {shown_path(report.get('note', ''))}", f"- Rerun: `{shown_command(report.get('rerun', ''))}`",
+        ""]
     return lines
 
 
@@ -282,7 +282,7 @@ def _bytes() -> list[str]:
     report = _load("prompt_bytes.json")
     if not report:
         return ["Saved prompt sizes: not measured."]
-    lines = ["### What a saved prompt weighs (`bench/prompt_bytes.py`, bytes on disk)", "",
+    lines = ["### What a saved prompt weighs (`bench.probe.prompt_bytes`, bytes on disk)", "",
              "`prompt.safetensors` is the collapsed inference tensor (what `eval`, `predict` and `serve` load); "
              "`trainable.safetensors` the training-time module (reparameterisation included), kept for resuming and "
              "droppable for serving. PEFT's adapter holds the collapsed tensor too (for P-tuning it saves the encoder's "
@@ -313,13 +313,13 @@ def training() -> list[str]:
         "",
         f"One training step on {report['device']} (torch {v.get('torch')}, transformers {v.get('transformers')}, "
         f"PEFT {v.get('peft')}), bf16 weights, random init, {report['virtual_tokens']} virtual tokens; "
-        "`bench/train_throughput.py` (its docstring defines each side), rendered by `bench/render_training.py`. "
+        "`bench.train.throughput` (its docstring defines each side), rendered by `bench.render.training`. "
         "tokens/s count the B x S text tokens of a step for every side. Runs:",
         "",
-        *[f"- `{run}`" for run in report.get("runs", [])],
+        *[f"- `{shown_command(run)}`" for run in report.get("runs", [])],
         "",
-        "Reproduce: `python bench/train_throughput.py --out bench/results/train_throughput.json` on one GPU (about "
-        "25 minutes for all three models), then `python bench/render_performance.py`.",
+        "Reproduce: `python -m bench.train.throughput --out bench/results/train_throughput.json` on one GPU (about "
+        "25 minutes for all three models), then `python -m bench.render.performance`.",
         "",
         "### Against the targets",
         "",
@@ -330,7 +330,7 @@ def training() -> list[str]:
         "Small models' steps are bound by the host, not the GPU: launching HF's kernels one by one takes several "
         "times what the GPU spends on them. That is why `train.compile=reduce-overhead` (each block's forward and "
         "backward replayed as CUDA graphs) pays most on GPT-2, and `train.compile=true` (fused kernels) on the 1B "
-        "shape. The profile (`bench/profile_train_step.py`, eager rows):",
+        "shape. The profile (`bench.probe.profile_train_step`, eager rows):",
         "",
         *_profile(),
         "",
