@@ -23,11 +23,12 @@ import json
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
-from bench.harness.report import RESULTS, rerun_command, write_json
+from bench.harness.report import RESULTS, rerun_command, versions, write_json
 from bench.harness.shapes import SHAPES, build_base, tokenizer
 from bench.harness.timing import measure
 
@@ -237,17 +238,11 @@ def main() -> None:
     parser.add_argument("--gen-repeats", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "serve_throughput.json"))
     args = parser.parse_args()
-    import peft
-    import transformers
-
-    import softprompt
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     report = {"benchmark": "serving throughput", "shape": args.shape, "config": SHAPES[args.shape].config,
               "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()})",
-              "dtype": str(dtype), "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                                "peft": peft.__version__, "softprompt": softprompt.__version__},
+              "dtype": str(dtype), "versions": versions(),
               "command": rerun_command("bench.serve.throughput", sys.argv[1:]), "results": {}}
     out = Path(args.out)
     tok = tokenizer()
@@ -260,8 +255,6 @@ def main() -> None:
             else:
                 result = {"s1": s1, "s3": s3}[name](base, tok, args)
         except Exception as e:  # a failing scenario is reported, not fatal
-            import traceback
-
             traceback.print_exc()
             result = {"error": f"{type(e).__name__}: {e}"}
         result["wall_seconds"] = round(time.perf_counter() - start, 1)
