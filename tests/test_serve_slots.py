@@ -2,7 +2,7 @@
 join longer than the running ones (the cache moves right), columns running out (unused ones
 dropped, then the buffers grow), slots resized to the rows held: every row's greedy tokens
 still equal `generate()` on the row alone. CUDA-graph capture itself needs a GPU: its
-equality with the eager step is checked in `bench/serve_throughput.py` (S1 asserts it)."""
+equality with the eager step is checked in `bench.serve.throughput` (S1 asserts it)."""
 
 from __future__ import annotations
 

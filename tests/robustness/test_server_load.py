@@ -1,4 +1,4 @@
-"""The server under load and faults, the bounded CI form of bench/serve_load.py: 64
+"""The server under load and faults, the bounded CI form of bench.serve.load: 64
 concurrent clients for a few seconds against a real uvicorn server on loopback (a tiny
 random Llama serving a verbalizer, a tagger and completions, and two tasks an admin keeps
 loading and unloading), a seeded mix of valid, streamed, cut-short and bad requests. Every
@@ -14,20 +14,17 @@ app.py and guard.py.
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from bench.harness.load import KINDS, VALID, differs, metric, run_load, save_prompts
 from softprompt.serve import Batcher, Engine, PromptBank, Request, TokenStream, create_app
 
 from conftest import make_llama
 from serving import Server
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from serve_load import KINDS, VALID, differs, run_load, save_prompts  # noqa: E402
 
 LOAD_SECONDS = 8
 HARD_TIMEOUT = 180  # the whole run, alone answers and settling included
@@ -201,8 +198,6 @@ def test_a_body_over_the_limit_gets_its_413_while_the_client_still_sends(served)
     import asyncio
 
     import httpx
-
-    from serve_load import metric
 
     app, plan = served
     limit = plan.max_body_bytes

@@ -3,7 +3,7 @@
 PyTorch's cuDNN attention backend (its default on H100 / H200 since torch 2.11) returns NaN
 gradients when a query row attends to no key and the sequence length is 64 modulo 128
 (pytorch/pytorch#196678). Left-padded rows of a causal LM are such rows: a pad at the front
-sees only pads. Measured on an H100 (torch 2.11, `bench/sdpa_nan_probe.py`): a Llama
+sees only pads. Measured on an H100 (torch 2.11, `python -m bench.probe.sdpa_nan`): a Llama
 stack with left padding at length 64 or 192 gets NaN gradients on its real tokens with the
 default and the cuDNN backends, none with flash / memory-efficient / math attention, and none
 with right padding. A training run of SST-2 on SmolLM2-135M stopped on a NaN loss at the

@@ -2,9 +2,9 @@
 full fine-tuning on all-MiniLM-L6-v2, all with the same data order, steps, batch size,
 learning rates, seed, head and pooling.
 
-    python bench/quality_sst2.py --jobs 8                     # every row (~5 min on one H100)
-    python bench/quality_sst2.py --rows p-tuning-v2 full-ft   # a subset (merged into the JSON)
-    python bench/render_results.py                            # docs/RESULTS.md from every JSON
+    python -m bench.quality.sst2 --jobs 8                     # every row (~5 min on one H100)
+    python -m bench.quality.sst2 --rows p-tuning-v2 full-ft   # a subset (merged into the JSON)
+    python -m bench.render.results                            # docs/RESULTS.md from every JSON
 
 Writes bench/results/quality_sst2.json after every row, so a partial run survives; rows of
 an earlier run with the same settings (steps, batch size, eval interval, seed) are kept
@@ -13,26 +13,19 @@ unless rerun.
 Every row: a linear head (dropout 0.1) over the mean of the last hidden states of the real
 tokens ([CLS] text [SEP], never the virtual positions), AdamW (no weight decay), a linear
 warm-up over 6% of the steps then linear decay, gradient clipping at 1.0, the batches of
-`softprompt.train.epoch_batches` (length-bucketed, seeded), bf16 autocast on a GPU. Our
-rows go through `softprompt.run.run_training` (what `softprompt train` runs); the PEFT and
-baseline rows through `train_loop` below, which copies that loop's settings from
-`TrainConfig`'s defaults.
+`softprompt.training.order.epoch_batches` (length-bucketed, seeded), bf16 autocast on a GPU. Our
+rows go through `softprompt.training.run.run_training` (what `softprompt train` runs); the PEFT and
+baseline rows through `bench.harness.baselines.sentence_baseline`, which copies that loop's
+settings from `TrainConfig`'s defaults.
 """
 
 from __future__ import annotations
 
-import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, device_name, run_command, run_ours, run_parser, run_rows, run_settings, subset,  # noqa: E402
-                     start_report, versions)
+from bench.harness.baselines import run_ours, sentence_baseline
+from bench.harness.report import (RESULTS, device_name, run_command, run_parser, run_rows, run_settings, shown_command,
+                                  start_report, subset, versions)
 
 OUT = RESULTS / "quality_sst2.json"
 P = 20  # virtual tokens, every method
@@ -115,120 +108,16 @@ def ours(name: str, args) -> dict:
             "train_seconds": result["train_seconds"]}
 
 
-# -- PEFT and baseline rows: one loop with the settings of softprompt.train ----------
-class Classifier(nn.Module):
-    """Mean of the real tokens' last hidden states -> dropout -> linear (as `SequenceClassification`)."""
-
-    def __init__(self, body: nn.Module, hidden: int, num_labels: int, skip: int):
-        super().__init__()
-        self.body, self.skip = body, skip
-        self.dropout = nn.Dropout(0.1)
-        self.head = nn.Linear(hidden, num_labels)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, skip+T, D)
-        # PEFT's prompt tuning / P-tuning return the P virtual positions first; prefix tuning returns T.
-        states = states[:, self.skip :]  # (B, T, D)
-        if states.shape[1] != attention_mask.shape[1]:
-            raise RuntimeError(f"expected {attention_mask.shape[1]} real positions, got {states.shape[1]}")
-        w = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
-        pooled = (states * w).sum(1) / w.sum(1).clamp(min=1)  # (B, D)
-        return self.head(self.dropout(pooled.float()))  # (B, num_labels)
-
-
-def _batch(tok, examples, labels, device):
-    enc = tok([e["text"] for e in examples], padding=True, truncation=True, max_length=512 - P, return_tensors="pt")
-    y = torch.tensor([labels.index(str(e["label"])) for e in examples])
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device), y.to(device)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on a GPU, as accelerate's ``mixed_precision="auto"`` in softprompt.train."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-@torch.no_grad()
-def accuracy(clf: Classifier, tok, examples, labels, batch_size: int, device) -> float:
-    """Dev accuracy; batches sorted by length as `softprompt.train.evaluate` does."""
-    from softprompt.training.order import example_length as _length
-
-    clf.eval()
-    order = sorted(range(len(examples)), key=lambda i: _length(examples[i]))
-    correct = 0
-    for start in range(0, len(order), batch_size):
-        ids, mask, y = _batch(tok, [examples[i] for i in order[start : start + batch_size]], labels, device)
-        correct += int((clf(ids, mask).argmax(-1) == y).sum())
-    clf.train()
-    return correct / len(examples)
-
-
-def train_loop(name: str, args) -> dict:
-    """A PEFT or baseline row: the data order, optimiser, schedule and clipping of softprompt.train."""
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
-
-    from softprompt.data import load_recipe
-    from softprompt.base_models import load_base
+# -- PEFT and baseline rows: one loop with the settings of softprompt.training.loop ----------
+def baseline(name: str, args) -> dict:
+    """A PEFT or baseline row (`bench.harness.baselines.sentence_baseline`)."""
     from softprompt.training.config import TrainConfig
-    from softprompt.training.order import epoch_batches
 
     spec = ROWS[name]
     lr, head_lr = row_lrs(name)
-    defaults = TrainConfig()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    recipe = load_recipe("sst2", args.data_root)
-    train, dev = recipe.examples("train"), recipe.examples("dev")
-    base, tok = load_base("minilm")
-    set_seed(args.seed)
-    extra: dict = {}
-    skip = 0
-    if spec["impl"] == "peft":
-        import peft
-
-        cls_name, kwargs = spec["peft"]
-        peft_config = getattr(peft, cls_name)(task_type="FEATURE_EXTRACTION", num_virtual_tokens=P, **kwargs)
-        body = peft.get_peft_model(base, peft_config)
-        skip = 0 if cls_name == "PrefixTuningConfig" else P
-        extra["peft_config"] = {"class": cls_name, "num_virtual_tokens": P, "task_type": "FEATURE_EXTRACTION", **kwargs}
-    else:
-        body = base
-        for p in base.parameters():
-            p.requires_grad_(spec["method"] == "full-fine-tuning")
-    clf = Classifier(body, base.config.hidden_size, len(recipe.labels), skip).to(device)
-    body_params = [p for p in body.parameters() if p.requires_grad]
-    groups = [{"params": list(clf.head.parameters()), "lr": head_lr}]
-    if body_params:
-        groups.insert(0, {"params": body_params, "lr": lr})
-    trainable = sum(p.numel() for g in groups for p in g["params"])
-    optimizer = torch.optim.AdamW(groups, weight_decay=defaults.weight_decay)
-    scheduler = get_scheduler(defaults.schedule, optimizer, num_warmup_steps=int(defaults.warmup_ratio * args.steps),
-                              num_training_steps=args.steps)
-    clf.train()
-    start = time.perf_counter()
-    epoch, position = 0, 0
-    batches = epoch_batches(train, args.batch_size, epoch, args.seed, defaults.bucket)
-    evals = []
-    for step in range(1, args.steps + 1):
-        if position >= len(batches):
-            epoch, position = epoch + 1, 0
-            batches = epoch_batches(train, args.batch_size, epoch, args.seed, defaults.bucket)
-        ids, mask, y = _batch(tok, [train[i] for i in batches[position]], recipe.labels, device)
-        position += 1
-        with autocast(device):
-            loss = F.cross_entropy(clf(ids, mask).float(), y)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], defaults.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            evals.append([step, accuracy(clf, tok, dev, recipe.labels, defaults.eval_batch_size, device)])
-    seconds = time.perf_counter() - start
-    best = max(evals, key=lambda e: (e[1], -e[0]))  # the first evaluation with the best accuracy
-    return {**extra, "trainable_params": trainable, "evals": evals, "best_dev_accuracy": best[1], "best_step": best[0],
-            "train_seconds": round(seconds, 1)}
+    t = TrainConfig(steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed)
+    return sentence_baseline(t, model="minilm", task="sst2", data_root=args.data_root, lr=lr, head_lr=head_lr, P=P,
+                             peft=spec.get("peft"), full=spec["method"] == "full-fine-tuning")
 
 
 def run_row(name: str, args) -> dict:
@@ -239,7 +128,7 @@ def run_row(name: str, args) -> dict:
            "num_virtual_tokens": spec.get("P", P) if spec["impl"] != "baseline" else 0}
     if spec["method"] == "full-fine-tuning":
         row["encoder_lr"], row["prompt_lr"] = lr, None
-    row |= ours(name, args) if spec["impl"] == "softprompt" else train_loop(name, args)
+    row |= ours(name, args) if spec["impl"] == "softprompt" else baseline(name, args)
     row["final_dev_accuracy"] = row["evals"][-1][1]
     return row
 
@@ -265,11 +154,11 @@ def render(report: dict, seed_reports: list[dict] = ()) -> list[str]:
     lines = [
         f"## SST-2 dev accuracy, all-MiniLM-L6-v2 (`minilm`), {report['device']}",
         "",
-        f"Rerun: `{report['command']}` (writes `bench/results/quality_sst2.json`), then "
-        "`python bench/render_results.py`.",
+        f"Rerun: `{shown_command(report['command'])}` (writes `bench/results/quality_sst2.json`), then "
+        "`python -m bench.render.results`.",
         "",
         f"{s['steps']} steps of {s['batch_size']} sentences, seed {s['seed']}, the same length-bucketed data order "
-        f"(`softprompt.train.epoch_batches`) for every row; accuracy on all {report.get('dev_size', 872)} dev sentences "
+        f"(`softprompt.training.order.epoch_batches`) for every row; accuracy on all {report.get('dev_size', 872)} dev sentences "
         f"every {s['eval_every']} steps and at the end. Every row has the same head: dropout 0.1 and a linear layer over "
         "the mean of the last hidden states of the real tokens (`[CLS] text [SEP]`, virtual positions dropped). AdamW "
         "without weight decay, linear warm-up over 6% of the steps then linear decay, gradient clipping at 1.0. "
@@ -425,7 +314,7 @@ def main() -> None:
 
     recipe = load_recipe("sst2", args.data_root)
     header = {"benchmark": "SST-2 dev accuracy, all-MiniLM-L6-v2", "device": device_name(), "settings": run_settings(args),
-              "versions": versions(), "command": run_command("quality_sst2.py", args, subset("--rows", args.rows, RUN_ORDER)), "data": recipe.notes or "SST-2",
+              "versions": versions(), "command": run_command("bench.quality.sst2", args, subset("--rows", args.rows, RUN_ORDER)), "data": recipe.notes or "SST-2",
               "dev_size": len(recipe.examples("dev")),
               "parallel": f"{args.jobs} rows ran at a time." if args.jobs > 1 else ""}
     report = start_report(Path(args.out), header, list(args.rows))

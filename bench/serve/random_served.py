@@ -2,8 +2,8 @@
 three tasks on it: what `softprompt serve` loads for the HTTP benchmark on a GPU machine
 that has no trained weights (speed does not depend on the weights).
 
-    python bench/random_served.py --shape llama-1b --out /tmp/served
-    python bench/serve_http.py --model /tmp/served/model --prompts /tmp/served/prompts --dtype bfloat16
+    python -m bench.serve.random_served --shape llama-1b --out /tmp/served
+    python -m bench.serve.http --model /tmp/served/model --prompts /tmp/served/prompts --dtype bfloat16
 
 Tasks: ``sentiment`` (P-tuning v2, 20 deep tokens, a label-word verbalizer), ``topic``
 (prompt tuning, 20 virtual tokens, a classification head on the pooled state) and ``writer``
@@ -13,13 +13,11 @@ Tasks: ``sentiment`` (P-tuning v2, 20 deep tokens, a label-word verbalizer), ``t
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import SHAPES, build_base, tokenizer  # noqa: E402
+from bench.harness.shapes import SHAPES, build_base, tokenizer
 
 
 def main() -> None:
@@ -29,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     import softprompt as sp
     from softprompt.tasks import SequenceClassification, Verbalizer
-    from softprompt.folder import save_with_task as save_for_inference
+    from softprompt.folder import save_with_task
 
     out = Path(args.out)
     tok = tokenizer()
@@ -50,7 +48,7 @@ def main() -> None:
             model.save_pretrained(out / "prompts" / name, save_trainable=False)
         else:
             task.bind(model)
-            save_for_inference(model, task, out / "prompts" / name, {"note": "random init: for speed only"})
+            save_with_task(model, task, out / "prompts" / name, {"note": "random init: for speed only"})
     print(f"wrote {out / 'model'} and {len(tasks)} prompt folders under {out / 'prompts'}")
 
 

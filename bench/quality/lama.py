@@ -1,8 +1,8 @@
 """LAMA T-REx knowledge probing on SmolLM2-135M-Instruct: LAMA's manual templates zero-shot
 against P-tuning (one prompt per relation, trained on held-out facts of that relation).
 
-    python bench/quality_lama.py --jobs 8        # all 41 relations (~6 min on one H100)
-    python bench/render_results.py               # docs/RESULTS.md from every JSON
+    python -m bench.quality.lama --jobs 8        # all 41 relations (~6 min on one H100)
+    python -m bench.render.results               # docs/RESULTS.md from every JSON
 
 Protocol (the P-tuning paper's LAMA-29k setting for GPT-2, with SmolLM2's vocabulary in place
 of GPT-2's): the candidates are the words of LAMA's common vocabulary that are one token of
@@ -20,13 +20,12 @@ Rows per relation:
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, device_name, pct, run_command, run_ours, run_parser, run_rows, run_settings, subset,  # noqa: E402
-                     start_report, versions)
+from bench.harness.baselines import run_ours
+from bench.harness.report import (RESULTS, device_name, pct, run_command, run_parser, run_rows, run_settings,
+                                  shown_command, start_report, subset, versions)
 
 OUT = RESULTS / "quality_lama.json"
 MODEL = "smollm2-135m"
@@ -149,7 +148,7 @@ def render(report: dict) -> list[str]:
     lines = [
         f"## LAMA T-REx precision@1, SmolLM2-135M-Instruct (`smollm2-135m`), {report['device']}",
         "",
-        f"Rerun: `{report['command']}`, then `python bench/render_results.py`.",
+        f"Rerun: `{shown_command(report['command'])}`, then `python -m bench.render.results`.",
         "",
         "The P-tuning paper's LAMA-29k protocol for GPT-2, with SmolLM2's vocabulary: candidates are the words of "
         f"LAMA's common vocabulary that are one SmolLM2 token after a space ({c.get('kept', '?'):,} of "
@@ -219,7 +218,7 @@ def main() -> None:
                   "versions": versions(),
                   "candidates": {"kept": len(args.candidates), "total": total, "facts_kept": facts_kept,
                                  "facts_total": facts_total},
-                  "command": run_command("quality_lama.py", args, " ".join(filter(None, [
+                  "command": run_command("bench.quality.lama", args, " ".join(filter(None, [
                       "--lrs " + " ".join(f"{x:g}" for x in args.lrs), subset("--only", args.only, None),
                       subset("--relations", None if args.only else args.relations, None),
                       subset("--variants", args.variants, list(VARIANTS))])))}

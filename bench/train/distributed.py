@@ -1,15 +1,16 @@
 """Training on more than one GPU with `accelerate launch`: data-parallel (DDP) and FSDP (the
-frozen base sharded), through `softprompt.train.train` itself, against one GPU.
+frozen base sharded), through `softprompt.training.loop.train` itself, against one GPU.
 
-    python bench/train_distributed.py --out bench/results/train_distributed.json     # on 2 GPUs
+    python -m bench.train.distributed --out bench/results/train_distributed.json     # on 2 GPUs
 
-It launches, for each configuration, the same worker (this file with ``--worker``):
+It launches, for each configuration, the same worker (this module with ``--worker``), from
+the repository root:
 
-  1 GPU       python bench/train_distributed.py --worker ...
-  DDP, 2 GPUs accelerate launch --multi_gpu --num_processes 2 bench/train_distributed.py --worker ...
+  1 GPU       python -m bench.train.distributed --worker ...
+  DDP, 2 GPUs accelerate launch --multi_gpu --num_processes 2 -m bench.train.distributed --worker ...
   FSDP 2 GPUs accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 \\
                 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer \\
-                bench/train_distributed.py --worker ...
+                -m bench.train.distributed --worker ...
 
 The worker builds a randomly initialised Llama shape in bf16 on its process's GPU (same seed
 on every process), a prompt-tuning prompt (20 virtual tokens) with a verbalizer, and trains
@@ -32,8 +33,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, versions, write_json  # noqa: E402
+from bench.harness.report import RESULTS, ROOT, versions, write_json
+from bench.harness.shapes import build_base, tokenizer
+
+MODULE = ["-m", "bench.train.distributed"]
 
 # ZeRO-3 through accelerate needs the micro-batch size in a DeepSpeed file: the loop prepares
 # no DataLoader for accelerate to read it from.
@@ -44,8 +47,6 @@ FSDP = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFO
 
 
 def worker(args) -> None:
-    import train_throughput as tt
-
     import softprompt as sp
     from softprompt.tasks import Verbalizer
     from softprompt.training.config import TrainConfig
@@ -55,8 +56,8 @@ def worker(args) -> None:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local)
-    tok = tt.tokenizer()
-    base = tt.build_base(args.model, f"cuda:{local}" if cuda else "cpu")
+    tok = tokenizer()
+    base = build_base(args.model, f"cuda:{local}" if cuda else "cpu", train=True)
     model = sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:20] {text} It was [MASK] ."), tokenizer=tok)
     task = Verbalizer({"positive": " great", "negative": " terrible"})
     rng = random.Random(0)
@@ -96,12 +97,11 @@ def worker(args) -> None:
 
 def launch(prefix: list[str], args, model: str, batch: int, label: str, report: dict, out: Path) -> None:
     result = Path(tempfile.mkdtemp()) / "result.json"
-    command = prefix + [str(Path(__file__).resolve()), "--worker", "--model", model, "--batch-size", str(batch), "--steps", str(args.steps), "--words", str(args.words),
-                        "--result", str(result)]
+    command = prefix + MODULE + ["--worker", "--model", model, "--batch-size", str(batch), "--steps", str(args.steps),
+                                 "--words", str(args.words), "--result", str(result)]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-    row = {"config": label, "command": " ".join(c if c != str(Path(__file__).resolve()) else "bench/train_distributed.py"
-                                                for c in command[:-2])}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+    row = {"config": label, "command": " ".join(command[:-2])}
     if done.returncode == 0 and result.exists():
         row.update(json.loads(result.read_text()))
     else:

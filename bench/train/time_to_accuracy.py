@@ -1,7 +1,7 @@
 """Time to a fixed SST-2 dev accuracy: `softprompt train` against HF PEFT under `transformers.Trainer`.
 
-    python bench/train_time_to_accuracy.py --out bench/results/train_time_to_accuracy.json          # on a GPU
-    python bench/train_time_to_accuracy.py --steps 4 --eval-every 2 --dev-limit 32 --batch-size 4 \\
+    python -m bench.train.time_to_accuracy --out bench/results/train_time_to_accuracy.json          # on a GPU
+    python -m bench.train.time_to_accuracy --steps 4 --eval-every 2 --dev-limit 32 --batch-size 4 \\
         --out /tmp/t.json                                                                           # CPU smoke run
 
 Both sides: SmolLM2-135M-Instruct (the packaged real weights, `smollm2-135m`), prompt tuning with
@@ -9,7 +9,7 @@ Both sides: SmolLM2-135M-Instruct (the packaged real weights, `smollm2-135m`), p
 state, SST-2 train / dev (../shared/data), the same learning rate, batch size, step budget
 and evaluation interval; each side otherwise as its users run it:
 
-  ours   `softprompt.run.run_training` (what `softprompt train` runs): its defaults (linear
+  ours   `softprompt.training.run.run_training` (what `softprompt train` runs): its defaults (linear
          decay after 6% warm-up, clipping at 1.0, length-bucketed batches, head lr 5e-3), the
          base as loaded (fp32) with bf16 autocast on a GPU (``--dtype`` changes it), and ``train.compile`` as given (``--compile``).
   peft   `get_peft_model(LlamaForSequenceClassification, PromptTuningConfig(task_type="SEQ_CLS"))`
@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, versions, write_json  # noqa: E402
+from bench.harness.report import RESULTS, versions, write_json
 
 P = 20
 

@@ -1,10 +1,10 @@
 """What a saved prompt costs to store and to serve, per method: softprompt's files against HF
 PEFT's adapter, and whether storing the inference tensor in bf16 changes accuracy.
 
-    python bench/prompt_bytes.py --out bench/results/prompt_bytes.json     # CPU, ~5 minutes
+    python -m bench.probe.prompt_bytes --out bench/results/prompt_bytes.json     # CPU, ~5 minutes
 
 Part 1, sizes (randomly initialised bases of real shapes, 20 virtual tokens, the same
-method sizes as bench/train_throughput.py): the bytes of ``prompt.safetensors`` (the collapsed
+method sizes as bench.train.throughput: `bench.harness.steps`): the bytes of ``prompt.safetensors`` (the collapsed
 inference tensor, what serving loads: fp32, and in bf16), of ``trainable.safetensors`` (the
 training-time module, for resuming), against PEFT's ``adapter_model.safetensors`` after
 ``save_pretrained``.
@@ -18,53 +18,39 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, run_ours, versions, write_json  # noqa: E402
+from bench.harness.baselines import run_ours
+from bench.harness.report import RESULTS, versions, write_json
+from bench.harness.shapes import build_base
+from bench.harness.steps import METHODS, our_config, peft_config
 
-SHAPES = {
-    "gpt2-124m": ("gpt2", {}),
-    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                                   num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)),
-    "llama-3b": ("llama", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)),
-}
-
+MEASURED = ("gpt2-124m", "smollm2-135m", "llama-3b")  # the shapes of prompt_bytes.json (harness.shapes)
 
 def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
 def sizes(shape: str) -> list[dict]:
-    import train_throughput as tt
     from peft import get_peft_model
     from safetensors.torch import save_file
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     import softprompt as sp
 
-    family, kwargs = SHAPES[shape]
-    torch.manual_seed(0)
-    if family == "gpt2":
-        base = GPT2LMHeadModel._from_config(GPT2Config(), dtype=torch.bfloat16)
-    else:
-        base = LlamaForCausalLM._from_config(LlamaConfig(**kwargs), dtype=torch.bfloat16)
-    base.requires_grad_(False)
+    base = build_base(shape, "cpu", torch.bfloat16)
     hidden = base.config.hidden_size
     rows = []
-    for method in tt.METHODS:
+    for method in METHODS:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            model = sp.SoftPromptModel(base, tt.our_config(method, hidden))
+            model = sp.SoftPromptModel(base, our_config(method, hidden))
             model.save_pretrained(tmp / "ours")
             tensor = model.export()
             save_file({"prompt": tensor.bfloat16().contiguous()}, str(tmp / "bf16.safetensors"))
-            peft_model = get_peft_model(base, tt.peft_config(method))
+            peft_model = get_peft_model(base, peft_config(method))
             peft_model.save_pretrained(str(tmp / "peft"))
             base.requires_grad_(False)
             rows.append({
@@ -80,7 +66,7 @@ def sizes(shape: str) -> list[dict]:
 
 def bf16_accuracy(method: str, steps: int, data_root: str | None) -> dict:
     from softprompt.io.atomic import load_tensors
-    from softprompt.folder import load_with_task as load_saved
+    from softprompt.folder import load_with_task
     from softprompt.base_models import load_base
     from softprompt.training.config import RunConfig
     from softprompt.training.config import TrainConfig
@@ -109,7 +95,7 @@ def bf16_accuracy(method: str, steps: int, data_root: str | None) -> dict:
                "max_abs_rounding": float((tensor.bfloat16().float() - tensor).abs().max())}
         predictions = {}
         for name, folder in (("fp32", kept), ("bf16", rounded)):
-            model, task = load_saved(folder, base, tokenizer)
+            model, task = load_with_task(folder, base, tokenizer)
             scores, preds = evaluate(model, task, dev, 64)
             out[f"dev_accuracy_{name}"] = scores["accuracy"]
             predictions[name] = [p["label"] for p in preds]
@@ -121,13 +107,13 @@ def bf16_accuracy(method: str, steps: int, data_root: str | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default=",".join(MEASURED))
     parser.add_argument("--methods", default="prompt-tuning,p-tuning-v2", help="part 2 methods")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "prompt_bytes.json")
     args = parser.parse_args()
-    report = {"benchmark": "prompt_bytes", "versions": versions(), "rerun": "python bench/prompt_bytes.py",
+    report = {"benchmark": "prompt_bytes", "versions": versions(), "rerun": "python -m bench.probe.prompt_bytes",
               "sizes": [], "bf16_storage": []}
     for shape in args.shapes.split(","):
         report["sizes"] += sizes(shape)

@@ -1,16 +1,10 @@
-"""The HTTP server under load and faults, on loopback: N concurrent clients sending a
-seeded random mix of valid and bad requests for T seconds while an admin loads and
-unloads prompts, every answer checked against the answer to the same request alone.
+"""The HTTP load generators and the server helpers they use (the load-and-faults benchmark
+bench.serve.load, the HTTP throughput benchmark bench.serve.http and
+tests/robustness/test_server_load.py import them from here).
 
-    python bench/serve_load.py                       # the 60 s form: 64 clients, SmolLM2-135M, CPU
-    python bench/serve_load.py --clients 8 --seconds 10 --out /tmp/serve_load_trial.json   # a trial
-
-`main` builds five prompt folders on the packaged SmolLM2-135M (freshly initialised and
-saved: reliability does not depend on training), starts the real CLI server
-(``softprompt serve --model smollm2-135m --prompts ... --admin``) as a subprocess on
-127.0.0.1, runs `run_load` and writes bench/results/serve_load_cpu.json atomically. The CI
-form (tests/robustness/test_server_load.py) runs the same `run_load` for a few seconds
-against an in-process server on a tiny random Llama.
+`run_load`: N concurrent clients sending a seeded random mix of valid and bad requests for
+T seconds while an admin loads and unloads prompts, every answer checked against the
+answer to the same request alone.
 
 The mix (`KINDS`, weights): classify on task A (1-3 inputs), tag on task B (NER), greedy
 completions on task C, the same streamed, streamed with a client that hangs up after the
@@ -35,22 +29,20 @@ Reported: requests served per kind (and per status), failures with the first exa
 p50 / p99 latency of valid requests (a stream: to its last chunk; a stream cut short: to
 its first) and the slowest five, requests/s, the admin's loads and unloads, the server's
 RSS (before, peak, after, and the peaks of each half of the load: growth shows as a
-second half above the first), the tail of the server's log. The 60 s form takes about
-2.5 minutes on 2 cores (two model loads, the alone answers, the load); it exits non-zero
-when there was any failure, after writing the report.
+second half above the first).
+
+`closed_loop`: N clients, each sending one request at a time and waiting for its answer,
+the tasks round-robin, for a fixed time: requests/s, latency percentiles, failures.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
-import os
 import random
-import subprocess
-import sys
-import tempfile
+import socket
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -58,9 +50,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, device_name, free_port, versions, wait_healthy, write_json  # noqa: E402
 
 TEXTS = ["a gem of a film", "bad", "the plot wanders but the cast holds it together", "fine", "not my cup of tea",
          "great fun for the whole family", "a dull , lifeless mess"]
@@ -110,6 +99,45 @@ class Plan:
     churn_pause: tuple[float, float] = (0.02, 0.2)
 
 
+# -- the server ---------------------------------------------------------------------------
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a server the benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll `url`/health until it answers 200; RuntimeError if `alive()` turns false first
+    (the server process exited) or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if not alive():
+            raise RuntimeError("the server exited before it answered /health")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def metric(text: str, name: str) -> float | None:
+    """The value of Prometheus metric `name` (a line ``name value``) in a /metrics `text`."""
+    line = next((x for x in text.splitlines() if x.startswith(name + " ")), None)
+    return float(line.split()[-1]) if line else None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (None for no values)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))]
+
+
 # -- prompt folders -------------------------------------------------------------------
 def save_prompts(base, tokenizer, folder: Path) -> Plan:
     """Five freshly initialised prompt folders on `base` under `folder` (one per task, as
@@ -121,7 +149,7 @@ def save_prompts(base, tokenizer, folder: Path) -> Plan:
 
     import softprompt as sp
     from softprompt.tasks import SequenceClassification, TokenClassification, Verbalizer
-    from softprompt.folder import save_with_task as save_for_inference
+    from softprompt.folder import save_with_task
 
     folders = {
         "sentiment": (sp.PTuningV2Config(num_virtual_tokens=4, template="{text} It was [MASK]", init_std=0.5),
@@ -140,7 +168,7 @@ def save_prompts(base, tokenizer, folder: Path) -> Plan:
             model.save_pretrained(folder / name, save_trainable=False)
         else:
             task.bind(model)
-            save_for_inference(model, task, folder / name, {"note": "random init: for the load test"})
+            save_with_task(model, task, folder / name, {"note": "random init: for the load test"})
     return Plan(churn_paths={n: str(folder / n) for n in ("extra", "extra_writer")})
 
 
@@ -273,14 +301,6 @@ class Tally:
         if len(self.examples) < 20:
             shown = json.dumps(body)[:200] if body is not None else None
             self.examples.append({"kind": kind, "status": status, "problem": problem[:400], "request": shown})
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (None for no values)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))]
 
 
 def _expect(r: httpx.Response, status: int, words: str) -> str | None:
@@ -484,11 +504,6 @@ class Load:
                 await asyncio.sleep(0.5)
 
 
-def metric(text: str, name: str) -> float | None:
-    line = next((x for x in text.splitlines() if x.startswith(name + " ")), None)
-    return float(line.split()[-1]) if line else None
-
-
 def rss_mib(pid: int | None = None) -> float | None:
     """A process's resident memory in MiB (Linux /proc; None elsewhere)."""
     try:
@@ -568,57 +583,58 @@ def run_load(url: str, plan: Plan, *, clients: int = 64, seconds: float = 60, se
     }
 
 
-# -- the 60 s form: the CLI server in a subprocess ----------------------------------------------
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m", help="a causal LM (alias or path): all five tasks on it")
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", default=None, help="where the prompt folders go (default: a temporary folder)")
-    parser.add_argument("--out", default=None, help="default: bench/results/serve_load_cpu.json")
-    args = parser.parse_args()
-    import torch
-
-    from softprompt.base_models import load_base
-
-    out = Path(args.out) if args.out else RESULTS / "serve_load_cpu.json"
-    with tempfile.TemporaryDirectory() as tmp:
-        prompts = Path(args.workdir or tmp) / "prompts"
-        base, tokenizer = load_base(args.model)
-        plan = save_prompts(base, tokenizer, prompts)
-        plan.churn_pause = (0.05, 8.0)  # requests wait seconds in the queue: some states must last that long
-        del base
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = open(Path(tmp) / "server.log", "w+")
-        server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", args.model, "--prompts",
-                                   str(prompts), "--port", str(port), "--device", "cpu", "--admin"],
-                                  stdout=subprocess.DEVNULL, stderr=log, text=True)
-        try:
-            wait_healthy(url, 600, alive=lambda: server.poll() is None)
-            report = run_load(url, plan, clients=args.clients, seconds=args.seconds, seed=args.seed, pid=server.pid)
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
-            log.seek(0)
-            server_log = log.read()
-            log.close()
-    threads = os.environ.get("OMP_NUM_THREADS")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
-    report = {"benchmark": "HTTP server under load and faults (loopback)",
-              "command": "python bench/serve_load.py " + " ".join(a for a in sys.argv[1:]),
-              "device": device_name(), "cpu": cpu, "cpu_count": os.cpu_count(), "omp_num_threads": threads,
-              "torch_threads": torch.get_num_threads(), "versions": versions(), "model": args.model,
-              "tasks": {"classify": plan.classify, "tag": plan.tag, "complete": plan.complete,
-                        "churned": list(plan.churn_paths)},
-              "mix": KINDS, "server_log_tail": server_log[-2000:], **report}
-    write_json(report, out)
-    print(json.dumps({k: v for k, v in report.items() if k not in ("versions", "server_log_tail")}, indent=1))
-    if report["failures"]:
-        raise SystemExit(f"{report['failures']} failures (see {out})")
+# -- closed-loop throughput ---------------------------------------------------------------------
+#: what the throughput clients send, in turn
+CLOSED_LOOP_TEXTS = ["a gem of a film", "Anna flew to Paris with Lufthansa",
+                     "the plot wanders but the cast holds it together", "a dull , lifeless mess",
+                     "Microsoft opened an office in Berlin", "great fun for the whole family"]
 
 
-if __name__ == "__main__":
-    main()
+def _request_for(model: dict) -> tuple[str, Callable[[str, str], dict]]:
+    """The endpoint a loaded task answers on, and its body for one input."""
+    if model["task"] == "ner":
+        return "/v1/tag", lambda t, x: {"task": t, "inputs": [x]}
+    if model["task"] in (None, "generation"):
+        return "/v1/completions", lambda t, x: {"model": t, "prompt": x, "max_tokens": 16, "temperature": 0}
+    return "/v1/classify", lambda t, x: {"task": t, "inputs": [x]}
+
+
+def closed_loop(url: str, *, clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` threads, each sending one request at a time (one input) to the server at
+    `url` for `seconds`, choosing the task round-robin over every loaded task; the endpoint
+    follows the task (classify, tag, or completions for tasks without a head).
+
+    Returns:
+        ``tasks`` (ids), ``wall`` (seconds), ``latencies`` (seconds of every 200 answer),
+        ``failures`` (status -> count, any status but 200).
+    """
+    models = httpx.get(f"{url}/v1/models").json()["data"]
+    plan = [(m["id"], *_request_for(m)) for m in models]
+    latencies: list[float] = []
+    failures: dict[str, int] = {}
+    lock = threading.Lock()
+    stop_at = time.time() + seconds
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            i = k
+            while time.time() < stop_at:
+                task, endpoint, body = plan[i % len(plan)]
+                start = time.perf_counter()
+                r = c.post(endpoint, json=body(task, CLOSED_LOOP_TEXTS[i % len(CLOSED_LOOP_TEXTS)]))
+                elapsed = time.perf_counter() - start
+                with lock:
+                    if r.status_code == 200:
+                        latencies.append(elapsed)
+                    else:
+                        failures[str(r.status_code)] = failures.get(str(r.status_code), 0) + 1
+                i += 1
+
+    started = time.time()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"tasks": [m["id"] for m in models], "wall": time.time() - started, "latencies": latencies,
+            "failures": failures}

@@ -1,7 +1,7 @@
 """Merge the JSON reports of several runs of one quality benchmark into one report (a long
-run split over several invocations, e.g. with `quality_lama.py --only`).
+run split over several invocations, e.g. with `python -m bench.quality.lama --only`).
 
-    python bench/merge_reports.py first.json second.json ... --out bench/results/quality_lama.json
+    python -m bench.quality.merge first.json second.json ... --out bench/results/quality_lama.json
 
 The first report gives the header (settings, command); rows are keyed by their ``row`` name
 and the first successful occurrence wins (a row that failed in one part and succeeded in a
@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json  # noqa: E402
+from bench.harness.report import write_json
 
 
 def compatible(first: dict, other: dict) -> bool:

@@ -1,8 +1,8 @@
 """FewGLUE (32 training examples) on SmolLM2-135M-Instruct: the manual prompt zero-shot
 against P-tuning with anchors (the P-tuning paper's few-shot setting, on a frozen model).
 
-    python bench/quality_fewglue.py --jobs 6     # every row (~3 min on one H100)
-    python bench/render_results.py               # docs/RESULTS.md from every JSON
+    python -m bench.quality.fewglue --jobs 6     # every row (~3 min on one H100)
+    python -m bench.render.results               # docs/RESULTS.md from every JSON
 
 Zero-shot: the recipe's manual causal template (``{premise} Question: {hypothesis} ?
 Answer: [MASK]``), label words read at the end (Yes / No / Maybe), no trained vectors.
@@ -15,12 +15,11 @@ rates; the run and step with the best ``dev32`` accuracy are kept and scored on
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, device_name, pct, run_command, run_ours, run_parser, run_rows, run_settings, subset,  # noqa: E402
-                     start_report, versions)
+from bench.harness.baselines import run_ours
+from bench.harness.report import (RESULTS, device_name, pct, run_command, run_parser, run_rows, run_settings,
+                                  shown_command, start_report, subset, versions)
 
 OUT = RESULTS / "quality_fewglue.json"
 MODEL = "smollm2-135m"
@@ -71,7 +70,7 @@ def render(report: dict) -> list[str]:
     lines = [
         f"## FewGLUE (32 training examples), SmolLM2-135M-Instruct (`smollm2-135m`), {report['device']}",
         "",
-        f"Rerun: `{report['command']}`, then `python bench/render_results.py`.",
+        f"Rerun: `{shown_command(report['command'])}`, then `python -m bench.render.results`.",
         "",
         "Test = `val.jsonl` (the official SuperGLUE validation set, as in the P-tuning paper); model selection on "
         f"`dev32.jsonl`. P-tuning: bi-LSTM + MLP prompt encoder, 6 virtual tokens around the anchors, frozen model, "
@@ -117,7 +116,7 @@ def main() -> None:
 
     load_base(MODEL)  # converts the GGUF once, before the workers start
     header = {"benchmark": "FewGLUE, SmolLM2-135M-Instruct", "device": device_name(), "settings": run_settings(args),
-              "versions": versions(), "command": run_command("quality_fewglue.py", args, subset("--runs", args.runs, runs()))}
+              "versions": versions(), "command": run_command("bench.quality.fewglue", args, subset("--runs", args.runs, runs()))}
     report = start_report(Path(args.out), header, list(args.runs))
 
     def done(r: dict) -> str:

@@ -1,7 +1,7 @@
-"""What the quality benchmarks share: where they ran, versions, JSON reports written
-atomically and merged by row, our rows through `softprompt.run.run_training`, and rows
-run in parallel worker processes (several small models share one GPU well: a step of
-MiniLM or SmolLM2-135M is launch-bound, not compute-bound).
+"""Reports: where they go, where they ran (device, versions), JSON written atomically and
+merged by row, rows run in parallel worker processes (several small models share one GPU
+well: a step of MiniLM or SmolLM2-135M is launch-bound, not compute-bound), and the
+command line that reruns a report.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import argparse
 import json
 import os
 import platform
-import sys
-import tempfile
+import re
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -19,10 +18,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
-if str(ROOT / "bench") not in sys.path:
-    sys.path.insert(0, str(ROOT / "bench"))
 
 
 def device_name() -> str:
@@ -49,34 +46,6 @@ def versions() -> dict[str, str]:
     except ImportError:
         pass
     return out
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1, for a server the benchmark starts."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
-    """Poll `url`/health until it answers 200; RuntimeError if `alive()` turns false first
-    (the server process exited) or after `timeout` seconds."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if not alive():
-            raise RuntimeError("the server exited before it answered /health")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
-        time.sleep(0.2)
 
 
 def write_text(text: str, out: Path) -> None:
@@ -153,39 +122,6 @@ def run_rows(fn: Callable[[str, Any], dict], names: list[str], args: Any, report
     return report
 
 
-def run_ours(cfg, *, keep: str | None = None) -> dict[str, Any]:
-    """Train with `softprompt.run.run_training` (as `softprompt train` does) in a scratch
-    run directory; return the evaluations, best dev metric, trainable parameters and time.
-
-    Args:
-        cfg: a `RunConfig` (its output is replaced by a temporary directory).
-        keep: copy the trained prompt folder there (e.g. to evaluate it on test).
-    """
-    import shutil
-
-    from softprompt.io.atomic import load_tensors
-    from softprompt.training.run import run_training
-
-    with tempfile.TemporaryDirectory() as out:
-        cfg.output = out
-        start = time.perf_counter()
-        result = run_training(cfg)
-        wall = time.perf_counter() - start
-        evals = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        resolved = json.loads((Path(out) / "config.json").read_text())
-        prompt = Path(out) / "prompt"
-        params = sum(t.numel() for file in ("trainable.safetensors", "head.safetensors") if (prompt / file).exists()
-                     for t in load_tensors(prompt / file).values())
-        if keep:
-            shutil.copytree(prompt, keep, dirs_exist_ok=True)
-    metric = result.metrics.get("metric")
-    return {"template": resolved["template"], "num_virtual_tokens": resolved["num_virtual_tokens"],
-            "trainable_params": params, "metric": metric,
-            "evals": [[e["step"], e[metric]] for e in evals], "best_dev": result.best_metric,
-            "best_step": result.best_step, "test": result.metrics.get("test"), "train_seconds": result.metrics.get("train_seconds"),
-            "wall_seconds": round(wall, 1)}
-
-
 def run_parser(doc: str, out: Path, *, steps: int, batch_size: int, eval_every: int) -> argparse.ArgumentParser:
     """The arguments every quality benchmark takes (its defaults are the settings it was run with)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -203,10 +139,44 @@ def run_settings(args) -> dict[str, Any]:
     return {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.eval_every, "seed": args.seed}
 
 
-def run_command(script: str, args, extra: str = "") -> str:
-    """The command line that reruns a report with `args` (``extra``: the script's own options)."""
-    return (f"python bench/{script} --steps {args.steps} --batch-size {args.batch_size} --eval-every {args.eval_every} "
+def run_command(module: str, args, extra: str = "") -> str:
+    """The command line that reruns a quality report with `args` (``extra``: the module's own options)."""
+    return (f"python -m {module} --steps {args.steps} --batch-size {args.batch_size} --eval-every {args.eval_every} "
             f"{extra + ' ' if extra else ''}--seed {args.seed} --jobs {args.jobs}")
+
+
+def rerun_command(module: str, argv: list[str]) -> str:
+    """The command line that reruns a benchmark: the arguments given, less where the report was written."""
+    kept = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")
+            and not a.startswith("--out=")]
+    return " ".join(["python -m " + module, *kept])
+
+
+# Reports written before bench/ became a package name the flat scripts; the renderers show
+# their commands in the entry points' form (the JSON stays as it was measured).
+_MOVED = {"quality_sst2": "bench.quality.sst2", "quality_wnut17": "bench.quality.wnut17",
+          "quality_lama": "bench.quality.lama", "quality_fewglue": "bench.quality.fewglue",
+          "merge_reports": "bench.quality.merge", "train_throughput": "bench.train.throughput",
+          "train_distributed": "bench.train.distributed", "train_time_to_accuracy": "bench.train.time_to_accuracy",
+          "serve_throughput": "bench.serve.throughput", "serve_http": "bench.serve.http",
+          "serve_load": "bench.serve.load", "random_served": "bench.serve.random_served",
+          "prompt_bytes": "bench.probe.prompt_bytes", "sdpa_nan_probe": "bench.probe.sdpa_nan",
+          "profile_train_step": "bench.probe.profile_train_step", "render_results": "bench.render.results",
+          "render_performance": "bench.render.performance", "render_training": "bench.render.training"}
+_SCRIPT = re.compile(r"(?:\bpython3? )?\bbench/(" + "|".join(_MOVED) + r")\.py\b")
+
+
+def shown_command(command: str) -> str:
+    """`command` as a report recorded it, with an old script (``python bench/quality_sst2.py``)
+    named as its entry point (``python -m bench.quality.sst2``; after a launcher: ``-m ...``)."""
+    return _SCRIPT.sub(lambda m: ("python " if m.group(0).startswith("python") else "") + "-m " + _MOVED[m.group(1)],
+                       command)
+
+
+def shown_path(text: str) -> str:
+    """`text` with an old script's path (``bench/sdpa_nan_probe.py``) as its module's file."""
+    return re.sub(r"\bbench/(" + "|".join(_MOVED) + r")\.py\b",
+                  lambda m: _MOVED[m.group(1)].replace(".", "/") + ".py", text)
 
 
 def subset(flag: str, chosen, default) -> str:

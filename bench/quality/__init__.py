@@ -1,0 +1,1 @@
+"""Quality benchmarks: accuracy of every method against HF PEFT and the baselines on real data."""

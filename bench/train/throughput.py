@@ -1,0 +1,199 @@
+"""Training throughput and memory: softprompt against HF PEFT and against the frozen model's floor.
+
+    python -m bench.train.throughput --out bench/results/train_throughput.json          # on a GPU
+    python -m bench.train.throughput --models tiny --shapes 2x32 --steps 2 --out /tmp/t.json   # CPU smoke run
+
+Every row is one training step, measured in one process on one randomly initialised model
+of a real shape (speed does not depend on the weights), bf16 weights, 20 virtual tokens:
+
+  floor   the frozen model's forward + backward to its input embeddings (no weight
+          gradients) over the same B x (S + 20) positions, with the same loss: what any
+          soft-prompt method must at least spend.
+  ours    softprompt's training step as `softprompt train` runs it: the task's loss through
+          `SoftPromptModel`, backward, one read of the loss (the NaN check), gradient
+          clipping at 1.0, fused AdamW; ``eager`` and ``compile`` (train.compile: the
+          base's blocks compiled); ``checkpointing`` rows with train.gradient_checkpointing.
+  peft    HF PEFT 0.21 with the same method and sizes (prompt encoder sizes set to PEFT's
+          defaults on both sides), the same clipping and fused AdamW, no host reads; with
+          and without bf16 autocast (Trainer's ``bf16=True``), the faster one is the baseline.
+
+Losses: ``lm`` (next-token cross-entropy over every position) and ``cls`` (a verbalizer:
+the label words' log-probabilities at one answer slot, the last position; the LM head
+only there, for PEFT too via ``logits_to_keep=1``).
+tokens/s counts the B x S real tokens of a step for every side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench.harness.report import RESULTS, versions, write_json
+from bench.harness.shapes import build_base, tokenizer
+from bench.harness.steps import DEEP, METHODS, P, floor_step, our_config, our_step, peft_config, peft_step, text_ids
+from bench.harness.timing import measure
+
+KEY = ("model", "batch", "seq", "loss", "side", "method", "variant", "autocast")
+# bf16 dense tensor-core peak, TFLOP/s (vendor datasheets, without sparsity)
+PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H200": 989.4, "A100": 312.0}
+
+
+def peak_tflops(name: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory"}
+    except Exception as e:  # noqa: BLE001 - one failing row is reported, the rest still run
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# -- the grid ---------------------------------------------------------------------------
+class ModelRun:
+    """Every row of one model: the shapes x losses x sides x methods x variants asked for,
+    each row merged into `report` (a row measured again replaces its earlier value) and
+    written to `out` as soon as it is measured."""
+
+    def __init__(self, name: str, args, tok, report: dict, out: Path):
+        from softprompt.training import regions
+
+        self.name, self.args, self.tok, self.report, self.out = name, args, tok, report, out
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.base = build_base(name, self.device, train=True)
+        self.N = sum(p.numel() for p in self.base.parameters())
+        config = self.base.config
+        self.hidden = config.hidden_size if hasattr(config, "hidden_size") else config.n_embd
+        self.words = torch.tensor([tok.encode(" great")[0], tok.encode(" terrible")[0]], device=self.device)
+        self.views = {"eager": self.base}
+        if "compile" in args.variants:
+            self.views["compile"] = regions.view(self.base, compile=True)
+        if "graphs" in args.variants:
+            self.views["graphs"] = regions.view(self.base, compile=True, compile_options={"mode": "reduce-overhead"})
+        torch._dynamo.config.recompile_limit = 8 * regions.recompile_limit(self.base)  # every variant in one process
+        self.peak = peak_tflops(torch.cuda.get_device_name(0)) if self.device == "cuda" else None
+
+    def timed(self, step: Callable[[], None]) -> dict[str, Any]:
+        args = self.args
+        return measure(step, warmup=args.warmup, calls=args.steps, windows=args.repeats).step_row()
+
+    def record(self, row: dict[str, Any]) -> None:
+        B, S = row["batch"], row["seq"]
+        if "ms_per_step" in row:
+            row["tokens_per_s"] = round(B * S / (row["ms_per_step"] / 1e3), 1)
+            if self.peak:
+                row["pct_peak_4N"] = round(100 * row["tokens_per_s"] * 4 * self.N / (self.peak * 1e12), 2)
+        row.update(model=self.name, params=self.N)
+        key = tuple(row.get(k) for k in KEY)
+        self.report["rows"] = [r for r in self.report["rows"] if tuple(r.get(k) for k in KEY) != key] + [row]
+        print({k: row.get(k) for k in ("model", "batch", "seq", "loss", "side", "method", "variant", "tokens_per_s",
+                                       "peak_gib", "error")}, flush=True)
+        write_json(self.report, self.out)
+
+    def run(self) -> None:
+        args = self.args
+        for shape in args.shapes:
+            B, S = (int(x) for x in shape.split("x"))
+            ids = text_ids(B, S, self.tok.vocab_size, self.device)
+            for loss_kind in args.losses:
+                key = dict(batch=B, seq=S, loss=loss_kind)
+                if "floor" in args.sides:
+                    for variant in [v for v in args.variants if v in self.views]:
+                        self.record({**key, "side": "floor", "method": None, "variant": variant,
+                                     **guarded(lambda: self.floor(variant, loss_kind, ids))})
+                for method in args.methods:
+                    if "ours" in args.sides:
+                        for variant in args.variants:
+                            self.record({**key, "side": "ours", "method": method, "variant": variant,
+                                         **guarded(lambda: self.ours(method, variant, loss_kind, ids))})
+                    if "peft" in args.sides:
+                        for autocast in args.peft_autocast:
+                            self.record({**key, "side": "peft", "method": method, "variant": "eager",
+                                         "autocast": autocast,
+                                         **guarded(lambda: self.peft(method, loss_kind, ids, autocast))})
+                            if method in DEEP or "checkpointing" not in args.variants:
+                                continue
+                            self.record({**key, "side": "peft", "method": method, "variant": "checkpointing",
+                                         "autocast": autocast, **guarded(
+                                             lambda: self.peft(method, loss_kind, ids, autocast, checkpointing=True))})
+        self.views.clear()  # the compiled views (and their CUDA-graph pools) go before the next model
+
+    def floor(self, variant: str, loss_kind: str, ids: torch.Tensor) -> dict[str, Any]:
+        return self.timed(floor_step(self.views[variant], loss_kind, ids, self.words, variant == "graphs"))
+
+    def ours(self, method: str, variant: str, loss_kind: str, ids: torch.Tensor) -> dict[str, Any]:
+        import softprompt as sp
+        from softprompt.tasks import Verbalizer
+
+        model = sp.SoftPromptModel(self.base, our_config(method, self.hidden), tokenizer=self.tok)
+        task = Verbalizer({"positive": " great", "negative": " terrible"})
+        task.bind(model)
+        options = {"mode": "reduce-overhead"} if variant == "graphs" else None
+        with model.accelerated(compile=variant in ("compile", "graphs"), compile_options=options,
+                               checkpointing=variant == "checkpointing"):
+            model.train()
+            result = self.timed(our_step(model, task, loss_kind, ids, self.tok, variant == "graphs"))
+        result["trainable"] = model.trainable_parameters()
+        return result
+
+    def peft(self, method: str, loss_kind: str, ids: torch.Tensor, autocast: bool,
+             checkpointing: bool = False) -> dict[str, Any]:
+        from peft import get_peft_model
+
+        peft_model = get_peft_model(self.base, peft_config(method))
+        if checkpointing:
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            peft_model.train()
+            result = self.timed(peft_step(peft_model, loss_kind, ids, self.words, autocast))
+            if not checkpointing:
+                result["trainable"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+            return result
+        finally:
+            if checkpointing:
+                self.base.gradient_checkpointing_disable()
+            self.base.requires_grad_(False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="gpt2-124m,llama-1b,llama-8b")
+    parser.add_argument("--shapes", default="8x256,16x512", help="BxS, comma-separated")
+    parser.add_argument("--losses", default="lm,cls")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--sides", default="floor,ours,peft")
+    parser.add_argument("--variants", default="eager,compile,graphs",
+                        help="eager, compile (train.compile=true), graphs (train.compile=reduce-overhead), checkpointing")
+    parser.add_argument("--peft-autocast", default="off,on")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows of --steps steps; the median is kept")
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_throughput.json")
+    args = parser.parse_args()
+    for name in ("models", "shapes", "losses", "methods", "sides", "variants"):
+        setattr(args, name, [x for x in getattr(args, name).split(",") if x])
+    args.peft_autocast = [x == "on" for x in args.peft_autocast.split(",") if x]
+    tok = tokenizer()
+    report = {"benchmark": "train_throughput", "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else "CPU", "versions": versions(), "virtual_tokens": P, "steps": args.steps, "warmup": args.warmup,
+              "rows": []}
+    if args.out.exists():  # earlier rows are kept; a row measured again replaces its earlier value
+        report["rows"] = json.loads(args.out.read_text()).get("rows", [])
+    for name in args.models:
+        ModelRun(name, args, tok, report, args.out).run()
+    write_json(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
