@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import softprompt as sp
-from softprompt.training import regions
+from softprompt import regions
 from softprompt.errors import ConfigError
 
 from conftest import CAUSAL, ENCODERS, SEQ2SEQ

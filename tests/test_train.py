@@ -190,7 +190,7 @@ def test_training_forwards_on_a_gpu_leave_cudnn_attention_out():
     that will be differentiated on CUDA runs without it, everything else keeps all backends."""
     from torch.nn.attention import SDPBackend
 
-    from softprompt.training.attention import training_backends
+    from softprompt.attention import training_backends
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert SDPBackend.CUDNN_ATTENTION not in training_backends(cuda)

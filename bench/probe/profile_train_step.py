@@ -43,7 +43,7 @@ def profile_step(step, steps: int = 5) -> dict:
 
 def main() -> None:
     import softprompt as sp
-    from softprompt.training import regions
+    from softprompt import regions
     from softprompt.tasks import Verbalizer
 
     parser = argparse.ArgumentParser(description=__doc__)

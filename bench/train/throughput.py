@@ -67,7 +67,7 @@ class ModelRun:
     written to `out` as soon as it is measured."""
 
     def __init__(self, name: str, args, tok, report: dict, out: Path):
-        from softprompt.training import regions
+        from softprompt import regions
 
         self.name, self.args, self.tok, self.report, self.out = name, args, tok, report, out
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

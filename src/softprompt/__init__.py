@@ -3,6 +3,19 @@
 Prompt tuning, P-tuning, prefix tuning and P-tuning v2 behind one interface,
 `SoftPromptModel`; each collapses for inference into an input table ``[P, D]`` or a
 deep key/value prefix ``[L, 2, H_kv, P, D_head]``.
+
+The layers, each importing only those below it:
+
+    template, encode         the template language; examples -> a typed PromptBatch
+    architecture, inject     what a base looks like; the one place prompts enter it
+    forward, model           forwards with prompts; SoftPromptModel (methods/: one file per method)
+    io/, folder              a prompt's files on disk; a saved prompt folder with its task head
+    data/, tasks/            examples; heads, losses, metrics (each task says what it can do)
+    training/                the training wing: config, order, loop, checkpoints, logs, evaluation, runs
+    serve/                   the prompt bank, mixed batches, the engine (tokens), text, the HTTP app
+    cli                      `softprompt ...`, a thin layer over the above
+
+`serve/` imports nothing of `training/`; a new task is one file in `tasks/`.
 """
 
 from .architecture import BaseIdentity, ModelKind, ModelSpec, model_spec

@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
 from . import inject
-from .training.attention import attention_for
+from .attention import attention_for
 from .architecture import ModelKind, ModelSpec
 from .inject import Prompts, embed
 from .errors import ConfigError, EncodingError, UnsupportedModelError

@@ -22,7 +22,7 @@ from .forward import SoftPromptOutput
 from .inject import Prompts
 from .io.prompt import load_prompt, save_prompt
 from .methods import PromptConfig, PromptModule, build_module
-from .training import regions
+from . import regions
 
 
 class SoftPromptModel(nn.Module):

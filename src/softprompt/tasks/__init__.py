@@ -1,4 +1,9 @@
-"""Tasks: heads, targets, losses, predictions and metrics on top of a SoftPromptModel."""
+"""Tasks: heads, targets, losses, predictions and metrics on top of a SoftPromptModel.
+
+A task is one file: a `Task` subclass (base.py) with its collate / loss / predict / metrics and
+what it can do (`generates`, `answer_only`, `word_field`, `endpoint`), which is all the trainer
+and the server ask of it. The label tasks (a classification head, a verbalizer) share
+`LabelTask` (labels.py)."""
 
 from __future__ import annotations
 

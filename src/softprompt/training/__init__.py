@@ -9,9 +9,9 @@
     evaluate.py     metrics of a task, a saved prompt, a zero-shot manual prompt
     run.py          run_training(): assemble -> loop -> test score (`softprompt train`)
     hf_trainer.py   the transformers.Trainer adapter
-    regions.py      views of the base with its blocks compiled / checkpointed (training forwards)
-    attention.py    the attention kernels a training forward may use
 
-Nothing is imported here: `model.py` and `forward.py` use `regions` and `attention`, and the
-modules above import `model.py`; importing them from this file would close that loop.
+How a training forward runs the frozen base (its blocks compiled or checkpointed, its attention
+kernels) is the model's business, not the loop's: `softprompt.regions` and `softprompt.attention`,
+used by `model.py` and `forward.py`. So the server, which imports the model, imports nothing of
+this package (tests/test_layout.py checks it).
 """

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 
 class Checkpointed(nn.Module):
