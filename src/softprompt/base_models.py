@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, first_line
+from .io.atomic import write_directory_atomically
 
 __all__ = ["ALIASES", "HEADS", "load_base", "missing_packages", "cache_dir"]
 
@@ -337,8 +338,6 @@ def _cache_valid(target: Path, stamp: dict[str, Any] | None) -> bool:
 
 def _convert_gguf(source: Path, target: Path, stamp: dict[str, Any]) -> None:
     """Dequantise `source` once into a safetensors checkpoint at `target` (atomically)."""
-    from .io import write_directory_atomically
-
     model, tokenizer = _read_gguf(source, "causal-lm", None)
 
     def write(tmp: Path) -> None:
