@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 import traceback
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -75,6 +76,11 @@ class Request:
             it is ready, before `Engine.run` returns: the `Batcher` answers its caller
             then, not when the whole run (which may decode for as long as new rows keep
             joining) ends.
+        entry: the task version the request was admitted with (the HTTP app binds it when
+            it checks the endpoint); None: the bank's entry for `task` when the run starts.
+            A task replaced or removed afterwards does not change what answers it.
+        cancelled: set when its client has gone (a closed connection): the request is
+            dropped if it is still waiting, or stops at the next decode step.
     """
 
     task: str
@@ -83,6 +89,8 @@ class Request:
     options: dict[str, Any] | GenerationOptions = field(default_factory=dict)
     stream: TokenStream | None = None
     on_result: Callable[[Result], None] | None = field(default=None, repr=False, compare=False)
+    entry: BankEntry | None = field(default=None, repr=False, compare=False)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
 
 @dataclass
