@@ -224,7 +224,7 @@ def test_template_zero_virtual_tokens(ws, models):
 
 def test_template_field_missing_from_the_data(ws, models):
     refused([ws], *train_args(ws, models, "--method", "prompt-tuning", "--template", "[P:2] {text} {hypothesis}"),
-            says=[str(ws / "reviews.jsonl"), "example 1", "no field 'hypothesis'", "--field"])
+            says=[str(ws / "reviews.jsonl"), "line 1", "no field 'hypothesis'", "--field"])
 
 
 def test_template_deep_method_with_input_slots(ws, models):
