@@ -28,13 +28,22 @@ class Examples(list):
         lines: the 1-based line (``unit == "row"``: dataset row) of each example.
         unit: ``line`` or ``row``.
         word_per_line: word j of example i is on line ``lines[i] + j`` (CoNLL).
+        columns: example key -> the file's column it was read from, where they differ
+            (``--field review:text``: ``{"text": "review"}``), so errors name what the user wrote.
     """
 
     def __init__(self, items: Iterable[dict] = (), path: str | None = None, lines: Sequence[int] | None = None,
-                 unit: str = "line", word_per_line: bool = False):
+                 unit: str = "line", word_per_line: bool = False, columns: Mapping[str, str] | None = None):
         super().__init__(items)
         self.path, self.unit, self.word_per_line = path, unit, word_per_line
         self.lines = list(lines) if lines is not None else None
+        self.columns = dict(columns or {})
+
+
+def field_name(examples: Sequence[dict], name: str) -> str:
+    """How errors name the example key `name`: ``'text'``, or ``'review' (read as 'text')``."""
+    column = getattr(examples, "columns", {}).get(name)
+    return f"{column!r} (read as {name!r})" if column and column != name else repr(name)
 
 
 def row_error(examples: Sequence[dict], i: int, message: str, source: str | None = None,
@@ -96,29 +105,30 @@ def _type_name(value: Any) -> str:
 
 
 def field_problem(value: Any, name: str, words: bool = False) -> str | None:
-    """Why `value` cannot fill the template field `name`, or None: it must be a non-empty
-    string (`words`: a non-empty list of non-empty strings, the words of a tagging task)."""
+    """Why `value` cannot fill a template field, or None: it must be a non-empty string
+    (`words`: a non-empty list of non-empty strings, the words of a tagging task). `name`
+    is the field as the message shows it (`field_name`)."""
     if words:
         if value is None or isinstance(value, str) or not isinstance(value, list):
-            return f"field {name!r} must be a list of words, got {_type_name(value)}"
+            return f"field {name} must be a list of words, got {_type_name(value)}"
         if not value:
-            return f"field {name!r} is an empty list of words"
+            return f"field {name} is an empty list of words"
         for j, word in enumerate(value):
             if not isinstance(word, str):
-                return f"field {name!r}: word {j + 1} must be a string, got {_type_name(word)}"
+                return f"field {name}: word {j + 1} must be a string, got {_type_name(word)}"
             if not word.strip():
-                return f"field {name!r}: word {j + 1} is empty"
+                return f"field {name}: word {j + 1} is empty"
             if unicode_problem(word):
-                return f"field {name!r}: word {j + 1} {unicode_problem(word)}"
+                return f"field {name}: word {j + 1} {unicode_problem(word)}"
         return None
     if value is None:
-        return f"field {name!r} is null"
+        return f"field {name} is null"
     if not isinstance(value, str):
-        return f"field {name!r} must be a string, got {type(value).__name__}"
+        return f"field {name} must be a string, got {type(value).__name__}"
     if not value.strip():
-        return f"field {name!r} is empty"
+        return f"field {name} is empty"
     problem = unicode_problem(value)
-    return f"field {name!r} {problem}" if problem else None
+    return f"field {name} {problem}" if problem else None
 
 
 def check_fields(examples: Sequence[dict], fields: Sequence[str], word_field: str | None = None,
@@ -135,21 +145,22 @@ def check_fields(examples: Sequence[dict], fields: Sequence[str], word_field: st
                 used = f" used by the template {template!r}" if template else ""
                 raise row_error(examples, i, f"no field {name!r}{used}; its fields are {sorted(example)} (map a "
                                              f"column to a field with --field COLUMN:{name})", source)
-            problem = field_problem(example[name], name, words=name == word_field)
+            problem = field_problem(example[name], field_name(examples, name), words=name == word_field)
             if problem:
                 raise row_error(examples, i, problem, source)
 
 
 # -- labels and tags -----------------------------------------------------------------------------
 def label_problem(record: Mapping[str, Any], known: Sequence[str] | None, known_as: str = "known labels",
-                  field: str = "label") -> str | None:
+                  field: str = "'label'") -> str | None:
     """Why a record's (normalised) ``label`` is not one of `known`, or None. A missing label
-    (left out by the readers when it is null) and an empty one are problems too."""
+    (left out by the readers when it is null) and an empty one are problems too. `field`:
+    the label's column as the message shows it."""
     if "label" not in record:
-        return f"no label: field {field!r} is missing or null"
+        return f"no label: field {field} is missing or null"
     label = record["label"]
     if label == "":
-        return f"field {field!r} is an empty label"
+        return f"field {field} is an empty label"
     if known is not None and label not in known:
         return f"unknown label {label!r}{closest(label, known)}; {known_as}: {list(known)}"
     return None
@@ -167,7 +178,7 @@ def check_labels(examples: Sequence[dict], known: Sequence[str] | None = None, k
         DataError: file, line, the label and `known`, described as `known_as`.
     """
     for i, example in enumerate(examples):
-        problem = label_problem(example, known, known_as)
+        problem = label_problem(example, known, known_as, field_name(examples, "label"))
         if problem:
             raise row_error(examples, i, problem, source)
     return sorted({e["label"] for e in examples})
@@ -185,24 +196,27 @@ def check_tags(examples: Sequence[dict], known: Sequence[str] | None = None, kno
         DataError: file, line (a CoNLL sentence's first line), the word and the tag.
     """
     allowed = None if known is None else set(known)
+    shown_tags, shown_words = field_name(examples, tags), field_name(examples, words)
     for i, example in enumerate(examples):
         row, sentence = example.get(tags), example.get(words)
         if tags not in example:
-            raise row_error(examples, i, f"no field {tags!r} (the tags of the words)", source)
+            raise row_error(examples, i, f"no field {shown_tags} (the tags of the words)", source)
         if not isinstance(row, list):
-            raise row_error(examples, i, f"field {tags!r} must be a list of tags, got {_type_name(row)}", source)
+            raise row_error(examples, i, f"field {shown_tags} must be a list of tags, got {_type_name(row)}", source)
         if isinstance(sentence, list) and len(row) != len(sentence):
-            raise row_error(examples, i, f"{len(row)} tags in {tags!r} for {len(sentence)} words in {words!r}", source)
+            raise row_error(examples, i, f"{len(row)} tags in {shown_tags} for {len(sentence)} words in {shown_words}",
+                            source)
         for j, tag in enumerate(row):
             word = f"word {j + 1}" + (f" ({sentence[j]!r})" if isinstance(sentence, list) else "")
             if not isinstance(tag, str) or not tag.strip():
                 got = "empty" if isinstance(tag, str) else f"{_type_name(tag)}, not a string"
-                raise row_error(examples, i, f"field {tags!r}: the tag of {word} is {got}", source, j)
+                raise row_error(examples, i, f"field {shown_tags}: the tag of {word} is {got}", source, j)
             if allowed is not None and tag not in allowed:
-                raise row_error(examples, i, f"field {tags!r}: unknown tag {tag!r}{closest(tag, allowed)} of {word}; "
+                raise row_error(examples, i, f"field {shown_tags}: unknown tag {tag!r}{closest(tag, allowed)} of {word}; "
                                              f"{known_as}: {sorted(allowed)}", source, j)
     return sorted({t for e in examples for t in e[tags]})
 
 
-__all__ = ["Examples", "check_fields", "closest", "check_labels", "check_tags", "field_problem", "label_problem",
+__all__ = ["Examples", "check_fields", "closest", "check_labels", "check_tags", "field_name", "field_problem",
+           "label_problem",
            "record_unicode_problem", "row_error", "unicode_problem"]

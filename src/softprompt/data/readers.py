@@ -351,8 +351,8 @@ def _normalise(records: Records, path: str, unit: str, fields: dict[str, str], l
                 try:
                     record["label"] = normalise_label(record["label"])
                 except TypeError as e:
-                    raise DataError(str(e), path, number, unit=unit) from None
-        problem = label_problem(record, labels, field=label_field) if labels is not None else None
+                    raise DataError(f"field {label_field!r}: {e}", path, number, unit=unit) from None
+        problem = label_problem(record, labels, field=repr(label_field)) if labels is not None else None
         if problem:
             raise DataError(problem, path, number, unit=unit)
         for name in required:
@@ -361,7 +361,8 @@ def _normalise(records: Records, path: str, unit: str, fields: dict[str, str], l
                                 f"{', '.join(map(str, record)) or 'none'})", path, number, unit=unit)
         out.append(record)
         lines.append(number)
-    return Examples(out, path, lines, unit)
+    renamed = {key: column for column, key in fields.items()} | ({"label": label_field} if label_field != "label" else {})
+    return Examples(out, path, lines, unit, columns=renamed)
 
 
 __all__ = ["FORMATS", "DataError", "infer_format", "normalise_label", "read_examples", "read_text"]
