@@ -484,22 +484,21 @@ def test_conll_line_without_tag(tmp_path):
         read_examples(path)
 
 
-def test_lone_surrogate_escape_names_line_and_field(tmp_path):
+@pytest.mark.parametrize("name,content,line,says", [
+    ("a.jsonl", '{"text": "a"}\n\n{"text": "ok", "extra": "x \\ud800 y"}\n', 3,
+     "field 'extra' is not valid Unicode (a lone surrogate, U+D800 at character 3)"),
+    ("b.json", '[{"tokens": ["a"], "tags": ["O"]},\n {"tokens": ["a", "\\udfff"], "tags": ["O", "O"]}]', 2,
+     "field 'tokens' item 2 is not valid Unicode (a lone surrogate, U+DFFF"),
+    ("c.jsonl", '{"\\ud83d": "a"}\n', 1, "a field name ('\\ud83d') is not valid Unicode"),
+    ("d.jsonl", '{"text": "a"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n", 2, "nested too deeply"),
+])
+def test_lone_surrogate_escape_names_line_and_field(tmp_path, name, content, line, says):
     """JSON's \\ud800 parses to a string no tokenizer can take: refused where it is read,
     at any depth, keys included (and JSON nested past the parser's limit too)."""
-    path = write(tmp_path, "a.jsonl", '{"text": "a"}\n\n{"text": "ok", "extra": "x \\ud800 y"}\n')
-    with raises_at(path, 3, "field 'extra' is not valid Unicode (a lone surrogate, U+D800 at character 3)"):
+    path = write(tmp_path, name, content)
+    with raises_at(path, line, says):
         read_examples(path)
-    path = write(tmp_path, "b.json", '[{"tokens": ["a"], "tags": ["O"]},\n {"tokens": ["a", "\\udfff"], "tags": ["O", "O"]}]')
-    with raises_at(path, 2, "field 'tokens' item 2 is not valid Unicode", "U+DFFF"):
-        read_examples(path)
-    path = write(tmp_path, "c.jsonl", '{"\\ud83d": "a"}\n')
-    with raises_at(path, 1, "a field name", "not valid Unicode"):
-        read_examples(path)
-    assert read_examples(write(tmp_path, "d.jsonl", '{"text": "\\ud83d\\ude00"}\n')) == [{"text": "\U0001F600"}]
-    path = write(tmp_path, "e.jsonl", '{"text": "a"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
-    with raises_at(path, 2, "nested too deeply"):
-        read_examples(path)
+    assert read_examples(write(tmp_path, "ok.jsonl", '{"text": "\\ud83d\\ude00"}\n')) == [{"text": "\U0001F600"}]
 
 
 def test_examples_remember_their_lines_and_columns(tmp_path):

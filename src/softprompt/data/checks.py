@@ -51,7 +51,7 @@ def row_error(examples: Sequence[dict], i: int, message: str, source: str | None
     """A `DataError` naming where example `i` (0-based; `word`: its word `word`) was read:
     its file and line when `examples` are `Examples`, else ``source, example i+1``."""
     lines = getattr(examples, "lines", None)
-    if lines is not None:
+    if lines is not None and len(lines) == len(examples):  # (a list changed since it was read: no lines)
         line = lines[i] + (word if word is not None and examples.word_per_line else 0)
         return DataError(message, examples.path, line, unit=examples.unit)
     where = f"{source}, example {i + 1}" if source else f"example {i + 1}"
@@ -109,17 +109,14 @@ def field_problem(value: Any, name: str, words: bool = False) -> str | None:
     (`words`: a non-empty list of non-empty strings, the words of a tagging task). `name`
     is the field as the message shows it (`field_name`)."""
     if words:
-        if value is None or isinstance(value, str) or not isinstance(value, list):
+        if not isinstance(value, list):
             return f"field {name} must be a list of words, got {_type_name(value)}"
         if not value:
             return f"field {name} is an empty list of words"
         for j, word in enumerate(value):
-            if not isinstance(word, str):
-                return f"field {name}: word {j + 1} must be a string, got {_type_name(word)}"
-            if not word.strip():
-                return f"field {name}: word {j + 1} is empty"
-            if unicode_problem(word):
-                return f"field {name}: word {j + 1} {unicode_problem(word)}"
+            problem = field_problem(word, f"{name}: word {j + 1}")
+            if problem:
+                return problem
         return None
     if value is None:
         return f"field {name} is null"
@@ -217,6 +214,5 @@ def check_tags(examples: Sequence[dict], known: Sequence[str] | None = None, kno
     return sorted({t for e in examples for t in e[tags]})
 
 
-__all__ = ["Examples", "check_fields", "closest", "check_labels", "check_tags", "field_name", "field_problem",
-           "label_problem",
-           "record_unicode_problem", "row_error", "unicode_problem"]
+__all__ = ["Examples", "check_fields", "check_labels", "check_tags", "closest", "field_name", "field_problem",
+           "label_problem", "record_unicode_problem", "row_error", "unicode_problem"]

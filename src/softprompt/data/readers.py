@@ -192,7 +192,7 @@ def _jsonl_records(text: str, path: str, first_line: int = 1) -> Records:
 
 
 def _valid_unicode(record: dict[str, Any], path: str, line: int) -> dict[str, Any]:
-    """`record`, refused if it holds a string that is not valid Unicode: JSON's ``\ud800``
+    """`record`, refused if it holds a string that is not valid Unicode: JSON's ``\\ud800``
     escapes parse, but no tokenizer (and no UTF-8 file) can take them."""
     problem = record_unicode_problem(record)
     if problem:

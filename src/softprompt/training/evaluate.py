@@ -127,7 +127,7 @@ def evaluate_zero_shot(model: str, task_name: str, *, split: str = "test", templ
         {"train": data.train, "dev": data.dev, "test": data.test}[split] if split in ("train", "dev", "test") else None)
     if examples is None:
         raise ConfigError(f"split must be train, dev or test, got {split!r}")
-    check_rows(sp_model, task, examples, data_file or f"the {split} split")
+    check_rows(sp_model, task, examples, data_file or f"the {split} split", labels=False)  # labels: by `load_data`
     task.bind(sp_model)
     with sp_model.disable_prompt():
         scores, _ = evaluate(sp_model, task, examples, batch_size)

@@ -88,7 +88,11 @@ def _forget_failed_start(out: Path, created: Path | None) -> None:
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> RunResult:
-    """Train as `softprompt train` does; returns the result (metrics also in the run dir)."""
+    """Train as `softprompt train` does; returns the result (metrics also in the run dir).
+
+    Nothing is written until every row of every split has been checked and the model,
+    template and task have loaded; a new run that then fails with nothing to keep (before
+    its first step, say) removes what it wrote (`_forget_failed_start`)."""
     if resume:
         recorded = Path(cfg.output) / CONFIG
         if not recorded.is_file():
