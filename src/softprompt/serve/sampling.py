@@ -73,11 +73,14 @@ class NonFiniteScoresError(RuntimeError):
 
 
 def mix32(x):
-    """A bijective 32-bit mixer: Python ints or int64 tensors holding values in [0, 2**32)."""
+    """A bijective 32-bit mixer: a Python int, or an int64 tensor of values in [0, 2**32)
+    (mixed in place: large ones are the (B, V) noise)."""
     for shift, multiplier in _ROUNDS:
-        x = x ^ (x >> shift)
-        x = (x * multiplier) & MASK32
-    return x ^ (x >> 16)
+        x ^= x >> shift
+        x *= multiplier
+        x &= MASK32
+    x ^= x >> 16
+    return x
 
 
 def row_key(seed: int, step: int) -> int:
@@ -102,7 +105,8 @@ class Draws:
         rows: (n,) long, which rows of the batch sample.
         keys: (n,) long, each row's `row_key` for this draw.
         temperature, top_p: (n,) float32; top_k: (n,) long (0: no top-k).
-        top_k_any, top_p_any: some row filters (decided on the host: no filter, no sort).
+        top_k_max: the largest top-k of a row (0: none), top_p_any: some row has a top-p
+            (decided on the host: no filter, no sort).
     """
 
     rows: torch.Tensor
@@ -110,7 +114,7 @@ class Draws:
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
-    top_k_any: bool
+    top_k_max: int
     top_p_any: bool
 
     @classmethod
@@ -125,7 +129,7 @@ class Draws:
         floats = _to_device(torch.tensor([[s.temperature, s.top_p] for _, s, _ in picked], dtype=torch.float32),
                             device)
         return cls(rows=ints[:, 0], keys=ints[:, 1], top_k=ints[:, 2], temperature=floats[:, 0], top_p=floats[:, 1],
-                   top_k_any=any(s.top_k > 0 for _, s, _ in picked), top_p_any=any(s.top_p < 1 for _, s, _ in picked))
+                   top_k_max=max(s.top_k for _, s, _ in picked), top_p_any=any(s.top_p < 1 for _, s, _ in picked))
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -165,22 +169,25 @@ def sample(logits: torch.Tensor, draws: Draws | None,
 
 def _filter(x: torch.Tensor, draws: Draws) -> torch.Tensor:
     """(n, V) scaled scores with the tokens each row's top-k, then top-p (transformers'
-    order), removes set to -inf."""
-    if not (draws.top_k_any or draws.top_p_any):
+    order), removes set to -inf. Both cut by value, so tied scores (common in bf16) stay or
+    go together, whatever the batch: top-k keeps every token scoring at least the k-th."""
+    if not (draws.top_k_max or draws.top_p_any):
         return x
     vocab = x.shape[-1]
-    ordered, order = x.sort(-1, descending=True)
-    if draws.top_k_any:
-        k = torch.where(draws.top_k > 0, draws.top_k.clamp(max=vocab), vocab)
-        kth = ordered.gather(1, (k - 1)[:, None])  # (n, 1): ties with the k-th stay, as in transformers
+    k = torch.where(draws.top_k > 0, draws.top_k.clamp(max=vocab), vocab)[:, None]  # (n, 1)
+    if not draws.top_p_any:  # top-k alone: the k-th score of a partial sort
+        top = x.topk(min(draws.top_k_max, vocab)).values
+        kth = top.gather(1, k.clamp(max=top.shape[-1]) - 1).masked_fill(k == vocab, float("-inf"))
+        return x.masked_fill(x < kth, float("-inf"))
+    ordered, order = x.sort(dim=-1, descending=True, stable=True)
+    if draws.top_k_max:
+        kth = ordered.gather(1, k - 1)
         x = x.masked_fill(x < kth, float("-inf"))
         ordered = ordered.masked_fill(ordered < kth, float("-inf"))
-    if draws.top_p_any:
-        probs = ordered.softmax(-1)
-        # the smallest set whose mass reaches p (the first token always); p = 1 keeps all, rounding or not
-        drop = (probs.cumsum(-1) - probs > draws.top_p[:, None]) & (draws.top_p < 1)[:, None]
-        x = x.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
-    return x
+    probs = ordered.softmax(-1)
+    # the smallest set whose mass reaches p (the first token always); p = 1 keeps all, rounding or not
+    drop = (probs.cumsum(-1) - probs > draws.top_p[:, None]) & (draws.top_p < 1)[:, None]
+    return x.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
 
 
 class RowSampler(LogitsProcessor):
