@@ -122,28 +122,24 @@ def test_non_finite_scores_are_flagged_never_raised():
 
 
 # -- the decoder (continuous batching) and the engine ----------------------------------------
-@pytest.fixture
-def causal_bank(gpt2_tokenizer):
-    tok = gpt2_tokenizer
-    base = make_llama(tok).eval()
-    bank = PromptBank(base, tok)
+def two_tasks(base, tok) -> PromptBank:
+    """A deep-prompt task and an input-prompt task on one base."""
+    bank = PromptBank(base.eval(), tok)
     torch.manual_seed(0)
     bank.add("writer", sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=3, template="{text}",
                                                                    init_std=0.5), tokenizer=tok))
     bank.add("free", sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:4] {text}"), tokenizer=tok))
     return bank
+
+
+@pytest.fixture
+def causal_bank(gpt2_tokenizer):
+    return two_tasks(make_llama(gpt2_tokenizer), gpt2_tokenizer)
 
 
 @pytest.fixture
 def seq2seq_bank(wordpiece_tokenizer):
-    tok = wordpiece_tokenizer
-    base = make_t5(tok).eval()
-    bank = PromptBank(base, tok)
-    torch.manual_seed(0)
-    bank.add("writer", sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=3, template="{text}",
-                                                                   init_std=0.5), tokenizer=tok))
-    bank.add("free", sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:4] {text}"), tokenizer=tok))
-    return bank
+    return two_tasks(make_t5(wordpiece_tokenizer), wordpiece_tokenizer)
 
 
 SEEDED = {"max_new_tokens": 8, "temperature": 1.5, "top_k": 40, "seed": 2**64 - 5}
