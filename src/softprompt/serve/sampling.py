@@ -16,7 +16,10 @@ remove set to -inf first, from the filtered, renormalised distribution. G comes 
 counter-based generator: a 32-bit hash of (row key, vocabulary index), the row key a hash
 of (seed, n). The hash (`mix32`: three xor-shift-multiply rounds) runs on int64 tensors
 holding 32-bit values with multipliers below 2**31, so no product leaves int64 (signed
-overflow is undefined in C++, kernels need not wrap) and CPU and GPU compute the same bits.
+overflow is undefined in C++, kernels need not wrap): CPU and GPU hash to the same bits (the
+logs that turn them into Gumbel noise may differ in the last bit, so a draw on the two
+devices can differ only at a near-tie). Costs: some 20 elementwise passes over the (n, V)
+scores of the n sampling rows (memory-bound on a GPU); top-p adds a sort, as before.
 
 Why counter-based, not a `torch.Generator` per row. vLLM's sampler gives each seeded
 request a Generator and fills that row's exponential noise with it,
@@ -27,7 +30,7 @@ sampler (`v1/worker/gpu/sample/gumbel.py`) keys Gumbel noise on (request seed, p
 instead, as here. A hash keeps sampling one set of vectorised kernels for any mix of rows
 and seeds, with no state (a row's position in its stream is its token count), no host
 synchronisation (the row keys travel with the row settings, copied without waiting), and
-capturable in a CUDA graph should sampling ever move into the decode graph.
+nothing a CUDA graph could not capture should sampling ever move into the decode graph.
 
 Non-finite scores never raise here: `sample` returns with the tokens a (B,) mask, False for a
 row whose logits (or logits / T) hold NaN or +inf, or nothing above -inf. That row's token
