@@ -205,7 +205,10 @@ async def completions(body: CompletionBody, request: HTTPRequest):
         raise HTTPException(422, "prompt: give at least one prompt")
     if body.max_tokens > server.max_new_tokens:
         raise HTTPException(422, f"max_tokens: {body.max_tokens} is over the server's limit of {server.max_new_tokens}")
-    options = GenerationOptions.completion(body.max_tokens, body.temperature, body.top_p, body.stop, body.seed)
+    try:  # every sampling option checked here, before the request joins a batch
+        options = GenerationOptions.completion(body.max_tokens, body.temperature, body.top_p, body.stop, body.seed)
+    except SoftPromptError as e:
+        raise HTTPException(422, str(e)) from None
     completion = _Completion(body.model, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
     if body.stream:
         return completion.stream(server, prompts, options)

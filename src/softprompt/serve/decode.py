@@ -4,7 +4,8 @@ Rows join the running batch when there is room (their prompt is prefilled in one
 and their keys and values merged into the shared cache) and leave it as soon as they end
 (end of sequence, a stop string, their token budget, a client gone): the batch never
 carries finished rows, and waiting rows do not wait for the whole batch to end. Each row
-keeps its own sampling settings (greedy, or temperature / top-k / top-p).
+keeps its own sampling settings (greedy, or temperature / top-k / top-p) and its own random
+stream (`sampling.py`): a seeded row gives the same tokens alone and in any batch.
 
 The running batch lives in fixed decode slots (`slots.py`): rows of different lengths are
 aligned on the right (the newest column is every row's current token), shorter ones padded
@@ -27,19 +28,8 @@ from .. import inject
 from ..encode import EncodedRow
 from .bank import PromptBank
 from .mixed import collate_mixed, encode_mixed
+from .sampling import Draws, NonFiniteScoresError, Sampling, sample
 from .slots import DecodeSlots, round_up
-
-
-@dataclass
-class Sampling:
-    """One row's decoding settings (transformers' names)."""
-
-    max_new_tokens: int = 16
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    eos_token_id: int | None = None
 
 
 @dataclass
@@ -63,28 +53,14 @@ class DecodeRow:
     entry: Any = None  # the task's BankEntry when the row was checked (pinned: see PromptBank.entry)
 
 
-def _pick(logits: torch.Tensor, rows: Sequence[DecodeRow], generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) next tokens: arg-max for greedy rows, a sample for the others."""
-    greedy = logits.argmax(-1)
-    sampled = [i for i, r in enumerate(rows) if r.sampling.do_sample]
-    if not sampled:
-        return greedy
-    index = torch.tensor(sampled, device=logits.device)
-    x = logits.index_select(0, index).float()
-    temperature = torch.tensor([rows[i].sampling.temperature for i in sampled], device=x.device)
-    x = x / temperature[:, None]
-    for j, i in enumerate(sampled):  # top-k and top-p: per row, rows differ
-        k, p = rows[i].sampling.top_k, rows[i].sampling.top_p
-        if k and k < x.shape[-1]:
-            kth = x[j].topk(k).values[-1]
-            x[j] = x[j].masked_fill(x[j] < kth, float("-inf"))
-        if p < 1.0:
-            sorted_x, order = x[j].sort(descending=True)
-            probs = sorted_x.softmax(-1)
-            drop = probs.cumsum(-1) - probs > p  # keep the smallest set whose mass reaches p
-            x[j] = x[j].scatter(0, order[drop], float("-inf"))
-    chosen = torch.multinomial(x.softmax(-1), 1, generator=generator).squeeze(-1)
-    return greedy.index_copy(0, index, chosen)
+def _pick(logits: torch.Tensor, rows: Sequence[DecodeRow | None],
+          greedy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) logits of `rows` (None: an empty slot) -> (B,) next tokens (arg-max for greedy
+    rows, each sampling row's own draw for its next token index) and a (B,) bool mask, False
+    where a row's scores were not finite (`sampling.sample`); `greedy`: the arg-max, if known."""
+    draws = Draws.of([None if r is None else r.sampling for r in rows],
+                     [0 if r is None else len(r.tokens) for r in rows], logits.device)
+    return sample(logits, draws, greedy)
 
 
 class Decoder:
@@ -107,12 +83,11 @@ class Decoder:
     """
 
     def __init__(self, bank: PromptBank, *, max_rows: int = 64, admit: Callable[[int], list[DecodeRow]] | None = None,
-                 generator: torch.Generator | None = None, graphs: bool | None = None, columns: int | None = None):
+                 graphs: bool | None = None, columns: int | None = None):
         self.bank = bank
         self.base = bank.base
         self.max_rows = max_rows
         self.admit = admit
-        self.generator = generator
         self.graphs = graphs
         self.columns = columns
         self.slots: DecodeSlots | None = None
@@ -162,14 +137,13 @@ class Decoder:
         slots = self.slots
         slots.step()
         self.steps += 1
-        tokens = slots.greedy.tolist()  # the one host synchronisation of a step
-        sampled = [s for s, r in enumerate(self._rows) if r is not None and r.sampling.do_sample]
-        if sampled:
-            index = torch.tensor(sampled, device=slots.logits.device)
-            chosen = _pick(slots.logits.index_select(0, index), [self._rows[s] for s in sampled], self.generator)
-            slots.set_tokens(sampled, chosen)
-            for s, token in zip(sampled, chosen.tolist()):
-                tokens[s] = token
+        chosen, finite = _pick(slots.logits, self._rows, slots.greedy)
+        if chosen is not slots.greedy:  # some rows sample: their draws are the next step's tokens
+            slots.set_tokens(chosen)
+        tokens, finite = torch.stack([chosen, finite.long()]).tolist()  # the one host synchronisation of a step
+        failed = [row for row, ok in zip(self._rows, finite) if row is not None and not ok]
+        if failed:
+            self._not_finite(failed)
         for s, row in enumerate(self._rows):
             if row is not None and self._emit(row, tokens[s]):
                 self._finish(s)
@@ -224,6 +198,13 @@ class Decoder:
         row.tokens.append(token)
         return bool(row.on_token(token)) or len(row.tokens) >= s.max_new_tokens
 
+    def _not_finite(self, rows: list[DecodeRow]) -> None:
+        """Rows whose scores were not finite this step (NaN or infinity in the model's logits,
+        or in logits / T): their token means nothing. HOOK for failing such rows alone (issue
+        18, failure isolation); until that is wired the step fails, and the run with it."""
+        raise NonFiniteScoresError(f"the model's scores are not finite (NaN or infinity) for {len(rows)} row(s) "
+                                   f"of task(s) {sorted({r.task for r in rows})}")
+
     def _prefill(self, rows: list[DecodeRow]):
         """One forward over the joining rows with their prompts: their first tokens, cache,
         attention mask over the cache (prefix + row) and next positions."""
@@ -240,7 +221,9 @@ class Decoder:
                                     logits_to_keep=1 if model.keeps_logits else None)
         out = self.base(**inputs)
         self.steps += 1
-        first = _pick(out.logits[:, -1], rows, self.generator)
+        first, finite = _pick(out.logits[:, -1], rows)
+        if not bool(finite.all()):  # a host synchronisation per join, not per step (the join has more)
+            self._not_finite([r for r, ok in zip(rows, finite.tolist()) if not ok])
         return first, inject.output_cache(out), inputs["attention_mask"], inputs["position_ids"][:, -1] + 1
 
 

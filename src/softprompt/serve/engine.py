@@ -9,7 +9,8 @@
 one fails that request alone, with its `ErrorKind`), then cuts the rest into batches
 under a row and token budget: requests read by a task head share one forward of the base
 model (`forward_mixed`), each task's head then reads its rows; generation requests with
-the same sampling settings share one `generate_mixed`. A batch that fails as a whole is
+the same token budget and end of sequence share one `generate_mixed` (each row sampling
+with its own settings and random stream). A batch that fails as a whole is
 retried request by request, so one poisoned request cannot fail its neighbours.
 
 The engine works on tokens and asks each task what it can do (`Task.generates`,
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
+from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from ..architecture import ModelKind
@@ -36,6 +38,7 @@ from ..errors import EncodingError, InputTooLongError, SoftPromptError
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .decode import Decoder, DecodeRow
 from .mixed import collate_mixed, forward_mixed, generate_mixed, output_rows
+from .sampling import RowSampler
 from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
 
 log = logging.getLogger("softprompt.serve")
@@ -199,9 +202,9 @@ class Engine:
             # one decode loop: rows of every task and setting, joining as others end
             self._guarded(generating, results, lambda batch: self._run_decoder(batch, admit, results), "decode")
         else:
-            groups: dict[GenerationOptions, list[_Row]] = {}
-            for r in generating:
-                groups.setdefault(r.options, []).append(r)
+            groups: dict[tuple, list[_Row]] = {}
+            for r in generating:  # rows of any sampling settings and seeds share a batch (`RowSampler`)
+                groups.setdefault(r.options.batch_key, []).append(r)
             for group in groups.values():
                 for batch in self._batches(group):
                     self._guarded(batch, results, self._run_generation, "generate")
@@ -340,8 +343,7 @@ class Engine:
         """A request as a decoder row: its sampling settings, stop strings and stream; the
         `Result` is built when the row finishes (and handed to `on_result`)."""
         tokenizer = self.bank.tokenizer
-        r.options.seed_rng()
-        sampling = r.options.sampling(tokenizer.eos_token_id)
+        sampling = r.options.sampling(tokenizer.eos_token_id)  # its own random stream (seeded, or fresh entropy)
         text = RowText(tokenizer, None, r.options.stop, r.request.stream, decode=r.task_decode)
 
         def done(row: DecodeRow) -> None:
@@ -387,17 +389,23 @@ class Engine:
         return [d.result for d in decode_rows]
 
     def _run_generation(self, batch: list[_Row]) -> list[Result]:
-        options = batch[0].options  # a batch shares its options
-        options.seed_rng()
+        """Encoder-decoders: one `generate()` for the batch (rows share `batch_key`), each row
+        sampling with its own settings and stream (`RowSampler`), its own stop strings."""
+        options = batch[0].options  # the batch's budget and end of sequence
         encoded = collate_mixed(self.bank, [r.entry for r in batch], [r.encoded for r in batch])
         tokenizer = self.bank.tokenizer
         eos = options.eos_token_id if options.eos_token_id is not None else tokenizer.eos_token_id
-        decoders = [RowText(tokenizer, eos, options.stop, r.request.stream, decode=r.task_decode) for r in batch]
+        decoders = [RowText(tokenizer, eos, r.options.stop, r.request.stream, decode=r.task_decode) for r in batch]
+        sampler = RowSampler([r.options.sampling(eos) for r in batch])
         new = generate_mixed(self.bank, encoded, streamer=Streamer(decoders),
                              stopping_criteria=StoppingCriteriaList([StopRows(decoders)]),
-                             **options.generate_kwargs())  # (B, N)
+                             logits_processor=LogitsProcessorList([sampler]), **options.generate_kwargs())  # (B, N)
         results = []
-        for r, tokens, text in zip(batch, new, decoders):
+        for r, tokens, text, finite in zip(batch, new, decoders, sampler.finite_per_row()):
+            if not finite:  # its tokens mean nothing: this row fails, the others stand
+                results.append(Result(r.entry.name, error="the model's scores for this input are not finite "
+                                      "(NaN or infinity): nothing to sample from", error_kind=ErrorKind.FAILED))
+                continue
             text.finish(tokens.tolist())
             results.append(Result(r.entry.name, output=text.text, prompt_tokens=r.length, new_tokens=text.count,
                                   finish_reason="stop" if text.stopped else "length"))
