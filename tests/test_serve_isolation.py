@@ -81,6 +81,21 @@ def alone(bank, request):
     return result.output
 
 
+class Late:
+    """An admit hook that hands `requests` over at its third call (after the running rows'
+    prefill and a decode step); `answers[i]` is request i's `Result`."""
+
+    def __init__(self, requests: list[Request]):
+        self.requests, self.calls = requests, 0
+        self.answers: dict[int, Result] = {}
+
+    def __call__(self, room: int):
+        self.calls += 1
+        if self.calls != 3:
+            return []
+        return [(r, lambda res, i=i: self.answers.__setitem__(i, res)) for i, r in enumerate(self.requests)]
+
+
 class Pieces(TokenStream):
     """A stream that keeps its pieces (and can be told to raise at its n-th piece)."""
 
@@ -140,17 +155,9 @@ def test_a_surrogate_admitted_while_streams_decode_fails_alone(causal_bank):
     streams decoding meanwhile get every piece of their alone-answers."""
     streams = [Pieces(), Pieces()]
     running = [completion("writer", TEXTS[0], 8, streams[0]), completion("free", TEXTS[1], 8, streams[1])]
-    late = [completion("writer", SURROGATE), completion("free", TEXTS[2])]
-    answers: dict[int, Result] = {}
-    calls = [0]
-
-    def admit(room):
-        calls[0] += 1
-        if calls[0] != 3:  # after a decode step
-            return []
-        return [(r, lambda res, i=i: answers.__setitem__(i, res)) for i, r in enumerate(late)]
-
-    results = Engine(causal_bank).run(running, admit=admit)
+    late = Late([completion("writer", SURROGATE), completion("free", TEXTS[2])])
+    results = Engine(causal_bank).run(running, admit=late)
+    answers = late.answers
     for request, result, stream in zip(running, results, streams):
         assert result.ok and result.output == alone(causal_bank, request) == "".join(stream.pieces)
     assert answers[0].error_kind is ErrorKind.BAD_INPUT and "character 0" in answers[0].error
@@ -168,15 +175,9 @@ def test_any_error_preparing_an_admitted_request_fails_it_alone(causal_bank, mon
     monkeypatch.setattr(TemplateEncoder, "encode", fragile)
     stream = Pieces()
     running = completion("writer", TEXTS[0], 8, stream)
-    late = [completion("free", "poison"), completion("free", TEXTS[1])]
-    answers = []
-    calls = [0]
-
-    def admit(room):
-        calls[0] += 1
-        return [(r, answers.append) for r in late] if calls[0] == 3 else []
-
-    result = Engine(causal_bank).run([running], admit=admit)[0]
+    late = Late([completion("free", "poison"), completion("free", TEXTS[1])])
+    result = Engine(causal_bank).run([running], admit=late)[0]
+    answers = late.answers
     assert result.output == alone(causal_bank, running) == "".join(stream.pieces)
     assert answers[0].error_kind is ErrorKind.FAILED and "a bug in encoding" in answers[0].error
     assert answers[1].output == alone(causal_bank, completion("free", TEXTS[1]))
@@ -221,18 +222,11 @@ def test_a_joining_row_whose_prefill_fails_fails_alone(causal_bank, monkeypatch)
     monkeypatch.setattr(inject, "base_inputs", fragile)
     stream = Pieces()
     running = completion("writer", TEXTS[0], 10, stream)
-    late = [completion("free", TEXTS[1]), completion("writer", "a zebra"), completion("free", TEXTS[2])]
-    expected = [alone(causal_bank, running), alone(causal_bank, late[0]), None, alone(causal_bank, late[2])]
-    answers: dict[int, Result] = {}
-    calls = [0]
-
-    def admit(room):
-        calls[0] += 1
-        if calls[0] != 3:  # after two decode steps
-            return []
-        return [(r, lambda res, i=i: answers.__setitem__(i, res)) for i, r in enumerate(late)]
-
-    result = Engine(causal_bank).run([running], admit=admit)[0]
+    late = Late([completion("free", TEXTS[1]), completion("writer", "a zebra"), completion("free", TEXTS[2])])
+    expected = [alone(causal_bank, running), alone(causal_bank, late.requests[0]), None,
+                alone(causal_bank, late.requests[2])]
+    result = Engine(causal_bank).run([running], admit=late)[0]
+    answers = late.answers
     assert result.output == expected[0] == "".join(stream.pieces)
     assert answers[0].output == expected[1] and answers[2].output == expected[3]
     assert answers[1].error_kind is ErrorKind.FAILED and "a kernel failed on this row" in answers[1].error

@@ -147,21 +147,24 @@ class Batcher:
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            return [self._items.popleft() for _ in range(min(limit, len(self._items)))]
+            taken = [self._items.popleft() for _ in range(min(limit, len(self._items)))]
+            self._running = list(taken)  # under the lock `close` takes: every request is waiting or running
+            return taken
 
     def _live(self, items: list[tuple[Request, Future]]) -> list[tuple[Request, Future]]:
         """The taken requests to run: those whose future was not cancelled and whose client
-        has not gone (answered here); they count as running from now on (`close`)."""
+        has not gone (answered here)."""
         live = []
         for request, future in items:
-            if not future.set_running_or_notify_cancel():
+            try:
+                if not future.set_running_or_notify_cancel():
+                    continue
+            except RuntimeError:  # answered by `close` already (the worker was slow to get here)
                 continue
             if request.gone:
                 self._settle(future, Result(request.task, error=GONE, error_kind=ErrorKind.CANCELLED))
                 continue
             live.append((request, future))
-        with self._cond:
-            self._running.extend(live)
         return live
 
     def _admit(self, room: int) -> list[tuple[Request, Callable[[Result], None]]]:
@@ -175,6 +178,7 @@ class Batcher:
             chosen = [item for item in self._items if self.engine.generates(item[0])][: max(room, 0)]
             for item in heads + chosen:
                 self._items.remove(item)
+            self._running += heads + chosen
         live = self._live(heads)
         if live:
             start = time.perf_counter()

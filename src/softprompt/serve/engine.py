@@ -42,6 +42,7 @@ from ..encode import EncodedRow
 from ..errors import EncodingError, InputTooLongError, SoftPromptError
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .decode import Decoder, DecodeRow
+from .inputs import example_of, field_texts
 from .mixed import collate_mixed, forward_mixed, generate_mixed, output_rows
 from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
 
@@ -332,24 +333,7 @@ class Engine:
                 f"{max(room - len(encoded.input_ids), 0)} new tokens")
         return encoded
 
-    @staticmethod
-    def _example(entry: BankEntry, value: Any) -> dict[str, Any]:
-        """The input as an example of the task's template fields, each checked (`check_field`):
-        a text fills the template's only field (split into words for a task that reads words)."""
-        fields = entry.model.template.fields
-        if isinstance(value, str):
-            if len(fields) != 1:
-                raise SoftPromptError(f"task {entry.name!r} has template fields {list(fields)}: "
-                                      "send an object with them")
-            check_field(fields[0], value)
-            words = entry.task is not None and entry.task.word_field == fields[0]
-            return {fields[0]: value.split() if words else value}
-        if not isinstance(value, dict):
-            raise SoftPromptError(f"an input is a text or an object of fields, got {type(value).__name__}")
-        for name in fields:
-            if name in value:  # a missing field: the encoder names it and the template's fields
-                check_field(name, value[name])
-        return value
+    _example = staticmethod(example_of)
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
         """Consecutive requests under the row and token budgets (for BART-like families, of
@@ -503,43 +487,6 @@ class Engine:
             results.append(Result(r.entry.name, output=text.text, prompt_tokens=r.length, new_tokens=text.count,
                                   finish_reason="stop" if text.stopped else "length"))
         return results
-
-
-def check_field(name: str, value: Any) -> None:
-    """A template field's value must be a text, or a list of words (texts), and every text
-    valid Unicode (UTF-8 encodable: a lone surrogate such as ``"\\ud800"``, which JSON can
-    carry, is not, and fails the tokenizer).
-
-    Raises:
-        EncodingError: naming the field, the word and the character.
-    """
-    if isinstance(value, str):
-        check_text(value, f"field {name!r}")
-    elif isinstance(value, (list, tuple)):
-        for w, word in enumerate(value):
-            if not isinstance(word, str):
-                raise EncodingError(f"field {name!r}, word {w}: a word is a text, got {type(word).__name__}")
-            check_text(word, f"field {name!r}, word {w}")
-    else:
-        raise EncodingError(f"field {name!r} must be a text or a list of words, got {type(value).__name__}")
-
-
-def check_text(text: str, where: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise EncodingError(f"{where}: character {e.start} ({text[e.start]!r}) is a lone surrogate, not valid "
-                            "Unicode text (it cannot be encoded as UTF-8)") from None
-
-
-def field_texts(entry: BankEntry, example: dict[str, Any]) -> Iterator[str]:
-    """The texts of a checked example's template fields (a word list's words)."""
-    for name in entry.model.template.fields:
-        value = example.get(name)
-        if isinstance(value, str):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            yield from value
 
 
 class _Answers:
