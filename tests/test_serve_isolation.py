@@ -304,24 +304,29 @@ def test_a_request_keeps_the_task_version_it_was_admitted_with(encoder_bank):
 
 
 def test_a_task_replaced_mid_run_by_another_kind_answers_its_admitted_requests_with_the_old_head(causal_bank):
-    """Through the batcher: while a completion decodes, a classification request is
-    submitted and its task then replaced by a generating task (both from the stream's
-    callback, on the engine's thread, so before the request is taken): it is answered by
-    the verbalizer it was admitted with, not with generated text."""
+    """Through the batcher: while a completion decodes, a classification request and a
+    completion are submitted, then the classifier's task is replaced by a generating task
+    and the completion's task removed (from the stream's callback, on the engine's thread,
+    so before the requests are taken): the first is answered by the verbalizer it was
+    admitted with, not with generated text, and the second joins the decode and finishes
+    on its old prompt."""
     bank = causal_bank
     expected = Engine(bank).run([Request("review", TEXTS[1])])[0].output
+    completed = alone(bank, completion("free", TEXTS[2]))
     batcher = Batcher(Engine(bank), max_wait=0)
     label = []
 
     def submit_then_swap():
-        label.extend(batcher.submit([Request("review", TEXTS[1])]))
+        label.extend(batcher.submit([Request("review", TEXTS[1]), completion("free", TEXTS[2])]))
         add(bank, "review", sp.PTuningV2Config(num_virtual_tokens=2, template="{text}"), Generation(max_new_tokens=3),
             replace=True)
+        bank.remove("free")
 
     try:
         long = batcher.submit([completion("writer", TEXTS[0], 40, Pieces(then=submit_then_swap))])[0]
         assert long.result(timeout=60).ok
         assert label[0].result(timeout=60).output == expected
+        assert label[1].result(timeout=60).output == completed
         assert isinstance(batcher.submit([Request("review", TEXTS[1])])[0].result(timeout=60).output, str)
     finally:
         batcher.close()
