@@ -258,10 +258,12 @@ def test_a_row_with_non_finite_logits_fails_alone(causal_bank, monkeypatch):
     assert rows[0].error is None and rows[2].error is None
 
 
-def test_a_step_that_fails_as_a_whole_fails_the_active_rows_not_the_waiting_ones(causal_bank, monkeypatch):
+@pytest.mark.parametrize("fixed", [False, True])
+def test_a_step_that_fails_as_a_whole_fails_the_active_rows_not_the_waiting_ones(causal_bank, monkeypatch, fixed):
     """Two slots, four rows: the third step raises (which row cannot be told): the two
     rows in the slots fail with a clear error, the two waiting rows decode to their
-    alone-answers, and the decoder serves the next run."""
+    alone-answers, and the decoder serves the next run; with slots sized to the rows, and
+    with fixed slots kept between runs (graph mode, stepped eagerly on the CPU)."""
     def rows():
         return [DecodeRow(name, {"text": text}, Sampling(max_new_tokens=5))
                 for name, text in zip(["writer", "free", "writer", "free"], TEXTS)]
@@ -277,7 +279,7 @@ def test_a_step_that_fails_as_a_whole_fails_the_active_rows_not_the_waiting_ones
         step(slots)
 
     monkeypatch.setattr(DecodeSlots, "step", failing)
-    decoder = Decoder(causal_bank, max_rows=2)
+    decoder = Decoder(causal_bank, max_rows=2, graphs=fixed)
     first = decoder.run(rows())
     assert all("device error" in str(r.error) and "decode step failed" in str(r.error) for r in first[:2])
     assert [r.tokens for r in first[2:]] == expected[2:] and first[2].error is None and first[3].error is None
