@@ -12,8 +12,8 @@ from .engine import Engine, ErrorKind, Request, Result
 from .mixed import MixedBatch, encode_mixed, forward_mixed, generate_mixed
 from .text import GenerationOptions, TokenStream
 
-__all__ = ["create_app", "Batcher", "QueueFullError", "TooManyRequestsForQueueError", "Engine", "Request", "Result", "ErrorKind", "TokenStream",
-           "GenerationOptions", "PromptBank",
+__all__ = ["create_app", "Batcher", "QueueFullError", "TooManyRequestsForQueueError", "Engine", "Request", "Result",
+           "ErrorKind", "TokenStream", "GenerationOptions", "PromptBank",
            "BankEntry", "UnknownTaskError", "check_task_name", "MixedBatch", "encode_mixed", "forward_mixed",
            "generate_mixed"]
 

@@ -185,7 +185,8 @@ class Batcher:
             try:
                 results = self.engine.run([r for r, _ in live])
             except Exception as e:  # the engine answers every request; this is a bug: not the decode's
-                results = [Result(r.task, error=f"{type(e).__name__}: {e}", error_kind=ErrorKind.FAILED) for r, _ in live]
+                results = [Result(r.task, error=f"{type(e).__name__}: {e}", error_kind=ErrorKind.FAILED)
+                           for r, _ in live]
             self._record(len(live), time.perf_counter() - start, results)
             for (_, f), result in zip(live, results):
                 self._settle(f, result)
