@@ -101,4 +101,4 @@ def test_a_completion_request_drops_a_top_p_that_filters_nothing():
 
 def test_every_error_kind_has_its_status_code():
     assert STATUS == {ErrorKind.UNKNOWN_TASK: 404, ErrorKind.INPUT_TOO_LONG: 413, ErrorKind.BAD_INPUT: 422,
-                      ErrorKind.FAILED: 500}
+                      ErrorKind.FAILED: 500, ErrorKind.CANCELLED: 499, ErrorKind.SHUTTING_DOWN: 503}
