@@ -93,11 +93,12 @@ class Batcher:
         futures = self.submit(requests)
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = 30) -> None:
+        """Stop taking requests; wait at most `timeout` seconds for the current run."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-        self._worker.join(timeout=30)
+        self._worker.join(timeout=timeout)
 
     # -- the worker -----------------------------------------------------------
     def _take(self) -> list[tuple[Request, Future]]:
