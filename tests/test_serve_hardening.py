@@ -336,6 +336,87 @@ def test_a_response_nobody_reads_is_cut_at_its_deadline(bank):
         assert "softprompt_streams_open 0.0" in metrics
 
 
+# -- clients that leave ---------------------------------------------------------------------------
+class Stepping(Engine):
+    """Decodes without a model: every 5 ms each request still running gets a token, until
+    its max_new_tokens or until it is cancelled (`Request.cancelled`: the engine's side of
+    the contract)."""
+
+    def __init__(self, bank):
+        super().__init__(bank)
+        self.started, self.finished = threading.Event(), threading.Event()
+        self.tokens = 0
+
+    def run(self, requests, admit=None):
+        made = [0] * len(requests)
+        self.started.set()
+        while True:
+            live = [i for i, r in enumerate(requests) if made[i] < r.options.max_new_tokens and not r.cancelled.is_set()]
+            if not live:
+                break
+            for i in live:
+                made[i] += 1
+                self.tokens += 1
+            time.sleep(0.005)
+        self.finished.set()
+        return [Result(r.task, output="x" * n, new_tokens=n, finish_reason="length") for r, n in zip(requests, made)]
+
+
+def post_and_leave(port: int, body: dict, n: int) -> list[socket.socket]:
+    """`n` connections that each send a whole request (to be closed without reading)."""
+    data = json.dumps(body).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    sockets = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+    for s in sockets:
+        s.sendall(request)
+    return sockets
+
+
+def test_a_client_that_leaves_cancels_its_whole_completions(bank):
+    """The app marks every engine request of a client that closed its connection; before,
+    16 x 200 tokens went on to the end (the CPU stayed busy 56 s after the clients left)."""
+    engine = Stepping(bank)
+    app = create_app(bank, engine=engine, max_wait=0.5)  # the 16 requests share one run
+    with Server(app) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        clients = post_and_leave(port, {"model": "writer", "prompt": "x", "max_tokens": 200}, 16)
+        assert engine.started.wait(10)
+        time.sleep(0.1)
+        for s in clients:
+            s.close()
+        assert engine.finished.wait(30)
+        print(json.dumps({"tokens_of_16x200": engine.tokens}))
+        assert engine.tokens < 16 * 200 / 2
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'softprompt_requests_total{endpoint="/v1/completions",status="499"} 16.0' in metrics
+
+
+def test_the_engine_stops_decoding_when_the_clients_leave(bank):
+    """The same with the real engine: 16 x 480-token completions (a second or two on the
+    tiny model), the clients gone once the decode began; the run ends far short of 7,680
+    tokens."""
+    app = create_app(bank, max_wait=0.5)
+    with Server(app) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        clients = post_and_leave(port, {"model": "writer", "prompt": "x", "max_tokens": 480, "temperature": 0}, 16)
+        deadline = time.monotonic() + 30
+        while app.state.batcher.waiting or app.state.engine._decoder is None:  # the decode has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        left = time.monotonic()
+        for s in clients:
+            s.close()
+        while "softprompt_batch_rows_count 0.0" in (metrics := httpx.get(f"{server.url}/metrics").text):
+            assert time.monotonic() < deadline + 60, "the run did not end"
+            time.sleep(0.05)
+        ended = time.monotonic() - left
+        tokens = float(next(line.split()[-1] for line in metrics.splitlines()
+                            if line.startswith("softprompt_generated_tokens_total")))
+        print(json.dumps({"tokens_of_16x480": tokens, "run_ended_after_s": round(ended, 2)}))
+        assert tokens < 16 * 480 / 2
+
+
 # -- shutdown -------------------------------------------------------------------------------------
 HUNG_SERVER = """
 import sys, threading
