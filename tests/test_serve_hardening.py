@@ -165,8 +165,8 @@ def test_half_open_connections_and_a_slow_client_cannot_starve_the_server(folder
     out) and wrote 114 MB of tracebacks in 40 s."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))  # the attacker's own sockets
-    header_timeout, cap, n, wave = 2.0, 1000, 2000, 200
-    with Serve(folders, "--api-key", KEY, "--timeout-header", str(header_timeout), "--max-connections",
+    timeout_header, cap, n, wave = 2.0, 1000, 2000, 200
+    with Serve(folders, "--api-key", KEY, "--timeout-header", str(timeout_header), "--max-connections",
                str(cap)) as server:
         pid = server.process.pid
         httpx.get(f"{server.url}/health", headers=AUTH, timeout=10)
@@ -184,7 +184,7 @@ def test_half_open_connections_and_a_slow_client_cannot_starve_the_server(folder
             time.sleep(0.05)
             peak = max(peak, open_fds(pid))
         steady = open_fds(pid)
-        deadline = time.monotonic() + header_timeout + 10
+        deadline = time.monotonic() + timeout_header + 10
         while open_fds(pid) > baseline + 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         settled = time.monotonic() - start
@@ -208,7 +208,7 @@ def test_half_open_connections_and_a_slow_client_cannot_starve_the_server(folder
         # protocol sees it: `http.ACCEPT_BATCH`): older half-open connections made room
         assert steady <= baseline + cap + 2
         assert after <= baseline + 2 and closed == n  # every half-open connection was closed by the server
-        assert slow["answer"] == b"" and slow["closed_after"] < header_timeout + 1.5  # cut before its headers ended
+        assert slow["answer"] == b"" and slow["closed_after"] < timeout_header + 1.5  # cut before its headers ended
         assert log_bytes < 100_000, server.log.read_text()[-3000:]
         assert httpx.get(f"{server.url}/health", headers=AUTH, timeout=5).status_code == 200
 
@@ -222,7 +222,7 @@ class GuardedServer(Server):
         self.guard = ConnectionGuard(limits)
         self.server = uvicorn.Server(uvicorn.Config(
             app, log_level="warning", lifespan="on", ws="none", http=partial(GuardedH11Protocol, guard=self.guard),
-            timeout_keep_alive=limits.keep_alive, timeout_graceful_shutdown=limits.graceful_shutdown))
+            timeout_keep_alive=limits.timeout_keep_alive, timeout_graceful_shutdown=limits.timeout_graceful_shutdown))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.port = self.sock.getsockname()[1]
 
@@ -248,7 +248,7 @@ def bank(gpt2_tokenizer):
 
 
 def test_a_body_that_stops_arriving_is_cut_at_its_deadline(bank):
-    limits = HTTPLimits(body_timeout=1.0)
+    limits = HTTPLimits(timeout_body=1.0)
     with GuardedServer(create_app(bank, engine=Fixed(bank)), limits) as server:
         port = server.port
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -276,7 +276,7 @@ class Held(Engine):
 
 
 def test_beyond_the_cap_waiting_connections_make_room_begun_headers_first(bank):
-    limits = HTTPLimits(max_connections=3, header_timeout=30)
+    limits = HTTPLimits(max_connections=3, timeout_header=30)
     with GuardedServer(create_app(bank, engine=Fixed(bank)), limits) as server:
         silent = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
         time.sleep(0.1)
@@ -315,7 +315,7 @@ def test_a_response_nobody_reads_is_cut_at_its_deadline(bank):
     transport then calls `pause_writing`, sent here by hand: loopback buffers grow to
     megabytes). Past the send deadline the server drops the connection and the rows stop;
     before, both were held until the process ended."""
-    limits = HTTPLimits(send_timeout=1.0)
+    limits = HTTPLimits(timeout_send=1.0)
     app = create_app(bank)
     with GuardedServer(app, limits) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         body = {"model": "writer", "prompt": ["x"] * 4, "max_tokens": 400, "temperature": 0, "stream": True}
@@ -435,7 +435,7 @@ tok = GPT2TokenizerFast.from_pretrained({tokenizer!r})
 base = make_long_llama(tok)
 bank = PromptBank(base, tok)
 bank.add("writer", sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=3, template="{{text}}"), tokenizer=tok))
-limits = HTTPLimits(graceful_shutdown={drain})
+limits = HTTPLimits(timeout_graceful_shutdown={drain})
 serve(create_app(bank, engine=Hung(bank), shutdown_timeout={drain}), host="127.0.0.1", port={port}, limits=limits)
 """
 

@@ -293,8 +293,8 @@ def serve(
     from .serve.guard import check_api_key
     from .serve.http import HTTPLimits, serve as serve_http
 
-    limits = HTTPLimits(header_timeout=timeout_header, body_timeout=timeout_body, send_timeout=timeout_send,
-                        keep_alive=timeout_keep_alive, graceful_shutdown=timeout_graceful_shutdown,
+    limits = HTTPLimits(timeout_header=timeout_header, timeout_body=timeout_body, timeout_send=timeout_send,
+                        timeout_keep_alive=timeout_keep_alive, timeout_graceful_shutdown=timeout_graceful_shutdown,
                         max_connections=max_connections, log_limit=log_limit, log_interval=log_interval)
     limits.fit_open_files()  # before the model loads: a cap the process cannot hold fails at once
     if api_key is not None:

@@ -162,6 +162,13 @@ def server_of(request: HTTPRequest) -> Server:
     return request.app.state.server
 
 
+def drop(future: asyncio.Future) -> None:
+    """Cancel a future no one will read. (A cancelled `gather` holds the CancelledError as
+    its exception, which asyncio logs as never retrieved unless someone takes it.)"""
+    future.cancel()
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
 def cancel(requests: list[Request]) -> None:
     """Stop the requests in the engine: dropped if waiting, ended at the next decode step."""
     for r in requests:
@@ -192,7 +199,7 @@ async def first_of(futures: set[asyncio.Future], http: HTTPRequest, requests: li
         if left:
             cancel(requests)
             for f in futures:
-                f.cancel()
+                drop(f)
     if left:
         raise HTTPException(499, "the client closed the connection before the answer was ready")
 
@@ -306,9 +313,9 @@ class _Completion:
         await first_of({first, done}, http, requests)
         early = [f.result() if f.done() else None for f in futures]
         if any(r is not None and not r.ok for r in early):
-            first.cancel()
             cancel(requests)
-            done.cancel()
+            drop(first)
+            drop(done)
             check_results(early, "prompt")
         return StreamingResponse(self._events(server.metrics, first, pieces, done, requests),
                                  media_type="text/event-stream")

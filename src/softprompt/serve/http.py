@@ -26,7 +26,7 @@ Another server (hypercorn) was considered: it has a per-read timeout, which a cl
 sending a byte at a time defeats, and no connection cap either, and it would be one more
 dependency for the same extension work.
 
-    serve(app, host="127.0.0.1", port=8000, limits=HTTPLimits(header_timeout=5))
+    serve(app, host="127.0.0.1", port=8000, limits=HTTPLimits(timeout_header=5))
 """
 
 from __future__ import annotations
@@ -64,25 +64,25 @@ _REFUSED = b'{"detail": "the server has too many open connections; retry later"}
 @dataclass(frozen=True)
 class HTTPLimits:
     """The connection-level limits of the server (seconds, counts); `softprompt serve`
-    exposes each as an option of the same name (``--timeout-header``, ...).
+    exposes each as the option of the same name (``timeout_header``: ``--timeout-header``).
 
     Attributes:
-        header_timeout: most seconds from a connection's start (or its previous response's
+        timeout_header: most seconds from a connection's start (or its previous response's
             end) until a request's headers are complete.
-        body_timeout: most seconds from the end of the headers until the body is complete.
-        send_timeout: most seconds a response may wait for a client that stopped reading.
-        keep_alive: seconds an idle keep-alive connection stays open.
-        graceful_shutdown: at shutdown, most seconds to let running requests finish before
+        timeout_body: most seconds from the end of the headers until the body is complete.
+        timeout_send: most seconds a response may wait for a client that stopped reading.
+        timeout_keep_alive: seconds an idle keep-alive connection stays open.
+        timeout_graceful_shutdown: at shutdown, most seconds to let running requests finish before
             they are cancelled (and again for the engine's current run).
         max_connections: most open connections.
         log_limit / log_interval: most log records of one message template per interval.
     """
 
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    send_timeout: float = 60.0
-    keep_alive: float = 5.0
-    graceful_shutdown: float = 10.0
+    timeout_header: float = 10.0
+    timeout_body: float = 30.0
+    timeout_send: float = 60.0
+    timeout_keep_alive: float = 5.0
+    timeout_graceful_shutdown: float = 10.0
     max_connections: int = 1024
     log_limit: int = 10
     log_interval: float = 60.0
@@ -91,7 +91,7 @@ class HTTPLimits:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ConfigError(f"{f.name} must be a positive finite number, got {value!r}")
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a positive finite number, got {value!r}")
 
     def fit_open_files(self) -> int:
         """Raise this process's open-file limit for `max_connections` (`raise_open_file_limit`)."""
@@ -212,7 +212,7 @@ class GuardedH11Protocol(H11Protocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._stalled is None:
-            self._stalled = self.loop.call_later(self.guard.limits.send_timeout, self._expire, "response")
+            self._stalled = self.loop.call_later(self.guard.limits.timeout_send, self._expire, "response")
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -233,7 +233,7 @@ class GuardedH11Protocol(H11Protocol):
             self._deadline = None
         limits = self.guard.limits
         if phase is not None:
-            seconds = limits.header_timeout if phase == "headers" else limits.body_timeout
+            seconds = limits.timeout_header if phase == "headers" else limits.timeout_body
             self._deadline = self.loop.call_later(seconds, self._expire, phase)
         self.guard.waiting(self, "idle" if phase == "headers" else None)
 
@@ -335,7 +335,7 @@ def raise_open_file_limit(needed: int) -> int:
 
 def serve(app, *, host: str, port: int, limits: HTTPLimits = HTTPLimits(), log_level: str = "warning") -> None:
     """Run `app` under uvicorn with `limits` until SIGINT or SIGTERM (then it drains for
-    at most ``limits.graceful_shutdown`` seconds, cancels what still runs, and exits).
+    at most ``limits.timeout_graceful_shutdown`` seconds, cancels what still runs, and exits).
 
     Raises:
         ConfigError: the connection cap does not fit the open-file limit.
@@ -345,8 +345,8 @@ def serve(app, *, host: str, port: int, limits: HTTPLimits = HTTPLimits(), log_l
     limits.fit_open_files()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", ws="none",
                             backlog=ACCEPT_BATCH, http=partial(GuardedH11Protocol, guard=ConnectionGuard(limits)),
-                            timeout_keep_alive=limits.keep_alive,  # type: ignore[arg-type]
-                            timeout_graceful_shutdown=limits.graceful_shutdown)  # type: ignore[arg-type]
+                            timeout_keep_alive=limits.timeout_keep_alive,  # type: ignore[arg-type]
+                            timeout_graceful_shutdown=limits.timeout_graceful_shutdown)  # type: ignore[arg-type]
     limit_logs(LogRateLimit(limits.log_limit, limits.log_interval))  # after uvicorn made its handlers
     uvicorn.Server(config).run()
 
