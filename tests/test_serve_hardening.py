@@ -15,7 +15,6 @@ The numbers the flood test measures are printed (``pytest -s``).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from softprompt.serve.http import ConnectionGuard, GuardedH11Protocol, HTTPLimit
 
 from conftest import _tiny
 from serving import Server, free_port, wait_until_serving
+from test_serve_http import Blocking
 
 KEY = "k3y-for-tests"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -263,16 +263,14 @@ def test_a_body_that_stops_arriving_is_cut_at_its_deadline(bank):
         assert r.status_code == 200  # a body sent at once is not affected
 
 
-class Held(Engine):
-    """An engine whose runs wait until released."""
-
-    def __init__(self, bank):
-        super().__init__(bank)
-        self.release = threading.Event()
-
-    def run(self, requests, admit=None):
-        self.release.wait(timeout=30)
-        return [Result(r.task, output="ok") for r in requests]
+def test_a_kept_alive_connection_has_its_keep_alive_wait_before_the_header_deadline(bank):
+    limits = HTTPLimits(timeout_header=0.5, timeout_keep_alive=3)
+    with GuardedServer(create_app(bank, engine=Fixed(bank)), limits) as server, \
+            httpx.Client(base_url=server.url, timeout=10) as client:
+        assert client.get("/health").status_code == 200
+        time.sleep(1.5)  # idle past the header deadline, within the keep-alive
+        assert len(server.guard.open) == 1
+        assert client.get("/health").status_code == 200 and server.guard.evicted == 0
 
 
 def test_beyond_the_cap_waiting_connections_make_room_begun_headers_first(bank):
@@ -294,7 +292,7 @@ def test_beyond_the_cap_waiting_connections_make_room_begun_headers_first(bank):
 
 
 def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(bank):
-    engine = Held(bank)
+    engine = Blocking(bank)
     with GuardedServer(create_app(bank, engine=engine, max_wait=0), HTTPLimits(max_connections=2)) as server:
         with ThreadPoolExecutor(2) as pool:
             held = [pool.submit(httpx.post, f"{server.url}/v1/completions", json={"model": "writer", "prompt": "x"},

@@ -39,7 +39,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -49,14 +48,16 @@ from ..errors import ConfigError
 log = logging.getLogger("softprompt.serve.http")
 
 #: connections waiting in the kernel to be accepted (uvicorn's default). asyncio accepts up
-#: to this many at a time, before any protocol sees them, so for a moment a burst may
-#: hold this many sockets beyond the cap. A shorter queue would bound that, but a flood
-#: then fills it and working clients' connections wait for the kernel's one-second SYN
-#: retry (measured: /health took 1.06 s under 2,000 half-open connections with 100).
+#: to this many at a time, before any protocol sees them, so a burst holds sockets beyond
+#: the cap until `ConnectionGuard` closes them (measured: 2,000 at once peaked at 2,009
+#: descriptors with a cap of 1,000, and settled at the cap within 0.5 s). A shorter queue
+#: would bound that, but a flood then fills it and working clients' connections wait for
+#: the kernel's one-second SYN retry (measured: /health took 1.06 s with 100).
 ACCEPT_BATCH = 2048
-#: file descriptors beyond the cap: one accept batch, and the process's own (model files,
-#: the log, pipes, the listener)
-RESERVED_FILES = ACCEPT_BATCH + 256
+#: file descriptors the cap leaves for the process's own (model files, the log, pipes, the
+#: listener) and for a burst not yet cut back; the soft limit is raised to the hard one,
+#: usually far above
+RESERVED_FILES = 256
 
 _REFUSED = b'{"detail": "the server has too many open connections; retry later"}'
 
@@ -178,7 +179,7 @@ class GuardedH11Protocol(H11Protocol):
     def __init__(self, config, server_state, app_state, _loop=None, *, guard: ConnectionGuard):
         super().__init__(config, server_state, app_state, _loop)
         self.guard = guard
-        self._phase: Any = None
+        self._phase: str | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._stalled: asyncio.TimerHandle | None = None
 
@@ -234,6 +235,8 @@ class GuardedH11Protocol(H11Protocol):
         limits = self.guard.limits
         if phase is not None:
             seconds = limits.timeout_header if phase == "headers" else limits.timeout_body
+            if phase == "headers" and self.cycle is not None:
+                seconds += limits.timeout_keep_alive  # between requests: the keep-alive wait, then the headers
             self._deadline = self.loop.call_later(seconds, self._expire, phase)
         self.guard.waiting(self, "idle" if phase == "headers" else None)
 
@@ -324,8 +327,11 @@ def raise_open_file_limit(needed: int) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = max(soft, needed) if hard == resource.RLIM_INFINITY else hard
     if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # macOS refuses more than OPEN_MAX whatever the hard limit says
+            pass
     if soft != resource.RLIM_INFINITY and soft < needed:
         raise ConfigError(f"--max-connections needs about {needed} open files with the server's own, but this "
                           f"process may open at most {soft} (ulimit -n; hard limit {hard}): lower --max-connections "
