@@ -125,8 +125,8 @@ class Server:
     def submit(self, requests: list[Request]) -> list[asyncio.Future]:
         """Queue a request's engine requests; their results, to await."""
         if len(requests) > self.batcher.max_queue:  # would be refused for ever: "retry later" is no answer
-            raise HTTPException(413, f"the request has {len(requests)} inputs, more than the server's queue holds "
-                                     f"({self.batcher.max_queue}, --max-queue): it could never be queued")
+            raise HTTPException(413, f"{len(requests)} inputs in one request, more than the server's queue ever holds: "
+                                     f"send at most {self.batcher.max_queue} at a time (--max-queue)")
         try:
             return [asyncio.wrap_future(f) for f in self.batcher.submit(requests)]
         except QueueFullError as e:
