@@ -180,7 +180,7 @@ def parse_json_body(body: bytes | str) -> Any:
     """
     try:
         value = json.loads(body, parse_constant=_NotFinite, parse_float=_finite)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError:  # a ValueError too, but FastAPI's to report
         raise
     except RecursionError:
         raise BodyError(400, "the JSON body nests too deeply") from None
@@ -191,8 +191,9 @@ def parse_json_body(body: bytes | str) -> Any:
 
 
 def _check_values(value: Any) -> None:
-    """Walk the parsed body (without recursion: JSON nests as deep as the parser went) and
-    refuse the first non-finite number or unencodable string, by its path."""
+    """Walk the parsed body in document order (without recursion: JSON nests as deep as
+    the parser went) and refuse the first non-finite number or unencodable string, by its
+    path."""
     stack: list[tuple[Any, tuple | None, Any]] = [(value, None, None)]  # (value, parent's entry, key)
     while stack:
         entry = stack.pop()
@@ -203,11 +204,11 @@ def _check_values(value: Any) -> None:
             raise BodyError(400, f"{_path(entry)}: {item.text} is not a JSON number: JSON numbers are finite "
                                  "(no NaN or Infinity) and must fit a 64-bit float")
         elif isinstance(item, dict):
-            for key, v in item.items():
+            for key in item:
                 _check_text(key, entry, key=True)
-                stack.append((v, entry, key))
+            stack.extend((item[key], entry, key) for key in reversed(item))
         elif isinstance(item, list):
-            stack.extend((v, entry, i) for i, v in enumerate(item))
+            stack.extend((item[i], entry, i) for i in reversed(range(len(item))))
 
 
 def _check_text(text: str, entry: tuple, key: bool = False) -> None:
