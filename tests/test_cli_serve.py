@@ -74,3 +74,22 @@ def test_serve_two_trained_prompts_of_different_tasks_and_methods(bert_dir, revi
         server.terminate()
         _, err = server.communicate(timeout=30)
     assert f"serving 2 task(s) (ner, sentiment) on {bert_dir} (cpu) at http://127.0.0.1:{port}" in err
+
+
+def test_serve_refuses_what_it_could_never_serve_before_loading_the_model(tmp_path):
+    """A key no client can send (before: accepted, and no request could ever match it), a
+    limit that is not a positive number, a connection cap the process cannot hold: one
+    error line each, before the model loads (its path here does not exist)."""
+    common = ["serve", "--model", tmp_path / "no-model", "--prompts", tmp_path]
+    for options, message in [
+        (["--api-key", "clé"], "error: the API key has 'é' at character 2: a key is sent in an HTTP header"),
+        (["--api-key", "tab\tkey"], "error: the API key has '\\t' at character 3"),
+        (["--api-key", " key"], "error: the API key starts or ends with a blank"),
+        (["--timeout-header", "0"], "error: --timeout-header must be a positive finite number, got 0.0"),
+        (["--timeout-graceful-shutdown", "inf"], "error: --timeout-graceful-shutdown must be a positive finite"),
+        (["--max-connections", "-1"], "error: --max-connections must be a positive finite number, got -1"),
+        (["--max-connections", str(10**9)], "open files"),
+    ]:
+        r = invoke(*common, *options)
+        assert r.exit_code == 1 and message in r.output, (options, r.output)
+        assert "Traceback" not in r.output and "no-model" not in r.output

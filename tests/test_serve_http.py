@@ -5,6 +5,7 @@ and name the problem; streams and disconnects; admin and API-key checks."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import softprompt as sp
+from softprompt.folder import save_with_task
 from softprompt.serve import Batcher, Engine, PromptBank, QueueFullError, Request, Result, TokenStream, create_app
 from softprompt.tasks import SequenceClassification, TokenClassification, Verbalizer
 
@@ -270,3 +272,148 @@ def test_generation_requests_join_a_running_decode(causal_bank):
         assert batcher.stats.runs == 2 and batcher.stats.rows == 3  # the decode run and one head forward
     finally:
         batcher.close()
+
+
+def post_raw(client, path, text, **kwargs):
+    """POST a body as written (Python's json.dumps would not write NaN as a client might)."""
+    return client.post(path, content=text.encode(), headers={"content-type": "application/json"}, **kwargs)
+
+
+def test_non_standard_json_numbers_get_a_400_that_names_the_field(causal_bank):
+    """NaN, Infinity and 1e400 (read by Python as inf) are not JSON: before, a plain-text
+    500 and a reset connection; now a JSON 400 naming the field, on a connection that
+    stays usable."""
+    with Server(create_app(causal_bank)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        for body, field, number in [
+            ('{"model": "writer", "prompt": "x", "temperature": NaN}', "temperature", "NaN"),
+            ('{"model": "writer", "prompt": "x", "top_p": Infinity}', "top_p", "Infinity"),
+            ('{"model": "writer", "prompt": "x", "temperature": 1e400}', "temperature", "1e400"),
+            ('{"task": "review", "inputs": ["fine", -Infinity]}', "inputs[1]", "-Infinity"),
+            ('{"task": "review", "inputs": [{"text": -1e999}]}', "inputs[0].text", "-1e999"),
+        ]:
+            endpoint = "/v1/completions" if "model" in body else "/v1/classify"
+            r = post_raw(client, endpoint, body)
+            assert r.status_code == 400, (body, r.status_code, r.text)
+            detail = r.json()["detail"]
+            assert detail.startswith(f"{field}: {number} is not a JSON number"), detail
+        r = client.post("/v1/classify", json={"task": "review", "inputs": ["great"]})  # the same connection
+        assert r.status_code == 200
+        r = post_raw(client, "/v1/classify", '{"task": "review", "inputs": ["great"], "x": 1.5e300}')
+        assert r.status_code == 200  # large but finite numbers are JSON
+
+
+def test_a_lone_surrogate_in_any_text_field_gets_a_422_that_names_it(causal_bank):
+    with Server(create_app(causal_bank)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        for endpoint, body, field in [
+            ("/v1/classify", r'{"task": "review", "inputs": ["ok", "ok", "ok", "\ud800 x"]}', "inputs[3]"),
+            ("/v1/classify", r'{"task": "review", "inputs": ["ok", {"text": "a \udc00"}]}', "inputs[1].text"),
+            ("/v1/classify", r'{"task": "review", "inputs": [{"te\ud800xt": "a"}]}', "inputs[0]: a key"),
+            ("/v1/completions", r'{"model": "writer", "prompt": ["a", "\ud800"]}', "prompt[1]"),
+            ("/v1/completions", r'{"model": "writer", "prompt": "a", "stop": "\udbff"}', "stop"),
+            ("/v1/completions", r'{"model": "writer", "prompt": "a", "stop": ["ok", "\ud800"], "stream": true}',
+             "stop[1]"),
+        ]:
+            r = post_raw(client, endpoint, body)
+            assert r.status_code == 422, (body, r.status_code, r.text)
+            detail = r.json()["detail"]
+            assert detail.startswith(f"{field} holds a lone UTF-16 surrogate"), detail
+        r = post_raw(client, "/v1/classify", r'{"task": "review", "inputs": ["a smile \ud83d\ude00"]}')
+        assert r.status_code == 200, r.text  # a surrogate pair is one character (U+1F600)
+
+
+def test_a_streamed_completion_that_cannot_run_gets_the_status_of_a_whole_one(encoder_bank, causal_bank):
+    """Before, a stream on an encoder task answered 200 and then an error event; now the
+    same 422 as the whole completion, before any event (and a bad prompt in a stream too)."""
+    with Server(create_app(encoder_bank)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        whole = client.post("/v1/completions", json={"model": "sentiment", "prompt": "x"})
+        streamed = client.post("/v1/completions", json={"model": "sentiment", "prompt": "x", "stream": True})
+        assert whole.status_code == 422
+        assert (streamed.status_code, streamed.headers["content-type"]) == (422, "application/json")
+        assert streamed.json() == whole.json()
+    with Server(create_app(causal_bank)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        body = {"model": "writer", "prompt": ["fine", "word " * 100], "max_tokens": 4, "temperature": 0}
+        whole = client.post("/v1/completions", json=body)  # the second prompt is over the model's 64 positions
+        streamed = client.post("/v1/completions", json={**body, "stream": True})
+        assert whole.status_code == 413 and streamed.status_code == 413, (whole.text, streamed.text)
+        assert streamed.json() == whole.json() and streamed.json()["detail"].startswith("prompt 1:")
+
+
+def test_more_inputs_than_the_queue_holds_get_413_not_429(encoder_bank):
+    """A request that could never be queued is told so (413), not to retry later (429)."""
+    with Server(create_app(encoder_bank, max_queue=3)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        r = client.post("/v1/classify", json={"task": "sentiment", "inputs": ["a", "b", "c", "d"]})
+        assert r.status_code == 413 and "queue ever holds" in r.json()["detail"] and "at most 3" in r.json()["detail"]
+        r = client.post("/v1/completions", json={"model": "sentiment", "prompt": ["a"] * 4, "stream": True})
+        assert r.status_code == 413
+        r = client.post("/v1/classify", json={"task": "sentiment", "inputs": ["a", "b", "c"]})
+        assert r.status_code == 200
+
+
+def test_an_api_key_no_client_can_send_is_refused(encoder_bank):
+    for key in ["clé", "ab\x01c", " key", "key\n", ""]:
+        with pytest.raises(sp.ConfigError, match="API key"):
+            create_app(encoder_bank, api_key=key)
+    create_app(encoder_bank, api_key="s3cret-key_1.~!").state.batcher.close()
+
+
+def test_admin_puts_of_bad_folders_get_a_4xx_and_leave_the_bank_as_it_was(causal_bank, tmp_path):
+    """A NUL in the path, a task.json without its label words, a config nested past the
+    parser's depth, one over the size cap, a template longer than the model: each a 4xx
+    naming the problem (before: 500s, or a prompt that failed every request), and the task
+    they would replace still answers as before."""
+    bank = causal_bank
+    root = tmp_path / "prompts"
+    good = root / "good"
+    save_with_task(bank["review"].model, bank["review"].task, good, {})
+    bad = {}
+    for name, edit in [
+        ("no_label_words", lambda f: f.joinpath("task.json").write_text(json.dumps(
+            {k: v for k, v in json.loads(f.joinpath("task.json").read_text()).items() if k != "label_words"}))),
+        ("deep", lambda f: f.joinpath("prompt_config.json").write_text("[" * 100_000 + "]" * 100_000)),
+        ("huge", lambda f: _sparse(f / "task.json", 17 << 20)),
+    ]:
+        shutil.copytree(good, root / name)
+        edit(root / name)
+        bad[name] = root / name
+    torch.manual_seed(0)
+    long = sp.SoftPromptModel(bank.base, sp.PromptTuningConfig(template="[P:70] {text}"), tokenizer=bank.tokenizer)
+    long.save_pretrained(root / "long")  # 70 virtual tokens: the tiny Llama has 64 positions
+    before = bank["review"]
+    app = create_app(bank, admin=True, prompt_root=root)
+    with Server(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        expected = client.post("/v1/classify", json={"task": "review", "inputs": ["great"]}).json()
+        for path, status, words in [
+            (str(good) + "\x00x", 422, "NUL"),
+            (str(bad["no_label_words"]), 422, "label_words"),
+            (str(bad["deep"]), 422, "nested too deeply"),
+            (str(bad["huge"]), 422, "over the limit"),
+            (str(root / "long"), 422, "64 positions"),
+        ]:
+            r = client.put("/v1/prompts/review", json={"path": path})
+            assert r.status_code == status and words in r.json()["detail"], (path, r.status_code, r.text)
+            assert bank["review"] is before
+            assert client.post("/v1/classify", json={"task": "review", "inputs": ["great"]}).json() == expected
+        r = client.put("/v1/prompts/review", json={"path": str(good)})
+        assert r.status_code == 200 and r.json()["status"] == "replaced"
+
+
+def _sparse(path, size):
+    """A file of `size` bytes that takes no disk (a hole)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def test_a_template_longer_than_the_model_is_refused_when_loaded(encoder_bank, tmp_path):
+    """Before, it loaded and then failed every request sent to it."""
+    bank = encoder_bank
+    long = sp.SoftPromptModel(bank.base, sp.PromptTuningConfig(template="[P:62] {text}"), tokenizer=bank.tokenizer)
+    with pytest.raises(sp.SoftPromptError, match=r"task 'long': the template's virtual tokens \(62\), anchors \(0\) "
+                                                 r"and special tokens \(2\) take 64 of the 64 positions"):
+        bank.add("long", long)  # [CLS] [P:62] [SEP]: no room for a word
+    assert "long" not in bank
+    long.save_pretrained(tmp_path / "prompts" / "long")
+    with pytest.raises(sp.SoftPromptError, match="task 'long'.*64 positions"):
+        PromptBank.from_directory(bank.base, bank.tokenizer, tmp_path / "prompts")
+    fits = sp.SoftPromptModel(bank.base, sp.PromptTuningConfig(template="[P:61] {text}"), tokenizer=bank.tokenizer)
+    assert bank.add("fits", fits).num_virtual_tokens == 61

@@ -276,14 +276,29 @@ def serve(
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="Larger request bodies get 413."),
     max_inputs: int = typer.Option(256, "--max-inputs", min=1, help="Most inputs (or prompts) in one request (413 beyond)."),
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Most tokens one completion may ask for (422 beyond)."),
+    timeout_header: float = typer.Option(10.0, "--timeout-header", help="Seconds a client has to send a request's headers (then its connection is closed)."),
+    timeout_body: float = typer.Option(30.0, "--timeout-body", help="Seconds a client has to send a request's body after its headers."),
+    timeout_send: float = typer.Option(60.0, "--timeout-send", help="Seconds a response may wait for a client that stopped reading."),
+    timeout_keep_alive: float = typer.Option(5.0, "--timeout-keep-alive", help="Seconds an idle keep-alive connection stays open."),
+    timeout_graceful_shutdown: float = typer.Option(10.0, "--timeout-graceful-shutdown", help="On SIGTERM, seconds running requests may finish before they are cancelled."),
+    max_connections: int = typer.Option(1024, "--max-connections", help="Most open connections (beyond: the longest idle one is closed, or 503)."),
+    log_limit: int = typer.Option(10, "--log-limit", help="Most log records of one kind per --log-interval (then one line says the rest are dropped)."),
+    log_interval: float = typer.Option(60.0, "--log-interval", help="Seconds of the log rate limit's window."),
 ) -> None:
     """Serve many tasks' prompts on one base model over HTTP (classify, tag, OpenAI-style completions)."""
     import ipaddress
 
-    import uvicorn
-
     from .base_models import load_base, resolve_device
     from .serve import Engine, PromptBank, create_app
+    from .serve.guard import check_api_key
+    from .serve.http import HTTPLimits, serve as serve_http
+
+    limits = HTTPLimits(timeout_header=timeout_header, timeout_body=timeout_body, timeout_send=timeout_send,
+                        timeout_keep_alive=timeout_keep_alive, timeout_graceful_shutdown=timeout_graceful_shutdown,
+                        max_connections=max_connections, log_limit=log_limit, log_interval=log_interval)
+    limits.fit_open_files()  # before the model loads: a cap the process cannot hold fails at once
+    if api_key is not None:
+        check_api_key(api_key)
 
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -301,10 +316,11 @@ def serve(
     engine = Engine(bank, max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens, truncate=truncate)
     application = create_app(bank, engine=engine, max_queue=max_queue, admin=admin, api_key=api_key,
                              prompt_root=prompts if admin else None, max_body_bytes=max_body_bytes,
-                             max_inputs=max_inputs, max_new_tokens=max_new_tokens)
+                             max_inputs=max_inputs, max_new_tokens=max_new_tokens,
+                             shutdown_timeout=timeout_graceful_shutdown)
     typer.echo(f"serving {len(bank)} task(s) ({', '.join(bank.names())}) on {model} ({target}) at "
                f"http://{host}:{port}", err=True)
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    serve_http(application, host=host, port=port, limits=limits)
 
 
 def main() -> None:  # pragma: no cover - `python -m softprompt.cli`

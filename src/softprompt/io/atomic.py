@@ -177,12 +177,23 @@ def write_directory_atomically(target: Path, write) -> None:
 
 
 # -- reads -------------------------------------------------------------------------------
+#: the largest JSON file read (a prompt's config or task is a few KiB; a server loading a
+#: folder an admin names must not read gigabytes into memory first)
+MAX_JSON_BYTES = 16 << 20
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`; PromptFileError naming the file (and line and column)."""
+    """A JSON object from `path`; PromptFileError naming the file (and line and column),
+    or saying it is over `MAX_JSON_BYTES` or nested past the parser's depth."""
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise PromptFileError(f"{path}: {size} bytes, over the limit of {MAX_JSON_BYTES} for a JSON file")
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PromptFileError(f"{path}: missing") from None
+    except RecursionError:
+        raise PromptFileError(f"{path}: JSON nested too deeply to read") from None
     except UnicodeDecodeError as e:
         raise PromptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:

@@ -9,9 +9,16 @@
     GET  /health, GET /metrics (Prometheus text format)
 
 Errors: 404 unknown task (lists the loaded ones), 422 malformed body or bad input (names
-the field or the input), 413 body or input too long, 429 queue full, 401 missing or wrong
-API key (when one is set), 403 admin endpoints while admin is off. The engine says why a
-request failed (`ErrorKind`); `STATUS` is the one table of their status codes.
+the field or the input), 400 a body that is not standard JSON (``NaN``, ``Infinity``:
+`guard.parse_json_body`), 413 body or input too long (or more inputs than the queue
+holds), 429 queue full, 401 missing or wrong API key (when one is set), 403 admin
+endpoints while admin is off. The engine says why a request failed (`ErrorKind`);
+`STATUS` is the one table of their status codes. A streamed completion that fails before
+its first piece gets the status a whole one would, not a stream with an error in it.
+
+A request whose client goes away is cancelled: its engine requests are marked
+(`Request.cancelled`) and stop at the next decode step, whether the route was waiting for
+whole answers (`Server.run` watches the connection) or streaming them.
 
 The routes are module-level functions; each reads the server it runs in (`Server`: bank,
 engine, batcher, limits, metrics) from ``request.app.state.server``.
@@ -30,6 +37,7 @@ from typing import Any, AsyncIterator, Union
 
 from fastapi import FastAPI, HTTPException, Request as HTTPRequest
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, field_validator
 
@@ -37,7 +45,7 @@ from ..errors import SoftPromptError
 from .bank import BankEntry, PromptBank, UnknownTaskError, check_task_name
 from .batcher import Batcher, QueueFullError, TooManyRequestsForQueueError
 from .engine import Engine, ErrorKind, Request, Result
-from .guard import RequestGuard
+from .guard import BodyError, RequestGuard, check_api_key, parse_json_body
 from .text import GenerationOptions, TokenStream
 
 #: the status code of each way a request can fail in the engine
@@ -114,13 +122,21 @@ class Server:
     max_new_tokens: int
     prompt_root: Path | None
 
-    async def run(self, requests: list[Request]) -> list[Result]:
+    def submit(self, requests: list[Request]) -> list[asyncio.Future]:
+        """Queue a request's engine requests; their results, to await."""
         try:
-            return await self.batcher.run(requests)
+            return [asyncio.wrap_future(f) for f in self.batcher.submit(requests)]
         except QueueFullError as e:
             raise HTTPException(429, str(e), headers={"Retry-After": "1"}) from None
-        except TooManyRequestsForQueueError as e:
+        except TooManyRequestsForQueueError as e:  # refused for ever: "retry later" would be no answer
             raise HTTPException(413, str(e)) from None
+
+    async def run(self, requests: list[Request], http: HTTPRequest) -> list[Result]:
+        """The requests' results, or, if the client goes away first, none: they are
+        cancelled (and the answer, which no one reads, is 499)."""
+        results = asyncio.gather(*self.submit(requests))
+        await first_of({results}, http, requests)
+        return results.result()
 
     def entry_for(self, task: str, endpoint: str) -> BankEntry:
         """The task's entry, if `endpoint` answers for it (`Task.endpoint`; a folder without a
@@ -145,9 +161,52 @@ def server_of(request: HTTPRequest) -> Server:
     return request.app.state.server
 
 
-def check_results(results: list[Result], what: str = "input") -> None:
+def drop(future: asyncio.Future) -> None:
+    """Cancel a future no one will read. (A cancelled `gather` holds the CancelledError as
+    its exception, which asyncio logs as never retrieved unless someone takes it.)"""
+    future.cancel()
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+def cancel(requests: list[Request]) -> None:
+    """Stop the requests in the engine: dropped if waiting, ended at the next decode step."""
+    for r in requests:
+        r.cancelled.set()
+        if r.stream is not None:
+            r.stream.cancel()
+
+
+async def first_of(futures: set[asyncio.Future], http: HTTPRequest, requests: list[Request]) -> None:
+    """Wait until one of `futures` is done, unless the client goes away first (or this
+    task is cancelled, as uvicorn does to requests still running when its shutdown's drain
+    time is up): then `requests` are cancelled in the engine, `futures` too, and
+    HTTPException 499 is raised (for the metrics: no one reads it).
+
+    The body has been read by now, so the next ASGI message is the client's disconnect;
+    waiting for it costs nothing while the client stays."""
+    async def gone() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(gone())
+    left = True
+    try:
+        await asyncio.wait({*futures, watch}, return_when=asyncio.FIRST_COMPLETED)
+        left = not any(f.done() for f in futures)
+    finally:
+        watch.cancel()
+        if left:
+            cancel(requests)
+            for f in futures:
+                drop(f)
+    if left:
+        raise HTTPException(499, "the client closed the connection before the answer was ready")
+
+
+def check_results(results: list[Result | None], what: str = "input") -> None:
+    """The status of the first failed result (None: not answered yet)."""
     for i, r in enumerate(results):
-        if not r.ok:
+        if r is not None and not r.ok:
             raise HTTPException(STATUS[r.error_kind], f"{what} {i}: {r.error}")
 
 
@@ -174,9 +233,9 @@ def models(request: HTTPRequest) -> dict[str, Any]:
 
 async def classify(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
     server = server_of(request)
-    server.entry_for(body.task, "classify")
+    entry = server.entry_for(body.task, "classify")  # the version checked is the version that answers
     server.check_count(len(body.inputs), "inputs")
-    results = await server.run([Request(body.task, x) for x in body.inputs])
+    results = await server.run([Request(body.task, x, entry=entry) for x in body.inputs], request)
     check_results(results)
     return {"task": body.task, "results": [r.output for r in results]}
 
@@ -185,9 +244,10 @@ async def tag(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
     from seqeval.metrics.sequence_labeling import get_entities  # seqeval loads only when tagging
 
     server = server_of(request)
-    field = server.entry_for(body.task, "tag").task.word_field
+    entry = server.entry_for(body.task, "tag")
+    field = entry.task.word_field
     server.check_count(len(body.inputs), "inputs")
-    results = await server.run([Request(body.task, x) for x in body.inputs])
+    results = await server.run([Request(body.task, x, entry=entry) for x in body.inputs], request)
     check_results(results)
     out = []
     for x, r in zip(body.inputs, results):
@@ -200,7 +260,7 @@ async def tag(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
 
 async def completions(body: CompletionBody, request: HTTPRequest):
     server = server_of(request)
-    server.entry_for(body.model, "completions")
+    entry = server.entry_for(body.model, "completions")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     server.check_count(len(prompts), "prompts")
     if not prompts:
@@ -212,9 +272,10 @@ async def completions(body: CompletionBody, request: HTTPRequest):
     except SoftPromptError as e:
         raise HTTPException(422, str(e)) from None
     completion = _Completion(body.model, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
+    requests = [Request(body.model, p, generate=True, options=options, entry=entry) for p in prompts]
     if body.stream:
-        return completion.stream(server, prompts, options)
-    results = await server.run([Request(body.model, p, generate=True, options=options) for p in prompts])
+        return await completion.stream(server, requests, request)
+    results = await server.run(requests, request)
     check_results(results, "prompt")
     return completion.answer(results)
 
@@ -241,33 +302,41 @@ class _Completion:
                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
         return f"data: {json.dumps(payload)}\n\n"
 
-    def stream(self, server: Server, prompts: list[str], options: GenerationOptions) -> StreamingResponse:
+    async def stream(self, server: Server, requests: list[Request], http: HTTPRequest) -> StreamingResponse:
+        """The pieces as server-sent events, once the first piece is there: a request that
+        fails before it (a bad prompt, a task that cannot generate) gets the status code a
+        whole completion would, not a 200 with an error event."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
-        streams = [TokenStream(lambda text, i=i: loop.call_soon_threadsafe(pieces.put_nowait, (i, text)))
-                   for i in range(len(prompts))]
-        try:
-            futures = server.batcher.submit([Request(self.model, p, generate=True, options=options, stream=s)
-                                             for p, s in zip(prompts, streams)])
-        except QueueFullError as e:
-            raise HTTPException(429, str(e), headers={"Retry-After": "1"}) from None
-        done = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        return StreamingResponse(self._events(server.metrics, pieces, done, streams), media_type="text/event-stream")
+        for i, r in enumerate(requests):
+            r.stream = TokenStream(lambda text, i=i: loop.call_soon_threadsafe(pieces.put_nowait, (i, text)))
+        futures = server.submit(requests)
+        done = asyncio.gather(*futures)
+        first = asyncio.ensure_future(pieces.get())
+        await first_of({first, done}, http, requests)
+        early = [f.result() if f.done() else None for f in futures]
+        if any(r is not None and not r.ok for r in early):
+            cancel(requests)
+            drop(first)
+            drop(done)
+            check_results(early, "prompt")
+        return StreamingResponse(self._events(server.metrics, first, pieces, done, requests),
+                                 media_type="text/event-stream")
 
-    async def _events(self, metrics: Metrics, pieces: asyncio.Queue, done: asyncio.Future,
-                      streams: list[TokenStream]) -> AsyncIterator[str]:
+    async def _events(self, metrics: Metrics, first: asyncio.Future, pieces: asyncio.Queue, done: asyncio.Future,
+                      requests: list[Request]) -> AsyncIterator[str]:
         """Each piece as it comes, then each prompt's finish (or error), then ``[DONE]``."""
         metrics.streams_open.inc()
-        getter = None
+        getter = first
         try:
             while True:
-                getter = asyncio.ensure_future(pieces.get())
                 await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
                     getter.cancel()
                     break
                 i, text = getter.result()
                 yield self.chunk(i, text, None)
+                getter = asyncio.ensure_future(pieces.get())
             while not pieces.empty():
                 i, text = pieces.get_nowait()
                 yield self.chunk(i, text, None)
@@ -278,10 +347,8 @@ class _Completion:
                     yield self.chunk(i, "", r.finish_reason)
             yield "data: [DONE]\n\n"
         finally:  # also when the client goes away: its rows stop at the next step
-            if getter is not None:
-                getter.cancel()  # else asyncio warns of a pending task when the client left mid-wait
-            for s in streams:
-                s.cancel()
+            getter.cancel()  # else asyncio warns of a pending task when the client left mid-wait
+            cancel(requests)
             metrics.streams_open.dec()
 
 
@@ -292,7 +359,12 @@ async def load_prompt(task: str, body: PromptBody, request: HTTPRequest):
         check_task_name(task)
     except SoftPromptError as e:
         raise HTTPException(422, str(e)) from None
-    path = Path(body.path).expanduser().resolve()
+    if "\x00" in body.path:
+        raise HTTPException(422, f"path {body.path!r} holds a NUL character, which no file name can")
+    try:
+        path = Path(body.path).expanduser().resolve()
+    except (OSError, RuntimeError) as e:  # a symbolic link loop, an unknown ~user
+        raise HTTPException(422, f"path {body.path!r} cannot be resolved: {e}") from None
     root = server.prompt_root
     if root is not None and root not in path.parents and path != root:
         raise HTTPException(403, f"path {body.path!r} is outside the prompt root {root}")
@@ -336,16 +408,45 @@ async def count_requests(request: HTTPRequest, call_next):
     return response
 
 
+class _StrictRequest(HTTPRequest):
+    """A request whose JSON body is parsed by `parse_json_body` (finite numbers, valid
+    Unicode; the problem named with its field)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = parse_json_body(await self.body())
+            except BodyError as e:
+                raise HTTPException(e.status, str(e)) from None
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Every route's body goes through `_StrictRequest` (FastAPI's documented way to
+    change how a route reads its request): one parser for all of them."""
+
+    def get_route_handler(self):
+        handle = super().get_route_handler()
+
+        async def strict(request: HTTPRequest):
+            return await handle(_StrictRequest(request.scope, request.receive))
+
+        return strict
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """The batcher's worker stops with the server."""
+    """The batcher's worker stops with the server, waiting at most the shutdown timeout
+    for the engine's current run (a run that never ends cannot hold the process: the
+    worker is a daemon thread)."""
     yield
-    app.state.batcher.close()
+    app.state.batcher.close(timeout=app.state.shutdown_timeout)
 
 
 def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int = 1024, max_wait: float = 0.005,
                admin: bool = False, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               max_inputs: int = 256, max_new_tokens: int = 1024, prompt_root: str | Path | None = None) -> FastAPI:
+               max_inputs: int = 256, max_new_tokens: int = 1024, prompt_root: str | Path | None = None,
+               shutdown_timeout: float = 10.0) -> FastAPI:
     """The server's application.
 
     Args:
@@ -359,11 +460,19 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
         max_inputs: most inputs (or prompts) in one request.
         max_new_tokens: most tokens one completion may ask for.
         prompt_root: admin loads only folders under it (default: anywhere the server can read).
+        shutdown_timeout: at shutdown, most seconds to wait for the engine's current run.
+
+    Raises:
+        ConfigError: an API key no client could send (`guard.check_api_key`).
     """
+    if api_key is not None:
+        check_api_key(api_key)
     engine = engine or Engine(bank)
     batcher = Batcher(engine, max_queue=max_queue, max_wait=max_wait)
     app = FastAPI(title="softprompt", version="0.1.0", lifespan=lifespan)
     app.state.bank, app.state.engine, app.state.batcher = bank, engine, batcher
+    app.state.shutdown_timeout = shutdown_timeout
+    app.router.route_class = StrictJSONRoute
     app.state.server = Server(bank, engine, batcher, Metrics(bank, batcher), max_inputs, max_new_tokens,
                               Path(prompt_root).resolve() if prompt_root else None)
     # added first, so it runs inside the metrics middleware: refused requests are counted too

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..encode import EncodedRow
-from ..errors import ConfigError, SoftPromptError
+from ..errors import ConfigError, EncodingError, PromptFileError, SoftPromptError, first_line
 from ..folder import has_task, load_with_task, prompt_directory
 from ..inject import Prompts
 from ..io.prompt import read_config
@@ -103,6 +103,35 @@ class BankEntry:
         return self._uncached
 
 
+def _load_folder(folder: Path, base, tokenizer) -> tuple[SoftPromptModel, Task | None, dict[str, Any]]:
+    """A saved prompt folder's model, task head (if saved) and metadata.
+
+    A folder is the admin's input: whatever the loaders fail with on one they cannot read
+    (a task.json without a key it needs, a head of the wrong shape) is a PromptFileError
+    naming the folder, so that a PUT answers 422 and not 500."""
+    try:
+        if has_task(folder):
+            model, task = load_with_task(folder, base, tokenizer)
+        else:
+            model, task = SoftPromptModel.from_pretrained(base, folder, tokenizer=tokenizer).eval(), None
+        return model, task, read_config(folder).get("metadata") or {}
+    except SoftPromptError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as e:
+        what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) and e.args else \
+            f"{type(e).__name__}: {first_line(e)}"
+        raise PromptFileError(f"{folder}: cannot be loaded as a prompt folder ({what})") from e
+
+
+def _check_room(name: str, model: SoftPromptModel) -> None:
+    """Refuse a prompt whose template alone (virtual tokens, fixed text, special tokens)
+    fills the model's positions: loaded, it would fail every request sent to it."""
+    try:
+        model.encoder.encode({f: "x" for f in model.template.fields})
+    except EncodingError as e:
+        raise ConfigError(f"task {name!r}: {str(e).removeprefix('example: ')}") from None
+
+
 class PromptBank:
     """Soft prompts of many tasks on one frozen base model.
 
@@ -170,12 +199,8 @@ class PromptBank:
             if task is not None:
                 task.bind(model)
         else:
-            folder = prompt_directory(source)
-            if has_task(folder):
-                model, task = load_with_task(folder, self.base, self.tokenizer)
-            else:
-                model = SoftPromptModel.from_pretrained(self.base, folder, tokenizer=self.tokenizer).eval()
-            metadata = read_config(folder).get("metadata") or {}
+            model, task, metadata = _load_folder(prompt_directory(source), self.base, self.tokenizer)
+        _check_room(name, model)
         model.eval()  # serving: no dropout in the base, the prompt or the head
         if task is not None:
             task.eval()

@@ -1,10 +1,17 @@
 """The server's front door: the API key and the request-body limit, checked before any
-route, for every path.
+route, for every path; and what every JSON body must be (`parse_json_body`).
 
-Both live in one ASGI middleware rather than in each endpoint so that nothing escapes
-them: FastAPI's own pages (``/docs``, ``/openapi.json``), unknown paths and a body that
-fails validation all meet the key first, and a body sent in chunks (no Content-Length)
-is counted while it arrives instead of being read whole by the endpoint.
+The key and the limit live in one ASGI middleware rather than in each endpoint so that
+nothing escapes them: FastAPI's own pages (``/docs``, ``/openapi.json``), unknown paths and
+a body that fails validation all meet the key first, and a body sent in chunks (no
+Content-Length) is counted while it arrives instead of being read whole by the endpoint.
+
+JSON bodies are parsed strictly, once, for every route (the app's route class calls
+`parse_json_body`): Python's `json` takes ``NaN``, ``Infinity`` and ``1e400`` (which it
+reads as inf), none of which is JSON (RFC 8259), and a lone UTF-16 surrogate
+(``"\\ud800"``) that no UTF-8 encoder, tokenizer or response can take. Either used to
+end in a plain-text 500 (the validation error that quoted it could not be written) or
+in a failed batch; refused here, the answer names the field.
 """
 
 from __future__ import annotations
@@ -12,7 +19,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 from typing import Any, Awaitable, Callable
+
+from ..errors import ConfigError, SoftPromptError
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -35,7 +45,7 @@ class RequestGuard:
         if max_body_bytes <= 0:
             raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
         self.app = app
-        self.api_key = api_key.encode() if api_key is not None else None
+        self.api_key = check_api_key(api_key).encode() if api_key is not None else None
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -115,4 +125,111 @@ async def _reply(send: Send, status: int, detail: str, extra: list[tuple[bytes, 
     await send({"type": "http.response.body", "body": body})
 
 
-__all__ = ["RequestGuard"]
+def check_api_key(key: str) -> str:
+    """The key, if a client can send it: HTTP header values are ASCII, without control
+    characters, and lose their leading and trailing blanks on the way, so any other key
+    could never match and would lock every client out.
+
+    Raises:
+        ConfigError: the key is empty, not printable ASCII, or starts or ends with a blank.
+    """
+    if not key:
+        raise ConfigError("the API key is empty")
+    bad = next((i for i, c in enumerate(key) if not (c.isascii() and c.isprintable())), None)
+    if bad is not None:
+        raise ConfigError(f"the API key has {key[bad]!r} at character {bad}: a key is sent in an HTTP header, which "
+                          "takes printable ASCII only (letters, digits, punctuation)")
+    if key != key.strip():
+        raise ConfigError("the API key starts or ends with a blank, which HTTP drops from header values")
+    return key
+
+
+# -- strict JSON bodies ------------------------------------------------------------------
+class BodyError(SoftPromptError):
+    """A JSON body the server refuses; `status` is the HTTP status of the answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _NotFinite:
+    """Stands where the body had ``NaN``, ``Infinity`` or a number past a 64-bit float,
+    so that the walk over the parsed body can name its field."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _finite(text: str) -> float | _NotFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NotFinite(text)
+
+
+def parse_json_body(body: bytes | str) -> Any:
+    """A request body as standard JSON: finite numbers, text that is valid Unicode.
+
+    Raises:
+        json.JSONDecodeError: not JSON at all (the app's usual 422 with the position).
+        BodyError: 400 for ``NaN``, ``Infinity``, ``-Infinity``, a number beyond a 64-bit
+            float (``1e400``), a body that nests too deeply or is not UTF-8; 422 for a
+            string (or key) with a lone UTF-16 surrogate. The message names the field
+            (``inputs[3].text``).
+    """
+    try:
+        value = json.loads(body, parse_constant=_NotFinite, parse_float=_finite)
+    except json.JSONDecodeError:  # a ValueError too, but FastAPI's to report
+        raise
+    except RecursionError:
+        raise BodyError(400, "the JSON body nests too deeply") from None
+    except ValueError as e:  # not UTF-8, or an integer of more digits than Python reads
+        raise BodyError(400, f"the body cannot be read as JSON: {e}") from None
+    _check_values(value)
+    return value
+
+
+def _check_values(value: Any) -> None:
+    """Walk the parsed body in document order (without recursion: JSON nests as deep as
+    the parser went) and refuse the first non-finite number or unencodable string, by its
+    path."""
+    stack: list[tuple[Any, tuple | None, Any]] = [(value, None, None)]  # (value, parent's entry, key)
+    while stack:
+        entry = stack.pop()
+        item = entry[0]
+        if isinstance(item, str):
+            _check_text(item, entry)
+        elif isinstance(item, _NotFinite):
+            raise BodyError(400, f"{_path(entry)}: {item.text} is not a JSON number: JSON numbers are finite "
+                                 "(no NaN or Infinity) and must fit a 64-bit float")
+        elif isinstance(item, dict):
+            for key in item:
+                _check_text(key, entry, key=True)
+            stack.extend((item[key], entry, key) for key in reversed(item))
+        elif isinstance(item, list):
+            stack.extend((item[i], entry, i) for i in reversed(range(len(item))))
+
+
+def _check_text(text: str, entry: tuple, key: bool = False) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = f"{_path(entry)}: a key" if key else _path(entry)
+        raise BodyError(422, f"{where} holds a lone UTF-16 surrogate (\\u{ord(text[e.start]):04x}) at character "
+                             f"{e.start}: text must be valid Unicode") from None
+
+
+def _path(entry: tuple) -> str:
+    """``inputs[3].text`` for an entry of `_check_values`' walk (``body`` for the root)."""
+    parts = []
+    while entry[1] is not None:
+        key = entry[2]
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{key}" if key.isidentifier() else f"[{key!r}]")
+        entry = entry[1]
+    return "".join(reversed(parts)).lstrip(".") or "body"
+
+
+__all__ = ["RequestGuard", "BodyError", "parse_json_body", "check_api_key"]
