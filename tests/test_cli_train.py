@@ -165,3 +165,41 @@ def test_train_scores_the_best_prompt_on_the_test_file(bert_dir, reviews, tmp_pa
     r = invoke("eval", "--prompt", out, "--data", test, "--field", "review:text", "--model", bert_dir)
     assert r.exit_code == 0, r.output
     assert last_json(r.stdout)["accuracy"] == summary["test"]["accuracy"]
+
+
+def test_labels_of_other_json_types_are_one_label(bert_dir, tmp_path):
+    """Labels compare as strings: 1 in the training file and "1" in the dev file are one
+    label (so are true and "true"), and the run scores them so."""
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text("".join(json.dumps({"text": t, "label": 1}) + "\n" for t in POS)
+                     + "".join(json.dumps({"text": t, "label": 0.0}) + "\n" for t in NEG))
+    dev.write_text("".join(json.dumps({"text": t, "label": "1"}) + "\n" for t in POS)
+                   + "".join(json.dumps({"text": t, "label": "0"}) + "\n" for t in NEG))
+    out = tmp_path / "run"
+    r = invoke("train", "--model", bert_dir, "--method", "p-tuning-v2", "--task", "classification", "--train", train,
+               "--eval", dev, "--output", out, "--set", "train.steps=30", "--set", "train.eval_every=10",
+               "--set", "train.batch_size=4", "--set", "train.lr=0.1", "--set", "train.head_lr=0.1",
+               "--set", "train.progress=false", "-P", "4")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "prompt" / "task.json").read_text())["labels"] == ["0", "1"]
+    assert last_json(r.stdout)["best"]["accuracy"] >= 0.9
+
+
+def test_a_failed_start_in_a_folder_that_was_there_removes_only_its_own_files(bert_dir, reviews, tmp_path,
+                                                                              monkeypatch):
+    """A new run that fails in its first step, in a folder the user made: the folder and
+    what else it holds stay; config.json (and whatever else the run wrote) goes."""
+    from softprompt.errors import TrainingError
+    from softprompt.training.loop import Loop
+
+    def fail(self):
+        raise TrainingError("the first step failed")
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(Loop, "forward_backward", fail)
+    r = invoke("train", "--model", bert_dir, "--task", "classification", "--train", reviews, "--eval", reviews,
+               "--field", "review:text", "--output", out, "--set", "train.steps=2", "--set", "train.progress=false")
+    assert r.exit_code == 1 and "the first step failed" in r.stderr, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

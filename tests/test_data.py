@@ -23,7 +23,11 @@ from softprompt.data import (
     RECIPES,
     SPLITS,
     DataError,
+    Examples,
     RecipeError,
+    check_fields,
+    check_labels,
+    check_tags,
     lama_template,
     load_recipe,
     parse_hf_path,
@@ -478,6 +482,84 @@ def test_conll_line_without_tag(tmp_path):
     path = write(tmp_path, "b.conll", "EU\t\n")
     with raises_at(path, 1, "no tag"):
         read_examples(path)
+
+
+@pytest.mark.parametrize("name,content,line,says", [
+    ("a.jsonl", '{"text": "a"}\n\n{"text": "ok", "extra": "x \\ud800 y"}\n', 3,
+     "field 'extra' is not valid Unicode (a lone surrogate, U+D800 at character 3)"),
+    ("b.json", '[{"tokens": ["a"], "tags": ["O"]},\n {"tokens": ["a", "\\udfff"], "tags": ["O", "O"]}]', 2,
+     "field 'tokens' item 2 is not valid Unicode (a lone surrogate, U+DFFF"),
+    ("c.jsonl", '{"\\ud83d": "a"}\n', 1, "a field name ('\\ud83d') is not valid Unicode"),
+    ("d.jsonl", '{"text": "a"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n", 2, "nested too deeply"),
+])
+def test_lone_surrogate_escape_names_line_and_field(tmp_path, name, content, line, says):
+    """JSON's \\ud800 parses to a string no tokenizer can take: refused where it is read,
+    at any depth, keys included (and JSON nested past the parser's limit too)."""
+    path = write(tmp_path, name, content)
+    with raises_at(path, line, says):
+        read_examples(path)
+    assert read_examples(write(tmp_path, "ok.jsonl", '{"text": "\\ud83d\\ude00"}\n')) == [{"text": "\U0001F600"}]
+
+
+def test_examples_remember_their_lines_and_columns(tmp_path):
+    path = write(tmp_path, "a.jsonl", '\n{"review": "a", "answer": 1}\n\n\n{"review": "b", "answer": "1"}\n')
+    examples = read_examples(path, fields={"review": "text"}, label_field="answer")
+    assert isinstance(examples, Examples) and examples.lines == [2, 5] and examples.path == str(path)
+    assert examples == [{"text": "a", "label": "1"}, {"text": "b", "label": "1"}]  # 1 and "1": one label
+    assert examples.columns == {"text": "review", "label": "answer"}
+    conll = read_examples(write(tmp_path, "b.conll", "-DOCSTART-\tO\n\nA\tO\nB\tO\n\nC\tO\n"))
+    assert conll.lines == [3, 6] and conll.word_per_line
+
+
+@pytest.mark.parametrize("value,says", [
+    (None, "field 'review' (read as 'text') is null"), (5, "must be a string, got int"),
+    ("", "field 'review' (read as 'text') is empty"), (" \t", "is empty"), (["a"], "must be a string, got list"),
+    ("\ud800", "not valid Unicode (a lone surrogate"),
+])
+def test_check_fields_names_line_and_column(tmp_path, value, says):
+    rows = [{"review": "fine", "label": "pos"}] * 4 + [{"review": value, "label": "pos"}]
+    path = write(tmp_path, "a.jsonl", "".join(json.dumps(r) + "\n" for r in rows[:4]))
+    examples = read_examples(path, fields={"review": "text"})
+    examples.append(rows[4] | {"text": value})
+    examples.lines.append(7)
+    with raises_at(path, 7, says):
+        check_fields(examples, ["text"])
+    check_fields(examples[:4], ["text"])  # a plain list: no line, the example's number
+    with pytest.raises(DataError, match=r"^the dev split, example 5: no field 'text' used by the template '\{text\}'"):
+        check_fields([{"text": "a"}] * 4 + [{}], ["text"], source="the dev split", template="{text}")
+
+
+def test_check_labels_every_row_against_the_known_ones(tmp_path):
+    path = write(tmp_path, "a.csv", "text,label\na,pos\nb,neg\nc,\nd,1\n")
+    examples = read_examples(path)
+    with raises_at(path, 4, "field 'label' is an empty label"):
+        check_labels(examples)
+    assert check_labels(examples[:2]) == ["neg", "pos"]
+    del examples[2], examples.lines[2]
+    with raises_at(path, 5, "unknown label '1'; the training labels: ['neg', 'pos']"):
+        check_labels(examples, ["neg", "pos"], "the training labels")
+    path = write(tmp_path, "b.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": null}\n')
+    with raises_at(path, 2, "no label: field 'label' is missing or null"):
+        check_labels(read_examples(path), ["1"])
+    path = write(tmp_path, "c.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n')
+    with raises_at(path, 2, "field 'label': a label must be a finite number, got nan"):
+        read_examples(path)
+
+
+def test_check_tags_names_the_word_and_its_line(tmp_path):
+    path = write(tmp_path, "a.conll", "A\tO\nB\tB-X\n\nC\tO\nD\tO\nE\tB-Y\n")
+    examples = read_examples(path)
+    assert check_tags(examples[:1]) == ["B-X", "O"]
+    with raises_at(path, 6, "unknown tag 'B-Y' (did you mean 'B-X'?) of word 3 ('E'); the training tags: ['B-X', 'O']"):
+        check_tags(examples, ["O", "B-X"], "the training tags")
+    rows = [{"tokens": ["a", "b"], "tags": ["O", "O"]}, {"tokens": ["a", "b"], "tags": ["O", None]},
+            {"tokens": ["a", "b"], "tags": ["O"]}, {"tokens": ["a"], "tags": "O"}, {"tokens": ["a"]}]
+    path = write(tmp_path, "b.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    examples = read_examples(path)
+    for i, says in [(1, "the tag of word 2 ('b') is null, not a string"), (2, "1 tags in 'tags' for 2 words"),
+                    (3, "field 'tags' must be a list of tags, got str"), (4, "no field 'tags'")]:
+        with raises_at(path, i + 1, says):
+            check_tags(Examples([examples[0], examples[i]], str(path), [1, i + 1]))
 
 
 def test_errors_are_softprompt_errors():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import softprompt as sp
-from softprompt.serve import Batcher, Engine, PromptBank, QueueFullError, Request, Result, create_app
+from softprompt.serve import Batcher, Engine, PromptBank, QueueFullError, Request, Result, TokenStream, create_app
 from softprompt.tasks import SequenceClassification, TokenClassification, Verbalizer
 
 from conftest import make_bert, make_llama
@@ -248,16 +248,20 @@ def test_generation_requests_join_a_running_decode(causal_bank):
     alone = engine.generate("writer", ["a short one"], max_new_tokens=3, temperature=0)[0]
     classified = engine.classify("review", ["great"])[0]
     batcher = Batcher(engine, max_wait=0)
+    submitted = threading.Event()
+    # the long one's first piece waits (on the engine's thread) until the others are queued:
+    # decoding has begun; 50 new tokens fill the tiny Llama's 64 positions (more are refused)
+    begun = TokenStream(lambda text: submitted.wait(timeout=30))
     try:
-        long = batcher.submit([Request("writer", "a long one", generate=True,
-                                       options={"max_new_tokens": 300, "temperature": 0})])[0]
+        long = batcher.submit([Request("writer", "a long one", generate=True, stream=begun,
+                                       options={"max_new_tokens": 50, "temperature": 0})])[0]
         deadline = time.time() + 10
         while not long.running() and time.time() < deadline:
             time.sleep(0.001)
-        time.sleep(0.05)  # decoding has begun
         short, label = batcher.submit([Request("writer", "a short one", generate=True,
                                                options={"max_new_tokens": 3, "temperature": 0}),
                                        Request("review", "great")])
+        submitted.set()
         result = short.result(timeout=60)
         assert label.result(timeout=60).output == classified  # answered between decode steps
         assert not long.done()  # both ended inside the long request's run

@@ -4,6 +4,8 @@ left and right padding; the prompt bank loads, replaces, removes and evicts."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -241,8 +243,8 @@ def test_decoder_sampling_is_seeded_and_top_k_1_is_greedy(family_models):
     names, examples = mixed_rows()
 
     def run(sampling, seed=0):
-        rows = [DecodeRow(n, e, sampling) for n, e in zip(names, examples)]
-        Decoder(bank, max_rows=4, generator=torch.Generator().manual_seed(seed)).run(rows)
+        rows = [DecodeRow(n, e, dataclasses.replace(sampling, seed=seed)) for n, e in zip(names, examples)]
+        Decoder(bank, max_rows=4).run(rows)
         return [r.tokens for r in rows]
 
     hot = Sampling(max_new_tokens=6, do_sample=True, temperature=1.5, top_p=0.9)

@@ -179,7 +179,7 @@ def predict(
     from .training.evaluate import read_inputs
 
     sp_model, task, _ = load_trained(prompt, model=model)
-    examples = read_inputs(sp_model, texts or [], input_file)
+    examples = read_inputs(sp_model, task, texts or [], input_file)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch, _ = task.collate(sp_model, chunk, with_targets=False)

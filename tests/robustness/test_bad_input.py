@@ -78,10 +78,11 @@ def cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def train_args(ws: Path, models, *extra, data: Path | None = None, model: str = "bert", model_path=None):
+def train_args(ws: Path, models, *extra, data: Path | None = None, model: str = "bert", model_path=None,
+               eval_data: Path | None = None):
     data = data or ws / "reviews.jsonl"
-    return ["train", "--model", model_path or models[model], "--task", "classification", "--train", data, "--eval", data,
-            "--field", "review:text", "--output", ws / "run", *QUICK, *extra]
+    return ["train", "--model", model_path or models[model], "--task", "classification", "--train", data,
+            "--eval", eval_data or data, "--field", "review:text", "--output", ws / "run", *QUICK, *extra]
 
 
 def refused(watched: list[Path], *args, says: list[str]) -> str:
@@ -224,7 +225,7 @@ def test_template_zero_virtual_tokens(ws, models):
 
 def test_template_field_missing_from_the_data(ws, models):
     refused([ws], *train_args(ws, models, "--method", "prompt-tuning", "--template", "[P:2] {text} {hypothesis}"),
-            says=[str(ws / "reviews.jsonl"), "example 1", "no field 'hypothesis'", "--field"])
+            says=[str(ws / "reviews.jsonl"), "line 1", "no field 'hypothesis'", "--field"])
 
 
 def test_template_deep_method_with_input_slots(ws, models):
@@ -313,6 +314,145 @@ def test_data_label_word_not_one_token_of_the_vocabulary(ws, models, wordpiece_t
             "--eval", ws / "reviews.jsonl", "--labels", "pos:zxqvwy", "--labels", "neg:bad", "--output", ws / "run",
             *QUICK,
             says=["'zxqvwy'"])
+
+
+# -- data files: every row of every split, each bad one named by file, line and field ---------
+def test_data_eval_label_never_seen_in_training_on_a_later_line(ws, models):
+    """Not only the first row: a dev label the training split lacks could never be predicted."""
+    dev = write_jsonl(ws / "dev.jsonl", ROWS[:6] + [{"review": "meh", "label": "neutral"}] + ROWS[6:])
+    refused([ws], *train_args(ws, models, eval_data=dev),
+            says=[f"{dev}, line 7", "unknown label 'neutral'", "the known labels (from the training split): ['neg', 'pos']"])
+
+
+def test_data_test_label_outside_the_declared_labels(ws, models):
+    test = write_jsonl(ws / "test.jsonl", ROWS[:4] + [{"review": "meh", "label": "neutral"}])
+    refused([ws], *train_args(ws, models, "--test", test, "--labels", "pos", "--labels", "neg"),
+            says=[f"{test}, line 5", "unknown label 'neutral'", "(from --labels): ['pos', 'neg']"])
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_data_null_label_names_file_line_and_field(ws, models, split):
+    bad = write_jsonl(ws / "bad.jsonl", ROWS[:6] + [{"review": "meh", "label": None}] + ROWS[6:])
+    refused([ws], *train_args(ws, models, **{"data" if split == "train" else "eval_data": bad}),
+            says=[f"{bad}, line 7", "no label: field 'label' is missing or null"])
+
+
+def test_data_label_of_another_type_names_file_line_and_field(ws, models):
+    bad = write_jsonl(ws / "bad.jsonl", ROWS[:2] + [{"review": "meh", "label": ["pos"]}])
+    refused([ws], *train_args(ws, models, data=bad),
+            says=[f"{bad}, line 3", "field 'label': a label must be a string, number or boolean, got list"])
+
+
+@pytest.mark.parametrize("value,says", [
+    (None, "field 'review' (read as 'text') is null"),
+    ("", "field 'review' (read as 'text') is empty"),
+    (7, "field 'review' (read as 'text') must be a string, got int"),
+])
+def test_data_bad_text_names_file_line_and_field(ws, models, value, says):
+    dev = write_jsonl(ws / "dev.jsonl", ROWS[:5] + [{"review": value, "label": "pos"}] + ROWS[5:])
+    refused([ws], *train_args(ws, models, eval_data=dev), says=[f"{dev}, line 6", says])
+
+
+def test_data_lone_surrogate_in_jsonl_names_file_line_and_field(ws, models):
+    bad = write_jsonl(ws / "bad.jsonl", ROWS[:5] + ['{"review": "\\ud800 x", "label": "pos"}'] + ROWS[5:])
+    refused([ws], *train_args(ws, models, data=bad),
+            says=[f"{bad}, line 6", "field 'review' is not valid Unicode (a lone surrogate, U+D800 at character 1)"])
+
+
+def test_data_json_nested_too_deeply(ws, models):
+    bad = write_jsonl(ws / "bad.jsonl", ROWS[:2] + ['{"review": ' + "[" * 100_000 + "]" * 100_000 + ', "label": "pos"}'])
+    refused([ws], *train_args(ws, models, data=bad), says=[f"{bad}, line 3", "invalid JSON: nested too deeply"])
+
+
+@pytest.mark.parametrize("row,says", [
+    ("a gem,pos\n,neg\n", "line 3: field 'review' (read as 'text') is empty"),
+    ("a gem,pos\ndull,\n", "line 3: field 'label' is an empty label"),
+])
+def test_data_csv_empty_cell_names_file_line_and_field(ws, models, row, says):
+    bad = ws / "bad.csv"
+    bad.write_text("review,label\n" + row)
+    refused([ws], *train_args(ws, models, data=bad), says=[str(bad), says])
+
+
+def test_data_csv_encoded_surrogate_is_not_utf8(ws, models):
+    bad = ws / "bad.csv"
+    bad.write_bytes(b"review,label\na gem,pos\nx \xed\xa0\x80,neg\n")
+    refused([ws], *train_args(ws, models, data=bad), says=[f"{bad}, line 3", "not UTF-8", "0xed"])
+
+
+def ner_args(ws: Path, models, train: Path, dev: Path):
+    return ["train", "--model", models["bert"], "--task", "ner", "--train", train, "--eval", dev,
+            "--output", ws / "run", *QUICK]
+
+
+def test_data_conll_dev_tag_never_seen_in_training_names_its_line(ws, models):
+    train = ws / "train.conll"
+    train.write_text("Anna\tB-PER\nlives\tO\n\nBob\tB-PER\nsings\tO\n")
+    dev = ws / "dev.conll"
+    dev.write_text("Anna\tB-PER\nlives\tO\n\nBob\tB-PER\nsings\tO\nin\tO\nParis\tB-LOC\n")
+    refused([ws], *ner_args(ws, models, train, dev),
+            says=[f"{dev}, line 7", "unknown tag 'B-LOC' of word 4 ('Paris')",
+                  "the known tags (from the training split): ['B-PER', 'O']"])
+
+
+@pytest.mark.parametrize("row,says", [
+    ({"tokens": ["Bob", "sings"], "tags": ["B-PER", None]}, "field 'tags': the tag of word 2 ('sings') is null"),
+    ({"tokens": ["Bob", None], "tags": ["B-PER", "O"]}, "field 'tokens': word 2 is null"),
+    ({"tokens": [], "tags": []}, "field 'tokens' is an empty list of words"),
+    ({"tokens": ["Bob", "sings"], "tags": ["B-PER"]}, "1 tags in 'tags' for 2 words in 'tokens'"),
+])
+def test_data_ner_jsonl_bad_row_names_file_line_and_field(ws, models, row, says):
+    good = {"tokens": ["Anna", "lives"], "tags": ["B-PER", "O"]}
+    train = write_jsonl(ws / "train.jsonl", [good, good])
+    dev = write_jsonl(ws / "dev.jsonl", [good, good, row])
+    refused([ws], *ner_args(ws, models, train, dev), says=[f"{dev}, line 3", says])
+
+
+@pytest.mark.parametrize("row,says", [
+    ('{"text": null}', "field 'text' is null"),
+    ('{"text": "\\udc80 x"}', "field 'text' is not valid Unicode (a lone surrogate, U+DC80 at character 1)"),
+    ('{"text": ""}', "field 'text' is empty"),
+    ('{"sentence": "a gem"}', "no field 'text' used by the template '{text}'"),
+])
+def test_data_predict_input_file_bad_row_names_file_line_and_field(ws, models, trained, row, says):
+    inputs = write_jsonl(ws / "inputs.jsonl", [{"text": "a gem"}, row])
+    refused([ws, trained], "predict", "--prompt", trained, "--model", models["bert"], "--input", inputs,
+            says=[f"{inputs}, line 2", says])
+
+
+def test_data_predict_argument_not_utf8(ws, models, trained):
+    """Bytes that are not UTF-8 on the command line reach Python as lone surrogates."""
+    refused([ws, trained], "predict", "--prompt", trained, "--model", models["bert"], "a gem", "caf\udce9",
+            says=["input 2 is not valid Unicode (a lone surrogate, U+DCE9 at character 4)"])
+
+
+@pytest.mark.parametrize("row,says", [
+    ({"review": "meh", "label": "neutral"}, "unknown label 'neutral'; the labels the prompt was trained for: ['neg', 'pos']"),
+    ({"review": "meh", "label": None}, "no label: field 'label' is missing or null"),
+    ({"review": None, "label": "pos"}, "field 'review' (read as 'text') is null"),
+])
+def test_data_eval_file_bad_row_names_file_line_and_field(ws, models, trained, row, says):
+    data = write_jsonl(ws / "eval.jsonl", ROWS[:2] + [row])
+    refused([ws, trained], "eval", "--prompt", trained, "--model", models["bert"], "--data", data,
+            "--field", "review:text", says=[f"{data}, line 3", says])
+
+
+def test_data_run_failing_in_its_first_step_leaves_no_folder(ws, models, monkeypatch):
+    """Whatever stops a new run before it has anything to keep (here its first step, as a
+    device out of memory would) removes the folders it made: the rerun needs no --overwrite."""
+    from softprompt.errors import TrainingError
+    from softprompt.training.loop import Loop
+
+    def fail(self):
+        raise TrainingError("the first step failed")
+
+    monkeypatch.setattr(Loop, "forward_backward", fail)
+    args = train_args(ws, models)
+    args[args.index("--output") + 1] = ws / "runs" / "today" / "run"
+    refused([ws], *args, says=["the first step failed"])
+    assert not (ws / "runs").exists()
+    monkeypatch.undo()
+    assert cli(*args).exit_code == 0
 
 
 OVERFLOW = ["--set", "train.lr=1e38", "--set", "train.head_lr=1e38", "--set", "train.schedule=constant"]

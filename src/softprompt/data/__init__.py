@@ -1,5 +1,6 @@
-"""Data: readers (jsonl / json / csv / tsv / CoNLL / Hugging Face datasets -> ``list[dict]``)
-and the built-in task recipes for the datasets of ``../shared/data``.
+"""Data: readers (jsonl / json / csv / tsv / CoNLL / Hugging Face datasets -> ``list[dict]``),
+the row checks that name a bad example's file, line and field, and the built-in task recipes
+for the datasets of ``../shared/data``.
 
     from softprompt.data import read_examples, load_recipe
     examples = read_examples("reviews.csv", fields={"review": "text"}, labels=["neg", "pos"])
@@ -7,6 +8,7 @@ and the built-in task recipes for the datasets of ``../shared/data``.
     train, dev = recipe.examples("train"), recipe.examples("dev")
 """
 
+from .checks import Examples, check_fields, check_labels, check_tags, row_error, unicode_problem
 from .hf import parse_hf_path
 from .lama import common_vocab, lama_relations, lama_template, split_facts
 from .readers import (
@@ -34,8 +36,12 @@ __all__ = [
     "RECIPES",
     "SPLITS",
     "DataError",
+    "Examples",
     "Recipe",
     "RecipeError",
+    "check_fields",
+    "check_labels",
+    "check_tags",
     "common_vocab",
     "data_root_candidates",
     "infer_format",
@@ -47,5 +53,7 @@ __all__ = [
     "read_examples",
     "read_text",
     "resolve_data_root",
+    "row_error",
     "split_facts",
+    "unicode_problem",
 ]

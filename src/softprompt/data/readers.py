@@ -1,8 +1,9 @@
 """Readers: data files (jsonl, json, csv, tsv, CoNLL) and Hugging Face datasets -> ``list[dict]``.
 
-Every reader returns plain example dicts in the conventions of `softprompt.tasks.base`
+Every reader returns example dicts in the conventions of `softprompt.tasks.base`
 (``{fields..., "label": str}`` for classification, ``{"tokens": [...], "tags": [...]}``
-for NER). Bad input raises `DataError` naming the file and the 1-based line (or row,
+for NER), as `Examples` (a list that remembers each example's line, for the row checks of
+`checks.py`). Bad input raises `DataError` naming the file and the 1-based line (or row,
 for Hugging Face datasets) where it was found.
 
     read_examples("train.tsv", fields={"sentence": "text"}, labels=["0", "1"])
@@ -13,15 +14,16 @@ for Hugging Face datasets) where it was found.
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import json
+import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from .checks import Examples, closest, label_problem, record_unicode_problem
 from .hf import disk_records, disk_split, hf_records
 
 FORMATS = ("jsonl", "json", "csv", "tsv", "conll", "hf", "disk")
@@ -33,11 +35,16 @@ Records = Iterator[tuple[int, dict[str, Any]]]  # (1-based line or row, raw reco
 
 def normalise_label(value: Any) -> str:
     """A label as the string the tasks compare: booleans -> ``"true"`` / ``"false"``
-    (SuperGLUE BoolQ, WiC), integers (and integral floats) -> their digits, strings stripped."""
+    (SuperGLUE BoolQ, WiC), integers (and integral floats) -> their digits, strings stripped.
+
+    Raises:
+        TypeError: a null, list, object or non-finite number (JSON's ``NaN``)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TypeError(f"a label must be a finite number, got {value}")
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, (str, float)):
@@ -66,7 +73,7 @@ def read_examples(
     labels: Sequence[Any] | None = None,
     required: Sequence[str] = (),
     split: str | None = None,
-) -> list[dict[str, Any]]:
+) -> Examples:
     """Read examples from a file, a saved dataset directory or a Hugging Face dataset.
 
     Args:
@@ -89,12 +96,14 @@ def read_examples(
     Returns:
         One dict per example (NER: one per sentence, ``{"tokens": [...], "tags": [...]}``).
         CSV / TSV values are strings stripped of surrounding whitespace; JSON values are
-        kept as they are, except the label.
+        kept as they are, except the label. The list is `Examples`: ``examples.lines[i]``
+        is the line (or row) example i was read from.
 
     Raises:
         DataError: a missing file; an unknown format; text that is not UTF-8; invalid JSON;
-            a record with a missing field or an unknown label; a CoNLL line without a tag;
-            no examples at all. The message names the file and the 1-based line.
+            a JSON string that is not valid Unicode (a lone surrogate escape); a record with
+            a missing field or an unknown label; a CoNLL line without a tag; no examples at
+            all. The message names the file and the 1-based line.
     """
     source = os.fspath(path)
     fmt = format
@@ -131,6 +140,7 @@ def read_examples(
             records = _conll_records(text, source, allowed)
     out = _normalise(records, source, unit, fields or {}, label_field, allowed if fmt != "conll" else None,
                      columns, required)
+    out.word_per_line = fmt == "conll"
     if not out:
         raise DataError(f"no examples{note or (' in split ' + repr(split) if split else '')}", source)
     return out
@@ -174,9 +184,20 @@ def _jsonl_records(text: str, path: str, first_line: int = 1) -> Records:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"invalid JSON: {e.msg}", path, number, e.colno) from None
+        except RecursionError:
+            raise DataError("invalid JSON: nested too deeply", path, number) from None
         if not isinstance(record, dict):
             raise DataError(f"expected a JSON object per line, got {type(record).__name__}", path, number)
-        yield number, record
+        yield number, _valid_unicode(record, path, number)
+
+
+def _valid_unicode(record: dict[str, Any], path: str, line: int) -> dict[str, Any]:
+    """`record`, refused if it holds a string that is not valid Unicode: JSON's ``\\ud800``
+    escapes parse, but no tokenizer (and no UTF-8 file) can take them."""
+    problem = record_unicode_problem(record)
+    if problem:
+        raise DataError(problem, path, line)
+    return record
 
 
 def _json_records(text: str, path: str) -> Records:
@@ -188,6 +209,8 @@ def _json_records(text: str, path: str) -> Records:
     if text[i] == "{":
         try:
             json.loads(text)
+        except RecursionError:
+            raise DataError("invalid JSON: nested too deeply", path) from None
         except json.JSONDecodeError as e:
             if e.msg == "Extra data":  # several objects: JSON lines under a .json name
                 yield from _jsonl_records(text, path)
@@ -197,6 +220,8 @@ def _json_records(text: str, path: str) -> Records:
     if text[i] != "[":
         try:
             json.loads(text)
+        except RecursionError:
+            raise DataError("invalid JSON: nested too deeply", path) from None
         except json.JSONDecodeError as e:
             raise DataError(f"invalid JSON: {e.msg}", path, e.lineno, e.colno) from None
         raise DataError("expected a JSON list of objects", path, 1)
@@ -210,9 +235,11 @@ def _json_records(text: str, path: str) -> Records:
             record, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise DataError(f"invalid JSON: {e.msg}", path, e.lineno, e.colno) from None
+        except RecursionError:
+            raise DataError("invalid JSON: nested too deeply", path, line) from None
         if not isinstance(record, dict):
             raise DataError(f"expected a list of JSON objects, found a {type(record).__name__}", path, line)
-        yield line, record
+        yield line, _valid_unicode(record, path, line)
         i = _skip_ws(text, end)
         if i < len(text) and text[i] == ",":
             i = _skip_ws(text, i + 1)
@@ -261,7 +288,7 @@ def _csv_records(text: str, path: str, fmt: str, columns: Sequence[str]) -> Reco
                     raise DataError(f"the header needs distinct, non-empty column names; got {header}", path, start)
                 for name in columns:
                     if name not in header:
-                        raise DataError(f"missing column {name!r} in the header{_closest(name, header)} "
+                        raise DataError(f"missing column {name!r} in the header{closest(name, header)} "
                                         f"(available: {', '.join(header)})", path, start)
                 continue
             if len(row) != len(header):
@@ -295,7 +322,7 @@ def _conll_records(text: str, path: str, tags: Sequence[str] | None) -> Records:
         if not parts[0].strip():
             raise DataError(f"expected 'token<TAB>tag', found no token in {line!r}", path, number)
         if allowed is not None and tag not in allowed:
-            raise DataError(f"unknown tag {tag!r}{_closest(tag, allowed)}; known tags: {sorted(allowed)}", path, number)
+            raise DataError(f"unknown tag {tag!r}{closest(tag, allowed)}; known tags: {sorted(allowed)}", path, number)
         if not tokens:
             start = number
         tokens.append(parts[0])
@@ -306,12 +333,12 @@ def _conll_records(text: str, path: str, tags: Sequence[str] | None) -> Records:
 
 # -- normalisation --------------------------------------------------------------------------
 def _normalise(records: Records, path: str, unit: str, fields: dict[str, str], label_field: str,
-               labels: list[str] | None, columns: Sequence[str], required: Sequence[str]) -> list[dict[str, Any]]:
-    out = []
+               labels: list[str] | None, columns: Sequence[str], required: Sequence[str]) -> Examples:
+    out, lines = [], []
     for number, record in records:
         for name in columns:
             if name not in record:
-                raise DataError(f"missing field {name!r}{_closest(name, record)} (available: "
+                raise DataError(f"missing field {name!r}{closest(name, record)} (available: "
                                 f"{', '.join(map(str, record)) or 'none'})", path, number, unit=unit)
         if label_field != "label" and label_field in record:
             record["label"] = record.pop(label_field)
@@ -324,25 +351,18 @@ def _normalise(records: Records, path: str, unit: str, fields: dict[str, str], l
                 try:
                     record["label"] = normalise_label(record["label"])
                 except TypeError as e:
-                    raise DataError(str(e), path, number, unit=unit) from None
-        if labels is not None and "label" not in record:
-            raise DataError(f"no label: {label_field!r} is null", path, number, unit=unit)
-        if labels is not None and record["label"] not in labels:
-            raise DataError(f"unknown label {record['label']!r}{_closest(record['label'], labels)}; "
-                            f"known labels: {labels}", path, number, unit=unit)
+                    raise DataError(f"field {label_field!r}: {e}", path, number, unit=unit) from None
+        problem = label_problem(record, labels, field=repr(label_field)) if labels is not None else None
+        if problem:
+            raise DataError(problem, path, number, unit=unit)
         for name in required:
             if name not in record:
-                raise DataError(f"missing field {name!r}{_closest(name, record)} (available: "
+                raise DataError(f"missing field {name!r}{closest(name, record)} (available: "
                                 f"{', '.join(map(str, record)) or 'none'})", path, number, unit=unit)
         out.append(record)
-    return out
-
-
-def _closest(name: Any, known: Iterable[Any]) -> str:
-    if not isinstance(name, str):
-        return ""
-    close = difflib.get_close_matches(name, [str(k) for k in known], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+        lines.append(number)
+    renamed = {key: column for column, key in fields.items()} | ({"label": label_field} if label_field != "label" else {})
+    return Examples(out, path, lines, unit, columns=renamed)
 
 
 __all__ = ["FORMATS", "DataError", "infer_format", "normalise_label", "read_examples", "read_text"]

@@ -6,14 +6,14 @@ The server's modules (FastAPI, uvicorn) load only with `create_app`."""
 
 from typing import Any
 
-from .batcher import Batcher, QueueFullError
+from .batcher import Batcher, QueueFullError, TooManyRequestsForQueueError
 from .bank import BankEntry, PromptBank, UnknownTaskError, check_task_name
 from .engine import Engine, ErrorKind, Request, Result
 from .mixed import MixedBatch, encode_mixed, forward_mixed, generate_mixed
 from .text import GenerationOptions, TokenStream
 
-__all__ = ["create_app", "Batcher", "QueueFullError", "Engine", "Request", "Result", "ErrorKind", "TokenStream",
-           "GenerationOptions", "PromptBank",
+__all__ = ["create_app", "Batcher", "QueueFullError", "TooManyRequestsForQueueError", "Engine", "Request", "Result",
+           "ErrorKind", "TokenStream", "GenerationOptions", "PromptBank",
            "BankEntry", "UnknownTaskError", "check_task_name", "MixedBatch", "encode_mixed", "forward_mixed",
            "generate_mixed"]
 

@@ -35,14 +35,14 @@ from pydantic import BaseModel, Field, field_validator
 
 from ..errors import SoftPromptError
 from .bank import BankEntry, PromptBank, UnknownTaskError, check_task_name
-from .batcher import Batcher, QueueFullError
+from .batcher import Batcher, QueueFullError, TooManyRequestsForQueueError
 from .engine import Engine, ErrorKind, Request, Result
 from .guard import RequestGuard
 from .text import GenerationOptions, TokenStream
 
 #: the status code of each way a request can fail in the engine
 STATUS = {ErrorKind.UNKNOWN_TASK: 404, ErrorKind.INPUT_TOO_LONG: 413, ErrorKind.BAD_INPUT: 422,
-          ErrorKind.FAILED: 500}
+          ErrorKind.FAILED: 500, ErrorKind.CANCELLED: 499, ErrorKind.SHUTTING_DOWN: 503}  # 499: client closed request
 
 Input = Union[str, dict[str, Any]]
 
@@ -119,6 +119,8 @@ class Server:
             return await self.batcher.run(requests)
         except QueueFullError as e:
             raise HTTPException(429, str(e), headers={"Retry-After": "1"}) from None
+        except TooManyRequestsForQueueError as e:
+            raise HTTPException(413, str(e)) from None
 
     def entry_for(self, task: str, endpoint: str) -> BankEntry:
         """The task's entry, if `endpoint` answers for it (`Task.endpoint`; a folder without a
@@ -205,7 +207,10 @@ async def completions(body: CompletionBody, request: HTTPRequest):
         raise HTTPException(422, "prompt: give at least one prompt")
     if body.max_tokens > server.max_new_tokens:
         raise HTTPException(422, f"max_tokens: {body.max_tokens} is over the server's limit of {server.max_new_tokens}")
-    options = GenerationOptions.completion(body.max_tokens, body.temperature, body.top_p, body.stop, body.seed)
+    try:  # every sampling option checked here, before the request joins a batch
+        options = GenerationOptions.completion(body.max_tokens, body.temperature, body.top_p, body.stop, body.seed)
+    except SoftPromptError as e:
+        raise HTTPException(422, str(e)) from None
     completion = _Completion(body.model, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
     if body.stream:
         return completion.stream(server, prompts, options)

@@ -5,7 +5,12 @@ results; one worker thread takes whatever is waiting, up to the engine's batch b
 after a short gathering window, runs it (`Engine.run` mixes the tasks and cuts batches)
 and hands each caller its answers. The queue is bounded: past `max_queue` waiting
 requests, `submit` refuses at once (the server answers 429) instead of growing without
-limit.
+limit; a submission larger than the whole queue is refused as such
+(`TooManyRequestsForQueueError`: retrying cannot help).
+
+A request is bound to its task's version when it is submitted (`Engine.bind`); one whose
+client has gone (`Request.cancelled`) is dropped while it waits and stops at the next
+decode step once running. `close(timeout)` stops in bounded time, hung engine or not.
 
 Generation on a causal LM is continuously batched within one engine run (`decode.py`):
 a row that ends (end of sequence, a stop string, a client gone) leaves the running batch
@@ -21,17 +26,24 @@ import asyncio
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Sequence
 
 from ..errors import SoftPromptError
-from .engine import Engine, Request, Result
+from .engine import GONE, Engine, ErrorKind, Request, Result
+
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class QueueFullError(SoftPromptError):
     """More requests are waiting than the server takes (HTTP 429)."""
+
+
+class TooManyRequestsForQueueError(SoftPromptError):
+    """One submission holds more requests than the queue can ever hold (HTTP 413): unlike
+    `QueueFullError`, retrying later cannot help."""
 
 
 @dataclass
@@ -61,6 +73,7 @@ class Batcher:
         self.max_wait = max_wait
         self.stats = BatchStats()
         self._items: deque[tuple[Request, Future]] = deque()
+        self._running: list[tuple[Request, Future]] = []  # taken by the worker in its current run
         self._cond = threading.Condition()
         self._stopped = False
         self._worker = threading.Thread(target=self._work, name="softprompt-batcher", daemon=True)
@@ -75,12 +88,19 @@ class Batcher:
         """Queue requests; each future resolves to its `Result`.
 
         Raises:
-            QueueFullError: the queue cannot take them all (none is queued then).
+            QueueFullError: the queue cannot take them all now (none is queued then).
+            TooManyRequestsForQueueError: more requests than the queue ever holds.
         """
+        if len(requests) > self.max_queue:
+            raise TooManyRequestsForQueueError(
+                f"{len(requests)} inputs in one request, more than the server's queue ever holds: send at most "
+                f"{self.max_queue} at a time")
+        for request in requests:  # each answered by the task version it was admitted with
+            self.engine.bind(request)
         futures = [Future() for _ in requests]
         with self._cond:
             if self._stopped:
-                raise QueueFullError("the server is shutting down")
+                raise QueueFullError(SHUTTING_DOWN)
             if len(self._items) + len(requests) > self.max_queue:
                 raise QueueFullError(f"{len(self._items)} requests are waiting (the queue holds {self.max_queue}); "
                                      "retry later")
@@ -93,11 +113,26 @@ class Batcher:
         futures = self.submit(requests)
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop: the requests waiting and running are cancelled (a decode stops at its next
+        step), the worker is given at most `timeout` seconds to end, and every request not
+        answered by then is answered with a shutting-down error. Returns even when the
+        engine hangs (the worker is a daemon thread)."""
         with self._cond:
             self._stopped = True
+            left, self._items = list(self._items), deque()
+            running = list(self._running)
             self._cond.notify_all()
-        self._worker.join(timeout=30)
+        for request, _ in left + running:
+            request.cancelled.set()
+        for request, future in left:
+            if future.set_running_or_notify_cancel():
+                self._settle(future, self._shut(request))
+        self._worker.join(timeout)
+        with self._cond:
+            running = list(self._running)
+        for request, future in running:
+            self._settle(future, self._shut(request))
 
     # -- the worker -----------------------------------------------------------
     def _take(self) -> list[tuple[Request, Future]]:
@@ -112,38 +147,72 @@ class Batcher:
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            return [self._items.popleft() for _ in range(min(limit, len(self._items)))]
+            taken = [self._items.popleft() for _ in range(min(limit, len(self._items)))]
+            self._running = list(taken)  # under the lock `close` takes: every request is waiting or running
+            return taken
+
+    def _live(self, items: list[tuple[Request, Future]]) -> list[tuple[Request, Future]]:
+        """The taken requests to run: those whose future was not cancelled and whose client
+        has not gone (answered here)."""
+        live = []
+        for request, future in items:
+            try:
+                if not future.set_running_or_notify_cancel():
+                    continue
+            except RuntimeError:  # answered by `close` already (the worker was slow to get here)
+                continue
+            if request.gone:
+                self._settle(future, Result(request.task, error=GONE, error_kind=ErrorKind.CANCELLED))
+                continue
+            live.append((request, future))
+        return live
 
     def _admit(self, room: int) -> list[tuple[Request, Callable[[Result], None]]]:
         """Called by the engine between decode steps: requests read by a task head that
         arrived meanwhile are answered at once (one mixed forward, so they do not wait for
-        the decoding to end); generation requests join the running batch."""
+        the decoding to end); generation requests join the running batch. Whether a
+        request generates is its bound task version's answer (`Engine.generates`)."""
         with self._cond:
             heads = [item for item in self._items if not self.engine.generates(item[0])]
             heads = heads[: self.engine.max_batch_rows]
             chosen = [item for item in self._items if self.engine.generates(item[0])][: max(room, 0)]
             for item in heads + chosen:
                 self._items.remove(item)
-        live = [(r, f) for r, f in heads if f.set_running_or_notify_cancel()]
+            self._running += heads + chosen
+        live = self._live(heads)
         if live:
             start = time.perf_counter()
-            results = self.engine.run([r for r, _ in live])
+            try:
+                results = self.engine.run([r for r, _ in live])
+            except Exception as e:  # the engine answers every request; this is a bug: not the decode's
+                results = [Result(r.task, error=f"{type(e).__name__}: {e}", error_kind=ErrorKind.FAILED)
+                           for r, _ in live]
             self._record(len(live), time.perf_counter() - start, results)
             for (_, f), result in zip(live, results):
-                f.set_result(result)
-        admitted = []
-        for request, future in chosen:
-            if future.set_running_or_notify_cancel():
-                admitted.append((request, self._resolver(future)))
-        return admitted
+                self._settle(f, result)
+        return [(request, self._resolver(future)) for request, future in self._live(chosen)]
 
     def _resolver(self, future: Future) -> Callable[[Result], None]:
         def resolve(result: Result) -> None:
             self.stats.rows += 1
             self.stats.new_tokens += result.new_tokens
-            future.set_result(result)
+            self._settle(future, result)
 
         return resolve
+
+    def _settle(self, future: Future, result: Result) -> None:
+        """Answer a future once: a request cancelled by `close` is answered as shut down,
+        and an answer that comes after `close` answered it is dropped."""
+        if self._stopped and result.error_kind is ErrorKind.CANCELLED:
+            result = self._shut(result)
+        try:
+            future.set_result(result)
+        except InvalidStateError:
+            pass
+
+    @staticmethod
+    def _shut(request: Request | Result) -> Result:
+        return Result(request.task, error=SHUTTING_DOWN, error_kind=ErrorKind.SHUTTING_DOWN)
 
     def _record(self, rows: int, seconds: float, results: list[Result]) -> None:
         self.stats.runs += 1
@@ -163,7 +232,7 @@ class Batcher:
             self.stats.runs += 1
         self.stats.rows += 1
         self.stats.new_tokens += result.new_tokens
-        future.set_result(result)
+        self._settle(future, result)
 
     def _work(self) -> None:
         while True:
@@ -172,7 +241,7 @@ class Batcher:
                 if self._stopped:
                     break
                 continue
-            live = [(r, f) for r, f in taken if f.set_running_or_notify_cancel()]
+            live = self._live(taken)
             if not live:
                 continue
             counted = [False]  # the run is counted with its first answer
@@ -187,9 +256,14 @@ class Batcher:
                 results = self.engine.run([r for r, _ in live], admit=self._admit)
             except BaseException as e:  # the engine isolates request failures; this is a bug
                 for _, f in live:
-                    if not f.done():
+                    try:
                         f.set_exception(e)
+                    except InvalidStateError:
+                        pass
                 continue
+            finally:
+                with self._cond:
+                    self._running = []
             seconds = time.perf_counter() - start
             for (_, f), result in zip(live, results):
                 self._answer(counted, f, result)
@@ -198,9 +272,9 @@ class Batcher:
                 observe(len(live), seconds, results)
         with self._cond:  # shutting down: answer what is left
             left, self._items = list(self._items), deque()
-        for _, future in left:
+        for request, future in left:
             if future.set_running_or_notify_cancel():
-                future.set_exception(QueueFullError("the server is shutting down"))
+                self._settle(future, self._shut(request))
 
 
-__all__ = ["Batcher", "QueueFullError", "BatchStats"]
+__all__ = ["Batcher", "QueueFullError", "TooManyRequestsForQueueError", "BatchStats"]

@@ -4,7 +4,8 @@ Rows join the running batch when there is room (their prompt is prefilled in one
 and their keys and values merged into the shared cache) and leave it as soon as they end
 (end of sequence, a stop string, their token budget, a client gone): the batch never
 carries finished rows, and waiting rows do not wait for the whole batch to end. Each row
-keeps its own sampling settings (greedy, or temperature / top-k / top-p).
+keeps its own sampling settings (greedy, or temperature / top-k / top-p) and its own random
+stream (`sampling.py`): a seeded row gives the same tokens alone and in any batch.
 
 The running batch lives in fixed decode slots (`slots.py`): rows of different lengths are
 aligned on the right (the newest column is every row's current token), shorter ones padded
@@ -12,10 +13,17 @@ on the left with masked columns; each row carries its own position. On a GPU the
 step is a replayed CUDA graph; joining rows are prefilled eagerly (their lengths vary).
 
 Greedy rows give exactly what transformers' `generate()` gives each row alone (tested).
+
+A row that fails fails alone: a joining group whose prefill fails is prefilled row by
+row; a row whose callbacks raise (its stream, its stop strings, its task's decoding) or
+whose next-token scores are not finite stops with its `error`. A step that fails as a
+whole (which row caused it cannot be told) fails the rows in the slots, not the waiting
+ones, and the slots are built afresh. `on_done` hears of every row, failed or not.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,19 +35,10 @@ from .. import inject
 from ..encode import EncodedRow
 from .bank import PromptBank
 from .mixed import collate_mixed, encode_mixed
+from .sampling import Draws, NonFiniteScoresError, Sampling, sample
 from .slots import DecodeSlots, round_up
 
-
-@dataclass
-class Sampling:
-    """One row's decoding settings (transformers' names)."""
-
-    max_new_tokens: int = 16
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    eos_token_id: int | None = None
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,7 +48,9 @@ class DecodeRow:
     Attributes:
         on_token: called with each new token id; returns True when the row is done (a stop
             string, a client gone) even before its end-of-sequence token or budget.
-        on_done: called once with the row when it has finished.
+        on_done: called once with the row when it has finished (or failed, or stopped).
+        cancelled: whether the row's client has gone: it stops before the next step.
+        error: why the row failed alone (None: it did not), when `on_done` is called.
     """
 
     task: str
@@ -61,30 +62,18 @@ class DecodeRow:
     result: Any = None  # what on_done made of the row (the engine's Result)
     encoded: EncodedRow | None = None  # the row already encoded by its task (else encoded here)
     entry: Any = None  # the task's BankEntry when the row was checked (pinned: see PromptBank.entry)
+    cancelled: Callable[[], bool] = lambda: False
+    error: Exception | None = None
 
 
-def _pick(logits: torch.Tensor, rows: Sequence[DecodeRow], generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) next tokens: arg-max for greedy rows, a sample for the others."""
-    greedy = logits.argmax(-1)
-    sampled = [i for i, r in enumerate(rows) if r.sampling.do_sample]
-    if not sampled:
-        return greedy
-    index = torch.tensor(sampled, device=logits.device)
-    x = logits.index_select(0, index).float()
-    temperature = torch.tensor([rows[i].sampling.temperature for i in sampled], device=x.device)
-    x = x / temperature[:, None]
-    for j, i in enumerate(sampled):  # top-k and top-p: per row, rows differ
-        k, p = rows[i].sampling.top_k, rows[i].sampling.top_p
-        if k and k < x.shape[-1]:
-            kth = x[j].topk(k).values[-1]
-            x[j] = x[j].masked_fill(x[j] < kth, float("-inf"))
-        if p < 1.0:
-            sorted_x, order = x[j].sort(descending=True)
-            probs = sorted_x.softmax(-1)
-            drop = probs.cumsum(-1) - probs > p  # keep the smallest set whose mass reaches p
-            x[j] = x[j].scatter(0, order[drop], float("-inf"))
-    chosen = torch.multinomial(x.softmax(-1), 1, generator=generator).squeeze(-1)
-    return greedy.index_copy(0, index, chosen)
+def _pick(logits: torch.Tensor, rows: Sequence[DecodeRow | None],
+          greedy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) logits of `rows` (None: an empty slot) -> (B,) next tokens (arg-max for greedy
+    rows, each sampling row's own draw for its next token index) and a (B,) bool mask, False
+    where a row's scores were not finite (`sampling.sample`); `greedy`: the arg-max, if known."""
+    draws = Draws.of([None if r is None else r.sampling for r in rows],
+                     [0 if r is None else len(r.tokens) for r in rows], logits.device)
+    return sample(logits, draws, greedy)
 
 
 class Decoder:
@@ -107,12 +96,11 @@ class Decoder:
     """
 
     def __init__(self, bank: PromptBank, *, max_rows: int = 64, admit: Callable[[int], list[DecodeRow]] | None = None,
-                 generator: torch.Generator | None = None, graphs: bool | None = None, columns: int | None = None):
+                 graphs: bool | None = None, columns: int | None = None):
         self.bank = bank
         self.base = bank.base
         self.max_rows = max_rows
         self.admit = admit
-        self.generator = generator
         self.graphs = graphs
         self.columns = columns
         self.slots: DecodeSlots | None = None
@@ -147,10 +135,11 @@ class Decoder:
     def _loop(self, waiting: deque, admit) -> None:
         self.steps = 0
         while True:
+            self._drop_cancelled(waiting)
             active = sum(r is not None for r in self._rows)
             room = self.max_rows - active
             if room > len(waiting) and admit is not None:
-                waiting.extend(admit(room - len(waiting)))
+                waiting.extend(self._admitted(admit, room - len(waiting)))
             if not waiting and not active:
                 return
             if waiting and room > 0:
@@ -158,26 +147,89 @@ class Decoder:
                 continue  # admit more before the next step if the joiners ended at once
             self._step()
 
+    @staticmethod
+    def _admitted(admit, room: int) -> list[DecodeRow]:
+        try:
+            return list(admit(room))
+        except Exception:  # the hook's own failure: the rows decoding go on without new ones
+            log.exception("the admit hook failed; decoding goes on without new rows")
+            return []
+
+    def _drop_cancelled(self, waiting: deque) -> None:
+        """Rows whose client has gone stop here: before the next step, or before they join."""
+        for s, row in enumerate(self._rows):
+            if row is not None and row.cancelled():
+                self._finish(s)
+        for row in [r for r in waiting if r.cancelled()]:
+            waiting.remove(row)
+            self._done(row)
+
     def _step(self) -> None:
         slots = self.slots
-        slots.step()
+        try:
+            slots.step()
+            chosen, finite = _pick(slots.logits, self._rows, slots.greedy)
+        except Exception as e:  # which row caused it cannot be told: every row in the slots fails
+            self._fail_slots(RuntimeError(f"the decode step failed ({type(e).__name__}: {e}); every row decoding "
+                                          "in it was stopped"))
+            return
         self.steps += 1
-        tokens = slots.greedy.tolist()  # the one host synchronisation of a step
-        sampled = [s for s, r in enumerate(self._rows) if r is not None and r.sampling.do_sample]
-        if sampled:
-            index = torch.tensor(sampled, device=slots.logits.device)
-            chosen = _pick(slots.logits.index_select(0, index), [self._rows[s] for s in sampled], self.generator)
-            slots.set_tokens(sampled, chosen)
-            for s, token in zip(sampled, chosen.tolist()):
-                tokens[s] = token
+        if chosen is not slots.greedy:  # some rows sample: their draws are the next step's tokens
+            slots.set_tokens(chosen)
+        tokens, finite = torch.stack([chosen, finite.long()]).tolist()  # the one host synchronisation of a step
         for s, row in enumerate(self._rows):
-            if row is not None and self._emit(row, tokens[s]):
-                self._finish(s)
+            if row is not None:
+                self._advance(s, tokens[s], bool(finite[s]))
         self._shrink()
 
+    def _advance(self, slot: int, token: int, finite: bool) -> None:
+        """Hand the row in `slot` its new token; it leaves its slot when it is done, or
+        fails alone (non-finite scores, its callbacks raising)."""
+        row = self._rows[slot]
+        error: Exception | None = None
+        if not finite:
+            error = NonFiniteScoresError("the model's next-token scores for this row are not finite (NaN or "
+                                         "infinity): the row was stopped")
+        else:
+            try:
+                if not self._emit(row, token):
+                    return
+            except Exception as e:  # its stream, stop strings or task decoding: this row's alone
+                error = e
+        row.error = error
+        self._finish(slot)
+
     def _join(self, joining: list[DecodeRow]) -> None:
-        """Prefill the joining rows and put them into free slots."""
-        first, cache, mask, positions = self._prefill(joining)
+        """Prefill the joining rows and put them into free slots; when the group's prefill
+        fails, each row is prefilled alone and the one that fails fails alone."""
+        try:
+            groups = [(joining, self._prefill(joining))]
+        except Exception as e:
+            if len(joining) == 1:
+                self._fail(joining[0], e)
+                return
+            log.warning("the prefill of %d joining rows failed (%s: %s); prefilling them one by one",
+                        len(joining), type(e).__name__, e)
+            groups = []
+            for row in joining:
+                try:
+                    groups.append(([row], self._prefill([row])))
+                except Exception as e:
+                    self._fail(row, e)
+        for rows, (first, finite, cache, mask, positions) in groups:
+            try:
+                slots = self._place(rows, first, cache, mask, positions)
+            except Exception as e:  # the slots may be half-changed: every row in them fails, and these
+                self._fail_slots(RuntimeError(f"placing joining rows failed ({type(e).__name__}: {e})"))
+                for row in rows:
+                    self._fail(row, e)
+                continue
+            for s, token, ok in zip(slots, first.tolist(), finite.tolist()):
+                self._advance(s, token, ok)
+
+    def _place(self, joining: list[DecodeRow], first: torch.Tensor, cache, mask: torch.Tensor,
+               positions: torch.Tensor) -> list[int]:
+        """Put prefilled rows into free slots (made first if there are none); returns the slots."""
         budget = min(max(r.sampling.max_new_tokens for r in joining), 256)  # grown further as needed
         if self.slots is None:
             graphs = self._fixed = self.uses_graphs
@@ -191,17 +243,38 @@ class Decoder:
             free = self.slots.free_slots()
         slots = free[: len(joining)]
         self.slots.place(slots, cache, mask, first, positions, budget)
-        for s, row, token in zip(slots, joining, first.tolist()):
+        for s, row in zip(slots, joining):
             self._rows[s] = row
-            if self._emit(row, token):
-                self._finish(s)
+        return slots
 
     def _finish(self, slot: int) -> None:
         row = self._rows[slot]
         self._rows[slot] = None
         self.slots.free(slot)
-        if row.on_done is not None:
+        self._done(row)
+
+    def _fail(self, row: DecodeRow, error: Exception) -> None:
+        """A row that never reached a slot (or whose slots are gone) fails alone."""
+        row.error = error
+        self._done(row)
+
+    def _fail_slots(self, error: Exception) -> None:
+        """Every row in the slots fails with `error`; the slots are dropped (their state is
+        not trusted) and built afresh for the rows that join next."""
+        rows = [r for r in self._rows if r is not None]
+        self.slots, self._rows, self._fixed = None, [], False
+        log.error("%s: %d rows failed", error, len(rows))
+        for row in rows:
+            self._fail(row, error)
+
+    @staticmethod
+    def _done(row: DecodeRow) -> None:
+        if row.on_done is None:
+            return
+        try:
             row.on_done(row)
+        except Exception:  # the caller's own callback: the other rows go on
+            log.exception("on_done of a decode row of task %s failed", row.task)
 
     def _shrink(self) -> None:
         """Eager slots follow the rows: a quarter used, halve them (the step's cost is per slot)."""
@@ -225,23 +298,24 @@ class Decoder:
         return bool(row.on_token(token)) or len(row.tokens) >= s.max_new_tokens
 
     def _prefill(self, rows: list[DecodeRow]):
-        """One forward over the joining rows with their prompts: their first tokens, cache,
-        attention mask over the cache (prefix + row) and next positions."""
-        # by pinned entry where the row has one: a task removed while its row waited to
-        # join must not fail the rows joining with it (nor those decoding already)
-        names = [r.entry if r.entry is not None else r.task for r in rows]
+        """One forward over the joining rows with their prompts: their first tokens, whether
+        their scores were finite (n,), cache, attention mask over the cache (prefix + row)
+        and next positions."""
+        # by pinned entry where the row has one: a task removed or replaced while its row
+        # waited to join changes nothing for it; a row with a name only is looked up once
+        entries = self.bank.entries(r.entry if r.entry is not None else r.task for r in rows)
         if all(r.encoded is not None for r in rows):
-            batch = collate_mixed(self.bank, names, [r.encoded for r in rows], padding_side="left")
+            batch = collate_mixed(self.bank, entries, [r.encoded for r in rows], padding_side="left")
         else:
-            batch = encode_mixed(self.bank, names, [r.example for r in rows], padding_side="left")
-        model = self.bank.entry(names[0]).model
+            batch = encode_mixed(self.bank, entries, [r.example for r in rows], padding_side="left")
+        model = entries[0].model
         inputs = inject.base_inputs(self.base, model.spec, batch["input_ids"], batch["attention_mask"],
                                     batch["prompt_index"], self.bank.prompts_for(batch.entries), keep_cache=True,
                                     logits_to_keep=1 if model.keeps_logits else None)
         out = self.base(**inputs)
         self.steps += 1
-        first = _pick(out.logits[:, -1], rows, self.generator)
-        return first, inject.output_cache(out), inputs["attention_mask"], inputs["position_ids"][:, -1] + 1
+        first, finite = _pick(out.logits[:, -1], rows)  # (n,) each, a row with non-finite scores fails alone
+        return first, finite, inject.output_cache(out), inputs["attention_mask"], inputs["position_ids"][:, -1] + 1
 
 
 __all__ = ["Decoder", "DecodeRow", "Sampling"]

@@ -5,12 +5,20 @@
     engine.generate("summarise", ["..."], max_new_tokens=32)  # ["..."]
     engine.run([Request("sentiment", "great"), Request("ner", "Paris is nice"), ...])
 
-`run` validates every request on its own (an unknown task, a bad input or an over-long
-one fails that request alone, with its `ErrorKind`), then cuts the rest into batches
-under a row and token budget: requests read by a task head share one forward of the base
-model (`forward_mixed`), each task's head then reads its rows; generation requests with
-the same sampling settings share one `generate_mixed`. A batch that fails as a whole is
-retried request by request, so one poisoned request cannot fail its neighbours.
+`run` validates every request on its own before it joins a batch (an unknown task, an
+input of the wrong type, text that is not valid Unicode, an over-long input: that request
+alone fails, with its `ErrorKind`), then cuts the rest into batches under a row and token
+budget: requests read by a task head share one forward of the base model
+(`forward_mixed`), each task's head then reads its rows; generation requests with the same
+token budget and end of sequence share one `generate_mixed` (each row sampling with its
+own settings and random stream). A batch that fails as a whole is retried request by
+request, so one poisoned request cannot fail its neighbours; in a decode a row that fails
+fails alone (`decode.py`).
+
+A request is bound to the task version it was admitted with (`Request.entry`, `bind`):
+every later step (head or generation, encoding, the forward's prompts) uses that entry,
+never the task's name, so an admin replacing or removing the task meanwhile changes
+nothing for it.
 
 The engine works on tokens and asks each task what it can do (`Task.generates`,
 `Task.word_field`): text around generation (options, stop strings, streams) is `text.py`'s,
@@ -28,6 +36,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
+from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from ..architecture import ModelKind
@@ -35,12 +44,20 @@ from ..encode import EncodedRow
 from ..errors import EncodingError, InputTooLongError, SoftPromptError
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .decode import Decoder, DecodeRow
+from .inputs import example_of, field_texts
 from .mixed import collate_mixed, forward_mixed, generate_mixed, output_rows
+from .sampling import RowSampler
 from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
 
 log = logging.getLogger("softprompt.serve")
 
+GONE = "cancelled: the client went away"
+
 Admit = Callable[[int], list[tuple["Request", Callable[["Result"], None]]]]
+
+
+class CancelledRequestError(SoftPromptError):
+    """The request's client has gone (`Request.cancelled`, `TokenStream.cancel`)."""
 
 
 class ErrorKind(enum.Enum):
@@ -50,11 +67,15 @@ class ErrorKind(enum.Enum):
     INPUT_TOO_LONG = "input too long"
     BAD_INPUT = "bad input"  # a malformed input or option, or one the task cannot take
     FAILED = "failed"  # a failure inside the model
+    CANCELLED = "cancelled"  # its client has gone
+    SHUTTING_DOWN = "shutting down"  # the server stopped before it was answered
 
     @classmethod
     def of(cls, error: Exception) -> "ErrorKind":
         if isinstance(error, UnknownTaskError):
             return cls.UNKNOWN_TASK
+        if isinstance(error, CancelledRequestError):
+            return cls.CANCELLED
         if isinstance(error, InputTooLongError):
             return cls.INPUT_TOO_LONG
         return cls.BAD_INPUT if isinstance(error, SoftPromptError) else cls.FAILED
@@ -77,10 +98,11 @@ class Request:
             then, not when the whole run (which may decode for as long as new rows keep
             joining) ends.
         entry: the task version the request was admitted with (the HTTP app binds it when
-            it checks the endpoint); None: the bank's entry for `task` when the run starts.
-            A task replaced or removed afterwards does not change what answers it.
+            it checks the endpoint); None: bound when it is admitted (`Batcher.submit`,
+            `Engine.run`: see `Engine.bind`). A task replaced or removed afterwards does
+            not change what answers it.
         cancelled: set when its client has gone (a closed connection): the request is
-            dropped if it is still waiting, or stops at the next decode step.
+            dropped if it is still waiting, or stops at the next decode step (see `gone`).
     """
 
     task: str
@@ -91,6 +113,12 @@ class Request:
     on_result: Callable[[Result], None] | None = field(default=None, repr=False, compare=False)
     entry: BankEntry | None = field(default=None, repr=False, compare=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+
+    @property
+    def gone(self) -> bool:
+        """Its client has gone: `cancelled` is set, or its stream was cancelled
+        (`TokenStream.cancel`); the one test of both, wherever a request may stop."""
+        return self.cancelled.is_set() or (self.stream is not None and self.stream.cancelled)
 
 
 @dataclass
@@ -177,7 +205,8 @@ class Engine:
 
     # -- the work ---------------------------------------------------------------
     def run(self, requests: Sequence[Request], admit: Admit | None = None) -> list[Result]:
-        """Answer every request; the results come in the order of the requests.
+        """Answer every request; the results come in the order of the requests. Never
+        raises: a request that fails gets a `Result` with its error.
 
         Args:
             admit: while a causal LM decodes, called for more generation requests when the
@@ -185,13 +214,19 @@ class Engine:
                 each comes with the callback that takes its `Result`.
         """
         results = _Answers(requests)
+        checked: list[tuple[int, Request, dict[str, Any]]] = []
+        for i, request in enumerate(requests):  # every input checked before any is tokenized
+            try:
+                checked.append((i, request, self._check(request)))
+            except Exception as e:
+                results[i] = self._failure(request.task, e)
         rows: list[_Row] = []
-        with self._pretokenized(requests):
-            for i, request in enumerate(requests):
+        with self._pretokenized([(request.entry, example) for _, request, example in checked]):
+            for i, request, _ in checked:
                 try:
                     rows.append(self._prepare(i, request))
-                except SoftPromptError as e:
-                    results[i] = Result(request.task, error=str(e), error_kind=ErrorKind.of(e))
+                except Exception as e:
+                    results[i] = self._failure(request.task, e)
         for batch in self._batches([r for r in rows if not r.generates]):
             self._guarded(batch, results, self._run_heads, "forward")
         generating = [r for r in rows if r.generates]
@@ -199,42 +234,72 @@ class Engine:
             # one decode loop: rows of every task and setting, joining as others end
             self._guarded(generating, results, lambda batch: self._run_decoder(batch, admit, results), "decode")
         else:
-            groups: dict[GenerationOptions, list[_Row]] = {}
-            for r in generating:
-                groups.setdefault(r.options, []).append(r)
+            groups: dict[tuple, list[_Row]] = {}
+            for r in generating:  # rows of any sampling settings and seeds share a batch (`RowSampler`)
+                groups.setdefault(r.options.batch_key, []).append(r)
             for group in groups.values():
                 for batch in self._batches(group):
                     self._guarded(batch, results, self._run_generation, "generate")
         return [r if r is not None else Result("", error="not run", error_kind=ErrorKind.FAILED)
                 for r in results.results]
 
+    def bind(self, request: Request) -> BankEntry | None:
+        """Bind a request to the task version it is admitted with: its `entry`, the bank's
+        entry for its task now unless it has one already (None: an unknown task)."""
+        if request.entry is None:
+            try:
+                request.entry = self.bank[request.task]
+            except UnknownTaskError:
+                pass
+        return request.entry
+
+    @staticmethod
+    def _failure(task: str, error: Exception, streamed: bool = False) -> Result:
+        """The `Result` of a request that failed with `error` (a failure inside the model is
+        logged with its traceback; a bad input is the client's)."""
+        if isinstance(error, SoftPromptError):
+            return Result(task, error=str(error), error_kind=ErrorKind.of(error))
+        log.error("a request of task %s failed: %s", task,
+                  "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+        message = f"{type(error).__name__}: {error}"
+        return Result(task, error=f"failed mid-stream: {message}" if streamed else message,
+                      error_kind=ErrorKind.FAILED)
+
     @contextmanager
-    def _pretokenized(self, requests: Sequence[Request]) -> Iterator[None]:
-        """Each task's text inputs tokenized in one batched call (`TemplateEncoder.pretokenized`)."""
-        texts: dict[str, list[str]] = {}
-        encoders = {}
-        for request in requests:
-            values = request.input.values() if isinstance(request.input, dict) else [request.input]
-            entry = self._lookup(request.task)
-            if entry is not None:
-                encoders.setdefault(request.task, entry.model.encoder)
-                texts.setdefault(request.task, []).extend(v for v in values if isinstance(v, str))
-        with ExitStack() as stack:
-            for task, values in texts.items():
-                stack.enter_context(encoders[task].pretokenized(values))
+    def _pretokenized(self, checked: Sequence[tuple[BankEntry, dict[str, Any]]]) -> Iterator[None]:
+        """The checked examples' texts tokenized in one batched call per encoder
+        (`TemplateEncoder.pretokenized`). Only a speed-up: if it fails, rows encode one by one."""
+        encoders: dict[int, Any] = {}
+        texts: dict[int, list[str]] = {}
+        for entry, example in checked:
+            encoder = entry.model.encoder
+            encoders[id(encoder)] = encoder
+            texts.setdefault(id(encoder), []).extend(field_texts(entry, example))
+        stack = ExitStack()
+        try:
+            for key, values in texts.items():
+                stack.enter_context(encoders[key].pretokenized(values))
+        except Exception as e:
+            log.warning("batched tokenization failed (%s: %s); encoding the rows one by one", type(e).__name__, e)
+            stack.close()
+            stack = ExitStack()
+        with stack:
             yield
 
-    def _lookup(self, task: str) -> BankEntry | None:
-        """The task's entry, or None: one lookup, not `in` then `[]`, which an admin's
-        DELETE in between turns into an exception that fails every request of the run."""
-        try:
-            return self.bank[task]
-        except UnknownTaskError:
-            return None
+    def _check(self, request: Request) -> dict[str, Any]:
+        """Bind the request (`bind`) and check its input: the example of its template's fields."""
+        entry = self.bind(request)
+        if entry is None:
+            entry = request.entry = self.bank[request.task]  # UnknownTaskError names the loaded tasks
+        if request.gone:
+            raise CancelledRequestError(GONE)
+        return self._example(entry, request.input)
 
     def _prepare(self, index: int, request: Request) -> _Row:
-        entry = self.bank[request.task]
-        example = self._example(entry, request.input)
+        """The request, checked (`_check`: cheap, so `run` checks twice rather than carry
+        the examples), as a row with its bound entry."""
+        example = self._check(request)
+        entry = request.entry
         options = GenerationOptions.parse(request.options)
         if not request.generate and entry.task is None:
             raise SoftPromptError(f"task {entry.name!r} has no task head (its folder has no task.json): "
@@ -242,24 +307,36 @@ class Engine:
         if not request.generate:  # a generating task decodes with its own settings
             options = GenerationOptions.parse(entry.task.generate_options(), known=TASK_OPTIONS) \
                 if entry.task.generates else None
-        encoded = entry.model.encoder.encode(example, max_length=self.max_length, index=index, truncate=self.truncate)
+        encoded = self._encode(entry, example, options, index if index >= 0 else None)
         if not encoded.input_ids:  # refused here, before it joins a batch it would read padding in
             raise EncodingError("the input has no tokens: an empty input through a template with no other text, "
                                 "virtual tokens or special tokens gives the model nothing to read")
         # before batches are cut: rows grouped by prefix length must have their final entry
         return _Row(index, request, entry.for_row(encoded), example, encoded, options)
 
-    @staticmethod
-    def _example(entry: BankEntry, value: Any) -> dict[str, Any]:
-        if isinstance(value, dict):
-            return value
-        if not isinstance(value, str):
-            raise SoftPromptError(f"an input is a text or an object of fields, got {type(value).__name__}")
-        fields = entry.model.template.fields
-        if len(fields) != 1:
-            raise SoftPromptError(f"task {entry.name!r} has template fields {list(fields)}: send an object with them")
-        words = entry.task is not None and entry.task.word_field == fields[0]
-        return {fields[0]: value.split() if words else value}
+    def _encode(self, entry: BankEntry, example: dict[str, Any], options: GenerationOptions | None,
+                index: int | None) -> EncodedRow:
+        """Encode a row; a causal LM's generating row must leave its new tokens room in
+        the model's positions (with `truncate`, its input is cut to leave it)."""
+        encoder = entry.model.encoder
+        room = encoder.max_length  # the model's positions less a deep prompt's (None: no limit known)
+        if options is None or room is None or entry.model.spec.kind is not ModelKind.CAUSAL:
+            return encoder.encode(example, max_length=self.max_length, index=index, truncate=self.truncate)
+        new = options.sampling(None).max_new_tokens
+        max_length = self.max_length
+        if self.truncate and room - new >= 1:
+            max_length = min(room - new, max_length or room)
+        encoded = encoder.encode(example, max_length=max_length, index=index, truncate=self.truncate)
+        if len(encoded.input_ids) + new > room:
+            deep = f" (with its deep prompt's {encoder.deep_tokens})" if encoder.deep_tokens else ""
+            used = len(encoded.input_ids) + encoder.deep_tokens
+            raise InputTooLongError(
+                f"the prompt takes {used} positions{deep} and max_new_tokens asks for {new} more: {used + new} is over "
+                f"the {entry.model.spec.max_positions} positions the model has; shorten the prompt or ask for at most "
+                f"{max(room - len(encoded.input_ids), 0)} new tokens")
+        return encoded
+
+    _example = staticmethod(example_of)
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
         """Consecutive requests under the row and token budgets (for BART-like families, of
@@ -333,26 +410,36 @@ class Engine:
 
     def generates(self, request: Request) -> bool:
         """Whether a request generates text (a completion, or a task whose head generates)."""
-        entry = self._lookup(request.task)
+        entry = self.bind(request)  # its own version's head decides, not the task's name now
         return request.generate or (entry is not None and entry.task is not None and entry.task.generates)
 
     def _decode_row(self, r: _Row, on_result: Callable[[Result], None] | None = None) -> DecodeRow:
         """A request as a decoder row: its sampling settings, stop strings and stream; the
         `Result` is built when the row finishes (and handed to `on_result`)."""
         tokenizer = self.bank.tokenizer
-        r.options.seed_rng()
-        sampling = r.options.sampling(tokenizer.eos_token_id)
+        sampling = r.options.sampling(tokenizer.eos_token_id)  # its own random stream (seeded, or fresh entropy)
         text = RowText(tokenizer, None, r.options.stop, r.request.stream, decode=r.task_decode)
 
         def done(row: DecodeRow) -> None:
-            ran_out = len(row.tokens) >= sampling.max_new_tokens and not text.stopped
-            row.result = Result(r.entry.name, output=text.text, prompt_tokens=r.length, new_tokens=len(row.tokens),
-                                finish_reason="length" if ran_out else "stop")
+            row.result = self._decoded(r, row, text, sampling.max_new_tokens)
             if on_result is not None:
                 on_result(row.result)
 
         return DecodeRow(r.entry.name, r.example, sampling, on_token=text.add, on_done=done, encoded=r.encoded,
-                         entry=r.entry)
+                         entry=r.entry, cancelled=lambda: r.request.gone)
+
+    def _decoded(self, r: _Row, row: DecodeRow, text: RowText, max_new_tokens: int) -> Result:
+        """A finished decode row's `Result`: its text, or why it failed (that row alone:
+        `DecodeRow.error`) or stopped early (its client gone)."""
+        if row.error is not None:
+            stream = r.request.stream
+            return self._failure(r.entry.name, row.error, streamed=stream is not None and stream.emitted)
+        if r.request.gone:
+            return Result(r.entry.name, error=GONE, error_kind=ErrorKind.CANCELLED, prompt_tokens=r.length,
+                          new_tokens=len(row.tokens))
+        ran_out = len(row.tokens) >= max_new_tokens and not text.stopped
+        return Result(r.entry.name, output=text.text, prompt_tokens=r.length, new_tokens=len(row.tokens),
+                      finish_reason="length" if ran_out else "stop")
 
     def _run_decoder(self, batch: list[_Row], admit: Admit | None = None,
                      answers: "_Answers | None" = None) -> list[Result]:
@@ -363,10 +450,10 @@ class Engine:
         def more(room: int) -> list[DecodeRow]:
             rows = []
             for request, on_result in admit(room):
-                try:
+                try:  # whatever fails, fails this request alone: the decode goes on
                     row = self._decode_row(self._prepare(-1, request), on_result)
-                except SoftPromptError as e:
-                    on_result(Result(request.task, error=str(e), error_kind=ErrorKind.of(e)))
+                except Exception as e:
+                    on_result(self._failure(request.task, e))
                     continue
                 joined.append((row, on_result))
                 rows.append(row)
@@ -387,17 +474,23 @@ class Engine:
         return [d.result for d in decode_rows]
 
     def _run_generation(self, batch: list[_Row]) -> list[Result]:
-        options = batch[0].options  # a batch shares its options
-        options.seed_rng()
+        """Encoder-decoders: one `generate()` for the batch (rows share `batch_key`), each row
+        sampling with its own settings and stream (`RowSampler`), its own stop strings."""
+        options = batch[0].options  # the batch's budget and end of sequence
         encoded = collate_mixed(self.bank, [r.entry for r in batch], [r.encoded for r in batch])
         tokenizer = self.bank.tokenizer
         eos = options.eos_token_id if options.eos_token_id is not None else tokenizer.eos_token_id
-        decoders = [RowText(tokenizer, eos, options.stop, r.request.stream, decode=r.task_decode) for r in batch]
+        decoders = [RowText(tokenizer, eos, r.options.stop, r.request.stream, decode=r.task_decode) for r in batch]
+        sampler = RowSampler([r.options.sampling(eos) for r in batch])
         new = generate_mixed(self.bank, encoded, streamer=Streamer(decoders),
                              stopping_criteria=StoppingCriteriaList([StopRows(decoders)]),
-                             **options.generate_kwargs())  # (B, N)
+                             logits_processor=LogitsProcessorList([sampler]), **options.generate_kwargs())  # (B, N)
         results = []
-        for r, tokens, text in zip(batch, new, decoders):
+        for r, tokens, text, finite in zip(batch, new, decoders, sampler.finite_per_row()):
+            if not finite:  # its tokens mean nothing: this row fails, the others stand
+                results.append(Result(r.entry.name, error="the model's scores for this input are not finite "
+                                      "(NaN or infinity): nothing to sample from", error_kind=ErrorKind.FAILED))
+                continue
             text.finish(tokens.tolist())
             results.append(Result(r.entry.name, output=text.text, prompt_tokens=r.length, new_tokens=text.count,
                                   finish_reason="stop" if text.stopped else "length"))
@@ -416,8 +509,8 @@ class _Answers:
     def __getitem__(self, i: int) -> Result | None:
         return self.results[i]
 
-    def __setitem__(self, i: int, result: Result) -> None:
-        if self.results[i] is not None:
+    def __setitem__(self, i: int, result: Result | None) -> None:
+        if self.results[i] is not None or result is None:  # None: a row whose answer could not be built
             return
         self.results[i] = result
         callback = self.requests[i].on_result
@@ -425,4 +518,4 @@ class _Answers:
             callback(result)
 
 
-__all__ = ["Engine", "Request", "Result", "ErrorKind", "TokenStream", "GENERATE_OPTIONS"]
+__all__ = ["Engine", "Request", "Result", "ErrorKind", "CancelledRequestError", "TokenStream", "GENERATE_OPTIONS"]

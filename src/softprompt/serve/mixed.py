@@ -62,7 +62,7 @@ def encode_mixed(bank: PromptBank, tasks: Sequence[str | BankEntry], examples: S
     entries = bank.entries(tasks)
     rows = [e.model.encoder.encode(ex, max_length=max_length, index=i, truncate=truncate)
             for i, (e, ex) in enumerate(zip(entries, examples))]
-    return collate_mixed(bank, tasks, rows, padding_side=padding_side)
+    return collate_mixed(bank, entries, rows, padding_side=padding_side)  # the entries encoded with, not the names
 
 
 def collate_mixed(bank: PromptBank, tasks: Sequence[str | BankEntry], rows: Sequence[EncodedRow], *,

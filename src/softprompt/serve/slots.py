@@ -266,9 +266,10 @@ class DecodeSlots:
         self._graph = None
         return {s: i for i, s in enumerate(occupied)}
 
-    def set_tokens(self, slots: list[int], tokens: torch.Tensor) -> None:
-        """Overwrite the next step's tokens of `slots` (rows that sample)."""
-        self.ids[torch.tensor(slots, dtype=torch.long, device=self.device)] = tokens.view(-1, 1)
+    def set_tokens(self, tokens: torch.Tensor) -> None:
+        """Overwrite the next step's tokens (R,) (the step put its arg-max there: rows that
+        sample drew others)."""
+        self.ids.copy_(tokens.view(-1, 1))
 
     # -- the step ---------------------------------------------------------------------
     def _body(self) -> None:

@@ -11,6 +11,9 @@ The engine works on tokens; it hands each generating row's tokens to a `RowText`
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import operator
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -20,56 +23,146 @@ from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from ..errors import SoftPromptError
-from .decode import Sampling
+from .sampling import Sampling, fresh_seed
 
 #: generation options a request may set (transformers `generate` names), and `stop`.
 GENERATE_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop")
 #: what a generating task's `generate_options` may set besides (its own end-of-sequence).
 TASK_OPTIONS = GENERATE_OPTIONS + ("eos_token_id",)
 
-_TYPES: dict[str, Callable[[Any], Any]] = {"max_new_tokens": int, "do_sample": bool, "temperature": float,
-                                           "top_p": float, "top_k": int, "seed": int, "eos_token_id": int}
+#: counts (tokens, top-k, token ids) stay int32, whatever tensor or buffer they size
+INT32_MAX = 2**31 - 1
+#: a seed is 64 bits, signed or not (torch.manual_seed's range); a negative one is taken mod 2**64
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+#: Temperatures between 0 (greedy) and this are refused. Sampling divides fp32 logits by T:
+#: a T of 1e-45 (an fp32 subnormal) sends every logit to +-inf and softmax to NaN. From 1e-3
+#: up, logits / T stays finite for every |logit| below 3.4e35 (far beyond what any model
+#: produces; fp16 logits end at 65504), and softmax of finite scores is finite. Below it
+#: sampling is greedy in all but name (a logit gap of 0.02 already gives odds of e**-20).
+MIN_TEMPERATURE = 1e-3
+#: Above this the distribution is uniform for any purpose (OpenAI stops at 2); the bound keeps T finite in fp32.
+MAX_TEMPERATURE = 100.0
+#: stop strings: at most this many (OpenAI's limit), each at most this long (checked against the text every token)
+MAX_STOPS, MAX_STOP_CHARS = 4, 256
+
+
+def _integer(name: str, value: Any, low: int, high: int) -> int:
+    """An integer option: an int, a float with an integral value (7.0, as JSON may send it)
+    or a string of digits; bools are not integers."""
+    allowed = f"an integer from {low} to {high}"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, float):
+            if not math.isfinite(value) or not value.is_integer():
+                raise ValueError
+            number = int(value)
+        else:
+            number = int(value) if isinstance(value, str) else operator.index(value)
+    except (TypeError, ValueError):
+        raise SoftPromptError(f"generation option {name}: {_show(value)} is not {allowed}") from None
+    if not low <= number <= high:
+        raise SoftPromptError(f"generation option {name}: {_show(value)} is out of range: {allowed}")
+    return number
+
+
+def _real(name: str, value: Any, allowed: str, ok: Callable[[float], bool]) -> float:
+    """A finite number option (NaN and infinities refused for every one) that passes `ok`."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past the float range
+        raise SoftPromptError(f"generation option {name}: {_show(value)} is not a number: {allowed}") from None
+    if not math.isfinite(number) or not ok(number):
+        raise SoftPromptError(f"generation option {name}: {_show(value)} is out of range: {allowed}")
+    return number
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SoftPromptError(f"generation option {name}: {_show(value)} is not true or false")
+    return value
+
+
+def _stops(value: Any) -> tuple[str, ...]:
+    """A string or a list of strings. An empty stop string would match at once and end every
+    text empty: ignored, alone (``""``) or in a list (``[""]``) alike."""
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, (list, tuple)):
+        raise SoftPromptError(f"generation option stop: {_show(value)} is not a string or a list of strings")
+    if len(stops) > MAX_STOPS:
+        raise SoftPromptError(f"generation option stop: {len(stops)} stop strings; at most {MAX_STOPS}")
+    for i, s in enumerate(stops):
+        if not isinstance(s, str):
+            raise SoftPromptError(f"generation option stop: item {i} ({_show(s)}) is not a string")
+        if len(s) > MAX_STOP_CHARS:
+            raise SoftPromptError(f"generation option stop: item {i} has {len(s)} characters; "
+                                  f"at most {MAX_STOP_CHARS}")
+    return tuple(s for s in stops if s)
+
+
+def _show(value: Any) -> str:
+    """A value for a message, cut short (a client may send anything)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+#: each option's parser: the value -> the value kept, or a SoftPromptError naming the option, value and range
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "max_new_tokens": lambda v: _integer("max_new_tokens", v, 1, INT32_MAX),
+    "do_sample": lambda v: _flag("do_sample", v),
+    "temperature": lambda v: _real("temperature", v, f"0 (greedy) or from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}; "
+                                   "send 0 for greedy decoding",
+                                   lambda t: t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE),
+    "top_p": lambda v: _real("top_p", v, "above 0 and at most 1", lambda p: 0 < p <= 1),
+    "top_k": lambda v: _integer("top_k", v, 0, INT32_MAX),
+    "seed": lambda v: _integer("seed", v, SEED_MIN, SEED_MAX) % 2**64,
+    "stop": _stops,
+    "eos_token_id": lambda v: _integer("eos_token_id", v, 0, INT32_MAX),
+}
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """One request's generation settings; None: not set (the decoder's default). Equal
-    options compare (and hash) equal: static batches group rows by them."""
+    """One request's generation settings; None: not set (the decoder's default). Every
+    value is checked by `parse`: nothing that reaches the device can turn scores into NaN."""
 
     max_new_tokens: int | None = None
     do_sample: bool | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-    seed: int | None = None
+    seed: int | None = None  # 0 .. 2**64 - 1; None: fresh entropy for each row
     stop: tuple[str, ...] = ()
     eos_token_id: int | None = None  # a generating task's own end of sequence
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | GenerationOptions, *,
               known: tuple[str, ...] = GENERATE_OPTIONS) -> "GenerationOptions":
-        """Options by their transformers names (`GENERATE_OPTIONS`); ``stop`` a string or a
-        list of strings (empty ones ignored); a None value is not set.
+        """Options by their transformers names (`GENERATE_OPTIONS`); a None value is not set.
+
+        Ranges: ``max_new_tokens`` 1 .. 2**31-1; ``temperature`` 0 (greedy) or
+        `MIN_TEMPERATURE` .. `MAX_TEMPERATURE`; ``top_p`` in (0, 1]; ``top_k`` 0 (off) ..
+        2**31-1; ``seed`` -2**63 .. 2**64-1 (a negative seed is taken mod 2**64, as
+        torch.manual_seed does); ``do_sample`` true or false; ``stop`` a string or a list of
+        at most `MAX_STOPS` strings of at most `MAX_STOP_CHARS` characters (empty ones
+        ignored). Integers may come as integral floats (7.0) or digit strings, numbers as
+        number strings; NaN and infinities are refused everywhere, bools are not numbers.
 
         Raises:
-            SoftPromptError: an option not in `known`, or a value of the wrong type.
+            SoftPromptError: an option not in `known`, or a value of the wrong type or out
+                of its range (the message names the option, the value and the range).
         """
         if isinstance(options, GenerationOptions):
             return options
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise SoftPromptError(f"unknown generation option(s) {unknown}; known: {list(GENERATE_OPTIONS)}")
-        values: dict[str, Any] = {}
-        for name, value in options.items():
-            if value is None:
-                continue
-            if name == "stop":
-                values["stop"] = (value,) if isinstance(value, str) else tuple(s for s in value if s)
-                continue
-            try:
-                values[name] = _TYPES[name](value)
-            except (TypeError, ValueError):
-                raise SoftPromptError(f"generation option {name}: {value!r} is not a {_TYPES[name].__name__}") from None
+        values = {name: _PARSERS[name](value) for name, value in options.items() if value is not None}
+        if values.get("do_sample") and values.get("temperature") == 0:
+            raise SoftPromptError("generation options do_sample: true with temperature 0 (greedy): "
+                                  "send a temperature above 0 to sample")
         return cls(**values)
 
     @classmethod
@@ -77,8 +170,11 @@ class GenerationOptions:
                    seed: int | None) -> "GenerationOptions":
         """The options of an OpenAI-style completion request (top_p 1.0, or any top_p with
         greedy decoding at temperature 0, is no nucleus filter at all)."""
-        return cls.parse({"max_new_tokens": max_tokens, "temperature": temperature,
-                          "top_p": None if temperature == 0 or top_p == 1.0 else top_p, "stop": stop, "seed": seed})
+        options = cls.parse({"max_new_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop,
+                             "seed": seed})
+        if options.temperature == 0 or options.top_p == 1.0:
+            options = dataclasses.replace(options, top_p=None)
+        return options
 
     @property
     def sampled(self) -> bool:
@@ -87,28 +183,31 @@ class GenerationOptions:
             return self.do_sample
         return self.temperature is not None and self.temperature > 0
 
+    @property
+    def batch_key(self) -> tuple[int | None, int | None]:
+        """What the rows of one static generation batch share (one `generate()` call): the
+        token budget and the end of sequence. Sampling settings and seeds are per row
+        (`sampling.RowSampler`)."""
+        return self.max_new_tokens, self.eos_token_id
+
     def sampling(self, eos: int | None) -> Sampling:
-        """The decoder's per-row settings (`eos`: the tokenizer's, unless the task has its own)."""
+        """One row's decoding settings (`eos`: the tokenizer's, unless the task has its own);
+        without a seed, each call draws fresh entropy: rows never share a stream by chance."""
         eos = self.eos_token_id if self.eos_token_id is not None else eos
         return Sampling(max_new_tokens=self.max_new_tokens if self.max_new_tokens is not None else 16,
                         do_sample=self.sampled, temperature=self.temperature or 1.0, top_k=self.top_k or 0,
-                        top_p=self.top_p or 1.0, eos_token_id=eos)
+                        top_p=self.top_p or 1.0, eos_token_id=eos,
+                        seed=self.seed if self.seed is not None else fresh_seed())
 
     def generate_kwargs(self) -> dict[str, Any]:
-        """transformers `generate()` keyword arguments: the options set (temperature 0 means
-        greedy, which `generate` spells without a temperature)."""
-        kwargs = {name: getattr(self, name) for name in ("max_new_tokens", "do_sample", "temperature", "top_p",
-                                                         "top_k", "eos_token_id") if getattr(self, name) is not None}
-        if self.temperature is not None:
-            kwargs["do_sample"] = self.sampled
-        if self.temperature == 0:
-            kwargs.pop("temperature")
+        """transformers `generate()` keyword arguments of a static batch (`batch_key`): its
+        budget and end of sequence, decoding greedy: each row's sampling is a `RowSampler`'s."""
+        kwargs: dict[str, Any] = {"do_sample": False}
+        if self.max_new_tokens is not None:
+            kwargs["max_new_tokens"] = self.max_new_tokens
+        if self.eos_token_id is not None:
+            kwargs["eos_token_id"] = self.eos_token_id
         return kwargs
-
-    def seed_rng(self) -> None:
-        """Seed torch's generator, when the request gives a seed (reproducible sampling)."""
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
 
 
 class TokenStream:

@@ -1,6 +1,7 @@
 """A run configuration assembled into what the loop takes: the examples (`load_data`), the
 task (`build_task`), the template (`default_template`) and the prompt's configuration
-(`prompt_config`), each checked before anything is written.
+(`prompt_config`), each checked before anything is written: every row of every split
+(`check_targets`, `check_examples`, `check_rows`), each bad one named by file, line and field.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from ..errors import ConfigError, SoftPromptError
 from ..methods import PromptConfig, config_class
 from ..model import SoftPromptModel
 from ..tasks import Task
+from ..tasks.generation import Generation
+from ..tasks.labels import LabelTask
+from ..tasks.token_classification import TokenClassification
 from .config import RunConfig
 
 DEFAULT_DEEP_TOKENS = 20
@@ -36,6 +40,15 @@ class Data:
     label_words: dict[str, list[str]] | None
     recipe: Any | None
     source: dict[str, Any]
+    labels_from: str = "the training split"  # where `labels` come from, for the errors naming them
+
+    def splits(self) -> list[tuple[str, list[dict]]]:
+        """``(name, examples)`` of the splits there are: train, eval, test."""
+        return [(name, ex) for name, ex in (("train", self.train), ("eval", self.dev), ("test", self.test)) if ex]
+
+    def describe(self, split: str) -> str:
+        """Where a split came from, for errors about examples read from no file (LAMA)."""
+        return self.source.get(split) or f"the {self.source.get('recipe', 'recipe')} {split} split"
 
 
 def load_data(cfg: RunConfig) -> Data:
@@ -46,19 +59,40 @@ def load_data(cfg: RunConfig) -> Data:
     if cfg.task in generic:
         if not cfg.train_file or not cfg.eval_file:
             raise ConfigError(f"task {cfg.task!r} is generic: give --train FILE and --eval FILE (or a recipe name)")
-        read = lambda p: datamod.read_examples(p, fields=fields, labels=labels if cfg.task == "classification" else None)
+        read = lambda p: datamod.read_examples(p, fields=fields)
         train_ex, dev_ex = read(cfg.train_file), read(cfg.eval_file)
         test_ex = read(cfg.test_file) if cfg.test_file else None
-        if cfg.task == "classification" and labels is None:
-            labels = sorted({str(e["label"]) for e in train_ex})
-        return Data(train_ex, dev_ex, test_ex, cfg.task, labels, words, None,
+        data = Data(train_ex, dev_ex, test_ex, cfg.task, labels, words, None,
                     {"train": cfg.train_file, "eval": cfg.eval_file, "test": cfg.test_file})
-    recipe = datamod.load_recipe(cfg.task, cfg.data_root)
-    train_ex = datamod.read_examples(cfg.train_file, fields=fields) if cfg.train_file else recipe.examples("train")
-    dev_ex = datamod.read_examples(cfg.eval_file, fields=fields) if cfg.eval_file else recipe.examples("dev")
-    test_ex = datamod.read_examples(cfg.test_file, fields=fields) if cfg.test_file else recipe.examples("test")
-    return Data(train_ex, dev_ex, test_ex, recipe.task, labels or recipe.labels, words or recipe.label_words,
-                recipe, {"recipe": recipe.name, "notes": getattr(recipe, "notes", "")})
+    else:
+        recipe = datamod.load_recipe(cfg.task, cfg.data_root)
+        train_ex = datamod.read_examples(cfg.train_file, fields=fields) if cfg.train_file else recipe.examples("train")
+        dev_ex = datamod.read_examples(cfg.eval_file, fields=fields) if cfg.eval_file else recipe.examples("dev")
+        test_ex = datamod.read_examples(cfg.test_file, fields=fields) if cfg.test_file else recipe.examples("test")
+        data = Data(train_ex, dev_ex, test_ex, recipe.task, labels or recipe.labels, words or recipe.label_words,
+                    recipe, {"recipe": recipe.name, "notes": getattr(recipe, "notes", "")}, f"recipe {recipe.name!r}")
+    if labels:
+        data.labels_from = "--labels"
+    check_targets(data)
+    return data
+
+
+def check_targets(data: Data) -> None:
+    """Every row of every split carries a label (NER: a tag per word) the run knows: one of
+    the declared labels (``--labels``, the recipe's), else one seen in the training split,
+    which then become `data.labels`. A dev label never seen in training could never be
+    predicted, and would only be scored as wrong.
+
+    Raises:
+        DataError: the file, line, field and label, and the known labels.
+    """
+    if data.kind not in ("classification", "ner"):
+        return
+    check, noun = (datamod.check_labels, "labels") if data.kind == "classification" else (datamod.check_tags, "tags")
+    if data.labels is None:
+        data.labels = check(data.train, source=data.describe("train"))
+    for split, examples in data.splits():
+        check(examples, data.labels, f"the known {noun} (from {data.labels_from})", source=data.describe(split))
 
 
 def parse_fields(items: list[str] | None) -> dict[str, str] | None:
@@ -148,19 +182,12 @@ def prompt_config(cfg: RunConfig, data: Data, task: Task, kind: ModelKind) -> Pr
 
 
 def check_examples(model: SoftPromptModel, task: Task, data: Data) -> None:
-    """Every example has the template's fields, and the first of each split encodes (a
-    fixed part longer than max_length, say): refused before the run directory is touched,
-    naming the file and the example."""
-    for split, examples in (("train", data.train), ("eval", data.dev), ("test", data.test)):
-        if not examples:
-            continue
-        source = data.source.get(split) or f"the {data.source.get('recipe', 'recipe')} {split} split"
-        for i, example in enumerate(examples):
-            missing = [name for name in model.template.fields if name not in example]
-            if missing:
-                raise ConfigError(f"{source}: example {i + 1} has no field {missing[0]!r} used by the template "
-                                  f"{model.template.source!r}; its fields are {sorted(example)} (map a column to a "
-                                  f"field with --field COLUMN:{missing[0]})")
+    """Every example of every split fills the template's fields (and a generation target),
+    and the first of each encodes (a fixed part longer than max_length, say): refused before
+    the run directory is touched, naming the file, line and field. (Labels: `check_targets`.)"""
+    for split, examples in data.splits():
+        source = data.describe(split)
+        check_rows(model, task, examples, source, labels=False)
         # A throwaway copy of the task, under a forked RNG: binding creates a head with random
         # weights, which must still come from the run's seed inside `train`.
         with torch.random.fork_rng(devices=[]):
@@ -168,9 +195,31 @@ def check_examples(model: SoftPromptModel, task: Task, data: Data) -> None:
             probe.bind(model)
             try:
                 probe.collate(model, examples[:1])
-            except SoftPromptError as e:
-                raise type(e)(f"{source}: {e}") from None
+            except SoftPromptError as e:  # the first row's file and line, keeping the error's kind
+                raise type(e)(str(datamod.row_error(examples, 0, str(e), source))) from None
 
 
-__all__ = ["Data", "load_data", "parse_fields", "uses_verbalizer", "build_task", "default_template", "prompt_config",
-           "check_examples"]
+def check_rows(model: SoftPromptModel, task: Task, examples: list[dict], source: str | None = None, *,
+               labels: bool = True, targets: bool = True) -> None:
+    """Every row of `examples` fills the template's fields (each a non-empty, valid string;
+    the words of a tagging task a list of them) and, with `targets`, carries what the task
+    scores: a generation target; with `labels`, a label (NER: tags) the task knows.
+
+    Raises:
+        DataError: the file and line of the row (`source` and its number for examples read
+            from no file), the field, and what is wrong with it.
+    """
+    datamod.check_fields(examples, model.template.fields, task.word_field, source, template=model.template.source)
+    if not targets:
+        return
+    if isinstance(task, Generation):
+        datamod.check_fields(examples, [task.target_field], source=source)
+    if labels and isinstance(task, LabelTask):
+        datamod.check_labels(examples, task.labels, "the labels the prompt was trained for", source)
+    elif labels and isinstance(task, TokenClassification):
+        datamod.check_tags(examples, task.tags, "the tags the prompt was trained for", task.field, task.tags_field,
+                           source)
+
+
+__all__ = ["Data", "load_data", "check_targets", "parse_fields", "uses_verbalizer", "build_task", "default_template",
+           "prompt_config", "check_examples", "check_rows"]

@@ -18,7 +18,7 @@ from ..folder import load_trained, load_with_task
 from ..methods import PTuningV2Config
 from ..model import SoftPromptModel
 from ..tasks import Task
-from .assemble import build_task, load_data, parse_fields
+from .assemble import build_task, check_rows, load_data, parse_fields
 from .config import RunConfig
 from .order import example_length
 
@@ -64,6 +64,7 @@ def evaluate_trained(path, *, split: str = "test", task_name: str | None = None,
         if not recipe_name:
             raise ConfigError("this prompt was trained on files, not a recipe: give --data FILE or --task RECIPE")
         examples = datamod.load_recipe(recipe_name, data_root).examples(split)
+    check_rows(sp_model, task, examples, data_file or f"the {split} split")
     scores, _ = evaluate(sp_model, task, examples, batch_size)
     return {"split": split if not data_file else data_file, **scores}
 
@@ -121,27 +122,40 @@ def evaluate_zero_shot(model: str, task_name: str, *, split: str = "test", templ
     # The vessel is a one-position deep prompt, switched off: `disable_prompt` runs the
     # bare base model on the template's real tokens.
     sp_model = SoftPromptModel(base, PTuningV2Config(num_virtual_tokens=1, template=template), tokenizer=tokenizer)
-    examples = datamod.read_examples(data_file, fields=parse_fields(fields)) if data_file else (
+    # With a data file, every split is that file (read and its labels checked by `load_data`).
+    examples = data.test if data_file else (
         {"train": data.train, "dev": data.dev, "test": data.test}[split] if split in ("train", "dev", "test") else None)
     if examples is None:
         raise ConfigError(f"split must be train, dev or test, got {split!r}")
+    check_rows(sp_model, task, examples, data_file or f"the {split} split", labels=False)  # labels: by `load_data`
     task.bind(sp_model)
     with sp_model.disable_prompt():
         scores, _ = evaluate(sp_model, task, examples, batch_size)
     return {"split": split if not data_file else data_file, "template": template, **scores}
 
 
-def read_inputs(model: SoftPromptModel, texts: list[str], input_file: Path | None) -> list[dict]:
-    """Examples for `predict`: plain texts fill the template's only field; a jsonl file
-    gives whole examples."""
+def read_inputs(model: SoftPromptModel, task: Task, texts: list[str], input_file: Path | None) -> list[dict]:
+    """Examples for `predict` with `task`: plain texts fill the template's only field; a
+    data file gives whole examples, each row checked (`check_rows`, without targets).
+
+    Raises:
+        DataError: a text that is not valid Unicode (an argument in no UTF-8, read by
+            Python as lone surrogates), or a bad row of the file (file, line, field).
+    """
     examples: list[dict] = []
     if texts:
         fields = model.template.fields
         if len(fields) != 1:
             raise ConfigError(f"the template {model.template.source!r} has fields {list(fields)}: use --input FILE.jsonl")
+        for i, text in enumerate(texts):
+            problem = datamod.unicode_problem(text)
+            if problem:
+                raise datamod.DataError(f"input {i + 1} {problem}: the command line held bytes that are not UTF-8")
         examples += [{fields[0]: t.split() if fields[0] == "tokens" else t} for t in texts]
     if input_file is not None:
-        examples += datamod.read_examples(input_file)
+        rows = datamod.read_examples(input_file)
+        check_rows(model, task, rows, str(input_file), targets=False)
+        examples += rows
     if not examples:
         raise ConfigError("nothing to predict: give texts or --input FILE.jsonl")
     return examples

@@ -26,6 +26,8 @@ from .loop import RunResult, train
 
 CONFIG = "config.json"
 RUN_MARKERS = (CONFIG, METRICS_LINES, CHECKPOINT, RUN_PROMPT)
+RUN_FILES = RUN_MARKERS + (METRICS_SUMMARY, CURVES, TENSORBOARD)  # all a run writes in its folder
+RESULTS = (METRICS_LINES, METRICS_SUMMARY, CHECKPOINT, RUN_PROMPT)  # what a failed run leaves worth keeping
 
 
 def _check_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
@@ -42,21 +44,55 @@ def _check_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def _prepare_output(out: Path, resume: bool) -> None:
+def _prepare_output(out: Path, resume: bool) -> Path | None:
     """Clear a replaced run and create the directory: called only once everything the run
-    needs (data, model, template, task) has loaded, so a refused run loses nothing."""
+    needs (data, model, template, task) has loaded, so a refused run loses nothing.
+
+    Returns:
+        The outermost folder this created (`out` or a parent of it); None if `out` existed.
+    """
     if not resume:
-        for marker in RUN_MARKERS + (METRICS_SUMMARY, CURVES, TENSORBOARD):
-            target = out / marker
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        _remove(out, RUN_FILES)
+    created = None
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        created = folder
     out.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove(out: Path, names) -> None:
+    for name in names:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def _forget_failed_start(out: Path, created: Path | None) -> None:
+    """A new run that failed with nothing to keep (no checkpoint, prompt or metrics: it
+    failed before its first step, say) leaves nothing behind: the folders it created go,
+    or, in a folder that was there, the files it wrote. So the rerun needs no --overwrite.
+    Best effort: the error that ended the run is the one to report."""
+    if any((out / name).exists() for name in RESULTS):
+        return
+    try:
+        if created is not None:
+            shutil.rmtree(created)
+        else:
+            _remove(out, RUN_FILES)
+    except OSError:  # another process of the run removing them too, say
+        pass
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> RunResult:
-    """Train as `softprompt train` does; returns the result (metrics also in the run dir)."""
+    """Train as `softprompt train` does; returns the result (metrics also in the run dir).
+
+    Nothing is written until every row of every split has been checked and the model,
+    template and task have loaded; a new run that then fails with nothing to keep (before
+    its first step, say) removes what it wrote (`_forget_failed_start`)."""
     if resume:
         recorded = Path(cfg.output) / CONFIG
         if not recorded.is_file():
@@ -77,12 +113,17 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     check_examples(model, task, data)
     resolved = cfg.to_dict() | {"template": model.config.template, "num_virtual_tokens": model.num_virtual_tokens,
                                 "resolved_task": task.kind, "data": data.source}
-    _prepare_output(out, resume)
-    if not resume:
-        write_json_atomically(out / CONFIG, resolved)
+    created = _prepare_output(out, resume)
     metadata = {"task": task.kind, "model": cfg.model, "data": data.source, "max_length": cfg.max_length,
                 "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("progress", "tensorboard")}}
-    result = train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata)
+    try:
+        if not resume:
+            write_json_atomically(out / CONFIG, resolved)
+        result = train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata)
+    except BaseException:
+        if not resume:
+            _forget_failed_start(out, created)
+        raise
     if data.test and data.test != data.dev and has_task(out / RUN_PROMPT):
         # Model selection on dev, the reported number on test: the best prompt, not the last.
         scores, _ = evaluate_saved(out / RUN_PROMPT, model.base, tokenizer, data.test, cfg.train.eval_batch_size)

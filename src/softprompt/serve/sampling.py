@@ -1,0 +1,224 @@
+"""Per-row sampling: every row of a batch draws its next token from its own random stream.
+
+    draws = Draws.of([Sampling(do_sample=True, temperature=0.7, seed=7), None, ...], steps=[3, 0, ...],
+                     device=logits.device)
+    tokens, finite = sample(logits, draws)   # (B,) next tokens, (B,) whether row b's scores were finite
+
+Rows that do not sample (None, or ``do_sample`` False) take the arg-max. A sampling row's
+draw for its n-th new token depends on its seed, n and its own logits only: not on the other
+rows, its slot in the batch, how many steps the others ran, nor torch's global generator
+(nothing here reads or seeds it). A row without a seed gets 64 bits of fresh entropy from
+`secrets` (`fresh_seed`), so no request can predict or steer another's stream.
+
+How a row draws. The Gumbel-max trick: arg-max over the vocabulary of ``logits / T + G``,
+G i.i.d. Gumbel(0, 1), is a draw from softmax(logits / T); with the tokens top-k / top-p
+remove set to -inf first, from the filtered, renormalised distribution. G comes from a
+counter-based generator: a 32-bit hash of (row key, vocabulary index), the row key a hash
+of (seed, n). The hash (`mix32`: three xor-shift-multiply rounds) runs on int64 tensors
+holding 32-bit values with multipliers below 2**31, so no product leaves int64 (signed
+overflow is undefined in C++, kernels need not wrap): CPU and GPU hash to the same bits (the
+logs that turn them into Gumbel noise may differ in the last bit, so a draw on the two
+devices can differ only at a near-tie). Costs: some 20 elementwise passes over the (n, V)
+scores of the n sampling rows (memory-bound on a GPU); top-p adds a sort, as before.
+
+Why counter-based, not a `torch.Generator` per row. vLLM's sampler gives each seeded
+request a Generator and fills that row's exponential noise with it,
+``q[i].exponential_(generator=g)`` (`v1/sample/ops/topk_topp_sampler.py`, `random_sample`):
+one kernel per seeded row each step, per-request generator objects whose position must be
+carried along, a CPU stream (Mersenne twister) unlike the CUDA one (Philox). vLLM's newer GPU
+sampler (`v1/worker/gpu/sample/gumbel.py`) keys Gumbel noise on (request seed, position)
+instead, as here. A hash keeps sampling one set of vectorised kernels for any mix of rows
+and seeds, with no state (a row's position in its stream is its token count), no host
+synchronisation (the row keys travel with the row settings, copied without waiting), and
+nothing a CUDA graph could not capture should sampling ever move into the decode graph.
+
+Non-finite scores never raise here: `sample` returns with the tokens a (B,) mask, False for a
+row whose logits (or logits / T) hold NaN or +inf, or nothing above -inf. That row's token
+is meaningless; the caller fails that row alone.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers.generation.logits_process import LogitsProcessor
+
+MASK32 = 0xFFFFFFFF
+#: (shift, multiplier) of each round of `mix32`: odd multipliers below 2**31 (see the module docstring)
+_ROUNDS = ((16, 0x7FEB352D), (15, 0x045D9F3B), (15, 0x2C1B3C6D))
+
+
+def fresh_seed() -> int:
+    """64 bits of entropy from the operating system (a row with no seed of its own)."""
+    return secrets.randbits(64)
+
+
+@dataclass
+class Sampling:
+    """One row's decoding settings (transformers' names) and the seed of its random stream,
+    64 bits (default: fresh entropy: a row built without one is unpredictable)."""
+
+    max_new_tokens: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_token_id: int | None = None
+    seed: int = field(default_factory=fresh_seed)
+
+
+class NonFiniteScoresError(RuntimeError):
+    """A row's scores were NaN or infinite: there is nothing to sample from (a failure of
+    the model, not of the request's options, which `GenerationOptions.parse` keeps finite)."""
+
+
+def mix32(x):
+    """A bijective 32-bit mixer: a Python int, or an int64 tensor of values in [0, 2**32)
+    (mixed in place: large ones are the (B, V) noise)."""
+    for shift, multiplier in _ROUNDS:
+        x ^= x >> shift
+        x *= multiplier
+        x &= MASK32
+    x ^= x >> 16
+    return x
+
+
+def row_key(seed: int, step: int) -> int:
+    """The 32-bit key of draw number `step` (a row's new token index) of stream `seed` (64 bits)."""
+    seed &= (1 << 64) - 1
+    return mix32(mix32(mix32(seed & MASK32) ^ (seed >> 32)) ^ (step & MASK32))
+
+
+def gumbel(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(n,) row keys -> (n, V) float32 Gumbel(0, 1) noise, entry [i, v] a function of (keys[i], v) only."""
+    bits = mix32(mix32(torch.arange(vocab, dtype=torch.long, device=keys.device))[None, :] ^ keys[:, None])
+    u = bits.float().add_(0.5).mul_(2.0**-32).clamp_(max=1.0 - 2.0**-24)  # in (0, 1): E below stays finite
+    # E = -log(1 - u) ~ Exp(1) and G = -log(E); log1p resolves small u, where the winners are
+    return torch.log1p(-u).neg_().log_().neg_()
+
+
+@dataclass
+class Draws:
+    """The rows of a batch that sample, and their settings, on the logits' device.
+
+    Attributes:
+        rows: (n,) long, which rows of the batch sample.
+        keys: (n,) long, each row's `row_key` for this draw.
+        temperature, top_p: (n,) float32; top_k: (n,) long (0: no top-k).
+        top_k_max: the largest top-k of a row (0: none), top_p_any: some row has a top-p
+            (decided on the host: no filter, no sort).
+    """
+
+    rows: torch.Tensor
+    keys: torch.Tensor
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    top_k_max: int
+    top_p_any: bool
+
+    @classmethod
+    def of(cls, samplings: Sequence[Sampling | None], steps: Sequence[int], device: torch.device) -> "Draws | None":
+        """The draws of rows with settings `samplings` (None: an empty slot) at their new
+        token index `steps`; None when no row samples."""
+        picked = [(b, s, n) for b, (s, n) in enumerate(zip(samplings, steps)) if s is not None and s.do_sample]
+        if not picked:
+            return None
+        ints = _to_device(torch.tensor([[b, row_key(s.seed, n), s.top_k] for b, s, n in picked], dtype=torch.long),
+                          device)
+        floats = _to_device(torch.tensor([[s.temperature, s.top_p] for _, s, _ in picked], dtype=torch.float32),
+                            device)
+        return cls(rows=ints[:, 0], keys=ints[:, 1], top_k=ints[:, 2], temperature=floats[:, 0], top_p=floats[:, 1],
+                   top_k_max=max(s.top_k for _, s, _ in picked), top_p_any=any(s.top_p < 1 for _, s, _ in picked))
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for the device (pinned, non-blocking)."""
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, V) scores -> (B,) bool: no NaN or +inf, and some token above -inf."""
+    return (x < float("inf")).all(-1) & (x > float("-inf")).any(-1)
+
+
+def sample(logits: torch.Tensor, draws: Draws | None,
+           greedy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens: the arg-max for rows that do not sample, a draw for the rows of `draws`.
+
+    Args:
+        logits: (B, V) the step's scores.
+        draws: the sampling rows (`Draws.of`); None: every row greedy.
+        greedy: (B,) the arg-max of `logits` where the caller has it already (the decode step's).
+
+    Returns:
+        (B,) long tokens, and (B,) bool: row b's scores were finite (else its token is meaningless).
+    """
+    finite = finite_rows(logits)
+    tokens = logits.argmax(-1) if greedy is None else greedy
+    if draws is None:
+        return tokens, finite
+    x = logits.index_select(0, draws.rows).float() / draws.temperature[:, None]  # (n, V)
+    ok = finite.index_select(0, draws.rows) & finite_rows(x)  # logits / T may overflow where logits did not
+    x = _filter(x, draws)
+    chosen = (x + gumbel(draws.keys, x.shape[-1])).argmax(-1)
+    return tokens.index_copy(0, draws.rows, chosen), finite.index_copy(0, draws.rows, ok)
+
+
+def _filter(x: torch.Tensor, draws: Draws) -> torch.Tensor:
+    """(n, V) scaled scores with the tokens each row's top-k, then top-p (transformers'
+    order), removes set to -inf. Both cut by value, so tied scores (common in bf16) stay or
+    go together, whatever the batch: top-k keeps every token scoring at least the k-th."""
+    if not (draws.top_k_max or draws.top_p_any):
+        return x
+    vocab = x.shape[-1]
+    k = torch.where(draws.top_k > 0, draws.top_k.clamp(max=vocab), vocab)[:, None]  # (n, 1)
+    if not draws.top_p_any:  # top-k alone: the k-th score of a partial sort
+        top = x.topk(min(draws.top_k_max, vocab)).values
+        kth = top.gather(1, k.clamp(max=top.shape[-1]) - 1).masked_fill(k == vocab, float("-inf"))
+        return x.masked_fill(x < kth, float("-inf"))
+    ordered, order = x.sort(dim=-1, descending=True, stable=True)
+    if draws.top_k_max:
+        kth = ordered.gather(1, k - 1)
+        x = x.masked_fill(x < kth, float("-inf"))
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    probs = ordered.softmax(-1)
+    # the smallest set whose mass reaches p (the first token always); p = 1 keeps all, rounding or not
+    drop = (probs.cumsum(-1) - probs > draws.top_p[:, None]) & (draws.top_p < 1)[:, None]
+    return x.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
+
+
+class RowSampler(LogitsProcessor):
+    """transformers `generate()`'s last logits processor for rows of different settings and
+    seeds in one batch: `generate` runs greedy (``do_sample=False``) and this returns scores
+    whose arg-max is each row's token from `sample` (its draw number = the step), so the
+    arg-max `generate` takes is the row's own sample.
+
+    Attributes:
+        finite: (B,) bool, each row's scores were finite at every step so far (None before the first).
+    """
+
+    def __init__(self, samplings: Sequence[Sampling]):
+        self.samplings = list(samplings)
+        self.step = 0
+        self.finite: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        draws = Draws.of(self.samplings, [self.step] * len(self.samplings), scores.device)
+        tokens, finite = sample(scores, draws)
+        self.step += 1
+        self.finite = finite if self.finite is None else self.finite & finite
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens[:, None], 0.0)
+
+    def finite_per_row(self) -> list[bool]:
+        """Per row: its scores stayed finite (every row, before any step)."""
+        return [True] * len(self.samplings) if self.finite is None else self.finite.tolist()
+
+
+__all__ = ["Sampling", "Draws", "sample", "finite_rows", "gumbel", "row_key", "mix32", "fresh_seed", "RowSampler",
+           "NonFiniteScoresError"]
