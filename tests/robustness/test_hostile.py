@@ -50,6 +50,7 @@ LOAD_SECONDS = 6
 HALF_OPEN = 300  # connections that never finish their headers, held through the load
 LOG_LIMIT = 256 * 1024  # bytes the server may write to its log through the whole attack
 SHUTDOWN_LIMIT = 30.0  # seconds from SIGTERM to exit, a stream and half-open connections still open
+SCALE = int(os.environ.get("PROPERTY_SCALE", "1"))  # examples of the property test: 40 x SCALE
 
 
 # -- the real server -----------------------------------------------------------------------
@@ -274,7 +275,7 @@ def hostile_requests(draw, plan):
     return Request(task, draw(values), generate=draw(st.booleans()), options=draw(options))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40 * SCALE, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_property_hostile_requests_never_change_an_innocent_answer(engine, data):
     engine, plan = engine
