@@ -62,6 +62,13 @@ KINDS = {"classify": 6, "tag": 5, "complete": 4, "stream": 4, "disconnect": 2, "
          "churn_complete": 2, "malformed_json": 1, "missing_field": 1, "bad_input": 1, "oversized": 1,
          "oversized_chunked": 1, "too_many_inputs": 1, "too_many_tokens": 1, "unknown_task": 1}
 VALID = ("classify", "tag", "complete", "stream", "disconnect", "churn_classify", "churn_complete")
+#: hostile requests (`Plan.hostile`), sent among the valid ones: each must get its own 4xx (or,
+#: for `abandon`, nothing: its client leaves) and change no other request's answer. The
+#: seeded sampled completions are valid requests whose answer must not depend on their batch.
+HOSTILE = {"seeded_sample": 4, "unseeded_sample": 2, "surrogate_classify": 2, "surrogate_complete": 1,
+           "surrogate_stream": 1, "huge_seed": 1, "tiny_temperature": 1, "nan_json": 1, "inf_json": 1,
+           "abandon": 2}
+HOSTILE_VALID = ("seeded_sample",)
 
 
 @dataclass
@@ -80,6 +87,9 @@ class Plan:
         churn_pause: the admin's pauses between loads and unloads, log-uniform in this range
             (seconds): short ones race requests in flight, long ones let requests that wait
             in the queue (seconds, on a real model under load) find their task still there.
+        hostile: mix the `HOSTILE` kinds in, and let the admin also replace the churned
+            classification task by folders of other kinds (`swap_paths`: a tagger, a
+            completion prompt) while its requests are in flight.
     """
 
     classify: str = "sentiment"
@@ -97,6 +107,8 @@ class Plan:
     max_inputs: int = 256
     max_new_tokens: int = 1024
     churn_pause: tuple[float, float] = (0.02, 0.2)
+    hostile: bool = False
+    swap_paths: dict[str, str] = field(default_factory=dict)
 
 
 # -- the server ---------------------------------------------------------------------------
@@ -192,6 +204,9 @@ def catalogue(plan: Plan) -> dict[str, list[tuple[str, dict]]]:
         "churn_classify": [("/v1/classify", {"task": plan.churn_classify, "inputs": [t]}) for t in texts[:4]],
         "churn_complete": [("/v1/completions", completion(plan.churn_complete, p, plan.max_tokens[-1]))
                            for p in plan.prompts[:3]],
+        **({"seeded_sample": [("/v1/completions", {**completion(plan.complete, p, plan.max_tokens[-1]),
+                                                   "temperature": 0.9, "seed": seed})
+                              for p in plan.prompts[:2] for seed in (7, 2**63 + 5)]} if plan.hostile else {}),
     }
 
 
@@ -291,7 +306,7 @@ class Tally:
         c[f"status_{status}"] += 1
         if problem is None:
             c["ok"] += 1
-            if kind in VALID and status == 200:
+            if kind in VALID + HOSTILE_VALID and status == 200:
                 self.latencies.setdefault(kind, []).append(seconds)
                 begun = time.perf_counter() - seconds - self.started
                 self.slowest = sorted([*self.slowest, (seconds, begun, kind)], reverse=True)[:5]
@@ -301,6 +316,12 @@ class Tally:
         if len(self.examples) < 20:
             shown = json.dumps(body)[:200] if body is not None else None
             self.examples.append({"kind": kind, "status": status, "problem": problem[:400], "request": shown})
+
+
+async def _post_ascii(c: httpx.AsyncClient, endpoint: str, body: dict) -> httpx.Response:
+    """POST `body` as ASCII JSON: a lone surrogate goes out as its escape (``"\\ud800"``),
+    valid JSON that no UTF-8 encoder would write."""
+    return await c.post(endpoint, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
 
 
 def _expect(r: httpx.Response, status: int, words: str) -> str | None:
@@ -334,7 +355,8 @@ class Load:
 
     async def _client(self, k: int) -> None:
         rng = random.Random(f"{self.seed}-{k}")
-        kinds, weights = list(KINDS), list(KINDS.values())
+        mix = {**KINDS, **(HOSTILE if self.plan.hostile else {})}
+        kinds, weights = list(mix), list(mix.values())
         limits = httpx.Limits(max_connections=2, max_keepalive_connections=1)
         async with httpx.AsyncClient(base_url=self.url, timeout=self.timeout, limits=limits) as c:
             while time.monotonic() < self.stop_at:
@@ -353,6 +375,8 @@ class Load:
         r = await c.post(endpoint, json=body)
         if churning and r.status_code == 404:
             return 404, _expect(r, 404, "unknown task"), body
+        if churning and r.status_code == 422 and self.plan.swap_paths and endpoint == "/v1/classify":
+            return 422, _expect(r, 422, "classification"), body  # the task is another kind just now
         if r.status_code != 200:
             return r.status_code, f"status {r.status_code}: {r.text[:200]}", body
         return 200, differs(answer_of(endpoint, r.json()), self.answers[key(endpoint, body)]), body
@@ -450,6 +474,65 @@ class Load:
         r = await c.post("/v1/classify", json=body)
         return r.status_code, _expect(r, 404, "unknown task"), body
 
+    # hostile requests (Plan.hostile) ----------------------------------------------------------
+    async def _seeded_sample(self, c, rng):
+        return await self._valid(c, rng, "seeded_sample")
+
+    async def _unseeded_sample(self, c, rng):
+        body = {"model": self.plan.complete, "prompt": rng.choice(self.plan.prompts), "max_tokens": 4,
+                "temperature": 1.0}
+        r = await c.post("/v1/completions", json=body)
+        return r.status_code, None if r.status_code == 200 else f"status {r.status_code}: {r.text[:200]}", body
+
+    async def _surrogate_classify(self, c, rng):
+        # a lone UTF-16 surrogate: valid JSON (an escape), not encodable text
+        body = {"task": self.plan.classify, "inputs": [rng.choice(self.plan.texts), "\ud800 x"]}
+        r = await _post_ascii(c, "/v1/classify", body)
+        return r.status_code, _expect(r, 422, "surrogate"), None
+
+    async def _surrogate_complete(self, c, rng):
+        body = {"model": self.plan.complete, "prompt": "once \udfff upon", "max_tokens": 4, "temperature": 0}
+        r = await _post_ascii(c, "/v1/completions", body)
+        return r.status_code, _expect(r, 422, "surrogate"), None
+
+    async def _surrogate_stream(self, c, rng):
+        body = {"model": self.plan.complete, "prompt": "\ud83d", "max_tokens": 4, "stream": True}
+        r = await _post_ascii(c, "/v1/completions", body)
+        return r.status_code, _expect(r, 422, "surrogate"), None
+
+    async def _huge_seed(self, c, rng):
+        body = {"model": self.plan.complete, "prompt": rng.choice(self.plan.prompts), "max_tokens": 4,
+                "temperature": 0.8, "seed": 2**70, "stream": rng.random() < 0.5}
+        r = await c.post("/v1/completions", json=body)
+        return r.status_code, _expect(r, 422, "seed"), body
+
+    async def _tiny_temperature(self, c, rng):
+        body = {"model": self.plan.complete, "prompt": rng.choice(self.plan.prompts), "max_tokens": 4,
+                "temperature": 1e-45, "stream": rng.random() < 0.5}
+        r = await c.post("/v1/completions", json=body)
+        return r.status_code, _expect(r, 422, "temperature"), body
+
+    async def _nan_json(self, c, rng):
+        content = b'{"model": "%s", "prompt": "x", "temperature": NaN}' % self.plan.complete.encode()
+        r = await c.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+        return r.status_code, _expect(r, 400, "nan"), None
+
+    async def _inf_json(self, c, rng):
+        content = b'{"task": "%s", "inputs": ["fine"], "x": 1e400}' % self.plan.classify.encode()
+        r = await c.post("/v1/classify", content=content, headers={"content-type": "application/json"})
+        return r.status_code, _expect(r, 400, "1e400"), None
+
+    async def _abandon(self, c, rng):
+        """A non-streaming completion whose client leaves before the answer: the server must
+        drop its work (checked after the load: the queue empties, decoding stops)."""
+        body = {"model": self.plan.complete, "prompt": rng.choice(self.plan.prompts),
+                "max_tokens": self.plan.disconnect_tokens, "temperature": 0}
+        try:
+            await c.post("/v1/completions", json=body, timeout=0.05)
+        except httpx.TimeoutException:
+            return "abandoned", None, body
+        return 200, None, body  # answered within the time: nothing abandoned
+
     # the admin and the monitor ------------------------------------------------------------
     async def _admin(self) -> None:
         """Unload and load the churned tasks again and again (with random pauses, so that
@@ -466,16 +549,19 @@ class Load:
                 for name in names:
                     await self._admin_call(c, "DELETE", name)
                     await pause()
+                for path in self.plan.swap_paths.values():  # the classification task becomes another kind
+                    await self._admin_call(c, "PUT", names[0], path)
+                    await pause()
                 for name in names:  # loaded again even after the end: the server ends as it began
                     await self._admin_call(c, "PUT", name)
                     await pause()
                 if time.monotonic() >= self.stop_at:
                     return
 
-    async def _admin_call(self, c: httpx.AsyncClient, method: str, name: str) -> None:
+    async def _admin_call(self, c: httpx.AsyncClient, method: str, name: str, path: str | None = None) -> None:
         try:
             if method == "PUT":
-                r = await c.put(f"/v1/prompts/{name}", json={"path": self.plan.churn_paths[name]})
+                r = await c.put(f"/v1/prompts/{name}", json={"path": path or self.plan.churn_paths[name]})
             else:
                 r = await c.delete(f"/v1/prompts/{name}")
             problem = None if r.status_code == 200 else f"{method} {name}: {r.status_code} {r.text[:200]}"
@@ -554,14 +640,15 @@ def run_load(url: str, plan: Plan, *, clients: int = 64, seconds: float = 60, se
         tally.add("after", "unsettled", f"after the load: {after}", 0.0)
     rss_after = rss_mib(pid)
 
-    valid = [x for kind in VALID for x in tally.latencies.get(kind, [])]
+    valid_kinds = VALID + (HOSTILE_VALID if plan.hostile else ())
+    valid = [x for kind in valid_kinds for x in tally.latencies.get(kind, [])]
     sent = sum(c["sent"] for kind, c in tally.counts.items() if kind not in ("admin", "health", "alone", "after"))
 
     def ms(x: float | None) -> float | None:
         return None if x is None else round(1000 * x, 1)
 
     kinds = {}
-    for kind in [*KINDS, "admin", "health", "alone", "after"]:
+    for kind in [*KINDS, *(HOSTILE if plan.hostile else ()), "admin", "health", "alone", "after"]:
         if kind in tally.counts:
             c = tally.counts[kind]
             kinds[kind] = {**dict(sorted(c.items())), "p50_ms": ms(percentile(tally.latencies.get(kind, []), 0.5)),
