@@ -17,7 +17,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from .base_models import load_base, resolve_device
-from .errors import ConfigError, PromptFileError
+from .errors import ConfigError, PromptFileError, SoftPromptError, first_line
 from .io.atomic import load_tensors, read_json_object
 from .io.prompt import CONFIG_FILE, HEAD_FILE, PROMPT_FILE, TASK_FILE, TRAINABLE_FILE, read_config
 from .model import SoftPromptModel
@@ -58,10 +58,19 @@ def load_with_task(directory: Path, base, tokenizer) -> tuple[SoftPromptModel, T
     task_file = directory / TASK_FILE
     if not task_file.exists():
         raise ConfigError(f"{task_file}: missing; this prompt was saved without a task")
-    task = task_from_config(read_json_object(task_file))
-    task.bind(sp_model)
-    if (directory / HEAD_FILE).exists():
-        task.load_state_dict(load_tensors(directory / HEAD_FILE))
+    try:
+        task = task_from_config(read_json_object(task_file))
+        task.bind(sp_model)
+        if (directory / HEAD_FILE).exists():
+            task.load_state_dict(load_tensors(directory / HEAD_FILE))
+    except SoftPromptError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as e:
+        # a hand-edited or damaged task.json (a key missing, a value of the wrong type) or a
+        # head of another shape: name the file, not a traceback from inside the task class
+        what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) and e.args else \
+            f"{type(e).__name__}: {first_line(e)}"
+        raise PromptFileError(f"{task_file}: cannot be read as this prompt's task head ({what})") from e
     task.eval()
     return sp_model, task
 

@@ -595,6 +595,18 @@ def test_file_wrong_tensor_shape(ws, models, prompt):
     refused([ws], *predict(prompt, models), says=[str(weights_file(prompt)), "shape"])
 
 
+@pytest.mark.parametrize("damage", ["drop labels", "labels a number"])
+def test_file_task_json_without_a_key_it_needs(ws, models, prompt, damage):
+    task = json.loads((prompt / "task.json").read_text())
+    if damage == "drop labels":
+        del task["labels"]
+    else:
+        task["labels"] = 7
+    (prompt / "task.json").write_text(json.dumps(task))
+    words = ["missing key 'labels'"] if damage == "drop labels" else ["TypeError"]
+    refused([ws], *predict(prompt, models), says=[str(prompt / "task.json"), "task head", *words])
+
+
 def test_file_missing_prompt_folder(ws, models):
     refused([ws], *predict(ws / "nowhere", models), says=[str(ws / "nowhere")])
 
