@@ -11,8 +11,9 @@ end-of-run test score; what writes one: the training loop's best-prompt saves an
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from safetensors import SafetensorError, safe_open
 
@@ -58,21 +59,29 @@ def load_with_task(directory: Path, base, tokenizer) -> tuple[SoftPromptModel, T
     task_file = directory / TASK_FILE
     if not task_file.exists():
         raise ConfigError(f"{task_file}: missing; this prompt was saved without a task")
-    try:
+    with unreadable_as(task_file, "cannot be read as this prompt's task head"):
         task = task_from_config(read_json_object(task_file))
         task.bind(sp_model)
         if (directory / HEAD_FILE).exists():
             task.load_state_dict(load_tensors(directory / HEAD_FILE))
+    task.eval()
+    return sp_model, task
+
+
+@contextmanager
+def unreadable_as(path: Path, what: str) -> Iterator[None]:
+    """Whatever a loader fails with on a file it cannot read (a hand-edited task.json without
+    a key it needs, a value of the wrong type, a head of another shape) becomes a
+    PromptFileError naming `path`, not a traceback from inside a task class (the server
+    answers it 422, the CLI prints it as one error line)."""
+    try:
+        yield
     except SoftPromptError:
         raise
     except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as e:
-        # a hand-edited or damaged task.json (a key missing, a value of the wrong type) or a
-        # head of another shape: name the file, not a traceback from inside the task class
-        what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) and e.args else \
+        problem = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) and e.args else \
             f"{type(e).__name__}: {first_line(e)}"
-        raise PromptFileError(f"{task_file}: cannot be read as this prompt's task head ({what})") from e
-    task.eval()
-    return sp_model, task
+        raise PromptFileError(f"{path}: {what} ({problem})") from e
 
 
 def load_recorded_base(path: str | Path, *, model: str | None = None, device: str = "auto"):

@@ -23,8 +23,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..encode import EncodedRow
-from ..errors import ConfigError, EncodingError, PromptFileError, SoftPromptError, first_line
-from ..folder import has_task, load_with_task, prompt_directory
+from ..errors import ConfigError, EncodingError, SoftPromptError
+from ..folder import has_task, load_with_task, prompt_directory, unreadable_as
 from ..inject import Prompts
 from ..io.prompt import read_config
 from ..model import SoftPromptModel
@@ -109,18 +109,12 @@ def _load_folder(folder: Path, base, tokenizer) -> tuple[SoftPromptModel, Task |
     A folder is the admin's input: whatever the loaders fail with on one they cannot read
     (a task.json without a key it needs, a head of the wrong shape) is a PromptFileError
     naming the folder, so that a PUT answers 422 and not 500."""
-    try:
+    with unreadable_as(folder, "cannot be loaded as a prompt folder"):
         if has_task(folder):
             model, task = load_with_task(folder, base, tokenizer)
         else:
             model, task = SoftPromptModel.from_pretrained(base, folder, tokenizer=tokenizer).eval(), None
         return model, task, read_config(folder).get("metadata") or {}
-    except SoftPromptError:
-        raise
-    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as e:
-        what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) and e.args else \
-            f"{type(e).__name__}: {first_line(e)}"
-        raise PromptFileError(f"{folder}: cannot be loaded as a prompt folder ({what})") from e
 
 
 def _check_room(name: str, model: SoftPromptModel) -> None:
