@@ -211,7 +211,8 @@ def test_completion_tokens_are_bounded(gpt2_tokenizer):
     bank.add("writer", sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=2), tokenizer=gpt2_tokenizer))
     with Server(create_app(bank, max_new_tokens=8)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         r = client.post("/v1/completions", json={"model": "writer", "prompt": "once", "max_tokens": 9})
-        assert r.status_code == 422 and "max_tokens: 9 is over the server's limit of 8" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "max_tokens: 9 is over the server's limit of 8" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "max_tokens"
         r = client.post("/v1/completions", json={"model": "writer", "prompt": "once", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8
 
