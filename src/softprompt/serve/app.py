@@ -8,13 +8,21 @@
     DELETE /v1/prompts/{task}               unload it (admin)
     GET  /health, GET /metrics (Prometheus text format)
 
-Errors: 404 unknown task (lists the loaded ones), 422 malformed body or bad input (names
-the field or the input), 400 a body that is not standard JSON (``NaN``, ``Infinity``:
-`guard.parse_json_body`), 413 body or input too long (or more inputs than the queue
-holds), 429 queue full, 401 missing or wrong API key (when one is set), 403 admin
-endpoints while admin is off. The engine says why a request failed (`ErrorKind`);
-`STATUS` is the one table of their status codes. A streamed completion that fails before
-its first piece gets the status a whole one would, not a stream with an error in it.
+Errors, every one in OpenAI's body (`errors.error_body`: ``{"error": {"message", "type",
+"param", "code"}}``, ``param`` the field at fault): 400 a body that fails its schema (a
+field missing, of the wrong type or out of range, an unknown field, an OpenAI field
+softprompt does not implement: `UNIMPLEMENTED`), a completion option out of range, or a
+body that is not standard JSON (``NaN``, ``Infinity``: `guard.parse_json_body`); 404
+unknown task (lists the loaded ones; code ``model_not_found``); 422 a well-formed request
+the task cannot answer (an input it cannot read, the wrong endpoint for the task, a
+folder admin cannot load, text with a lone surrogate); 413 body or input too long (or
+more inputs than the queue holds); 429 queue full; 401 missing or wrong API key (when one
+is set); 403 admin endpoints while admin is off. Validation answers 400, not FastAPI's
+422, because OpenAI does and its client raises BadRequestError for it. The engine says
+why a request failed (`ErrorKind`); `STATUS` is the one table of their status codes. A
+streamed completion that fails before its first piece gets the status a whole one would,
+not a stream with an error in it; a prompt that fails later ends its stream with
+``data: {"error": {...}}``.
 
 A request whose client goes away is cancelled: its engine requests are marked
 (`Request.cancelled`) and stop at the next decode step, whether the route was waiting for
