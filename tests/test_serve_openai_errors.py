@@ -5,13 +5,16 @@ client raises the exception of its status with the server's message, param and c
 
 from __future__ import annotations
 
+import threading
+
 import openai
 import pytest
 import torch
 from openai import OpenAI
 
 import softprompt as sp
-from softprompt.serve import PromptBank, create_app
+from softprompt.serve import Engine, PromptBank, Result, create_app
+from softprompt.serve.engine import ErrorKind
 from softprompt.tasks import Verbalizer
 
 from conftest import make_llama
@@ -125,3 +128,32 @@ def test_softprompts_own_endpoints_answer_in_the_same_shape(client):
     assert e.body["message"] == "task 'writer' has no classification head: use /v1/completions"
     e = refused(lambda: client.post("/nowhere", body={}, cast_to=object), openai.NotFoundError)
     assert e.body == {"message": "Not Found", "type": "invalid_request_error", "param": None, "code": None}
+
+
+class FailsMidStream(Engine):
+    """Sends one piece of each prompt, waits until the client has read it, then fails the
+    run: the stream has begun (200), so the error can only be an event."""
+
+    def __init__(self, bank):
+        super().__init__(bank)
+        self.read = threading.Event()
+
+    def run(self, requests, admit=None):
+        for r in requests:
+            r.stream.on_text("once")
+        self.read.wait(timeout=30)
+        return [Result(r.task, error="the run failed: out of memory", error_kind=ErrorKind.FAILED) for r in requests]
+
+
+def test_a_stream_that_fails_after_its_first_piece_ends_with_an_error_event_the_client_raises(bank):
+    engine = FailsMidStream(bank)
+    with Server(create_app(bank, engine=engine)) as server:
+        client = OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        stream = client.completions.create(model="writer", prompt="x", max_tokens=4, stream=True)
+        assert next(iter(stream)).choices[0].text == "once"
+        engine.read.set()
+        with pytest.raises(openai.APIError) as caught:
+            list(stream)
+    assert caught.value.message == "prompt 0: the run failed: out of memory"
+    assert caught.value.body == {"message": "prompt 0: the run failed: out of memory", "type": "server_error",
+                                 "param": "prompt[0]", "code": None}
