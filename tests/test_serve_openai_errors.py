@@ -9,33 +9,22 @@ import threading
 
 import openai
 import pytest
-import torch
 from openai import OpenAI
 
-import softprompt as sp
-from softprompt.serve import Engine, PromptBank, Result, create_app
+from softprompt.serve import Engine, Result, create_app
 from softprompt.serve.engine import ErrorKind
-from softprompt.tasks import Verbalizer
 
-from conftest import make_llama
 from serving import Server
+from test_serve_http import causal_bank  # noqa: F401 (the fixture, found by pytest by its name)
 
 
-@pytest.fixture(scope="module")
-def bank(gpt2_tokenizer):
-    tok = gpt2_tokenizer
-    base = make_llama(tok).eval()
-    bank = PromptBank(base, tok)
-    torch.manual_seed(0)
-    bank.add("review", sp.SoftPromptModel(base, sp.PTuningConfig(template="[P:2] {text} It was [MASK]", encoder="mlp",
-                                                                 encoder_hidden_size=16), tokenizer=tok),
-             task=Verbalizer({"neg": ["bad"], "pos": ["good"]}))
-    bank.add("writer", sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=3, template="{text}",
-                                                                   init_std=0.5), tokenizer=tok))
-    return bank
+@pytest.fixture
+def bank(request):
+    """Two tasks on a tiny Llama: ``review`` (a verbalizer) and ``writer`` (completions)."""
+    return request.getfixturevalue("causal_bank")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(bank):
     with Server(create_app(bank, max_inputs=2, max_new_tokens=8, api_key="sk-right")) as server:
         yield OpenAI(base_url=server.url + "/v1", api_key="sk-right", max_retries=0, timeout=30)
