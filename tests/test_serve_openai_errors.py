@@ -61,7 +61,8 @@ def test_a_bad_temperature_is_a_bad_request_naming_the_field(client):
 @pytest.mark.parametrize("field, value, takes", [
     ("echo", True, "false"), ("logprobs", 2, "null"), ("presence_penalty", 0.5, "null or 0"),
     ("frequency_penalty", -1, "null or 0"), ("logit_bias", {"50256": -100}, "null or {}"),
-    ("best_of", 3, "null or 1"), ("suffix", "!", "null"), ("stream_options", {"include_usage": True}, "null")])
+    ("best_of", 3, "null or 1"), ("suffix", "!", "null"), ("stream_options", {"include_usage": True}, "null"),
+    ("echo", 0, "false"), ("presence_penalty", False, "null or 0"), ("logprobs", 0, "null")])  # 0 is not false
 def test_an_openai_field_softprompt_does_not_implement_is_refused_by_name(client, field, value, takes):
     e = refused(lambda: client.completions.create(model="writer", prompt="once", max_tokens=2,
                                                   extra_body={field: value}), openai.BadRequestError)

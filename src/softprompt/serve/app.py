@@ -128,10 +128,18 @@ class CompletionBody(_Body):
     @classmethod
     def _unimplemented(cls, value: Any, info: ValidationInfo) -> Any:
         neutral = UNIMPLEMENTED[info.field_name]
-        if not any(value == v and type(value) is not bool or value is v for v in neutral):
+        if not any(_same(value, v) for v in neutral):
             raise PydanticCustomError("unimplemented", "softprompt does not implement {field} (it takes only {neutral})",
                                       {"field": info.field_name, "neutral": " or ".join(map(json.dumps, neutral))})
         return value
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """`value` is the JSON value `neutral`: Python's True == 1 and False == 0, so a boolean
+    matches only a boolean (``echo: 0``, ``presence_penalty: false`` are not neutral)."""
+    if isinstance(value, bool) or isinstance(neutral, bool) or neutral is None:
+        return value is neutral
+    return value == neutral
 
 
 class PromptBody(_Body):
@@ -501,8 +509,8 @@ def http_error(request: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
 
 
 def _validation_message(error: dict[str, Any]) -> tuple[str | None, str]:
-    """(param, message) of one pydantic error: the field by its path, what is wrong with it,
-    and for an unknown field, whether it is OpenAI's (not implemented) or no one's."""
+    """(param, message) of one pydantic error: the field by its path and what is wrong with
+    it (an unknown field: the fields the body takes)."""
     loc = [p for p in error.get("loc", ()) if not (isinstance(p, str) and p in _UNION_TAGS)]
     param = field_path(loc)
     if error.get("type") == "json_invalid":
