@@ -249,7 +249,7 @@ def test_a_full_queue_answers_429_and_never_crashes(encoder_bank):
         assert codes == [200, 200, 429]
         assert calls[2].result().headers["retry-after"] == "1" and "waiting" in calls[2].result().json()["error"]["message"]
         assert {k: calls[2].result().json()["error"][k] for k in ("type", "code")} == {
-            "type": "requests", "code": "rate_limit_exceeded"}
+            "type": "rate_limit_error", "code": "rate_limit_exceeded"}
 
 
 def test_generation_requests_join_a_running_decode(causal_bank):

@@ -16,8 +16,9 @@ import json
 from typing import Any
 
 #: OpenAI's error type of each status (the client picks its exception by the status; the
-#: type tells a program what kind of mistake it was)
-_TYPES = {401: "authentication_error", 403: "permission_error", 429: "requests"}
+#: type tells a program what kind of mistake it was). Types as OpenAI's error-codes guide
+#: names them; its older 429s said ``requests``, its current ones ``rate_limit_error``.
+_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 
 
 def error_type(status: int) -> str:
