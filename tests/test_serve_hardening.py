@@ -302,7 +302,8 @@ def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(bank):
                     and time.monotonic() < deadline:
                 time.sleep(0.02)
             r = httpx.get(f"{server.url}/health", timeout=10)
-            assert r.status_code == 503 and "too many open connections" in r.json()["detail"]
+            assert r.status_code == 503 and "too many open connections" in r.json()["error"]["message"]
+            assert r.json()["error"]["type"] == "server_error"
             engine.release.set()
             assert [f.result().status_code for f in held] == [200, 200]
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200

@@ -113,27 +113,35 @@ def test_errors_name_the_problem(encoder_bank):
     app = create_app(encoder_bank, max_body_bytes=2000, max_inputs=4)
     with Server(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         r = client.post("/v1/classify", json={"task": "nope", "inputs": ["x"]})
-        assert r.status_code == 404 and "loaded tasks: ner, sentiment, topic" in r.json()["detail"]
+        assert r.status_code == 404 and r.json() == {"error": {  # OpenAI's error body, whole
+            "message": "unknown task 'nope'; loaded tasks: ner, sentiment, topic", "type": "invalid_request_error",
+            "param": "task", "code": "model_not_found"}}
         r = client.post("/v1/classify", content=b'{"task": "sentiment", "inputs": [', headers={"content-type": "application/json"})
-        assert r.status_code == 422 and "json" in r.text.lower()
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("the body is not valid JSON")
         r = client.post("/v1/classify", json={"task": "sentiment"})
-        assert r.status_code == 422 and "inputs" in r.text
+        assert r.status_code == 400 and r.json()["error"]["message"] == "inputs: Field required"
+        assert r.json()["error"]["param"] == "inputs"
         r = client.post("/v1/classify", json={"task": "sentiment", "inputs": ["fine", {"txt": "x"}]})
-        assert r.status_code == 422 and r.json()["detail"].startswith("input 1:") and "'text'" in r.json()["detail"]
+        assert r.status_code == 422 and r.json()["error"]["message"].startswith("input 1:") and "'text'" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "inputs[1]"
         r = client.post("/v1/classify", json={"task": "sentiment", "inputs": [" ".join(["word"] * 600)]})
-        assert r.status_code == 413 and "over the limit" in r.json()["detail"]
+        assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
         r = client.post("/v1/classify", json={"task": "sentiment", "inputs": ["x" * 3000]})
-        assert r.status_code == 413 and "over the limit of 2000" in r.json()["detail"]
+        assert r.status_code == 413 and "over the limit of 2000" in r.json()["error"]["message"]
         r = client.post("/v1/classify", json={"task": "sentiment", "inputs": ["a"] * 5})
-        assert r.status_code == 413 and "at most 4" in r.json()["detail"]
+        assert r.status_code == 413 and "at most 4" in r.json()["error"]["message"]
         r = client.post("/v1/classify", json={"task": "ner", "inputs": ["x"]})
-        assert r.status_code == 422 and "/v1/tag" in r.json()["detail"]
+        assert r.status_code == 422 and "/v1/tag" in r.json()["error"]["message"]
         r = client.post("/v1/tag", json={"task": "topic", "inputs": ["x"]})
-        assert r.status_code == 422 and "/v1/classify" in r.json()["detail"]
+        assert r.status_code == 422 and "/v1/classify" in r.json()["error"]["message"]
         r = client.put("/v1/prompts/x", json={"path": "/tmp"})
-        assert r.status_code == 403 and "--admin" in r.json()["detail"]
+        assert r.status_code == 403 and "--admin" in r.json()["error"]["message"]
         r = client.post("/v1/completions", json={"model": "sentiment", "prompt": "x", "n": 2})
-        assert r.status_code == 422 and "n=1" in r.text
+        assert r.status_code == 400 and r.json()["error"]["message"] == "n: only n=1 is supported"
+        assert r.json()["error"]["param"] == "n"
+        r = client.post("/v1/nowhere")
+        assert r.status_code == 404 and r.json()["error"] == {"message": "Not Found", "type": "invalid_request_error",
+                                                              "param": None, "code": None}
 
 
 def test_admin_loads_and_unloads_prompts_and_the_api_key_guards_everything(encoder_bank, tmp_path):
@@ -152,13 +160,13 @@ def test_admin_loads_and_unloads_prompts_and_the_api_key_guards_everything(encod
         r = client.post("/v1/completions", json={"model": "sentiment2", "prompt": "x"}, headers=auth)
         assert r.status_code == 422  # a BERT encoder cannot generate: named, not a crash
         r = client.put("/v1/prompts/evil", json={"path": str(tmp_path)}, headers=auth)
-        assert r.status_code == 403 and "outside the prompt root" in r.json()["detail"]
+        assert r.status_code == 403 and "outside the prompt root" in r.json()["error"]["message"]
         r = client.put("/v1/prompts/..hidden", json={"path": str(folder)}, headers=auth)
-        assert r.status_code == 422 and "invalid task name" in r.json()["detail"]
+        assert r.status_code == 422 and "invalid task name" in r.json()["error"]["message"]
         r = client.delete("/v1/prompts/topic", headers=auth)
         assert r.status_code == 200 and "topic" not in bank
         r = client.post("/v1/classify", json={"task": "topic", "inputs": ["x"]}, headers=auth)
-        assert r.status_code == 404 and "loaded tasks: ner, sentiment, sentiment2" in r.json()["detail"]
+        assert r.status_code == 404 and "loaded tasks: ner, sentiment, sentiment2" in r.json()["error"]["message"]
 
 
 def test_completions_plain_and_streamed(causal_bank):
@@ -239,7 +247,9 @@ def test_a_full_queue_answers_429_and_never_crashes(encoder_bank):
             app_engine.release.set()
             codes = [c.result().status_code for c in calls]
         assert codes == [200, 200, 429]
-        assert calls[2].result().headers["retry-after"] == "1" and "waiting" in calls[2].result().json()["detail"]
+        assert calls[2].result().headers["retry-after"] == "1" and "waiting" in calls[2].result().json()["error"]["message"]
+        assert {k: calls[2].result().json()["error"][k] for k in ("type", "code")} == {
+            "type": "rate_limit_error", "code": "rate_limit_exceeded"}
 
 
 def test_generation_requests_join_a_running_decode(causal_bank):
@@ -294,12 +304,15 @@ def test_non_standard_json_numbers_get_a_400_that_names_the_field(causal_bank):
             endpoint = "/v1/completions" if "model" in body else "/v1/classify"
             r = post_raw(client, endpoint, body)
             assert r.status_code == 400, (body, r.status_code, r.text)
-            detail = r.json()["detail"]
+            detail = r.json()["error"]["message"]
             assert detail.startswith(f"{field}: {number} is not a JSON number"), detail
         r = client.post("/v1/classify", json={"task": "review", "inputs": ["great"]})  # the same connection
         assert r.status_code == 200
+        r = post_raw(client, "/v1/classify", '{"task": "review", "inputs": [{"text": "great", "x": 1.5e300}]}')
+        assert r.status_code == 200, r.text  # large but finite numbers are JSON
         r = post_raw(client, "/v1/classify", '{"task": "review", "inputs": ["great"], "x": 1.5e300}')
-        assert r.status_code == 200  # large but finite numbers are JSON
+        assert r.status_code == 400 and r.json()["error"]["param"] == "x"  # read, then refused as no field of the body
+        assert r.json()["error"]["message"] == "x: unknown field (this request takes task, inputs)"
 
 
 def test_a_lone_surrogate_in_any_text_field_gets_a_422_that_names_it(causal_bank):
@@ -315,7 +328,7 @@ def test_a_lone_surrogate_in_any_text_field_gets_a_422_that_names_it(causal_bank
         ]:
             r = post_raw(client, endpoint, body)
             assert r.status_code == 422, (body, r.status_code, r.text)
-            detail = r.json()["detail"]
+            detail = r.json()["error"]["message"]
             assert detail.startswith(f"{field} holds a lone UTF-16 surrogate"), detail
         r = post_raw(client, "/v1/classify", r'{"task": "review", "inputs": ["a smile \ud83d\ude00"]}')
         assert r.status_code == 200, r.text  # a surrogate pair is one character (U+1F600)
@@ -335,7 +348,7 @@ def test_a_streamed_completion_that_cannot_run_gets_the_status_of_a_whole_one(en
         whole = client.post("/v1/completions", json=body)  # the second prompt is over the model's 64 positions
         streamed = client.post("/v1/completions", json={**body, "stream": True})
         assert whole.status_code == 413 and streamed.status_code == 413, (whole.text, streamed.text)
-        assert streamed.json() == whole.json() and streamed.json()["detail"].startswith("prompt 1:")
+        assert streamed.json() == whole.json() and streamed.json()["error"]["message"].startswith("prompt 1:")
 
 
 def test_more_inputs_than_the_queue_holds_get_413_not_429(encoder_bank):
@@ -343,7 +356,7 @@ def test_more_inputs_than_the_queue_holds_get_413_not_429(encoder_bank):
     with Server(create_app(encoder_bank, max_queue=3)) as server, \
             httpx.Client(base_url=server.url, timeout=30) as client:
         r = client.post("/v1/classify", json={"task": "sentiment", "inputs": ["a", "b", "c", "d"]})
-        assert r.status_code == 413 and "queue ever holds" in r.json()["detail"] and "at most 3" in r.json()["detail"]
+        assert r.status_code == 413 and "queue ever holds" in r.json()["error"]["message"] and "at most 3" in r.json()["error"]["message"]
         r = client.post("/v1/completions", json={"model": "sentiment", "prompt": ["a"] * 4, "stream": True})
         assert r.status_code == 413
         r = client.post("/v1/classify", json={"task": "sentiment", "inputs": ["a", "b", "c"]})
@@ -391,7 +404,7 @@ def test_admin_puts_of_bad_folders_get_a_4xx_and_leave_the_bank_as_it_was(causal
             (str(root / "long"), 422, "64 positions"),
         ]:
             r = client.put("/v1/prompts/review", json={"path": path})
-            assert r.status_code == status and words in r.json()["detail"], (path, r.status_code, r.text)
+            assert r.status_code == status and words in r.json()["error"]["message"], (path, r.status_code, r.text)
             assert bank["review"] is before
             assert client.post("/v1/classify", json={"task": "review", "inputs": ["great"]}).json() == expected
         r = client.put("/v1/prompts/review", json={"path": str(good)})

@@ -446,4 +446,4 @@ def test_more_inputs_than_the_queue_holds_is_a_distinct_error(encoder_bank):
         batcher.close()
     with Server(create_app(encoder_bank, max_queue=2)) as server, httpx.Client(base_url=server.url) as client:
         r = client.post("/v1/classify", json={"task": "sentiment", "inputs": ["a", "b", "c"]})
-        assert r.status_code == 413 and "at most 2" in r.json()["detail"]
+        assert r.status_code == 413 and "at most 2" in r.json()["error"]["message"]

@@ -75,6 +75,6 @@ def test_a_task_defined_in_a_test_is_served_by_the_engine_and_over_http(wordpiec
         assert r.status_code == 200
         assert r.json() == {"task": "long", "results": [{"tokens": text.split(), "tags": tags, "entities": entities}]}
         r = client.post("/v1/tag", json={"task": "length", "inputs": [text]})
-        assert r.status_code == 422 and "/v1/classify" in r.json()["detail"]
+        assert r.status_code == 422 and "/v1/classify" in r.json()["error"]["message"]
         r = client.post("/v1/classify", json={"task": "long", "inputs": [text]})
-        assert r.status_code == 422 and r.json()["detail"] == "task 'long' has no classification head: use /v1/tag"
+        assert r.status_code == 422 and r.json()["error"]["message"] == "task 'long' has no classification head: use /v1/tag"

@@ -289,11 +289,12 @@ def test_http_refuses_bad_sampling_options_and_treats_empty_stops_alike(causal_b
                                                         **body})
 
         r = complete(seed=2**70)
-        assert r.status_code == 422 and "seed" in r.json()["detail"] and "18446744073709551615" in r.json()["detail"]
+        assert r.status_code == 400 and "seed" in r.json()["error"]["message"] and "18446744073709551615" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "seed"
         r = complete(temperature=1e-45)
-        assert r.status_code == 422 and "temperature" in r.json()["detail"] and "0 (greedy)" in r.json()["detail"]
+        assert r.status_code == 400 and "temperature" in r.json()["error"]["message"] and "0 (greedy)" in r.json()["error"]["message"]
         r = complete(stop=["a", "b", "c", "d", "e"])
-        assert r.status_code == 422 and "at most 4" in r.json()["detail"]
+        assert r.status_code == 400 and "at most 4" in r.json()["error"]["message"] and r.json()["error"]["param"] == "stop"
         plain = complete(temperature=0).json()["choices"][0]["text"]
         assert plain and complete(temperature=0, stop="").json()["choices"][0]["text"] == plain
         assert complete(temperature=0, stop=[""]).json()["choices"][0]["text"] == plain

@@ -18,7 +18,7 @@ Correctness: before the load, every distinct valid request is sent alone (one at
 to the same server; under load its answer must equal that one: labels, tags, entities and
 completion text exactly, scores within 1e-4, streamed chunks concatenated == the
 non-streamed text with the same finish reason, the first chunk of a stream cut short a
-prefix of it. A bad request must get its own status (422 / 413 / 404) and a body naming
+prefix of it. A bad request must get its own status (400 / 422 / 413 / 404) and a body naming
 the problem. A failure is any valid request not answered 200 with its alone answer, any
 bad request not answered with its status, any connection error, timeout or 5xx, a /health
 probe during the load not answered 200, or an admin PUT / DELETE refused. After the load
@@ -429,12 +429,12 @@ class Load:
     async def _malformed_json(self, c, rng):
         content = b'{"task": "%s", "inputs": [' % self.plan.classify.encode()
         r = await c.post("/v1/classify", content=content, headers={"content-type": "application/json"})
-        return r.status_code, _expect(r, 422, "json"), None
+        return r.status_code, _expect(r, 400, "json"), None
 
     async def _missing_field(self, c, rng):
         body = {"task": self.plan.classify}
         r = await c.post("/v1/classify", json=body)
-        return r.status_code, _expect(r, 422, "inputs"), body
+        return r.status_code, _expect(r, 400, "inputs"), body
 
     async def _bad_input(self, c, rng):
         body = {"task": self.plan.classify, "inputs": [rng.choice(self.plan.texts), {"no_such_field": "x"}]}
@@ -467,7 +467,7 @@ class Load:
     async def _too_many_tokens(self, c, rng):
         body = {"model": self.plan.complete, "prompt": "x", "max_tokens": self.plan.max_new_tokens + 1}
         r = await c.post("/v1/completions", json=body)
-        return r.status_code, _expect(r, 422, "max_tokens"), body
+        return r.status_code, _expect(r, 400, "max_tokens"), body
 
     async def _unknown_task(self, c, rng):
         body = {"task": "no-such-task", "inputs": ["fine"]}
@@ -504,13 +504,13 @@ class Load:
         body = {"model": self.plan.complete, "prompt": rng.choice(self.plan.prompts), "max_tokens": 4,
                 "temperature": 0.8, "seed": 2**70, "stream": rng.random() < 0.5}
         r = await c.post("/v1/completions", json=body)
-        return r.status_code, _expect(r, 422, "seed"), body
+        return r.status_code, _expect(r, 400, "seed"), body
 
     async def _tiny_temperature(self, c, rng):
         body = {"model": self.plan.complete, "prompt": rng.choice(self.plan.prompts), "max_tokens": 4,
                 "temperature": 1e-45, "stream": rng.random() < 0.5}
         r = await c.post("/v1/completions", json=body)
-        return r.status_code, _expect(r, 422, "temperature"), body
+        return r.status_code, _expect(r, 400, "temperature"), body
 
     async def _nan_json(self, c, rng):
         content = b'{"model": "%s", "prompt": "x", "temperature": NaN}' % self.plan.complete.encode()

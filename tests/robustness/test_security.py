@@ -170,7 +170,7 @@ def test_admin_endpoints_are_off_unless_enabled(bank):
     with Server(create_app(bank)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         for method, body in [("PUT", b'{"path": "/"}'), ("PUT", b"{not json"), ("PUT", b""), ("DELETE", b"")]:
             r = client.request(method, "/v1/prompts/sentiment", content=body)
-            assert r.status_code == 403 and "--admin" in r.json()["detail"], (method, body, r.text)
+            assert r.status_code == 403 and "--admin" in r.json()["error"]["message"], (method, body, r.text)
         assert "sentiment" in bank
         assert client.post("/v1/classify", json={"task": "sentiment", "inputs": ["fine"]}).status_code == 200
 
@@ -180,7 +180,7 @@ def test_request_bodies_inputs_and_tokens_are_bounded(bank):
     with Server(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         big = {"task": "sentiment", "inputs": ["word " * 500]}
         r = client.post("/v1/classify", json=big)
-        assert r.status_code == 413 and "over the limit of 2000" in r.json()["detail"]
+        assert r.status_code == 413 and "over the limit of 2000" in r.json()["error"]["message"]
 
         def chunks():  # no Content-Length: the body arrives in chunks and is counted as it comes
             yield b'{"task": "sentiment", "inputs": ["'
@@ -189,7 +189,7 @@ def test_request_bodies_inputs_and_tokens_are_bounded(bank):
             yield b'"]}'
 
         r = client.post("/v1/classify", content=chunks(), headers={"Content-Type": "application/json"})
-        assert r.status_code == 413 and "over the limit of 2000 bytes" in r.json()["detail"], r.text
+        assert r.status_code == 413 and "over the limit of 2000 bytes" in r.json()["error"]["message"], r.text
 
         def small():
             yield b'{"task": "sentiment", '
@@ -198,10 +198,10 @@ def test_request_bodies_inputs_and_tokens_are_bounded(bank):
         r = client.post("/v1/classify", content=small(), headers={"Content-Type": "application/json"})
         assert r.status_code == 200 and r.json()["results"][0]["label"] in ("neg", "pos")
         r = client.post("/v1/classify", json={"task": "sentiment", "inputs": ["a"] * 5})
-        assert r.status_code == 413 and "5 inputs" in r.json()["detail"] and "at most 4" in r.json()["detail"]
+        assert r.status_code == 413 and "5 inputs" in r.json()["error"]["message"] and "at most 4" in r.json()["error"]["message"]
         long_input = " ".join(["word"] * 300)  # under the body limit, over the model's 64 positions
         r = client.post("/v1/classify", json={"task": "sentiment", "inputs": [long_input]})
-        assert r.status_code == 413 and "input 0" in r.json()["detail"], r.text
+        assert r.status_code == 413 and "input 0" in r.json()["error"]["message"], r.text
         assert client.get("/health").status_code == 200
 
 
@@ -211,7 +211,8 @@ def test_completion_tokens_are_bounded(gpt2_tokenizer):
     bank.add("writer", sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=2), tokenizer=gpt2_tokenizer))
     with Server(create_app(bank, max_new_tokens=8)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         r = client.post("/v1/completions", json={"model": "writer", "prompt": "once", "max_tokens": 9})
-        assert r.status_code == 422 and "max_tokens: 9 is over the server's limit of 8" in r.json()["detail"]
+        assert r.status_code == 400 and "max_tokens: 9 is over the server's limit of 8" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "max_tokens"
         r = client.post("/v1/completions", json={"model": "writer", "prompt": "once", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8
 

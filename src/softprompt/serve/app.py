@@ -8,13 +8,21 @@
     DELETE /v1/prompts/{task}               unload it (admin)
     GET  /health, GET /metrics (Prometheus text format)
 
-Errors: 404 unknown task (lists the loaded ones), 422 malformed body or bad input (names
-the field or the input), 400 a body that is not standard JSON (``NaN``, ``Infinity``:
-`guard.parse_json_body`), 413 body or input too long (or more inputs than the queue
-holds), 429 queue full, 401 missing or wrong API key (when one is set), 403 admin
-endpoints while admin is off. The engine says why a request failed (`ErrorKind`);
-`STATUS` is the one table of their status codes. A streamed completion that fails before
-its first piece gets the status a whole one would, not a stream with an error in it.
+Errors, every one in OpenAI's body (`errors.error_body`: ``{"error": {"message", "type",
+"param", "code"}}``, ``param`` the field at fault): 400 a body that fails its schema (a
+field missing, of the wrong type or out of range, an unknown field, an OpenAI field
+softprompt does not implement: `UNIMPLEMENTED`), a completion option out of range, or a
+body that is not standard JSON (``NaN``, ``Infinity``: `guard.parse_json_body`); 404
+unknown task (lists the loaded ones; code ``model_not_found``); 422 a well-formed request
+the task cannot answer (an input it cannot read, the wrong endpoint for the task, a
+folder admin cannot load, text with a lone surrogate); 413 body or input too long (or
+more inputs than the queue holds); 429 queue full; 401 missing or wrong API key (when one
+is set); 403 admin endpoints while admin is off. Validation answers 400, not FastAPI's
+422, because OpenAI does and its client raises BadRequestError for it. The engine says
+why a request failed (`ErrorKind`); `STATUS` is the one table of their status codes. A
+streamed completion that fails before its first piece gets the status a whole one would,
+not a stream with an error in it; a prompt that fails later ends its stream with
+``data: {"error": {...}}``.
 
 A request whose client goes away is cancelled: its engine requests are marked
 (`Request.cancelled`) and stop at the next decode step, whether the route was waiting for
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -36,15 +45,19 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Union
 
 from fastapi import FastAPI, HTTPException, Request as HTTPRequest
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SoftPromptError
 from .bank import BankEntry, PromptBank, UnknownTaskError, check_task_name
 from .batcher import Batcher, QueueFullError, TooManyRequestsForQueueError
 from .engine import Engine, ErrorKind, Request, Result
+from .errors import error_body, field_path
 from .guard import BodyError, RequestGuard, check_api_key, parse_json_body
 from .text import GenerationOptions, TokenStream
 
@@ -55,12 +68,36 @@ STATUS = {ErrorKind.UNKNOWN_TASK: 404, ErrorKind.INPUT_TOO_LONG: 413, ErrorKind.
 Input = Union[str, dict[str, Any]]
 
 
-class InputsBody(BaseModel):
+class APIError(HTTPException):
+    """An error answer that names the request field at fault (`param`, e.g. ``temperature``)
+    and, where OpenAI has one, its ``code`` (``model_not_found``)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(status, message, headers=headers)
+        self.param, self.code = param, code
+
+
+class _Body(BaseModel):
+    """A request body: a field the server does not know is refused, by name (a misspelt
+    ``temprature`` would otherwise be dropped in silence)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputsBody(_Body):
     task: str
     inputs: list[Input] = Field(min_length=1)
 
 
-class CompletionBody(BaseModel):
+#: OpenAI's completion fields that softprompt does not implement, and the values that ask
+#: for nothing (what a client that does not use the field may still send); any other value
+#: is refused by name rather than ignored
+UNIMPLEMENTED = {"echo": (False,), "logprobs": (None,), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+                 "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None,), "stream_options": (None,)}
+
+
+class CompletionBody(_Body):
     model: str
     prompt: Union[str, list[str]]
     max_tokens: int = Field(16, ge=1)
@@ -71,16 +108,41 @@ class CompletionBody(BaseModel):
     seed: Union[int, None] = None
     n: int = 1
     user: Union[str, None] = None
+    echo: Any = False
+    logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    stream_options: Any = None
 
     @field_validator("n")
     @classmethod
     def _one(cls, n: int) -> int:
         if n != 1:
-            raise ValueError("only n=1 is supported")
+            raise PydanticCustomError("unimplemented", "only n=1 is supported")
         return n
 
+    @field_validator(*UNIMPLEMENTED, mode="before")
+    @classmethod
+    def _unimplemented(cls, value: Any, info: ValidationInfo) -> Any:
+        neutral = UNIMPLEMENTED[info.field_name]
+        if not any(_same(value, v) for v in neutral):
+            raise PydanticCustomError("unimplemented", "softprompt does not implement {field} (it takes only {neutral})",
+                                      {"field": info.field_name, "neutral": " or ".join(map(json.dumps, neutral))})
+        return value
 
-class PromptBody(BaseModel):
+
+def _same(value: Any, neutral: Any) -> bool:
+    """`value` is the JSON value `neutral`: Python's True == 1 and False == 0, so a boolean
+    matches only a boolean (``echo: 0``, ``presence_penalty: false`` are not neutral)."""
+    if isinstance(value, bool) or isinstance(neutral, bool) or neutral is None:
+        return value is neutral
+    return value == neutral
+
+
+class PromptBody(_Body):
     path: str
 
 
@@ -127,7 +189,7 @@ class Server:
         try:
             return [asyncio.wrap_future(f) for f in self.batcher.submit(requests)]
         except QueueFullError as e:
-            raise HTTPException(429, str(e), headers={"Retry-After": "1"}) from None
+            raise APIError(429, str(e), code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         except TooManyRequestsForQueueError as e:  # refused for ever: "retry later" would be no answer
             raise HTTPException(413, str(e)) from None
 
@@ -141,20 +203,21 @@ class Server:
     def entry_for(self, task: str, endpoint: str) -> BankEntry:
         """The task's entry, if `endpoint` answers for it (`Task.endpoint`; a folder without a
         task head is for completions)."""
+        param = "model" if endpoint == "completions" else "task"
         try:
             entry = self.bank[task]
         except UnknownTaskError as e:
-            raise HTTPException(404, str(e)) from None
+            raise APIError(404, str(e), param, "model_not_found") from None
         serves = entry.task.endpoint if entry.task is not None else "completions"
         if endpoint == "tag" and serves != "tag":
-            raise HTTPException(422, f"task {task!r} is not a token-classification task: use /v1/classify")
+            raise APIError(422, f"task {task!r} is not a token-classification task: use /v1/classify", param)
         if endpoint == "classify" and serves != "classify":
-            raise HTTPException(422, f"task {task!r} has no classification head: use /v1/{serves}")
+            raise APIError(422, f"task {task!r} has no classification head: use /v1/{serves}", param)
         return entry
 
-    def check_count(self, n: int, what: str) -> None:
+    def check_count(self, n: int, what: str, param: str) -> None:
         if n > self.max_inputs:
-            raise HTTPException(413, f"{n} {what} in one request; the server takes at most {self.max_inputs}")
+            raise APIError(413, f"{n} {what} in one request; the server takes at most {self.max_inputs}", param)
 
 
 def server_of(request: HTTPRequest) -> Server:
@@ -203,11 +266,12 @@ async def first_of(futures: set[asyncio.Future], http: HTTPRequest, requests: li
         raise HTTPException(499, "the client closed the connection before the answer was ready")
 
 
-def check_results(results: list[Result | None], what: str = "input") -> None:
-    """The status of the first failed result (None: not answered yet)."""
+def check_results(results: list[Result | None], what: str = "input", param: str = "inputs") -> None:
+    """The status of the first failed result (None: not answered yet); `param` names the
+    list of the request the results answer (``inputs[3]``)."""
     for i, r in enumerate(results):
         if r is not None and not r.ok:
-            raise HTTPException(STATUS[r.error_kind], f"{what} {i}: {r.error}")
+            raise APIError(STATUS[r.error_kind], f"{what} {i}: {r.error}", f"{param}[{i}]")
 
 
 # -- routes (registered by `create_app` from ROUTES) -----------------------------------
@@ -234,7 +298,7 @@ def models(request: HTTPRequest) -> dict[str, Any]:
 async def classify(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
     server = server_of(request)
     entry = server.entry_for(body.task, "classify")  # the version checked is the version that answers
-    server.check_count(len(body.inputs), "inputs")
+    server.check_count(len(body.inputs), "inputs", "inputs")
     results = await server.run([Request(body.task, x, entry=entry) for x in body.inputs], request)
     check_results(results)
     return {"task": body.task, "results": [r.output for r in results]}
@@ -246,7 +310,7 @@ async def tag(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
     server = server_of(request)
     entry = server.entry_for(body.task, "tag")
     field = entry.task.word_field
-    server.check_count(len(body.inputs), "inputs")
+    server.check_count(len(body.inputs), "inputs", "inputs")
     results = await server.run([Request(body.task, x, entry=entry) for x in body.inputs], request)
     check_results(results)
     out = []
@@ -262,21 +326,23 @@ async def completions(body: CompletionBody, request: HTTPRequest):
     server = server_of(request)
     entry = server.entry_for(body.model, "completions")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    server.check_count(len(prompts), "prompts")
+    server.check_count(len(prompts), "prompts", "prompt")
     if not prompts:
-        raise HTTPException(422, "prompt: give at least one prompt")
+        raise APIError(400, "prompt: give at least one prompt", "prompt")
     if body.max_tokens > server.max_new_tokens:
-        raise HTTPException(422, f"max_tokens: {body.max_tokens} is over the server's limit of {server.max_new_tokens}")
+        raise APIError(400, f"max_tokens: {body.max_tokens} is over the server's limit of {server.max_new_tokens}",
+                       "max_tokens")
     try:  # every sampling option checked here, before the request joins a batch
         options = GenerationOptions.completion(body.max_tokens, body.temperature, body.top_p, body.stop, body.seed)
-    except SoftPromptError as e:
-        raise HTTPException(422, str(e)) from None
+    except SoftPromptError as e:  # "generation option temperature: ..." names the field
+        named = re.match(r"generation options? (\w+)", str(e))
+        raise APIError(400, str(e), named.group(1) if named else None) from None
     completion = _Completion(body.model, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
     requests = [Request(body.model, p, generate=True, options=options, entry=entry) for p in prompts]
     if body.stream:
         return await completion.stream(server, requests, request)
     results = await server.run(requests, request)
-    check_results(results, "prompt")
+    check_results(results, "prompt", "prompt")
     return completion.answer(results)
 
 
@@ -319,7 +385,7 @@ class _Completion:
             cancel(requests)
             drop(first)
             drop(done)
-            check_results(early, "prompt")
+            check_results(early, "prompt", "prompt")
         return StreamingResponse(self._events(server.metrics, first, pieces, done, requests),
                                  media_type="text/event-stream")
 
@@ -342,7 +408,8 @@ class _Completion:
                 yield self.chunk(i, text, None)
             for i, r in enumerate(done.result()):
                 if not r.ok:
-                    yield f"data: {json.dumps({'error': {'message': r.error, 'status': STATUS[r.error_kind]}})}\n\n"
+                    body = error_body(STATUS[r.error_kind], f"prompt {i}: {r.error}", f"prompt[{i}]")
+                    yield f"data: {json.dumps(body)}\n\n"
                 else:
                     yield self.chunk(i, "", r.finish_reason)
             yield "data: [DONE]\n\n"
@@ -358,21 +425,21 @@ async def load_prompt(task: str, body: PromptBody, request: HTTPRequest):
     try:
         check_task_name(task)
     except SoftPromptError as e:
-        raise HTTPException(422, str(e)) from None
+        raise APIError(422, str(e), "task") from None
     if "\x00" in body.path:
-        raise HTTPException(422, f"path {body.path!r} holds a NUL character, which no file name can")
+        raise APIError(422, f"path {body.path!r} holds a NUL character, which no file name can", "path")
     try:
         path = Path(body.path).expanduser().resolve()
     except (OSError, RuntimeError) as e:  # a symbolic link loop, an unknown ~user
-        raise HTTPException(422, f"path {body.path!r} cannot be resolved: {e}") from None
+        raise APIError(422, f"path {body.path!r} cannot be resolved: {e}", "path") from None
     root = server.prompt_root
     if root is not None and root not in path.parents and path != root:
-        raise HTTPException(403, f"path {body.path!r} is outside the prompt root {root}")
+        raise APIError(403, f"path {body.path!r} is outside the prompt root {root}", "path")
     replaced = task in server.bank
     try:
         await asyncio.to_thread(server.bank.add, task, path, replace=True)
     except SoftPromptError as e:
-        raise HTTPException(422, f"{body.path}: {e}") from None
+        raise APIError(422, f"{body.path}: {e}", "path") from None
     return {"task": task, "status": "replaced" if replaced else "loaded"}
 
 
@@ -380,7 +447,7 @@ def unload_prompt(task: str, request: HTTPRequest):
     try:
         server_of(request).bank.remove(task)
     except UnknownTaskError as e:
-        raise HTTPException(404, str(e)) from None
+        raise APIError(404, str(e), "task", "model_not_found") from None
     return {"task": task, "status": "removed"}
 
 
@@ -417,7 +484,7 @@ class _StrictRequest(HTTPRequest):
             try:
                 self._json = parse_json_body(await self.body())
             except BodyError as e:
-                raise HTTPException(e.status, str(e)) from None
+                raise APIError(e.status, str(e), e.param) from None
         return self._json
 
 
@@ -432,6 +499,53 @@ class StrictJSONRoute(APIRoute):
             return await handle(_StrictRequest(request.scope, request.receive))
 
         return strict
+
+
+# -- errors: every one in OpenAI's body (`errors.error_body`) ----------------------------------
+def http_error(request: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
+    """A route's refusal (`APIError`, FastAPI's or Starlette's own: 404 no such path, 405)."""
+    body = error_body(e.status_code, str(e.detail), getattr(e, "param", None), getattr(e, "code", None))
+    return JSONResponse(body, e.status_code, headers=getattr(e, "headers", None))
+
+
+def _validation_message(error: dict[str, Any]) -> tuple[str | None, str]:
+    """(param, message) of one pydantic error: the field by its path and what is wrong with
+    it (an unknown field: the fields the body takes)."""
+    loc = [p for p in error.get("loc", ()) if not (isinstance(p, str) and p in _UNION_TAGS)]
+    param = field_path(loc)
+    if error.get("type") == "json_invalid":
+        return None, f"the body is not valid JSON: {error.get('ctx', {}).get('error', error.get('msg'))}"
+    if error.get("type") == "extra_forbidden":
+        return param, f"{param}: unknown field (this request takes {', '.join(error['known'])})"
+    return param, f"{param or 'body'}: {error.get('msg')}"
+
+
+#: the names pydantic puts in a location for the member of a union it tried
+_UNION_TAGS = {"str", "list[str]", "dict[str,any]", "int", "float", "bool"}
+
+
+def validation_error(request: HTTPRequest, e: RequestValidationError) -> JSONResponse:
+    """A body that fails its model: 400, as OpenAI answers a bad parameter (and the official
+    client raises BadRequestError for; 422 would be its UnprocessableEntityError), naming
+    the first field at fault."""
+    route = request.scope.get("route")
+    first = dict(e.errors()[0]) if e.errors() else {"loc": (), "msg": "invalid body"}
+    if first.get("type") == "extra_forbidden":
+        first["known"] = _known_fields(route)
+    param, message = _validation_message(first)
+    return JSONResponse(error_body(400, message, param), 400)
+
+
+def _known_fields(route: Any) -> list[str]:
+    """The fields of the body a route takes (for the message that refuses an unknown one)."""
+    field = getattr(route, "body_field", None)
+    model = field.field_info.annotation if field is not None else None
+    return [name for name in getattr(model, "model_fields", {}) if name not in UNIMPLEMENTED] or ["no other field"]
+
+
+def server_error(request: HTTPRequest, e: Exception) -> JSONResponse:
+    """An error no route expected: 500, its class named (the traceback is in the log)."""
+    return JSONResponse(error_body(500, f"internal server error ({type(e).__name__})"), 500)
 
 
 @asynccontextmanager
@@ -478,6 +592,9 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
     # added first, so it runs inside the metrics middleware: refused requests are counted too
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
     app.middleware("http")(count_requests)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, server_error)
     for methods, path, route in ROUTES + (ADMIN_ROUTES if admin else ADMIN_OFF_ROUTES):
         app.add_api_route(path, route, methods=methods)
     return app

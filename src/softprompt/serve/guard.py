@@ -23,6 +23,7 @@ import math
 from typing import Any, Awaitable, Callable
 
 from ..errors import ConfigError, SoftPromptError
+from .errors import error_json
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -55,7 +56,7 @@ class RequestGuard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.api_key is not None and not self._authorised(headers):
             await _reply(send, 401, "missing or wrong API key (Authorization: Bearer <key>)",
-                         [(b"www-authenticate", b"Bearer")])
+                         [(b"www-authenticate", b"Bearer")], code="invalid_api_key")
             return
         length = headers.get("content-length")
         if length is not None:
@@ -117,8 +118,9 @@ async def _drain(receive: Receive, budget: int, timeout: float = 5.0) -> None:
         pass
 
 
-async def _reply(send: Send, status: int, detail: str, extra: list[tuple[bytes, bytes]] = ()) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _reply(send: Send, status: int, message: str, extra: list[tuple[bytes, bytes]] = (),
+                 code: str | None = None) -> None:
+    body = error_json(status, message, code=code)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close"), *extra]})
@@ -146,11 +148,12 @@ def check_api_key(key: str) -> str:
 
 # -- strict JSON bodies ------------------------------------------------------------------
 class BodyError(SoftPromptError):
-    """A JSON body the server refuses; `status` is the HTTP status of the answer."""
+    """A JSON body the server refuses; `status` is the HTTP status of the answer, `param`
+    the field at fault (``inputs[3].text``; None for the body as a whole)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.param = status, param
 
 
 class _NotFinite:
@@ -172,7 +175,7 @@ def parse_json_body(body: bytes | str) -> Any:
     """A request body as standard JSON: finite numbers, text that is valid Unicode.
 
     Raises:
-        json.JSONDecodeError: not JSON at all (the app's usual 422 with the position).
+        json.JSONDecodeError: not JSON at all (the app's validation 400, with the position).
         BodyError: 400 for ``NaN``, ``Infinity``, ``-Infinity``, a number beyond a 64-bit
             float (``1e400``), a body that nests too deeply or is not UTF-8; 422 for a
             string (or key) with a lone UTF-16 surrogate. The message names the field
@@ -202,7 +205,7 @@ def _check_values(value: Any) -> None:
             _check_text(item, entry)
         elif isinstance(item, _NotFinite):
             raise BodyError(400, f"{_path(entry)}: {item.text} is not a JSON number: JSON numbers are finite "
-                                 "(no NaN or Infinity) and must fit a 64-bit float")
+                                 "(no NaN or Infinity) and must fit a 64-bit float", _path(entry))
         elif isinstance(item, dict):
             for key in item:
                 _check_text(key, entry, key=True)
@@ -219,7 +222,7 @@ def _check_text(text: str, entry: tuple, key: bool = False) -> None:
     except UnicodeEncodeError as e:
         where = f"{_path(entry)}: a key" if key else _path(entry)
         raise BodyError(422, f"{where} holds a lone UTF-16 surrogate (\\u{ord(text[e.start]):04x}) at character "
-                             f"{e.start}: text must be valid Unicode") from None
+                             f"{e.start}: text must be valid Unicode", _path(entry)) from None
 
 
 def _path(entry: tuple) -> str:

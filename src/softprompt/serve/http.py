@@ -44,6 +44,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import ConfigError
+from .errors import error_json
 
 log = logging.getLogger("softprompt.serve.http")
 
@@ -59,7 +60,7 @@ ACCEPT_BATCH = 2048
 #: usually far above
 RESERVED_FILES = 256
 
-_REFUSED = b'{"detail": "the server has too many open connections; retry later"}'
+_REFUSED = error_json(503, "the server has too many open connections; retry later")
 
 
 @dataclass(frozen=True)
