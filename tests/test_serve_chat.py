@@ -23,8 +23,9 @@ from test_serve_http import causal_bank  # noqa: F401 (the fixture, found by pyt
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a gem of a film"}]
-#: what TEMPLATE renders MESSAGES to, the leading BOS text dropped
-RENDERED = "<|system|>be brief\n<|user|>a gem of a film\n<|assistant|>"
+#: what TEMPLATE renders MESSAGES to (after the BOS text: the test tokenizer adds no BOS, so it stays)
+TURNS = "<|system|>be brief\n<|user|>a gem of a film\n<|assistant|>"
+RENDERED = "<|endoftext|>" + TURNS
 
 
 @pytest.fixture
@@ -49,14 +50,19 @@ def client(server):
     return OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
-def test_render_chat_drops_the_bos_text_the_encoder_would_read_as_ordinary_tokens(bank):
+def test_render_chat_drops_the_bos_text_only_where_the_encoder_adds_the_bos(bank):
     tok = bank.tokenizer
-    assert tok.bos_token and tok.apply_chat_template(MESSAGES, tokenize=False,
-                                                     add_generation_prompt=True) == tok.bos_token + RENDERED
-    assert render_chat(tok, MESSAGES) == RENDERED
+    assert tok.bos_token == "<|endoftext|>" and bank["writer"].model.encoder.lead == []
+    assert tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == RENDERED
+    assert render_chat(tok, MESSAGES, []) == RENDERED  # no BOS from the encoder: the template's is the one
+    assert render_chat(tok, MESSAGES, [tok.bos_token_id]) == TURNS  # the encoder's BOS, not a second one
+    assert render_chat(tok, MESSAGES, [tok.bos_token_id + 1]) == RENDERED  # some other lead token
     tok.chat_template = None
     with pytest.raises(SoftPromptError, match="no chat template"):
-        render_chat(tok, MESSAGES)
+        render_chat(tok, MESSAGES, [])
+    tok.chat_template = "{{ raise_exception('turns must alternate') }}"
+    with pytest.raises(SoftPromptError, match="turns must alternate"):
+        render_chat(tok, MESSAGES, [])
 
 
 def test_a_chat_is_the_completion_of_its_rendered_messages(client):
@@ -67,7 +73,7 @@ def test_a_chat_is_the_completion_of_its_rendered_messages(client):
     assert choice.message.role == "assistant" and choice.message.content == plain.choices[0].text
     assert choice.finish_reason == plain.choices[0].finish_reason and choice.logprobs is None
     assert choice.message.content  # the tiny model writes something in 6 tokens
-    # the same prompt tokens: a doubled BOS (as ordinary tokens) would count more
+    # the same prompt tokens as the rendered text completed (nothing added or lost on the way)
     assert chat.usage.prompt_tokens == plain.usage.prompt_tokens > 0
     assert chat.usage.completion_tokens == plain.usage.completion_tokens <= 6
     assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens

@@ -420,7 +420,7 @@ async def chat_completions(body: ChatBody, request: HTTPRequest):
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     options = server.options(max_tokens, body, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     try:
-        prompt = render_chat(server.bank.tokenizer, [m.model_dump() for m in body.messages])
+        prompt = render_chat(server.bank.tokenizer, [m.model_dump() for m in body.messages], entry.model.encoder.lead)
     except SoftPromptError as e:
         raise APIError(400, f"messages: {e}", "messages") from None
     completion = _ChatCompletion(body.model, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
