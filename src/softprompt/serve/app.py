@@ -123,11 +123,9 @@ UNIMPLEMENTED = {"echo": (False,), "logprobs": (None,), "presence_penalty": (Non
                  "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None,), "stream_options": (None,)}
 
 
-class CompletionBody(_OpenAIBody):
-    UNIMPLEMENTED: ClassVar[dict[str, tuple]] = UNIMPLEMENTED
+class _Sampled(_OpenAIBody):
+    """The generation fields completions and chat share."""
 
-    model: str
-    prompt: Union[str, list[str]]
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -136,6 +134,16 @@ class CompletionBody(_OpenAIBody):
     seed: Union[int, None] = None
     n: int = 1
     user: Union[str, None] = None
+
+
+class _Prompted(_OpenAIBody):
+    model: str
+    prompt: Union[str, list[str]]
+
+
+class CompletionBody(_Sampled, _Prompted):  # fields in reversed base order: model, prompt, max_tokens, ...
+    UNIMPLEMENTED: ClassVar[dict[str, tuple]] = UNIMPLEMENTED
+
     echo: Any = False
     logprobs: Any = None
     presence_penalty: Any = None
@@ -169,22 +177,17 @@ class ChatMessage(_Body):
     content: str
 
 
-class ChatBody(_OpenAIBody):
+class _Chatting(_OpenAIBody):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ChatBody(_Sampled, _Chatting):
     """A chat completion: `max_completion_tokens` (OpenAI's current name) or `max_tokens`."""
 
     UNIMPLEMENTED: ClassVar[dict[str, tuple]] = CHAT_UNIMPLEMENTED
 
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int = Field(16, ge=1)
     max_completion_tokens: Union[int, None] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Union[str, list[str], None] = None
-    stream: bool = False
-    seed: Union[int, None] = None
-    n: int = 1
-    user: Union[str, None] = None
     logprobs: Any = None
     top_logprobs: Any = None
     presence_penalty: Any = None
