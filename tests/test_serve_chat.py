@@ -191,3 +191,12 @@ def test_concurrent_streamed_chats_each_equal_the_chat_alone(client, server):
 
     together = asyncio.run(all_at_once())
     assert together == alone and len(set(alone)) > 1
+
+
+def test_a_chat_too_long_for_the_model_is_refused_naming_messages_streamed_or_not(client):
+    messages = [{"role": "user", "content": "word " * 3000}]
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="writer", messages=messages, max_tokens=2, stream=stream)
+        assert caught.value.status_code == 413 and caught.value.param == "messages"
+        assert caught.value.body["message"].startswith("messages: ")

@@ -441,7 +441,6 @@ class _Completion:
     created: int
     object: ClassVar[str] = "text_completion"
     chunk_object: ClassVar[str] = "text_completion"
-    param: ClassVar[str] = "prompt"  # the request field a failed result names
 
     def choice(self, i: int, r: Result) -> dict[str, Any]:
         return {"index": i, "text": r.output, "logprobs": None, "finish_reason": r.finish_reason}
@@ -454,11 +453,21 @@ class _Completion:
         """Choice `i`'s deltas before its first piece."""
         return []
 
+    def blame(self, i: int, r: Result) -> tuple[str, str]:
+        """(message, param) of choice `i`'s failure: the prompt it completes."""
+        return f"prompt {i}: {r.error}", f"prompt[{i}]"
+
+    def check(self, results: list[Result | None]) -> None:
+        """The status of the first failed result (None: not answered yet)."""
+        for i, r in enumerate(results):
+            if r is not None and not r.ok:
+                raise APIError(STATUS[r.error_kind], *self.blame(i, r))
+
     async def run(self, server: Server, requests: list[Request], stream: bool, http: HTTPRequest):
         if stream:
             return await self.stream(server, requests, http)
         results = await server.run(requests, http)
-        check_results(results, self.param, self.param)
+        self.check(results)
         return self.answer(results)
 
     def answer(self, results: list[Result]) -> dict[str, Any]:
@@ -494,7 +503,7 @@ class _Completion:
             cancel(requests)
             drop(first)
             drop(done)
-            check_results(early, self.param, self.param)
+            self.check(early)
         return StreamingResponse(self._events(server.metrics, first, pieces, done, requests),
                                  media_type="text/event-stream")
 
@@ -520,7 +529,7 @@ class _Completion:
                 yield self.chunk(i, text, None)
             for i, r in enumerate(done.result()):
                 if not r.ok:
-                    body = error_body(STATUS[r.error_kind], f"{self.param} {i}: {r.error}", f"{self.param}[{i}]")
+                    body = error_body(STATUS[r.error_kind], *self.blame(i, r))
                     yield f"data: {json.dumps(body)}\n\n"
                 else:
                     yield self.chunk(i, "", r.finish_reason)
@@ -538,7 +547,6 @@ class _ChatCompletion(_Completion):
 
     object: ClassVar[str] = "chat.completion"
     chunk_object: ClassVar[str] = "chat.completion.chunk"
-    param: ClassVar[str] = "messages"
 
     def choice(self, i: int, r: Result) -> dict[str, Any]:
         return {"index": i, "message": {"role": "assistant", "content": r.output}, "logprobs": None,
@@ -550,6 +558,9 @@ class _ChatCompletion(_Completion):
 
     def opening(self, i: int) -> list[dict[str, Any]]:
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+
+    def blame(self, i: int, r: Result) -> tuple[str, str]:
+        return f"messages: {r.error}", "messages"  # one choice, from all of the messages
 
 
 # -- admin ----------------------------------------------------------------------------
