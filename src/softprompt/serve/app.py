@@ -3,6 +3,8 @@
     POST /v1/classify       {"task": ..., "inputs": [...]}     -> labels and scores
     POST /v1/tag            {"task": ..., "inputs": [...]}     -> tags and entities per input
     POST /v1/completions    OpenAI-compatible; "model" names the task; "stream": server-sent events
+    POST /v1/chat/completions  OpenAI-compatible chat: the messages, rendered by the tokenizer's
+                            chat template, complete as that prompt would (`chat.render_chat`)
     GET  /v1/models         the loaded tasks
     PUT  /v1/prompts/{task} {"path": ...}   load or replace a prompt (admin, off unless enabled)
     DELETE /v1/prompts/{task}               unload it (admin)
@@ -42,7 +44,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Union
+from typing import Any, AsyncIterator, ClassVar, Literal, Union
 
 from fastapi import FastAPI, HTTPException, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -56,6 +58,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import SoftPromptError
 from .bank import BankEntry, PromptBank, UnknownTaskError, check_task_name
 from .batcher import Batcher, QueueFullError, TooManyRequestsForQueueError
+from .chat import render_chat
 from .engine import Engine, ErrorKind, Request, Result
 from .errors import error_body, field_path
 from .guard import BodyError, RequestGuard, check_api_key, parse_json_body
@@ -90,16 +93,39 @@ class InputsBody(_Body):
     inputs: list[Input] = Field(min_length=1)
 
 
-#: OpenAI's completion fields that softprompt does not implement, and the values that ask
-#: for nothing (what a client that does not use the field may still send); any other value
-#: is refused by name rather than ignored
+class _OpenAIBody(_Body):
+    """An OpenAI request body: the fields of its `UNIMPLEMENTED` table (OpenAI fields
+    softprompt does not implement, and the values of each that ask for nothing, which a
+    client that does not use the field may still send) are refused by name unless
+    neutral, rather than ignored; ``n`` is 1."""
+
+    UNIMPLEMENTED: ClassVar[dict[str, tuple]] = {}
+
+    @field_validator("n", check_fields=False)
+    @classmethod
+    def _one(cls, n: int) -> int:
+        if n != 1:
+            raise PydanticCustomError("unimplemented", "only n=1 is supported")
+        return n
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unimplemented(cls, value: Any, info: ValidationInfo) -> Any:
+        neutral = cls.UNIMPLEMENTED.get(info.field_name)
+        if neutral is not None and not any(_same(value, v) for v in neutral):
+            raise PydanticCustomError("unimplemented", "softprompt does not implement {field} (it takes only {neutral})",
+                                      {"field": info.field_name, "neutral": " or ".join(map(json.dumps, neutral))})
+        return value
+
+
+#: OpenAI's completion fields that softprompt does not implement, and their neutral values
 UNIMPLEMENTED = {"echo": (False,), "logprobs": (None,), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
                  "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None,), "stream_options": (None,)}
 
 
-class CompletionBody(_Body):
-    model: str
-    prompt: Union[str, list[str]]
+class _Sampled(_OpenAIBody):
+    """The generation fields completions and chat share."""
+
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -108,6 +134,16 @@ class CompletionBody(_Body):
     seed: Union[int, None] = None
     n: int = 1
     user: Union[str, None] = None
+
+
+class _Prompted(_OpenAIBody):
+    model: str
+    prompt: Union[str, list[str]]
+
+
+class CompletionBody(_Sampled, _Prompted):  # fields in reversed base order: model, prompt, max_tokens, ...
+    UNIMPLEMENTED: ClassVar[dict[str, tuple]] = UNIMPLEMENTED
+
     echo: Any = False
     logprobs: Any = None
     presence_penalty: Any = None
@@ -117,22 +153,6 @@ class CompletionBody(_Body):
     suffix: Any = None
     stream_options: Any = None
 
-    @field_validator("n")
-    @classmethod
-    def _one(cls, n: int) -> int:
-        if n != 1:
-            raise PydanticCustomError("unimplemented", "only n=1 is supported")
-        return n
-
-    @field_validator(*UNIMPLEMENTED, mode="before")
-    @classmethod
-    def _unimplemented(cls, value: Any, info: ValidationInfo) -> Any:
-        neutral = UNIMPLEMENTED[info.field_name]
-        if not any(_same(value, v) for v in neutral):
-            raise PydanticCustomError("unimplemented", "softprompt does not implement {field} (it takes only {neutral})",
-                                      {"field": info.field_name, "neutral": " or ".join(map(json.dumps, neutral))})
-        return value
-
 
 def _same(value: Any, neutral: Any) -> bool:
     """`value` is the JSON value `neutral`: Python's True == 1 and False == 0, so a boolean
@@ -140,6 +160,54 @@ def _same(value: Any, neutral: Any) -> bool:
     if isinstance(value, bool) or isinstance(neutral, bool) or neutral is None:
         return value is neutral
     return value == neutral
+
+
+#: OpenAI's chat fields that softprompt does not implement, and their neutral values
+CHAT_UNIMPLEMENTED = {"logprobs": (None, False), "top_logprobs": (None,), "presence_penalty": (None, 0),
+                      "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+                      "tool_choice": (None, "none"), "parallel_tool_calls": (None,), "functions": (None, []),
+                      "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+                      "stream_options": (None,), "modalities": (None, ["text"]), "audio": (None,),
+                      "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
+                      "store": (None, False), "metadata": (None,), "service_tier": (None, "auto")}
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class _Chatting(_OpenAIBody):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ChatBody(_Sampled, _Chatting):
+    """A chat completion: `max_completion_tokens` (OpenAI's current name) or `max_tokens`."""
+
+    UNIMPLEMENTED: ClassVar[dict[str, tuple]] = CHAT_UNIMPLEMENTED
+
+    max_completion_tokens: Union[int, None] = Field(None, ge=1)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    stream_options: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
 
 
 class PromptBody(_Body):
@@ -214,6 +282,18 @@ class Server:
         if endpoint == "classify" and serves != "classify":
             raise APIError(422, f"task {task!r} has no classification head: use /v1/{serves}", param)
         return entry
+
+    def options(self, max_tokens: int, body: Any, max_param: str = "max_tokens") -> GenerationOptions:
+        """A completion's options from its body (`max_tokens`: its token budget, named
+        `max_param`), every one checked here, before the request joins a batch."""
+        if max_tokens > self.max_new_tokens:
+            raise APIError(400, f"{max_param}: {max_tokens} is over the server's limit of {self.max_new_tokens}",
+                           max_param)
+        try:
+            return GenerationOptions.completion(max_tokens, body.temperature, body.top_p, body.stop, body.seed)
+        except SoftPromptError as e:  # "generation option temperature: ..." names the field
+            named = re.match(r"generation options? (\w+)", str(e))
+            raise APIError(400, str(e), named.group(1) if named else None) from None
 
     def check_count(self, n: int, what: str, param: str) -> None:
         if n > self.max_inputs:
@@ -329,43 +409,81 @@ async def completions(body: CompletionBody, request: HTTPRequest):
     server.check_count(len(prompts), "prompts", "prompt")
     if not prompts:
         raise APIError(400, "prompt: give at least one prompt", "prompt")
-    if body.max_tokens > server.max_new_tokens:
-        raise APIError(400, f"max_tokens: {body.max_tokens} is over the server's limit of {server.max_new_tokens}",
-                       "max_tokens")
-    try:  # every sampling option checked here, before the request joins a batch
-        options = GenerationOptions.completion(body.max_tokens, body.temperature, body.top_p, body.stop, body.seed)
-    except SoftPromptError as e:  # "generation option temperature: ..." names the field
-        named = re.match(r"generation options? (\w+)", str(e))
-        raise APIError(400, str(e), named.group(1) if named else None) from None
+    options = server.options(body.max_tokens, body)
     completion = _Completion(body.model, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
-    requests = [Request(body.model, p, generate=True, options=options, entry=entry) for p in prompts]
-    if body.stream:
-        return await completion.stream(server, requests, request)
-    results = await server.run(requests, request)
-    check_results(results, "prompt", "prompt")
-    return completion.answer(results)
+    return await completion.run(server, [Request(body.model, p, generate=True, options=options, entry=entry)
+                                         for p in prompts], body.stream, request)
+
+
+async def chat_completions(body: ChatBody, request: HTTPRequest):
+    """The messages rendered by the tokenizer's chat template (`chat.render_chat`), then
+    completed as that prompt would be: the text fills the task's one template field."""
+    server = server_of(request)
+    entry = server.entry_for(body.model, "completions")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    options = server.options(max_tokens, body, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+    try:
+        prompt = render_chat(server.bank.tokenizer, [m.model_dump() for m in body.messages], entry.model.encoder.lead)
+    except SoftPromptError as e:
+        raise APIError(400, f"messages: {e}", "messages") from None
+    completion = _ChatCompletion(body.model, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
+    requests = [Request(body.model, prompt, generate=True, options=options, entry=entry)]
+    return await completion.run(server, requests, body.stream, request)
 
 
 @dataclass
 class _Completion:
-    """One completion request's answer: whole (a JSON body) or streamed (server-sent events)."""
+    """One completion request's answer: whole (a JSON body) or streamed (server-sent
+    events), in OpenAI's completion format; `_ChatCompletion` changes only the format."""
 
     model: str
     ident: str
     created: int
+    object: ClassVar[str] = "text_completion"
+    chunk_object: ClassVar[str] = "text_completion"
+
+    def choice(self, i: int, r: Result) -> dict[str, Any]:
+        return {"index": i, "text": r.output, "logprobs": None, "finish_reason": r.finish_reason}
+
+    def delta(self, i: int, text: str, finish: str | None) -> dict[str, Any]:
+        """Choice `i`'s next piece (finish None), or its end (text "")."""
+        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def opening(self, i: int) -> list[dict[str, Any]]:
+        """Choice `i`'s deltas before its first piece."""
+        return []
+
+    def blame(self, i: int, r: Result) -> tuple[str, str]:
+        """(message, param) of choice `i`'s failure: the prompt it completes."""
+        return f"prompt {i}: {r.error}", f"prompt[{i}]"
+
+    def check(self, results: list[Result | None]) -> None:
+        """The status of the first failed result (None: not answered yet)."""
+        for i, r in enumerate(results):
+            if r is not None and not r.ok:
+                raise APIError(STATUS[r.error_kind], *self.blame(i, r))
+
+    async def run(self, server: Server, requests: list[Request], stream: bool, http: HTTPRequest):
+        if stream:
+            return await self.stream(server, requests, http)
+        results = await server.run(requests, http)
+        self.check(results)
+        return self.answer(results)
 
     def answer(self, results: list[Result]) -> dict[str, Any]:
-        choices = [{"index": i, "text": r.output, "logprobs": None, "finish_reason": r.finish_reason}
-                   for i, r in enumerate(results)]
+        choices = [self.choice(i, r) for i, r in enumerate(results)]
         prompt_tokens = sum(r.prompt_tokens for r in results)
         completion_tokens = sum(r.new_tokens for r in results)
-        return {"id": self.ident, "object": "text_completion", "created": self.created, "model": self.model,
+        return {"id": self.ident, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                               "total_tokens": prompt_tokens + completion_tokens}}
 
     def chunk(self, i: int, text: str, finish: str | None) -> str:
-        payload = {"id": self.ident, "object": "text_completion", "created": self.created, "model": self.model,
-                   "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
+        return self.event(self.delta(i, text, finish))
+
+    def event(self, choice: dict[str, Any]) -> str:
+        payload = {"id": self.ident, "object": self.chunk_object, "created": self.created, "model": self.model,
+                   "choices": [choice]}
         return f"data: {json.dumps(payload)}\n\n"
 
     async def stream(self, server: Server, requests: list[Request], http: HTTPRequest) -> StreamingResponse:
@@ -385,7 +503,7 @@ class _Completion:
             cancel(requests)
             drop(first)
             drop(done)
-            check_results(early, "prompt", "prompt")
+            self.check(early)
         return StreamingResponse(self._events(server.metrics, first, pieces, done, requests),
                                  media_type="text/event-stream")
 
@@ -395,6 +513,9 @@ class _Completion:
         metrics.streams_open.inc()
         getter = first
         try:
+            for i in range(len(requests)):
+                for choice in self.opening(i):
+                    yield self.event(choice)
             while True:
                 await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
@@ -408,7 +529,7 @@ class _Completion:
                 yield self.chunk(i, text, None)
             for i, r in enumerate(done.result()):
                 if not r.ok:
-                    body = error_body(STATUS[r.error_kind], f"prompt {i}: {r.error}", f"prompt[{i}]")
+                    body = error_body(STATUS[r.error_kind], *self.blame(i, r))
                     yield f"data: {json.dumps(body)}\n\n"
                 else:
                     yield self.chunk(i, "", r.finish_reason)
@@ -417,6 +538,29 @@ class _Completion:
             getter.cancel()  # else asyncio warns of a pending task when the client left mid-wait
             cancel(requests)
             metrics.streams_open.dec()
+
+
+class _ChatCompletion(_Completion):
+    """A chat completion's answer: the text as the assistant's message; streamed, a first
+    delta with the role, then the content piece by piece, then an empty delta with the
+    finish reason."""
+
+    object: ClassVar[str] = "chat.completion"
+    chunk_object: ClassVar[str] = "chat.completion.chunk"
+
+    def choice(self, i: int, r: Result) -> dict[str, Any]:
+        return {"index": i, "message": {"role": "assistant", "content": r.output}, "logprobs": None,
+                "finish_reason": r.finish_reason}
+
+    def delta(self, i: int, text: str, finish: str | None) -> dict[str, Any]:
+        return {"index": i, "delta": {"content": text} if finish is None else {}, "logprobs": None,
+                "finish_reason": finish}
+
+    def opening(self, i: int) -> list[dict[str, Any]]:
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+
+    def blame(self, i: int, r: Result) -> tuple[str, str]:
+        return f"messages: {r.error}", "messages"  # one choice, from all of the messages
 
 
 # -- admin ----------------------------------------------------------------------------
@@ -459,7 +603,8 @@ def admin_off(task: str):
 
 #: (methods, path, route function): the server's routes, then the admin routes (or their refusal)
 ROUTES = [(["GET"], "/health", health), (["GET"], "/metrics", metrics), (["GET"], "/v1/models", models),
-          (["POST"], "/v1/classify", classify), (["POST"], "/v1/tag", tag), (["POST"], "/v1/completions", completions)]
+          (["POST"], "/v1/classify", classify), (["POST"], "/v1/tag", tag), (["POST"], "/v1/completions", completions),
+          (["POST"], "/v1/chat/completions", chat_completions)]
 ADMIN_ROUTES = [(["PUT"], "/v1/prompts/{task}", load_prompt), (["DELETE"], "/v1/prompts/{task}", unload_prompt)]
 ADMIN_OFF_ROUTES = [(["PUT", "DELETE"], "/v1/prompts/{task}", admin_off)]
 
@@ -540,7 +685,8 @@ def _known_fields(route: Any) -> list[str]:
     """The fields of the body a route takes (for the message that refuses an unknown one)."""
     field = getattr(route, "body_field", None)
     model = field.field_info.annotation if field is not None else None
-    return [name for name in getattr(model, "model_fields", {}) if name not in UNIMPLEMENTED] or ["no other field"]
+    hidden = getattr(model, "UNIMPLEMENTED", {})
+    return [name for name in getattr(model, "model_fields", {}) if name not in hidden] or ["no other field"]
 
 
 def server_error(request: HTTPRequest, e: Exception) -> JSONResponse:
