@@ -300,3 +300,28 @@ def test_http_refuses_bad_sampling_options_and_treats_empty_stops_alike(causal_b
         assert complete(temperature=0, stop=[""]).json()["choices"][0]["text"] == plain
         seeded = [complete(temperature=1.0, seed=11).json()["choices"][0]["text"] for _ in range(2)]
         assert seeded[0] == seeded[1]
+
+
+def test_seeded_rows_on_fixed_slots_stepping_ahead_draw_as_alone(causal_bank):
+    """Fixed slots launch the next step before the host reads this one's tokens: a sampling
+    row's draw index counts the token still on its way, rows ending (budget, end of
+    sequence) and joining meanwhile take no token of a step launched for another row; each
+    seeded row == the row alone on eager slots."""
+    def rows():
+        return [DecodeRow("writer", {"text": TEXTS[i % 3]}, Sampling(max_new_tokens=3 + 4 * i, do_sample=True,
+                                                                     temperature=1.5, top_k=20, seed=i))
+                for i in range(6)] + [DecodeRow("free", {"text": TEXTS[1]}, Sampling(max_new_tokens=9))]
+
+    fixed = rows()
+    decoder = Decoder(causal_bank, max_rows=3, graphs=True)  # 7 rows through 3 slots: rows join as others end
+    ahead = []
+    launch = decoder._launch
+    decoder._launch = lambda before: ahead.append(before is not None) or launch(before)
+    decoder.run(fixed)
+    assert any(ahead) and not all(ahead)  # steps were launched ahead, and not past the last token
+    expected = rows()
+    for row in expected:
+        Decoder(causal_bank, max_rows=1, graphs=False).run([row])
+    assert [r.tokens for r in fixed] == [r.tokens for r in expected]
+    assert all(r.error is None for r in fixed)
+    assert [len(r.tokens) for r in fixed[:6]] == [3 + 4 * i for i in range(6)]

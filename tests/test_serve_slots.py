@@ -118,3 +118,73 @@ def test_fixed_slots_serve_run_after_run(family_models, family):
         assert decoder.slots.rows == 4 and decoder.slots.t == 0  # kept, and emptied
         for row, task in zip(rows, TASKS):
             assert row.tokens == alone(models[task], {"text": text}, k, None)[:k], (task, text)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_slot_attention_equals_the_models_own(family_models, family):
+    """The decode step's attention (`attention.slot_attention`: the query heads of a K/V head
+    as query rows, no repeated K/V) equals transformers' SDPA attention on the same one-token
+    queries, slot buffers and additive mask, layer by layer of a real model."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from softprompt.attention import slot_attention
+
+    base, _ = family_models(family)
+    attention = base.model.layers[0].self_attn
+    groups = attention.num_key_value_groups
+    assert groups > 1  # the grouped-head case is what the packed path is for
+    g = torch.Generator().manual_seed(0)
+    R, H_kv, C, D = 5, base.config.num_key_value_heads, 24, attention.head_dim
+    query = torch.randn(R, H_kv * groups, 1, D, generator=g)
+    key, value = torch.randn(2, R, H_kv, C, D, generator=g)
+    mask = torch.where(torch.rand(R, 1, 1, C, generator=g) < 0.3, torch.finfo(query.dtype).min, 0.0)
+    mask[..., -1] = 0.0  # every row sees its newest column
+    ours, _ = slot_attention(attention, query, key, value, mask, scaling=attention.scaling)
+    theirs, _ = sdpa_attention_forward(attention, query, key, value, mask, scaling=attention.scaling)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    assert ours.shape == (R, 1, H_kv * groups, D)
+
+
+def test_decode_steps_run_the_packed_slot_attention(family_models, monkeypatch):
+    """Decoding gives the model the slot attention (transformers' attention interface): every
+    decode step calls it with one-token queries (one call per layer), the prefill's longer
+    queries go through it to SDPA; GPT-2 (no grouped K/V heads) keeps its own."""
+    from transformers import AttentionInterface
+
+    from softprompt import attention as attn
+
+    calls = []
+
+    def spy(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return attn.slot_attention(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, attn.SLOT_ATTENTION, spy)
+    bank, models, tok = bank_of(family_models, "llama")
+    rows = [DecodeRow(t, {"text": "one two"}, Sampling(max_new_tokens=4)) for t in TASKS]
+    Decoder(bank, max_rows=4, graphs=True).run(rows)
+    layers = bank.base.config.num_hidden_layers
+    assert bank.base.config._attn_implementation == attn.SLOT_ATTENTION
+    assert calls.count(1) == 3 * layers  # 3 steps after the prefill's first token
+    assert len(calls) > 3 * layers  # the prefill's forwards, through the same function
+    for row, task in zip(rows, TASKS):
+        assert row.tokens == alone(models[task], {"text": "one two"}, 4, None)[:4]
+    gpt2, _ = bank_of(family_models, "gpt2")[0].base, None
+    assert not attn.use_slot_attention(gpt2) and gpt2.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_compiled_step_gives_the_rows_alone(family_models, family):
+    """The decode step's forward compiled with `torch.compile` (as on a GPU before capture):
+    rows joining and leaving, run after run, each == the row alone."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    bank, models, tok = bank_of(family_models, family)
+    decoder = Decoder(bank, max_rows=4, graphs=True, compile=True)
+    for text, k in [("again and again", 12), ("a much longer input than the one before it", 5)]:
+        rows = [DecodeRow(t, {"text": text}, Sampling(max_new_tokens=k + i)) for i, t in enumerate(TASKS)]
+        decoder.run(rows)
+        for row, task, i in zip(rows, TASKS, range(3)):
+            assert row.tokens == alone(models[task], {"text": text}, k + i, None)[: k + i], (task, text)
+    assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 1  # compiled

@@ -183,7 +183,7 @@ def s1(base, tok, args) -> dict:
         decoder.run(rows)
         return [r.tokens for r in rows]
 
-    graphed = Decoder(bank, max_rows=n_requests)  # kept, as the engine keeps it: the graph is captured once
+    graphed = Decoder(bank, max_rows=n_requests, compile=args.compile)  # kept, as the engine keeps it: the graph is captured once
     eager = Decoder(bank, max_rows=n_requests, graphs=False)
     seconds = timed(lambda: decoder_run(graphed), args.gen_repeats)
     out["softprompt"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds,
@@ -234,6 +234,7 @@ def main() -> None:
     parser.add_argument("--s2-rows", type=int, default=128,
                         help="S2: most rows per batch (both; PEFT's batches are its task groups, 32 or 2 rows)")
     parser.add_argument("--s3-rows", type=int, nargs="+", default=[64, 256], help="S3's batch sizes")
+    parser.add_argument("--compile", action="store_true", help="S1: the decode step's forward compiled before capture")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gen-repeats", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "serve_throughput.json"))

@@ -1,6 +1,7 @@
-"""Which scaled-dot-product-attention kernels a training forward may use.
+"""Attention kernels: which SDPA backends a training forward may use, and the attention a
+decode step over the serving slots runs.
 
-PyTorch's cuDNN attention backend (its default on H100 / H200 since torch 2.11) returns NaN
+Training: PyTorch's cuDNN attention backend (its default on H100 / H200 since torch 2.11) returns NaN
 gradients when a query row attends to no key and the sequence length is 64 modulo 128
 (pytorch/pytorch#196678). Left-padded rows of a causal LM are such rows: a pad at the front
 sees only pads. Measured on an H100 (torch 2.11, `python -m bench.probe.sdpa_nan`): a Llama
@@ -18,6 +19,9 @@ from typing import ContextManager
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 TRAINING_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -32,3 +36,66 @@ def attention_for(device: torch.device) -> ContextManager:
     """The context a base model's forward runs in (see the module docstring)."""
     backends = training_backends(device)
     return sdpa_kernel(backends) if backends is not None else nullcontext()
+
+
+# -- decoding over slots ----------------------------------------------------------------
+# Decoding: a decode step has one query token per row against the row's cached columns:
+# (R, H, 1, D) queries, (R, H_kv, C, D) keys and values, an additive (R, 1, 1, C) mask shared
+# by all heads. transformers' SDPA path (5.17 on every step; 5.25 under torch.compile) gives
+# grouped K/V heads to the kernel by `repeat_kv`, a copy of every layer's keys and values
+# H / H_kv times per step: on a 1B Llama (32 query heads over 8 K/V heads) at 64 rows that
+# copy was 1.26 of the step's 4.26 ms of GPU time. A one-token query needs no copy: the G =
+# H / H_kv query heads of one K/V head are G query rows of one attention over that head, so
+# (R, H, 1, D) is viewed as (R, H_kv, G, D) and attends to the keys and values in place.
+#
+# It reaches the model through transformers' attention interface (`set_attn_implementation`,
+# the documented way to give a model another attention function), for every forward of the
+# model from then on, in every thread: the packed path is the same attention for any
+# one-token query with a mask shared by its heads, and everything else goes to SDPA as before.
+# A switch around the decode step alone would not do: another thread's forward on the same
+# model (a task's prompt cache computed while loading it) would run under it meanwhile.
+SLOT_ATTENTION = "sdpa_packed_gqa"
+
+
+def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                   **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, with one-token queries on grouped K/V heads packed.
+
+    Args:
+        query: (R, H, Q, D) queries; packed where Q = 1.
+        key, value: (R, H_kv, C, D) keys and values (a decode step's: all C slot columns).
+        attention_mask: (R, 1, 1, C) additive, 0 where a row attends, the dtype's minimum elsewhere.
+
+    Returns the (R, Q, H, D) attention output, as every transformers attention function.
+    Anything else (a longer query, a per-head or boolean mask, soft-capping, a position bias,
+    dropout, ungrouped heads) is `sdpa_attention_forward`'s, unchanged.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    R, H, Q, D = query.shape
+    if (Q != 1 or groups == 1 or dropout or attention_mask is None or attention_mask.dim() != 4
+            or attention_mask.shape[1:3] != (1, 1) or not attention_mask.is_floating_point()
+            or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
+            or key.shape[-1] != value.shape[-1]):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    packed = query.reshape(R, H // groups, groups, D)  # the G query heads of a K/V head as G query rows
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(R, 1, H, value.shape[-1]), None
+
+
+AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+AttentionMaskInterface.register(SLOT_ATTENTION, sdpa_mask)  # its masks are SDPA's
+
+
+def use_slot_attention(model: torch.nn.Module) -> bool:
+    """Give `model` the slot attention if it runs transformers' SDPA attention on grouped
+    K/V heads (other implementations and ungrouped heads are left as they are); True when
+    it runs it."""
+    config = model.config
+    name = config._attn_implementation
+    grouped = getattr(config, "num_key_value_heads", None) not in (None, getattr(config, "num_attention_heads", None))
+    if name == "sdpa" and grouped and getattr(model, "_supports_attention_backend", False):
+        model.set_attn_implementation(SLOT_ATTENTION)
+        name = model.config._attn_implementation
+    return name == SLOT_ATTENTION

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import inject
+from ..attention import use_slot_attention
 from ..encode import EncodedRow
 from .bank import PromptBank
 from .mixed import collate_mixed, encode_mixed
@@ -66,14 +67,31 @@ class DecodeRow:
     error: Exception | None = None
 
 
-def _pick(logits: torch.Tensor, rows: Sequence[DecodeRow | None],
-          greedy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _pick(logits: torch.Tensor, rows: Sequence[DecodeRow | None], greedy: torch.Tensor | None = None,
+          drawn: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, V) logits of `rows` (None: an empty slot) -> (B,) next tokens (arg-max for greedy
     rows, each sampling row's own draw for its next token index) and a (B,) bool mask, False
-    where a row's scores were not finite (`sampling.sample`); `greedy`: the arg-max, if known."""
+    where a row's scores were not finite (`sampling.sample`); `greedy`: the arg-max, if known;
+    `drawn`: per row, tokens drawn on the device that the row has not received yet."""
+    drawn = drawn or [0] * len(rows)
     draws = Draws.of([None if r is None else r.sampling for r in rows],
-                     [0 if r is None else len(r.tokens) for r in rows], logits.device)
+                     [0 if r is None else len(r.tokens) + d for r, d in zip(rows, drawn)], logits.device)
     return sample(logits, draws, greedy)
+
+
+@dataclass
+class _Launched:
+    """A decode step queued on the device whose tokens the host has not read yet.
+
+    Attributes:
+        rows: the row in each slot when the step was launched (its tokens are theirs only).
+        tokens: (2, R) the step's tokens and whether each row's scores were finite; on a GPU a
+            pinned host copy, valid once `ready` has passed.
+    """
+
+    rows: list[DecodeRow | None]
+    tokens: torch.Tensor
+    ready: torch.cuda.Event | None
 
 
 class Decoder:
@@ -90,14 +108,17 @@ class Decoder:
             rows.
         columns: the slots' first allocation of cache columns (default: the first rows'
             length plus their token budget, rounded up to 64); they grow when rows need more.
+        compile: compile the decode step's forward (`DecodeSlots`; fixed slots only).
 
     A decoder keeps its slots (and its captured graph) from one `run` to the next when it
     uses graphs: keep one per server. `run` calls are serialised.
     """
 
     def __init__(self, bank: PromptBank, *, max_rows: int = 64, admit: Callable[[int], list[DecodeRow]] | None = None,
-                 graphs: bool | None = None, columns: int | None = None):
+                 graphs: bool | None = None, columns: int | None = None, compile: bool | dict = False):
         self.bank = bank
+        self.compile = compile
+        use_slot_attention(bank.base)  # prefills and steps alike: one attention function from the start
         self.base = bank.base
         self.max_rows = max_rows
         self.admit = admit
@@ -107,6 +128,7 @@ class Decoder:
         self.steps = 0  # forward calls of the last run (prefills included), for tests and metrics
         self._rows: list[DecodeRow | None] = []  # the row in each slot
         self._fixed = False  # max_rows slots kept between runs (graph mode), or slots sized to the rows
+        self._launched: _Launched | None = None  # a step queued ahead whose tokens are not handed out yet
         self._lock = threading.Lock()
 
     @property
@@ -124,6 +146,7 @@ class Decoder:
             try:
                 self._loop(deque(rows), admit)
             finally:
+                self._launched = None  # a step launched ahead for rows that ended: its tokens go to no one
                 self._rows = [None] * len(self._rows)
                 if self.slots is not None:
                     if self._fixed:  # fixed slots (and their graph) serve the next run
@@ -165,22 +188,51 @@ class Decoder:
             self._done(row)
 
     def _step(self) -> None:
-        slots = self.slots
+        """Hand out one step's tokens. On fixed slots the next step is launched before this
+        one's tokens are read (`_ahead`), so the device runs it while the host hands tokens
+        out, ends rows and admits new ones: a slot whose row ended or changed meanwhile
+        computed one step for nothing, and its token goes to no one."""
         try:
-            slots.step()
-            chosen, finite = _pick(slots.logits, self._rows, slots.greedy)
+            launched = self._launched or self._launch(None)
+            self._launched = self._launch(launched) if self._ahead(launched) else None
         except Exception as e:  # which row caused it cannot be told: every row in the slots fails
             self._fail_slots(RuntimeError(f"the decode step failed ({type(e).__name__}: {e}); every row decoding "
                                           "in it was stopped"))
             return
         self.steps += 1
-        if chosen is not slots.greedy:  # some rows sample: their draws are the next step's tokens
-            slots.set_tokens(chosen)
-        tokens, finite = torch.stack([chosen, finite.long()]).tolist()  # the one host synchronisation of a step
-        for s, row in enumerate(self._rows):
-            if row is not None:
+        if launched.ready is not None:
+            launched.ready.synchronize()  # the one host wait of a step
+        tokens, finite = launched.tokens.tolist()
+        for s, row in enumerate(launched.rows):
+            if row is not None and self._rows[s] is row:
                 self._advance(s, tokens[s], bool(finite[s]))
         self._shrink()
+
+    def _launch(self, before: _Launched | None) -> _Launched:
+        """Queue a decode step over every slot and the copy of its tokens to the host;
+        `before`: the step queued before it, whose tokens the rows have not received yet."""
+        slots = self.slots
+        drawn = [int(before is not None and r is not None and before.rows[s] is r) for s, r in enumerate(self._rows)]
+        slots.step()
+        chosen, finite = _pick(slots.logits, self._rows, slots.greedy, drawn)
+        if chosen is not slots.greedy:  # some rows sample: their draws are the next step's tokens
+            slots.set_tokens(chosen)
+        both = torch.stack([chosen, finite.long()])
+        if not both.is_cuda:
+            return _Launched(list(self._rows), both, None)
+        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+        host.copy_(both, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Launched(list(self._rows), host, ready)
+
+    def _ahead(self, launched: _Launched) -> bool:
+        """Launch the next step before reading `launched`'s tokens: on fixed slots (eager
+        slots move rows between slots when they resize), and unless every row is sure to end
+        with `launched`'s token (its budget reached)."""
+        return self._fixed and any(
+            r is not None and self._rows[s] is r and len(r.tokens) + 1 < r.sampling.max_new_tokens
+            for s, r in enumerate(launched.rows))
 
     def _advance(self, slot: int, token: int, finite: bool) -> None:
         """Hand the row in `slot` its new token; it leaves its slot when it is done, or
@@ -235,7 +287,7 @@ class Decoder:
             graphs = self._fixed = self.uses_graphs
             rows = self.max_rows if graphs else len(joining)
             columns = self.columns or round_up(mask.shape[1] + budget, 64)
-            self.slots = DecodeSlots(self.base, cache, rows, columns, graphs=graphs)
+            self.slots = DecodeSlots(self.base, cache, rows, columns, graphs=graphs, compile=self.compile if graphs else False)
             self._rows = [None] * rows
         free = self.slots.free_slots()
         if len(free) < len(joining):  # eager slots: make room for the joiners
@@ -262,7 +314,7 @@ class Decoder:
         """Every row in the slots fails with `error`; the slots are dropped (their state is
         not trusted) and built afresh for the rows that join next."""
         rows = [r for r in self._rows if r is not None]
-        self.slots, self._rows, self._fixed = None, [], False
+        self.slots, self._rows, self._fixed, self._launched = None, [], False, None
         log.error("%s: %d rows failed", error, len(rows))
         for row in rows:
             self._fail(row, error)

@@ -39,6 +39,7 @@ is meaningless; the caller fails that row alone.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -166,8 +167,22 @@ def sample(logits: torch.Tensor, draws: Draws | None,
     x = logits.index_select(0, draws.rows).float() / draws.temperature[:, None]  # (n, V)
     ok = finite.index_select(0, draws.rows) & finite_rows(x)  # logits / T may overflow where logits did not
     x = _filter(x, draws)
-    chosen = (x + gumbel(draws.keys, x.shape[-1])).argmax(-1)
+    chosen = (_fused_draw() if x.is_cuda else _draw)(x, draws.keys)
     return tokens.index_copy(0, draws.rows, chosen), finite.index_copy(0, draws.rows, ok)
+
+
+def _draw(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(n, V) filtered scaled scores, (n,) row keys -> (n,) each row's draw: arg-max of x + G."""
+    return (x + gumbel(keys, x.shape[-1])).argmax(-1)
+
+
+@functools.cache
+def _fused_draw():
+    """`_draw` compiled for the GPU: the hash, the logs and the arg-max of the (n, V) noise in
+    one kernel reading the scores once, where eagerly each of some 20 passes reads and writes
+    an (n, V) int64 or float32 tensor (measured: temperature-only sampling of 64 rows of a
+    128,256 vocabulary took 1.41 ms, against 0.39 for the one-generator sampler it replaced)."""
+    return torch.compile(_draw, dynamic=True)
 
 
 def _filter(x: torch.Tensor, draws: Draws) -> torch.Tensor:

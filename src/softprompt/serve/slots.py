@@ -32,6 +32,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import inject
 from ..architecture import forward_accepts
+from ..attention import use_slot_attention
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,15 @@ class DecodeSlots:
         rows: R, the number of slots.
         columns: C, the initial number of columns.
         graphs: capture the decode step as a CUDA graph (CUDA only).
+        compile: compile the base model's forward of the step with `torch.compile` (its
+            norms, rotary embedding, activations and residual adds fused) before capture;
+            a dict: `torch.compile`'s keyword arguments (e.g. ``{"options": {...}}``).
 
     Host-side state: ``t`` (the newest column), ``start[s]`` (the first column slot s's row
     uses; None: free).
     """
 
-    def __init__(self, base, like: Cache, rows: int, columns: int, *, graphs: bool):
+    def __init__(self, base, like: Cache, rows: int, columns: int, *, graphs: bool, compile: bool | dict = False):
         self.base = base
         self.rows = rows
         self.graphs = graphs and like.layers[0].keys.is_cuda
@@ -111,6 +115,10 @@ class DecodeSlots:
         self.window, self._mixed_layers = sliding_window(base.config)
         self._allocate(columns)
         self.keeps_logits = forward_accepts(base, "logits_to_keep")
+        self.slot_attention = use_slot_attention(base)  # one-token queries on grouped K/V heads, no copy
+        # dynamic=False: one kernel set per buffer shape (the slots change shape only when they grow)
+        options = compile if isinstance(compile, dict) else {}
+        self._forward = torch.compile(self._scores, dynamic=False, **options) if compile else self._scores
 
     # -- buffers ------------------------------------------------------------------
     @property
@@ -272,10 +280,9 @@ class DecodeSlots:
         self.ids.copy_(tokens.view(-1, 1))
 
     # -- the step ---------------------------------------------------------------------
-    def _body(self) -> None:
-        """One decode step over every slot (what the CUDA graph records)."""
-        for m in self.masks:
-            m.index_fill_(3, self.column, 0.0)  # each row attends to its newest token
+    def _scores(self) -> torch.Tensor:
+        """(R, V) next-token scores of every slot: the base model's forward over the step's
+        tokens (R, 1), writing their keys and values into column ``column``."""
         extra: dict[str, Any] = {"logits_to_keep": 1} if self.keeps_logits else {}
         if self._mixed_layers:  # full and sliding-window layers: a mask for each kind
             mask: Any = {"full_attention": self.mask, "sliding_attention": self.window_mask}
@@ -283,7 +290,13 @@ class DecodeSlots:
             mask = self.window_mask if self.window else self.mask
         out = self.base(input_ids=self.ids, attention_mask=mask, position_ids=self.pos,
                         use_cache=True, return_dict=True, **{inject.CACHE_ARG: self.cache}, **extra)
-        logits = out.logits[:, -1]
+        return out.logits[:, -1]
+
+    def _body(self) -> None:
+        """One decode step over every slot (what the CUDA graph records)."""
+        for m in self.masks:
+            m.index_fill_(3, self.column, 0.0)  # each row attends to its newest token
+        logits = self._forward()
         if self.logits is None or self.logits.shape != logits.shape:
             self.logits = torch.empty_like(logits)
         self.logits.copy_(logits)

@@ -1,0 +1,236 @@
+"""One decode step of the serving engine on a GPU, where its time goes, and how far it is
+from the hardware: the step over R occupied slots (rows of 16 tasks' input prompts joined
+with 84-token prompts), replayed as a CUDA graph, for each variant of the step:
+
+  transformers   the model's own SDPA attention (grouped K/V heads repeated per step)
+  slot           `attention.slot_attention` (one-token queries packed per K/V head, no copy)
+  slot+compile   the same, the step's forward compiled with `torch.compile` before capture
+  slot+compile+freezing   compiled with inductor's freezing: weights as constants, so linear
+                 layers reading the same input (Q, K, V; gate and up) become one product
+
+    python -m bench.probe.decode_step --shape llama-1b --out bench/results/decode_step.json
+
+For each variant and row count: the step's milliseconds (median of windows of replays), its
+kernels under the CUDA profiler (per step: calls and microseconds, grouped), the steady
+decode rate R / step, and the bound: the bytes one step must read (every weight once, plus
+the K/V columns the step's attention reads) at the GPU's memory bandwidth. Correctness: the
+greedy tokens of 24 replayed steps equal those of the same variant's eager step, row by row
+(N/N), and are compared with the transformers variant's (rows equal, not asserted: other
+kernels may round differently in bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from bench.harness.report import RESULTS, versions, write_json
+from bench.harness.shapes import SHAPES, build_base, tokenizer
+from bench.harness.timing import measure, sync
+
+VARIANTS = {"transformers": (False, False), "slot": (True, False), "slot+compile": (True, True),
+            "slot+compile+freezing": (True, {"options": {"freezing": True}})}
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, HBM3 / HBM3e as sold
+
+
+def bandwidth() -> float:
+    name = torch.cuda.get_device_name(0)
+    return next((b for k, b in BANDWIDTH.items() if k in name), 3.35e12)
+
+
+def bank_of(base, tok, tasks: int, virtual: int):
+    import softprompt as sp
+    from softprompt.serve import PromptBank
+
+    bank = PromptBank(base, tok, cache_prompts=True)
+    for t in range(tasks):
+        torch.manual_seed(t)
+        bank.add(f"t{t}", sp.SoftPromptModel(base, sp.PromptTuningConfig(template=f"[P:{virtual}] {{text}}",
+                                                                          init="random"), tokenizer=tok))
+    return bank
+
+
+@contextlib.contextmanager
+def variant(base, slot_attention: bool):
+    """The step with or without the slot attention (without: the model's own SDPA, as before)."""
+    from softprompt.serve import slots
+
+    if slot_attention:
+        yield
+        return
+    kept = slots.use_slot_attention
+    slots.use_slot_attention = lambda model: False
+    base.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        slots.use_slot_attention = kept
+
+
+def joined(bank, rows: int, tasks: int, text: str, *, graphs: bool, compile: bool, columns: int):
+    """A decoder whose R slots all hold a row (joined in one prefill), ready to step."""
+    from softprompt.serve.decode import Decoder, DecodeRow, Sampling
+
+    decoder = Decoder(bank, max_rows=rows, graphs=graphs, compile=compile, columns=columns)
+    decoder._join([DecodeRow(f"t{i % tasks}", {"text": text}, Sampling(max_new_tokens=64)) for i in range(rows)])
+    return decoder
+
+
+def tokens_of(slots, steps: int) -> list[list[int]]:
+    out = []
+    for _ in range(steps):
+        slots.step()
+        out.append(slots.greedy.clone())
+    return torch.stack(out, 1).tolist()
+
+
+def whole_run(decoder, rows: int, tasks: int, text: str, step_ms: float, new: int = 32) -> dict:
+    """S1's run on the kept slots: R rows joining at once, `new` greedy tokens each (the
+    prefill, the steps and the host loop between them), and the prefill alone."""
+    from softprompt.serve.decode import DecodeRow, Sampling
+
+    def make():
+        return [DecodeRow(f"t{i % tasks}", {"text": text}, Sampling(max_new_tokens=new)) for i in range(rows)]
+
+    decoder._rows = [None] * rows
+    decoder.slots.reset()
+    seconds = measure(lambda: decoder.run(make()), warmup=1, calls=3).seconds
+    prefill = measure(lambda: decoder._prefill(make()), warmup=1, calls=3).seconds
+    steps = new - 1  # the first token comes from the prefill
+    return {"seconds": round(seconds, 5), "new_tokens_per_s": rows * new / seconds, "prefill_ms": round(prefill * 1e3, 3),
+            "host_and_joins_ms": round((seconds - prefill) * 1e3 - steps * step_ms, 3), "steps": steps}
+
+
+def kernel_table(slots, steps: int) -> dict:
+    """Kernels of `steps` steps under the CUDA profiler: per step, grouped and the top 15."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            slots.step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in kernels:
+        by_name[e.name].append(e.device_time)
+    groups: dict[str, float] = defaultdict(float)
+    for name, times in by_name.items():
+        groups[group_of(name)] += sum(times) / steps
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
+    return {"gpu_us_per_step": round(sum(groups.values()), 1),
+            "kernels_per_step": round(sum(len(t) for t in by_name.values()) / steps, 1),
+            "groups_us": {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": n[:120], "calls_per_step": round(len(t) / steps, 2), "us_per_step": round(sum(t) / steps, 1)}
+                    for n, t in top]}
+
+
+def group_of(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "gemv", "splitk")):
+        return "matrix products"
+    if any(k in n for k in ("fmha", "flash", "attention", "cudnn", "attn")):
+        return "attention"
+    if n.startswith("triton"):
+        return "fused (triton)"
+    if "copy" in n or "elementwise_kernel" in n and "direct_copy" in n:
+        return "copies"
+    if "reduce" in n or "argmax" in n:
+        return "reductions"
+    if "elementwise" in n:
+        return "elementwise"
+    return "other"
+
+
+def bound_ms(base, slots) -> dict:
+    """The step's bytes at the memory bandwidth: every weight once, and the K/V columns read."""
+    weights = sum(p.numel() * p.element_size() for p in base.parameters())
+    kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in slots.kv)
+    bw = bandwidth() if torch.cuda.is_available() else float("nan")
+    return {"weight_bytes": weights, "kv_bytes_read": kv, "weights_ms": 1e3 * weights / bw,
+            "weights_and_kv_ms": 1e3 * (weights + kv) / bw, "bandwidth_bytes_per_s": bw}
+
+
+def probe(base, tok, args, name: str, rows: int, reference: dict) -> dict:
+    slot_attention, compile = VARIANTS[name]
+    bank = args.bank
+    text = " hello" * args.input_tokens
+    out: dict = {"variant": name, "rows": rows}
+    with variant(base, slot_attention):
+        start = time.perf_counter()
+        decoder = joined(bank, rows, args.tasks, text, graphs=True, compile=compile, columns=args.columns)
+        slots = decoder.slots
+        slots.step()  # capture (and compile)
+        sync()
+        out["capture_s"] = round(time.perf_counter() - start, 2)
+        out["cuda_graph"] = slots._graph is not None
+        out["columns"] = slots.columns
+        graph_tokens = tokens_of(slots, args.check_steps)
+        timing = measure(slots.step, warmup=3, calls=args.calls, windows=3)
+        out["step_ms"] = round(timing.seconds * 1e3, 3)
+        out["windows_ms"] = [round(w * 1e3, 3) for w in timing.windows]
+        if torch.cuda.is_available():
+            out["profile"] = kernel_table(slots, 10)
+        out["bound"] = bound_ms(base, slots)
+        out["run"] = whole_run(decoder, rows, args.tasks, text, out["step_ms"])
+        decoder.slots = None
+        eager = joined(bank, rows, args.tasks, text, graphs=False, compile=False, columns=args.columns)
+        eager.slots.step()
+        eager_tokens = tokens_of(eager.slots, args.check_steps)
+        out["eager_step_ms"] = round(measure(eager.slots.step, warmup=1, calls=5, windows=1).seconds * 1e3, 3)
+        eager.slots = None
+    out["graph_rows_equal_eager"] = f"{sum(a == b for a, b in zip(graph_tokens, eager_tokens))}/{rows}"
+    if name == "transformers":
+        reference[rows] = graph_tokens
+    elif rows in reference:
+        out["rows_equal_transformers_variant"] = f"{sum(a == b for a, b in zip(graph_tokens, reference[rows]))}/{rows}"
+    out["new_tokens_per_s_steady"] = rows / (timing.seconds)
+    out["share_of_weights_bound"] = out["bound"]["weights_ms"] / out["step_ms"]
+    out["share_of_weights_and_kv_bound"] = out["bound"]["weights_and_kv_ms"] / out["step_ms"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama-1b")
+    parser.add_argument("--rows", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--tasks", type=int, default=16)
+    parser.add_argument("--virtual", type=int, default=20)
+    parser.add_argument("--input-tokens", type=int, default=64)
+    parser.add_argument("--columns", type=int, default=192, help="slot columns (84 used at the join, + the steps)")
+    parser.add_argument("--check-steps", type=int, default=24)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--out", default=str(RESULTS / "decode_step.json"))
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a smoke run (no graphs, no profile)
+    base = build_base(args.shape, device)
+    tok = tokenizer()
+    args.bank = bank_of(base, tok, args.tasks, args.virtual)
+    report = {"benchmark": "decode step", "shape": args.shape, "device": torch.cuda.get_device_name(0) if device == "cuda" else "CPU",
+              "versions": versions(), "command": f"python -m bench.probe.decode_step --shape {args.shape}",
+              "settings": {k: v for k, v in vars(args).items() if k not in ("bank", "out")}, "results": []}
+    reference: dict = {}
+    for name in args.variants:
+        for rows in args.rows:
+            try:
+                row = probe(base, tok, args, name, rows, reference)
+            except Exception as e:  # a failing variant is reported, not fatal
+                import traceback
+
+                traceback.print_exc()
+                row = {"variant": name, "rows": rows, "error": f"{type(e).__name__}: {e}"}
+            report["results"].append(row)
+            print({k: row.get(k) for k in ("variant", "rows", "step_ms", "capture_s", "run", "graph_rows_equal_eager",
+                                           "rows_equal_transformers_variant", "share_of_weights_bound", "error")},
+                  flush=True)
+            write_json(report, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
