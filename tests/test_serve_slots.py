@@ -188,3 +188,24 @@ def test_compiled_step_gives_the_rows_alone(family_models, family):
         for row, task, i in zip(rows, TASKS, range(3)):
             assert row.tokens == alone(models[task], {"text": text}, k + i, None)[: k + i], (task, text)
     assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 1  # compiled
+
+
+def test_a_step_that_cannot_be_compiled_runs_uncompiled(family_models, monkeypatch, caplog):
+    """A compiler failure (no C++ compiler, no Triton, a family dynamo cannot trace) costs
+    speed, not requests: the step runs uncompiled, rows == alone, one warning."""
+    import torch._dynamo
+
+    def broken(fn, **kwargs):
+        def fails(*args, **kw):
+            raise torch._dynamo.exc.BackendCompilerFailed(fn, RuntimeError("no compiler here"))
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken)
+    bank, models, tok = bank_of(family_models, "llama")
+    rows = [DecodeRow(t, {"text": "one two"}, Sampling(max_new_tokens=5)) for t in TASKS]
+    decoder = Decoder(bank, max_rows=4, graphs=True, compile=True)
+    decoder.run(rows)
+    for row, task in zip(rows, TASKS):
+        assert row.error is None and row.tokens == alone(models[task], {"text": "one two"}, 5, None)[:5]
+    assert decoder.slots._forward == decoder.slots._scores
+    assert sum("not compiled" in r.message for r in caplog.records) == 1

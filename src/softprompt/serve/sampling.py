@@ -39,7 +39,7 @@ is meaningless; the caller fails that row alone.
 
 from __future__ import annotations
 
-import functools
+import logging
 import secrets
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -47,6 +47,7 @@ from typing import Sequence
 import torch
 from transformers.generation.logits_process import LogitsProcessor
 
+log = logging.getLogger(__name__)
 MASK32 = 0xFFFFFFFF
 #: (shift, multiplier) of each round of `mix32`: odd multipliers below 2**31 (see the module docstring)
 _ROUNDS = ((16, 0x7FEB352D), (15, 0x045D9F3B), (15, 0x2C1B3C6D))
@@ -167,7 +168,7 @@ def sample(logits: torch.Tensor, draws: Draws | None,
     x = logits.index_select(0, draws.rows).float() / draws.temperature[:, None]  # (n, V)
     ok = finite.index_select(0, draws.rows) & finite_rows(x)  # logits / T may overflow where logits did not
     x = _filter(x, draws)
-    chosen = (_fused_draw() if x.is_cuda else _draw)(x, draws.keys)
+    chosen = _fused_draw(x, draws.keys) if x.is_cuda else _draw(x, draws.keys)
     return tokens.index_copy(0, draws.rows, chosen), finite.index_copy(0, draws.rows, ok)
 
 
@@ -176,13 +177,23 @@ def _draw(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return (x + gumbel(keys, x.shape[-1])).argmax(-1)
 
 
-@functools.cache
-def _fused_draw():
+def _fused_draw(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """`_draw` compiled for the GPU: the hash, the logs and the arg-max of the (n, V) noise in
     one kernel reading the scores once, where eagerly each of some 20 passes reads and writes
     an (n, V) int64 or float32 tensor (measured: temperature-only sampling of 64 rows of a
-    128,256 vocabulary took 1.41 ms, against 0.39 for the one-generator sampler it replaced)."""
-    return torch.compile(_draw, dynamic=True)
+    128,256 vocabulary took 1.41 ms, against 0.39 for the one-generator sampler it replaced).
+    Where it cannot be compiled (no Triton, say) `_draw` runs as it is, from then on."""
+    global _compiled_draw
+    if _compiled_draw is not None:
+        try:
+            return _compiled_draw(x, keys)
+        except Exception as e:  # the compiler's failure: sampling goes on uncompiled
+            log.warning("sampling's noise not compiled (%s: %s); drawing it eagerly", type(e).__name__, e)
+            _compiled_draw = None
+    return _draw(x, keys)
+
+
+_compiled_draw = torch.compile(_draw, dynamic=True)
 
 
 def _filter(x: torch.Tensor, draws: Draws) -> torch.Tensor:

@@ -315,8 +315,15 @@ class DecodeSlots:
             self._capture()
         if self.graphs and self._graph is not None:
             self._graph.replay()
-        else:
+        elif self._forward is self._scores:
             self._body()
+        else:  # compiled, stepping eagerly: compilation fails before the forward changes anything
+            try:
+                self._body()
+            except Exception as e:
+                log.warning("decode step not compiled (%s: %s); running it uncompiled", type(e).__name__, e)
+                self._forward = self._scores
+                self._body()
         self.t += 1
 
     def _capture(self) -> None:
@@ -343,12 +350,17 @@ class DecodeSlots:
                 self._body()
             restore()
             self._graph = graph
-        except Exception as e:  # a family whose forward cannot be captured: run it eagerly
-            log.warning("decode step not captured as a CUDA graph (%s: %s); running it eagerly", type(e).__name__, e)
+        except Exception as e:  # a family whose forward cannot be compiled or captured: run it as it is
             torch.cuda.synchronize(self.device)
             restore()
-            self.graphs = False
             self._graph = None
+            if self._forward is not self._scores:  # compiled: capture the step uncompiled instead
+                log.warning("decode step not compiled (%s: %s); capturing it uncompiled", type(e).__name__, e)
+                self._forward = self._scores
+                self._capture()
+                return
+            log.warning("decode step not captured as a CUDA graph (%s: %s); running it eagerly", type(e).__name__, e)
+            self.graphs = False
 
 
 def sliding_window(config) -> tuple[int | None, bool]:
