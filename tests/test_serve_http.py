@@ -263,7 +263,7 @@ def test_generation_requests_join_a_running_decode(causal_bank):
     submitted = threading.Event()
     # the long one's first piece waits (on the engine's thread) until the others are queued:
     # decoding has begun; 50 new tokens fill the tiny Llama's 64 positions (more are refused)
-    begun = TokenStream(lambda text: submitted.wait(timeout=30))
+    begun = TokenStream(lambda text, logprobs: submitted.wait(timeout=30))
     try:
         long = batcher.submit([Request("writer", "a long one", generate=True, stream=begun,
                                        options={"max_new_tokens": 50, "temperature": 0})])[0]

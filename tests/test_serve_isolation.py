@@ -105,7 +105,7 @@ class Pieces(TokenStream):
         self.fail_at, self.then = fail_at, then
         super().__init__(self.take)
 
-    def take(self, text: str) -> None:
+    def take(self, text: str, logprobs=None) -> None:
         self.pieces.append(text)
         if self.then is not None and len(self.pieces) == 1:
             self.then()

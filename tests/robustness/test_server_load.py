@@ -87,7 +87,7 @@ def gated_stream(after: int, reached: threading.Event, go: threading.Event) -> T
     decode loop is frozen at a known point, with no timing guess."""
     pieces = []
 
-    def on_text(piece: str) -> None:
+    def on_text(piece: str, logprobs) -> None:
         pieces.append(piece)
         if len(pieces) == after:
             reached.set()

@@ -60,9 +60,11 @@ from .bank import BankEntry, PromptBank, UnknownTaskError, check_task_name
 from .batcher import Batcher, QueueFullError, TooManyRequestsForQueueError
 from .chat import render_chat
 from .engine import Engine, ErrorKind, Request, Result
+from .sampling import TokenLogprob
 from .errors import error_body, field_path
 from .guard import BodyError, RequestGuard, check_api_key, parse_json_body
-from .text import GenerationOptions, TokenStream
+from .logprobs import chat_logprobs, completion_logprobs
+from .text import MAX_LOGPROBS, GenerationOptions, TokenStream
 
 #: the status code of each way a request can fail in the engine
 STATUS = {ErrorKind.UNKNOWN_TASK: 404, ErrorKind.INPUT_TOO_LONG: 413, ErrorKind.BAD_INPUT: 422,
@@ -119,7 +121,7 @@ class _OpenAIBody(_Body):
 
 
 #: OpenAI's completion fields that softprompt does not implement, and their neutral values
-UNIMPLEMENTED = {"echo": (False,), "logprobs": (None,), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+UNIMPLEMENTED = {"echo": (False,), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
                  "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None,), "stream_options": (None,)}
 
 
@@ -145,7 +147,7 @@ class CompletionBody(_Sampled, _Prompted):  # fields in reversed base order: mod
     UNIMPLEMENTED: ClassVar[dict[str, tuple]] = UNIMPLEMENTED
 
     echo: Any = False
-    logprobs: Any = None
+    logprobs: Union[int, None] = Field(None, ge=0, le=MAX_LOGPROBS)
     presence_penalty: Any = None
     frequency_penalty: Any = None
     logit_bias: Any = None
@@ -163,7 +165,7 @@ def _same(value: Any, neutral: Any) -> bool:
 
 
 #: OpenAI's chat fields that softprompt does not implement, and their neutral values
-CHAT_UNIMPLEMENTED = {"logprobs": (None, False), "top_logprobs": (None,), "presence_penalty": (None, 0),
+CHAT_UNIMPLEMENTED = {"presence_penalty": (None, 0),
                       "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
                       "tool_choice": (None, "none"), "parallel_tool_calls": (None,), "functions": (None, []),
                       "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
@@ -188,8 +190,8 @@ class ChatBody(_Sampled, _Chatting):
     UNIMPLEMENTED: ClassVar[dict[str, tuple]] = CHAT_UNIMPLEMENTED
 
     max_completion_tokens: Union[int, None] = Field(None, ge=1)
-    logprobs: Any = None
-    top_logprobs: Any = None
+    logprobs: Union[bool, None] = None
+    top_logprobs: Union[int, None] = Field(None, ge=0, le=MAX_LOGPROBS)
     presence_penalty: Any = None
     frequency_penalty: Any = None
     logit_bias: Any = None
@@ -283,14 +285,17 @@ class Server:
             raise APIError(422, f"task {task!r} has no classification head: use /v1/{serves}", param)
         return entry
 
-    def options(self, max_tokens: int, body: Any, max_param: str = "max_tokens") -> GenerationOptions:
+    def options(self, max_tokens: int, body: Any, max_param: str = "max_tokens",
+                logprobs: int | None = None) -> GenerationOptions:
         """A completion's options from its body (`max_tokens`: its token budget, named
-        `max_param`), every one checked here, before the request joins a batch."""
+        `max_param`; `logprobs`: the top log-probabilities per token, None: none), every one
+        checked here, before the request joins a batch."""
         if max_tokens > self.max_new_tokens:
             raise APIError(400, f"{max_param}: {max_tokens} is over the server's limit of {self.max_new_tokens}",
                            max_param)
         try:
-            return GenerationOptions.completion(max_tokens, body.temperature, body.top_p, body.stop, body.seed)
+            return GenerationOptions.completion(max_tokens, body.temperature, body.top_p, body.stop, body.seed,
+                                                logprobs)
         except SoftPromptError as e:  # "generation option temperature: ..." names the field
             named = re.match(r"generation options? (\w+)", str(e))
             raise APIError(400, str(e), named.group(1) if named else None) from None
@@ -409,8 +414,8 @@ async def completions(body: CompletionBody, request: HTTPRequest):
     server.check_count(len(prompts), "prompts", "prompt")
     if not prompts:
         raise APIError(400, "prompt: give at least one prompt", "prompt")
-    options = server.options(body.max_tokens, body)
-    completion = _Completion(body.model, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
+    options = server.options(body.max_tokens, body, logprobs=body.logprobs)
+    completion = _Completion(body.model, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), server.bank.tokenizer)
     return await completion.run(server, [Request(body.model, p, generate=True, options=options, entry=entry)
                                          for p in prompts], body.stream, request)
 
@@ -421,12 +426,16 @@ async def chat_completions(body: ChatBody, request: HTTPRequest):
     server = server_of(request)
     entry = server.entry_for(body.model, "completions")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    options = server.options(max_tokens, body, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs: give logprobs: true to have log-probabilities returned", "top_logprobs")
+    options = server.options(max_tokens, body, "max_completion_tokens" if body.max_completion_tokens else "max_tokens",
+                             logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     try:
         prompt = render_chat(server.bank.tokenizer, [m.model_dump() for m in body.messages], entry.model.encoder.lead)
     except SoftPromptError as e:
         raise APIError(400, f"messages: {e}", "messages") from None
-    completion = _ChatCompletion(body.model, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
+    completion = _ChatCompletion(body.model, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
+                                 server.bank.tokenizer)
     requests = [Request(body.model, prompt, generate=True, options=options, entry=entry)]
     return await completion.run(server, requests, body.stream, request)
 
@@ -434,20 +443,36 @@ async def chat_completions(body: ChatBody, request: HTTPRequest):
 @dataclass
 class _Completion:
     """One completion request's answer: whole (a JSON body) or streamed (server-sent
-    events), in OpenAI's completion format; `_ChatCompletion` changes only the format."""
+    events), in OpenAI's completion format; `_ChatCompletion` changes only the format.
+    Streamed, each piece carries the log-probabilities of the tokens it came from (where
+    asked for); tokens that made no piece (cut by a stop string) come with the finish."""
 
     model: str
     ident: str
     created: int
+    tokenizer: Any
     object: ClassVar[str] = "text_completion"
     chunk_object: ClassVar[str] = "text_completion"
 
-    def choice(self, i: int, r: Result) -> dict[str, Any]:
-        return {"index": i, "text": r.output, "logprobs": None, "finish_reason": r.finish_reason}
+    def __post_init__(self):
+        self._sent: dict[int, int] = {}  # per choice: log-probabilities streamed so far
+        self._offset: dict[int, int] = {}  # ... and the characters of their tokens
 
-    def delta(self, i: int, text: str, finish: str | None) -> dict[str, Any]:
+    def logprobs(self, i: int, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """Choice `i`'s ``logprobs`` for `entries`, the next of its tokens (None: not asked for)."""
+        if entries is None:
+            return None
+        self._sent[i] = self._sent.get(i, 0) + len(entries)
+        out = completion_logprobs(self.tokenizer, entries, self._offset.get(i, 0))
+        self._offset[i] = self._offset.get(i, 0) + sum(map(len, out["tokens"]))
+        return out
+
+    def choice(self, i: int, r: Result) -> dict[str, Any]:
+        return {"index": i, "text": r.output, "logprobs": self.logprobs(i, r.logprobs), "finish_reason": r.finish_reason}
+
+    def delta(self, i: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
         """Choice `i`'s next piece (finish None), or its end (text "")."""
-        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     def opening(self, i: int) -> list[dict[str, Any]]:
         """Choice `i`'s deltas before its first piece."""
@@ -478,8 +503,8 @@ class _Completion:
                 "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                               "total_tokens": prompt_tokens + completion_tokens}}
 
-    def chunk(self, i: int, text: str, finish: str | None) -> str:
-        return self.event(self.delta(i, text, finish))
+    def chunk(self, i: int, text: str, finish: str | None, entries: list[TokenLogprob] | None = None) -> str:
+        return self.event(self.delta(i, text, finish, self.logprobs(i, entries)))
 
     def event(self, choice: dict[str, Any]) -> str:
         payload = {"id": self.ident, "object": self.chunk_object, "created": self.created, "model": self.model,
@@ -493,7 +518,8 @@ class _Completion:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         for i, r in enumerate(requests):
-            r.stream = TokenStream(lambda text, i=i: loop.call_soon_threadsafe(pieces.put_nowait, (i, text)))
+            r.stream = TokenStream(lambda text, logprobs, i=i: loop.call_soon_threadsafe(pieces.put_nowait,
+                                                                                      (i, text, logprobs)))
         futures = server.submit(requests)
         done = asyncio.gather(*futures)
         first = asyncio.ensure_future(pieces.get())
@@ -521,18 +547,19 @@ class _Completion:
                 if not getter.done():
                     getter.cancel()
                     break
-                i, text = getter.result()
-                yield self.chunk(i, text, None)
+                i, text, entries = getter.result()
+                yield self.chunk(i, text, None, entries)
                 getter = asyncio.ensure_future(pieces.get())
             while not pieces.empty():
-                i, text = pieces.get_nowait()
-                yield self.chunk(i, text, None)
+                i, text, entries = pieces.get_nowait()
+                yield self.chunk(i, text, None, entries)
             for i, r in enumerate(done.result()):
                 if not r.ok:
                     body = error_body(STATUS[r.error_kind], *self.blame(i, r))
                     yield f"data: {json.dumps(body)}\n\n"
                 else:
-                    yield self.chunk(i, "", r.finish_reason)
+                    rest = None if r.logprobs is None else r.logprobs[self._sent.get(i, 0):]
+                    yield self.chunk(i, "", r.finish_reason, rest)
             yield "data: [DONE]\n\n"
         finally:  # also when the client goes away: its rows stop at the next step
             getter.cancel()  # else asyncio warns of a pending task when the client left mid-wait
@@ -548,12 +575,18 @@ class _ChatCompletion(_Completion):
     object: ClassVar[str] = "chat.completion"
     chunk_object: ClassVar[str] = "chat.completion.chunk"
 
-    def choice(self, i: int, r: Result) -> dict[str, Any]:
-        return {"index": i, "message": {"role": "assistant", "content": r.output}, "logprobs": None,
-                "finish_reason": r.finish_reason}
+    def logprobs(self, i: int, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        if entries is None:
+            return None
+        self._sent[i] = self._sent.get(i, 0) + len(entries)
+        return chat_logprobs(self.tokenizer, entries)
 
-    def delta(self, i: int, text: str, finish: str | None) -> dict[str, Any]:
-        return {"index": i, "delta": {"content": text} if finish is None else {}, "logprobs": None,
+    def choice(self, i: int, r: Result) -> dict[str, Any]:
+        return {"index": i, "message": {"role": "assistant", "content": r.output},
+                "logprobs": self.logprobs(i, r.logprobs), "finish_reason": r.finish_reason}
+
+    def delta(self, i: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        return {"index": i, "delta": {"content": text} if finish is None else {}, "logprobs": logprobs,
                 "finish_reason": finish}
 
     def opening(self, i: int) -> list[dict[str, Any]]:

@@ -36,7 +36,7 @@ from ..attention import use_slot_attention
 from ..encode import EncodedRow
 from .bank import PromptBank
 from .mixed import collate_mixed, encode_mixed
-from .sampling import Draws, NonFiniteScoresError, Sampling, sample
+from .sampling import Draws, NonFiniteScoresError, Sampling, TokenLogprob, logprobs_of, sample, token_logprobs
 from .slots import DecodeSlots, round_up
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class DecodeRow:
     entry: Any = None  # the task's BankEntry when the row was checked (pinned: see PromptBank.entry)
     cancelled: Callable[[], bool] = lambda: False
     error: Exception | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, where `sampling.logprobs` asks
 
 
 def _pick(logits: torch.Tensor, rows: Sequence[DecodeRow | None], greedy: torch.Tensor | None = None,
@@ -92,6 +93,7 @@ class _Launched:
     rows: list[DecodeRow | None]
     tokens: torch.Tensor
     ready: torch.cuda.Event | None
+    logprobs: torch.Tensor | None = None  # (R, 1 + 2k) `sampling.logprobs_of`, where a row asks
 
 
 class Decoder:
@@ -203,9 +205,10 @@ class Decoder:
         if launched.ready is not None:
             launched.ready.synchronize()  # the one host wait of a step
         tokens, finite = launched.tokens.tolist()
+        logprobs = _logprobs(launched.rows, tokens, launched.logprobs)
         for s, row in enumerate(launched.rows):
             if row is not None and self._rows[s] is row:
-                self._advance(s, tokens[s], bool(finite[s]))
+                self._advance(s, tokens[s], bool(finite[s]), logprobs[s])
         self._shrink()
 
     def _launch(self, before: _Launched | None) -> _Launched:
@@ -218,13 +221,14 @@ class Decoder:
         if chosen is not slots.greedy:  # some rows sample: their draws are the next step's tokens
             slots.set_tokens(chosen)
         both = torch.stack([chosen, finite.long()])
+        k = _top_k(self._rows)
+        logprobs = None if k is None else logprobs_of(slots.logits, chosen, k)
         if not both.is_cuda:
-            return _Launched(list(self._rows), both, None)
-        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
-        host.copy_(both, non_blocking=True)
+            return _Launched(list(self._rows), both, None, logprobs)
+        both, logprobs = _to_host(both), None if logprobs is None else _to_host(logprobs)
         ready = torch.cuda.Event()
         ready.record()
-        return _Launched(list(self._rows), host, ready)
+        return _Launched(list(self._rows), both, ready, logprobs)
 
     def _ahead(self, launched: _Launched) -> bool:
         """Launch the next step before reading `launched`'s tokens: on fixed slots (eager
@@ -234,9 +238,10 @@ class Decoder:
             r is not None and self._rows[s] is r and len(r.tokens) + 1 < r.sampling.max_new_tokens
             for s, r in enumerate(launched.rows))
 
-    def _advance(self, slot: int, token: int, finite: bool) -> None:
-        """Hand the row in `slot` its new token; it leaves its slot when it is done, or
-        fails alone (non-finite scores, its callbacks raising)."""
+    def _advance(self, slot: int, token: int, finite: bool, logprob: TokenLogprob | None = None) -> None:
+        """Hand the row in `slot` its new token (and its log-probability, where the row asks);
+        it leaves its slot when it is done, or fails alone (non-finite scores, its callbacks
+        raising)."""
         row = self._rows[slot]
         error: Exception | None = None
         if not finite:
@@ -244,7 +249,7 @@ class Decoder:
                                          "infinity): the row was stopped")
         else:
             try:
-                if not self._emit(row, token):
+                if not self._emit(row, token, logprob):
                     return
             except Exception as e:  # its stream, stop strings or task decoding: this row's alone
                 error = e
@@ -268,7 +273,7 @@ class Decoder:
                     groups.append(([row], self._prefill([row])))
                 except Exception as e:
                     self._fail(row, e)
-        for rows, (first, finite, cache, mask, positions) in groups:
+        for rows, (first, finite, logprobs, cache, mask, positions) in groups:
             try:
                 slots = self._place(rows, first, cache, mask, positions)
             except Exception as e:  # the slots may be half-changed: every row in them fails, and these
@@ -276,8 +281,10 @@ class Decoder:
                 for row in rows:
                     self._fail(row, e)
                 continue
-            for s, token, ok in zip(slots, first.tolist(), finite.tolist()):
-                self._advance(s, token, ok)
+            tokens = first.tolist()
+            logprobs = _logprobs(rows, tokens, logprobs)
+            for s, token, ok, logprob in zip(slots, tokens, finite.tolist(), logprobs):
+                self._advance(s, token, ok, logprob)
 
     def _place(self, joining: list[DecodeRow], first: torch.Tensor, cache, mask: torch.Tensor,
                positions: torch.Tensor) -> list[int]:
@@ -341,11 +348,13 @@ class Decoder:
             placed[new] = self._rows[old]
         self._rows = placed
 
-    def _emit(self, row: DecodeRow, token: int) -> bool:
+    def _emit(self, row: DecodeRow, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Hand a row its new token; True when the row is done."""
         s = row.sampling
         if s.eos_token_id is not None and token == s.eos_token_id:
             return True
+        if logprob is not None:  # before `on_token`: a stream's piece carries its tokens' log-probabilities
+            row.logprobs.append(logprob)
         row.tokens.append(token)
         return bool(row.on_token(token)) or len(row.tokens) >= s.max_new_tokens
 
@@ -367,7 +376,29 @@ class Decoder:
         out = self.base(**inputs)
         self.steps += 1
         first, finite = _pick(out.logits[:, -1], rows)  # (n,) each, a row with non-finite scores fails alone
-        return first, finite, inject.output_cache(out), inputs["attention_mask"], inputs["position_ids"][:, -1] + 1
+        k = _top_k(rows)
+        logprobs = None if k is None else logprobs_of(out.logits[:, -1], first, k)
+        return (first, finite, logprobs, inject.output_cache(out), inputs["attention_mask"],
+                inputs["position_ids"][:, -1] + 1)
+
+
+def _top_k(rows: Sequence[DecodeRow | None]) -> int | None:
+    """The most top log-probabilities a row of the step asks for (None: no row asks)."""
+    return max((r.sampling.logprobs for r in rows if r is not None and r.sampling.logprobs is not None), default=None)
+
+
+def _logprobs(rows: Sequence[DecodeRow | None], tokens: list[int], table: torch.Tensor | None
+              ) -> list[TokenLogprob | None]:
+    """Each row's `TokenLogprob` of its token (None where it does not ask)."""
+    if table is None:
+        return [None] * len(rows)
+    return token_logprobs([None if r is None else r.sampling for r in rows], tokens, table.tolist())
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of a device tensor, queued (valid once the stream has passed it)."""
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return host.copy_(x, non_blocking=True)
 
 
 __all__ = ["Decoder", "DecodeRow", "Sampling"]

@@ -46,7 +46,7 @@ from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .decode import Decoder, DecodeRow
 from .inputs import example_of, field_texts
 from .mixed import collate_mixed, forward_mixed, generate_mixed, output_rows
-from .sampling import RowSampler
+from .sampling import RowSampler, TokenLogprob
 from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
 
 log = logging.getLogger("softprompt.serve")
@@ -133,6 +133,7 @@ class Result:
     prompt_tokens: int = 0
     new_tokens: int = 0
     finish_reason: str | None = None  # generation: "stop" (end of sequence or a stop string) or "length"
+    logprobs: list[TokenLogprob] | None = None  # generation with `logprobs` asked: one per new token
 
     @property
     def ok(self) -> bool:
@@ -307,6 +308,10 @@ class Engine:
         if not request.generate:  # a generating task decodes with its own settings
             options = GenerationOptions.parse(entry.task.generate_options(), known=TASK_OPTIONS) \
                 if entry.task.generates else None
+        elif options.logprobs is not None and entry.model.spec.kind is not ModelKind.CAUSAL:
+            raise SoftPromptError(f"generation option logprobs: task {entry.name!r} runs on an encoder-decoder "
+                                  f"({entry.model.spec.model_type}), whose generation reports no log-probabilities "
+                                  "here; leave logprobs out")
         encoded = self._encode(entry, example, options, index if index >= 0 else None)
         if not encoded.input_ids:  # refused here, before it joins a batch it would read padding in
             raise EncodingError("the input has no tokens: an empty input through a template with no other text, "
@@ -418,7 +423,9 @@ class Engine:
         `Result` is built when the row finishes (and handed to `on_result`)."""
         tokenizer = self.bank.tokenizer
         sampling = r.options.sampling(tokenizer.eos_token_id)  # its own random stream (seeded, or fresh entropy)
-        text = RowText(tokenizer, None, r.options.stop, r.request.stream, decode=r.task_decode)
+        logprobs: list[TokenLogprob] = []  # the decoder appends, the text's stream sends them with its pieces
+        text = RowText(tokenizer, None, r.options.stop, r.request.stream, decode=r.task_decode,
+                       logprobs=logprobs if sampling.logprobs is not None else None)
 
         def done(row: DecodeRow) -> None:
             row.result = self._decoded(r, row, text, sampling.max_new_tokens)
@@ -426,7 +433,7 @@ class Engine:
                 on_result(row.result)
 
         return DecodeRow(r.entry.name, r.example, sampling, on_token=text.add, on_done=done, encoded=r.encoded,
-                         entry=r.entry, cancelled=lambda: r.request.gone)
+                         entry=r.entry, cancelled=lambda: r.request.gone, logprobs=logprobs)
 
     def _decoded(self, r: _Row, row: DecodeRow, text: RowText, max_new_tokens: int) -> Result:
         """A finished decode row's `Result`: its text, or why it failed (that row alone:
@@ -439,7 +446,8 @@ class Engine:
                           new_tokens=len(row.tokens))
         ran_out = len(row.tokens) >= max_new_tokens and not text.stopped
         return Result(r.entry.name, output=text.text, prompt_tokens=r.length, new_tokens=len(row.tokens),
-                      finish_reason="length" if ran_out else "stop")
+                      finish_reason="length" if ran_out else "stop",
+                      logprobs=list(row.logprobs) if row.sampling.logprobs is not None else None)
 
     def _run_decoder(self, batch: list[_Row], admit: Admit | None = None,
                      answers: "_Answers | None" = None) -> list[Result]:

@@ -70,6 +70,43 @@ class Sampling:
     top_p: float = 1.0
     eos_token_id: int | None = None
     seed: int = field(default_factory=fresh_seed)
+    logprobs: int | None = None  # report each new token's log-probability and the top k others' (None: not)
+
+
+@dataclass
+class TokenLogprob:
+    """A new token's log-probability under the model (the log-softmax of its raw scores,
+    before temperature and filters: what a forward over the text gives), and the most
+    likely tokens' ``top``: [(token id, log-probability)], best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def logprobs_of(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, V) scores, (B,) chosen tokens -> (B, 1 + 2k) float32: each row's chosen token's
+    log-probability, its k best log-probabilities, and those tokens' ids (exact as floats
+    below 2**24: every vocabulary): one tensor, one copy to the host."""
+    lp = torch.log_softmax(logits.float(), -1)
+    picked = lp.gather(1, chosen.view(-1, 1))
+    top = lp.topk(min(k, lp.shape[-1]), -1)
+    return torch.cat([picked, top.values, top.indices.float()], 1)
+
+
+def token_logprobs(rows: Sequence[Sampling | None], tokens: Sequence[int], table: list[list[float]]
+                   ) -> list[TokenLogprob | None]:
+    """Per row, its `TokenLogprob` from a host copy of `logprobs_of` (None: a row that did
+    not ask, or an empty slot); each row keeps its own k of the batch's largest."""
+    out: list[TokenLogprob | None] = []
+    for s, token, values in zip(rows, tokens, table):
+        if s is None or s.logprobs is None:
+            out.append(None)
+            continue
+        k = (len(values) - 1) // 2
+        top = [(int(values[1 + k + j]), values[1 + j]) for j in range(min(s.logprobs, k))]
+        out.append(TokenLogprob(token, values[0], top))
+    return out
 
 
 class NonFiniteScoresError(RuntimeError):
@@ -246,5 +283,5 @@ class RowSampler(LogitsProcessor):
         return [True] * len(self.samplings) if self.finite is None else self.finite.tolist()
 
 
-__all__ = ["Sampling", "Draws", "sample", "finite_rows", "gumbel", "row_key", "mix32", "fresh_seed", "RowSampler",
+__all__ = ["Sampling", "TokenLogprob", "logprobs_of", "token_logprobs", "Draws", "sample", "finite_rows", "gumbel", "row_key", "mix32", "fresh_seed", "RowSampler",
            "NonFiniteScoresError"]

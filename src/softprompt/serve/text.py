@@ -23,10 +23,10 @@ from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from ..errors import SoftPromptError
-from .sampling import Sampling, fresh_seed
+from .sampling import Sampling, TokenLogprob, fresh_seed
 
 #: generation options a request may set (transformers `generate` names), and `stop`.
-GENERATE_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop")
+GENERATE_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop", "logprobs")
 #: what a generating task's `generate_options` may set besides (its own end-of-sequence).
 TASK_OPTIONS = GENERATE_OPTIONS + ("eos_token_id",)
 
@@ -42,6 +42,8 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MIN_TEMPERATURE = 1e-3
 #: Above this the distribution is uniform for any purpose (OpenAI stops at 2); the bound keeps T finite in fp32.
 MAX_TEMPERATURE = 100.0
+#: most alternatives a token's log-probabilities may list (OpenAI's chat limit; vLLM's default)
+MAX_LOGPROBS = 20
 #: stop strings: at most this many (OpenAI's limit), each at most this long (checked against the text every token)
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
 
@@ -120,6 +122,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "seed": lambda v: _integer("seed", v, SEED_MIN, SEED_MAX) % 2**64,
     "stop": _stops,
     "eos_token_id": lambda v: _integer("eos_token_id", v, 0, INT32_MAX),
+    "logprobs": lambda v: _integer("logprobs", v, 0, MAX_LOGPROBS),
 }
 
 
@@ -136,6 +139,7 @@ class GenerationOptions:
     seed: int | None = None  # 0 .. 2**64 - 1; None: fresh entropy for each row
     stop: tuple[str, ...] = ()
     eos_token_id: int | None = None  # a generating task's own end of sequence
+    logprobs: int | None = None  # each new token's log-probability and the top k others' (None: not asked)
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | GenerationOptions, *,
@@ -144,7 +148,7 @@ class GenerationOptions:
 
         Ranges: ``max_new_tokens`` 1 .. 2**31-1; ``temperature`` 0 (greedy) or
         `MIN_TEMPERATURE` .. `MAX_TEMPERATURE`; ``top_p`` in (0, 1]; ``top_k`` 0 (off) ..
-        2**31-1; ``seed`` -2**63 .. 2**64-1 (a negative seed is taken mod 2**64, as
+        2**31-1; ``logprobs`` 0 .. `MAX_LOGPROBS`; ``seed`` -2**63 .. 2**64-1 (a negative seed is taken mod 2**64, as
         torch.manual_seed does); ``do_sample`` true or false; ``stop`` a string or a list of
         at most `MAX_STOPS` strings of at most `MAX_STOP_CHARS` characters (empty ones
         ignored). Integers may come as integral floats (7.0) or digit strings, numbers as
@@ -167,11 +171,11 @@ class GenerationOptions:
 
     @classmethod
     def completion(cls, max_tokens: int, temperature: float, top_p: float, stop: str | list[str] | None,
-                   seed: int | None) -> "GenerationOptions":
+                   seed: int | None, logprobs: int | None = None) -> "GenerationOptions":
         """The options of an OpenAI-style completion request (top_p 1.0, or any top_p with
         greedy decoding at temperature 0, is no nucleus filter at all)."""
         options = cls.parse({"max_new_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop,
-                             "seed": seed})
+                             "seed": seed, "logprobs": logprobs})
         if options.temperature == 0 or options.top_p == 1.0:
             options = dataclasses.replace(options, top_p=None)
         return options
@@ -197,7 +201,7 @@ class GenerationOptions:
         return Sampling(max_new_tokens=self.max_new_tokens if self.max_new_tokens is not None else 16,
                         do_sample=self.sampled, temperature=self.temperature or 1.0, top_k=self.top_k or 0,
                         top_p=self.top_p or 1.0, eos_token_id=eos,
-                        seed=self.seed if self.seed is not None else fresh_seed())
+                        seed=self.seed if self.seed is not None else fresh_seed(), logprobs=self.logprobs)
 
     def generate_kwargs(self) -> dict[str, Any]:
         """transformers `generate()` keyword arguments of a static batch (`batch_key`): its
@@ -211,11 +215,11 @@ class GenerationOptions:
 
 
 class TokenStream:
-    """A generating request's text as it is produced: `on_text` receives each new piece
-    (called from the engine's thread); `cancel()` (a client gone) stops the row at the
-    next step."""
+    """A generating request's text as it is produced: `on_text` receives each new piece and
+    the `TokenLogprob`s of the tokens it came from (None: not asked for), called from the
+    engine's thread; `cancel()` (a client gone) stops the row at the next step."""
 
-    def __init__(self, on_text: Callable[[str], None]):
+    def __init__(self, on_text: Callable[[str, list[TokenLogprob] | None], None]):
         self.on_text = on_text
         self.emitted = False  # a piece went out: the row cannot be run again from the start
         self._cancelled = threading.Event()
@@ -236,11 +240,15 @@ class RowText:
         eos: the token that ends the row here (None: the decoder ends it).
         decode: a generating task's own decoding of (1, N) tokens (its eos, stripped);
             default: the tokenizer's, special tokens skipped.
+        logprobs: the row's `TokenLogprob`s as the decoder appends them (None: not asked
+            for); each piece streamed carries those of the tokens since the last piece.
     """
 
     def __init__(self, tokenizer, eos: int | None, stops: tuple[str, ...] | list[str], stream: TokenStream | None,
-                 decode: Callable[[Any, torch.Tensor], list[str]] | None = None):
+                 decode: Callable[[Any, torch.Tensor], list[str]] | None = None,
+                 logprobs: list[TokenLogprob] | None = None):
         self.tokenizer, self.eos, self.stops, self.stream, self.decode = tokenizer, eos, list(stops), stream, decode
+        self.logprobs, self._sent = logprobs, 0
         self.ids: list[int] = []
         self.text = ""
         self.stopped = False  # end of sequence or a stop string
@@ -276,9 +284,16 @@ class RowText:
             piece, self.text = text[len(self.text):], text  # a piece: wait for whole characters
             if self.stream is not None and not self.stream.cancelled:
                 self.stream.emitted = True
-                self.stream.on_text(piece)
+                self.stream.on_text(piece, self.unsent_logprobs())
         elif not text.startswith(self.text):  # re-tokenised text changed earlier characters: keep the new
             self.text = text
+
+    def unsent_logprobs(self) -> list[TokenLogprob] | None:
+        """The log-probabilities of the tokens since the last piece streamed (None: not asked for)."""
+        if self.logprobs is None:
+            return None
+        new, self._sent = self.logprobs[self._sent:], len(self.logprobs)
+        return new
 
     def finish(self, tokens: list[int]) -> None:
         """After generate(): the same tokens (a row that never streamed) decoded at once."""
