@@ -16,9 +16,10 @@ from softprompt.errors import ConfigError, SoftPromptError
 from softprompt.serve import Engine, PromptBank, create_app, encode_mixed, forward_mixed, generate_mixed
 from softprompt.serve.decode import Decoder, DecodeRow, Sampling
 
-from conftest import make_bert, make_llama
+from conftest import make_bert
 from serving import Server
 from test_serve_chat import MESSAGES, RENDERED, TEMPLATE
+from test_serve_http import causal_bank  # noqa: F401 (the fixture, found by pytest by its name)
 
 BASE = "tiny-llama"
 TASKS = {
@@ -173,21 +174,15 @@ def test_max_on_device_counts_prompts_not_the_base(family_models):
 
 
 @pytest.fixture
-def http_bank(gpt2_tokenizer):
-    tok = gpt2_tokenizer
-    base = make_llama(tok).eval()
-    bank = PromptBank(base, tok)
-    torch.manual_seed(0)
-    bank.add("writer", sp.SoftPromptModel(base, TASKS["deep"](), tokenizer=tok))
-    bank.add_base(BASE)
-    before = tok.chat_template
-    tok.chat_template = TEMPLATE
-    yield bank
-    tok.chat_template = before
+def chat_bank(causal_bank, monkeypatch):  # noqa: F811
+    """test_serve_http's tiny Llama (``review``, ``writer``), the base alone, a chat template."""
+    monkeypatch.setattr(causal_bank.tokenizer, "chat_template", TEMPLATE)  # a session's tokenizer: restored
+    causal_bank.add_base(BASE)
+    return causal_bank
 
 
-def test_http_completions_and_chat_on_the_base_name(http_bank):
-    bank, tok = http_bank, http_bank.tokenizer
+def test_http_completions_and_chat_on_the_base_name(chat_bank):
+    bank, tok = chat_bank, chat_bank.tokenizer
     prompt = "a gem of a film"
     want = tok.decode(base_alone(bank.base, tok, prompt, 8))
     assert want
