@@ -28,13 +28,12 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..encode import EncodedRow
+from ..architecture import ModelKind, model_spec
+from ..encode import EncodedRow, TemplateEncoder
 from ..errors import ConfigError, EncodingError, SoftPromptError
 from ..folder import has_task, load_with_task, prompt_directory, unreadable_as
 from ..inject import Prompts
 from ..io.prompt import read_config
-from ..architecture import ModelKind, model_spec
-from ..encode import TemplateEncoder
 from ..model import OnBase, SoftPromptModel
 from ..tasks import Task
 from ..template import parse_template
@@ -125,12 +124,12 @@ class BankEntry:
     @property
     def method(self) -> str | None:
         """The prompt's method (None for the base alone)."""
-        return None if isinstance(self.model, PlainBase) else self.model.config.method
+        return None if self.kind == "base" else self.model.config.method
 
     @property
     def template(self) -> str | None:
         """The task's template (None for the base alone: its rows are the text as it is)."""
-        return None if isinstance(self.model, PlainBase) else self.model.template.source
+        return None if self.kind == "base" else self.model.template.source
 
     @property
     def prompted(self) -> bool:
