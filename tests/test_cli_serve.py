@@ -1,6 +1,7 @@
 """`softprompt serve` end to end, as a user runs it: two prompts trained with the CLI (two
 tasks, two methods) served by the real command in a subprocess on loopback; interleaved
-concurrent requests get the answers `softprompt predict` gives."""
+concurrent requests get the answers `softprompt predict` gives. A causal base is served
+alone under its own name (--model's folder name, or --base-name), a task of that name refused."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
+import torch
+
+from softprompt.errors import ConfigError
 
 from serving import free_port, wait_until_serving
-from test_cli_train import bert_dir, invoke, last_json, reviews  # noqa: F401 (fixtures)
+from test_cli_train import bert_dir, gpt2_dir, invoke, last_json, reviews  # noqa: F401 (fixtures)
 
 NER = [("Anna lives in Paris", "B-PER O O B-LOC"), ("Paris is big", "B-LOC O O"), ("I met Anna", "O O B-PER"),
        ("Tom left Rome", "B-PER O B-LOC")]
@@ -93,3 +98,64 @@ def test_serve_refuses_what_it_could_never_serve_before_loading_the_model(tmp_pa
         r = invoke(*common, *options)
         assert r.exit_code == 1 and message in r.output, (options, r.output)
         assert "Traceback" not in r.output and "no-model" not in r.output
+
+
+def _prompts_for(model_dir, tmp_path, *names):
+    """A prompts folder with a saved prompt of each name on the model at `model_dir`."""
+    import softprompt as sp
+    from softprompt.base_models import load_base
+
+    base, tok = load_base(str(model_dir))
+    prompts = tmp_path / "prompts"
+    for i, name in enumerate(names):
+        torch.manual_seed(i)
+        sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:2] {text}", init="vocab"),
+                           tokenizer=tok).save_pretrained(prompts / name)
+    return prompts, base, tok
+
+
+def test_serve_answers_the_base_model_alone_under_its_folder_name(gpt2_dir, tmp_path):  # noqa: F811
+    """A causal base is served alone next to the tasks, named after --model's folder; a
+    completion on that name is the bare base's greedy generate()."""
+    prompts, base, tok = _prompts_for(gpt2_dir, tmp_path, "writer")
+    ids = tok("a gem of a film", return_tensors="pt")["input_ids"]
+    new = base.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    want = tok.decode(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", str(gpt2_dir),
+                               "--prompts", str(prompts), "--port", str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(url, server)
+        models = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        assert sorted(models) == ["tiny-gpt2", "writer"] and models["tiny-gpt2"]["kind"] == "base"
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-gpt2", "prompt": "a gem of a film",
+                                                      "max_tokens": 5, "temperature": 0}, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, r.text
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert f"serving 1 task(s) (writer) and the base model as 'tiny-gpt2' on {gpt2_dir} (cpu)" in err
+
+
+def test_serve_refuses_a_task_named_as_the_base(gpt2_dir, tmp_path):  # noqa: F811
+    prompts, _, _ = _prompts_for(gpt2_dir, tmp_path, "tiny-gpt2", "gpt")
+    r = invoke("serve", "--model", gpt2_dir, "--prompts", prompts, "--port", free_port())
+    assert r.exit_code == 1 and "error: 'tiny-gpt2' is a loaded task's name: the base model needs another name " \
+        "to be served under (softprompt serve --base-name)" in r.output, r.output
+    r = invoke("serve", "--model", gpt2_dir, "--prompts", prompts, "--base-name", "gpt")
+    assert r.exit_code == 1 and "error: 'gpt' is a loaded task's name" in r.output, r.output
+    r = invoke("serve", "--model", gpt2_dir, "--prompts", prompts, "--base-name", "a/b")
+    assert r.exit_code == 1 and "error: invalid task name 'a/b'" in r.output, r.output
+
+
+def test_the_base_name_is_the_model_argument_as_given():
+    from softprompt.cli import _base_name
+
+    assert _base_name("smollm2-135m-instruct", None) == "smollm2-135m-instruct"
+    assert _base_name("HuggingFaceTB/SmolLM2-135M/", None) == "SmolLM2-135M"
+    assert _base_name("whatever", "mine") == "mine"
+    with pytest.raises(ConfigError, match="gives the base model the name 'my model'.*--base-name"):
+        _base_name("org/my model", None)

@@ -284,10 +284,13 @@ def serve(
     max_connections: int = typer.Option(1024, "--max-connections", help="Most open connections (beyond: the longest idle one is closed, or 503)."),
     log_limit: int = typer.Option(10, "--log-limit", help="Most log records of one kind per --log-interval (then one line says the rest are dropped)."),
     log_interval: float = typer.Option(60.0, "--log-interval", help="Seconds of the log rate limit's window."),
+    base_name: str = typer.Option(None, "--base-name", help="The name the base model alone (no prompt) answers to in completions and chat (default: --model as given, or its folder's / hub id's last part; encoder-only bases are not served alone)."),
 ) -> None:
-    """Serve many tasks' prompts on one base model over HTTP (classify, tag, OpenAI-style completions)."""
+    """Serve many tasks' prompts on one base model over HTTP (classify, tag, OpenAI-style completions),
+    and the base model alone under its own name."""
     import ipaddress
 
+    from .architecture import ModelKind, model_spec
     from .base_models import load_base, resolve_device
     from .serve import Engine, PromptBank, create_app
     from .serve.guard import check_api_key
@@ -309,18 +312,40 @@ def serve(
             raise ConfigError(f"--admin on the non-loopback address {host} needs --api-key (or SOFTPROMPT_API_KEY)")
         typer.echo(f"warning: serving on {host} without an API key: anyone who can reach the port can use it",
                    err=True)
+    served_as = _base_name(model, base_name)
     target = resolve_device(device)
     base, tokenizer = load_base(model, dtype=dtype)
     base.to(target)
     bank = PromptBank.from_directory(base, tokenizer, prompts, max_on_device=max_on_device)
+    if base_name is not None or model_spec(base).kind is not ModelKind.ENCODER:  # an encoder alone generates nothing
+        bank.add_base(served_as)  # a task of that name is refused here, by name
     engine = Engine(bank, max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens, truncate=truncate)
     application = create_app(bank, engine=engine, max_queue=max_queue, admin=admin, api_key=api_key,
                              prompt_root=prompts if admin else None, max_body_bytes=max_body_bytes,
                              max_inputs=max_inputs, max_new_tokens=max_new_tokens,
                              shutdown_timeout=timeout_graceful_shutdown)
-    typer.echo(f"serving {len(bank)} task(s) ({', '.join(bank.names())}) on {model} ({target}) at "
+    tasks = [n for n in bank.names() if n != bank.base_name]
+    alone = f" and the base model as {bank.base_name!r}" if bank.base_name is not None else ""
+    typer.echo(f"serving {len(tasks)} task(s) ({', '.join(tasks)}){alone} on {model} ({target}) at "
                f"http://{host}:{port}", err=True)
     serve_http(application, host=host, port=port, limits=limits)
+
+
+def _base_name(model: str, given: str | None) -> str:
+    """The name the base model is served under: `given` (--base-name), else the --model
+    argument as the user gave it (an alias such as ``smollm2-135m-instruct``), a local
+    folder's name, or a hub id's last part (names are URL parts: no ``/``)."""
+    from .serve.bank import check_task_name
+
+    if given is not None:
+        return check_task_name(given)
+    path = Path(model).expanduser()
+    name = path.resolve().name if path.exists() else model.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        return check_task_name(name)
+    except ConfigError as e:
+        raise ConfigError(f"--model {model!r} gives the base model the name {name!r}, which it cannot be served "
+                          f"under ({e}): name it with --base-name") from None
 
 
 def main() -> None:  # pragma: no cover - `python -m softprompt.cli`

@@ -25,7 +25,34 @@ from .methods import PromptConfig, PromptModule, build_module
 from . import regions
 
 
-class SoftPromptModel(nn.Module):
+class OnBase:
+    """What a model on a frozen base reads off the base alone (its `base` and `spec`):
+    `SoftPromptModel`, and the prompt-less `serve.bank.PlainBase` that serves the base
+    under its own name."""
+
+    base: nn.Module
+    spec: ModelSpec
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.get_input_embeddings().weight.device
+
+    @property
+    def keeps_logits(self) -> bool:
+        """Whether the base applies its LM head only at the columns named by
+        ``logits_to_keep`` (causal LMs of transformers 5): (B, S, V) logits are the largest
+        tensor of a step otherwise, and serving asks for one column or the answer's."""
+        return self.spec.kind is ModelKind.CAUSAL and forward_accepts(self.base, "logits_to_keep")
+
+    @property
+    def padding_side(self) -> str:
+        """Default padding: left for causal LMs (generation continues at the end of
+        every row), right for the rest; families that take no position ids are always
+        right-padded."""
+        return "left" if self.spec.kind is ModelKind.CAUSAL and self.spec.accepts_position_ids else "right"
+
+
+class SoftPromptModel(OnBase, nn.Module):
     """A frozen transformers model with one soft prompt.
 
     Args:
@@ -87,24 +114,6 @@ class SoftPromptModel(nn.Module):
     @property
     def identity(self):
         return base_identity(self.base, self.spec)
-
-    @property
-    def device(self) -> torch.device:
-        return self.base.get_input_embeddings().weight.device
-
-    @property
-    def keeps_logits(self) -> bool:
-        """Whether the base applies its LM head only at the columns named by
-        ``logits_to_keep`` (causal LMs of transformers 5): (B, S, V) logits are the largest
-        tensor of a step otherwise, and serving asks for one column or the answer's."""
-        return self.spec.kind is ModelKind.CAUSAL and forward_accepts(self.base, "logits_to_keep")
-
-    @property
-    def padding_side(self) -> str:
-        """Default padding: left for causal LMs (generation continues at the end of
-        every row), right for the rest; families that take no position ids are always
-        right-padded."""
-        return "left" if self.spec.kind is ModelKind.CAUSAL and self.spec.accepts_position_ids else "right"
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -5,7 +5,8 @@
     POST /v1/completions    OpenAI-compatible; "model" names the task; "stream": server-sent events
     POST /v1/chat/completions  OpenAI-compatible chat: the messages, rendered by the tokenizer's
                             chat template, complete as that prompt would (`chat.render_chat`)
-    GET  /v1/models         the loaded tasks
+    GET  /v1/models         the loaded tasks, and the base model served alone under its own
+                            name (`PromptBank.add_base`: kind "base", for completions and chat)
     PUT  /v1/prompts/{task} {"path": ...}   load or replace a prompt (admin, off unless enabled)
     DELETE /v1/prompts/{task}               unload it (admin)
     GET  /health, GET /metrics (Prometheus text format)
@@ -19,7 +20,8 @@ unknown task (lists the loaded ones; code ``model_not_found``); 422 a well-forme
 the task cannot answer (an input it cannot read, the wrong endpoint for the task, a
 folder admin cannot load, text with a lone surrogate); 413 body or input too long (or
 more inputs than the queue holds); 429 queue full; 401 missing or wrong API key (when one
-is set); 403 admin endpoints while admin is off. Validation answers 400, not FastAPI's
+is set); 403 admin endpoints while admin is off; 409 an admin change to the base model's
+own name (the base is not a prompt). Validation answers 400, not FastAPI's
 422, because OpenAI does and its client raises BadRequestError for it. The engine says
 why a request failed (`ErrorKind`); `STATUS` is the one table of their status codes. A
 streamed completion that fails before its first piece gets the status a whole one would,
@@ -374,9 +376,9 @@ def models(request: HTTPRequest) -> dict[str, Any]:
     data = []
     for name in bank.names():
         e = bank[name]
-        data.append({"id": name, "object": "model", "owned_by": "softprompt", "method": e.model.config.method,
-                     "kind": "deep" if e.deep else "input", "num_virtual_tokens": e.num_virtual_tokens,
-                     "template": e.model.template.source, "task": e.task.kind if e.task is not None else None})
+        data.append({"id": name, "object": "model", "owned_by": "softprompt", "method": e.method, "kind": e.kind,
+                     "num_virtual_tokens": e.num_virtual_tokens, "template": e.template,
+                     "task": e.task.kind if e.task is not None else None})
     return {"object": "list", "data": data}
 
 
@@ -597,12 +599,21 @@ class _ChatCompletion(_Completion):
 
 
 # -- admin ----------------------------------------------------------------------------
+def refuse_base(server: Server, task: str, what: str) -> None:
+    """409 for an admin change to the base model's own entry: the base is not a prompt."""
+    try:
+        server.bank.refuse_base_name(task, what)
+    except SoftPromptError as e:
+        raise APIError(409, str(e), "task") from None
+
+
 async def load_prompt(task: str, body: PromptBody, request: HTTPRequest):
     server = server_of(request)
     try:
         check_task_name(task)
     except SoftPromptError as e:
         raise APIError(422, str(e), "task") from None
+    refuse_base(server, task, "loaded as a task")
     if "\x00" in body.path:
         raise APIError(422, f"path {body.path!r} holds a NUL character, which no file name can", "path")
     try:
@@ -621,6 +632,7 @@ async def load_prompt(task: str, body: PromptBody, request: HTTPRequest):
 
 
 def unload_prompt(task: str, request: HTTPRequest):
+    refuse_base(server_of(request), task, "removed")
     try:
         server_of(request).bank.remove(task)
     except UnknownTaskError as e:

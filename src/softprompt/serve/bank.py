@@ -8,6 +8,12 @@ are stacked row by row, padded to the longest prompt, with a mask over the prefi
 
 At most ``max_on_device`` tasks keep their tensor on the accelerator (least recently used
 first out); the others wait in host memory and move over when a batch needs them.
+
+The base model itself is served under its own name too (`PromptBank.add_base`): an entry
+whose model is a `PlainBase`, a template ``{text}`` with no prompt at all. Its rows are
+input rows with zero virtual tokens: they flow through the same encoding, collation,
+`prompts_for` and decode as every task's (a row of the base in a mixed batch reads no
+table and masks every prefix position), so nothing downstream knows it apart.
 """
 
 from __future__ import annotations
@@ -22,13 +28,15 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..encode import EncodedRow
+from ..architecture import ModelKind, model_spec
+from ..encode import EncodedRow, TemplateEncoder
 from ..errors import ConfigError, EncodingError, SoftPromptError
 from ..folder import has_task, load_with_task, prompt_directory, unreadable_as
 from ..inject import Prompts
 from ..io.prompt import read_config
-from ..model import SoftPromptModel
+from ..model import OnBase, SoftPromptModel
 from ..tasks import Task
+from ..template import parse_template
 from .prompt_cache import CachedLead, cacheable, compute_lead, starts_after_lead
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -54,13 +62,44 @@ def check_task_name(name: str) -> str:
     return name
 
 
+class PlainBase(OnBase):
+    """The frozen base with no prompt: what the bank reads off a task's `SoftPromptModel`
+    (encoder, template, spec, prompt size), for the entry that serves the base model alone.
+
+    Its template is ``{text}``: a row is the tokenizer's own special tokens around the text,
+    as the base model reads it with no template (completions and chat fill the one field).
+    """
+
+    TEMPLATE = "{text}"
+    deep = False
+    num_virtual_tokens = 0
+
+    def __init__(self, base, tokenizer):
+        self.base = base
+        self.tokenizer = tokenizer
+        self.spec = model_spec(base)
+        if self.spec.kind is ModelKind.ENCODER:
+            raise ConfigError(f"{type(base).__name__} is an encoder-only model: it generates no text, so the base "
+                              "alone has nothing to answer under its own name (serve it through tasks with heads)")
+        self.template = parse_template(self.TEMPLATE)
+        self.encoder = TemplateEncoder(self.template, tokenizer, self.spec)
+
+    def eval(self) -> "PlainBase":
+        return self
+
+    def export(self) -> torch.Tensor:
+        """No prompt: a (0, D) table."""
+        return torch.zeros(0, self.base.get_input_embeddings().weight.shape[-1])
+
+
 @dataclass
 class BankEntry:
     """One task in the bank.
 
     Attributes:
-        name: the task name requests use.
-        model: the task's `SoftPromptModel` on the shared base (collapsed prompt).
+        name: the task name requests use (the base model's name for the base entry).
+        model: the task's `SoftPromptModel` on the shared base (collapsed prompt), or the
+            `PlainBase` of the entry that serves the base alone.
         task: its head (classification, NER, ...) when the folder had one, bound to `model`.
         tensor: the collapsed prompt in host memory, fp32: (P, D) or (L, 2, H_kv, P, D_head).
         metadata: what the folder recorded (training run, metrics, ...).
@@ -74,6 +113,28 @@ class BankEntry:
     lead: CachedLead | None = None
     on_device: torch.Tensor | None = None
     _uncached: "BankEntry | None" = field(default=None, repr=False, compare=False)
+
+    @property
+    def kind(self) -> str:
+        """``base`` (the base model alone, no prompt), ``deep`` or ``input``."""
+        if isinstance(self.model, PlainBase):
+            return "base"
+        return "deep" if self.deep else "input"
+
+    @property
+    def method(self) -> str | None:
+        """The prompt's method (None for the base alone)."""
+        return None if self.kind == "base" else self.model.config.method
+
+    @property
+    def template(self) -> str | None:
+        """The task's template (None for the base alone: its rows are the text as it is)."""
+        return None if self.kind == "base" else self.model.template.source
+
+    @property
+    def prompted(self) -> bool:
+        """Whether the entry's rows take anything from the bank (a table or a prefix)."""
+        return self.deep or self.num_virtual_tokens > 0
 
     @property
     def deep(self) -> bool:
@@ -152,6 +213,7 @@ class PromptBank:
         self.cache_prompts = cache_prompts
         self._entries: OrderedDict[str, BankEntry] = OrderedDict()  # in least-recently-used order
         self._lock = threading.RLock()
+        self.base_name: str | None = None  # the name the base model alone answers to (`add_base`)
 
     # -- loading --------------------------------------------------------------
     @classmethod
@@ -185,6 +247,7 @@ class PromptBank:
                 model on another base.
         """
         check_task_name(name)
+        self.refuse_base_name(name, "loaded as a task")
         metadata: dict[str, Any] = {}
         if isinstance(source, SoftPromptModel):
             if source.base is not self.base:
@@ -210,7 +273,39 @@ class PromptBank:
             self._entries[name] = entry
         return entry
 
+    def add_base(self, name: str) -> BankEntry:
+        """Serve the base model alone, with no prompt, under `name` (next to the tasks:
+        completions and chat; it has no head). Its rows share batches and decode slots with
+        the tasks' rows (`PlainBase`).
+
+        Raises:
+            ConfigError: an invalid name, one a task (or the base) holds already, or an
+                encoder-only base (it generates nothing).
+        """
+        check_task_name(name)
+        plain = PlainBase(self.base, self.tokenizer)
+        entry = BankEntry(name, plain, None, plain.export())
+        with self._lock:
+            if self.base_name is not None:
+                raise ConfigError(f"the base model is served already, as {self.base_name!r}")
+            if name in self._entries:
+                raise ConfigError(f"{name!r} is a loaded task's name: the base model needs another name to be served "
+                                  "under (softprompt serve --base-name), or rename the task's folder")
+            self._entries[name] = entry
+            self.base_name = name
+        return entry
+
+    def refuse_base_name(self, name: str, what: str) -> None:
+        """Refuse to treat the base model's name as a task's: the base is not a prompt.
+
+        Raises:
+            ConfigError: `name` is the base's; the message ends "cannot be <what>"."""
+        if name == self.base_name:
+            raise ConfigError(f"{name!r} is the base model's name (it is served alone, with no prompt): it cannot be "
+                              f"{what}; use another task name, or give the base another (softprompt serve --base-name)")
+
     def remove(self, name: str) -> None:
+        self.refuse_base_name(name, "removed")
         with self._lock:
             if name not in self._entries:
                 raise self._unknown(name)
@@ -273,7 +368,9 @@ class PromptBank:
         Input tasks' tables are stacked to (B, P_in, D) (rows of deep tasks get zeros, which
         no slot of theirs reads); deep tasks' prefixes to (L, 2, B, H_kv, P_deep, D_head)
         with a (B, P_deep) mask: 1 on the last P of the row's task (a shorter prefix is
-        padded in front), 0 on padding and on the rows of input tasks.
+        padded in front), 0 on padding and on the rows of input tasks. Rows of the base
+        alone (`add_base`) are input rows with no virtual slot: zeros no slot reads, a
+        masked prefix; a batch of them only has no prompts at all.
         """
         if not names:
             raise ConfigError("a batch needs at least one row")
@@ -281,15 +378,18 @@ class PromptBank:
         with self._lock:
             entries = [self.entry(n) for n in names]
             # keyed by entry, not name: a batch may hold rows of a task and of its replacement
-            tensors = {id(e): self._device_tensor(e, device) for e in entries}
+            tensors = {id(e): self._device_tensor(e, device) for e in entries if e.prompted}
         unique = list({id(e): e for e in entries}.values())  # the batch's tasks, each padded and stacked once
+        if not tensors:  # rows of the base alone: no prompt at all
+            return Prompts()
         if len(unique) == 1:  # one task: its tensor serves every row as it is (no copies)
             entry = entries[0]
             return Prompts(prefix=tensors[id(entry)]) if entry.deep else Prompts(tables=tensors[id(entry)])
         slot = {id(e): u for u, e in enumerate(unique)}
         row_slot = torch.tensor([slot[id(e)] for e in entries], device=device)  # (B,)
         tables = prefix = mask = None
-        inputs = [e for e in unique if not e.deep]
+        plain = [e for e in unique if not e.deep]
+        inputs = [e for e in plain if e.prompted]
         if inputs:
             P = max(e.num_virtual_tokens for e in inputs)
             stack = torch.zeros(len(unique), P, inputs[0].served.shape[-1], device=device)  # rows of deep tasks: 0
@@ -299,7 +399,7 @@ class PromptBank:
         deeps = [e for e in unique if e.deep]
         if deeps:
             P = max(e.num_virtual_tokens for e in deeps)
-            lengths = sorted({e.num_virtual_tokens for e in deeps} | ({0} if inputs else set()))
+            lengths = sorted({e.num_virtual_tokens for e in deeps} | ({0} if plain else set()))
             if len(lengths) > 1 and deeps[0].model.spec.model_type in POSITIONS_FROM_CACHE:
                 raise ConfigError(
                     f"{deeps[0].model.spec.model_type} decoders place tokens after the cached prefix by its length: "
@@ -328,4 +428,4 @@ class PromptBank:
         return [self.entry(n) for n in names]
 
 
-__all__ = ["PromptBank", "BankEntry", "UnknownTaskError", "check_task_name"]
+__all__ = ["PromptBank", "BankEntry", "PlainBase", "UnknownTaskError", "check_task_name"]
