@@ -178,7 +178,7 @@ def s1(base, tok, args) -> dict:
     out["softprompt_generate"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
     from softprompt.serve.decode import Decoder, DecodeRow, Sampling
 
-    def decoder_run(decoder):  # the engine's path: continuous batching (no end-of-sequence stop: exactly `new` tokens)
+    def decoder_run(decoder):  # the engine's path (`tasks`: read when called): continuous batching (no end-of-sequence stop: exactly `new` tokens)
         rows = [DecodeRow(t, {"text": text}, Sampling(max_new_tokens=new)) for t in tasks]
         decoder.run(rows)
         return [r.tokens for r in rows]
@@ -188,6 +188,13 @@ def s1(base, tok, args) -> dict:
     seconds = timed(lambda: decoder_run(graphed), args.gen_repeats)
     out["softprompt"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds,
                          "cuda_graph": graphed.slots is not None and graphed.slots._graph is not None}
+    bank.add_base("base")  # the same engine on the same requests with no prompt: what prompts cost
+    plain_tasks, tasks = tasks, ["base"] * n_requests
+    seconds = timed(lambda: decoder_run(graphed), args.gen_repeats)
+    out["softprompt_no_prompts"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
+    tasks = plain_tasks
+    out["prompted_over_no_prompts"] = out["softprompt"]["new_tokens_per_s"] / out["softprompt_no_prompts"][
+        "new_tokens_per_s"]
     seconds = timed(lambda: decoder_run(eager), args.gen_repeats)
     out["softprompt_eager_step"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
     # the replayed graph computes what the eager step computes (same slots, same kernels)
