@@ -136,8 +136,8 @@ def test_errors_name_the_problem(encoder_bank):
         assert r.status_code == 422 and "/v1/classify" in r.json()["error"]["message"]
         r = client.put("/v1/prompts/x", json={"path": "/tmp"})
         assert r.status_code == 403 and "--admin" in r.json()["error"]["message"]
-        r = client.post("/v1/completions", json={"model": "sentiment", "prompt": "x", "n": 2})
-        assert r.status_code == 400 and r.json()["error"]["message"] == "n: only n=1 is supported"
+        r = client.post("/v1/completions", json={"model": "sentiment", "prompt": "x", "n": 0})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "n: Input should be greater than or equal to 1"
         assert r.json()["error"]["param"] == "n"
         r = client.post("/v1/nowhere")
         assert r.status_code == 404 and r.json()["error"] == {"message": "Not Found", "type": "invalid_request_error",

@@ -39,6 +39,7 @@ engine, batcher, limits, metrics) from ``request.app.state.server``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import time
@@ -101,16 +102,9 @@ class _OpenAIBody(_Body):
     """An OpenAI request body: the fields of its `UNIMPLEMENTED` table (OpenAI fields
     softprompt does not implement, and the values of each that ask for nothing, which a
     client that does not use the field may still send) are refused by name unless
-    neutral, rather than ignored; ``n`` is 1."""
+    neutral, rather than ignored."""
 
     UNIMPLEMENTED: ClassVar[dict[str, tuple]] = {}
-
-    @field_validator("n", check_fields=False)
-    @classmethod
-    def _one(cls, n: int) -> int:
-        if n != 1:
-            raise PydanticCustomError("unimplemented", "only n=1 is supported")
-        return n
 
     @field_validator("*", mode="before")
     @classmethod
@@ -124,7 +118,11 @@ class _OpenAIBody(_Body):
 
 #: OpenAI's completion fields that softprompt does not implement, and their neutral values
 UNIMPLEMENTED = {"echo": (False,), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-                 "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None,), "stream_options": (None,)}
+                 "logit_bias": (None, {}), "suffix": (None,)}
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
 
 
 class _Sampled(_OpenAIBody):
@@ -136,8 +134,9 @@ class _Sampled(_OpenAIBody):
     stop: Union[str, list[str], None] = None
     stream: bool = False
     seed: Union[int, None] = None
-    n: int = 1
+    n: int = Field(1, ge=1)
     user: Union[str, None] = None
+    stream_options: Union[StreamOptions, None] = None
 
 
 class _Prompted(_OpenAIBody):
@@ -153,9 +152,8 @@ class CompletionBody(_Sampled, _Prompted):  # fields in reversed base order: mod
     presence_penalty: Any = None
     frequency_penalty: Any = None
     logit_bias: Any = None
-    best_of: Any = None
+    best_of: Union[int, None] = Field(None, ge=1)
     suffix: Any = None
-    stream_options: Any = None
 
 
 def _same(value: Any, neutral: Any) -> bool:
@@ -171,7 +169,7 @@ CHAT_UNIMPLEMENTED = {"presence_penalty": (None, 0),
                       "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
                       "tool_choice": (None, "none"), "parallel_tool_calls": (None,), "functions": (None, []),
                       "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
-                      "stream_options": (None,), "modalities": (None, ["text"]), "audio": (None,),
+                      "modalities": (None, ["text"]), "audio": (None,),
                       "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
                       "store": (None, False), "metadata": (None,), "service_tier": (None, "auto")}
 
@@ -203,7 +201,6 @@ class ChatBody(_Sampled, _Chatting):
     functions: Any = None
     function_call: Any = None
     response_format: Any = None
-    stream_options: Any = None
     modalities: Any = None
     audio: Any = None
     prediction: Any = None
@@ -410,16 +407,49 @@ async def tag(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
 
 
 async def completions(body: CompletionBody, request: HTTPRequest):
+    """Each prompt completed `n` times (choices prompt by prompt); with `best_of`, the `n` of
+    `best_of` candidates of highest log-probability per token."""
     server = server_of(request)
     entry = server.entry_for(body.model, "completions")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    server.check_count(len(prompts), "prompts", "prompt")
     if not prompts:
         raise APIError(400, "prompt: give at least one prompt", "prompt")
-    options = server.options(body.max_tokens, body, logprobs=body.logprobs)
-    completion = _Completion(body.model, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), server.bank.tokenizer)
-    return await completion.run(server, [Request(body.model, p, generate=True, options=options, entry=entry)
-                                         for p in prompts], body.stream, request)
+    best_of = body.best_of or body.n
+    if best_of < body.n:
+        raise APIError(400, f"best_of: {best_of} is less than n ({body.n}): best_of is how many completions to "
+                       "choose the n best from", "best_of")
+    if best_of > body.n and body.stream:
+        raise APIError(400, "best_of: cannot be streamed (the best are known only at the end); leave best_of out or "
+                       "stream false", "best_of")
+    check_stream_options(body)
+    what = "prompts" if best_of == 1 else f"completions ({len(prompts)} prompts x {best_of})"
+    server.check_count(len(prompts) * best_of, what, "prompt")
+    ranked = best_of > body.n  # candidates are ranked by their tokens' log-probabilities
+    options = server.options(body.max_tokens, body, logprobs=body.logprobs if body.logprobs is not None or not ranked
+                             else 0)
+    completion = _Completion(body.model, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), server.bank.tokenizer,
+                             n=body.n, best_of=best_of, logprobs=body.logprobs is not None,
+                             include_usage=include_usage(body))
+    requests = [Request(body.model, p, generate=True, options=choice_options(options, j), entry=entry)
+                for p in prompts for j in range(best_of)]
+    return await completion.run(server, requests, body.stream, request)
+
+
+def check_stream_options(body: _Sampled) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options: only with stream: true", "stream_options")
+
+
+def include_usage(body: _Sampled) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def choice_options(options: GenerationOptions, j: int) -> GenerationOptions:
+    """Choice `j`'s options: a seeded request's choice j samples with seed + j (choice 0
+    with the request's seed: n = 1 gives what it always gave); unseeded, each draws fresh."""
+    if j == 0 or options.seed is None:
+        return options
+    return dataclasses.replace(options, seed=(options.seed + j) % 2**64)
 
 
 async def chat_completions(body: ChatBody, request: HTTPRequest):
@@ -430,6 +460,8 @@ async def chat_completions(body: ChatBody, request: HTTPRequest):
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs: give logprobs: true to have log-probabilities returned", "top_logprobs")
+    check_stream_options(body)
+    server.check_count(body.n, "choices", "n")
     options = server.options(max_tokens, body, "max_completion_tokens" if body.max_completion_tokens else "max_tokens",
                              logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     try:
@@ -437,8 +469,10 @@ async def chat_completions(body: ChatBody, request: HTTPRequest):
     except SoftPromptError as e:
         raise APIError(400, f"messages: {e}", "messages") from None
     completion = _ChatCompletion(body.model, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
-                                 server.bank.tokenizer)
-    requests = [Request(body.model, prompt, generate=True, options=options, entry=entry)]
+                                 server.bank.tokenizer, n=body.n, best_of=body.n, logprobs=bool(body.logprobs),
+                                 include_usage=include_usage(body))
+    requests = [Request(body.model, prompt, generate=True, options=choice_options(options, j), entry=entry)
+                for j in range(body.n)]
     return await completion.run(server, requests, body.stream, request)
 
 
@@ -453,6 +487,10 @@ class _Completion:
     ident: str
     created: int
     tokenizer: Any
+    n: int = 1  # choices per prompt
+    best_of: int = 1  # candidates per prompt (requests come prompt by prompt, best_of each)
+    logprobs: bool = False  # the client asked for them (a ranking may have computed them anyway)
+    include_usage: bool = False  # streamed: a last chunk with the usage
     object: ClassVar[str] = "text_completion"
     chunk_object: ClassVar[str] = "text_completion"
 
@@ -460,9 +498,9 @@ class _Completion:
         self._sent: dict[int, int] = {}  # per choice: log-probabilities streamed so far
         self._offset: dict[int, int] = {}  # ... and the characters of their tokens
 
-    def logprobs(self, i: int, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    def logprobs_of(self, i: int, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
         """Choice `i`'s ``logprobs`` for `entries`, the next of its tokens (None: not asked for)."""
-        if entries is None:
+        if entries is None or not self.logprobs:
             return None
         self._sent[i] = self._sent.get(i, 0) + len(entries)
         out = completion_logprobs(self.tokenizer, entries, self._offset.get(i, 0))
@@ -470,7 +508,8 @@ class _Completion:
         return out
 
     def choice(self, i: int, r: Result) -> dict[str, Any]:
-        return {"index": i, "text": r.output, "logprobs": self.logprobs(i, r.logprobs), "finish_reason": r.finish_reason}
+        return {"index": i, "text": r.output, "logprobs": self.logprobs_of(i, r.logprobs),
+                "finish_reason": r.finish_reason}
 
     def delta(self, i: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
         """Choice `i`'s next piece (finish None), or its end (text "")."""
@@ -481,8 +520,9 @@ class _Completion:
         return []
 
     def blame(self, i: int, r: Result) -> tuple[str, str]:
-        """(message, param) of choice `i`'s failure: the prompt it completes."""
-        return f"prompt {i}: {r.error}", f"prompt[{i}]"
+        """(message, param) of request `i`'s failure: the prompt it completes."""
+        p = i // self.best_of
+        return f"prompt {p}: {r.error}", f"prompt[{p}]"
 
     def check(self, results: list[Result | None]) -> None:
         """The status of the first failed result (None: not answered yet)."""
@@ -498,19 +538,37 @@ class _Completion:
         return self.answer(results)
 
     def answer(self, results: list[Result]) -> dict[str, Any]:
-        choices = [self.choice(i, r) for i, r in enumerate(results)]
-        prompt_tokens = sum(r.prompt_tokens for r in results)
-        completion_tokens = sum(r.new_tokens for r in results)
+        chosen = [r for p in range(0, len(results), self.best_of) for r in self.best(results[p: p + self.best_of])]
+        choices = [self.choice(i, r) for i, r in enumerate(chosen)]
         return {"id": self.ident, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                              "total_tokens": prompt_tokens + completion_tokens}}
+                "choices": choices, "usage": self.usage(results)}
+
+    def best(self, candidates: list[Result]) -> list[Result]:
+        """A prompt's `n` choices: its candidates, or the n of highest mean log-probability
+        per token (an empty completion counts 0), best first."""
+        if len(candidates) == self.n:
+            return candidates
+        def mean(r: Result) -> float:
+            return sum(e.logprob for e in r.logprobs) / len(r.logprobs) if r.logprobs else 0.0
+        return sorted(candidates, key=mean, reverse=True)[: self.n]
+
+    def usage(self, results: list[Result]) -> dict[str, int]:
+        """Each prompt's tokens once; every candidate's new tokens (all were generated)."""
+        prompt_tokens = sum(r.prompt_tokens for r in results[:: self.best_of])
+        completion_tokens = sum(r.new_tokens for r in results)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
 
     def chunk(self, i: int, text: str, finish: str | None, entries: list[TokenLogprob] | None = None) -> str:
-        return self.event(self.delta(i, text, finish, self.logprobs(i, entries)))
+        return self.event(self.delta(i, text, finish, self.logprobs_of(i, entries)))
 
-    def event(self, choice: dict[str, Any]) -> str:
+    def event(self, choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
+        """A chunk of choice `choice`'s (None: none, the usage chunk); ``usage`` on every
+        chunk where the client asked for it (null until the last)."""
         payload = {"id": self.ident, "object": self.chunk_object, "created": self.created, "model": self.model,
-                   "choices": [choice]}
+                   "choices": [] if choice is None else [choice]}
+        if self.include_usage:
+            payload["usage"] = usage
         return f"data: {json.dumps(payload)}\n\n"
 
     async def stream(self, server: Server, requests: list[Request], http: HTTPRequest) -> StreamingResponse:
@@ -562,6 +620,8 @@ class _Completion:
                 else:
                     rest = None if r.logprobs is None else r.logprobs[self._sent.get(i, 0):]
                     yield self.chunk(i, "", r.finish_reason, rest)
+            if self.include_usage:
+                yield self.event(None, self.usage(done.result()))
             yield "data: [DONE]\n\n"
         finally:  # also when the client goes away: its rows stop at the next step
             getter.cancel()  # else asyncio warns of a pending task when the client left mid-wait
@@ -577,15 +637,15 @@ class _ChatCompletion(_Completion):
     object: ClassVar[str] = "chat.completion"
     chunk_object: ClassVar[str] = "chat.completion.chunk"
 
-    def logprobs(self, i: int, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
-        if entries is None:
+    def logprobs_of(self, i: int, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        if entries is None or not self.logprobs:
             return None
         self._sent[i] = self._sent.get(i, 0) + len(entries)
         return chat_logprobs(self.tokenizer, entries)
 
     def choice(self, i: int, r: Result) -> dict[str, Any]:
         return {"index": i, "message": {"role": "assistant", "content": r.output},
-                "logprobs": self.logprobs(i, r.logprobs), "finish_reason": r.finish_reason}
+                "logprobs": self.logprobs_of(i, r.logprobs), "finish_reason": r.finish_reason}
 
     def delta(self, i: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
         return {"index": i, "delta": {"content": text} if finish is None else {}, "logprobs": logprobs,
@@ -595,7 +655,7 @@ class _ChatCompletion(_Completion):
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
 
     def blame(self, i: int, r: Result) -> tuple[str, str]:
-        return f"messages: {r.error}", "messages"  # one choice, from all of the messages
+        return f"messages: {r.error}", "messages"  # every choice is of all of the messages
 
 
 # -- admin ----------------------------------------------------------------------------
@@ -706,7 +766,8 @@ def _validation_message(error: dict[str, Any]) -> tuple[str | None, str]:
     if error.get("type") == "json_invalid":
         return None, f"the body is not valid JSON: {error.get('ctx', {}).get('error', error.get('msg'))}"
     if error.get("type") == "extra_forbidden":
-        return param, f"{param}: unknown field (this request takes {', '.join(error['known'])})"
+        owner = field_path(loc[:-1]) or "this request"
+        return param, f"{param}: unknown field ({owner} takes {', '.join(error['known'])})"
     return param, f"{param or 'body'}: {error.get('msg')}"
 
 
@@ -721,15 +782,20 @@ def validation_error(request: HTTPRequest, e: RequestValidationError) -> JSONRes
     route = request.scope.get("route")
     first = dict(e.errors()[0]) if e.errors() else {"loc": (), "msg": "invalid body"}
     if first.get("type") == "extra_forbidden":
-        first["known"] = _known_fields(route)
+        first["known"] = _known_fields(route, [p for p in first.get("loc", ())[1:-1] if isinstance(p, str)])
     param, message = _validation_message(first)
     return JSONResponse(error_body(400, message, param), 400)
 
 
-def _known_fields(route: Any) -> list[str]:
-    """The fields of the body a route takes (for the message that refuses an unknown one)."""
+def _known_fields(route: Any, path: list[str]) -> list[str]:
+    """The fields of the body a route takes, or of the object at `path` in it (for the
+    message that refuses an unknown one)."""
     field = getattr(route, "body_field", None)
     model = field.field_info.annotation if field is not None else None
+    for name in path:  # down to the object holding the unknown field (an optional one: its model)
+        inner = getattr(model, "model_fields", {}).get(name)
+        kinds = getattr(inner.annotation, "__args__", (inner.annotation,)) if inner is not None else ()
+        model = next((k for k in kinds if hasattr(k, "model_fields")), None)
     hidden = getattr(model, "UNIMPLEMENTED", {})
     return [name for name in getattr(model, "model_fields", {}) if name not in hidden] or ["no other field"]
 
