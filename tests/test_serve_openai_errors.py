@@ -59,10 +59,7 @@ def test_a_bad_temperature_is_a_bad_request_naming_the_field(client):
 
 
 @pytest.mark.parametrize("field, value, takes", [
-    ("echo", True, "false"), ("presence_penalty", 0.5, "null or 0"),
-    ("frequency_penalty", -1, "null or 0"), ("logit_bias", {"50256": -100}, "null or {}"),
-    ("suffix", "!", "null"),
-    ("echo", 0, "false"), ("presence_penalty", False, "null or 0")])  # 0 is not false
+    ("echo", True, "false"), ("suffix", "!", "null"), ("echo", 0, "false")])  # 0 is not false
 def test_an_openai_field_softprompt_does_not_implement_is_refused_by_name(client, field, value, takes):
     e = refused(lambda: client.completions.create(model="writer", prompt="once", max_tokens=2,
                                                   extra_body={field: value}), openai.BadRequestError)
@@ -83,7 +80,8 @@ def test_an_unknown_field_is_refused_by_name(client):
                 openai.BadRequestError)
     assert e.param == "temprature"
     assert e.body["message"] == ("temprature: unknown field (this request takes model, prompt, max_tokens, "
-                                 "temperature, top_p, stop, stream, seed, n, user, stream_options, logprobs, best_of)")
+                                 "temperature, top_p, stop, stream, seed, n, user, stream_options, presence_penalty, "
+                                 "frequency_penalty, logit_bias, logprobs, best_of)")
 
 
 def test_a_wrong_api_key_is_an_authentication_error_with_its_message(bank, client):

@@ -100,3 +100,37 @@ def test_best_of_returns_the_n_candidates_of_highest_logprob_per_token(client):
     no_logprobs = client.completions.create(model="writer", prompt="once upon", max_tokens=6, temperature=1.5, seed=5,
                                             best_of=4)
     assert no_logprobs.choices[0].text == best[0].text and no_logprobs.choices[0].logprobs is None
+
+
+def test_32_concurrent_async_streams_each_equal_the_request_alone(causal_bank, client):
+    """32 streamed completions at once through AsyncOpenAI, of two tasks, prompts and budgets
+    mixed (greedy), joining one decode as they arrive: each stream's text == the same
+    request alone (not streamed), and its usage chunk agrees."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    def request(i: int) -> dict:
+        return {"model": ("writer", "free")[i % 2], "prompt": ("once upon", "the film was", "a")[i % 3],
+                "max_tokens": 3 + i % 7, "temperature": 0}
+
+    alone = [client.completions.create(**request(i)).choices[0].text for i in range(32)]
+    aclient = AsyncOpenAI(base_url=str(client.base_url), api_key="none", max_retries=0, timeout=60)
+
+    async def one(i: int) -> tuple[str, int]:
+        text, usage = "", None
+        async for chunk in await aclient.completions.create(**request(i), stream=True,
+                                                            stream_options={"include_usage": True}):
+            text += "".join(c.text for c in chunk.choices)
+            usage = chunk.usage or usage
+        return text, usage.completion_tokens
+
+    async def all_of():
+        try:
+            return await asyncio.gather(*(one(i) for i in range(32)))
+        finally:
+            await aclient.close()
+
+    streamed = asyncio.run(all_of())
+    assert [t for t, _ in streamed] == alone
+    assert all(n <= 3 + i % 7 for i, (_, n) in enumerate(streamed))

@@ -117,8 +117,7 @@ class _OpenAIBody(_Body):
 
 
 #: OpenAI's completion fields that softprompt does not implement, and their neutral values
-UNIMPLEMENTED = {"echo": (False,), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-                 "logit_bias": (None, {}), "suffix": (None,)}
+UNIMPLEMENTED = {"echo": (False,), "suffix": (None,)}
 
 
 class StreamOptions(_Body):
@@ -137,6 +136,9 @@ class _Sampled(_OpenAIBody):
     n: int = Field(1, ge=1)
     user: Union[str, None] = None
     stream_options: Union[StreamOptions, None] = None
+    presence_penalty: Union[float, None] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Union[float, None] = Field(None, ge=-2.0, le=2.0)
+    logit_bias: Union[dict[str, float], None] = None
 
 
 class _Prompted(_OpenAIBody):
@@ -149,9 +151,6 @@ class CompletionBody(_Sampled, _Prompted):  # fields in reversed base order: mod
 
     echo: Any = False
     logprobs: Union[int, None] = Field(None, ge=0, le=MAX_LOGPROBS)
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
     best_of: Union[int, None] = Field(None, ge=1)
     suffix: Any = None
 
@@ -165,8 +164,7 @@ def _same(value: Any, neutral: Any) -> bool:
 
 
 #: OpenAI's chat fields that softprompt does not implement, and their neutral values
-CHAT_UNIMPLEMENTED = {"presence_penalty": (None, 0),
-                      "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+CHAT_UNIMPLEMENTED = {"tools": (None, []),
                       "tool_choice": (None, "none"), "parallel_tool_calls": (None,), "functions": (None, []),
                       "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
                       "modalities": (None, ["text"]), "audio": (None,),
@@ -192,9 +190,6 @@ class ChatBody(_Sampled, _Chatting):
     max_completion_tokens: Union[int, None] = Field(None, ge=1)
     logprobs: Union[bool, None] = None
     top_logprobs: Union[int, None] = Field(None, ge=0, le=MAX_LOGPROBS)
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: Any = None
@@ -293,8 +288,12 @@ class Server:
             raise APIError(400, f"{max_param}: {max_tokens} is over the server's limit of {self.max_new_tokens}",
                            max_param)
         try:
-            return GenerationOptions.completion(max_tokens, body.temperature, body.top_p, body.stop, body.seed,
-                                                logprobs)
+            options = GenerationOptions.completion(
+                max_tokens, body.temperature, body.top_p, body.stop, body.seed, logprobs,
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                logit_bias=body.logit_bias)
+            options.check_vocabulary(self.bank.vocabulary_size)
+            return options
         except SoftPromptError as e:  # "generation option temperature: ..." names the field
             named = re.match(r"generation options? (\w+)", str(e))
             raise APIError(400, str(e), named.group(1) if named else None) from None

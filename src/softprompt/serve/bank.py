@@ -311,6 +311,12 @@ class PromptBank:
                 raise self._unknown(name)
             del self._entries[name]
 
+    @property
+    def vocabulary_size(self) -> int:
+        """Columns of the base model's next-token scores (a `logit_bias` token must be one)."""
+        head = self.base.get_output_embeddings()
+        return head.weight.shape[0] if head is not None else self.base.config.vocab_size
+
     # -- lookup ---------------------------------------------------------------
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -36,7 +36,8 @@ from ..attention import use_slot_attention
 from ..encode import EncodedRow
 from .bank import PromptBank
 from .mixed import collate_mixed, encode_mixed
-from .sampling import Draws, NonFiniteScoresError, Sampling, TokenLogprob, logprobs_of, sample, token_logprobs
+from .sampling import (Draws, NonFiniteScoresError, Sampling, TokenLogprob, adjusted, logprobs_of, sample,
+                       token_logprobs)
 from .slots import DecodeSlots, round_up
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,11 @@ def _pick(logits: torch.Tensor, rows: Sequence[DecodeRow | None], greedy: torch.
     where a row's scores were not finite (`sampling.sample`); `greedy`: the arg-max, if known;
     `drawn`: per row, tokens drawn on the device that the row has not received yet."""
     drawn = drawn or [0] * len(rows)
-    draws = Draws.of([None if r is None else r.sampling for r in rows],
-                     [0 if r is None else len(r.tokens) + d for r, d in zip(rows, drawn)], logits.device)
+    samplings = [None if r is None else r.sampling for r in rows]
+    draws = Draws.of(samplings, [0 if r is None else len(r.tokens) + d for r, d in zip(rows, drawn)], logits.device)
+    if any(s is not None and s.adjusts for s in samplings):  # penalties and biases: the arg-max changes too
+        logits = adjusted(logits, samplings, [[] if r is None else r.tokens for r in rows])
+        greedy = None
     return sample(logits, draws, greedy)
 
 
@@ -234,9 +238,10 @@ class Decoder:
         """Launch the next step before reading `launched`'s tokens: on fixed slots (eager
         slots move rows between slots when they resize), and unless every row is sure to end
         with `launched`'s token (its budget reached)."""
-        return self._fixed and any(
-            r is not None and self._rows[s] is r and len(r.tokens) + 1 < r.sampling.max_new_tokens
-            for s, r in enumerate(launched.rows))
+        if not self._fixed or any(r is not None and r.sampling.penalised for r in self._rows):
+            return False  # a penalised row's next scores depend on the token not read yet
+        return any(r is not None and self._rows[s] is r and len(r.tokens) + 1 < r.sampling.max_new_tokens
+                   for s, r in enumerate(launched.rows))
 
     def _advance(self, slot: int, token: int, finite: bool, logprob: TokenLogprob | None = None) -> None:
         """Hand the row in `slot` its new token (and its log-probability, where the row asks);

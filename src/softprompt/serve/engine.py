@@ -308,7 +308,9 @@ class Engine:
         if not request.generate:  # a generating task decodes with its own settings
             options = GenerationOptions.parse(entry.task.generate_options(), known=TASK_OPTIONS) \
                 if entry.task.generates else None
-        elif options.logprobs is not None and entry.model.spec.kind is not ModelKind.CAUSAL:
+        else:
+            options.check_vocabulary(self.bank.vocabulary_size)
+        if request.generate and options.logprobs is not None and entry.model.spec.kind is not ModelKind.CAUSAL:
             raise SoftPromptError(f"generation option logprobs: task {entry.name!r} runs on an encoder-decoder "
                                   f"({entry.model.spec.model_type}), whose generation reports no log-probabilities "
                                   "here; leave logprobs out")

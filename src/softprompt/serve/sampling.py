@@ -71,6 +71,44 @@ class Sampling:
     eos_token_id: int | None = None
     seed: int = field(default_factory=fresh_seed)
     logprobs: int | None = None  # report each new token's log-probability and the top k others' (None: not)
+    presence_penalty: float = 0.0  # subtracted from a token's score once it is among the row's new tokens
+    frequency_penalty: float = 0.0  # ... times the number of times it is
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its score) for every step
+
+    @property
+    def adjusts(self) -> bool:
+        """The row's scores are changed before its token is chosen (penalties or a bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    @property
+    def penalised(self) -> bool:
+        """Its scores depend on its own new tokens (OpenAI's presence and frequency penalties)."""
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+
+def adjusted(logits: torch.Tensor, samplings: Sequence[Sampling | None], tokens: Sequence[Sequence[int]]
+             ) -> torch.Tensor:
+    """(B, V) scores with each row's `logit_bias` added and its penalties subtracted (OpenAI's
+    definition: score - frequency_penalty * count - presence_penalty * (count > 0), count the
+    times a token is among the row's new tokens `tokens[b]`), as float32; `logits` itself
+    where no row adjusts. One scatter of (row, token, amount) triples built on the host."""
+    rows, cols, amounts = [], [], []
+    for b, (s, seen) in enumerate(zip(samplings, tokens)):
+        if s is None or not s.adjusts:
+            continue
+        for token, bias in s.logit_bias:
+            rows.append(b), cols.append(token), amounts.append(bias)
+        if s.penalised:
+            counts: dict[int, int] = {}
+            for t in seen:
+                counts[t] = counts.get(t, 0) + 1
+            for t, c in counts.items():
+                rows.append(b), cols.append(t), amounts.append(-s.frequency_penalty * c - s.presence_penalty)
+    if not rows:
+        return logits
+    index = _to_device(torch.tensor([rows, cols], dtype=torch.long), logits.device)
+    values = _to_device(torch.tensor(amounts, dtype=torch.float32), logits.device)
+    return logits.float().index_put_((index[0], index[1]), values, accumulate=True)
 
 
 @dataclass
@@ -273,6 +311,9 @@ class RowSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         draws = Draws.of(self.samplings, [self.step] * len(self.samplings), scores.device)
+        if any(s.adjusts for s in self.samplings):  # the new tokens: the decoder's ids after its start token
+            new = input_ids[:, input_ids.shape[1] - self.step:].tolist() if self.step else [[]] * len(self.samplings)
+            scores = adjusted(scores, self.samplings, new)
         tokens, finite = sample(scores, draws)
         self.step += 1
         self.finite = finite if self.finite is None else self.finite & finite
@@ -283,5 +324,5 @@ class RowSampler(LogitsProcessor):
         return [True] * len(self.samplings) if self.finite is None else self.finite.tolist()
 
 
-__all__ = ["Sampling", "TokenLogprob", "logprobs_of", "token_logprobs", "Draws", "sample", "finite_rows", "gumbel", "row_key", "mix32", "fresh_seed", "RowSampler",
+__all__ = ["Sampling", "adjusted", "TokenLogprob", "logprobs_of", "token_logprobs", "Draws", "sample", "finite_rows", "gumbel", "row_key", "mix32", "fresh_seed", "RowSampler",
            "NonFiniteScoresError"]

@@ -26,7 +26,8 @@ from ..errors import SoftPromptError
 from .sampling import Sampling, TokenLogprob, fresh_seed
 
 #: generation options a request may set (transformers `generate` names), and `stop`.
-GENERATE_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop", "logprobs")
+GENERATE_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "stop", "logprobs",
+                    "presence_penalty", "frequency_penalty", "logit_bias")
 #: what a generating task's `generate_options` may set besides (its own end-of-sequence).
 TASK_OPTIONS = GENERATE_OPTIONS + ("eos_token_id",)
 
@@ -44,6 +45,8 @@ MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 100.0
 #: most alternatives a token's log-probabilities may list (OpenAI's chat limit; vLLM's default)
 MAX_LOGPROBS = 20
+#: OpenAI's ranges: penalties -2 .. 2, a logit bias -100 .. 100 on at most this many tokens
+MAX_PENALTY, MAX_BIAS, MAX_BIASED_TOKENS = 2.0, 100.0, 300
 #: stop strings: at most this many (OpenAI's limit), each at most this long (checked against the text every token)
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
 
@@ -104,6 +107,20 @@ def _stops(value: Any) -> tuple[str, ...]:
     return tuple(s for s in stops if s)
 
 
+def _biases(value: Any) -> tuple[tuple[int, float], ...]:
+    """``{token id: bias}`` (ids as JSON keys are strings) -> ((id, bias), ...), sorted."""
+    if not isinstance(value, Mapping):
+        raise SoftPromptError(f"generation option logit_bias: {_show(value)} is not an object of token ids to biases")
+    if len(value) > MAX_BIASED_TOKENS:
+        raise SoftPromptError(f"generation option logit_bias: {len(value)} tokens; at most {MAX_BIASED_TOKENS}")
+    out = {}
+    for key, bias in value.items():
+        token = _integer("logit_bias", key, 0, INT32_MAX)
+        out[token] = _real("logit_bias", bias, f"from -{MAX_BIAS:g} to {MAX_BIAS:g} (token {key})",
+                           lambda b: -MAX_BIAS <= b <= MAX_BIAS)
+    return tuple(sorted(out.items()))
+
+
 def _show(value: Any) -> str:
     """A value for a message, cut short (a client may send anything)."""
     text = repr(value)
@@ -123,6 +140,11 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "stop": _stops,
     "eos_token_id": lambda v: _integer("eos_token_id", v, 0, INT32_MAX),
     "logprobs": lambda v: _integer("logprobs", v, 0, MAX_LOGPROBS),
+    "presence_penalty": lambda v: _real("presence_penalty", v, f"from -{MAX_PENALTY:g} to {MAX_PENALTY:g}",
+                                        lambda p: -MAX_PENALTY <= p <= MAX_PENALTY),
+    "frequency_penalty": lambda v: _real("frequency_penalty", v, f"from -{MAX_PENALTY:g} to {MAX_PENALTY:g}",
+                                         lambda p: -MAX_PENALTY <= p <= MAX_PENALTY),
+    "logit_bias": _biases,
 }
 
 
@@ -140,6 +162,9 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     eos_token_id: int | None = None  # a generating task's own end of sequence
     logprobs: int | None = None  # each new token's log-probability and the top k others' (None: not asked)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | GenerationOptions, *,
@@ -171,14 +196,23 @@ class GenerationOptions:
 
     @classmethod
     def completion(cls, max_tokens: int, temperature: float, top_p: float, stop: str | list[str] | None,
-                   seed: int | None, logprobs: int | None = None) -> "GenerationOptions":
+                   seed: int | None, logprobs: int | None = None, **more: Any) -> "GenerationOptions":
         """The options of an OpenAI-style completion request (top_p 1.0, or any top_p with
-        greedy decoding at temperature 0, is no nucleus filter at all)."""
+        greedy decoding at temperature 0, is no nucleus filter at all); `more`: other
+        `GENERATE_OPTIONS` (the penalties, logit_bias)."""
         options = cls.parse({"max_new_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop,
-                             "seed": seed, "logprobs": logprobs})
+                             "seed": seed, "logprobs": logprobs, **more})
         if options.temperature == 0 or options.top_p == 1.0:
             options = dataclasses.replace(options, top_p=None)
         return options
+
+    def check_vocabulary(self, size: int) -> None:
+        """Refuse a `logit_bias` token the model's scores have no column for (indexing it on a
+        GPU would be a device-side error that ends every request on the device)."""
+        for token, _ in self.logit_bias:
+            if token >= size:
+                raise SoftPromptError(f"generation option logit_bias: token {token} is not in the model's vocabulary "
+                                      f"(ids 0 to {size - 1})")
 
     @property
     def sampled(self) -> bool:
@@ -201,7 +235,9 @@ class GenerationOptions:
         return Sampling(max_new_tokens=self.max_new_tokens if self.max_new_tokens is not None else 16,
                         do_sample=self.sampled, temperature=self.temperature or 1.0, top_k=self.top_k or 0,
                         top_p=self.top_p or 1.0, eos_token_id=eos,
-                        seed=self.seed if self.seed is not None else fresh_seed(), logprobs=self.logprobs)
+                        seed=self.seed if self.seed is not None else fresh_seed(), logprobs=self.logprobs,
+                        presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+                        logit_bias=self.logit_bias)
 
     def generate_kwargs(self) -> dict[str, Any]:
         """transformers `generate()` keyword arguments of a static batch (`batch_key`): its
