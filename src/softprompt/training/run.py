@@ -8,6 +8,7 @@ test split.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -113,22 +114,26 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     check_examples(model, task, data)
     resolved = cfg.to_dict() | {"template": model.config.template, "num_virtual_tokens": model.num_virtual_tokens,
                                 "resolved_task": task.kind, "data": data.source}
-    created = _prepare_output(out, resume)
+    # One process of a distributed run (torchrun / accelerate launch set RANK) owns the folder:
+    # the others would race it clearing a replaced run and writing config.json.
+    main = int(os.environ.get("RANK", "0")) == 0
+    created = _prepare_output(out, resume or not main)
     metadata = {"task": task.kind, "model": cfg.model, "data": data.source, "max_length": cfg.max_length,
                 "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("progress", "tensorboard")}}
     try:
-        if not resume:
+        if not resume and main:
             write_json_atomically(out / CONFIG, resolved)
         result = train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata)
     except BaseException:
-        if not resume:
+        if not resume and main:
             _forget_failed_start(out, created)
         raise
     if data.test and data.test != data.dev and has_task(out / RUN_PROMPT):
         # Model selection on dev, the reported number on test: the best prompt, not the last.
         scores, _ = evaluate_saved(out / RUN_PROMPT, model.base, tokenizer, data.test, cfg.train.eval_batch_size)
         result.metrics["test"] = scores
-        write_json_atomically(out / METRICS_SUMMARY, result.metrics)
+        if main:
+            write_json_atomically(out / METRICS_SUMMARY, result.metrics)
     return result
 
 
