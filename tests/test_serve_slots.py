@@ -121,14 +121,16 @@ def test_fixed_slots_serve_run_after_run(family_models, family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_slot_attention_equals_the_models_own(family_models, family):
+def test_slot_attention_equals_the_models_own(family_models, family, monkeypatch):
     """The decode step's attention (`attention.slot_attention`: the query heads of a K/V head
     as query rows, no repeated K/V) equals transformers' SDPA attention on the same one-token
     queries, slot buffers and additive mask, layer by layer of a real model."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from softprompt import attention as attn
     from softprompt.attention import slot_attention
 
+    products_of = attn.packed_products
     base, _ = family_models(family)
     attention = base.model.layers[0].self_attn
     groups = attention.num_key_value_groups
@@ -143,6 +145,16 @@ def test_slot_attention_equals_the_models_own(family_models, family):
     theirs, _ = sdpa_attention_forward(attention, query, key, value, mask, scaling=attention.scaling)
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
     assert ours.shape == (R, 1, H_kv * groups, D)
+    # compiled, the packed attention is two products around a softmax (`packed_products`): the same values
+    torch._dynamo.reset()
+    traced = []
+    monkeypatch.setattr(attn, "packed_products", lambda *a: traced.append(1) or products_of(*a))
+    compiled = torch.compile(lambda *a: slot_attention(attention, *a, scaling=attention.scaling)[0], fullgraph=True)
+    torch.testing.assert_close(compiled(query, key, value, mask), theirs, atol=1e-5, rtol=1e-4)
+    assert traced  # the compiled graph holds the products, not SDPA
+    packed = query.reshape(R, H_kv, groups, D)
+    products = products_of(packed, key, value, mask, attention.scaling).reshape(R, 1, H_kv * groups, D)
+    torch.testing.assert_close(products, theirs, atol=1e-6, rtol=1e-5)
 
 
 def test_decode_steps_run_the_packed_slot_attention(family_models, monkeypatch):

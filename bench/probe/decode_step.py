@@ -7,6 +7,11 @@ with 84-token prompts), replayed as a CUDA graph, for each variant of the step:
   slot+compile   the same, the step's forward compiled with `torch.compile` before capture
   slot+compile+freezing   compiled with inductor's freezing: weights as constants, so linear
                  layers reading the same input (Q, K, V; gate and up) become one product
+  slot+compile+sdpa   compiled, the packed attention left on SDPA (cuDNN) instead of
+                 `attention.packed_products` (what the compiled step ran before)
+
+(Inductor's GEMM autotuning, ``{"mode": "max-autotune-no-cudagraphs"}``, was measured too:
+3.86 ms at 256 rows on an H100 against cuBLAS's 3.29, after 190 s of autotuning.)
 
     python -m bench.probe.decode_step --shape llama-1b --out bench/results/decode_step.json
 
@@ -34,7 +39,8 @@ from bench.harness.shapes import SHAPES, build_base, tokenizer
 from bench.harness.timing import measure, sync
 
 VARIANTS = {"transformers": (False, False), "slot": (True, False), "slot+compile": (True, True),
-            "slot+compile+freezing": (True, {"options": {"freezing": True}})}
+            "slot+compile+freezing": (True, {"options": {"freezing": True}}),
+            "slot+compile+sdpa": (True, True)}
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, HBM3 / HBM3e as sold
 
 
@@ -56,11 +62,21 @@ def bank_of(base, tok, tasks: int, virtual: int):
 
 
 @contextlib.contextmanager
-def variant(base, slot_attention: bool):
+def variant(base, name: str):
     """The step with or without the slot attention (without: the model's own SDPA, as before)."""
+    from softprompt import attention
     from softprompt.serve import slots
 
-    if slot_attention:
+    if name.endswith("+sdpa"):
+        kept_products = attention.packed_products
+        attention.packed_products = lambda q, k, v, mask, scale: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale)
+        try:
+            yield
+        finally:
+            attention.packed_products = kept_products
+        return
+    if VARIANTS[name][0]:
         yield
         return
     kept = slots.use_slot_attention
@@ -81,12 +97,25 @@ def joined(bank, rows: int, tasks: int, text: str, *, graphs: bool, compile: boo
     return decoder
 
 
-def tokens_of(slots, steps: int) -> list[list[int]]:
+def tokens_of(slots, steps: int, first_logits: list | None = None) -> list[list[int]]:
+    """Each row's greedy tokens of `steps` steps (the first step's (R, V) scores appended
+    to `first_logits` if given)."""
     out = []
-    for _ in range(steps):
+    for i in range(steps):
         slots.step()
         out.append(slots.greedy.clone())
+        if i == 0 and first_logits is not None:
+            first_logits.append(slots.logits.float().clone())
     return torch.stack(out, 1).tolist()
+
+
+def agreement(a: list, b: list, logits_a: torch.Tensor, logits_b: torch.Tensor) -> dict:
+    """Rows whose tokens agree, rows whose first token does, and the first step's largest
+    score difference (a kernel's rounding moves scores by ~1e-2 in bf16; a wrong column by
+    whole units)."""
+    return {"rows_equal": f"{sum(x == y for x, y in zip(a, b))}/{len(a)}",
+            "first_token_equal": f"{sum(x[0] == y[0] for x, y in zip(a, b))}/{len(a)}",
+            "first_step_max_score_diff": round(float((logits_a - logits_b).abs().max()), 4)}
 
 
 def whole_run(decoder, rows: int, tasks: int, text: str, step_ms: float, new: int = 32) -> dict:
@@ -157,11 +186,11 @@ def bound_ms(base, slots) -> dict:
 
 
 def probe(base, tok, args, name: str, rows: int, reference: dict) -> dict:
-    slot_attention, compile = VARIANTS[name]
+    compile = VARIANTS[name][1]
     bank = args.bank
     text = " hello" * args.input_tokens
     out: dict = {"variant": name, "rows": rows}
-    with variant(base, slot_attention):
+    with variant(base, name):
         start = time.perf_counter()
         decoder = joined(bank, rows, args.tasks, text, graphs=True, compile=compile, columns=args.columns)
         slots = decoder.slots
@@ -170,7 +199,8 @@ def probe(base, tok, args, name: str, rows: int, reference: dict) -> dict:
         out["capture_s"] = round(time.perf_counter() - start, 2)
         out["cuda_graph"] = slots._graph is not None
         out["columns"] = slots.columns
-        graph_tokens = tokens_of(slots, args.check_steps)
+        graph_logits: list = []
+        graph_tokens = tokens_of(slots, args.check_steps, graph_logits)
         timing = measure(slots.step, warmup=3, calls=args.calls, windows=3)
         out["step_ms"] = round(timing.seconds * 1e3, 3)
         out["windows_ms"] = [round(w * 1e3, 3) for w in timing.windows]
@@ -181,10 +211,20 @@ def probe(base, tok, args, name: str, rows: int, reference: dict) -> dict:
         decoder.slots = None
         eager = joined(bank, rows, args.tasks, text, graphs=False, compile=False, columns=args.columns)
         eager.slots.step()
-        eager_tokens = tokens_of(eager.slots, args.check_steps)
+        eager_logits: list = []
+        eager_tokens = tokens_of(eager.slots, args.check_steps, eager_logits)
         out["eager_step_ms"] = round(measure(eager.slots.step, warmup=1, calls=5, windows=1).seconds * 1e3, 3)
         eager.slots = None
+        if compile:  # where a difference comes from: the compiler, or the graph of compiled code
+            alone = joined(bank, rows, args.tasks, text, graphs=False, compile=compile, columns=args.columns)
+            alone.slots.step()
+            alone_logits: list = []
+            alone_tokens = tokens_of(alone.slots, args.check_steps, alone_logits)
+            alone.slots = None
+            out["compiled_no_graph_vs_eager"] = agreement(alone_tokens, eager_tokens, alone_logits[0], eager_logits[0])
+            out["graph_vs_compiled_no_graph"] = agreement(graph_tokens, alone_tokens, graph_logits[0], alone_logits[0])
     out["graph_rows_equal_eager"] = f"{sum(a == b for a, b in zip(graph_tokens, eager_tokens))}/{rows}"
+    out["graph_vs_eager"] = agreement(graph_tokens, eager_tokens, graph_logits[0], eager_logits[0])
     if name == "transformers":
         reference[rows] = graph_tokens
     elif rows in reference:
@@ -227,7 +267,8 @@ def main() -> None:
                 row = {"variant": name, "rows": rows, "error": f"{type(e).__name__}: {e}"}
             report["results"].append(row)
             print({k: row.get(k) for k in ("variant", "rows", "step_ms", "capture_s", "run", "graph_rows_equal_eager",
-                                           "rows_equal_transformers_variant", "share_of_weights_bound", "error")},
+                                           "rows_equal_transformers_variant", "graph_vs_eager", "compiled_no_graph_vs_eager",
+                                           "graph_vs_compiled_no_graph", "share_of_weights_bound", "error")},
                   flush=True)
             write_json(report, Path(args.out))
 

@@ -164,6 +164,25 @@ def _unwrap(peft_model) -> None:
 
 
 # -- S1 -------------------------------------------------------------------------------
+def add_tasks(bank, base, tok, n: int, P: int) -> None:
+    """Input tasks ``t0`` ... and P-tuning v2 (deep) tasks ``d0`` ... up to `n` of each."""
+    import softprompt as sp
+
+    for i in range(n):
+        torch.manual_seed(1000 + i)
+        for name, config in ((f"t{i}", sp.PromptTuningConfig(template=f"[P:{P}] {{text}}", init="random")),
+                             (f"d{i}", sp.PTuningV2Config(template="{text}", num_virtual_tokens=P))):
+            if name not in bank.names():
+                bank.add(name, sp.SoftPromptModel(base, config, tokenizer=tok))
+
+
+def mix(value: str) -> tuple[str, int]:
+    kind, _, n = value.partition(":")
+    if kind not in ("input", "deep") or not n.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: want input:N or deep:N")
+    return kind, int(n)
+
+
 def s1(base, tok, args) -> dict:
     from softprompt.serve import encode_mixed, generate_mixed
 
@@ -195,11 +214,28 @@ def s1(base, tok, args) -> dict:
     tasks = plain_tasks
     out["prompted_over_no_prompts"] = out["softprompt"]["new_tokens_per_s"] / out["softprompt_no_prompts"][
         "new_tokens_per_s"]
+    if args.s1_mixes:  # input and deep prompts, few and many tasks, on the same decoder
+        add_tasks(bank, base, tok, max(n for _, n in args.s1_mixes), P)
+        mixes = {}
+        for kind, n in args.s1_mixes:
+            tasks = [("d" if kind == "deep" else "t") + str(i % n) for i in range(n_requests)]
+            seconds = timed(lambda: decoder_run(graphed), args.gen_repeats)
+            mixes[f"{kind}:{n}"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds,
+                                    "over_no_prompts": (n_requests * new / seconds)
+                                    / out["softprompt_no_prompts"]["new_tokens_per_s"]}
+        out["prompt_mixes"] = mixes
+        tasks = plain_tasks
     seconds = timed(lambda: decoder_run(eager), args.gen_repeats)
     out["softprompt_eager_step"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
     # the replayed graph computes what the eager step computes (same slots, same kernels)
-    same = sum(a == b for a, b in zip(decoder_run(graphed), decoder_run(eager)))
+    graph_tokens = decoder_run(graphed)
+    same = sum(a == b for a, b in zip(graph_tokens, decoder_run(eager)))
     out["graph_rows_equal_eager"] = f"{same}/{n_requests}"
+    if args.compile:  # compiled, the attention is other kernels (rounding apart): graph == the same code eagerly
+        compiled_eager = Decoder(bank, max_rows=n_requests, graphs=False, compile=True)
+        same = sum(a == b for a, b in zip(graph_tokens, decoder_run(compiled_eager)))
+        out["graph_rows_equal_compiled_eager"] = f"{same}/{n_requests}"
+        del compiled_eager
     slots = graphed.slots  # one decode step alone (all 64 slots), without the host loop around it
     for name, use_graph in (("graph", True), ("eager", False)) if slots is not None else ():
         slots.reset()
@@ -242,6 +278,9 @@ def main() -> None:
                         help="S2: most rows per batch (both; PEFT's batches are its task groups, 32 or 2 rows)")
     parser.add_argument("--s3-rows", type=int, nargs="+", default=[64, 256], help="S3's batch sizes")
     parser.add_argument("--compile", action="store_true", help="S1: the decode step's forward compiled before capture")
+    parser.add_argument("--s1-mixes", type=mix, nargs="*", default=[],
+                        help="S1: also time these task mixes on the same decoder, e.g. input:16 input:256 deep:16 "
+                             "deep:256 (input: prompt tuning; deep: P-tuning v2; 20 virtual tokens each)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gen-repeats", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "serve_throughput.json"))
