@@ -202,6 +202,39 @@ def test_compiled_step_gives_the_rows_alone(family_models, family):
     assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 1  # compiled
 
 
+def test_compiled_slots_growing_compile_at_most_twice(family_models):
+    """Columns that grow change the buffers' shapes: the step compiles once for the first
+    shape and once more with the column count symbolic (torch.compile's automatic dynamic
+    shapes), never again however often they grow (a compile of a 1B step is ~20 s on a GPU);
+    rows == alone throughout."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    bank, models, tok = bank_of(family_models, "llama")
+    decoder = Decoder(bank, max_rows=3, graphs=True, compile=True)
+    sizes = []
+    for k in (8, 70, 140):  # each run's budget needs more columns than the last: 64, 128, 192
+        rows = [DecodeRow(t, {"text": "grow"}, Sampling(max_new_tokens=k)) for t in TASKS]
+        decoder.run(rows)
+        sizes.append(decoder.slots.columns)
+        for row, task in zip(rows, TASKS):
+            assert row.tokens == alone(models[task], {"text": "grow"}, k, None)[:k], (task, k)
+    assert sizes[0] < sizes[1] < sizes[2]
+    assert decoder.slots._forward is not decoder.slots._scores
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_the_engine_passes_its_compile_option_to_the_decoder(family_models):
+    from softprompt.serve import Engine
+
+    bank, models, tok = bank_of(family_models, "llama")
+    for option in (False, True):
+        engine = Engine(bank, compile_decode=option)
+        engine.generate("short", ["one"], max_new_tokens=2)
+        assert engine._decoder.compile is option
+
+
 def test_a_step_that_cannot_be_compiled_runs_uncompiled(family_models, monkeypatch, caplog):
     """A compiler failure (no C++ compiler, no Triton, a family dynamo cannot trace) costs
     speed, not requests: the step runs uncompiled, rows == alone, one warning."""

@@ -216,7 +216,8 @@ def probe(base, tok, args, name: str, rows: int, reference: dict) -> dict:
         out["eager_step_ms"] = round(measure(eager.slots.step, warmup=1, calls=5, windows=1).seconds * 1e3, 3)
         eager.slots = None
         if compile:  # where a difference comes from: the compiler, or the graph of compiled code
-            alone = joined(bank, rows, args.tasks, text, graphs=False, compile=compile, columns=args.columns)
+            alone = joined(bank, rows, args.tasks, text, graphs=True, compile=compile, columns=args.columns)
+            alone.slots.graphs = False  # the compiled forward stepped without a graph
             alone.slots.step()
             alone_logits: list = []
             alone_tokens = tokens_of(alone.slots, args.check_steps, alone_logits)

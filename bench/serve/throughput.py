@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -30,7 +31,7 @@ import torch
 
 from bench.harness.report import RESULTS, rerun_command, versions, write_json
 from bench.harness.shapes import SHAPES, build_base, tokenizer
-from bench.harness.timing import measure
+from bench.harness.timing import measure, sync
 
 
 def text_of(n: int) -> str:
@@ -40,6 +41,22 @@ def text_of(n: int) -> str:
 def timed(fn, repeats: int) -> float:
     """Seconds per call: one warm-up call, then the mean of `repeats`."""
     return measure(fn, warmup=1, calls=repeats).seconds
+
+
+def interleaved(runs: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each run over `rounds` rounds, the runs taken in turn after one
+    warm-up round (what drifts over a run, clocks or the host, falls on all alike: runs
+    timed one after the other differed by up to 25% on an H100)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(rounds + 1):
+        for name, fn in runs.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bank_of(base, tok, n_tasks: int, template: str, cache: bool):
@@ -197,42 +214,38 @@ def s1(base, tok, args) -> dict:
     out["softprompt_generate"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
     from softprompt.serve.decode import Decoder, DecodeRow, Sampling
 
-    def decoder_run(decoder):  # the engine's path (`tasks`: read when called): continuous batching (no end-of-sequence stop: exactly `new` tokens)
-        rows = [DecodeRow(t, {"text": text}, Sampling(max_new_tokens=new)) for t in tasks]
+    def decoder_run(decoder, names=tasks):  # the engine's path: continuous batching (no end-of-sequence stop: exactly `new` tokens)
+        rows = [DecodeRow(t, {"text": text}, Sampling(max_new_tokens=new)) for t in names]
         decoder.run(rows)
         return [r.tokens for r in rows]
 
     graphed = Decoder(bank, max_rows=n_requests, compile=args.compile)  # kept, as the engine keeps it: the graph is captured once
     eager = Decoder(bank, max_rows=n_requests, graphs=False)
-    seconds = timed(lambda: decoder_run(graphed), args.gen_repeats)
-    out["softprompt"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds,
-                         "cuda_graph": graphed.slots is not None and graphed.slots._graph is not None}
     bank.add_base("base")  # the same engine on the same requests with no prompt: what prompts cost
-    plain_tasks, tasks = tasks, ["base"] * n_requests
-    seconds = timed(lambda: decoder_run(graphed), args.gen_repeats)
-    out["softprompt_no_prompts"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
-    tasks = plain_tasks
-    out["prompted_over_no_prompts"] = out["softprompt"]["new_tokens_per_s"] / out["softprompt_no_prompts"][
-        "new_tokens_per_s"]
+    mixes = {"input:16": tasks, "none": ["base"] * n_requests}
     if args.s1_mixes:  # input and deep prompts, few and many tasks, on the same decoder
         add_tasks(bank, base, tok, max(n for _, n in args.s1_mixes), P)
-        mixes = {}
         for kind, n in args.s1_mixes:
-            tasks = [("d" if kind == "deep" else "t") + str(i % n) for i in range(n_requests)]
-            seconds = timed(lambda: decoder_run(graphed), args.gen_repeats)
-            mixes[f"{kind}:{n}"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds,
-                                    "over_no_prompts": (n_requests * new / seconds)
-                                    / out["softprompt_no_prompts"]["new_tokens_per_s"]}
-        out["prompt_mixes"] = mixes
-        tasks = plain_tasks
+            mixes[f"{kind}:{n}"] = [("d" if kind == "deep" else "t") + str(i % n) for i in range(n_requests)]
+    seconds = interleaved({name: (lambda names=names: decoder_run(graphed, names)) for name, names in mixes.items()},
+                          max(args.gen_repeats, 7))
+    rate = {name: n_requests * new / s for name, s in seconds.items()}
+    out["softprompt"] = {"seconds": seconds["input:16"], "new_tokens_per_s": rate["input:16"],
+                         "cuda_graph": graphed.slots is not None and graphed.slots._graph is not None}
+    out["softprompt_no_prompts"] = {"seconds": seconds["none"], "new_tokens_per_s": rate["none"]}
+    out["prompted_over_no_prompts"] = rate["input:16"] / rate["none"]
+    out["prompt_mixes"] = {name: {"seconds": seconds[name], "new_tokens_per_s": rate[name],
+                                  "over_no_prompts": rate[name] / rate["none"]} for name in mixes if name != "none"}
     seconds = timed(lambda: decoder_run(eager), args.gen_repeats)
     out["softprompt_eager_step"] = {"seconds": seconds, "new_tokens_per_s": n_requests * new / seconds}
     # the replayed graph computes what the eager step computes (same slots, same kernels)
     graph_tokens = decoder_run(graphed)
     same = sum(a == b for a, b in zip(graph_tokens, decoder_run(eager)))
     out["graph_rows_equal_eager"] = f"{same}/{n_requests}"
-    if args.compile:  # compiled, the attention is other kernels (rounding apart): graph == the same code eagerly
-        compiled_eager = Decoder(bank, max_rows=n_requests, graphs=False, compile=True)
+    if args.compile:  # compiled, other kernels round differently: graph == the same compiled step run eagerly
+        compiled_eager = Decoder(bank, max_rows=n_requests, graphs=True, compile=True)  # fixed slots
+        decoder_run(compiled_eager, tasks[:1])  # makes its slots
+        compiled_eager.slots.graphs = False
         same = sum(a == b for a, b in zip(graph_tokens, decoder_run(compiled_eager)))
         out["graph_rows_equal_compiled_eager"] = f"{same}/{n_requests}"
         del compiled_eager

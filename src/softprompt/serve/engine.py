@@ -172,11 +172,14 @@ class Engine:
         max_batch_tokens: most padded tokens (rows x longest row) in one forward batch.
         truncate: cut over-long inputs inside their fields (default: refuse them, 413).
         max_length: most tokens per row (default: the model's limit).
+        compile_decode: compile the decode step's forward before its CUDA graph is captured
+            (`DecodeSlots`: compiled on the first completion; measured in docs/PERFORMANCE.md).
     """
 
     def __init__(self, bank: PromptBank, *, max_batch_rows: int = 64, max_batch_tokens: int = 16384,
-                 truncate: bool = False, max_length: int | None = None):
+                 truncate: bool = False, max_length: int | None = None, compile_decode: bool = False):
         self.bank = bank
+        self.compile_decode = compile_decode  # the decode step's forward through torch.compile (`DecodeSlots`)
         self.max_batch_rows = max_batch_rows
         self.max_batch_tokens = max_batch_tokens
         self.truncate = truncate
@@ -474,7 +477,7 @@ class Engine:
                        for r in batch]
         try:
             if self._decoder is None:
-                self._decoder = Decoder(self.bank, max_rows=self.max_batch_rows)
+                self._decoder = Decoder(self.bank, max_rows=self.max_batch_rows, compile=self.compile_decode)
             self._decoder.run(decode_rows, admit=more if admit else None)
         except Exception as e:  # the rows that joined have no other way to hear of it
             for row, on_result in joined:

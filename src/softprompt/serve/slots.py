@@ -116,9 +116,12 @@ class DecodeSlots:
         self._allocate(columns)
         self.keeps_logits = forward_accepts(base, "logits_to_keep")
         self.slot_attention = use_slot_attention(base)  # one-token queries on grouped K/V heads, no copy
-        # dynamic=False: one kernel set per buffer shape (the slots change shape only when they grow)
+        # Shapes: the first compile is for the buffers' shapes as they are (static kernels); when
+        # the columns grow, torch.compile's automatic dynamic shapes compile once more with the
+        # column count symbolic, so further growth costs a graph capture, not a compile (each
+        # compile of a 1B step takes ~20 s on an H100).
         options = compile if isinstance(compile, dict) else {}
-        self._forward = torch.compile(self._scores, dynamic=False, **options) if compile else self._scores
+        self._forward = torch.compile(self._scores, **options) if compile else self._scores
 
     # -- buffers ------------------------------------------------------------------
     @property
