@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 from bench.harness.report import RESULTS, ROOT, shown_command, write_text
+from bench.render.engine import engine
 from bench.render.training import training
 
 TARGETS = {"s3": 2.5, "s2_16": 1.5, "s2_256": 3.0, "s1": 20.0}
@@ -192,6 +193,7 @@ def render() -> str:
     ]
     https = [h for h in (_load("serve_http_gpu.json"), _load("serve_http.json")) if h is not None]
     lines += serving(_load("serve_throughput.json"), https)
+    lines += engine()
     lines += [""] + training()
     return "\n".join(lines)
 
