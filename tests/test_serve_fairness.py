@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import statistics
-import threading
+import subprocess
+import sys
 import time
 
 import httpx
@@ -64,29 +65,47 @@ def complete(client: httpx.Client, tokens: int) -> float:
     return time.perf_counter() - start
 
 
+FLOOD = """
+import json, sys, threading, time
+import httpx
+url, kind, clients, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+body = ({"task": "review", "inputs": ["a gem of a film"]} if kind == "classify" else
+        {"model": "writer", "prompt": "once upon a time", "max_tokens": int(kind), "temperature": 0})
+path = "/v1/classify" if kind == "classify" else "/v1/completions"
+end, times, failed = time.time() + seconds, [], []
+def loop():
+    with httpx.Client(base_url=url, timeout=120) as client:
+        while time.time() < end:
+            start = time.perf_counter()
+            ok = client.post(path, json=body).status_code == 200
+            (times if ok else failed).append(time.perf_counter() - start)
+threads = [threading.Thread(target=loop) for _ in range(clients)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"seconds": times, "failed": len(failed), "ended": time.time()}))
+"""
+
+
 class Flood:
-    """`clients` threads sending `send(client)` back to back until stopped; the seconds of each."""
+    """`clients` threads in another process (the server's GIL is not theirs to take) sending
+    one kind of request back to back for `seconds`; the seconds of each."""
 
-    def __init__(self, url: str, send, clients: int):
-        self.url, self.send, self.stop = url, send, threading.Event()
+    def __init__(self, url: str, kind: str, clients: int, seconds: float):
+        self.process = subprocess.Popen([sys.executable, "-c", FLOOD, url, kind, str(clients), str(seconds)],
+                                        stdout=subprocess.PIPE, text=True)
         self.seconds: list[float] = []
-        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(clients)]
-
-    def _loop(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=120) as client:
-            while not self.stop.is_set():
-                self.seconds.append(self.send(client))
 
     def __enter__(self) -> "Flood":
-        for t in self.threads:
-            t.start()
-        time.sleep(0.5)  # the flood is running before the measured requests start
+        time.sleep(1.0)  # the flood is running before the measured requests start
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
+        measured_until = time.time()
+        out, _ = self.process.communicate(timeout=300)
+        report = json.loads(out)
+        self.seconds = report["seconds"]
+        assert report["failed"] == 0
+        assert report["ended"] > measured_until  # the flood lasted the whole measurement
 
 
 def p(values: list[float], q: float) -> float:
@@ -101,21 +120,21 @@ def measured(url: str, send, n: int) -> list[float]:
 
 def test_long_completions_do_not_starve_classify(server):
     alone = measured(server.url, classify, 40)
-    with Flood(server.url, lambda c: complete(c, LONG), clients=8) as flood:
+    with Flood(server.url, str(LONG), clients=8, seconds=8) as flood:
         under = measured(server.url, classify, 40)
     completion = statistics.median(flood.seconds)
     print(json.dumps({"classify_alone_p50_ms": 1e3 * p(alone, 50), "classify_alone_p99_ms": 1e3 * p(alone, 99),
                       "classify_under_completions_p50_ms": 1e3 * p(under, 50),
                       "classify_under_completions_p99_ms": 1e3 * p(under, 99),
                       f"completion_{LONG}_tokens_median_ms": 1e3 * completion, "completions_done": len(flood.seconds)}))
-    assert len(flood.seconds) >= 8  # the flood ran
+    assert len(flood.seconds) >= 16  # the flood ran
     # answered between decode steps, not after the running completions
     assert p(under, 99) < completion / 4, (p(under, 99), completion)
 
 
 def test_a_classify_flood_does_not_starve_completions(server):
     alone = measured(server.url, lambda c: complete(c, 16), 12)
-    with Flood(server.url, classify, clients=8) as flood:
+    with Flood(server.url, "classify", clients=8, seconds=6) as flood:
         under = measured(server.url, lambda c: complete(c, 16), 12)
     print(json.dumps({"completion_16_alone_p50_ms": 1e3 * p(alone, 50), "completion_16_alone_p99_ms": 1e3 * p(alone, 99),
                       "completion_16_under_classify_p50_ms": 1e3 * p(under, 50),
@@ -123,8 +142,10 @@ def test_a_classify_flood_does_not_starve_completions(server):
                       "classify_done_meanwhile": len(flood.seconds),
                       "classify_under_flood_p50_ms": 1e3 * p(flood.seconds, 50)}))
     assert len(flood.seconds) >= 100  # the flood ran
-    # The flood never drains: a completion that waited for it would not finish at all. Waiting
-    # heads are answered in one forward between two decode steps, so a completion's steps
-    # share the time with them: slower by a bounded factor (2x at the median, measured).
-    assert p(under, 50) < 4 * p(alone, 50), (p(under, 50), p(alone, 50))
-    assert p(under, 99) < 3.0, p(under, 99)
+    # The flood never drains: a completion that waited for it would not finish at all. What
+    # it does cost: the server is one Python process whose event loop parses and answers the
+    # flood (~500 classify requests/s on 2 cores) between the decode steps, and waiting heads
+    # run one forward between two steps. Measured on 2 cores: 42 ms alone, 228 ms under the
+    # flood at the median (5.5x): slower, not starved. The bound leaves room for CI's cores.
+    assert p(under, 50) < 10 * p(alone, 50), (p(under, 50), p(alone, 50))
+    assert p(under, 99) < 2.0, p(under, 99)
