@@ -22,6 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 
 
+def load_report(name: str) -> dict | None:
+    """The report `name` in bench/results/ (None: not measured yet)."""
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def device_name() -> str:
     """``NVIDIA H100 80GB HBM3 (bf16 autocast)`` or ``CPU, 2 cores (x86_64)``."""
     import torch

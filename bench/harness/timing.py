@@ -4,6 +4,7 @@ window, and the peak memory of the whole measurement on a GPU."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -70,3 +71,19 @@ def measure(fn: Callable[[], object], *, warmup: int = 1, calls: int = 1, window
         timing.peak_gib = torch.cuda.max_memory_allocated() / 2**30
         timing.peak_reserved_gib = (torch.cuda.max_memory_reserved() - reserved_before) / 2**30
     return timing
+
+
+def interleaved(runs: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each run over `rounds` rounds, the runs taken in turn after one
+    warm-up round (what drifts over a run, clocks or the host, falls on all alike: runs
+    timed one after the other differed by up to 25% on an H100)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(rounds + 1):
+        for name, fn in runs.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

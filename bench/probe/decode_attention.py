@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.harness.hardware import bandwidth
 from bench.harness.report import RESULTS, versions, write_json
-from bench.probe.decode_step import bandwidth
 
 
 def packed_sdpa(q, k, v, mask, scale):

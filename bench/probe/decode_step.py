@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from bench.harness.hardware import bandwidth
 from bench.harness.report import RESULTS, versions, write_json
 from bench.harness.shapes import SHAPES, build_base, tokenizer
 from bench.harness.timing import measure, sync
@@ -41,14 +42,6 @@ from bench.harness.timing import measure, sync
 VARIANTS = {"transformers": (False, False), "slot": (True, False), "slot+compile": (True, True),
             "slot+compile+freezing": (True, {"options": {"freezing": True}}),
             "slot+compile+sdpa": (True, True)}
-BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, HBM3 / HBM3e as sold
-
-
-def bandwidth() -> float:
-    name = torch.cuda.get_device_name(0)
-    return next((b for k, b in BANDWIDTH.items() if k in name), 3.35e12)
-
-
 def bank_of(base, tok, tasks: int, virtual: int):
     import softprompt as sp
     from softprompt.serve import PromptBank

@@ -1,15 +1,12 @@
 """The decode-engine part of docs/PERFORMANCE.md (issue 19), from the reports of
-`bench.probe.decode_step`
-(decode_step_*.json, decode_step_autotune_h100.json), `bench.probe.decode_attention`
+`bench.probe.decode_step` (decode_step_*.json, decode_step_autotune_h100.json), `bench.probe.decode_attention`
 (decode_attention_*.json) and S1 of `bench.serve.throughput` (serve_s1_*.json): every
 figure is read from them, none typed here.
 """
 
 from __future__ import annotations
 
-import json
-
-from bench.harness.report import RESULTS
+from bench.harness.report import load_report
 
 STEP_REPORTS = ("decode_step_gpu.json", "decode_step_h100.json")  # in the order the table shows them
 S1_REPORTS = {  # report file -> what the run was
@@ -18,11 +15,6 @@ S1_REPORTS = {  # report file -> what the run was
 GROUPS = ["matrix products", "attention", "fused (triton)", "elementwise", "copies", "reductions", "other"]
 TARGET_STEP_MS = {64: 0.95, 256: 1.6}  # issue 19, on an H200
 TARGET_S1 = 35_000
-
-
-def _load(name: str) -> dict | None:
-    path = RESULTS / name
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _gpu(report: dict) -> str:
@@ -34,7 +26,7 @@ def step_table() -> list[str]:
              "| kernels / step | " + " | ".join(f"{g} us" for g in GROUPS) + " | graph == eager (same code) |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(GROUPS) + "---|"]
     for name in STEP_REPORTS:
-        report = _load(name)
+        report = load_report(name)
         for r in (report or {}).get("results", []):
             if "step_ms" not in r:
                 continue
@@ -54,7 +46,7 @@ def step_table() -> list[str]:
 
 def compile_rounding() -> list[str]:
     """What compiling changes in the tokens, from the probe's three-way comparison."""
-    report = _load("decode_step_h100.json") or {}
+    report = load_report("decode_step_h100.json") or {}
     rows = [r for r in report.get("results", []) if r.get("variant") == "slot+compile" and "graph_vs_eager" in r]
     out = []
     for r in rows:
@@ -67,7 +59,7 @@ def compile_rounding() -> list[str]:
 
 
 def attention_table() -> list[str]:
-    report = _load("decode_attention_h100.json")
+    report = load_report("decode_attention_h100.json")
     if report is None:
         return ["(decode_attention report missing)"]
     lines = [f"Attention alone ({_gpu(report)}, `{report['command']}`): 16 layers' one-token queries (32 heads over 8 K/V "
@@ -93,7 +85,7 @@ def s1_table() -> list[str]:
              "| bandwidth bound (share) | step ms (graph) | graph == eager |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     mixes = None
     for name, what in S1_REPORTS.items():
-        report = _load(name)
+        report = load_report(name)
         if report is None:
             continue
         s = report["results"]["s1"]
@@ -122,7 +114,7 @@ def s1_table() -> list[str]:
 
 
 def _steps() -> list[tuple[dict, dict]]:
-    return [(report, r) for name in STEP_REPORTS if (report := _load(name))
+    return [(report, r) for name in STEP_REPORTS if (report := load_report(name))
             for r in report["results"] if "step_ms" in r]
 
 
@@ -135,7 +127,7 @@ def targets() -> str:
                 best[_gpu(report)] = (r["step_ms"], r["variant"])
         parts.append(f"{rows} rows: target <= {target} ms on an H200, best measured "
                      + ", ".join(f"{ms:.2f} ms on the {gpu} ({variant})" for gpu, (ms, variant) in best.items()))
-    s1 = [(_gpu(rep), rep["results"]["s1"]["softprompt"]["new_tokens_per_s"]) for n in S1_REPORTS if (rep := _load(n))]
+    s1 = [(_gpu(rep), rep["results"]["s1"]["softprompt"]["new_tokens_per_s"]) for n in S1_REPORTS if (rep := load_report(n))]
     best_s1 = max(s1, key=lambda x: x[1]) if s1 else ("-", float("nan"))
     return ("Targets: " + "; ".join(parts) + f"; S1 >= {TARGET_S1:,} new tokens/s, best measured {best_s1[1]:,.0f} "
             f"({best_s1[0]}). **Not met.**")
@@ -147,9 +139,9 @@ def where_the_rest_goes() -> str:
                     None)
 
     compiled, weights_only = h100("slot+compile"), h100("slot+compile+sdpa")  # the latter: no products in attention
-    tuned = _load("decode_step_autotune_h100.json") or {"results": []}
+    tuned = load_report("decode_step_autotune_h100.json") or {"results": []}
     at = {r["variant"]: r for r in tuned["results"] if r["rows"] == 256 and "step_ms" in r}
-    s1 = (_load("serve_s1_h100.json") or {}).get("results", {}).get("s1", {})
+    s1 = (load_report("serve_s1_h100.json") or {}).get("results", {}).get("s1", {})
     text = []
     if weights_only:
         mm = weights_only["profile"]["groups_us"].get("matrix products", 0) / 1e3

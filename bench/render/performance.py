@@ -11,18 +11,12 @@ named as not measured, with the report's recorded reason where there is one.
 
 from __future__ import annotations
 
-import json
 
-from bench.harness.report import RESULTS, ROOT, shown_command, write_text
+from bench.harness.report import ROOT, load_report, shown_command, write_text
 from bench.render.engine import engine
 from bench.render.training import training
 
 TARGETS = {"s3": 2.5, "s2_16": 1.5, "s2_256": 3.0, "s1": 20.0}
-
-
-def _load(name: str) -> dict | None:
-    path = RESULTS / name
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _verdict(value: float | None, target: float) -> str:
@@ -191,8 +185,8 @@ def render() -> str:
         "times come from the GPU machine unless a row says otherwise.",
         "",
     ]
-    https = [h for h in (_load("serve_http_gpu.json"), _load("serve_http.json")) if h is not None]
-    lines += serving(_load("serve_throughput.json"), https)
+    https = [h for h in (load_report("serve_http_gpu.json"), load_report("serve_http.json")) if h is not None]
+    lines += serving(load_report("serve_throughput.json"), https)
     lines += engine()
     lines += [""] + training()
     return "\n".join(lines)

@@ -9,9 +9,8 @@ against the compiled floor).
 
 from __future__ import annotations
 
-import json
 
-from bench.harness.report import RESULTS, shown_command, shown_path
+from bench.harness.report import load_report, shown_command, shown_path
 METHODS = ("prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "prefix_tuning", "prefix_tuning_noproj", "p_tuning_v2")
 NAMES = {"prompt_tuning": "prompt tuning", "p_tuning_mlp": "P-tuning (MLP)", "p_tuning_lstm": "P-tuning (LSTM)",
          "prefix_tuning": "prefix tuning (projection)", "prefix_tuning_noproj": "prefix tuning (no projection)",
@@ -19,11 +18,6 @@ NAMES = {"prompt_tuning": "prompt tuning", "p_tuning_mlp": "P-tuning (MLP)", "p_
 SETTINGS = {"eager": "eager", "compile": "compile", "graphs": "compile=reduce-overhead"}
 DEEP = ("prefix_tuning", "prefix_tuning_noproj", "p_tuning_v2")
 TARGETS = {"gpt2": 1.5, "1b": 1.15, "prefix": 2.5, "floor": 0.9, "peak": 45.0}
-
-
-def _load(name: str) -> dict | None:
-    path = RESULTS / name
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 class Grid:
@@ -220,7 +214,7 @@ def _targets(grid: Grid, report: dict) -> list[str]:
 def _profile() -> list[str]:
     lines = []
     for name in ("gpt2-124m", "llama-1b"):
-        report = _load(f"train_profile_{name}.json")
+        report = load_report(f"train_profile_{name}.json")
         if not report:
             continue
         rows = report["rows"]
@@ -232,7 +226,7 @@ def _profile() -> list[str]:
 
 
 def _distributed() -> list[str]:
-    report = _load("train_distributed.json")
+    report = load_report("train_distributed.json")
     if not report:
         return ["Multi-GPU training: not measured."]
     lines = [f"### More than one GPU (`accelerate launch`, {report['device']})", "",
@@ -269,7 +263,7 @@ def _distributed() -> list[str]:
 
 
 def _time_to_accuracy() -> list[str]:
-    report = _load("train_time_to_accuracy.json")
+    report = load_report("train_time_to_accuracy.json")
     if not report or "ours" not in report.get("sides", {}):
         return ["Time to accuracy on real data: not measured.", ""]
     settings, sides = report["settings"], report["sides"]
@@ -302,7 +296,7 @@ def _time_to_accuracy() -> list[str]:
 
 
 def _bytes() -> list[str]:
-    report = _load("prompt_bytes.json")
+    report = load_report("prompt_bytes.json")
     if not report:
         return ["Saved prompt sizes: not measured."]
     lines = ["### What a saved prompt weighs (`bench.probe.prompt_bytes`, bytes on disk)", "",
@@ -326,7 +320,7 @@ def _bytes() -> list[str]:
 
 
 def training() -> list[str]:
-    report = _load("train_throughput.json")
+    report = load_report("train_throughput.json")
     if not report:
         return ["## Training", "", "Not measured."]
     grid = Grid(report["rows"])

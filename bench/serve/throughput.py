@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -29,9 +28,10 @@ from pathlib import Path
 
 import torch
 
+from bench.harness.hardware import bandwidth
 from bench.harness.report import RESULTS, rerun_command, versions, write_json
 from bench.harness.shapes import SHAPES, build_base, tokenizer
-from bench.harness.timing import measure, sync
+from bench.harness.timing import interleaved, measure
 
 
 def text_of(n: int) -> str:
@@ -41,22 +41,6 @@ def text_of(n: int) -> str:
 def timed(fn, repeats: int) -> float:
     """Seconds per call: one warm-up call, then the mean of `repeats`."""
     return measure(fn, warmup=1, calls=repeats).seconds
-
-
-def interleaved(runs: dict, rounds: int) -> dict[str, float]:
-    """Median seconds of each run over `rounds` rounds, the runs taken in turn after one
-    warm-up round (what drifts over a run, clocks or the host, falls on all alike: runs
-    timed one after the other differed by up to 25% on an H100)."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_ in range(rounds + 1):
-        for name, fn in runs.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bank_of(base, tok, n_tasks: int, template: str, cache: bool):
@@ -276,8 +260,7 @@ def s1(base, tok, args) -> dict:
     out["plain_over_peft"] = out["plain_generate"]["new_tokens_per_s"] / out["peft"]["new_tokens_per_s"]
     n_params = sum(p.numel() for p in base.parameters())
     if torch.cuda.is_available():
-        bandwidth = 3.35e12 if "H100" in torch.cuda.get_device_name(0) else 4.8e12
-        bound = bandwidth / (n_params * base.dtype.itemsize) * n_requests  # weights read once per decode step
+        bound = bandwidth() / (n_params * base.dtype.itemsize) * n_requests  # weights read once per decode step
         out["bandwidth_bound_new_tokens_per_s"] = bound
     _unwrap(peft_model)
     return out

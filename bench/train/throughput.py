@@ -33,20 +33,13 @@ from typing import Any, Callable
 
 import torch
 
+from bench.harness.hardware import peak_tflops
 from bench.harness.report import RESULTS, versions, write_json
 from bench.harness.shapes import build_base, tokenizer
 from bench.harness.steps import DEEP, METHODS, P, floor_step, our_config, our_step, peft_config, peft_step, text_ids
 from bench.harness.timing import measure
 
 KEY = ("model", "batch", "seq", "loss", "side", "method", "variant", "autocast")
-# bf16 dense tensor-core peak, TFLOP/s (vendor datasheets, without sparsity)
-PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H200": 989.4, "A100": 312.0}
-
-
-def peak_tflops(name: str) -> float | None:
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
 def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         return fn()
