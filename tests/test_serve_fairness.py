@@ -21,14 +21,14 @@ import time
 import httpx
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench.harness.load import percentile
 import softprompt as sp
 from softprompt.serve import PromptBank, create_app
 from softprompt.tasks import Verbalizer
 
-from conftest import _tiny
 from serving import Server
+from test_serve_hardening import make_long_llama
 
 LONG = 240  # tokens of a flooding completion
 
@@ -36,9 +36,7 @@ LONG = 240  # tokens of a flooding completion
 @pytest.fixture(scope="module")
 def server(gpt2_tokenizer):
     tok = gpt2_tokenizer
-    base = _tiny(LlamaForCausalLM, LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)).eval()
+    base = make_long_llama(tok).eval()
     bank = PromptBank(base, tok)
     torch.manual_seed(0)
     bank.add("review", sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:2] {text} It was [MASK]"),
@@ -108,8 +106,9 @@ class Flood:
         assert report["ended"] > measured_until  # the flood lasted the whole measurement
 
 
-def p(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+def p(values: list[float], q: int) -> float:
+    """The q-th percentile (nearest rank)."""
+    return percentile(values, q / 100)
 
 
 def measured(url: str, send, n: int) -> list[float]:

@@ -45,14 +45,15 @@ def _check_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def _prepare_output(out: Path, resume: bool) -> Path | None:
-    """Clear a replaced run and create the directory: called only once everything the run
-    needs (data, model, template, task) has loaded, so a refused run loses nothing.
+def _prepare_output(out: Path, clear: bool) -> Path | None:
+    """Create the directory, first clearing a replaced run's files if `clear`: called only
+    once everything the run needs (data, model, template, task) has loaded, so a refused
+    run loses nothing.
 
     Returns:
         The outermost folder this created (`out` or a parent of it); None if `out` existed.
     """
-    if not resume:
+    if clear:
         _remove(out, RUN_FILES)
     created = None
     for folder in (out, *out.parents):
@@ -117,7 +118,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     # One process of a distributed run (torchrun / accelerate launch set RANK) owns the folder:
     # the others would race it clearing a replaced run and writing config.json.
     main = int(os.environ.get("RANK", "0")) == 0
-    created = _prepare_output(out, resume or not main)
+    created = _prepare_output(out, clear=main and not resume)
     metadata = {"task": task.kind, "model": cfg.model, "data": data.source, "max_length": cfg.max_length,
                 "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("progress", "tensorboard")}}
     try:
