@@ -11,7 +11,7 @@ import torch
 
 import softprompt as sp
 from softprompt.serve import PromptBank
-from softprompt.serve.decode import Decoder, DecodeRow, Sampling
+from softprompt.serve.decode import Decoder, DecodeRow, Sampling, prefill_forward
 from softprompt.serve.slots import DecodeSlots
 
 from conftest import CAUSAL
@@ -200,6 +200,14 @@ def test_compiled_step_gives_the_rows_alone(family_models, family):
         for row, task, i in zip(rows, TASKS, range(3)):
             assert row.tokens == alone(models[task], {"text": text}, k + i, None)[: k + i], (task, text)
     assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 1  # compiled
+    assert compiled_graphs(DecodeSlots._scores) >= 1 and compiled_graphs(prefill_forward) >= 1  # both compiled
+
+
+def compiled_graphs(fn) -> int:
+    """How many compiled versions of `fn`'s code dynamo holds (one per shape or guard set)."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(fn.__code__))
 
 
 def test_compiled_slots_growing_compile_at_most_twice(family_models):
@@ -222,7 +230,27 @@ def test_compiled_slots_growing_compile_at_most_twice(family_models):
             assert row.tokens == alone(models[task], {"text": "grow"}, k, None)[:k], (task, k)
     assert sizes[0] < sizes[1] < sizes[2]
     assert decoder.slots._forward is not decoder.slots._scores
-    assert counters["stats"]["unique_graphs"] == 2
+    assert compiled_graphs(DecodeSlots._scores) == 2
+
+
+def test_compiled_prefill_serves_joins_of_any_size_with_few_compiles(family_models):
+    """Joins of 1 to 3 rows of different lengths and prompt kinds (input, deep, both in one
+    join) through the compiled prefill (dynamic shapes): each row == alone, and a handful
+    of compiled versions serve them all (each compile of a 1B prefill costs tens of seconds
+    on a GPU; one per join shape would stall a server for minutes)."""
+    torch._dynamo.reset()
+    bank, models, tok = bank_of(family_models, "llama")
+    decoder = Decoder(bank, max_rows=3, graphs=True, compile=True)
+    joins = [["short"], ["deep", "mid"], ["short", "deep", "mid"], ["mid"], ["deep"], ["short", "mid"],
+             ["deep", "deep", "short"]]
+    for i, names in enumerate(joins):
+        text = " ".join(["word"] * (2 + 3 * i))
+        rows = [DecodeRow(t, {"text": text}, Sampling(max_new_tokens=3)) for t in names]
+        decoder.run(rows)
+        for row, task in zip(rows, names):
+            assert row.tokens == alone(models[task], {"text": text}, 3, None)[:3], (task, text)
+    assert decoder._prefill_forward is not prefill_forward  # still compiled
+    assert 1 <= compiled_graphs(prefill_forward) <= 4
 
 
 def test_the_engine_passes_its_compile_option_to_the_decoder(family_models):
@@ -252,5 +280,6 @@ def test_a_step_that_cannot_be_compiled_runs_uncompiled(family_models, monkeypat
     decoder.run(rows)
     for row, task in zip(rows, TASKS):
         assert row.error is None and row.tokens == alone(models[task], {"text": "one two"}, 5, None)[:5]
-    assert decoder.slots._forward == decoder.slots._scores
-    assert sum("not compiled" in r.message for r in caplog.records) == 1
+    assert decoder.slots._forward == decoder.slots._scores and decoder._prefill_forward is prefill_forward
+    for part in ("decode step", "prefill"):  # one warning each
+        assert sum(r.message.startswith(f"{part} not compiled") for r in caplog.records) == 1, part

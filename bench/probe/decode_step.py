@@ -29,12 +29,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from bench.harness.hardware import bandwidth
+from bench.harness.kernels import kernel_table
 from bench.harness.report import RESULTS, versions, write_json
 from bench.harness.shapes import SHAPES, build_base, tokenizer
 from bench.harness.timing import measure, sync
@@ -128,47 +128,6 @@ def whole_run(decoder, rows: int, tasks: int, text: str, step_ms: float, new: in
             "host_and_joins_ms": round((seconds - prefill) * 1e3 - steps * step_ms, 3), "steps": steps}
 
 
-def kernel_table(slots, steps: int) -> dict:
-    """Kernels of `steps` steps under the CUDA profiler: per step, grouped and the top 15."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            slots.step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name: dict[str, list[float]] = defaultdict(list)
-    for e in kernels:
-        by_name[e.name].append(e.device_time)
-    groups: dict[str, float] = defaultdict(float)
-    for name, times in by_name.items():
-        groups[group_of(name)] += sum(times) / steps
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
-    return {"gpu_us_per_step": round(sum(groups.values()), 1),
-            "kernels_per_step": round(sum(len(t) for t in by_name.values()) / steps, 1),
-            "groups_us": {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-            "top": [{"kernel": n[:120], "calls_per_step": round(len(t) / steps, 2), "us_per_step": round(sum(t) / steps, 1)}
-                    for n, t in top]}
-
-
-def group_of(name: str) -> str:
-    n = name.lower()
-    if any(k in n for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "gemv", "splitk")):
-        return "matrix products"
-    if any(k in n for k in ("fmha", "flash", "attention", "cudnn", "attn")):
-        return "attention"
-    if n.startswith("triton"):
-        return "fused (triton)"
-    if "copy" in n or "elementwise_kernel" in n and "direct_copy" in n:
-        return "copies"
-    if "reduce" in n or "argmax" in n:
-        return "reductions"
-    if "elementwise" in n:
-        return "elementwise"
-    return "other"
-
-
 def bound_ms(base, slots) -> dict:
     """The step's bytes at the memory bandwidth: every weight once, and the K/V columns read."""
     weights = sum(p.numel() * p.element_size() for p in base.parameters())
@@ -198,7 +157,7 @@ def probe(base, tok, args, name: str, rows: int, reference: dict) -> dict:
         out["step_ms"] = round(timing.seconds * 1e3, 3)
         out["windows_ms"] = [round(w * 1e3, 3) for w in timing.windows]
         if torch.cuda.is_available():
-            out["profile"] = kernel_table(slots, 10)
+            out["profile"] = kernel_table(slots.step, 10)
         out["bound"] = bound_ms(base, slots)
         out["run"] = whole_run(decoder, rows, args.tasks, text, out["step_ms"])
         decoder.slots = None

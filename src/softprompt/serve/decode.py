@@ -114,7 +114,9 @@ class Decoder:
             rows.
         columns: the slots' first allocation of cache columns (default: the first rows'
             length plus their token budget, rounded up to 64); they grow when rows need more.
-        compile: compile the decode step's forward (`DecodeSlots`; fixed slots only).
+        compile: compile the decode step's forward (`DecodeSlots`; fixed slots only) and the
+            prefill's (`prefill_forward`, dynamic shapes: one compile serves every join's rows
+            and length); a dict: `torch.compile`'s keyword arguments for both.
 
     A decoder keeps its slots (and its captured graph) from one `run` to the next when it
     uses graphs: keep one per server. `run` calls are serialised.
@@ -124,6 +126,7 @@ class Decoder:
                  graphs: bool | None = None, columns: int | None = None, compile: bool | dict = False):
         self.bank = bank
         self.compile = compile
+        self._prefill_forward = _compiled_prefill(compile) if compile else prefill_forward
         use_slot_attention(bank.base)  # prefills and steps alike: one attention function from the start
         self.base = bank.base
         self.max_rows = max_rows
@@ -375,16 +378,53 @@ class Decoder:
         else:
             batch = encode_mixed(self.bank, entries, [r.example for r in rows], padding_side="left")
         model = entries[0].model
-        inputs = inject.base_inputs(self.base, model.spec, batch["input_ids"], batch["attention_mask"],
-                                    batch["prompt_index"], self.bank.prompts_for(batch.entries), keep_cache=True,
-                                    logits_to_keep=1 if model.keeps_logits else None)
-        out = self.base(**inputs)
+
+        def inputs_of() -> dict[str, Any]:
+            return inject.base_inputs(self.base, model.spec, batch["input_ids"], batch["attention_mask"],
+                                      batch["prompt_index"], self.bank.prompts_for(batch.entries), keep_cache=True,
+                                      logits_to_keep=1 if model.keeps_logits else None)
+
+        out, inputs = self._forward_prefill(inputs_of)
         self.steps += 1
         first, finite = _pick(out.logits[:, -1], rows)  # (n,) each, a row with non-finite scores fails alone
         k = _top_k(rows)
         logprobs = None if k is None else logprobs_of(out.logits[:, -1], first, k)
         return (first, finite, logprobs, inject.output_cache(out), inputs["attention_mask"],
                 inputs["position_ids"][:, -1] + 1)
+
+    def _forward_prefill(self, inputs_of: Callable[[], dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+        """The prefill's forward (compiled where asked) and its inputs (`inputs_of`). A
+        compiled forward that fails runs again uncompiled on inputs built afresh (its cache
+        may be half-written): if that succeeds, the compiler was at fault and the prefill
+        stays uncompiled from then on (one warning); if it fails too, the rows were (their
+        error is raised, the compiled forward kept)."""
+        inputs = inputs_of()
+        if self._prefill_forward is prefill_forward:
+            return prefill_forward(self.base, inputs), inputs
+        try:
+            return self._prefill_forward(self.base, inputs), inputs
+        except Exception as e:
+            inputs = inputs_of()
+            out = prefill_forward(self.base, inputs)
+            log.warning("prefill not compiled (%s: %s); running it uncompiled", type(e).__name__, e)
+            self._prefill_forward = prefill_forward
+            return out, inputs
+
+
+def prefill_forward(base, inputs: dict[str, Any]):
+    """The base model's forward over joining rows (`inject.base_inputs`): its own code
+    object, so its compiled versions are counted apart from every other compile of the model."""
+    return base(**inputs)
+
+
+def _compiled_prefill(options: bool | dict):
+    """`prefill_forward` through `torch.compile` with dynamic shapes: joins of any rows and
+    length share one compiled graph (plus one specialised for a single row) instead of a
+    compile per shape; the kernels fuse the norms, rotary embedding and activations that an
+    eager prefill runs one by one."""
+    options = dict(options) if isinstance(options, dict) else {}
+    options.setdefault("dynamic", True)
+    return torch.compile(prefill_forward, **options)
 
 
 def _top_k(rows: Sequence[DecodeRow | None]) -> int | None:
