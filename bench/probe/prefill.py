@@ -76,24 +76,16 @@ def bound(base, rows: int, tokens: int, prefix: int) -> dict:
     return {"tflops": flops / 1e12, "flops_ms": flop_ms, "weights_ms": byte_ms, "bound_ms": max(flop_ms, byte_ms)}
 
 
-def probe(bank, decoder, make, rows: int) -> dict:
+def probe(decoder, make, rows: int) -> dict:
     """One join size on one decoder: its phases, its first prefill's seconds, its kernels."""
-    from softprompt import inject
-    from softprompt.serve.mixed import collate_mixed
-
     out: dict = {}
     start = time.perf_counter()
     first = decoder._prefill(make())  # compiles, for the compiled variant
     sync()
     out["compile_s"] = round(time.perf_counter() - start, 2)
 
-    def build():
-        batch_rows = make()
-        entries = [r.entry for r in batch_rows]
-        batch = collate_mixed(bank, entries, [r.encoded for r in batch_rows], padding_side="left")
-        return inject.base_inputs(bank.base, entries[0].model.spec, batch["input_ids"], batch["attention_mask"],
-                                  batch["prompt_index"], bank.prompts_for(batch.entries), keep_cache=True,
-                                  logits_to_keep=1)
+    def build():  # the host's part of `_prefill`: collate, prompts, inputs
+        return decoder._prefill_inputs(make())()
 
     out["build_ms"] = round(1e3 * measure(build, warmup=2, calls=5, windows=3).seconds, 3)
     out["prefill_ms"] = round(1e3 * measure(lambda: decoder._prefill(make()), warmup=2, calls=5, windows=3).seconds, 3)
@@ -143,7 +135,7 @@ def main() -> None:
             row = {"variant": variant, "kind": kind, "rows": rows, "input_tokens": tokens,
                    "encode_ms": round(encode_s * 1e3, 3), "bound": bound(base, rows, tokens, 20)}
             try:
-                measured, first = probe(bank, decoder, make, rows)
+                measured, first = probe(decoder, make, rows)
                 row.update(measured)
                 firsts.setdefault((kind, rows, tokens), {})[variant] = first[0].tolist()
                 reference = firsts[(kind, rows, tokens)].get("eager")

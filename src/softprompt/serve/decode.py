@@ -370,6 +370,17 @@ class Decoder:
         """One forward over the joining rows with their prompts: their first tokens, whether
         their scores were finite (n,), cache, attention mask over the cache (prefix + row)
         and next positions."""
+        out, inputs = self._forward_prefill(self._prefill_inputs(rows))
+        self.steps += 1
+        first, finite = _pick(out.logits[:, -1], rows)  # (n,) each, a row with non-finite scores fails alone
+        k = _top_k(rows)
+        logprobs = None if k is None else logprobs_of(out.logits[:, -1], first, k)
+        return (first, finite, logprobs, inject.output_cache(out), inputs["attention_mask"],
+                inputs["position_ids"][:, -1] + 1)
+
+    def _prefill_inputs(self, rows: list[DecodeRow]) -> Callable[[], dict[str, Any]]:
+        """The joining rows collated (left-padded) with their prompts: a builder of the base
+        model's inputs (`inject.base_inputs`), called again for a fresh cache."""
         # by pinned entry where the row has one: a task removed or replaced while its row
         # waited to join changes nothing for it; a row with a name only is looked up once
         entries = self.bank.entries(r.entry if r.entry is not None else r.task for r in rows)
@@ -378,19 +389,9 @@ class Decoder:
         else:
             batch = encode_mixed(self.bank, entries, [r.example for r in rows], padding_side="left")
         model = entries[0].model
-
-        def inputs_of() -> dict[str, Any]:
-            return inject.base_inputs(self.base, model.spec, batch["input_ids"], batch["attention_mask"],
-                                      batch["prompt_index"], self.bank.prompts_for(batch.entries), keep_cache=True,
-                                      logits_to_keep=1 if model.keeps_logits else None)
-
-        out, inputs = self._forward_prefill(inputs_of)
-        self.steps += 1
-        first, finite = _pick(out.logits[:, -1], rows)  # (n,) each, a row with non-finite scores fails alone
-        k = _top_k(rows)
-        logprobs = None if k is None else logprobs_of(out.logits[:, -1], first, k)
-        return (first, finite, logprobs, inject.output_cache(out), inputs["attention_mask"],
-                inputs["position_ids"][:, -1] + 1)
+        return lambda: inject.base_inputs(self.base, model.spec, batch["input_ids"], batch["attention_mask"],
+                                          batch["prompt_index"], self.bank.prompts_for(batch.entries), keep_cache=True,
+                                          logits_to_keep=1 if model.keeps_logits else None)
 
     def _forward_prefill(self, inputs_of: Callable[[], dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
         """The prefill's forward (compiled where asked) and its inputs (`inputs_of`). A
@@ -419,8 +420,8 @@ def prefill_forward(base, inputs: dict[str, Any]):
 
 def _compiled_prefill(options: bool | dict):
     """`prefill_forward` through `torch.compile` with dynamic shapes: joins of any rows and
-    length share one compiled graph (plus one specialised for a single row) instead of a
-    compile per shape; the kernels fuse the norms, rotary embedding and activations that an
+    length share a few compiled versions (a single row, a cache that starts empty or with a
+    prefix: 4 in the tests) instead of a compile per shape; the kernels fuse the norms, rotary embedding and activations that an
     eager prefill runs one by one."""
     options = dict(options) if isinstance(options, dict) else {}
     options.setdefault("dynamic", True)
