@@ -11,7 +11,8 @@ import torch
 
 import softprompt as sp
 from softprompt.serve import PromptBank
-from softprompt.serve.decode import Decoder, DecodeRow, Sampling, prefill_forward
+from softprompt.serve.decode import Decoder, DecodeRow, Sampling
+from softprompt.serve.prefill import prefill_forward
 from softprompt.serve.slots import DecodeSlots
 
 from conftest import CAUSAL
@@ -249,7 +250,7 @@ def test_compiled_prefill_serves_joins_of_any_size_with_few_compiles(family_mode
         decoder.run(rows)
         for row, task in zip(rows, names):
             assert row.tokens == alone(models[task], {"text": text}, 3, None)[:3], (task, text)
-    assert decoder._prefill_forward is not prefill_forward  # still compiled
+    assert decoder.prefill.compiled  # still compiled
     assert 1 <= compiled_graphs(prefill_forward) <= 4
 
 
@@ -280,6 +281,7 @@ def test_a_step_that_cannot_be_compiled_runs_uncompiled(family_models, monkeypat
     decoder.run(rows)
     for row, task in zip(rows, TASKS):
         assert row.error is None and row.tokens == alone(models[task], {"text": "one two"}, 5, None)[:5]
-    assert decoder.slots._forward == decoder.slots._scores and decoder._prefill_forward is prefill_forward
+    assert decoder.slots._forward == decoder.slots._scores and not decoder.prefill.compiled
     for part in ("decode step", "prefill"):  # one warning each
         assert sum(r.message.startswith(f"{part} not compiled") for r in caplog.records) == 1, part
+

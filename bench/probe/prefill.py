@@ -85,7 +85,7 @@ def probe(decoder, make, rows: int) -> dict:
     out["compile_s"] = round(time.perf_counter() - start, 2)
 
     def build():  # the host's part of `_prefill`: collate, prompts, inputs
-        return decoder._prefill_inputs(make())()
+        return decoder.prefill.inputs(make())()
 
     out["build_ms"] = round(1e3 * measure(build, warmup=2, calls=5, windows=3).seconds, 3)
     out["prefill_ms"] = round(1e3 * measure(lambda: decoder._prefill(make()), warmup=2, calls=5, windows=3).seconds, 3)

@@ -169,7 +169,8 @@ def serving(report: dict | None, https: list[dict]) -> list[str]:
         "waiting rows join it (each with its own sampling settings), also completion requests that reach the server "
         "while the batch decodes; requests for task heads arriving meanwhile are answered between two decode steps. "
         "On a GPU the decode step (the base model's forward over every slot, the arg-max, the position and cache "
-        "column updates) is captured once as a CUDA graph and replayed; joining rows are prefilled eagerly. "
+        "column updates) is captured once as a CUDA graph and replayed; joining rows are prefilled in one forward "
+        "(`src/softprompt/serve/prefill.py`; compiled with dynamic shapes under `--compile`). "
         "Encoder-decoders use transformers' `generate()` in static batches.",
         "",
     ]

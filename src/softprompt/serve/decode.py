@@ -10,7 +10,7 @@ stream (`sampling.py`): a seeded row gives the same tokens alone and in any batc
 The running batch lives in fixed decode slots (`slots.py`): rows of different lengths are
 aligned on the right (the newest column is every row's current token), shorter ones padded
 on the left with masked columns; each row carries its own position. On a GPU the decode
-step is a replayed CUDA graph; joining rows are prefilled eagerly (their lengths vary).
+step is a replayed CUDA graph; joining rows are prefilled in one forward (`prefill.py`).
 
 Greedy rows give exactly what transformers' `generate()` gives each row alone (tested).
 
@@ -31,11 +31,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .. import inject
 from ..attention import use_slot_attention
 from ..encode import EncodedRow
 from .bank import PromptBank
-from .mixed import collate_mixed, encode_mixed
+from .prefill import Prefill
 from .sampling import (Draws, NonFiniteScoresError, Sampling, TokenLogprob, adjusted, logprobs_of, sample,
                        token_logprobs)
 from .slots import DecodeSlots, round_up
@@ -115,7 +114,7 @@ class Decoder:
         columns: the slots' first allocation of cache columns (default: the first rows'
             length plus their token budget, rounded up to 64); they grow when rows need more.
         compile: compile the decode step's forward (`DecodeSlots`; fixed slots only) and the
-            prefill's (`prefill_forward`, dynamic shapes: one compile serves every join's rows
+            prefill's (`Prefill`, dynamic shapes: one compile serves every join's rows
             and length); a dict: `torch.compile`'s keyword arguments for both.
 
     A decoder keeps its slots (and its captured graph) from one `run` to the next when it
@@ -126,7 +125,7 @@ class Decoder:
                  graphs: bool | None = None, columns: int | None = None, compile: bool | dict = False):
         self.bank = bank
         self.compile = compile
-        self._prefill_forward = _compiled_prefill(compile) if compile else prefill_forward
+        self.prefill = Prefill(bank, compile)
         use_slot_attention(bank.base)  # prefills and steps alike: one attention function from the start
         self.base = bank.base
         self.max_rows = max_rows
@@ -367,65 +366,15 @@ class Decoder:
         return bool(row.on_token(token)) or len(row.tokens) >= s.max_new_tokens
 
     def _prefill(self, rows: list[DecodeRow]):
-        """One forward over the joining rows with their prompts: their first tokens, whether
-        their scores were finite (n,), cache, attention mask over the cache (prefix + row)
-        and next positions."""
-        out, inputs = self._forward_prefill(self._prefill_inputs(rows))
+        """The joining rows' prefill (`Prefill`): their first tokens, whether their scores
+        were finite (n,), their top log-probabilities where asked, cache, attention mask
+        over the cache (prefix + row) and next positions."""
+        scores, cache, mask, positions = self.prefill(rows)
         self.steps += 1
-        first, finite = _pick(out.logits[:, -1], rows)  # (n,) each, a row with non-finite scores fails alone
+        first, finite = _pick(scores, rows)  # (n,) each, a row with non-finite scores fails alone
         k = _top_k(rows)
-        logprobs = None if k is None else logprobs_of(out.logits[:, -1], first, k)
-        return (first, finite, logprobs, inject.output_cache(out), inputs["attention_mask"],
-                inputs["position_ids"][:, -1] + 1)
-
-    def _prefill_inputs(self, rows: list[DecodeRow]) -> Callable[[], dict[str, Any]]:
-        """The joining rows collated (left-padded) with their prompts: a builder of the base
-        model's inputs (`inject.base_inputs`), called again for a fresh cache."""
-        # by pinned entry where the row has one: a task removed or replaced while its row
-        # waited to join changes nothing for it; a row with a name only is looked up once
-        entries = self.bank.entries(r.entry if r.entry is not None else r.task for r in rows)
-        if all(r.encoded is not None for r in rows):
-            batch = collate_mixed(self.bank, entries, [r.encoded for r in rows], padding_side="left")
-        else:
-            batch = encode_mixed(self.bank, entries, [r.example for r in rows], padding_side="left")
-        model = entries[0].model
-        return lambda: inject.base_inputs(self.base, model.spec, batch["input_ids"], batch["attention_mask"],
-                                          batch["prompt_index"], self.bank.prompts_for(batch.entries), keep_cache=True,
-                                          logits_to_keep=1 if model.keeps_logits else None)
-
-    def _forward_prefill(self, inputs_of: Callable[[], dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
-        """The prefill's forward (compiled where asked) and its inputs (`inputs_of`). A
-        compiled forward that fails runs again uncompiled on inputs built afresh (its cache
-        may be half-written): if that succeeds, the compiler was at fault and the prefill
-        stays uncompiled from then on (one warning); if it fails too, the rows were (their
-        error is raised, the compiled forward kept)."""
-        inputs = inputs_of()
-        if self._prefill_forward is prefill_forward:
-            return prefill_forward(self.base, inputs), inputs
-        try:
-            return self._prefill_forward(self.base, inputs), inputs
-        except Exception as e:
-            inputs = inputs_of()
-            out = prefill_forward(self.base, inputs)
-            log.warning("prefill not compiled (%s: %s); running it uncompiled", type(e).__name__, e)
-            self._prefill_forward = prefill_forward
-            return out, inputs
-
-
-def prefill_forward(base, inputs: dict[str, Any]):
-    """The base model's forward over joining rows (`inject.base_inputs`): its own code
-    object, so its compiled versions are counted apart from every other compile of the model."""
-    return base(**inputs)
-
-
-def _compiled_prefill(options: bool | dict):
-    """`prefill_forward` through `torch.compile` with dynamic shapes: joins of any rows and
-    length share a few compiled versions (a single row, a cache that starts empty or with a
-    prefix: 4 in the tests) instead of a compile per shape; the kernels fuse the norms, rotary embedding and activations that an
-    eager prefill runs one by one."""
-    options = dict(options) if isinstance(options, dict) else {}
-    options.setdefault("dynamic", True)
-    return torch.compile(prefill_forward, **options)
+        logprobs = None if k is None else logprobs_of(scores, first, k)
+        return first, finite, logprobs, cache, mask, positions
 
 
 def _top_k(rows: Sequence[DecodeRow | None]) -> int | None:

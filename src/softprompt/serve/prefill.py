@@ -1,0 +1,106 @@
+"""The prefill: one forward of the base model over the rows that join the running batch,
+each with its task's prompt, giving their first tokens' scores and the keys and values
+the decode slots take over.
+
+Joins vary in rows and length, so the prefill cannot replay one CUDA graph as the decode
+step does. Compiled (`Prefill(compile=...)`), it runs through `torch.compile` with dynamic
+shapes: a few compiled versions (4 in the tests) serve joins of any size, with the norms,
+rotary embedding and activations fused instead of run one kernel at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .. import inject
+from .bank import PromptBank
+from .mixed import collate_mixed, encode_mixed
+
+log = logging.getLogger("softprompt.serve")
+
+
+class Prefill:
+    """The joining rows' forward for a bank's tasks (a causal LM base).
+
+    Args:
+        bank: the tasks.
+        compile: run the forward through `torch.compile` with dynamic shapes; a dict:
+            `torch.compile`'s keyword arguments. A compiled forward that fails falls back
+            to the uncompiled one (`forward`).
+    """
+
+    def __init__(self, bank: PromptBank, compile: bool | dict = False):
+        self.bank = bank
+        self.base = bank.base
+        self._forward = _compiled(compile) if compile else prefill_forward
+
+    @property
+    def compiled(self) -> bool:
+        return self._forward is not prefill_forward
+
+    def __call__(self, rows: Sequence) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """The rows' forward (`DecodeRow`s).
+
+        Returns:
+            scores: (n, V) each row's next-token scores at its last column.
+            cache: the rows' keys and values (deep prefix, prompt, text), left-padded.
+            mask: (n, C) the attention mask over the cache's C columns.
+            positions: (n,) each row's next position.
+        """
+        out, inputs = self.forward(self.inputs(rows))
+        return (out.logits[:, -1], inject.output_cache(out), inputs["attention_mask"],
+                inputs["position_ids"][:, -1] + 1)
+
+    def inputs(self, rows: Sequence) -> Callable[[], dict[str, Any]]:
+        """The rows collated (left-padded) with their prompts: a builder of the base
+        model's inputs (`inject.base_inputs`), called again for a fresh cache."""
+        # by pinned entry where the row has one: a task removed or replaced while its row
+        # waited to join changes nothing for it; a row with a name only is looked up once
+        entries = self.bank.entries(r.entry if r.entry is not None else r.task for r in rows)
+        if all(r.encoded is not None for r in rows):
+            batch = collate_mixed(self.bank, entries, [r.encoded for r in rows], padding_side="left")
+        else:
+            batch = encode_mixed(self.bank, entries, [r.example for r in rows], padding_side="left")
+        model = entries[0].model
+        return lambda: inject.base_inputs(self.base, model.spec, batch["input_ids"], batch["attention_mask"],
+                                          batch["prompt_index"], self.bank.prompts_for(batch.entries), keep_cache=True,
+                                          logits_to_keep=1 if model.keeps_logits else None)
+
+    def forward(self, inputs_of: Callable[[], dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+        """The forward (compiled where asked) and its inputs (`inputs_of`). A compiled
+        forward that fails runs again uncompiled on inputs built afresh (its cache may be
+        half-written): if that succeeds, the compiler was at fault and the prefill stays
+        uncompiled from then on (one warning); if it fails too, the rows were (their error
+        is raised, the compiled forward kept)."""
+        inputs = inputs_of()
+        if not self.compiled:
+            return prefill_forward(self.base, inputs), inputs
+        try:
+            return self._forward(self.base, inputs), inputs
+        except Exception as e:
+            inputs = inputs_of()
+            out = prefill_forward(self.base, inputs)
+            log.warning("prefill not compiled (%s: %s); running it uncompiled", type(e).__name__, e)
+            self._forward = prefill_forward
+            return out, inputs
+
+
+def prefill_forward(base, inputs: dict[str, Any]):
+    """The base model's forward over joining rows (`inject.base_inputs`): its own code
+    object, so its compiled versions are counted apart from every other compile of the model."""
+    return base(**inputs)
+
+
+def _compiled(options: bool | dict):
+    """`prefill_forward` through `torch.compile` with dynamic shapes: joins of any rows and
+    length share a few compiled versions (a single row, a cache that starts empty or with a
+    prefix: 4 in the tests) instead of a compile per shape."""
+    options = dict(options) if isinstance(options, dict) else {}
+    options.setdefault("dynamic", True)
+    return torch.compile(prefill_forward, **options)
+
+
+__all__ = ["Prefill", "prefill_forward"]
