@@ -116,7 +116,8 @@ def _prompts_for(model_dir, tmp_path, *names):
 
 def test_serve_answers_the_base_model_alone_under_its_folder_name(gpt2_dir, tmp_path):  # noqa: F811
     """A causal base is served alone next to the tasks, named after --model's folder; a
-    completion on that name is the bare base's greedy generate()."""
+    completion on that name is the bare base's greedy generate(), here with --compile (the
+    prefill compiled at start-up, before the server listens)."""
     prompts, base, tok = _prompts_for(gpt2_dir, tmp_path, "writer")
     ids = tok("a gem of a film", return_tensors="pt")["input_ids"]
     new = base.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
@@ -124,7 +125,7 @@ def test_serve_answers_the_base_model_alone_under_its_folder_name(gpt2_dir, tmp_
     want = tok.decode(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", str(gpt2_dir),
-                               "--prompts", str(prompts), "--port", str(port)], stdout=subprocess.PIPE,
+                               "--prompts", str(prompts), "--port", str(port), "--compile"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -138,6 +139,7 @@ def test_serve_answers_the_base_model_alone_under_its_folder_name(gpt2_dir, tmp_
         server.terminate()
         _, err = server.communicate(timeout=30)
     assert f"serving 1 task(s) (writer) and the base model as 'tiny-gpt2' on {gpt2_dir} (cpu)" in err
+    assert "would wait for; ran tiny-gpt2, writer)" in err, err  # no prefix; the cached prompt
 
 
 def test_serve_refuses_a_task_named_as_the_base(gpt2_dir, tmp_path):  # noqa: F811

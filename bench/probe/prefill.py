@@ -35,10 +35,10 @@ import torch
 
 from bench.harness.hardware import bandwidth, peak_tflops
 from bench.harness.kernels import kernel_table
-from bench.harness.report import RESULTS, rerun_command, versions, write_json
-from bench.harness.shapes import SHAPES, build_base, tokenizer
+from bench.harness.report import RESULTS, write_json
+from bench.harness.shapes import SHAPES
 from bench.harness.timing import measure, sync
-from bench.serve.throughput import add_tasks, text_of
+from bench.serve.throughput import served_bank, text_of
 
 
 def rows_of(bank, kind: str, rows: int, tasks: int, tokens: int):
@@ -102,7 +102,6 @@ def probe(decoder, make, rows: int) -> dict:
 
 
 def main() -> None:
-    from softprompt.serve import PromptBank
     from softprompt.serve.decode import Decoder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -114,14 +113,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=16)
     parser.add_argument("--out", default=str(RESULTS / "prefill.json"))
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a smoke run (no profile, no bound)
-    base = build_base(args.shape, device)
-    tok = tokenizer()
-    bank = PromptBank(base, tok, cache_prompts=True)
-    add_tasks(bank, base, tok, args.tasks, 20)
-    report = {"benchmark": "prefill", "shape": args.shape,
-              "device": torch.cuda.get_device_name(0) if device == "cuda" else "CPU", "versions": versions(),
-              "command": rerun_command("bench.probe.prefill", sys.argv[1:]), "settings": vars(args), "results": []}
+    device, bank, report = served_bank(args.shape, args.tasks, "prefill", "bench.probe.prefill", sys.argv[1:], vars(args))
     joins = []
     for spec in args.joins:
         kind, _, size = spec.partition(":")
@@ -133,7 +125,7 @@ def main() -> None:
         for kind, rows, tokens in joins:
             make, encode_s = rows_of(bank, kind, rows, args.tasks, tokens)
             row = {"variant": variant, "kind": kind, "rows": rows, "input_tokens": tokens,
-                   "encode_ms": round(encode_s * 1e3, 3), "bound": bound(base, rows, tokens, 20)}
+                   "encode_ms": round(encode_s * 1e3, 3), "bound": bound(bank.base, rows, tokens, 20)}
             try:
                 measured, first = probe(decoder, make, rows)
                 row.update(measured)

@@ -177,6 +177,23 @@ def add_tasks(bank, base, tok, n: int, P: int) -> None:
                 bank.add(name, sp.SoftPromptModel(base, config, tokenizer=tok))
 
 
+def served_bank(shape: str, tasks: int, benchmark: str, module: str, argv: list[str], settings: dict):
+    """The serving probes' set-up: shape `shape` on the GPU (the CPU: a smoke run), a bank of
+    `tasks` input and deep tasks (`add_tasks`, 20 virtual tokens, prompts cached), and the
+    report's header. Returns (device, bank, report)."""
+    from softprompt.serve import PromptBank
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = build_base(shape, device)
+    tok = tokenizer()
+    bank = PromptBank(base, tok, cache_prompts=True)
+    add_tasks(bank, base, tok, tasks, 20)
+    report = {"benchmark": benchmark, "shape": shape,
+              "device": torch.cuda.get_device_name(0) if device == "cuda" else "CPU", "versions": versions(),
+              "command": rerun_command(module, argv), "settings": settings, "results": []}
+    return device, bank, report
+
+
 def mix(value: str) -> tuple[str, int]:
     kind, _, n = value.partition(":")
     if kind not in ("input", "deep") or not n.isdigit():

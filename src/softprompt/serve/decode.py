@@ -116,14 +116,19 @@ class Decoder:
         compile: compile the decode step's forward (`DecodeSlots`; fixed slots only) and the
             prefill's (`Prefill`, dynamic shapes: one compile serves every join's rows
             and length); a dict: `torch.compile`'s keyword arguments for both.
+        max_join_tokens: most padded tokens (rows x longest row) one join prefills; rows
+            beyond it join after the next decode step, so the running rows keep decoding
+            through a burst of joins (None: every waiting row that has room joins at once).
 
     A decoder keeps its slots (and its captured graph) from one `run` to the next when it
     uses graphs: keep one per server. `run` calls are serialised.
     """
 
     def __init__(self, bank: PromptBank, *, max_rows: int = 64, admit: Callable[[int], list[DecodeRow]] | None = None,
-                 graphs: bool | None = None, columns: int | None = None, compile: bool | dict = False):
+                 graphs: bool | None = None, columns: int | None = None, compile: bool | dict = False,
+                 max_join_tokens: int | None = None):
         self.bank = bank
+        self.max_join_tokens = max_join_tokens
         self.compile = compile
         self.prefill = Prefill(bank, compile)
         use_slot_attention(bank.base)  # prefills and steps alike: one attention function from the start
@@ -163,6 +168,24 @@ class Decoder:
                         self.slots, self._rows = None, []
         return list(rows)
 
+    def warm_up(self) -> list[str]:
+        """Compile, and capture the step's graph, before the first request waits for it: a
+        few short rows run through joins of one and of two rows of different lengths, for a
+        task whose rows start with a key/value prefix (a deep prompt or a cached leading
+        segment) and one whose rows start with none, where the bank has them (the compiled
+        prefill keeps a version for each: `prefill.py`). Returns the tasks it ran."""
+        picked: dict[bool, Any] = {}
+        for name in self.bank.names():
+            entry = self.bank[name]
+            if (entry.task is None or entry.task.generates) and entry.deep not in picked:
+                picked[entry.deep] = entry
+        for entry in picked.values():
+            fields = entry.model.template.fields or ("text",)
+            for n in (1, 2):
+                self.run([DecodeRow(entry.name, {f: " ".join(["warm"] * (3 + 2 * i)) for f in fields},
+                                    Sampling(max_new_tokens=2), entry=entry) for i in range(n)])
+        return [e.name for e in picked.values()]
+
     def _loop(self, waiting: deque, admit) -> None:
         self.steps = 0
         while True:
@@ -174,9 +197,26 @@ class Decoder:
             if not waiting and not active:
                 return
             if waiting and room > 0:
-                self._join([waiting.popleft() for _ in range(min(room, len(waiting)))])
-                continue  # admit more before the next step if the joiners ended at once
+                self._join(self._joining(waiting, room))
+                if not waiting or not any(r is not None for r in self._rows):
+                    continue  # admit more before the next step if the joiners ended at once
+                # rows left waiting by the join's token budget: the decoding rows step first
             self._step()
+
+    def _joining(self, waiting: deque, room: int) -> list[DecodeRow]:
+        """The next rows to join: up to `room`, while the join's padded tokens (rows x the
+        longest row) stay within `max_join_tokens` (one row at least). The rest wait one
+        decode step: a burst of long rows joins in groups between steps instead of
+        stalling the running rows for its whole prefill."""
+        joining = [waiting.popleft()]
+        longest = _length(joining[0])
+        while waiting and len(joining) < room:
+            longest_after = max(longest, _length(waiting[0]))
+            if self.max_join_tokens is not None and (len(joining) + 1) * longest_after > self.max_join_tokens:
+                break
+            joining.append(waiting.popleft())
+            longest = longest_after
+        return joining
 
     @staticmethod
     def _admitted(admit, room: int) -> list[DecodeRow]:
@@ -375,6 +415,11 @@ class Decoder:
         k = _top_k(rows)
         logprobs = None if k is None else logprobs_of(scores, first, k)
         return first, finite, logprobs, cache, mask, positions
+
+
+def _length(row: DecodeRow) -> int:
+    """A waiting row's tokens (its encoded form's; 1 for a row not encoded yet)."""
+    return len(row.encoded.input_ids) if row.encoded is not None else 1
 
 
 def _top_k(rows: Sequence[DecodeRow | None]) -> int | None:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
-from ..architecture import ModelKind
+from ..architecture import ModelKind, model_spec
 from ..encode import EncodedRow
 from ..errors import EncodingError, InputTooLongError, SoftPromptError
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
@@ -169,11 +169,14 @@ class Engine:
     Args:
         bank: the tasks' prompts on the shared base model.
         max_batch_rows: most requests in one batch.
-        max_batch_tokens: most padded tokens (rows x longest row) in one forward batch.
+        max_batch_tokens: most padded tokens (rows x longest row) in one forward batch: a
+            batch of head requests, or rows joining the decoder's running batch (the rest
+            join after its next step).
         truncate: cut over-long inputs inside their fields (default: refuse them, 413).
         max_length: most tokens per row (default: the model's limit).
         compile_decode: compile the decode step's forward before its CUDA graph is captured
-            (`DecodeSlots`: compiled on the first completion; measured in docs/PERFORMANCE.md).
+            and the prefill's (`Decoder`; compiled on the first completion, or by `warm_up`;
+            measured in docs/PERFORMANCE.md).
     """
 
     def __init__(self, bank: PromptBank, *, max_batch_rows: int = 64, max_batch_tokens: int = 16384,
@@ -186,6 +189,23 @@ class Engine:
         self.max_length = max_length
         self.batches: list[tuple[str, int]] = []  # (kind, rows) of every batch run, for metrics
         self._decoder: Decoder | None = None  # one for the engine's life: its slots (and CUDA graph) stay
+
+    @property
+    def decoder(self) -> Decoder:
+        """The engine's decoder (causal LMs), made on first use."""
+        if self._decoder is None:
+            self._decoder = Decoder(self.bank, max_rows=self.max_batch_rows, compile=self.compile_decode,
+                                    max_join_tokens=self.max_batch_tokens)
+        return self._decoder
+
+    def warm_up(self) -> list[str]:
+        """Compile the decode step and the prefill, and capture the step's graph, before the
+        first request (`Decoder.warm_up`; with `compile_decode` on a GPU this takes a
+        minute or two that the first completion would otherwise wait). Returns the tasks it
+        ran; nothing for encoder-decoders (their `generate()` is not compiled)."""
+        if model_spec(self.bank.base).kind is not ModelKind.CAUSAL:
+            return []
+        return self.decoder.warm_up()
 
     # -- convenience ----------------------------------------------------------
     def classify(self, task: str, inputs: Sequence[Any]) -> list[Any]:
@@ -476,9 +496,7 @@ class Engine:
         decode_rows = [self._decode_row(r, None if answers is None else partial(answers.__setitem__, r.index))
                        for r in batch]
         try:
-            if self._decoder is None:
-                self._decoder = Decoder(self.bank, max_rows=self.max_batch_rows, compile=self.compile_decode)
-            self._decoder.run(decode_rows, admit=more if admit else None)
+            self.decoder.run(decode_rows, admit=more if admit else None)
         except Exception as e:  # the rows that joined have no other way to hear of it
             for row, on_result in joined:
                 if getattr(row, "result", None) is None:

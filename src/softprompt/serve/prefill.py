@@ -4,8 +4,9 @@ the decode slots take over.
 
 Joins vary in rows and length, so the prefill cannot replay one CUDA graph as the decode
 step does. Compiled (`Prefill(compile=...)`), it runs through `torch.compile` with dynamic
-shapes: a few compiled versions (4 in the tests) serve joins of any size, with the norms,
-rotary embedding and activations fused instead of run one kernel at a time.
+shapes: two compiled versions serve joins of any size, with the norms,
+rotary embedding and activations fused instead of run one kernel at a time; `Decoder.warm_up`
+compiles them before a server takes requests.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 from .. import inject
 from .bank import PromptBank
@@ -96,11 +98,20 @@ def prefill_forward(base, inputs: dict[str, Any]):
 
 def _compiled(options: bool | dict):
     """`prefill_forward` through `torch.compile` with dynamic shapes: joins of any rows and
-    length share a few compiled versions (a single row, a cache that starts empty or with a
-    prefix: 4 in the tests) instead of a compile per shape."""
+    length share two compiled versions (one row, and more: dynamo specialises sizes 0 and
+    1) instead of a compile per shape. Duck shaping is off while it compiles: it gives
+    sizes that happen to be equal one symbol, so a join whose length equals the head
+    dimension or the width (64 tokens, head dimension 64) compiled a version for that
+    length alone, one more compile of tens of seconds on a GPU."""
     options = dict(options) if isinstance(options, dict) else {}
     options.setdefault("dynamic", True)
-    return torch.compile(prefill_forward, **options)
+    compiled = torch.compile(prefill_forward, **options)
+
+    def forward(base, inputs: dict[str, Any]):
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(base, inputs)
+
+    return forward
 
 
 __all__ = ["Prefill", "prefill_forward"]
