@@ -147,3 +147,61 @@ def test_causal_verbalizer_and_generation_in_one_run(gpt2_tokenizer):
     bad = engine.run([Request("free", "x", generate=True, options={"beams": 3}), Request("free", "x")])
     assert [r.error_kind for r in bad] == [ErrorKind.BAD_INPUT, ErrorKind.BAD_INPUT]
     assert "unknown generation option" in bad[0].error and "no task head" in bad[1].error
+
+
+def _same_answers(results, expected):
+    for result, want in zip(results, expected):
+        assert result.ok and want.ok, (result.error, want.error)
+        if isinstance(want.output, dict):
+            assert result.output["label"] == want.output["label"]
+            for label, score in want.output["scores"].items():
+                assert result.output["scores"][label] == pytest.approx(score, abs=1e-4)
+        else:
+            assert result.output == want.output
+
+
+def test_compiled_head_forwards_answer_as_eager_with_few_compiles(encoder_bank):
+    """`Engine(compile=True)`: batches of head requests of any size, length and task mix
+    run the base through one compiled forward with dynamic shapes (`serve.compiled`); the
+    answers equal the uncompiled engine's, and the versions `warm_up` compiled serve every
+    batch."""
+    from softprompt.serve.mixed import head_forward
+
+    from test_serve_slots import compiled_graphs
+
+    torch._dynamo.reset()
+    bank = encoder_bank
+    eager, compiled = Engine(bank, max_batch_rows=4), Engine(bank, max_batch_rows=4, compile=True)
+    assert sorted(compiled.warm_up()) == ["ner", "sentiment", "topic"] and compiled.batches == []
+    versions = compiled_graphs(head_forward)
+    words = TEXTS[2].split()
+    batches = [[Request("topic", TEXTS[1])],
+               [Request("sentiment", TEXTS[0]), Request("ner", TEXTS[3]), Request("topic", TEXTS[2])],
+               [Request("topic", " ".join(words[:n])) for n in (2, 5, 9)],
+               [Request("sentiment", " ".join(words[:n])) for n in (1, 3, 7, 10)],
+               [Request("ner", {"tokens": words[:n]}) for n in (4, 6)],
+               [Request("sentiment", TEXTS[2]), Request("topic", TEXTS[0])],
+               [Request("ner", TEXTS[3])]]
+    for requests in batches:
+        _same_answers(compiled.run(requests), eager.run(requests))
+    assert compiled._heads.compiled
+    # one row or more; a prefix cache or none; one task's prefix shared (a stride-0 view) or
+    # two tasks' gathered per row: the batches after the warm-up compiled nothing more
+    assert compiled_graphs(head_forward) == versions == 5
+
+
+def test_a_head_forward_that_cannot_be_compiled_runs_uncompiled(encoder_bank, monkeypatch, caplog):
+    import torch._dynamo
+
+    def broken(fn, **kwargs):
+        def fails(*args, **kw):
+            raise torch._dynamo.exc.BackendCompilerFailed(fn, RuntimeError("no compiler here"))
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken)
+    requests = [Request("sentiment", TEXTS[0]), Request("ner", TEXTS[3]), Request("topic", TEXTS[1])]
+    engine = Engine(encoder_bank, compile=True)
+    _same_answers(engine.run(requests), Engine(encoder_bank).run(requests))
+    _same_answers(engine.run(requests[:1]), Engine(encoder_bank).run(requests[:1]))
+    assert not engine._heads.compiled
+    assert sum(r.message.startswith("head forward not compiled") for r in caplog.records) == 1

@@ -259,7 +259,7 @@ def test_the_engine_passes_its_compile_option_to_the_decoder(family_models):
 
     bank, models, tok = bank_of(family_models, "llama")
     for option in (False, True):
-        engine = Engine(bank, compile_decode=option)
+        engine = Engine(bank, compile=option)
         engine.generate("short", ["one"], max_new_tokens=2)
         assert engine._decoder.compile is option
 

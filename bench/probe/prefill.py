@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness.hardware import bandwidth, peak_tflops
+from bench.harness.hardware import bandwidth, forward_flops, peak_tflops
 from bench.harness.kernels import kernel_table
 from bench.harness.report import RESULTS, write_json
 from bench.harness.shapes import SHAPES
@@ -61,14 +61,8 @@ def rows_of(bank, kind: str, rows: int, tasks: int, tokens: int):
 
 def bound(base, rows: int, tokens: int, prefix: int) -> dict:
     """The join's FLOPs at the dense bf16 peak and its weight bytes at the bandwidth (ms)."""
-    config = base.config
-    embedding = base.get_input_embeddings().weight
-    params = sum(p.numel() for p in base.parameters())
-    body = params - embedding.numel()  # the LM head is counted at the last token only
-    width = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
-    pairs = rows * (tokens * (tokens + 1) / 2 + tokens * prefix)  # causal: each token sees those before it and the prefix
-    flops = 2 * body * rows * tokens + 4 * config.num_hidden_layers * width * pairs + 2 * embedding.numel() * rows
-    weight_bytes = params * embedding.element_size()
+    flops = forward_flops(base, rows, tokens, prefix)
+    weight_bytes = sum(p.numel() for p in base.parameters()) * base.get_input_embeddings().weight.element_size()
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     peak = peak_tflops(name) or float("nan")
     flop_ms = 1e3 * flops / (peak * 1e12)

@@ -6,10 +6,13 @@ on a randomly initialised model of a real shape (speed does not depend on the we
 
 Scenarios (ours and PEFT's in one process, same requests, bf16 on a GPU):
   S3  prompt K/V caching: 100 virtual tokens before 32-token inputs, forward (answer slot
-      read); cached leading segment vs recomputing it every request.
+      read); cached leading segment vs recomputing it every request (with --compile: also
+      through the engine's compiled head forward). Share of the bf16 peak: the forward's
+      FLOPs (`forward_flops`) per second.
   S2  mixed-task classification: 512 requests over 16 and over 256 tasks (prompt tuning,
       20 virtual tokens, 64-token inputs), the label read at the answer slot; ours: the
-      engine's mixed batches; PEFT: one forward per task group after `set_adapter`.
+      engine's mixed batches; PEFT: one forward per task group after `set_adapter`; share of
+      the bf16 peak: every request's 84 tokens' FLOPs per second (cached rows compute fewer).
   S1  mixed-task generation: 64 requests over 16 tasks, 64-token inputs, 32 new tokens
       (greedy); ours: the engine's decode loop on fixed slots with the step replayed as a
       CUDA graph (and eagerly, and `generate_mixed`); PEFT: `generate` per task group; and
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness.hardware import bandwidth
+from bench.harness.hardware import bandwidth, forward_flops, peak_tflops
 from bench.harness.report import RESULTS, rerun_command, versions, write_json
 from bench.harness.shapes import SHAPES, build_base, tokenizer
 from bench.harness.timing import interleaved, measure
@@ -58,22 +61,43 @@ def bank_of(base, tok, n_tasks: int, template: str, cache: bool):
 # -- S3 -------------------------------------------------------------------------------
 def s3(base, tok, args) -> dict:
     from softprompt.serve import encode_mixed, forward_mixed
+    from softprompt.serve.compiled import CompiledForward
+    from softprompt.serve.mixed import head_forward
 
     template = "[P:100] {text} [MASK]"
     out: dict = {"virtual_tokens": 100, "input_tokens": 32}
     banks = {cache: bank_of(base, tok, 1, template, cache) for cache in (False, True)}
+    forwards = {"": None}
+    if args.compile:  # the engine's head forward, `Engine(compile=True)`
+        forwards["_compiled"] = CompiledForward(head_forward, True, "head forward")
     for rows in args.s3_rows:
         names = ["t0"] * rows
         examples = [{"text": text_of(31)} for _ in range(rows)]  # 31 + the answer token = 32 input tokens
         part: dict = {"rows": rows}
-        for cache, bank in banks.items():
-            batch = encode_mixed(bank, names, examples)
-            seconds = timed(lambda: forward_mixed(bank, batch, logits="answer"), args.repeats)
-            part["cached" if cache else "recomputed"] = {"seconds_per_batch": seconds, "rows_per_s": rows / seconds,
-                                                         "row_tokens": int(batch["attention_mask"][0].sum())}
-        part["speedup"] = part["cached"]["rows_per_s"] / part["recomputed"]["rows_per_s"]
+        for suffix, compiled in forwards.items():
+            for cache, bank in banks.items():
+                batch = encode_mixed(bank, names, examples)
+                if compiled is None:
+                    run = lambda: forward_mixed(bank, batch, logits="answer")  # noqa: E731
+                else:
+                    run = lambda: compiled.run(lambda fn: forward_mixed(bank, batch, logits="answer",  # noqa: E731
+                                                                        base_forward=fn))
+                seconds = timed(run, args.repeats)
+                tokens = int(batch["attention_mask"][0].sum())
+                part[("cached" if cache else "recomputed") + suffix] = {
+                    "seconds_per_batch": seconds, "rows_per_s": rows / seconds, "row_tokens": tokens,
+                    "share_of_peak": share_of_peak(base, rows, tokens, 100 if cache else 0, seconds)}
+            part["speedup" + suffix] = part["cached" + suffix]["rows_per_s"] / part["recomputed" + suffix]["rows_per_s"]
         out[f"batch_{rows}"] = part
     return out
+
+
+def share_of_peak(base, rows: int, tokens: int, prefix: int, seconds: float) -> float | None:
+    """The forward's FLOPs (`forward_flops`, the LM head at one column) per second over the
+    GPU's dense bf16 peak (None on the CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    return forward_flops(base, rows, tokens, prefix) / seconds / (peak_tflops(torch.cuda.get_device_name(0)) * 1e12)
 
 
 # -- S2 -------------------------------------------------------------------------------
@@ -91,12 +115,15 @@ def s2(base, tok, args, n_tasks: int) -> dict:
         progress(f"S2 {n_tasks} tasks, cache={cache}: building the bank")
         bank = bank_of(base, tok, n_tasks, f"[P:{P}] {{text}} [MASK]", cache)
         progress(f"S2 {n_tasks} tasks, cache={cache}: running")
-        engine = Engine(bank, max_batch_rows=args.s2_rows, max_batch_tokens=args.s2_rows * 128)
+        engine = Engine(bank, max_batch_rows=args.s2_rows, max_batch_tokens=args.s2_rows * 128, compile=args.compile)
         requests = [Request(t, text, generate=False) for t in tasks]
         for e in bank.entries(bank.names()):  # answer logits are what a verbalizer reads: a head-less probe
             e.task = _AnswerProbe()
         seconds = timed(lambda: engine.run(requests), args.repeats)
-        out["softprompt_cached" if cache else "softprompt"] = {"seconds": seconds, "requests_per_s": n_requests / seconds}
+        out["softprompt_cached" if cache else "softprompt"] = {
+            "seconds": seconds, "requests_per_s": n_requests / seconds,
+            # the model's FLOPs for the work (every request's 20 + 64 tokens), cached or not
+            "share_of_peak": share_of_peak(base, n_requests, P + 64, 0, seconds)}
     # PEFT: one adapter per task, one batch per task group after set_adapter
     peft_model = peft_adapters(base, n_tasks, P)
     progress(f"S2 {n_tasks} tasks: PEFT adapters built")
@@ -290,7 +317,9 @@ def main() -> None:
     parser.add_argument("--s2-rows", type=int, default=128,
                         help="S2: most rows per batch (both; PEFT's batches are its task groups, 32 or 2 rows)")
     parser.add_argument("--s3-rows", type=int, nargs="+", default=[64, 256], help="S3's batch sizes")
-    parser.add_argument("--compile", action="store_true", help="S1: the decode step's forward compiled before capture")
+    parser.add_argument("--compile", action="store_true",
+                        help="the engine's forwards compiled (S1: the decode step before capture and the prefill; "
+                             "S2, S3: the head forward, also timed uncompiled in S3)")
     parser.add_argument("--s1-mixes", type=mix, nargs="*", default=[],
                         help="S1: also time these task mixes on the same decoder, e.g. input:16 input:256 deep:16 "
                              "deep:256 (input: prompt tuning; deep: P-tuning v2; 20 virtual tokens each)")

@@ -11,7 +11,7 @@ call `run` / `generate` here, so that one code path turns prompts into a forward
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,12 +59,16 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         prompts: Prompts, *, answer_index: torch.Tensor | None = None, field_index: torch.Tensor | None = None,
         word_index: torch.Tensor | None = None, labels: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
-        logits: str = "all", lm_head_columns: bool = False, virtual_tokens: int | None = None) -> SoftPromptOutput:
+        logits: str = "all", lm_head_columns: bool = False, virtual_tokens: int | None = None,
+        base_forward: Callable[[Any, dict[str, Any]], Any] | None = None) -> SoftPromptOutput:
     """Run `base` on a batch with `prompts` (see `SoftPromptModel.forward` for the arguments).
 
     Args:
         lm_head_columns: `base` takes ``logits_to_keep`` (`SoftPromptModel.keeps_logits`).
         virtual_tokens: every row must hold exactly this many virtual slots (checked).
+        base_forward: runs the base model (causal LMs and encoders) as
+            ``base_forward(base, inputs)`` instead of ``base(**inputs)``: the server's
+            compiled forward (`serve.compiled`).
 
     The forward waits for the device at most twice before the base model runs (the rows'
     virtual-slot counts, and the answer columns when the LM head is applied there only):
@@ -89,7 +93,8 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
     inputs = inject.base_inputs(base, spec, input_ids, attention_mask, prompt_index, prompts,
                                 logits_to_keep=logits_to_keep)
     with attention_for(inputs["inputs_embeds"].device):  # no cuDNN attention in a training step (see attention.py)
-        out = base(**inputs, output_hidden_states=output_hidden_states or None)
+        inputs["output_hidden_states"] = output_hidden_states or None
+        out = base(**inputs) if base_forward is None else base_forward(base, inputs)
     all_logits = getattr(out, "logits", None)  # (B, S, V), (B, K, V), or None for a bare encoder
     hidden = getattr(out, "last_hidden_state", None)  # bare models
     if hidden is None and output_hidden_states:

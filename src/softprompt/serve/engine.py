@@ -43,9 +43,10 @@ from ..architecture import ModelKind, model_spec
 from ..encode import EncodedRow
 from ..errors import EncodingError, InputTooLongError, SoftPromptError
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
+from .compiled import CompiledForward
 from .decode import Decoder, DecodeRow
 from .inputs import example_of, field_texts
-from .mixed import collate_mixed, forward_mixed, generate_mixed, output_rows
+from .mixed import collate_mixed, forward_mixed, generate_mixed, head_forward, output_rows
 from .sampling import RowSampler, TokenLogprob
 from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
 
@@ -163,6 +164,14 @@ class _Row:
         return None if self.request.generate else self.entry.task.decode
 
 
+def _warm_input(entry: BankEntry, words: int) -> Any:
+    """A warm-up request's input of about `words` words: the text alone for a template of
+    one field (as a client sends it: a word field takes it split), else each field's."""
+    text = " ".join(["warm"] * words)
+    fields = entry.model.template.fields
+    return text if len(fields) == 1 else {f: text for f in fields}
+
+
 class Engine:
     """Runs requests of many tasks on one bank.
 
@@ -174,15 +183,17 @@ class Engine:
             join after its next step).
         truncate: cut over-long inputs inside their fields (default: refuse them, 413).
         max_length: most tokens per row (default: the model's limit).
-        compile_decode: compile the decode step's forward before its CUDA graph is captured
-            and the prefill's (`Decoder`; compiled on the first completion, or by `warm_up`;
-            measured in docs/PERFORMANCE.md).
+        compile: compile the base model's forwards: the decode step's before its CUDA graph
+            is captured, the prefill's and the head requests' with dynamic shapes
+            (`compiled.py`); compiled on first use, or by `warm_up`; a dict: `torch.compile`'s
+            keyword arguments. Measured in docs/PERFORMANCE.md.
     """
 
     def __init__(self, bank: PromptBank, *, max_batch_rows: int = 64, max_batch_tokens: int = 16384,
-                 truncate: bool = False, max_length: int | None = None, compile_decode: bool = False):
+                 truncate: bool = False, max_length: int | None = None, compile: bool | dict = False):
         self.bank = bank
-        self.compile_decode = compile_decode  # the decode step's forward through torch.compile (`DecodeSlots`)
+        self.compile = compile
+        self._heads = CompiledForward(head_forward, compile, "head forward")
         self.max_batch_rows = max_batch_rows
         self.max_batch_tokens = max_batch_tokens
         self.truncate = truncate
@@ -194,18 +205,37 @@ class Engine:
     def decoder(self) -> Decoder:
         """The engine's decoder (causal LMs), made on first use."""
         if self._decoder is None:
-            self._decoder = Decoder(self.bank, max_rows=self.max_batch_rows, compile=self.compile_decode,
+            self._decoder = Decoder(self.bank, max_rows=self.max_batch_rows, compile=self.compile,
                                     max_join_tokens=self.max_batch_tokens)
         return self._decoder
 
     def warm_up(self) -> list[str]:
-        """Compile the decode step and the prefill, and capture the step's graph, before the
-        first request (`Decoder.warm_up`; with `compile_decode` on a GPU this takes a
-        minute or two that the first completion would otherwise wait). Returns the tasks it
-        ran; nothing for encoder-decoders (their `generate()` is not compiled)."""
-        if model_spec(self.bank.base).kind is not ModelKind.CAUSAL:
-            return []
-        return self.decoder.warm_up()
+        """Compile the base model's forwards, and capture the decode step's graph, before
+        the first request waits for them (with `compile` on a GPU: a minute or two for a
+        1B model). Head requests of one and of two rows run for a head task whose rows start
+        with a key/value prefix and one whose rows do not, and two tasks' prefixed rows in
+        one batch (the compiled head forward keeps a version for each), then the decoder's
+        joins and steps (`Decoder.warm_up`; causal
+        LMs: encoder-decoders' `generate()` is not compiled). Returns the tasks it ran."""
+        ran: list[str] = []
+        if self._heads.compiled:
+            heads = [e for e in self.bank.entries(self.bank.names()) if e.task is not None and not e.task.generates]
+            picked = {e.deep: e for e in reversed(heads)}  # the first of each
+            deep = [e for e in heads if e.deep][:2]
+            batches = [[e] * n for e in picked.values() for n in (1, 2)]
+            if len(deep) == 2:  # two tasks' prefixes gathered per row (one task's is shared): another version
+                batches.append(deep)
+            kept = len(self.batches)
+            for entries in batches:
+                requests = [Request(e.name, _warm_input(e, 3 + 2 * i)) for i, e in enumerate(entries)]
+                for result in self.run(requests):
+                    if not result.ok:
+                        log.warning("warming up %s: %s", result.task, result.error)
+                ran += [e.name for e in entries if e.name not in ran]
+            del self.batches[kept:]  # the metrics count requests served, not these
+        if model_spec(self.bank.base).kind is ModelKind.CAUSAL:
+            ran += [name for name in self.decoder.warm_up() if name not in ran]
+        return ran
 
     # -- convenience ----------------------------------------------------------
     def classify(self, task: str, inputs: Sequence[Any]) -> list[Any]:
@@ -427,7 +457,7 @@ class Engine:
         tasks = [e.task for e in entries.values()]
         reads = {"output_hidden_states": any(t.reads.get("output_hidden_states") for t in tasks),
                  "logits": "answer" if any(t.reads.get("logits") == "answer" for t in tasks) else "none"}
-        out = forward_mixed(self.bank, encoded, **reads)
+        out = self._heads.run(lambda fn: forward_mixed(self.bank, encoded, base_forward=fn, **reads))
         results: list[Result | None] = [None] * len(batch)
         for key, entry in entries.items():
             mine = [i for i, r in enumerate(batch) if id(r.entry) == key]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -98,11 +98,14 @@ def _entries(bank: PromptBank, batch: MixedBatch) -> list[BankEntry]:
 
 
 def forward_mixed(bank: PromptBank, batch: MixedBatch, *, output_hidden_states: bool = False,
-                  logits: str = "all", decoder_input_ids: torch.Tensor | None = None) -> forward.SoftPromptOutput:
+                  logits: str = "all", decoder_input_ids: torch.Tensor | None = None,
+                  base_forward: Callable[[Any, dict[str, Any]], Any] | None = None) -> forward.SoftPromptOutput:
     """One forward of the base model, row b with the prompt of ``batch.tasks[b]``.
 
     Args:
         decoder_input_ids: (B, T_dec) for an encoder-decoder.
+        base_forward: runs the base model, ``base_forward(base, inputs)`` (the engine's
+            compiled `head_forward`); default ``base(**inputs)``.
 
     Returns:
         `SoftPromptOutput` over the real tokens (T = S - the fewest virtual slots of a row;
@@ -116,7 +119,14 @@ def forward_mixed(bank: PromptBank, batch: MixedBatch, *, output_hidden_states: 
         return forward.run(bank.base, model.spec, batch["input_ids"], batch["attention_mask"], batch["prompt_index"],
                            prompts, answer_index=batch.get("answer_index"), field_index=batch.get("field_index"),
                            word_index=batch.get("word_index"), output_hidden_states=output_hidden_states,
-                           logits=logits, lm_head_columns=model.keeps_logits, decoder_input_ids=decoder_input_ids)
+                           logits=logits, lm_head_columns=model.keeps_logits, decoder_input_ids=decoder_input_ids,
+                           base_forward=base_forward)
+
+
+def head_forward(base, inputs: dict[str, Any]):
+    """The base model's forward over a batch of head requests (`forward_mixed`): its own
+    code object, so its compiled versions are counted apart from every other compile."""
+    return base(**inputs)
 
 
 def generate_mixed(bank: PromptBank, batch: MixedBatch, **generate_kwargs) -> torch.Tensor:
@@ -134,4 +144,4 @@ def generate_mixed(bank: PromptBank, batch: MixedBatch, **generate_kwargs) -> to
                                 batch["prompt_index"], prompts, model.encoder.pad_id, **generate_kwargs)
 
 
-__all__ = ["MixedBatch", "encode_mixed", "collate_mixed", "forward_mixed", "generate_mixed", "output_rows"]
+__all__ = ["MixedBatch", "encode_mixed", "collate_mixed", "forward_mixed", "generate_mixed", "head_forward", "output_rows"]

@@ -4,24 +4,22 @@ the decode slots take over.
 
 Joins vary in rows and length, so the prefill cannot replay one CUDA graph as the decode
 step does. Compiled (`Prefill(compile=...)`), it runs through `torch.compile` with dynamic
-shapes: two compiled versions serve joins of any size, with the norms,
-rotary embedding and activations fused instead of run one kernel at a time; `Decoder.warm_up`
-compiles them before a server takes requests.
+shapes (`compiled.py`): four versions serve joins of any size (one row or more, a cache
+that starts with a prefix or empty), with the norms, rotary embedding and activations
+fused instead of run one kernel at a time; `Decoder.warm_up` compiles them before a server
+takes requests.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.fx.experimental._config as fx_config
 
 from .. import inject
 from .bank import PromptBank
+from .compiled import CompiledForward
 from .mixed import collate_mixed, encode_mixed
-
-log = logging.getLogger("softprompt.serve")
 
 
 class Prefill:
@@ -37,11 +35,11 @@ class Prefill:
     def __init__(self, bank: PromptBank, compile: bool | dict = False):
         self.bank = bank
         self.base = bank.base
-        self._forward = _compiled(compile) if compile else prefill_forward
+        self._forward = CompiledForward(prefill_forward, compile, "prefill")
 
     @property
     def compiled(self) -> bool:
-        return self._forward is not prefill_forward
+        return self._forward.compiled
 
     def __call__(self, rows: Sequence) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
         """The rows' forward (`DecodeRow`s).
@@ -72,46 +70,19 @@ class Prefill:
                                           logits_to_keep=1 if model.keeps_logits else None)
 
     def forward(self, inputs_of: Callable[[], dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
-        """The forward (compiled where asked) and its inputs (`inputs_of`). A compiled
-        forward that fails runs again uncompiled on inputs built afresh (its cache may be
-        half-written): if that succeeds, the compiler was at fault and the prefill stays
-        uncompiled from then on (one warning); if it fails too, the rows were (their error
-        is raised, the compiled forward kept)."""
-        inputs = inputs_of()
-        if not self.compiled:
-            return prefill_forward(self.base, inputs), inputs
-        try:
-            return self._forward(self.base, inputs), inputs
-        except Exception as e:
+        """The forward (compiled where asked; `CompiledForward.run`: inputs built afresh
+        for an uncompiled rerun) and its inputs (`inputs_of`)."""
+        def call(forward):
             inputs = inputs_of()
-            out = prefill_forward(self.base, inputs)
-            log.warning("prefill not compiled (%s: %s); running it uncompiled", type(e).__name__, e)
-            self._forward = prefill_forward
-            return out, inputs
+            return forward(self.base, inputs), inputs
+
+        return self._forward.run(call)
 
 
 def prefill_forward(base, inputs: dict[str, Any]):
     """The base model's forward over joining rows (`inject.base_inputs`): its own code
     object, so its compiled versions are counted apart from every other compile of the model."""
     return base(**inputs)
-
-
-def _compiled(options: bool | dict):
-    """`prefill_forward` through `torch.compile` with dynamic shapes: joins of any rows and
-    length share two compiled versions (one row, and more: dynamo specialises sizes 0 and
-    1) instead of a compile per shape. Duck shaping is off while it compiles: it gives
-    sizes that happen to be equal one symbol, so a join whose length equals the head
-    dimension or the width (64 tokens, head dimension 64) compiled a version for that
-    length alone, one more compile of tens of seconds on a GPU."""
-    options = dict(options) if isinstance(options, dict) else {}
-    options.setdefault("dynamic", True)
-    compiled = torch.compile(prefill_forward, **options)
-
-    def forward(base, inputs: dict[str, Any]):
-        with fx_config.patch(use_duck_shape=False):
-            return compiled(base, inputs)
-
-    return forward
 
 
 __all__ = ["Prefill", "prefill_forward"]
