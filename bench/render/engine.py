@@ -11,7 +11,11 @@ from bench.harness.report import load_report
 STEP_REPORTS = ("decode_step_gpu.json", "decode_step_h100.json")  # in the order the table shows them
 S1_REPORTS = {  # report file -> what the run was
     "serve_s1_gpu_before.json": "main before this work", "serve_s1_gpu_new.json": "compiled step, SDPA attention",
-              "serve_s1_h100.json": "compiled step, `packed_products` attention"}
+              "serve_s1_h100.json": "compiled step, `packed_products` attention",
+              "serve_s1_h100_compiled_prefill.json": "compiled step and prefill (commit 72e0a40: prefill's LM head on "
+                                                     "the strided last column)",
+              "serve_s1_h100_strided_head.json": "uncompiled step; prefill's LM head on the strided last column (before)",
+              "serve_s1_h100_index_head.json": "uncompiled step; prefill's LM head on a contiguous last column"}
 GROUPS = ["matrix products", "attention", "fused (triton)", "elementwise", "copies", "reductions", "other"]
 TARGET_STEP_MS = {64: 0.95, 256: 1.6}  # issue 19, on an H200
 TARGET_S1 = 35_000
@@ -100,8 +104,8 @@ def s1_table() -> list[str]:
             f"| {s['peft']['new_tokens_per_s']:,.0f} | {s['plain_generate']['new_tokens_per_s']:,.0f} | {s['speedup']:.1f}x "
             f"| {s['bandwidth_bound_new_tokens_per_s']:,.0f} ({s['softprompt']['new_tokens_per_s'] / s['bandwidth_bound_new_tokens_per_s']:.0%}) "
             f"| {s.get('decode_step_ms_graph', float('nan')):.2f} | {same} |")
-        if s.get("prompt_mixes"):
-            mixes = (report, s)
+        if len(s.get("prompt_mixes", {})) > len((mixes or ({}, {}))[1].get("prompt_mixes", {})):
+            mixes = (report, s)  # the run with the most mixes
     if mixes:
         report, s = mixes
         lines += ["", f"Prompts against no prompts on one decoder ({_gpu(report)}, 64 requests, 64 input + 32 new tokens; "
@@ -168,6 +172,110 @@ def where_the_rest_goes() -> str:
     return "Where the rest goes: " + "; ".join(text) + "."
 
 
+PREFILL_REPORTS = {  # report file -> what the code was
+    "prefill_h100_before.json": "commit 72e0a40: the LM head on the strided last column; duck shaping on",
+    "prefill_h100.json": "the LM head on a contiguous last column; duck shaping off"}
+
+
+def prefill_tables() -> list[str]:
+    return [line for name, what in PREFILL_REPORTS.items() for line in prefill_table(name, what)] + lm_head_note()
+
+
+def lm_head_note() -> list[str]:
+    """The prefill's LM head over a strided view against a contiguous column (`bench.probe.lm_head_view`)."""
+    view = load_report("lm_head_view_h100.json")
+    before, after = (load_report(n) for n in ("serve_s1_h100_strided_head.json", "serve_s1_h100_index_head.json"))
+    if view is None:
+        return []
+    a = view["settings"]
+    text = (f"The prefill's LM head at the last column ({_gpu(view)}, `{view['command']}`): {a['rows']} rows of "
+            f"{a['columns']} columns, as transformers slices an int `logits_to_keep` (`hidden[:, -1:]`, rows a whole "
+            f"sequence apart), took {view['view_ms']:.2f} ms in one skinny-tile cuBLAS kernel; over a contiguous "
+            f"copy (an index, `inject.last_columns`) {view['index_ms']:.2f} ms")
+    if before and after:
+        b, n = before["results"]["s1"], after["results"]["s1"]
+        text += (f". S1 with the uncompiled step, that change alone: {b['softprompt']['new_tokens_per_s']:,.0f} -> "
+                 f"{n['softprompt']['new_tokens_per_s']:,.0f} new tok/s ({b['softprompt']['seconds'] * 1e3:.1f} -> "
+                 f"{n['softprompt']['seconds'] * 1e3:.1f} ms a run)")
+    return [text + ".", ""]
+
+
+def prefill_table(name: str, what: str) -> list[str]:
+    """Joins eager against compiled (`bench.probe.prefill`)."""
+    report = load_report(name)
+    if report is None:
+        return []
+    by_join: dict = {}
+    for r in report["results"]:
+        if "prefill_ms" in r:
+            by_join.setdefault((r["kind"], r["rows"], r["input_tokens"]), {})[r["variant"]] = r
+    lines = [f"### Prefill of joining rows ({_gpu(report)}, {what}; rerun: `{report['command']}`)", "",
+             "A join: R rows of T input tokens, each with its task's prompt (input: 20 virtual tokens cached as a K/V "
+             "segment; deep: P-tuning v2's 20-position prefix). prefill: build, forward, first tokens (synced); join: "
+             "the prefill and placing the rows in the slots; bound: the larger of the join's FLOPs at the dense "
+             "bf16 peak and its weight bytes at the memory bandwidth; compile: the first join of that shape.", "",
+             "| join (kind RxT) | eager prefill ms | compiled prefill ms | compiled join ms | host build ms "
+             "| bound ms (share, compiled) | compile s | first tokens compiled == eager |",
+             "|---|---|---|---|---|---|---|---|"]
+    def ms(row: dict, key: str) -> str:
+        return f"{row[key]:.1f}" if key in row else "not measured"
+
+    for (kind, rows, tokens), v in by_join.items():
+        e, c = v.get("eager", {}), v.get("compile", {})
+        bound = (c or e)["bound"]["bound_ms"]
+        best = c.get("prefill_ms", e.get("prefill_ms"))
+        lines.append(f"| {kind} {rows}x{tokens} | {ms(e, 'prefill_ms')} | {ms(c, 'prefill_ms')} | {ms(c, 'join_ms')} "
+                     f"| {ms(c or e, 'build_ms')} | {bound:.2f} ({bound / best:.0%}{'' if c else ', eager'}) "
+                     f"| {c.get('compile_s', '-')} | {c.get('first_tokens_equal_eager', '-')} |")
+    return lines
+
+
+def burst_table() -> list[str]:
+    """Running rows under a burst of joins, by join budget (`bench.probe.burst`)."""
+    report = load_report("burst_h100.json")
+    if report is None:
+        return []
+    a = report["settings"]
+    lines = [f"### A burst of joins while rows decode ({_gpu(report)}; rerun: `{report['command']}`)", "",
+             f"{a['rows']} rows decode ({a['new']} new tokens each); once each has made {a['after']}, {a['burst']} rows "
+             f"of {a['burst_tokens']} input tokens arrive at once. stall: the longest gap between two tokens of a "
+             "running row while the burst joins; step gap: the median gap between two tokens.", "",
+             "| join budget (max_join_tokens) | stall ms | step gap ms | burst first token ms (median / max) "
+             "| new tok/s over the run | rows == unbudgeted run |", "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        budget = f"{r['max_join_tokens']:,}" if r["max_join_tokens"] else "none (all at once)"
+        lines.append(f"| {budget} | {r['stall_ms']:.1f} | {r['step_gap_ms']:.2f} | {r['burst_first_ms']['median']:.1f} / "
+                     f"{r['burst_first_ms']['max']:.1f} | {r['new_tokens_per_s']:,.0f} | {r['rows_equal_unbudgeted']} |")
+    lines += ["", "A budget changes which rows prefill together and when the slots' columns grow, so bfloat16 "
+              "kernels sum in another order; on a random-init model, whose next-token scores are nearly tied, greedy "
+              "paths then part (the rows that differ). In float32 on the CPU every row equals the row run alone under "
+              "a budget (`test_a_join_budget_lets_running_rows_step_between_groups`). The engine's budget is "
+              "`--max-batch-tokens` (16,384 by default: a burst this size splits in two)."]
+    return lines
+
+
+def s3_compiled_table() -> list[str]:
+    """S3 through the uncompiled and the compiled head forward (`bench.serve.throughput --scenarios s3 --compile`)."""
+    report = load_report("serve_s3_h100.json")
+    if report is None:
+        return []
+    s3 = report["results"]["s3"]
+    lines = [f"### S3 with the compiled head forward ({_gpu(report)}; rerun: `{report['command']}`)", "",
+             f"{s3['virtual_tokens']} virtual tokens cached (or recomputed) before {s3['input_tokens']}-token inputs; "
+             "share of peak: the forward's FLOPs per second over the dense bf16 peak.", "",
+             "| rows | forward | recomputed ms | cached ms | cached / recomputed (target >= 3x at 64 rows) "
+             "| cached share of peak |", "|---|---|---|---|---|---|"]
+    for part in sorted((v for k, v in s3.items() if k.startswith("batch_")), key=lambda r: r["rows"]):
+        for suffix, what in (("", "eager"), ("_compiled", "compiled")):
+            if "cached" + suffix not in part:
+                continue
+            c, r = part["cached" + suffix], part["recomputed" + suffix]
+            share = c.get("share_of_peak")
+            lines.append(f"| {part['rows']} | {what} | {r['seconds_per_batch'] * 1e3:.2f} | {c['seconds_per_batch'] * 1e3:.2f} "
+                         f"| {part['speedup' + suffix]:.2f}x | {f'{share:.0%}' if share is not None else '-'} |")
+    return lines
+
+
 def engine() -> list[str]:
     lines = ["## Decode engine (issue 19): `bench.probe.decode_step`, `bench.probe.decode_attention`, S1", "",
              "Model: a randomly initialised Llama of the `llama-1b` shape, bfloat16, 16 tasks' input prompts of 20 "
@@ -189,4 +297,7 @@ def engine() -> list[str]:
     lines += ["", "### S1 end to end (prefill, decode steps and the host loop)", ""]
     lines += s1_table()
     lines += ["", where_the_rest_goes(), ""]
+    for section in (prefill_tables(), burst_table(), s3_compiled_table()):
+        if section:
+            lines += section + [""]
     return lines
