@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -355,6 +356,56 @@ def _base_name(model: str, given: str | None) -> str:
     except ConfigError as e:
         raise ConfigError(f"--model {model!r} gives the base model the name {name!r}, which it cannot be served "
                           f"under ({e}): name it with --base-name") from None
+
+
+# -- version and environment ------------------------------------------------------------
+#: the optional extras and the packages each needs (pyproject's [project.optional-dependencies])
+EXTRAS = {"test": ("pytest", "hypothesis", "peft", "httpx", "openai"), "models": ("gguf",)}
+
+
+def _version_option(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"softprompt {version('softprompt')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version_option, is_eager=True,
+                                       help="Print softprompt's version and exit.")) -> None:
+    pass  # the options every command shares (only --version, today)
+
+
+@app.command()
+def env() -> None:
+    """Versions, device and installed extras (paste it into a bug report)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    rows = {"softprompt": installed("softprompt"), "python": platform.python_version(),
+            "platform": platform.platform()}
+    for name in ("torch", "transformers", "accelerate", "safetensors", "huggingface_hub", "tokenizers"):
+        rows[name] = installed(name) or "missing"
+    if torch.cuda.is_available():
+        rows["device"] = f"cuda: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"
+    else:
+        rows["device"] = f"cpu: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    for extra, names in EXTRAS.items():
+        found = {n: installed(n) for n in names}
+        missing = [n for n, v in found.items() if v is None]
+        state = "installed" if not missing else f"missing {', '.join(missing)} (pip install 'softprompt[{extra}]')"
+        rows[f"extra {extra}"] = f"{state}: " + ", ".join(f"{n} {v}" for n, v in found.items() if v)
+    for key, value in rows.items():
+        typer.echo(f"{key}: {value}")
 
 
 def main() -> None:  # pragma: no cover - `python -m softprompt.cli`

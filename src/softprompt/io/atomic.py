@@ -152,6 +152,7 @@ def write_directory_atomically(target: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, "tmp"), dir=parent))
     try:
         write(tmp)
+        _modes_of_the_umask(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -174,6 +175,32 @@ def write_directory_atomically(target: Path, write) -> None:
             raise PromptFileError(f"{target}: could not be written ({first_line(e)}); "
                                   "what was there before is unchanged") from e
         raise
+
+
+def _modes_of_the_umask(folder: Path) -> None:
+    """Give a finished temporary folder and what it holds the modes they would have had if
+    made in place (0o777 / 0o666 less the umask): `tempfile.mkdtemp` makes the folder 0700,
+    private while it is written, and a server running as another user of the group could
+    not read the prompt it becomes."""
+    mask = _umask()
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    folder.chmod(0o777 & ~mask)
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc where the kernel shows it (setting it to read it
+    back would change it for every thread meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # -- reads -------------------------------------------------------------------------------

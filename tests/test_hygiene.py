@@ -1,0 +1,61 @@
+"""What a user of a package expects before any feature: a license, type information, the
+version and environment at hand, and files others can read."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import softprompt as sp
+from softprompt.cli import app
+
+from conftest import make_gpt2
+from test_cli_train import invoke
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_license_pyproject_names_ships_and_the_package_is_typed():
+    assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
+    assert (importlib.resources.files("softprompt") / "py.typed").is_file()  # PEP 561: mypy reads our hints
+
+
+def test_version_and_env():
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.output.strip() == f"softprompt {importlib.metadata.version('softprompt')}"
+    assert sp.__version__ == importlib.metadata.version("softprompt")
+    r = invoke("env")
+    assert r.exit_code == 0, r.output
+    import torch
+    import transformers
+
+    lines = dict(line.split(": ", 1) for line in r.output.strip().splitlines())
+    assert lines["torch"] == torch.__version__ and lines["transformers"] == transformers.__version__
+    assert lines["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")
+    # each extra named with what it needs, installed or not
+    assert lines["extra test"].startswith("installed") and "pytest" in lines["extra test"]
+    assert app.info.name == "softprompt"
+
+
+@pytest.mark.parametrize("umask,dirs,files", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600), (0o002, 0o775, 0o664)])
+def test_saved_folders_follow_the_umask(gpt2_tokenizer, tmp_path, umask, dirs, files):
+    """A prompt folder is written in a private temporary folder and renamed into place:
+    it ends with the modes the user's umask gives (a server running as another user of
+    the group reads it), not the temporary folder's 0700."""
+    model = sp.SoftPromptModel(make_gpt2(gpt2_tokenizer), sp.PromptTuningConfig(template="[P:2] {text}"),
+                               tokenizer=gpt2_tokenizer)
+    old = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path / "prompt")
+    finally:
+        os.umask(old)
+    path = tmp_path / "prompt"
+    assert stat.S_IMODE(path.stat().st_mode) == dirs
+    written = [p for p in path.rglob("*")]
+    assert written and all(stat.S_IMODE(p.stat().st_mode) == (dirs if p.is_dir() else files) for p in written)
