@@ -203,3 +203,32 @@ def test_a_failed_start_in_a_folder_that_was_there_removes_only_its_own_files(be
                "--field", "review:text", "--output", out, "--set", "train.steps=2", "--set", "train.progress=false")
     assert r.exit_code == 1 and "the first step failed" in r.stderr, r.output
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_train_from_python_equals_the_cli(bert_dir, reviews, tmp_path):
+    """`softprompt.train(...)`: the CLI's run from Python, the same keys (sections as
+    dicts), the same run folder and metrics; an unknown key refused with the closest one."""
+    import softprompt as sp
+
+    common = dict(model=str(bert_dir), method="p-tuning-v2", task="classification", train_file=str(reviews),
+                  eval_file=str(reviews), fields=["review:text"], num_virtual_tokens=4)
+    steps = {"steps": 12, "eval_every": 6, "batch_size": 4, "lr": 0.1, "head_lr": 0.1, "progress": False}
+    result = sp.train(output=str(tmp_path / "py"), train=steps, **common)
+    r = invoke("train", "--model", bert_dir, "--method", "p-tuning-v2", "--task", "classification", "--train", reviews,
+               "--eval", reviews, "--field", "review:text", "--output", tmp_path / "cli", "-P", "4",
+               *[a for k, v in steps.items() for a in ("--set", f"train.{k}={str(v).lower()}")])
+    assert r.exit_code == 0, r.output
+    assert result.steps == 12 and result.best_metric == last_json(r.stdout)["best"]["accuracy"]
+    def without_clock(value):  # the runs are bit-identical on the CPU, their wall-clock times are not
+        if isinstance(value, dict):
+            return {k: without_clock(v) for k, v in value.items() if "second" not in k and "per_s" not in k}
+        return value
+
+    for name in ("config.json", "metrics.json"):
+        py, cli = (without_clock(json.loads((tmp_path / run / name).read_text())) for run in ("py", "cli"))
+        for differ in ("output", "data_root"):  # the CLI records $SOFTPROMPT_DATA; None resolves to it too
+            py.pop(differ, None), cli.pop(differ, None)
+        assert py == cli, name
+    with pytest.raises(sp.ConfigError, match="train.lrr.*did you mean 'train.lr'"):
+        sp.train(output=str(tmp_path / "bad"), train={"lrr": 0.1}, **common)
+    assert not (tmp_path / "bad").exists()

@@ -59,3 +59,19 @@ def test_saved_folders_follow_the_umask(gpt2_tokenizer, tmp_path, umask, dirs, f
     assert stat.S_IMODE(path.stat().st_mode) == dirs
     written = [p for p in path.rglob("*")]
     assert written and all(stat.S_IMODE(p.stat().st_mode) == (dirs if p.is_dir() else files) for p in written)
+
+
+def test_the_public_api_exports_what_users_call_and_imports_it_on_first_use():
+    import subprocess
+    import sys
+
+    for name in sp.__all__:
+        assert getattr(sp, name) is not None, name
+    for name in ("load_base", "train", "PromptBank", "Engine"):
+        assert name in sp.__all__
+    loaded = subprocess.run([sys.executable, "-c", "import softprompt, sys; print(sorted(m for m in sys.modules "
+                             "if m.startswith(('softprompt.serve', 'softprompt.training', 'fastapi'))))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"  # `import softprompt` loads neither the server nor the training wing
+    with pytest.raises(AttributeError, match="no attribute 'Engin'"):
+        sp.Engin  # noqa: B018

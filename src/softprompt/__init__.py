@@ -36,7 +36,28 @@ from .template import Template, parse_template
 
 __version__ = "0.1.0"
 
+#: what users call, imported on first use (`import softprompt` stays light: serving needs
+#: none of training's modules, and the reverse)
+_LAZY = {"load_base": ".base_models", "train": ".training.run", "RunConfig": ".training.config",
+         "PromptBank": ".serve.bank", "Engine": ".serve.engine", "Request": ".serve.engine"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'softprompt' has no attribute {name!r}")
+
 __all__ = [
+    "load_base",
+    "train",
+    "RunConfig",
+    "PromptBank",
+    "Engine",
+    "Request",
     "SoftPromptModel",
     "SoftPromptOutput",
     "PromptBatch",

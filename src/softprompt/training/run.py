@@ -7,10 +7,12 @@ test split.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ..architecture import model_kind
 from ..base_models import load_base, resolve_device, training_dtype
@@ -20,10 +22,11 @@ from ..io.atomic import read_json_object, write_json_atomically
 from ..model import SoftPromptModel
 from .assemble import build_task, check_examples, load_data, prompt_config, uses_verbalizer
 from .checkpoint import CHECKPOINT
-from .config import RunConfig
+from .config import RunConfig, apply, load_yaml
 from .evaluate import evaluate_saved
 from .logs import CURVES, METRICS_LINES, METRICS_SUMMARY, TENSORBOARD
-from .loop import RunResult, train
+from . import loop
+from .loop import RunResult
 
 CONFIG = "config.json"
 RUN_MARKERS = (CONFIG, METRICS_LINES, CHECKPOINT, RUN_PROMPT)
@@ -89,6 +92,43 @@ def _forget_failed_start(out: Path, created: Path | None) -> None:
         pass
 
 
+def train(config: RunConfig | str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
+          **settings: Any) -> RunResult:
+    """Train a soft prompt from Python, as `softprompt train` does (the same checks, run
+    folder and metrics).
+
+    Args:
+        config: a `RunConfig`, or a YAML run file (``--config``; a run folder's own
+            ``config.yaml`` too); None: the defaults.
+        resume / overwrite: as ``--resume`` / ``--overwrite`` (an output folder that holds
+            a run is refused otherwise).
+        **settings: the settings on top, named as `RunConfig`'s fields (``model``,
+            ``task``, ``train_file``, ``output``, ...), with ``train``, ``prompt`` and
+            ``task_options`` (or ``task`` for a recipe name) as dicts of their keys, e.g.
+            ``train={"lr": 0.3, "steps": 500}``. An unknown key is refused with the closest
+            known one.
+
+    Example:
+        >>> result = softprompt.train(model="minilm", task="sst2", method="prompt-tuning",
+        ...                           output="runs/sst2", train={"steps": 200})
+        >>> result.metrics["best"]
+    """
+    if isinstance(config, RunConfig):
+        cfg = copy.deepcopy(config)
+    else:
+        cfg = RunConfig()
+        if config is not None:
+            load_yaml(config, cfg)
+    if isinstance(settings.get("task"), dict):  # task={...} is the task's options (`task.*` of --set)
+        settings["task_options"] = settings.pop("task")
+    for section in ("train", "prompt", "task_options"):
+        for key, value in (settings.pop(section, None) or {}).items():
+            apply(cfg, f"{'task' if section == 'task_options' else section}.{key}", value, source="train()")
+    for key, value in settings.items():
+        apply(cfg, key, value, source="train()")
+    return run_training(cfg, resume=resume, overwrite=overwrite)
+
+
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Train as `softprompt train` does; returns the result (metrics also in the run dir).
 
@@ -124,7 +164,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     try:
         if not resume and main:
             write_json_atomically(out / CONFIG, resolved)
-        result = train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata)
+        result = loop.train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata)
     except BaseException:
         if not resume and main:
             _forget_failed_start(out, created)
