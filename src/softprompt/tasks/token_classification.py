@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, EncodingError
+from ..extras import require
 from .base import Targets, Task
 
 OUTSIDE = "O"
@@ -190,7 +191,9 @@ class TokenClassification(Task):
         return [str(t) for t in example[self.tags_field]]
 
     def metrics(self, predictions, references):
-        from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
+        metrics = require("seqeval.metrics", "ner", "NER metrics (entity-level F1)")
+        accuracy_score, f1_score = metrics.accuracy_score, metrics.f1_score
+        precision_score, recall_score = metrics.precision_score, metrics.recall_score
 
         predictions, references = list(predictions), [list(r) for r in references]
         if len(predictions) != len(references):

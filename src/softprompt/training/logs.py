@@ -13,14 +13,18 @@ since the last evaluation (the throughput of each metrics line).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, TrainingError
+from ..extras import MissingExtraError, require
 from ..io.atomic import write_file_atomically, write_json_atomically
 from .config import TrainConfig
+
+log = logging.getLogger("softprompt.train")
 
 METRICS_LINES = "metrics.jsonl"
 METRICS_SUMMARY = "metrics.json"
@@ -85,7 +89,10 @@ class RunLog:
                    "train_seconds": round(state.train_seconds, 3), "stopped": stopped, "processes": processes}
         if self.main:
             write_json_atomically(self.output / METRICS_SUMMARY, summary)
-            plot_curves([tuple(x) for x in state.losses], self.evals, metric, self.output / CURVES)
+            try:
+                plot_curves([tuple(x) for x in state.losses], self.evals, metric, self.output / CURVES)
+            except MissingExtraError as e:  # the run itself is complete: the plot alone is missing
+                log.warning("%s not drawn: %s", CURVES, e)
         return summary
 
     def close(self) -> None:
@@ -97,7 +104,7 @@ class RunLog:
 
 def plot_curves(losses: list[tuple[int, float]], evals: list[dict[str, Any]], metric: str, path: Path) -> None:
     """Training loss and dev metric over steps, as a PNG (written atomically)."""
-    import matplotlib
+    matplotlib = require("matplotlib", "plots", "drawing the training curves")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,0 +1,50 @@
+"""Optional features and the extras that install them (pyproject's
+``[project.optional-dependencies]``): the core install trains, evaluates, saves and loads
+prompts; serving, Hugging Face datasets, NER metrics and plots each need their extra.
+
+    pip install 'softprompt[serve]'      # or [all]: every extra
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from .errors import ConfigError
+
+#: extra -> (distribution, module) of each package it installs
+EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
+    "serve": (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("prometheus-client", "prometheus_client")),
+    "hf": (("datasets", "datasets"),),
+    "ner": (("seqeval", "seqeval"),),
+    "plots": (("matplotlib", "matplotlib"),),
+    "models": (("gguf", "gguf"),),
+    "test": (("pytest", "pytest"), ("hypothesis", "hypothesis"), ("peft", "peft"), ("httpx", "httpx"),
+             ("openai", "openai")),
+}
+
+
+class MissingExtraError(ConfigError):
+    """A feature needs an optional package that is not installed (names the extra)."""
+
+
+def require(module: str, extra: str, feature: str) -> ModuleType:
+    """`module`, imported for `feature`.
+
+    Raises:
+        MissingExtraError: it is not installed; the message names the extra to install.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(f"{feature} needs the {module.split('.')[0]!r} package: "
+                                f"pip install 'softprompt[{extra}]'") from None
+
+
+def require_extra(extra: str, feature: str) -> None:
+    """Every package of `extra`, for `feature` (before any slow work starts)."""
+    for _, module in EXTRAS[extra]:
+        require(module, extra, feature)
+
+
+__all__ = ["EXTRAS", "MissingExtraError", "require", "require_extra"]
