@@ -18,9 +18,7 @@ The layers, each importing only those below it:
 `serve/` imports nothing of `training/`; a new task is one file in `tasks/`.
 """
 
-from .architecture import BaseIdentity, ModelKind, ModelSpec, model_spec
-from .encode import PromptBatch
-from .errors import (
+from .errors import (  # no torch: the command line's errors, and every module's
     BaseModelMismatchError,
     ConfigError,
     EncodingError,
@@ -30,16 +28,22 @@ from .errors import (
     TemplateError,
     UnsupportedModelError,
 )
-from .methods import PrefixTuningConfig, PromptConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config
-from .model import SoftPromptModel, SoftPromptOutput
-from .template import Template, parse_template
 
 __version__ = "0.1.0"
 
-#: what users call, imported on first use (`import softprompt` stays light: serving needs
-#: none of training's modules, and the reverse)
-_LAZY = {"load_base": ".base_models", "train": ".training.run", "RunConfig": ".training.config",
-         "PromptBank": ".serve.bank", "Engine": ".serve.engine", "Request": ".serve.engine"}
+#: every other public name, imported on first use: `import softprompt` (and so `softprompt
+#: --help`) loads neither torch nor transformers until a name that needs them is used;
+#: serving then loads none of training's modules, and the reverse
+_LAZY = {
+    **dict.fromkeys(["BaseIdentity", "ModelKind", "ModelSpec", "model_spec"], ".architecture"),
+    "PromptBatch": ".encode",
+    **dict.fromkeys(["PrefixTuningConfig", "PromptConfig", "PromptTuningConfig", "PTuningConfig", "PTuningV2Config"],
+                    ".methods"),
+    **dict.fromkeys(["SoftPromptModel", "SoftPromptOutput"], ".model"),
+    **dict.fromkeys(["Template", "parse_template"], ".template"),
+    "load_base": ".base_models", "train": ".training.run", "RunConfig": ".training.config",
+    "PromptBank": ".serve.bank", "Engine": ".serve.engine", "Request": ".serve.engine",
+}
 
 
 def __getattr__(name: str):
