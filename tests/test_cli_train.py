@@ -232,3 +232,20 @@ def test_train_from_python_equals_the_cli(bert_dir, reviews, tmp_path):
     with pytest.raises(sp.ConfigError, match="train.lrr.*did you mean 'train.lr'"):
         sp.train(output=str(tmp_path / "bad"), train={"lrr": 0.1}, **common)
     assert not (tmp_path / "bad").exists()
+
+
+def test_export_refuses_to_drop_a_trained_head(bert_dir, reviews, tmp_path):
+    """A run with a linear head: `export --to peft` refuses (the adapter would predict
+    without the head) and names --without-head, which exports the prompt alone."""
+    out = tmp_path / "run"
+    r = invoke("train", "--model", bert_dir, "--method", "p-tuning-v2", "--task", "classification", "--train", reviews,
+               "--eval", reviews, "--field", "review:text", "--output", out, "-P", "2", "--set", "train.steps=2",
+               "--set", "train.progress=false")
+    assert r.exit_code == 0, r.output
+    assert (out / "prompt" / "head.safetensors").is_file()
+    r = invoke("export", out, tmp_path / "adapter")
+    assert r.exit_code == 1 and "holds a trained task head (head.safetensors)" in r.output and "--without-head" in r.output
+    assert not (tmp_path / "adapter").exists()
+    r = invoke("export", out, tmp_path / "adapter", "--without-head")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"

@@ -143,3 +143,19 @@ def test_base_is_frozen_by_construction(gpt2):
     model = sp.SoftPromptModel(base, sp.PromptTuningConfig(num_virtual_tokens=2), tokenizer=tok)
     assert not any(p.requires_grad for p in base.parameters())
     assert model.trainable_parameters() == 2 * 32
+
+
+def test_trainable_parameters_are_printed_as_peft_prints_them(gpt2, capsys):
+    """`print_trainable_parameters()`: PEFT's line, with PEFT's own count for the same prompt."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    base, tok = gpt2
+    model = sp.SoftPromptModel(base, sp.PromptTuningConfig(num_virtual_tokens=5), tokenizer=tok)
+    model.print_trainable_parameters()
+    ours = capsys.readouterr().out.strip()
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == 5 * base.config.n_embd == model.trainable_parameters()
+    assert total == trainable + sum(p.numel() for p in base.parameters())
+    peft = get_peft_model(make_gpt2(tok), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    peft.print_trainable_parameters()
+    assert ours == capsys.readouterr().out.strip()

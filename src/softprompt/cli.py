@@ -224,14 +224,23 @@ def export(
     output: Path = typer.Argument(..., help="The adapter folder to write."),
     to_format: str = typer.Option("peft", "--to", help="The adapter format: peft."),
     model: str = typer.Option(None, "--model", help="Base model (default: the one it was trained on)."),
+    without_head: bool = typer.Option(False, "--without-head",
+                                      help="Export the prompt alone when the folder also holds a trained task head."),
 ) -> None:
     """Export a prompt as a PEFT adapter folder (`PeftModel.from_pretrained` loads it)."""
     from .folder import load_recorded_base
+    from .io.prompt import HEAD_FILE
     from .model import SoftPromptModel
     from .peft_format import export_peft
 
     _check_format(to_format, "--to")
     directory, saved, base, tokenizer = load_recorded_base(prompt, model=model, device="cpu")
+    if (directory / HEAD_FILE).exists() and not without_head:
+        # PEFT keeps a trained head in `modules_to_save` of a base that has that module
+        # (`...ForSequenceClassification.classifier`); ours sits on the bare model
+        raise ConfigError(f"{directory} holds a trained task head ({HEAD_FILE}): a PEFT prompt-learning adapter has "
+                          "no place for it on this base, so the exported adapter would predict without it; "
+                          "pass --without-head to export the prompt alone")
     export_peft(SoftPromptModel.from_pretrained(base, directory, tokenizer=tokenizer), output)
     typer.echo(f"exported {saved['method']} to {output} (PEFT format)")
 

@@ -118,6 +118,17 @@ class SoftPromptModel(OnBase, nn.Module):
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameters: the prompt's against the prompt's and the frozen
+        base's together (PEFT's method of the same name; a task head is counted apart)."""
+        return self.trainable_parameters(), sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        """Print the trainable parameters as PEFT does:
+        ``trainable params: 15,360 || all params: 124,455,168 || trainable%: 0.0123``."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
     # -- encoding -------------------------------------------------------------
     def encode(
         self,
