@@ -249,3 +249,35 @@ def test_export_refuses_to_drop_a_trained_head(bert_dir, reviews, tmp_path):
     r = invoke("export", out, tmp_path / "adapter", "--without-head")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+
+
+def test_a_run_replays_from_its_own_config_and_print_config(bert_dir, reviews, tmp_path):
+    """`--config RUN/config.json` as it is trains the same run again (the recorded
+    `resolved_task` / `data` ignored); `--print-config` prints the whole configuration as
+    YAML that `--config` reads back to the same; a misspelt task key is refused with the
+    closest one before the model loads."""
+    first = tmp_path / "first"
+    r = invoke("train", "--model", bert_dir, "--method", "p-tuning-v2", "--task", "classification", "--train", reviews,
+               "--eval", reviews, "--field", "review:text", "--output", first, "-P", "2", "--set", "train.steps=4",
+               "--set", "train.eval_every=2", "--set", "train.progress=false", "--set", "task.pool=mean")
+    assert r.exit_code == 0, r.output
+    r = invoke("train", "--config", first / "config.json", "--output", tmp_path / "again")
+    assert r.exit_code == 0, r.output
+    recorded = [json.loads((tmp_path / run / "config.json").read_text()) for run in ("first", "again")]
+    for c in recorded:
+        c.pop("output")
+    assert recorded[0] == recorded[1] and recorded[0]["task_options"] == {"pool": "mean"}
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["best"]["accuracy"] == \
+        json.loads((first / "metrics.json").read_text())["best"]["accuracy"]
+
+    r = invoke("train", "--config", first / "config.json", "--print-config", "--set", "train.lr=0.05")
+    assert r.exit_code == 0, r.output
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(r.stdout)
+    r2 = invoke("train", "--config", printed, "--print-config")
+    assert r2.exit_code == 0 and r2.stdout == r.stdout and "lr: 0.05" in r.stdout
+    assert not (tmp_path / "printed").exists()  # nothing trained
+
+    r = invoke("train", "--model", "no-such-model", "--task", "classification", "--train", reviews, "--eval", reviews,
+               "--field", "review:text", "--output", tmp_path / "bad", "--set", "task.pooll=mean")
+    assert r.exit_code == 1 and "unknown key 'task.pooll' for a classification task; did you mean 'task.pool'?" in r.output

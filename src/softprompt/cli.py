@@ -104,10 +104,12 @@ def train(
     sets: list[str] = typer.Option(None, "--set", help="Override any setting: KEY=VALUE (train.lr=0.01, prompt.encoder=mlp, ...); repeatable."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --output."),
+    print_config: bool = typer.Option(False, "--print-config",
+                                      help="Print the whole configuration as a YAML run file (--config reads it) and exit."),
 ) -> None:
     """Train a soft prompt; prints the final metrics as JSON on stdout."""
     from .folder import RUN_PROMPT
-    from .training.config import RunConfig, apply_sets, load_yaml
+    from .training.config import RunConfig, apply_sets, load_yaml, to_yaml
     from .training.run import run_training
 
     cfg = RunConfig()
@@ -120,6 +122,10 @@ def train(
         if value is not None:
             setattr(cfg, key, value)
     apply_sets(cfg, sets or [])
+    if print_config:
+        cfg.validate()
+        typer.echo(to_yaml(cfg), nl=False)
+        return
     if output is None and config is None and not resume:
         raise typer.BadParameter("--output is required", param_hint="--output")
     result = run_training(cfg, resume=resume, overwrite=overwrite)

@@ -7,6 +7,7 @@ task (`build_task`), the template (`default_template`) and the prompt's configur
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from ..tasks import Task
 from ..tasks.generation import Generation
 from ..tasks.labels import LabelTask
 from ..tasks.token_classification import TokenClassification
-from .config import RunConfig
+from .config import RunConfig, suggest
 
 DEFAULT_DEEP_TOKENS = 20
 DEFAULT_INPUT_TOKENS = 8
@@ -131,7 +132,25 @@ def uses_verbalizer(cfg: RunConfig, data: Data, kind: ModelKind, has_lm_head: bo
     return not config_class(cfg.method).deep  # P-tuning v1 / PET: input prompts read at [MASK]
 
 
+#: the task classes a data kind may train (classification: a verbalizer or a linear head)
+_KIND_TASKS = {"classification": ("verbalizer", "classification"), "ner": ("ner",), "generation": ("generation",),
+               "lama": ("lama",)}
+
+
+def check_task_options(cfg: RunConfig, data: Data) -> None:
+    """Refuse a ``task.*`` key that no task of the data's kind takes, with the closest one
+    (before the model loads: a misspelt option is not found after minutes of loading)."""
+    known: set[str] = set()
+    for name in _KIND_TASKS.get(data.kind, ()):
+        parameters = list(inspect.signature(tasks.TASKS[name].__init__).parameters.values())[1:]
+        known |= {p.name for p in parameters if p.default is not inspect.Parameter.empty}
+    for key in cfg.task_options:
+        if key not in known:
+            raise ConfigError(f"unknown key 'task.{key}' for a {data.kind} task{suggest(key, known, 'task.')}")
+
+
 def build_task(cfg: RunConfig, data: Data, verbalizer: bool) -> Task:
+    check_task_options(cfg, data)
     options = dict(cfg.task_options)
     if data.kind == "classification":
         if verbalizer:

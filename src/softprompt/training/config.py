@@ -177,7 +177,7 @@ class RunConfig:
         known = {f.name for f in dataclasses.fields(CONFIGS[self.method])}
         for key in self.prompt:
             if key not in known:
-                raise ConfigError(f"unknown key 'prompt.{key}' for {self.method}{_suggest(key, known, 'prompt.')}")
+                raise ConfigError(f"unknown key 'prompt.{key}' for {self.method}{suggest(key, known, 'prompt.')}")
         self.train.validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +191,8 @@ class RunConfig:
         return cls(**keep)
 
 
-def _suggest(key: str, known, prefix: str = "") -> str:
+def suggest(key: str, known, prefix: str = "") -> str:
+    """'; did you mean ...?' with the closest known key, else the known keys."""
     close = difflib.get_close_matches(key, list(known), n=1)
     return f"; did you mean '{prefix}{close[0]}'?" if close else f"; known: {sorted(known)}"
 
@@ -232,7 +233,7 @@ def apply(config: RunConfig, key: str, value: Any, *, source: str) -> None:
     if section == "train" and rest:
         names = TrainConfig.field_names()
         if rest not in names:
-            raise ConfigError(f"{source}: unknown key 'train.{rest}'{_suggest(rest, names, 'train.')}")
+            raise ConfigError(f"{source}: unknown key 'train.{rest}'{suggest(rest, names, 'train.')}")
         setattr(config.train, rest, value)
     elif section == "prompt" and rest:
         config.prompt[rest] = value
@@ -242,21 +243,31 @@ def apply(config: RunConfig, key: str, value: Any, *, source: str) -> None:
         setattr(config, key, value)
     else:
         everything = sorted(top) + [f"train.{n}" for n in TrainConfig.field_names()] + ["prompt.<field>", "task.<field>"]
-        raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, everything)}")
+        raise ConfigError(f"{source}: unknown key {key!r}{suggest(key, everything)}")
+
+
+#: keys a run folder's config.json records about the run, not settings: a replay ignores them
+RECORDED = ("resolved_task", "data")
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     items = []
     for k, v in data.items():
-        if isinstance(v, dict) and k in ("train", "prompt", "task"):
-            items += _flatten(v, f"{prefix}{k}.")
-        else:
+        if isinstance(v, dict) and k in ("train", "prompt", "task", "task_options"):
+            items += _flatten(v, f"{prefix}{'task' if k == 'task_options' else k}.")  # task_options: config.json's name
+        elif not (prefix == "" and k in RECORDED):
             items.append((f"{prefix}{k}", v))
     return items
 
 
+def to_yaml(config: RunConfig) -> str:
+    """The whole configuration as a YAML run file (`load_yaml` reads it back as it is)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+
+
 def load_yaml(path: str | Path, config: RunConfig) -> None:
-    """Apply a YAML run file (nested ``train:`` / ``prompt:`` / ``task:`` sections)."""
+    """Apply a YAML run file (nested ``train:`` / ``prompt:`` / ``task:`` sections; a run
+    folder's config.json, or `to_yaml`'s output, as it is)."""
     path = Path(path)
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)

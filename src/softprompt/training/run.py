@@ -20,7 +20,7 @@ from ..errors import TrainingError
 from ..folder import RUN_PROMPT, has_task
 from ..io.atomic import read_json_object, write_json_atomically
 from ..model import SoftPromptModel
-from .assemble import build_task, check_examples, load_data, prompt_config, uses_verbalizer
+from .assemble import build_task, check_examples, check_task_options, load_data, prompt_config, uses_verbalizer
 from .checkpoint import CHECKPOINT
 from .config import RunConfig, apply, load_yaml
 from .evaluate import evaluate_saved
@@ -145,6 +145,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     data = load_data(cfg)
     if not data.train:
         raise TrainingError("the training split is empty")
+    check_task_options(cfg, data)
     device = resolve_device(cfg.device)
     base, tokenizer = load_base(cfg.model, head="auto", dtype=training_dtype(cfg.dtype, device))
     base.to(device)
