@@ -161,3 +161,32 @@ def test_the_base_name_is_the_model_argument_as_given():
     assert _base_name("whatever", "mine") == "mine"
     with pytest.raises(ConfigError, match="gives the base model the name 'my model'.*--base-name"):
         _base_name("org/my model", None)
+
+
+def test_serve_tasks_named_one_by_one(gpt2_dir, tmp_path):  # noqa: F811
+    """`--prompt NAME=PATH` (repeatable, beside or instead of --prompts) serves a folder
+    under the name given; a malformed or clashing pair is refused before the model loads."""
+    prompts, _, _ = _prompts_for(gpt2_dir, tmp_path, "writer", "poet")
+    for options, message in [
+        (["--prompt", "writer"], "expected NAME=PATH"),
+        (["--prompt", f"a/b={prompts / 'writer'}"], "task name"),
+        (["--prompt", f"w={tmp_path / 'missing'}"], "does not exist"),
+        (["--prompt", f"w={prompts / 'writer'}", "--prompt", f"w={prompts / 'poet'}"], "given twice"),
+        (["--prompts", prompts, "--prompt", f"poet={prompts / 'writer'}"], "also a sub-folder of --prompts"),
+        ([], "give the tasks to serve"),
+        (["--prompt", f"w={prompts / 'writer'}", "--admin"], "--admin needs --prompts"),
+    ]:
+        r = invoke("serve", "--model", tmp_path / "no-model", *options)
+        assert r.exit_code == 1 and message in r.output and "no-model" not in r.output, (options, r.output)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", str(gpt2_dir),
+                               "--prompt", f"story={prompts / 'writer'}", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(url, server)
+        models = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        assert sorted(models) == ["story", "tiny-gpt2"] and models["story"]["method"] == "prompt-tuning"
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)

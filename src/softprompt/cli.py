@@ -278,7 +278,8 @@ def models(
 @_reports_errors
 def serve(
     model: str = typer.Option(..., "--model", help="The shared base model: alias, local path or hub id."),
-    prompts: Path = typer.Option(..., "--prompts", help="A folder with one sub-folder per task (prompt folders or run directories)."),
+    prompts: Path = typer.Option(None, "--prompts", help="A folder with one sub-folder per task (prompt folders or run directories)."),
+    prompt_pairs: list[str] = typer.Option(None, "--prompt", help="NAME=PATH: one task from its prompt folder or run directory (repeatable; beside or instead of --prompts)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: loopback only)."),
     port: int = typer.Option(8000, "--port"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:1, ..."),
@@ -321,6 +322,11 @@ def serve(
                         timeout_keep_alive=timeout_keep_alive, timeout_graceful_shutdown=timeout_graceful_shutdown,
                         max_connections=max_connections, log_limit=log_limit, log_interval=log_interval)
     limits.fit_open_files()  # before the model loads: a cap the process cannot hold fails at once
+    named = _prompt_pairs(prompt_pairs or [], prompts)
+    if prompts is None and not named:
+        raise ConfigError("give the tasks to serve: --prompts DIR (one sub-folder per task) and/or --prompt NAME=PATH")
+    if admin and prompts is None:
+        raise ConfigError("--admin needs --prompts DIR: the admin API loads prompt folders from under it only")
     if api_key is not None:
         check_api_key(api_key)
 
@@ -337,7 +343,12 @@ def serve(
     target = resolve_device(device)
     base, tokenizer = load_base(model, dtype=dtype)
     base.to(target)
-    bank = PromptBank.from_directory(base, tokenizer, prompts, max_on_device=max_on_device)
+    if prompts is not None:
+        bank = PromptBank.from_directory(base, tokenizer, prompts, max_on_device=max_on_device)
+    else:
+        bank = PromptBank(base, tokenizer, max_on_device=max_on_device)
+    for name, path in named.items():
+        bank.add(name, path)
     if base_name is not None or model_spec(base).kind is not ModelKind.ENCODER:  # an encoder alone generates nothing
         bank.add_base(served_as)  # a task of that name is refused here, by name
     engine = Engine(bank, max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens, truncate=truncate,
@@ -357,6 +368,27 @@ def serve(
     typer.echo(f"serving {len(tasks)} task(s) ({', '.join(tasks)}){alone} on {model} ({target}) at "
                f"http://{host}:{port}", err=True)
     serve_http(application, host=host, port=port, limits=limits)
+
+
+def _prompt_pairs(pairs: list[str], prompts: Path | None) -> dict[str, Path]:
+    """``--prompt NAME=PATH`` options as {name: path}, checked before the model loads: a
+    valid task name, an existing path, no name given twice or also a sub-folder of --prompts."""
+    from .serve.bank import check_task_name
+
+    named: dict[str, Path] = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--prompt {pair!r}: expected NAME=PATH (a task name and its prompt folder)")
+        check_task_name(name)
+        if name in named:
+            raise ConfigError(f"--prompt {pair!r}: task {name!r} is given twice")
+        if not Path(path).expanduser().exists():
+            raise ConfigError(f"--prompt {pair!r}: {path} does not exist")
+        if prompts is not None and (prompts / name).is_dir():
+            raise ConfigError(f"--prompt {pair!r}: task {name!r} is also a sub-folder of --prompts {prompts}")
+        named[name] = Path(path).expanduser()
+    return named
 
 
 def _base_name(model: str, given: str | None) -> str:
