@@ -281,3 +281,21 @@ def test_a_run_replays_from_its_own_config_and_print_config(bert_dir, reviews, t
     r = invoke("train", "--model", "no-such-model", "--task", "classification", "--train", reviews, "--eval", reviews,
                "--field", "review:text", "--output", tmp_path / "bad", "--set", "task.pooll=mean")
     assert r.exit_code == 1 and "unknown key 'task.pooll' for a classification task; did you mean 'task.pool'?" in r.output
+
+
+def test_predict_a_file_with_renamed_columns_into_an_output_file(bert_dir, reviews, tmp_path):
+    """`predict --input FILE --field COLUMN:FIELD --output OUT`: every row predicted, written
+    to OUT (one JSON line each, the same as stdout gives), a progress bar on stderr."""
+    out = tmp_path / "run"
+    r = invoke("train", "--model", bert_dir, "--method", "p-tuning-v2", "--task", "classification", "--train", reviews,
+               "--eval", reviews, "--field", "review:text", "--output", out, "-P", "2", "--set", "train.steps=2",
+               "--set", "train.progress=false")
+    assert r.exit_code == 0, r.output
+    r = invoke("predict", "--prompt", out, "--input", reviews, "--field", "review:text", "--output", tmp_path / "p.jsonl")
+    assert r.exit_code == 0, r.output
+    written = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [w["input"]["text"] for w in written] == POS + NEG and "12 predictions written" in r.output
+    r = invoke("predict", "--prompt", out, *POS, *NEG)
+    assert [json.loads(line)["prediction"] for line in r.stdout.splitlines()] == [w["prediction"] for w in written]
+    r = invoke("predict", "--prompt", out, "--input", reviews, "--output", tmp_path / "q.jsonl")
+    assert r.exit_code == 1 and "'text'" in r.output and not (tmp_path / "q.jsonl").exists()  # no column named text

@@ -178,21 +178,41 @@ def eval_(
 def predict(
     prompt: Path = typer.Option(..., "--prompt", help="A run directory or its prompt/ folder."),
     texts: list[str] = typer.Argument(None, help="Inputs for a template with one field."),
-    input_file: Path = typer.Option(None, "--input", help="A jsonl file of examples (objects with the template's fields)."),
+    input_file: Path = typer.Option(None, "--input", help="A data file of examples (jsonl, json, csv, tsv, conll, hf:NAME): the template's fields, or columns renamed by --field."),
+    fields: list[str] = typer.Option(None, "--field", help="Map a column of --input to a template field: COLUMN:FIELD; repeatable."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write the JSON lines to this file (atomically, with a progress bar) instead of stdout."),
     model: str = typer.Option(None, "--model", help="Base model (default: the one it was trained on)."),
     batch_size: int = typer.Option(32, "--batch-size"),
 ) -> None:
-    """Predict with a trained prompt: one JSON line per input on stdout."""
+    """Predict with a trained prompt: one JSON line per input, on stdout or in --output."""
     from .folder import load_trained
+    from .io.atomic import write_file_atomically
     from .training.evaluate import read_inputs
 
     sp_model, task, _ = load_trained(prompt, model=model)
-    examples = read_inputs(sp_model, task, texts or [], input_file)
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch, _ = task.collate(sp_model, chunk, with_targets=False)
-        for example, prediction in zip(chunk, task.predict(sp_model, batch)):
-            typer.echo(json.dumps({"input": example, "prediction": prediction}))
+    examples = read_inputs(sp_model, task, texts or [], input_file, fields or None)
+
+    def lines():
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch, _ = task.collate(sp_model, chunk, with_targets=False)
+            for example, prediction in zip(chunk, task.predict(sp_model, batch)):
+                yield json.dumps({"input": example, "prediction": prediction}) + "\n"
+
+    if output is None:
+        for line in lines():
+            typer.echo(line, nl=False)
+        return
+    from tqdm.auto import tqdm
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f, tqdm(total=len(examples), desc="predict", unit="row") as bar:
+            for line in lines():
+                f.write(line)
+                bar.update()
+
+    write_file_atomically(output, write)  # a run stopped midway leaves no half-written file
+    typer.echo(f"{len(examples)} predictions written to {output}", err=True)
 
 
 # -- PEFT adapters in and out -------------------------------------------------------------

@@ -625,7 +625,7 @@ def adapter(ws, models):
             "--train", ws / "reviews.jsonl", "--eval", ws / "reviews.jsonl", "--field", "review:text",
             "--template", "[P:3] [START] {text}", "--set", "head=linear", "--output", run, *QUICK)
     assert r.exit_code == 0, r.output
-    r = cli("export", run, ws / "adapter", "--model", models["gpt2"])
+    r = cli("export", run, ws / "adapter", "--model", models["gpt2"], "--without-head")  # the prompt is what is needed
     assert r.exit_code == 0, r.output
     return ws / "adapter"
 

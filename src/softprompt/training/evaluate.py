@@ -134,9 +134,11 @@ def evaluate_zero_shot(model: str, task_name: str, *, split: str = "test", templ
     return {"split": split if not data_file else data_file, "template": template, **scores}
 
 
-def read_inputs(model: SoftPromptModel, task: Task, texts: list[str], input_file: Path | None) -> list[dict]:
+def read_inputs(model: SoftPromptModel, task: Task, texts: list[str], input_file: Path | None,
+                fields: list[str] | None = None) -> list[dict]:
     """Examples for `predict` with `task`: plain texts fill the template's only field; a
-    data file gives whole examples, each row checked (`check_rows`, without targets).
+    data file gives whole examples, each row checked (`check_rows`, without targets), its
+    columns renamed by `fields` (``COLUMN:FIELD``, as `softprompt train --field`).
 
     Raises:
         DataError: a text that is not valid Unicode (an argument in no UTF-8, read by
@@ -153,7 +155,7 @@ def read_inputs(model: SoftPromptModel, task: Task, texts: list[str], input_file
                 raise datamod.DataError(f"input {i + 1} {problem}: the command line held bytes that are not UTF-8")
         examples += [{fields[0]: t.split() if fields[0] == "tokens" else t} for t in texts]
     if input_file is not None:
-        rows = datamod.read_examples(input_file)
+        rows = datamod.read_examples(input_file, fields=parse_fields(fields))
         check_rows(model, task, rows, str(input_file), targets=False)
         examples += rows
     if not examples:
