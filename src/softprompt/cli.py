@@ -309,7 +309,7 @@ def serve(
     truncate: bool = typer.Option(False, "--truncate", help="Cut over-long inputs instead of answering 413."),
     max_batch_rows: int = typer.Option(64, "--max-batch-rows"),
     max_batch_tokens: int = typer.Option(16384, "--max-batch-tokens", help="Most padded tokens (rows x longest row) in one forward: a batch of head requests, or rows joining the running decode batch (the rest join after its next step)."),
-    compile_decode: bool = typer.Option(False, "--compile", help="Compile the decode step (before its CUDA graph is captured), the prefill of joining rows and the head requests' forward with torch.compile (1B Llama shape on an H100: 2.0 instead of 3.2 ms a step at 64 rows). Compiled at start-up, before the server listens (1-2 min on a GPU for a 1B model). Falls back to the uncompiled step, with one warning, where compiling fails."),
+    compile_decode: bool = typer.Option(False, "--compile", help="Compile the decode step (before its CUDA graph is captured), the prefill of joining rows and the head requests' forward with torch.compile (1B Llama shape on an H100: 2.0 instead of 3.2 ms a step at 64 rows). Compiled at start-up, before the server listens: each compiled version took 30-60 s for a 1B model on an H100, so minutes in all. Falls back to the uncompiled step, with one warning, where compiling fails."),
     max_queue: int = typer.Option(1024, "--max-queue", help="Waiting requests beyond this get 429."),
     max_on_device: int = typer.Option(None, "--max-on-device", help="Most tasks' prompts kept on the accelerator (LRU)."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="Larger request bodies get 413."),

@@ -211,8 +211,8 @@ class Engine:
 
     def warm_up(self) -> list[str]:
         """Compile the base model's forwards, and capture the decode step's graph, before
-        the first request waits for them (with `compile` on a GPU: a minute or two for a
-        1B model). Head requests of one and of two rows run for a head task whose rows start
+        the first request waits for them (with `compile` on a GPU: 30-60 s per compiled
+        version for a 1B model on an H100, minutes in all). Head requests of one and of two rows run for a head task whose rows start
         with a key/value prefix and one whose rows do not, and two tasks' prefixed rows in
         one batch (the compiled head forward keeps a version for each), then the decoder's
         joins and steps (`Decoder.warm_up`; causal
