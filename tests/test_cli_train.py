@@ -108,9 +108,24 @@ def test_recipe_on_real_data_with_a_causal_lm_verbalizer(gpt2_dir, tmp_path):
     (["--method", "lora"], "unknown method 'lora'"),
 ])
 def test_bad_input_is_one_error_line(bert_dir, tmp_path, args, message):
-    r = invoke("train", "--model", bert_dir, "--output", tmp_path / "x", "--set", "train.steps=1", *args)
+    task = [] if "--task" in args else ["--task", "sst2"]
+    r = invoke("train", "--model", bert_dir, *task, "--output", tmp_path / "x", "--set", "train.steps=1", *args)
     assert r.exit_code == 1
     assert message in r.output and "Traceback" not in r.output
+
+
+def test_model_and_task_are_required_unless_a_config_sets_them(bert_dir, tmp_path):
+    """`softprompt train -o x` alone trained the SST-2 demo on MiniLM: now --model and
+    --task are required, unless --config (or --set) gives them."""
+    for args, missing in [(["-o", tmp_path / "x"], "--model"), (["--model", bert_dir, "-o", tmp_path / "x"], "--task")]:
+        r = invoke("train", *args)
+        assert r.exit_code == 2 and f"{missing} is required" in r.output, r.output
+    run = tmp_path / "run.yaml"
+    run.write_text(f"model: {bert_dir}\ntask: sst2\n")
+    r = invoke("train", "--config", run, "--print-config")
+    assert r.exit_code == 0 and "task: sst2" in r.stdout
+    r = invoke("train", "--set", f"model={bert_dir}", "--set", "task=sst2", "--print-config")
+    assert r.exit_code == 0, r.output
 
 
 def test_eval_zero_shot_is_the_base_model_with_the_manual_template(gpt2_dir, reviews, tmp_path):

@@ -88,9 +88,9 @@ def info(
 @app.command()
 @_reports_errors
 def train(
-    model: str = typer.Option(None, "--model", help="Alias (minilm, smollm2-135m, bert-tiny-mlm), local path or hub id."),
-    method: str = typer.Option(None, "--method", help="prompt-tuning | p-tuning | prefix-tuning | p-tuning-v2."),
-    task: str = typer.Option(None, "--task", help="A recipe (sst2, rte, fewglue-cb, wnut17, lama-trex, ...) or classification | ner | generation."),
+    model: str = typer.Option(None, "--model", help="Required (or from --config): alias (minilm, smollm2-135m, bert-tiny-mlm), local path or hub id."),
+    method: str = typer.Option(None, "--method", help="prompt-tuning | p-tuning | prefix-tuning | p-tuning-v2 [default: p-tuning-v2]."),
+    task: str = typer.Option(None, "--task", help="Required (or from --config): a recipe (sst2, rte, fewglue-cb, wnut17, lama-trex, ...) or classification | ner | generation."),
     output: Path = typer.Option(None, "--output", "-o", help="The run directory."),
     train_file: str = typer.Option(None, "--train", help="Training data file (jsonl, json, csv, tsv, conll, hf:NAME)."),
     eval_file: str = typer.Option(None, "--eval", help="Dev data file, for evaluation and model selection."),
@@ -98,10 +98,10 @@ def train(
     template: str = typer.Option(None, "--template", help='Template, e.g. "[P:3] {text} [P:3] It was [MASK] ."'),
     labels: list[str] = typer.Option(None, "--labels", help="Labels, or LABEL:WORD[|WORD] for a verbalizer; repeatable."),
     fields: list[str] = typer.Option(None, "--field", help="Map a data column to a template field: COLUMN:FIELD; repeatable."),
-    num_virtual_tokens: int = typer.Option(None, "--num-virtual-tokens", "-P", help="Virtual tokens (deep methods: per layer)."),
+    num_virtual_tokens: int = typer.Option(None, "--num-virtual-tokens", "-P", help="Virtual tokens (deep methods: per layer) [default: 20 for deep methods, else the template's slots]."),
     data_root: str = typer.Option(None, "--data-root", envvar="SOFTPROMPT_DATA", help="Where recipes find their data."),
     config: Path = typer.Option(None, "--config", help="A YAML run file; the options above and --set override it."),
-    sets: list[str] = typer.Option(None, "--set", help="Override any setting: KEY=VALUE (train.lr=0.01, prompt.encoder=mlp, ...); repeatable."),
+    sets: list[str] = typer.Option(None, "--set", help="Override any setting: KEY=VALUE (train.lr=0.01, prompt.encoder=mlp, ...); repeatable. --print-config shows every key with its value."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --output."),
     print_config: bool = typer.Option(False, "--print-config",
@@ -113,8 +113,7 @@ def train(
     from .training.run import run_training
 
     cfg = RunConfig()
-    if config is not None:
-        load_yaml(config, cfg)
+    from_config = load_yaml(config, cfg) if config is not None else []
     given = {"model": model, "method": method, "task": task, "output": str(output) if output else None,
              "train_file": train_file, "eval_file": eval_file, "test_file": test_file, "template": template, "labels": labels or None,
              "fields": fields or None, "num_virtual_tokens": num_virtual_tokens, "data_root": data_root}
@@ -122,6 +121,11 @@ def train(
         if value is not None:
             setattr(cfg, key, value)
     apply_sets(cfg, sets or [])
+    set_keys = [item.partition("=")[0].strip() for item in sets or []]
+    for name, value in (("model", model), ("task", task)):
+        if value is None and name not in from_config and name not in set_keys and not resume:
+            # a default would train the SST-2 demo on MiniLM when a user only forgot the option
+            raise typer.BadParameter(f"--{name} is required (or a --config that sets it)", param_hint=f"--{name}")
     if print_config:
         cfg.validate()
         typer.echo(to_yaml(cfg), nl=False)

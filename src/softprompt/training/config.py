@@ -265,9 +265,9 @@ def to_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-def load_yaml(path: str | Path, config: RunConfig) -> None:
+def load_yaml(path: str | Path, config: RunConfig) -> list[str]:
     """Apply a YAML run file (nested ``train:`` / ``prompt:`` / ``task:`` sections; a run
-    folder's config.json, or `to_yaml`'s output, as it is)."""
+    folder's config.json, or `to_yaml`'s output, as it is). Returns the keys it set."""
     path = Path(path)
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
@@ -278,12 +278,15 @@ def load_yaml(path: str | Path, config: RunConfig) -> None:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
     if data is None:
-        return
+        return []
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     lines = _key_lines(yaml.compose(path.read_text(encoding="utf-8"), Loader=_Loader))
+    keys = []
     for key, value in _flatten(data):
         apply(config, key, value, source=f"{path}, line {lines[key]}" if key in lines else str(path))
+        keys.append(key)
+    return keys
 
 
 def _key_lines(node, prefix: str = "") -> dict[str, int]:
