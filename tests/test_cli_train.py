@@ -314,3 +314,40 @@ def test_predict_a_file_with_renamed_columns_into_an_output_file(bert_dir, revie
     assert [json.loads(line)["prediction"] for line in r.stdout.splitlines()] == [w["prediction"] for w in written]
     r = invoke("predict", "--prompt", out, "--input", reviews, "--output", tmp_path / "q.jsonl")
     assert r.exit_code == 1 and "'text'" in r.output and not (tmp_path / "q.jsonl").exists()  # no column named text
+
+
+EXAMPLES = sorted((__import__("pathlib").Path(__file__).parent.parent / "examples" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_example_run_files_are_valid_and_round_trip(example, tmp_path):
+    """Each `examples/configs/*.yaml` is a valid run file: its keys known, its method's
+    prompt keys checked, and `--print-config` of it reads back to the same."""
+    r = invoke("train", "--config", example, "--print-config")
+    assert r.exit_code == 0, r.output
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(r.stdout)
+    assert invoke("train", "--config", printed, "--print-config").stdout == r.stdout
+    import yaml
+
+    given = yaml.safe_load(example.read_text())
+    resolved = yaml.safe_load(r.stdout)
+    for key, value in given.items():
+        if isinstance(value, dict):
+            section = resolved["task_options" if key == "task_options" else key]
+            assert all(section[k] == v for k, v in value.items()), key
+        else:
+            assert resolved[key] == value, key
+
+
+@pytest.mark.slow
+def test_the_own_data_example_trains(tmp_path, monkeypatch):
+    """The run file for one's own data trains as written (real MiniLM; 2 steps)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("train.jsonl", "dev.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps({"review": t, "label": "pos"}) + "\n" for t in POS)
+                                     + "".join(json.dumps({"review": t, "label": "neg"}) + "\n" for t in NEG))
+    example = [e for e in EXAMPLES if e.stem == "classification-own-data"][0]
+    r = invoke("train", "--config", example, "--set", "train.steps=2", "--set", "train.progress=false")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "runs" / "mine" / "config.json").read_text())["task_options"] == {"pool": "mean"}
