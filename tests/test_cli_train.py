@@ -267,7 +267,7 @@ def test_export_refuses_to_drop_a_trained_head(bert_dir, reviews, tmp_path):
 
 
 def test_a_run_replays_from_its_own_config_and_print_config(bert_dir, reviews, tmp_path):
-    """`--config RUN/config.json` as it is trains the same run again (the recorded
+    """`--config RUN/config.json` (or RUN/config.yaml) as it is trains the same run again (the recorded
     `resolved_task` / `data` ignored); `--print-config` prints the whole configuration as
     YAML that `--config` reads back to the same; a misspelt task key is refused with the
     closest one before the model loads."""
@@ -278,10 +278,12 @@ def test_a_run_replays_from_its_own_config_and_print_config(bert_dir, reviews, t
     assert r.exit_code == 0, r.output
     r = invoke("train", "--config", first / "config.json", "--output", tmp_path / "again")
     assert r.exit_code == 0, r.output
-    recorded = [json.loads((tmp_path / run / "config.json").read_text()) for run in ("first", "again")]
+    r = invoke("train", "--config", first / "config.yaml", "--output", tmp_path / "from-yaml")  # the same, as YAML
+    assert r.exit_code == 0, r.output
+    recorded = [json.loads((tmp_path / run / "config.json").read_text()) for run in ("first", "again", "from-yaml")]
     for c in recorded:
         c.pop("output")
-    assert recorded[0] == recorded[1] and recorded[0]["task_options"] == {"pool": "mean"}
+    assert recorded[0] == recorded[1] == recorded[2] and recorded[0]["task_options"] == {"pool": "mean"}
     assert json.loads((tmp_path / "again" / "metrics.json").read_text())["best"]["accuracy"] == \
         json.loads((first / "metrics.json").read_text())["best"]["accuracy"]
 

@@ -14,23 +14,26 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..architecture import model_kind
 from ..base_models import load_base, resolve_device, training_dtype
 from ..errors import TrainingError
 from ..folder import RUN_PROMPT, has_task
-from ..io.atomic import read_json_object, write_json_atomically
+from ..io.atomic import read_json_object, write_file_atomically, write_json_atomically
 from ..model import SoftPromptModel
+from . import loop
 from .assemble import build_task, check_examples, check_task_options, load_data, prompt_config, uses_verbalizer
 from .checkpoint import CHECKPOINT
 from .config import RunConfig, apply, load_yaml
 from .evaluate import evaluate_saved
 from .logs import CURVES, METRICS_LINES, METRICS_SUMMARY, TENSORBOARD
-from . import loop
 from .loop import RunResult
 
 CONFIG = "config.json"
+CONFIG_YAML = "config.yaml"  # the same, as a run file to read, edit and replay: `--config RUN/config.yaml`
 RUN_MARKERS = (CONFIG, METRICS_LINES, CHECKPOINT, RUN_PROMPT)
-RUN_FILES = RUN_MARKERS + (METRICS_SUMMARY, CURVES, TENSORBOARD)  # all a run writes in its folder
+RUN_FILES = RUN_MARKERS + (CONFIG_YAML, METRICS_SUMMARY, CURVES, TENSORBOARD)  # all a run writes in its folder
 RESULTS = (METRICS_LINES, METRICS_SUMMARY, CHECKPOINT, RUN_PROMPT)  # what a failed run leaves worth keeping
 
 
@@ -165,6 +168,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     try:
         if not resume and main:
             write_json_atomically(out / CONFIG, resolved)
+            write_file_atomically(out / CONFIG_YAML, lambda tmp: tmp.write_text(
+                yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), encoding="utf-8"))
         result = loop.train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata)
     except BaseException:
         if not resume and main:
