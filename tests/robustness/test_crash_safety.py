@@ -195,8 +195,13 @@ def without_timing(value):
 
 def assert_whole(out: Path) -> None:
     """Every file of the run directory a user can see is complete: the state a kill leaves."""
-    assert set(visible(out)) <= {"config.json", "metrics.jsonl", "metrics.json", "curves.png", "prompt", "checkpoint"}
+    assert set(visible(out)) <= {"config.json", "config.yaml", "metrics.jsonl", "metrics.json", "curves.png", "prompt",
+                                 "checkpoint"}
     json.loads((out / "config.json").read_text())
+    if (out / "config.yaml").exists():  # whole, as config.json (both written atomically)
+        import yaml
+
+        assert yaml.safe_load((out / "config.yaml").read_text()) == json.loads((out / "config.json").read_text())
     if (out / "metrics.json").exists():
         json.loads((out / "metrics.json").read_text())
     if (out / "curves.png").exists():
