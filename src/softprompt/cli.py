@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -334,6 +333,7 @@ def serve(
     import ipaddress
 
     from .extras import require_extra
+    from .serve.bank import named_prompt_folders
 
     require_extra("serve", "softprompt serve")  # before the model loads
     from .architecture import ModelKind, model_spec
@@ -346,7 +346,7 @@ def serve(
                         timeout_keep_alive=timeout_keep_alive, timeout_graceful_shutdown=timeout_graceful_shutdown,
                         max_connections=max_connections, log_limit=log_limit, log_interval=log_interval)
     limits.fit_open_files()  # before the model loads: a cap the process cannot hold fails at once
-    named = _prompt_pairs(prompt_pairs or [], prompts)
+    named = named_prompt_folders(prompt_pairs or [], prompts)
     if prompts is None and not named:
         raise ConfigError("give the tasks to serve: --prompts DIR (one sub-folder per task) and/or --prompt NAME=PATH")
     if admin and prompts is None:
@@ -394,27 +394,6 @@ def serve(
     serve_http(application, host=host, port=port, limits=limits)
 
 
-def _prompt_pairs(pairs: list[str], prompts: Path | None) -> dict[str, Path]:
-    """``--prompt NAME=PATH`` options as {name: path}, checked before the model loads: a
-    valid task name, an existing path, no name given twice or also a sub-folder of --prompts."""
-    from .serve.bank import check_task_name
-
-    named: dict[str, Path] = {}
-    for pair in pairs:
-        name, sep, path = pair.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--prompt {pair!r}: expected NAME=PATH (a task name and its prompt folder)")
-        check_task_name(name)
-        if name in named:
-            raise ConfigError(f"--prompt {pair!r}: task {name!r} is given twice")
-        if not Path(path).expanduser().exists():
-            raise ConfigError(f"--prompt {pair!r}: {path} does not exist")
-        if prompts is not None and (prompts / name).is_dir():
-            raise ConfigError(f"--prompt {pair!r}: task {name!r} is also a sub-folder of --prompts {prompts}")
-        named[name] = Path(path).expanduser()
-    return named
-
-
 def _base_name(model: str, given: str | None) -> str:
     """The name the base model is served under: `given` (--base-name), else the --model
     argument as the user gave it (an alias such as ``smollm2-135m-instruct``), a local
@@ -450,33 +429,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version_opt
 @app.command()
 def env() -> None:
     """Versions, device and installed extras (paste it into a bug report)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
+    from .extras import environment
 
-    import torch
-
-    def installed(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    rows = {"softprompt": installed("softprompt"), "python": platform.python_version(),
-            "platform": platform.platform()}
-    for name in ("torch", "transformers", "accelerate", "safetensors", "huggingface_hub", "tokenizers"):
-        rows[name] = installed(name) or "missing"
-    if torch.cuda.is_available():
-        rows["device"] = f"cuda: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"
-    else:
-        rows["device"] = f"cpu: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    from .extras import EXTRAS
-
-    for extra, packages in EXTRAS.items():
-        found = {dist: installed(dist) for dist, _ in packages}
-        missing = [n for n, v in found.items() if v is None]
-        state = "installed" if not missing else f"missing {', '.join(missing)} (pip install 'softprompt[{extra}]')"
-        rows[f"extra {extra}"] = f"{state}: " + ", ".join(f"{n} {v}" for n, v in found.items() if v)
-    for key, value in rows.items():
+    for key, value in environment().items():
         typer.echo(f"{key}: {value}")
 
 

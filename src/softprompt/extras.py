@@ -47,4 +47,34 @@ def require_extra(extra: str, feature: str) -> None:
         require(module, extra, feature)
 
 
-__all__ = ["EXTRAS", "MissingExtraError", "require", "require_extra"]
+def environment() -> dict[str, str]:
+    """What `softprompt env` prints: versions, the device, and each extra installed or not."""
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    rows = {"softprompt": installed("softprompt") or "?", "python": platform.python_version(),
+            "platform": platform.platform()}
+    for name in ("torch", "transformers", "accelerate", "safetensors", "huggingface_hub", "tokenizers"):
+        rows[name] = installed(name) or "missing"
+    if torch.cuda.is_available():
+        rows["device"] = f"cuda: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"
+    else:
+        rows["device"] = f"cpu: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    for extra, packages in EXTRAS.items():
+        found = {dist: installed(dist) for dist, _ in packages}
+        missing = [n for n, v in found.items() if v is None]
+        state = "installed" if not missing else f"missing {', '.join(missing)} (pip install 'softprompt[{extra}]')"
+        rows[f"extra {extra}"] = f"{state}: " + ", ".join(f"{n} {v}" for n, v in found.items() if v)
+    return rows
+
+
+__all__ = ["EXTRAS", "MissingExtraError", "environment", "require", "require_extra"]

@@ -187,6 +187,26 @@ def _check_room(name: str, model: SoftPromptModel) -> None:
         raise ConfigError(f"task {name!r}: {str(e).removeprefix('example: ')}") from None
 
 
+def named_prompt_folders(pairs: list[str], prompts: Path | None) -> dict[str, Path]:
+    """``--prompt NAME=PATH`` options as {name: path}, checked before the model loads: a
+    valid task name, an existing path, no name given twice or also a sub-folder of --prompts."""
+    named: dict[str, Path] = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--prompt {pair!r}: expected NAME=PATH (a task name and its prompt folder)")
+        check_task_name(name)
+        if name in named:
+            raise ConfigError(f"--prompt {pair!r}: task {name!r} is given twice")
+        if not Path(path).expanduser().exists():
+            raise ConfigError(f"--prompt {pair!r}: {path} does not exist")
+        if prompts is not None and (prompts / name).is_dir():
+            raise ConfigError(f"--prompt {pair!r}: task {name!r} is also a sub-folder of --prompts {prompts}")
+        named[name] = Path(path).expanduser()
+    return named
+
+
+
 class PromptBank:
     """Soft prompts of many tasks on one frozen base model.
 

@@ -169,22 +169,11 @@ class Decoder:
         return list(rows)
 
     def warm_up(self) -> list[str]:
-        """Compile, and capture the step's graph, before the first request waits for it: a
-        few short rows run through joins of one and of two rows of different lengths, for a
-        task whose rows start with a key/value prefix (a deep prompt or a cached leading
-        segment) and one whose rows start with none, where the bank has them (the compiled
-        prefill keeps a version for each: `prefill.py`). Returns the tasks it ran."""
-        picked: dict[bool, Any] = {}
-        for name in self.bank.names():
-            entry = self.bank[name]
-            if (entry.task is None or entry.task.generates) and entry.deep not in picked:
-                picked[entry.deep] = entry
-        for entry in picked.values():
-            fields = entry.model.template.fields or ("text",)
-            for n in (1, 2):
-                self.run([DecodeRow(entry.name, {f: " ".join(["warm"] * (3 + 2 * i)) for f in fields},
-                                    Sampling(max_new_tokens=2), entry=entry) for i in range(n)])
-        return [e.name for e in picked.values()]
+        """Compile, and capture the step's graph, before the first request waits for it
+        (`warmup.warm_decoder`). Returns the tasks it ran."""
+        from .warmup import warm_decoder
+
+        return warm_decoder(self)
 
     def _loop(self, waiting: deque, admit) -> None:
         self.steps = 0

@@ -164,14 +164,6 @@ class _Row:
         return None if self.request.generate else self.entry.task.decode
 
 
-def _warm_input(entry: BankEntry, words: int) -> Any:
-    """A warm-up request's input of about `words` words: the text alone for a template of
-    one field (as a client sends it: a word field takes it split), else each field's."""
-    text = " ".join(["warm"] * words)
-    fields = entry.model.template.fields
-    return text if len(fields) == 1 else {f: text for f in fields}
-
-
 class Engine:
     """Runs requests of many tasks on one bank.
 
@@ -211,28 +203,12 @@ class Engine:
 
     def warm_up(self) -> list[str]:
         """Compile the base model's forwards, and capture the decode step's graph, before
-        the first request waits for them (with `compile` on a GPU: 30-60 s per compiled
-        version for a 1B model on an H100, minutes in all). Head requests of one and of two rows run for a head task whose rows start
-        with a key/value prefix and one whose rows do not, and two tasks' prefixed rows in
-        one batch (the compiled head forward keeps a version for each), then the decoder's
-        joins and steps (`Decoder.warm_up`; causal
-        LMs: encoder-decoders' `generate()` is not compiled). Returns the tasks it ran."""
-        ran: list[str] = []
-        if self._heads.compiled:
-            heads = [e for e in self.bank.entries(self.bank.names()) if e.task is not None and not e.task.generates]
-            picked = {e.deep: e for e in reversed(heads)}  # the first of each
-            deep = [e for e in heads if e.deep][:2]
-            batches = [[e] * n for e in picked.values() for n in (1, 2)]
-            if len(deep) == 2:  # two tasks' prefixes gathered per row (one task's is shared): another version
-                batches.append(deep)
-            kept = len(self.batches)
-            for entries in batches:
-                requests = [Request(e.name, _warm_input(e, 3 + 2 * i)) for i, e in enumerate(entries)]
-                for result in self.run(requests):
-                    if not result.ok:
-                        log.warning("warming up %s: %s", result.task, result.error)
-                ran += [e.name for e in entries if e.name not in ran]
-            del self.batches[kept:]  # the metrics count requests served, not these
+        the first request waits for them (`warmup.py`): head batches where the head forward
+        is compiled, then the decoder's joins and steps (causal LMs; encoder-decoders'
+        `generate()` is not compiled). Returns the tasks it ran."""
+        from .warmup import warm_heads
+
+        ran = warm_heads(self) if self._heads.compiled else []
         if model_spec(self.bank.base).kind is ModelKind.CAUSAL:
             ran += [name for name in self.decoder.warm_up() if name not in ran]
         return ran

@@ -1,0 +1,75 @@
+"""Warm-up: compile the base model's forwards, and capture the decode step's graph, before
+the first request waits for them (with compiling on a GPU: 30-60 s per compiled version for
+a 1B model on an H100, minutes in all). A few short requests run through each shape of
+batch that compiles a version of its own (`compiled.py`): one row and two rows, for a task
+whose rows start with a key/value prefix (a deep prompt or a cached leading segment) and one
+whose rows start with none; for head requests also two tasks' prefixes in one batch (one
+task's is a shared view, several tasks' are gathered per row).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from .bank import BankEntry
+from .decode import Decoder, DecodeRow
+from .engine import Engine, Request
+from .sampling import Sampling
+
+log = logging.getLogger("softprompt.serve")
+
+
+def first_of_each_kind(entries: Iterable[BankEntry]) -> list[BankEntry]:
+    """The first entry whose rows start with a prefix and the first whose rows do not."""
+    picked: dict[bool, BankEntry] = {}
+    for entry in entries:
+        picked.setdefault(entry.deep, entry)
+    return list(picked.values())
+
+
+def warm_text(words: int) -> str:
+    return " ".join(["warm"] * words)
+
+
+def warm_decoder(decoder: Decoder) -> list[str]:
+    """Joins of one and of two rows (of different lengths) and their decode steps, for each
+    prefix kind of the bank's generating tasks. Returns the tasks it ran."""
+    bank = decoder.bank
+    entries = first_of_each_kind(e for e in bank.entries(bank.names()) if e.task is None or e.task.generates)
+    for entry in entries:
+        fields = entry.model.template.fields or ("text",)
+        for n in (1, 2):
+            decoder.run([DecodeRow(entry.name, {f: warm_text(3 + 2 * i) for f in fields}, Sampling(max_new_tokens=2),
+                                   entry=entry) for i in range(n)])
+    return [e.name for e in entries]
+
+
+def warm_heads(engine: Engine) -> list[str]:
+    """Head batches of one and of two rows for each prefix kind, and two tasks' prefixed rows
+    in one batch, through the engine (not counted in its metrics). Returns the tasks it ran."""
+    bank = engine.bank
+    heads = [e for e in bank.entries(bank.names()) if e.task is not None and not e.task.generates]
+    batches = [[e] * n for e in first_of_each_kind(heads) for n in (1, 2)]
+    deep = [e for e in heads if e.deep][:2]
+    if len(deep) == 2:
+        batches.append(deep)
+    kept, ran = len(engine.batches), []
+    for entries in batches:
+        requests = [Request(e.name, _input(e, 3 + 2 * i)) for i, e in enumerate(entries)]
+        for result in engine.run(requests):
+            if not result.ok:
+                log.warning("warming up %s: %s", result.task, result.error)
+        ran += [e.name for e in entries if e.name not in ran]
+    del engine.batches[kept:]  # the metrics count requests served, not these
+    return ran
+
+
+def _input(entry: BankEntry, words: int):
+    """A request's input: the text alone for a template of one field (as a client sends it:
+    a word field takes it split), else each field's."""
+    fields = entry.model.template.fields
+    return warm_text(words) if len(fields) == 1 else {f: warm_text(words) for f in fields}
+
+
+__all__ = ["first_of_each_kind", "warm_decoder", "warm_heads"]
