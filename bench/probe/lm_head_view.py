@@ -18,6 +18,8 @@ import torch
 from bench.harness.report import RESULTS, rerun_command, versions, write_json
 from bench.harness.timing import measure
 
+VOCAB, WIDTH = 128256, 2048  # the 1B Llama shape's LM head
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -25,8 +27,8 @@ def main() -> None:
     parser.add_argument("--columns", type=int, default=84)
     parser.add_argument("--out", default=str(RESULTS / "lm_head_view.json"))
     args = parser.parse_args()
-    hidden = torch.randn(args.rows, args.columns, 2048, device="cuda", dtype=torch.bfloat16)
-    weight = torch.randn(128256, 2048, device="cuda", dtype=torch.bfloat16)
+    hidden = torch.randn(args.rows, args.columns, WIDTH, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(VOCAB, WIDTH, device="cuda", dtype=torch.bfloat16)
     last = torch.arange(args.columns - 1, args.columns, device="cuda")
     report = {"benchmark": "lm_head_view", "device": torch.cuda.get_device_name(0), "versions": versions(),
               "command": rerun_command("bench.probe.lm_head_view", sys.argv[1:]), "settings": vars(args)}

@@ -6,7 +6,9 @@ figure is read from them, none typed here.
 
 from __future__ import annotations
 
+from bench.harness.hardware import bandwidth
 from bench.harness.report import load_report
+from bench.probe.lm_head_view import VOCAB, WIDTH
 
 STEP_REPORTS = ("decode_step_gpu.json", "decode_step_h100.json")  # in the order the table shows them
 S1_REPORTS = {  # report file -> what the run was
@@ -188,10 +190,13 @@ def lm_head_note() -> list[str]:
     if view is None:
         return []
     a = view["settings"]
+    bound_ms = 1e3 * VOCAB * WIDTH * 2 / bandwidth(view["device"])
     text = (f"The prefill's LM head at the last column ({_gpu(view)}, `{view['command']}`): {a['rows']} rows of "
             f"{a['columns']} columns, as transformers slices an int `logits_to_keep` (`hidden[:, -1:]`, rows a whole "
             f"sequence apart), took {view['view_ms']:.2f} ms in one skinny-tile cuBLAS kernel; over a contiguous "
-            f"copy (an index, `inject.last_columns`) {view['index_ms']:.2f} ms")
+            f"copy (an index, `inject.last_columns`) {view['index_ms']:.2f} ms. Bound: the head's "
+            f"{VOCAB} x {WIDTH} bf16 weights read once at the bandwidth, {bound_ms:.3f} ms "
+            f"({bound_ms / view['view_ms']:.1%} of it reached before, {bound_ms / view['index_ms']:.0%} after)")
     if before and after:
         b, n = before["results"]["s1"], after["results"]["s1"]
         text += (f". S1 with the uncompiled step, that change alone: {b['softprompt']['new_tokens_per_s']:,.0f} -> "
