@@ -166,13 +166,14 @@ def test_compiled_head_forwards_answer_as_eager_with_few_compiles(encoder_bank):
     answers equal the uncompiled engine's, and the versions `warm_up` compiled serve every
     batch."""
     from softprompt.serve.mixed import head_forward
+    from softprompt.serve.warmup import warm_up
 
     from test_serve_slots import compiled_graphs
 
     torch._dynamo.reset()
     bank = encoder_bank
     eager, compiled = Engine(bank, max_batch_rows=4), Engine(bank, max_batch_rows=4, compile=True)
-    assert sorted(compiled.warm_up()) == ["ner", "sentiment", "topic"] and compiled.batches == []
+    assert sorted(warm_up(compiled)) == ["ner", "sentiment", "topic"] and compiled.batches == []
     versions = compiled_graphs(head_forward)
     words = TEXTS[2].split()
     batches = [[Request("topic", TEXTS[1])],

@@ -325,11 +325,12 @@ def test_warm_up_compiles_what_later_joins_need(family_models):
     prompt after the text): the joins that follow, of any size and mix, compile nothing
     more, and each row still equals the row alone."""
     from softprompt.serve import Engine
+    from softprompt.serve.warmup import warm_decoder, warm_up
 
     torch._dynamo.reset()
     bank, models, tok = bank_of(family_models, "llama")
     decoder = Decoder(bank, max_rows=3, graphs=True, compile=True)
-    ran = decoder.warm_up()
+    ran = warm_decoder(decoder)
     assert sorted(bank[t].deep for t in ran) == [False, True] and "mid" in ran
     versions = compiled_graphs(prefill_forward), compiled_graphs(DecodeSlots._scores)
     assert versions == (4, 1)  # one row and more, with a prefix and without; the step at its slots
@@ -341,7 +342,7 @@ def test_warm_up_compiles_what_later_joins_need(family_models):
             assert row.tokens == alone(models[task], {"text": text}, 3, None)[:3], (task, text)
     assert (compiled_graphs(prefill_forward), compiled_graphs(DecodeSlots._scores)) == versions
     engine = Engine(bank, max_batch_rows=3)
-    assert engine.warm_up() == ran and engine.decoder.steps > 0  # the engine's decoder, made and run
+    assert warm_up(engine) == ran and engine.decoder.steps > 0  # the engine's decoder, made and run
 
 
 def test_a_join_budget_lets_running_rows_step_between_groups(family_models):

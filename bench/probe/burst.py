@@ -29,6 +29,7 @@ from bench.harness.report import RESULTS, write_json
 from bench.harness.shapes import SHAPES
 from bench.harness.timing import sync
 from bench.serve.throughput import served_bank, text_of
+from softprompt.serve.warmup import warm_decoder
 
 
 def rows(bank, n: int, tasks: int, tokens: int, new: int, clock: dict, key: str):
@@ -97,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     device, bank, report = served_bank(args.shape, args.tasks, "burst", "bench.probe.burst", sys.argv[1:], vars(args))
     decoder = Decoder(bank, max_rows=args.rows + args.burst, graphs=device == "cuda", compile=args.compile)
-    decoder.warm_up()
+    warm_decoder(decoder)
     reference = None
     for budget in args.budgets:
         decoder.max_join_tokens = budget or None

@@ -334,6 +334,7 @@ def serve(
 
     from .extras import require_extra
     from .serve.bank import named_prompt_folders
+    from .serve.warmup import warm_up
 
     require_extra("serve", "softprompt serve")  # before the model loads
     from .architecture import ModelKind, model_spec
@@ -383,7 +384,7 @@ def serve(
                              shutdown_timeout=timeout_graceful_shutdown)
     if compile_decode or target.type == "cuda":  # compiles and captures the step here, not in a first request
         started = time.perf_counter()
-        warmed = engine.warm_up()
+        warmed = warm_up(engine)
         if warmed:
             typer.echo(f"warmed up in {time.perf_counter() - started:.1f} s (compiled and captured what the first "
                        f"requests would wait for; ran {', '.join(warmed)})", err=True)

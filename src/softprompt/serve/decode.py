@@ -168,13 +168,6 @@ class Decoder:
                         self.slots, self._rows = None, []
         return list(rows)
 
-    def warm_up(self) -> list[str]:
-        """Compile, and capture the step's graph, before the first request waits for it
-        (`warmup.warm_decoder`). Returns the tasks it ran."""
-        from .warmup import warm_decoder
-
-        return warm_decoder(self)
-
     def _loop(self, waiting: deque, admit) -> None:
         self.steps = 0
         while True:

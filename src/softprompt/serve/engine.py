@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
-from ..architecture import ModelKind, model_spec
+from ..architecture import ModelKind
 from ..encode import EncodedRow
 from ..errors import EncodingError, InputTooLongError, SoftPromptError
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
@@ -177,7 +177,7 @@ class Engine:
         max_length: most tokens per row (default: the model's limit).
         compile: compile the base model's forwards: the decode step's before its CUDA graph
             is captured, the prefill's and the head requests' with dynamic shapes
-            (`compiled.py`); compiled on first use, or by `warm_up`; a dict: `torch.compile`'s
+            (`compiled.py`); compiled on first use, or by `warmup.warm_up`; a dict: `torch.compile`'s
             keyword arguments. Measured in docs/PERFORMANCE.md.
     """
 
@@ -200,18 +200,6 @@ class Engine:
             self._decoder = Decoder(self.bank, max_rows=self.max_batch_rows, compile=self.compile,
                                     max_join_tokens=self.max_batch_tokens)
         return self._decoder
-
-    def warm_up(self) -> list[str]:
-        """Compile the base model's forwards, and capture the decode step's graph, before
-        the first request waits for them (`warmup.py`): head batches where the head forward
-        is compiled, then the decoder's joins and steps (causal LMs; encoder-decoders'
-        `generate()` is not compiled). Returns the tasks it ran."""
-        from .warmup import warm_heads
-
-        ran = warm_heads(self) if self._heads.compiled else []
-        if model_spec(self.bank.base).kind is ModelKind.CAUSAL:
-            ran += [name for name in self.decoder.warm_up() if name not in ran]
-        return ran
 
     # -- convenience ----------------------------------------------------------
     def classify(self, task: str, inputs: Sequence[Any]) -> list[Any]:

@@ -6,7 +6,7 @@ Joins vary in rows and length, so the prefill cannot replay one CUDA graph as th
 step does. Compiled (`Prefill(compile=...)`), it runs through `torch.compile` with dynamic
 shapes (`compiled.py`): four versions serve joins of any size (one row or more, a cache
 that starts with a prefix or empty), with the norms, rotary embedding and activations
-fused instead of run one kernel at a time; `Decoder.warm_up` compiles them before a server
+fused instead of run one kernel at a time; `warmup.warm_decoder` compiles them before a server
 takes requests.
 """
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Iterable
 
+from ..architecture import ModelKind, model_spec
 from .bank import BankEntry
 from .decode import Decoder, DecodeRow
 from .engine import Engine, Request
@@ -65,6 +66,16 @@ def warm_heads(engine: Engine) -> list[str]:
     return ran
 
 
+def warm_up(engine: Engine) -> list[str]:
+    """Everything the engine would compile or capture on its first requests: head batches
+    where its head forward is compiled, then the decoder's joins and steps (causal LMs;
+    encoder-decoders' `generate()` is not compiled). Returns the tasks it ran."""
+    ran = warm_heads(engine) if engine._heads.compiled else []
+    if model_spec(engine.bank.base).kind is ModelKind.CAUSAL:
+        ran += [name for name in warm_decoder(engine.decoder) if name not in ran]
+    return ran
+
+
 def _input(entry: BankEntry, words: int):
     """A request's input: the text alone for a template of one field (as a client sends it:
     a word field takes it split), else each field's."""
@@ -72,4 +83,4 @@ def _input(entry: BankEntry, words: int):
     return warm_text(words) if len(fields) == 1 else {f: warm_text(words) for f in fields}
 
 
-__all__ = ["first_of_each_kind", "warm_decoder", "warm_heads"]
+__all__ = ["first_of_each_kind", "warm_decoder", "warm_heads", "warm_up"]
