@@ -1,0 +1,232 @@
+"""Short prefills replayed from CUDA graphs, one graph per bucket of rows and length.
+
+Why: a join of a few short rows is bound by launches, not by the GPU. On an H100 a 1B
+Llama's prefill of one 64-token row is ~3 ms of kernels but ~15 ms of wall time eager
+(`bench.probe.prefill`): hundreds of kernels, each launched from Python through every
+module of the model. The decode step has the same problem and replays one graph
+(`slots.py`); a join's shape changes from one join to the next, so the prefill keeps a
+graph per shape instead, and pads each join to the nearest bucket of rows (1, 2, 4, ...)
+and of length (every 16 tokens to 128, every 32 to 256, every 64 to 512): a few dozen
+graphs serve the short joins a server sees, each captured on its first use (~3 eager
+prefills' time).
+Dynamic-shape compiling (`compiled.py`) was measured on the same join: 13.3 ms, and a
+minute of compiling per version.
+
+How a join is padded, so that each real row computes exactly what it computes alone:
+  * length: more pad tokens on the left (attention mask 0), as the collation pads rows
+    shorter than the longest; the pad columns are dropped from the keys and values the
+    join hands over, so the slots hold the same columns as after an eager prefill;
+  * rows: copies of the first row, whose outputs are dropped;
+  * the attention mask goes in as a 4-D additive causal mask (`inject.causal_additive_mask`):
+    transformers turns a 2-D mask into one by reading its values on the host, which a
+    capture forbids.
+
+Inputs are copied into the graph's fixed input tensors, the graph is replayed, and what the
+join needs is copied out of its outputs at once: every graph draws on one memory pool, so
+the next replay of any of them may overwrite them. Joins larger than `max_tokens` padded
+tokens are bound by the GPU and run as before (eagerly, or compiled).
+
+The forward captured is the prefill's own (`Prefill`): compiled with dynamic shapes where
+the decoder compiles, so a graph replays the fused kernels of one compiled version for
+every bucket (compiled while the first join of each version is captured). A capture that
+fails (a family whose forward cannot be captured) turns the graphs off for the decoder with
+one warning; the join then runs as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .. import inject
+from ..inject import Prompts
+from .bank import PromptBank
+from .compiled import CompiledForward
+from .mixed import MixedBatch
+
+log = logging.getLogger("softprompt.serve")
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LENGTH_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# the inputs a graph takes, in its key's order; the prompt tensors may be absent (None)
+INPUTS = ("input_ids", "attention_mask", "prompt_index", "tables", "prefix", "prefix_mask")
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int | None:
+    """The smallest bucket holding `n` (None: beyond the largest)."""
+    i = bisect_left(buckets, n)
+    return buckets[i] if i < len(buckets) else None
+
+
+@dataclass
+class Joined:
+    """What a prefill hands the decoder, for its n real rows (the eager prefill's shapes).
+
+    Attributes:
+        scores: (n, V) next-token scores at each row's last column.
+        keys, values: per layer (n, H_kv, K, D_head), K = P + S columns (prefix, row).
+        mask: (n, K) 1 where a row attends.
+        positions: (n,) each row's next position.
+    """
+
+    scores: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    positions: torch.Tensor
+
+    @property
+    def layers(self) -> list["Joined.Layer"]:
+        """The keys and values as a cache's layers (what `DecodeSlots.place` reads)."""
+        return [Joined.Layer(k, v) for k, v in zip(self.keys, self.values)]
+
+    @dataclass
+    class Layer:
+        keys: torch.Tensor
+        values: torch.Tensor
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph | None
+    inputs: dict[str, torch.Tensor | None]  # the fixed tensors the graph reads
+    outputs: dict[str, Any]  # the tensors its replay writes
+
+
+class PrefillGraphs:
+    """The joins of a bank's tasks (a causal LM with full attention in every layer), padded
+    to buckets and replayed from CUDA graphs (see the module docstring).
+
+    Args:
+        bank: the tasks.
+        max_tokens: most padded tokens (rows x length) a graphed join holds; larger joins
+            are left to the caller (`takes` is False).
+        capture: record graphs (CUDA); False runs the same padded forward eagerly, the
+            path the CPU tests check row by row against rows run alone.
+        max_graphs: most graphs kept (each distinct mix of prompt lengths in a join is a
+            shape of its own); a join of a new shape beyond them runs padded, eagerly.
+    """
+
+    def __init__(self, bank: PromptBank, *, max_tokens: int = 8192, capture: bool = True, max_graphs: int = 256):
+        self.bank = bank
+        self.base = bank.base
+        self.max_tokens = max_tokens
+        self.capture = capture
+        self.max_graphs = max_graphs
+        self.forward: CompiledForward | None = None  # the prefill's forward (`Prefill` sets it: compiled where asked)
+        self.enabled = True
+        self._graphs: dict[tuple, _Graph] = {}
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def shape(self, rows: int, length: int) -> tuple[int, int] | None:
+        """The bucket (rows, length) a join of `rows` rows of `length` tokens pads to; None
+        when it takes none (graphs off, beyond the buckets or `max_tokens`)."""
+        if not self.enabled:
+            return None
+        padded = bucket(rows, ROW_BUCKETS), bucket(length, LENGTH_BUCKETS)
+        if None in padded or padded[0] * padded[1] > self.max_tokens:
+            return None
+        return padded
+
+    def takes(self, batch: MixedBatch) -> bool:
+        return self.shape(*batch["input_ids"].shape) is not None
+
+    @torch.no_grad()
+    def __call__(self, batch: MixedBatch) -> Joined:
+        """The join's prefill (`takes(batch)` must hold): padded, replayed (or run), cut back."""
+        n, S = batch["input_ids"].shape
+        rows, width = self.shape(n, S)
+        entries = list(batch.entries) + [batch.entries[0]] * (rows - n)
+        padded = _pad(batch, rows, width, entries[0].model.encoder.pad_id)
+        prompts = self.bank.prompts_for(entries)
+        values = dict(padded, tables=prompts.tables, prefix=prompts.prefix, prefix_mask=prompts.prefix_mask)
+        self._model = entries[0].model  # spec and LM-head options: the base's, the same for every task
+        outputs = self._replay(values)
+        P = prompts.prefix_length
+        keep = torch.cat([torch.arange(P), torch.arange(P + width - S, P + width)]).to(outputs["mask"].device)
+        return Joined(scores=outputs["scores"][:n].clone(),
+                      keys=[k[:n].index_select(2, keep) for k in outputs["keys"]],
+                      values=[v[:n].index_select(2, keep) for v in outputs["values"]],
+                      mask=outputs["mask"][:n].index_select(1, keep), positions=outputs["positions"][:n].clone())
+
+    # -- graphs ---------------------------------------------------------------------
+    def _replay(self, values: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+        if not self.capture:
+            return self._body(values)
+        key = tuple(None if values[k] is None else (k, tuple(values[k].shape), values[k].dtype) for k in INPUTS)
+        graph = self._graphs.get(key)
+        if graph is None and len(self._graphs) >= self.max_graphs:
+            return self._body(values)
+        if graph is None:
+            try:
+                graph = self._graphs[key] = self._record(values)
+            except Exception as e:  # a forward that cannot be captured: joins run as before from now on
+                torch.cuda.synchronize(values["input_ids"].device)
+                log.warning("prefill not captured as CUDA graphs (%s: %s); joins run without them",
+                            type(e).__name__, e)
+                self.enabled = False
+                self._graphs.clear()
+                return self._body(values)
+        for k, fixed in graph.inputs.items():
+            if fixed is not None:
+                fixed.copy_(values[k])
+        graph.graph.replay()
+        return graph.outputs
+
+    def _record(self, values: dict[str, torch.Tensor | None]) -> _Graph:
+        """Capture the forward on fixed copies of `values` (two runs first, on a side stream,
+        so that kernels pick their algorithms and workspaces are allocated)."""
+        inputs = {k: None if v is None else v.clone() for k, v in values.items()}
+        device = self.base.get_input_embeddings().weight.device
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._body(inputs)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = self._body(inputs)
+        return _Graph(graph, inputs, outputs)
+
+    def _body(self, values: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+        """The padded join's forward: scores at each row's last column, the cache, the full
+        mask and the next positions (what a graph records)."""
+        prompts = Prompts(tables=values["tables"], prefix=values["prefix"], prefix_mask=values["prefix_mask"])
+        model = self._model
+
+        def call(forward):  # inputs built afresh for each call: a failed compiled run may have half-filled the cache
+            inputs = inject.base_inputs(self.base, model.spec, values["input_ids"], values["attention_mask"],
+                                        values["prompt_index"], prompts, keep_cache=True,
+                                        logits_to_keep=1 if model.keeps_logits else None, additive_mask=True)
+            return forward(self.base, inputs), inputs
+
+        out, inputs = self.forward.run(call) if self.forward is not None else call(lambda base, kw: base(**kw))
+        cache = inject.output_cache(out)
+        return {"scores": out.logits[:, -1], "keys": [layer.keys for layer in cache.layers],
+                "values": [layer.values for layer in cache.layers], "mask": prompts.full_mask(values["attention_mask"]),
+                "positions": inputs["position_ids"][:, -1] + 1}
+
+
+def _pad(batch: MixedBatch, rows: int, width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """The batch's input ids, attention mask and prompt index (n, S) padded to (rows,
+    width): pad tokens on the left of every row, then copies of the first row."""
+    out = {}
+    for name, fill in (("input_ids", pad_id), ("attention_mask", 0), ("prompt_index", -1)):
+        x = batch[name]
+        n, S = x.shape
+        x = torch.cat([x.new_full((n, width - S), fill), x], dim=1)
+        out[name] = torch.cat([x, x[:1].expand(rows - n, -1)]) if rows > n else x
+    return out
+
+
+__all__ = ["Joined", "PrefillGraphs", "bucket"]
