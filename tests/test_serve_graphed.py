@@ -64,14 +64,13 @@ def test_a_padded_join_hands_over_what_the_eager_prefill_does(family_models, fam
             for t, x in [("deep", "a b c"), ("short", "one two three four five"), ("mid", "x")]]
     eager = Prefill(bank)(rows)
     padded = Prefill(bank, graphs=PrefillGraphs(bank, capture=False))(rows)
-    scores, cache, mask, positions = eager
-    assert padded[1].layers[0].keys.shape == cache.layers[0].keys.shape  # (3, H_kv, P + S, D_head)
-    torch.testing.assert_close(padded[0], scores, rtol=1e-4, atol=1e-4)
-    assert torch.equal(padded[2], mask) and torch.equal(padded[3], positions)
-    attended = mask.bool()[:, None, :, None]
-    for ours, theirs in zip(padded[1].layers, cache.layers):
-        for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
-            torch.testing.assert_close(a * attended, b * attended, rtol=1e-4, atol=1e-4)
+    assert padded.keys[0].shape == eager.keys[0].shape  # (3, H_kv, P + S, D_head)
+    assert padded.prefix_length == eager.prefix_length == 6 and padded.prefixes() == eager.prefixes()
+    torch.testing.assert_close(padded.scores, eager.scores, rtol=1e-4, atol=1e-4)
+    assert torch.equal(padded.mask, eager.mask) and torch.equal(padded.positions, eager.positions)
+    attended = eager.mask.bool()[:, None, :, None]
+    for a, b in zip(padded.keys + padded.values, eager.keys + eager.values):
+        torch.testing.assert_close(a * attended, b * attended, rtol=1e-4, atol=1e-4)
 
 
 def test_a_sliding_window_family_is_not_padded(family_models):

@@ -9,6 +9,9 @@ with 84-token prompts), replayed as a CUDA graph, for each variant of the step:
                  layers reading the same input (Q, K, V; gate and up) become one product
   slot+compile+sdpa   compiled, the packed attention left on SDPA (cuDNN) instead of
                  `attention.packed_products` (what the compiled step ran before)
+  ...+copies     each row's cached prompt segment copied into its own slot columns, as
+                 before the prefix pool (`serve/prefix_pool.py`: each task's segment
+                 stored once, read beside the rows' columns); the other variants use the pool
 
 (Inductor's GEMM autotuning, ``{"mode": "max-autotune-no-cudagraphs"}``, was measured too:
 3.86 ms at 256 rows on an H100 against cuBLAS's 3.29, after 190 s of autotuning.)
@@ -41,7 +44,7 @@ from bench.harness.timing import measure, sync
 
 VARIANTS = {"transformers": (False, False), "slot": (True, False), "slot+compile": (True, True),
             "slot+compile+freezing": (True, {"options": {"freezing": True}}),
-            "slot+compile+sdpa": (True, True)}
+            "slot+compile+sdpa": (True, True), "slot+copies": (True, False), "slot+compile+copies": (True, True)}
 def bank_of(base, tok, tasks: int, virtual: int):
     import softprompt as sp
     from softprompt.serve import PromptBank
@@ -81,11 +84,12 @@ def variant(base, name: str):
         slots.use_slot_attention = kept
 
 
-def joined(bank, rows: int, tasks: int, text: str, *, graphs: bool, compile: bool, columns: int):
+def joined(bank, rows: int, tasks: int, text: str, *, graphs: bool, compile: bool, columns: int, name: str):
     """A decoder whose R slots all hold a row (joined in one prefill), ready to step."""
     from softprompt.serve.decode import Decoder, DecodeRow, Sampling
 
-    decoder = Decoder(bank, max_rows=rows, graphs=graphs, compile=compile, columns=columns)
+    shared = name != "transformers" and not name.endswith("+copies")
+    decoder = Decoder(bank, max_rows=rows, graphs=graphs, compile=compile, columns=columns, shared_prefix=shared)
     decoder._join([DecodeRow(f"t{i % tasks}", {"text": text}, Sampling(max_new_tokens=64)) for i in range(rows)])
     return decoder
 
@@ -132,6 +136,8 @@ def bound_ms(base, slots) -> dict:
     """The step's bytes at the memory bandwidth: every weight once, and the K/V columns read."""
     weights = sum(p.numel() * p.element_size() for p in base.parameters())
     kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in slots.kv)
+    if slots.pool is not None:  # the pool's columns in use, read once
+        kv += sum(k[:, : slots.pool.top].numel() * k.element_size() * 2 for k in slots.pool.keys)
     bw = bandwidth() if torch.cuda.is_available() else float("nan")
     return {"weight_bytes": weights, "kv_bytes_read": kv, "weights_ms": 1e3 * weights / bw,
             "weights_and_kv_ms": 1e3 * (weights + kv) / bw, "bandwidth_bytes_per_s": bw}
@@ -144,7 +150,7 @@ def probe(base, tok, args, name: str, rows: int, reference: dict) -> dict:
     out: dict = {"variant": name, "rows": rows}
     with variant(base, name):
         start = time.perf_counter()
-        decoder = joined(bank, rows, args.tasks, text, graphs=True, compile=compile, columns=args.columns)
+        decoder = joined(bank, rows, args.tasks, text, graphs=True, compile=compile, columns=args.columns, name=name)
         slots = decoder.slots
         slots.step()  # capture (and compile)
         sync()
@@ -161,14 +167,14 @@ def probe(base, tok, args, name: str, rows: int, reference: dict) -> dict:
         out["bound"] = bound_ms(base, slots)
         out["run"] = whole_run(decoder, rows, args.tasks, text, out["step_ms"])
         decoder.slots = None
-        eager = joined(bank, rows, args.tasks, text, graphs=False, compile=False, columns=args.columns)
+        eager = joined(bank, rows, args.tasks, text, graphs=False, compile=False, columns=args.columns, name=name)
         eager.slots.step()
         eager_logits: list = []
         eager_tokens = tokens_of(eager.slots, args.check_steps, eager_logits)
         out["eager_step_ms"] = round(measure(eager.slots.step, warmup=1, calls=5, windows=1).seconds * 1e3, 3)
         eager.slots = None
         if compile:  # where a difference comes from: the compiler, or the graph of compiled code
-            alone = joined(bank, rows, args.tasks, text, graphs=True, compile=compile, columns=args.columns)
+            alone = joined(bank, rows, args.tasks, text, graphs=True, compile=compile, columns=args.columns, name=name)
             alone.slots.graphs = False  # the compiled forward stepped without a graph
             alone.slots.step()
             alone_logits: list = []
@@ -178,6 +184,10 @@ def probe(base, tok, args, name: str, rows: int, reference: dict) -> dict:
             out["graph_vs_compiled_no_graph"] = agreement(graph_tokens, alone_tokens, graph_logits[0], alone_logits[0])
     out["graph_rows_equal_eager"] = f"{sum(a == b for a, b in zip(graph_tokens, eager_tokens))}/{rows}"
     out["graph_vs_eager"] = agreement(graph_tokens, eager_tokens, graph_logits[0], eager_logits[0])
+    reference[(name, rows)] = graph_tokens
+    pooled = reference.get((name.removesuffix("+copies"), rows)) if name.endswith("+copies") else None
+    if pooled is not None:  # the same step with the prefix pool (bf16: one softmax over two parts rounds apart)
+        out["rows_equal_pool_variant"] = f"{sum(a == b for a, b in zip(graph_tokens, pooled))}/{rows}"
     if name == "transformers":
         reference[rows] = graph_tokens
     elif rows in reference:
@@ -220,7 +230,7 @@ def main() -> None:
                 row = {"variant": name, "rows": rows, "error": f"{type(e).__name__}: {e}"}
             report["results"].append(row)
             print({k: row.get(k) for k in ("variant", "rows", "step_ms", "capture_s", "run", "graph_rows_equal_eager",
-                                           "rows_equal_transformers_variant", "graph_vs_eager", "compiled_no_graph_vs_eager",
+                                           "rows_equal_transformers_variant", "rows_equal_pool_variant", "graph_vs_eager", "compiled_no_graph_vs_eager",
                                            "graph_vs_compiled_no_graph", "share_of_weights_bound", "error")},
                   flush=True)
             write_json(report, Path(args.out))

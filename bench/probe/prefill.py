@@ -6,19 +6,23 @@ goes, eager against compiled, and how far it is from the hardware.
 For each join (R rows of T input tokens, each with its task's prompt: input prompt tuning
 with its 20 virtual tokens cached as a K/V segment, as in S1, or P-tuning v2's deep prefix
 of 20 positions) and each variant (``eager``: the prefill as transformers runs it;
-``compile``: `Decoder(compile=True)`'s, `torch.compile` with dynamic shapes):
+``compile``: `torch.compile` with dynamic shapes, unpadded; ``graphs``: the decoder's
+default on a GPU, the join padded to a bucket and replayed from a CUDA graph
+(`serve/graphed.py`), joins beyond its token budget eager; ``graphs+compile``:
+`Decoder(compile=True)`'s, the compiled forward recorded in the graphs):
 
   build_ms     the host's part: collating the encoded rows, the prompts, `base_inputs`
   prefill_ms   `Decoder._prefill`: build, the base model's forward, first tokens (synced)
   join_ms      `Decoder._join`: the prefill and placing the rows' keys and values in the slots
-  compile_s    the first prefill of that shape (compile variant: the compile it waits for)
+  compile_s    the first prefill of that shape (compile variant: the compile it waits for;
+               graphs: the capture)
   profile      the prefill's kernels under the CUDA profiler, grouped
   bound_ms     the larger of its FLOPs at the GPU's dense bf16 peak (2 x non-embedding
                parameters per token, attention's 4 x layers x width per attended pair, the
                LM head at the last token) and its weight bytes at the memory bandwidth
 
-Correctness: the compiled prefill's first tokens against the eager one's (N/N, largest
-score difference: bf16 kernels that fuse differently round differently).
+Correctness: the compiled and graphed prefills' first tokens against the eager one's (N/N:
+bf16 kernels that fuse differently, or run on padded shapes, round differently).
 
 Also reported once: `encode_ms`, tokenizing the R texts through their templates (the
 engine does it when it checks a request, before the row reaches the decoder).
@@ -103,7 +107,8 @@ def main() -> None:
     parser.add_argument("--joins", nargs="+", default=["input:1x64", "input:4x64", "input:16x64", "input:64x64",
                                                        "input:64x256", "deep:1x64", "deep:64x64"],
                         help="kind:RxT, kind input (cached 20-token prompt) or deep (P-tuning v2, 20 positions)")
-    parser.add_argument("--variants", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    parser.add_argument("--variants", nargs="+", default=["eager", "graphs", "compile", "graphs+compile"],
+                        choices=["eager", "graphs", "compile", "graphs+compile"])
     parser.add_argument("--tasks", type=int, default=16)
     parser.add_argument("--out", default=str(RESULTS / "prefill.json"))
     args = parser.parse_args()
@@ -115,7 +120,8 @@ def main() -> None:
         joins.append((kind, rows, tokens))
     firsts: dict = {}
     for variant in args.variants:
-        decoder = Decoder(bank, max_rows=max(r for _, r, _ in joins), graphs=True, compile=variant == "compile")
+        decoder = Decoder(bank, max_rows=max(r for _, r, _ in joins), graphs=True, compile="compile" in variant,
+                          padded_prefill="graphs" in variant)
         for kind, rows, tokens in joins:
             make, encode_s = rows_of(bank, kind, rows, args.tasks, tokens)
             row = {"variant": variant, "kind": kind, "rows": rows, "input_tokens": tokens,
@@ -128,6 +134,9 @@ def main() -> None:
                 if variant != "eager" and reference is not None:
                     same = sum(a == b for a, b in zip(first[0].tolist(), reference))
                     row["first_tokens_equal_eager"] = f"{same}/{rows}"
+                graphs = decoder.prefill.graphs
+                if graphs is not None:  # how many graphs so far; False: a capture failed, joins run eagerly
+                    row["prefill_graphs"] = len(graphs) if graphs.enabled else False
                 if device == "cuda":
                     row["share_of_bound"] = row["bound"]["bound_ms"] / row["prefill_ms"]
             except Exception as e:  # a failing join is reported, not fatal

@@ -17,7 +17,13 @@ S1_REPORTS = {  # report file -> what the run was
               "serve_s1_h100_compiled_prefill.json": "compiled step and prefill (commit 72e0a40: prefill's LM head on "
                                                      "the strided last column)",
               "serve_s1_h100_strided_head.json": "uncompiled step; prefill's LM head on the strided last column (before)",
-              "serve_s1_h100_index_head.json": "uncompiled step; prefill's LM head on a contiguous last column"}
+              "serve_s1_h100_index_head.json": "uncompiled step; prefill's LM head on a contiguous last column",
+              "serve_s1_h100_prefill_graphs.json": "uncompiled step; short joins replayed from prefill graphs",
+              "serve_s1_h100_prefix_pool.json": "uncompiled step; each task's prefix stored once in the prefix pool "
+                                                "(`Decoder(shared_prefix=True)`, opt-in)",
+              "serve_s1_h100_compiled_prefill_graphs.json": "compiled step; the compiled prefill recorded in prefill "
+                                                            "graphs (the slower-host H100: PEFT and `generate()` ran "
+                                                            "at half their speed on the other machine)"}
 GROUPS = ["matrix products", "attention", "fused (triton)", "elementwise", "copies", "reductions", "other"]
 TARGET_STEP_MS = {64: 0.95, 256: 1.6}  # issue 19, on an H200
 TARGET_S1 = 35_000
@@ -100,6 +106,15 @@ def s1_table() -> list[str]:
         if "graph_rows_equal_compiled_eager" in s:
             same = f"{s['graph_rows_equal_compiled_eager']} (compiled, run eagerly); {same} (uncompiled)"
         ratio = f"{s['prompted_over_no_prompts']:.1%}" if none else "-"
+        if s.get("prefix_copies"):  # the same requests with each row's prefix copied into its slot, same run
+            what += "; prefixes copied per row instead, same run: " + ", ".join(
+                f"{m} {c['new_tokens_per_s']:,.0f}" for m, c in s["prefix_copies"].items()) + " new tok/s"
+        if s.get("prefix_pool"):  # the same requests with each task's prefix in the prefix pool, same run
+            what += "; prefixes in the prefix pool instead, same run: " + ", ".join(
+                f"{m} {c['new_tokens_per_s']:,.0f}" for m, c in s["prefix_pool"].items()) + " new tok/s"
+        if "softprompt_unpadded_prefill" in s:  # the same decoder with every join prefilled unpadded, same run
+            what += (f"; every join unpadded, same run: {s['softprompt_unpadded_prefill']['new_tokens_per_s']:,.0f} "
+                     f"new tok/s, rows equal {s['padded_prefill_rows_equal_unpadded']}")
         lines.append(
             f"| {_gpu(report)} | {what} (`{report['command']}`) | {s['softprompt']['new_tokens_per_s']:,.0f} "
             f"| {f'{none:,.0f}' if none else '-'} | {ratio} "
@@ -176,11 +191,26 @@ def where_the_rest_goes() -> str:
 
 PREFILL_REPORTS = {  # report file -> what the code was
     "prefill_h100_before.json": "commit 72e0a40: the LM head on the strided last column; duck shaping on",
-    "prefill_h100.json": "the LM head on a contiguous last column; duck shaping off"}
+    "prefill_h100.json": "the LM head on a contiguous last column; duck shaping off",
+    "prefill_graphs_h100.json": "short joins padded to buckets and replayed from CUDA graphs (uncompiled)",
+    "prefill_graphs_compiled_h100.json": "the compiled forward recorded in the graphs; another H100 machine, whose host "
+                                         "was slower: its eager 1x64 took 22.4 ms against 12.6 ms in the run above"}
+
+
+PREFILL_LEGEND = (
+    "A join: R rows of T input tokens, each with its task's prompt (input: 20 virtual tokens cached as a K/V "
+    "segment; deep: P-tuning v2's 20-position prefix). Variants: eager (transformers' forward); compile "
+    "(`torch.compile`, dynamic shapes); graphs (padded to a bucket of rows and length, replayed from a CUDA "
+    "graph: `serve/graphed.py`; joins over 8,192 padded tokens run eagerly); graphs+compile (the compiled "
+    "forward recorded in those graphs). prefill: build, forward, first tokens (synced); join: the prefill "
+    "and placing the rows in the slots; bound: the larger of the join's FLOPs at the dense bf16 peak and "
+    "its weight bytes at the memory bandwidth; first s: the first join of that shape (the compile or the "
+    "capture it waits for).")
 
 
 def prefill_tables() -> list[str]:
-    return [line for name, what in PREFILL_REPORTS.items() for line in prefill_table(name, what)] + lm_head_note()
+    tables = [line for name, what in PREFILL_REPORTS.items() for line in prefill_table(name, what) + [""]]
+    return (["### Prefill of joining rows", "", PREFILL_LEGEND, ""] + tables + lm_head_note()) if tables else []
 
 
 def lm_head_note() -> list[str]:
@@ -206,32 +236,23 @@ def lm_head_note() -> list[str]:
 
 
 def prefill_table(name: str, what: str) -> list[str]:
-    """Joins eager against compiled (`bench.probe.prefill`)."""
+    """Joins by variant: eager, compiled, graphed, graphed and compiled (`bench.probe.prefill`)."""
     report = load_report(name)
     if report is None:
         return []
-    by_join: dict = {}
-    for r in report["results"]:
-        if "prefill_ms" in r:
-            by_join.setdefault((r["kind"], r["rows"], r["input_tokens"]), {})[r["variant"]] = r
-    lines = [f"### Prefill of joining rows ({_gpu(report)}, {what}; rerun: `{report['command']}`)", "",
-             "A join: R rows of T input tokens, each with its task's prompt (input: 20 virtual tokens cached as a K/V "
-             "segment; deep: P-tuning v2's 20-position prefix). prefill: build, forward, first tokens (synced); join: "
-             "the prefill and placing the rows in the slots; bound: the larger of the join's FLOPs at the dense "
-             "bf16 peak and its weight bytes at the memory bandwidth; compile: the first join of that shape.", "",
-             "| join (kind RxT) | eager prefill ms | compiled prefill ms | compiled join ms | host build ms "
-             "| bound ms (share, compiled) | compile s | first tokens compiled == eager |",
-             "|---|---|---|---|---|---|---|---|"]
-    def ms(row: dict, key: str) -> str:
-        return f"{row[key]:.1f}" if key in row else "not measured"
+    lines = [f"#### {_gpu(report)}: {what} (rerun: `{report['command']}`)", "",
 
-    for (kind, rows, tokens), v in by_join.items():
-        e, c = v.get("eager", {}), v.get("compile", {})
-        bound = (c or e)["bound"]["bound_ms"]
-        best = c.get("prefill_ms", e.get("prefill_ms"))
-        lines.append(f"| {kind} {rows}x{tokens} | {ms(e, 'prefill_ms')} | {ms(c, 'prefill_ms')} | {ms(c, 'join_ms')} "
-                     f"| {ms(c or e, 'build_ms')} | {bound:.2f} ({bound / best:.0%}{'' if c else ', eager'}) "
-                     f"| {c.get('compile_s', '-')} | {c.get('first_tokens_equal_eager', '-')} |")
+             "| join (kind RxT) | variant | prefill ms | join ms | host build ms | GPU ms (kernels) | bound ms (share) "
+             "| first s | first tokens == eager |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = sorted((r for r in report["results"] if "prefill_ms" in r),
+                  key=lambda r: (r["kind"], r["rows"], r["input_tokens"]))
+    for r in rows:
+        bound = r["bound"]["bound_ms"]
+        gpu = (r.get("profile") or {}).get("gpu_us_per_step")
+        lines.append(f"| {r['kind']} {r['rows']}x{r['input_tokens']} | {r['variant']} | {r['prefill_ms']:.1f} "
+                     f"| {r['join_ms']:.1f} | {r['build_ms']:.1f} | {f'{gpu / 1e3:.1f}' if gpu else '-'} "
+                     f"| {bound:.2f} ({bound / r['prefill_ms']:.0%}) | {r.get('compile_s', '-')} "
+                     f"| {r.get('first_tokens_equal_eager', '-')} |")
     return lines
 
 

@@ -249,14 +249,32 @@ def s1(base, tok, args) -> dict:
 
     graphed = Decoder(bank, max_rows=n_requests, compile=args.compile)  # kept, as the engine keeps it: the graph is captured once
     eager = Decoder(bank, max_rows=n_requests, graphs=False)
+    # the engine's decoder with every join prefilled unpadded (no prefill graphs): what they
+    # gain (uncompiled runs only: compiled, its prefill would compile minutes of versions)
+    unpadded = None if args.compile else Decoder(bank, max_rows=n_requests, padded_prefill=False)
     bank.add_base("base")  # the same engine on the same requests with no prompt: what prompts cost
     mixes = {"input:16": tasks, "none": ["base"] * n_requests}
     if args.s1_mixes:  # input and deep prompts, few and many tasks, on the same decoder
         add_tasks(bank, base, tok, max(n for _, n in args.s1_mixes), P)
         for kind, n in args.s1_mixes:
             mixes[f"{kind}:{n}"] = [("d" if kind == "deep" else "t") + str(i % n) for i in range(n_requests)]
-    seconds = interleaved({name: (lambda names=names: decoder_run(graphed, names)) for name, names in mixes.items()},
-                          max(args.gen_repeats, 7))
+    runs = {name: (lambda names=names: decoder_run(graphed, names)) for name, names in mixes.items()}
+    # the same with each task's prefix (cached segment, deep prompt) stored once in the
+    # prefix pool (`prefix_pool.py`, opt-in) instead of copied into each row's columns
+    pooled = Decoder(bank, max_rows=n_requests, compile=args.compile, shared_prefix=True)
+    pool_mixes = [m for m in ("input:16", "deep:16") if m in mixes]
+    for name in pool_mixes:
+        runs[f"{name} prefix pool"] = lambda names=mixes[name]: decoder_run(pooled, names)
+    if unpadded is not None:
+        runs["input:16 unpadded prefill"] = lambda: decoder_run(unpadded)
+    seconds = interleaved(runs, max(args.gen_repeats, 7))
+    if unpadded is not None:
+        unpadded_s = seconds.pop("input:16 unpadded prefill")
+        out["softprompt_unpadded_prefill"] = {"seconds": unpadded_s, "new_tokens_per_s": n_requests * new / unpadded_s}
+    out["prefix_pool"] = {}
+    for name in pool_mixes:
+        pool_s = seconds.pop(f"{name} prefix pool")
+        out["prefix_pool"][name] = {"seconds": pool_s, "new_tokens_per_s": n_requests * new / pool_s}
     rate = {name: n_requests * new / s for name, s in seconds.items()}
     out["softprompt"] = {"seconds": seconds["input:16"], "new_tokens_per_s": rate["input:16"],
                          "cuda_graph": graphed.slots is not None and graphed.slots._graph is not None}
@@ -270,6 +288,12 @@ def s1(base, tok, args) -> dict:
     graph_tokens = decoder_run(graphed)
     same = sum(a == b for a, b in zip(graph_tokens, decoder_run(eager)))
     out["graph_rows_equal_eager"] = f"{same}/{n_requests}"
+    same = sum(a == b for a, b in zip(graph_tokens, decoder_run(pooled)))  # bf16: one softmax over two parts
+    out["prefix_pool_rows_equal_copies"] = f"{same}/{n_requests}"
+    if unpadded is not None:  # bf16: padded shapes may round differently
+        same = sum(a == b for a, b in zip(graph_tokens, decoder_run(unpadded)))
+        out["padded_prefill_rows_equal_unpadded"] = f"{same}/{n_requests}"
+    out["prefill_graphs"] = len(graphed.prefill.graphs) if graphed.prefill.graphs is not None else 0
     if args.compile:  # compiled, other kernels round differently: graph == the same compiled step run eagerly
         compiled_eager = Decoder(bank, max_rows=n_requests, graphs=True, compile=True)  # fixed slots
         decoder_run(compiled_eager, tasks[:1])  # makes its slots

@@ -73,14 +73,22 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     """
     groups = getattr(module, "num_key_value_groups", 1)
     R, H, Q, D = query.shape
+    pool = kwargs.pop("shared_prefix", None)
     if (Q != 1 or groups == 1 or dropout or attention_mask is None or attention_mask.dim() != 4
             or attention_mask.shape[1:3] != (1, 1) or not attention_mask.is_floating_point()
             or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
             or key.shape[-1] != value.shape[-1]):
+        if pool is not None:  # its rows would silently lose their prefix
+            raise RuntimeError("a shared prefix pool needs one-token queries on grouped K/V heads with an additive "
+                               f"(R, 1, 1, C) mask; got queries {tuple(query.shape)}, {groups} query heads per K/V head")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     packed = query.reshape(R, H // groups, groups, D)  # the G query heads of a K/V head as G query rows
-    if torch.compiler.is_compiling():
+    if pool is not None:
+        layer = module.layer_idx
+        out = pooled_products(packed, key, value, attention_mask, pool.keys[layer], pool.values[layer], pool.mask,
+                              scaling)
+    elif torch.compiler.is_compiling():
         out = packed_products(packed, key, value, attention_mask, scaling)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask,
@@ -108,6 +116,36 @@ def packed_products(packed: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     scale = packed.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(packed, key.transpose(-1, -2)).float() * scale + mask.float()
     return torch.matmul(scores.softmax(-1).to(value.dtype), value)
+
+
+def pooled_products(packed: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                    pool_keys: torch.Tensor, pool_values: torch.Tensor, pool_mask: torch.Tensor,
+                    scaling: float | None) -> torch.Tensor:
+    """`packed_products` over a row's slot columns and its task's prefix in the shared pool
+    (`serve/prefix_pool.py`), one softmax over both: what the row computes with the prefix
+    in its own columns.
+
+    Args:
+        packed: (R, H_kv, G, D) queries; key, value: (R, H_kv, C, D) slot columns; mask:
+            (R, 1, 1, C) additive.
+        pool_keys, pool_values: (H_kv, N, D) every task's prefix once; pool_mask: (R, N)
+            additive, 0 on the row's task's span.
+
+    Returns (R, H_kv, G, D). The pool is read once for all rows: its products run with the
+    R x G query rows of a K/V head as one matrix against the pool's N columns.
+    """
+    R, H_kv, G, D = packed.shape
+    N = pool_keys.shape[1]
+    scale = D ** -0.5 if scaling is None else scaling
+    queries = packed.transpose(0, 1).reshape(H_kv, R * G, D)
+    pool_scores = torch.matmul(queries, pool_keys.transpose(-1, -2)).view(H_kv, R, G, N).transpose(0, 1)
+    slot_scores = torch.matmul(packed, key.transpose(-1, -2))
+    scores = torch.cat([pool_scores.float() * scale + pool_mask.float()[:, None, None, :],
+                        slot_scores.float() * scale + mask.float()], dim=-1)
+    weights = scores.softmax(-1).to(value.dtype)
+    from_pool = torch.matmul(weights[..., :N].transpose(0, 1).reshape(H_kv, R * G, N), pool_values)
+    from_pool = from_pool.view(H_kv, R, G, -1).transpose(0, 1)
+    return (from_pool.float() + torch.matmul(weights[..., N:], value).float()).to(value.dtype)
 
 
 AttentionInterface.register(SLOT_ATTENTION, slot_attention)

@@ -93,7 +93,7 @@ def embed(base, input_ids: torch.Tensor, prompt_index: torch.Tensor, prompts: Pr
 
 def base_inputs(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 prompt_index: torch.Tensor, prompts: Prompts, *, keep_cache: bool = False,
-                logits_to_keep: int | torch.Tensor | None = None) -> dict[str, Any]:
+                logits_to_keep: int | torch.Tensor | None = None, additive_mask: bool = False) -> dict[str, Any]:
     """The base model's keyword arguments for one forward of a causal LM or an encoder
     with `prompts`: ``base(**base_inputs(...))``.
 
@@ -105,10 +105,14 @@ def base_inputs(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: 
         logits_to_keep: the columns the LM head is applied at (an int: the last ones; a
             (K,) tensor: those), for a base that takes ``logits_to_keep``; None: all. The
             base is given the last ones as an index tensor (`last_columns`).
+        additive_mask: give the causal LM its (B, 1, S, P + S) additive causal mask
+            (`causal_additive_mask`) instead of the 2-D one (a forward captured as a CUDA
+            graph: transformers builds a 4-D mask from a 2-D one by reading its values on
+            the host, which a capture forbids; a 4-D mask it takes as it is).
 
     Returns:
         ``inputs_embeds`` (B, S, D) with the input prompts placed; ``attention_mask``
-        (B, P + S) with the prefix in front; ``position_ids`` (B, S) counting only attended
+        (B, P + S) with the prefix in front (or its 4-D form, `additive_mask`); ``position_ids`` (B, S) counting only attended
         positions, for families that take them; the Cache under `CACHE_ARG`, pre-filled
         with the deep prefix (none for a forward without prefix that keeps nothing);
         ``use_cache``, ``return_dict`` and ``logits_to_keep`` where given.
@@ -123,7 +127,26 @@ def base_inputs(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: 
         inputs["position_ids"] = position_ids(full_mask, spec)[:, prompts.prefix_length :]
     if logits_to_keep is not None:
         inputs["logits_to_keep"] = last_columns(logits_to_keep, input_ids.shape[1], input_ids.device)
+    if additive_mask:
+        inputs["attention_mask"] = causal_additive_mask(full_mask, input_ids.shape[1], inputs["inputs_embeds"].dtype)
     return inputs
+
+
+def causal_additive_mask(full_mask: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (B, 1, S, K) additive mask of a causal forward whose S queries are the last S of
+    K = P + S columns: 0 where query q may attend column k (an attended column at or before
+    its own), the dtype's minimum elsewhere. A padding query attends to itself alone, so
+    no row of scores is all masked (its output is never read).
+
+    Args:
+        full_mask: (B, K) 1 where a column is attended (`Prompts.full_mask`).
+    """
+    K = full_mask.shape[1]
+    own = torch.arange(K - query_length, K, device=full_mask.device)[:, None]  # (S, 1) each query's column
+    column = torch.arange(K, device=full_mask.device)[None, :]  # (1, K)
+    allowed = ((column <= own)[None] & full_mask.bool()[:, None, :]) | (column == own)[None]  # (B, S, K)
+    zero = torch.zeros((), dtype=dtype, device=full_mask.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
 
 
 def last_columns(logits_to_keep: int | torch.Tensor, length: int, device: torch.device) -> int | torch.Tensor:

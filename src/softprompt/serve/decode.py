@@ -10,7 +10,8 @@ stream (`sampling.py`): a seeded row gives the same tokens alone and in any batc
 The running batch lives in fixed decode slots (`slots.py`): rows of different lengths are
 aligned on the right (the newest column is every row's current token), shorter ones padded
 on the left with masked columns; each row carries its own position. On a GPU the decode
-step is a replayed CUDA graph; joining rows are prefilled in one forward (`prefill.py`).
+step is a replayed CUDA graph; joining rows are prefilled in one forward (`prefill.py`), a
+short join replayed from a CUDA graph of its padded shape (`graphed.py`).
 
 Greedy rows give exactly what transformers' `generate()` gives each row alone (tested).
 
@@ -31,13 +32,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..architecture import model_spec
 from ..attention import use_slot_attention
 from ..encode import EncodedRow
+from ..errors import ConfigError
 from .bank import PromptBank
+from .graphed import Joined, PrefillGraphs
 from .prefill import Prefill
 from .sampling import (Draws, NonFiniteScoresError, Sampling, TokenLogprob, adjusted, logprobs_of, sample,
                        token_logprobs)
-from .slots import DecodeSlots, round_up
+from .slots import DecodeSlots, round_up, sliding_window
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +123,17 @@ class Decoder:
         max_join_tokens: most padded tokens (rows x longest row) one join prefills; rows
             beyond it join after the next decode step, so the running rows keep decoding
             through a burst of joins (None: every waiting row that has room joins at once).
+        padded_prefill: short joins padded to buckets of rows and length and, with graphs,
+            replayed from a CUDA graph per bucket (`graphed.PrefillGraphs`). Default: where
+            the decoder uses graphs on a CUDA device and every layer attends to the whole
+            cache (no sliding window). True without them (the CPU): padded, run eagerly
+            (what tests check).
+        shared_prefix: keep each task's deep prefix or cached prompt segment once on the
+            device, shared by all its rows (`prefix_pool.py`), instead of a copy in each
+            row's slot columns; needs the slot attention (grouped K/V heads, SDPA) and no
+            sliding window. Off by default: on an H100 (S1, uncompiled step) it was slower
+            than the copies (8,946 vs 14,625 new tok/s): its step reads every span the pool
+            keeps, unused ones included, through products SDPA would run faster eagerly.
 
     A decoder keeps its slots (and its captured graph) from one `run` to the next when it
     uses graphs: keep one per server. `run` calls are serialised.
@@ -126,16 +141,30 @@ class Decoder:
 
     def __init__(self, bank: PromptBank, *, max_rows: int = 64, admit: Callable[[int], list[DecodeRow]] | None = None,
                  graphs: bool | None = None, columns: int | None = None, compile: bool | dict = False,
-                 max_join_tokens: int | None = None):
+                 max_join_tokens: int | None = None, padded_prefill: bool | None = None,
+                 shared_prefix: bool | None = None):
         self.bank = bank
         self.max_join_tokens = max_join_tokens
         self.compile = compile
-        self.prefill = Prefill(bank, compile)
-        use_slot_attention(bank.base)  # prefills and steps alike: one attention function from the start
         self.base = bank.base
+        self.graphs = graphs
+        paddable = paddable_prefill(self.base)
+        capture = self.uses_graphs and self.base.get_input_embeddings().weight.is_cuda
+        if padded_prefill is None:
+            padded_prefill = capture and paddable
+        elif padded_prefill and not paddable:
+            raise ConfigError(f"{self.base.config.model_type}: its joins cannot be padded to buckets (a sliding "
+                              "window, or positions that do not follow the attention mask)")
+        graphed = PrefillGraphs(bank, capture=capture) if padded_prefill else None
+        self.prefill = Prefill(bank, compile, graphed)
+        # prefills and steps alike: one attention function from the start
+        poolable = use_slot_attention(bank.base) and sliding_window(self.base.config)[0] is None
+        if shared_prefix and not poolable:
+            raise ConfigError(f"{self.base.config.model_type}: a shared prefix pool needs grouped K/V heads under "
+                              "SDPA attention and no sliding window")
+        self.shared_prefix = bool(shared_prefix)  # opt-in: measured slower on an H100 so far (see PERFORMANCE.md)
         self.max_rows = max_rows
         self.admit = admit
-        self.graphs = graphs
         self.columns = columns
         self.slots: DecodeSlots | None = None
         self.steps = 0  # forward calls of the last run (prefills included), for tests and metrics
@@ -302,9 +331,9 @@ class Decoder:
                     groups.append(([row], self._prefill([row])))
                 except Exception as e:
                     self._fail(row, e)
-        for rows, (first, finite, logprobs, cache, mask, positions) in groups:
+        for rows, (first, finite, logprobs, joined) in groups:
             try:
-                slots = self._place(rows, first, cache, mask, positions)
+                slots = self._place(rows, first, joined)
             except Exception as e:  # the slots may be half-changed: every row in them fails, and these
                 self._fail_slots(RuntimeError(f"placing joining rows failed ({type(e).__name__}: {e})"))
                 for row in rows:
@@ -315,22 +344,23 @@ class Decoder:
             for s, token, ok, logprob in zip(slots, tokens, finite.tolist(), logprobs):
                 self._advance(s, token, ok, logprob)
 
-    def _place(self, joining: list[DecodeRow], first: torch.Tensor, cache, mask: torch.Tensor,
-               positions: torch.Tensor) -> list[int]:
+    def _place(self, joining: list[DecodeRow], first: torch.Tensor, joined: Joined) -> list[int]:
         """Put prefilled rows into free slots (made first if there are none); returns the slots."""
         budget = min(max(r.sampling.max_new_tokens for r in joining), 256)  # grown further as needed
         if self.slots is None:
             graphs = self._fixed = self.uses_graphs
             rows = self.max_rows if graphs else len(joining)
-            columns = self.columns or round_up(mask.shape[1] + budget, 64)
-            self.slots = DecodeSlots(self.base, cache, rows, columns, graphs=graphs, compile=self.compile if graphs else False)
+            own = joined.mask.shape[1] - (joined.prefix_length if self.shared_prefix else 0)
+            columns = self.columns or round_up(own + budget, 64)
+            self.slots = DecodeSlots(self.base, joined, rows, columns, graphs=graphs,
+                                     compile=self.compile if graphs else False, shared_prefix=self.shared_prefix)
             self._rows = [None] * rows
         free = self.slots.free_slots()
         if len(free) < len(joining):  # eager slots: make room for the joiners
             self._resize(self.slots.rows - len(free) + len(joining))
             free = self.slots.free_slots()
         slots = free[: len(joining)]
-        self.slots.place(slots, cache, mask, first, positions, budget)
+        self.slots.place(slots, joined, joined.mask, first, joined.positions, budget, joined.prefixes())
         for s, row in zip(slots, joining):
             self._rows[s] = row
         return slots
@@ -389,14 +419,21 @@ class Decoder:
 
     def _prefill(self, rows: list[DecodeRow]):
         """The joining rows' prefill (`Prefill`): their first tokens, whether their scores
-        were finite (n,), their top log-probabilities where asked, cache, attention mask
-        over the cache (prefix + row) and next positions."""
-        scores, cache, mask, positions = self.prefill(rows)
+        were finite (n,), their top log-probabilities where asked, and what the prefill
+        hands over (`Joined`: keys and values, mask, next positions)."""
+        joined = self.prefill(rows)
         self.steps += 1
-        first, finite = _pick(scores, rows)  # (n,) each, a row with non-finite scores fails alone
+        first, finite = _pick(joined.scores, rows)  # (n,) each, a row with non-finite scores fails alone
         k = _top_k(rows)
-        logprobs = None if k is None else logprobs_of(scores, first, k)
-        return first, finite, logprobs, cache, mask, positions
+        logprobs = None if k is None else logprobs_of(joined.scores, first, k)
+        return first, finite, logprobs, joined
+
+
+def paddable_prefill(base) -> bool:
+    """Whether joins on `base` may be padded to buckets (`graphed.PrefillGraphs`): every
+    layer attends to the whole cache (the 4-D mask it builds has no window), and positions
+    come from the attention mask (more pads on the left move no token)."""
+    return sliding_window(base.config)[0] is None and model_spec(base).accepts_position_ids
 
 
 def _length(row: DecodeRow) -> int:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -71,6 +71,9 @@ class Joined:
         keys, values: per layer (n, H_kv, K, D_head), K = P + S columns (prefix, row).
         mask: (n, K) 1 where a row attends.
         positions: (n,) each row's next position.
+        entries: each row's bank entry (as the batch ran it: `BankEntry.for_row`).
+        prefix_length: P, the leading columns that hold deep prefixes or cached segments
+            (a row with a shorter one has it padded in front).
     """
 
     scores: torch.Tensor
@@ -78,6 +81,12 @@ class Joined:
     values: list[torch.Tensor]
     mask: torch.Tensor
     positions: torch.Tensor
+    entries: list = field(default_factory=list)
+    prefix_length: int = 0
+
+    def prefixes(self) -> list[tuple[Any, int]]:
+        """Each row's (entry, its prefix length): what `DecodeSlots.place` puts in the pool."""
+        return [(e, e.num_virtual_tokens if e.deep else 0) for e in self.entries]
 
     @property
     def layers(self) -> list["Joined.Layer"]:
@@ -154,7 +163,8 @@ class PrefillGraphs:
         return Joined(scores=outputs["scores"][:n].clone(),
                       keys=[k[:n].index_select(2, keep) for k in outputs["keys"]],
                       values=[v[:n].index_select(2, keep) for v in outputs["values"]],
-                      mask=outputs["mask"][:n].index_select(1, keep), positions=outputs["positions"][:n].clone())
+                      mask=outputs["mask"][:n].index_select(1, keep), positions=outputs["positions"][:n].clone(),
+                      entries=list(batch.entries), prefix_length=P)
 
     # -- graphs ---------------------------------------------------------------------
     def _replay(self, values: dict[str, torch.Tensor | None]) -> dict[str, Any]:

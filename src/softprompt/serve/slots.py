@@ -17,6 +17,10 @@ step (the base model's forward through `SlotCache`, arg-max, the position and co
 updates) is recorded once as a CUDA graph and replayed each step (`torch.cuda.CUDAGraph`).
 On the CPU, or where capture fails, the same step runs eagerly on the same buffers.
 
+Prefixes. With a prefix pool (`prefix_pool.py`), a row's deep prefix or cached prompt
+segment is not placed in its columns: each task's prefix is stored once in the pool, and
+the step's attention reads it beside the row's own columns (`attention.pooled_products`).
+
 Columns run out when ``t`` reaches C: the columns no active row uses any more (left of the
 oldest row's start) are dropped by shifting left; when every column is still in use the
 buffers grow (and the graph is captured again).
@@ -33,6 +37,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .. import inject
 from ..architecture import forward_accepts
 from ..attention import use_slot_attention
+from .prefix_pool import PrefixPool
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +96,15 @@ class DecodeSlots:
         compile: compile the base model's forward of the step with `torch.compile` (its
             norms, rotary embedding, activations and residual adds fused) before capture;
             a dict: `torch.compile`'s keyword arguments (e.g. ``{"options": {...}}``).
+        shared_prefix: keep each task's prefix once in a `PrefixPool` instead of in every
+            row's columns (needs the slot attention on grouped K/V heads, no sliding window).
 
     Host-side state: ``t`` (the newest column), ``start[s]`` (the first column slot s's row
     uses; None: free).
     """
 
-    def __init__(self, base, like: Cache, rows: int, columns: int, *, graphs: bool, compile: bool | dict = False):
+    def __init__(self, base, like: Cache, rows: int, columns: int, *, graphs: bool, compile: bool | dict = False,
+                 shared_prefix: bool = False):
         self.base = base
         self.rows = rows
         self.graphs = graphs and like.layers[0].keys.is_cuda
@@ -116,6 +124,9 @@ class DecodeSlots:
         self._allocate(columns)
         self.keeps_logits = forward_accepts(base, "logits_to_keep")
         self.slot_attention = use_slot_attention(base)  # one-token queries on grouped K/V heads, no copy
+        if shared_prefix and (not self.slot_attention or self.window):
+            raise ValueError("a shared prefix pool needs the slot attention on grouped K/V heads and no sliding window")
+        self.pool = PrefixPool(self._shapes, rows, 64, self.dtype, self.device) if shared_prefix else None
         # Shapes: the first compile is for the buffers' shapes as they are (static kernels); when
         # the columns grow, torch.compile's automatic dynamic shapes compile once more with the
         # column count symbolic, so further growth costs a graph capture, not a compile (each
@@ -202,7 +213,7 @@ class DecodeSlots:
         return [s for s, start in enumerate(self.start) if start is None]
 
     def place(self, slots: list[int], cache: Cache, mask: torch.Tensor, first: torch.Tensor,
-              positions: torch.Tensor, room: int) -> None:
+              positions: torch.Tensor, room: int, prefixes: list[tuple[object, int]] | None = None) -> None:
         """Put prefilled rows into `slots`.
 
         Args:
@@ -211,7 +222,13 @@ class DecodeSlots:
             first: (n,) each row's first new token (its current token: written next step).
             positions: (n,) that token's position.
             room: columns the rows may still add (their longest token budget).
+            prefixes: with a prefix pool, each row's prefix owner (its bank entry) and its
+                prefix length, the row's last of the P leading prefix columns of the cache
+                (P the longest); those P columns go to the pool, not to the slots.
         """
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        if self.pool is not None:
+            mask, layers = self._attach(slots, layers, mask, prefixes or [(None, 0)] * len(slots))
         K = mask.shape[1]
         if max(self.t, K) + room > self.columns:
             self._compact()
@@ -221,11 +238,11 @@ class DecodeSlots:
             self._shift(K - self.t)
         t = self.t
         index = torch.tensor(slots, dtype=torch.long, device=self.device)
-        for (k, v), layer in zip(self.kv, cache.layers):
+        for (k, v), (keys, values) in zip(self.kv, layers):
             k[index] = 0  # what a previous row left: masked anyway, zero for clarity
             v[index] = 0
-            k[index, :, t - K : t] = layer.keys.to(self.dtype)
-            v[index, :, t - K : t] = layer.values.to(self.dtype)
+            k[index, :, t - K : t] = keys.to(self.dtype)
+            v[index, :, t - K : t] = values.to(self.dtype)
         row_mask = torch.full((len(slots), 1, 1, self.columns), self.min, dtype=self.dtype, device=self.device)
         row_mask[:, 0, 0, t - K : t] = torch.where(mask.bool(), 0.0, self.min).to(self.dtype)
         for m in self.masks:
@@ -238,9 +255,25 @@ class DecodeSlots:
         for s, lead in zip(slots, first_used):
             self.start[s] = t - K + lead
 
+    def _attach(self, slots: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
+                prefixes: list[tuple[object, int]]):
+        """Give each row its task's span in the pool (filled from the row's own leading
+        columns when the pool has none), and return the mask and layers without the P
+        prefix columns (P: the longest row's prefix; shorter ones are padded in front)."""
+        P = max(length for _, length in prefixes)
+        for i, (slot, (owner, length)) in enumerate(zip(slots, prefixes)):
+            self.pool.detach(slot)
+            if length:
+                span = [(k[i, :, P - length : P], v[i, :, P - length : P]) for k, v in layers]
+                if self.pool.attach(slot, owner, [k for k, _ in span], [v for _, v in span]):
+                    self._graph = None  # the pool's tensors were reallocated
+        return mask[:, P:], [(k[:, :, P:], v[:, :, P:]) for k, v in layers]
+
     def reset(self) -> None:
         """Every slot free, the newest column back to 0 (between runs)."""
         self.start = [None] * self.rows
+        if self.pool is not None:
+            self.pool.reset()
         for m in self.masks:
             m.fill_(self.min)
         self.t = 0
@@ -251,6 +284,8 @@ class DecodeSlots:
         self.start[slot] = None
         for m in self.masks:
             m[slot] = self.min
+        if self.pool is not None:
+            self.pool.detach(slot)
 
     def resize(self, rows: int) -> dict[int, int]:
         """Reallocate for `rows` slots (eager decoding sizes them to the rows it holds);
@@ -275,7 +310,10 @@ class DecodeSlots:
         self.rows = rows
         self.cache = SlotCache([SlotLayer(k, v, self.column) for k, v in self.kv])
         self._graph = None
-        return {s: i for i, s in enumerate(occupied)}
+        moved = {s: i for i, s in enumerate(occupied)}
+        if self.pool is not None:
+            self.pool.resize(moved, rows)
+        return moved
 
     def set_tokens(self, tokens: torch.Tensor) -> None:
         """Overwrite the next step's tokens (R,) (the step put its arg-max there: rows that
@@ -287,6 +325,8 @@ class DecodeSlots:
         """(R, V) next-token scores of every slot: the base model's forward over the step's
         tokens (R, 1), writing their keys and values into column ``column``."""
         extra: dict[str, Any] = {"logits_to_keep": 1} if self.keeps_logits else {}
+        if self.pool is not None:  # reaches the slot attention of every layer (transformers passes it down)
+            extra["shared_prefix"] = self.pool
         if self._mixed_layers:  # full and sliding-window layers: a mask for each kind
             mask: Any = {"full_attention": self.mask, "sliding_attention": self.window_mask}
         else:

@@ -4,7 +4,11 @@ a 1B model on an H100, minutes in all). A few short requests run through each sh
 batch that compiles a version of its own (`compiled.py`): one row and two rows, for a task
 whose rows start with a key/value prefix (a deep prompt or a cached leading segment) and one
 whose rows start with none; for head requests also two tasks' prefixes in one batch (one
-task's is a shared view, several tasks' are gathered per row).
+task's is a shared view, several tasks' are gathered per row). On a GPU those joins are short:
+they go through the prefill graphs (`graphed.py`), whose compiled versions (one row, more
+rows) are the ones every short join replays; each other bucket is captured on its first
+join (a few eager prefills' time, no compile). Joins beyond the graphs' token budget run
+the unpadded forward, compiled on the first such join.
 """
 
 from __future__ import annotations
