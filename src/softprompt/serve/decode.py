@@ -32,16 +32,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..architecture import model_spec
 from ..attention import use_slot_attention
 from ..encode import EncodedRow
 from ..errors import ConfigError
 from .bank import PromptBank
-from .graphed import Joined, PrefillGraphs
+from .graphed import Joined, PrefillGraphs, paddable
 from .prefill import Prefill
 from .sampling import (Draws, NonFiniteScoresError, Sampling, TokenLogprob, adjusted, logprobs_of, sample,
                        token_logprobs)
-from .slots import DecodeSlots, round_up, sliding_window
+from .slots import DecodeSlots, poolable, round_up
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +147,18 @@ class Decoder:
         self.compile = compile
         self.base = bank.base
         self.graphs = graphs
-        paddable = paddable_prefill(self.base)
+        can_pad = paddable(self.base)
         capture = self.uses_graphs and self.base.get_input_embeddings().weight.is_cuda
         if padded_prefill is None:
-            padded_prefill = capture and paddable
-        elif padded_prefill and not paddable:
+            padded_prefill = capture and can_pad
+        elif padded_prefill and not can_pad:
             raise ConfigError(f"{self.base.config.model_type}: its joins cannot be padded to buckets (a sliding "
                               "window, or positions that do not follow the attention mask)")
         graphed = PrefillGraphs(bank, capture=capture) if padded_prefill else None
         self.prefill = Prefill(bank, compile, graphed)
         # prefills and steps alike: one attention function from the start
-        poolable = use_slot_attention(bank.base) and sliding_window(self.base.config)[0] is None
-        if shared_prefix and not poolable:
+        use_slot_attention(bank.base)
+        if shared_prefix and not poolable(self.base):
             raise ConfigError(f"{self.base.config.model_type}: a shared prefix pool needs grouped K/V heads under "
                               "SDPA attention and no sliding window")
         self.shared_prefix = bool(shared_prefix)  # opt-in: measured slower on an H100 so far (see PERFORMANCE.md)
@@ -427,13 +426,6 @@ class Decoder:
         k = _top_k(rows)
         logprobs = None if k is None else logprobs_of(joined.scores, first, k)
         return first, finite, logprobs, joined
-
-
-def paddable_prefill(base) -> bool:
-    """Whether joins on `base` may be padded to buckets (`graphed.PrefillGraphs`): every
-    layer attends to the whole cache (the 4-D mask it builds has no window), and positions
-    come from the attention mask (more pads on the left move no token)."""
-    return sliding_window(base.config)[0] is None and model_spec(base).accepts_position_ids
 
 
 def _length(row: DecodeRow) -> int:

@@ -43,10 +43,12 @@ from typing import Any, Sequence
 import torch
 
 from .. import inject
+from ..architecture import model_spec
 from ..inject import Prompts
 from .bank import PromptBank
 from .compiled import CompiledForward
 from .mixed import MixedBatch
+from .slots import sliding_window
 
 log = logging.getLogger("softprompt.serve")
 
@@ -239,4 +241,11 @@ def _pad(batch: MixedBatch, rows: int, width: int, pad_id: int) -> dict[str, tor
     return out
 
 
-__all__ = ["Joined", "PrefillGraphs", "bucket"]
+def paddable(base) -> bool:
+    """Whether joins on `base` may be padded to buckets (`PrefillGraphs`): every
+    layer attends to the whole cache (the 4-D mask it builds has no window), and positions
+    come from the attention mask (more pads on the left move no token)."""
+    return sliding_window(base.config)[0] is None and model_spec(base).accepts_position_ids
+
+
+__all__ = ["Joined", "PrefillGraphs", "bucket", "paddable"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import torch
 
 from .. import inject
 from .bank import PromptBank

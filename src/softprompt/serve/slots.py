@@ -419,6 +419,12 @@ def sliding_window(config) -> tuple[int | None, bool]:
     return int(window), len(kinds) > 1
 
 
+def poolable(base) -> bool:
+    """Whether a `PrefixPool` can serve `base`'s decode steps: the slot attention on
+    grouped K/V heads (what reads the pool) and no sliding window."""
+    return use_slot_attention(base) and sliding_window(base.config)[0] is None
+
+
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of `multiple` at least `n` (slot buffers grow in steps of 64 columns)."""
     return -(-n // multiple) * multiple
