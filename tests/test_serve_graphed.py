@@ -8,9 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import softprompt as sp
 from softprompt.errors import ConfigError
+from softprompt.serve import Engine, PromptBank, Request, encode_mixed, forward_mixed
 from softprompt.serve.decode import Decoder, DecodeRow, Sampling
-from softprompt.serve.graphed import LENGTH_BUCKETS, ROW_BUCKETS, PrefillGraphs, bucket
+from softprompt.serve.graphed import LENGTH_BUCKETS, ROW_BUCKETS, HeadGraphs, PrefillGraphs, bucket
+from softprompt.tasks import SequenceClassification, TokenClassification, Verbalizer
 from softprompt.serve.prefill import Prefill
 
 from test_serve_slots import alone, bank_of
@@ -99,3 +102,124 @@ def test_padded_joins_run_the_compiled_prefill_where_the_decoder_compiles(family
         for row, task in zip(rows, names):
             assert row.tokens == alone(models[task], {"text": text}, 3, None)[:3], (task, text)
     assert decoder.prefill.compiled and compiled_graphs(prefill_forward) >= 1
+
+
+# -- head requests ------------------------------------------------------------------------
+HEAD_TASKS = {  # every method; the classifiers read the last layer, the verbalizer the answer slot at the end
+    "sentiment": (lambda: sp.PTuningV2Config(num_virtual_tokens=4, template="{text}", init_std=0.5),
+                  lambda: SequenceClassification(["neg", "pos"], pool="last")),
+    "topic": (lambda: sp.PromptTuningConfig(template="[P:3] Topic: {text}", init="vocab"),
+              lambda: SequenceClassification(["film", "food", "place"], pool="mean")),
+    "ner": (lambda: sp.PrefixTuningConfig(num_virtual_tokens=2, template="{tokens}", projection_hidden_size=16),
+            lambda: TokenClassification(["O", "B-PER", "I-PER", "B-LOC", "I-LOC"])),
+    "review": (lambda: sp.PTuningConfig(template="[P:2] {text} [P:2] It was [MASK]", encoder="mlp",
+                                        encoder_hidden_size=16),
+               lambda: Verbalizer({"neg": ["bad", "awful"], "pos": ["good"]})),
+    "mid": (lambda: sp.PromptTuningConfig(template="[P:2] {text} It was [MASK] .", init="vocab"),  # ends at [MASK]
+            lambda: Verbalizer({"neg": ["bad"], "pos": ["good"]})),
+}
+HEAD_REQUESTS = [("sentiment", "a gem of a film"), ("ner", ["Anna", "lives", "in", "Sarajevo"]),
+                 ("review", "bad"), ("topic", "the plot wanders but the cast holds it together"),
+                 ("review", "the cast holds it together"), ("sentiment", "fine"), ("ner", ["Maria"]),
+                 ("topic", "x"), ("mid", "a gem")]
+
+
+def head_bank(family_models, family, cache_prompts=True):
+    base, tok = family_models(family)
+    bank = PromptBank(base, tok, cache_prompts=cache_prompts)
+    for i, (name, (config, make_task)) in enumerate(HEAD_TASKS.items()):
+        torch.manual_seed(i)
+        model = sp.SoftPromptModel(base, config(), tokenizer=tok).eval()
+        task = make_task()
+        task.bind(model)
+        task.eval()
+        bank.add(name, model, task=task)
+    return bank
+
+
+def head_request(task, text):
+    return Request(task, {"tokens": text} if isinstance(text, list) else {"text": text})
+
+
+@pytest.mark.parametrize("family", PADDABLE)
+@pytest.mark.parametrize("cache_prompts", [True, False])
+def test_padded_head_batches_give_what_the_eager_forward_gives(family_models, family, cache_prompts):
+    """Batches of 1, 3 and 5 head requests (padded to 1, 4 and 8 rows, 16 or 32 columns;
+    every method, prompt K/V cached or recomputed): the last layer's states of the real
+    tokens, the answer slot's scores and the aligned masks equal `forward_mixed`'s."""
+    bank = head_bank(family_models, family, cache_prompts)
+    graphs = HeadGraphs(bank, capture=False)
+    picks = [["review"], ["sentiment", "review", "topic"], ["ner", "review", "sentiment", "topic", "review"]]
+    for names in picks:
+        texts = [[t for n, t in HEAD_REQUESTS if n == name][i % 2] for i, name in enumerate(names)]
+        examples = [{"tokens": t} if isinstance(t, list) else {"text": t} for t in texts]
+        batch = encode_mixed(bank, names, examples)
+        for logits in ("answer", "none"):
+            assert graphs.takes(batch, logits=logits, output_hidden_states=True)
+            padded = graphs(batch, logits=logits, output_hidden_states=True)
+            eager = forward_mixed(bank, batch, logits=logits, output_hidden_states=True)
+            for key in ("attention_mask", "field_index", "word_index"):
+                assert torch.equal(getattr(padded, key), getattr(eager, key)), key
+            real = eager.attention_mask.bool()
+            torch.testing.assert_close(padded.last_hidden_state[real], eager.last_hidden_state[real], rtol=1e-4,
+                                       atol=1e-4)
+            if logits == "answer":  # the rows with an answer slot (the verbalizer's)
+                answers = batch["answer_index"] >= 0
+                assert answers.any()
+                torch.testing.assert_close(padded.answer_logits[answers], eager.answer_logits[answers], rtol=1e-4,
+                                           atol=1e-4)
+            else:
+                assert padded.answer_logits is None
+
+
+def test_head_batches_the_graphs_do_not_take(family_models):
+    """An answer slot before the end of a row (right padding), every logit, or a batch
+    beyond the token budget run the eager forward."""
+    bank = head_bank(family_models, "llama")
+    graphs = HeadGraphs(bank, capture=False, max_tokens=64)
+    batch = encode_mixed(bank, ["review", "mid"], [{"text": "a gem"}, {"text": "bad"}])
+    assert graphs.takes(batch, logits="answer")  # a causal LM's row ends at its answer slot (" ." is not encoded)
+    review = encode_mixed(bank, ["review"], [{"text": "a gem"}])
+    assert graphs.takes(review, logits="answer") and not graphs.takes(review, logits="all")
+    right = encode_mixed(bank, ["review"], [{"text": "a gem"}], padding_side="right")
+    assert graphs.takes(right, logits="none")  # one row: no padding at all
+    two = encode_mixed(bank, ["review", "review"], [{"text": "a gem"}, {"text": "a b c d e f g h"}],
+                       padding_side="right")
+    assert not graphs.takes(two, logits="answer")  # the shorter row's answer is not at the end
+    long = encode_mixed(bank, ["review"] * 5, [{"text": "a gem"}] * 5)
+    assert not graphs.takes(long, logits="answer")  # 8 rows x 16 columns > 64 tokens
+
+
+@pytest.mark.parametrize("family", PADDABLE)
+def test_engine_head_requests_through_the_padded_forward_equal_each_task_alone(family_models, family, monkeypatch):
+    """The engine's head batches (classifiers, a tagger, verbalizers, one answering before
+    its end) with `head_graphs=True`: each answer equals the task run alone, and every
+    batch the graphs take went through them."""
+    bank = head_bank(family_models, family)
+    calls = []
+    original = HeadGraphs.__call__
+    monkeypatch.setattr(HeadGraphs, "__call__", lambda self, batch, **kw: calls.append(kw) or original(self, batch, **kw))
+    engine = Engine(bank, max_batch_rows=4, head_graphs=True)
+    requests = [head_request(t, x) for t, x in HEAD_REQUESTS]
+    results = engine.run(requests)
+    assert all(r.ok for r in results), [r.error for r in results]
+    for request, result in zip(requests, results):
+        entry = bank[request.task]
+        batch, _ = entry.task.collate(entry.model, [request.input], with_targets=False)
+        with torch.no_grad():
+            expected = entry.task.predict(entry.model, batch)[0]
+        if request.task == "ner":
+            assert result.output == expected
+        else:
+            assert result.output["label"] == expected["label"], request
+            for label, score in expected["scores"].items():
+                assert result.output["scores"][label] == pytest.approx(score, abs=1e-4)
+    assert calls, "no head batch went through the padded forward"
+
+
+def test_engine_head_graphs_default_and_refusal(family_models):
+    """Off by default on the CPU; asked for on a family whose rows cannot be padded: refused."""
+    assert Engine(head_bank(family_models, "llama"))._head_graphs is None
+    base, tok = family_models("mistral")
+    with pytest.raises(ConfigError, match="cannot be padded"):
+        Engine(PromptBank(base, tok), head_graphs=True)

@@ -86,7 +86,8 @@ def _http_row(http: dict) -> str:
             f"| {http['device']}, `{http['model']}`{' (' + http['dtype'] + ')' if http.get('dtype') else ''} with tasks "
             f"{', '.join(http['tasks'])}: {http['requests']:,} requests, {http['requests_per_s']:,.0f} requests/s, p50 "
             f"{http['latency_p50_ms']:.0f} ms, p99 {http['latency_p99_ms']:.0f} ms, {failures} failures, "
-            f"{http['rows_per_run']:.1f} requests per engine run | measured |")
+            f"{http['rows_per_run']:.1f} requests per engine run{'; ' + http['note'] if http.get('note') else ''} "
+            "| measured |")
 
 
 def _analysis(results: dict, https: list[dict]) -> list[str]:
@@ -186,7 +187,8 @@ def render() -> str:
         "times come from the GPU machine unless a row says otherwise.",
         "",
     ]
-    https = [h for h in (load_report("serve_http_gpu.json"), load_report("serve_http.json")) if h is not None]
+    https = [h for h in (load_report("serve_http_gpu.json"), load_report("serve_http_h100_head_graphs.json"),
+                         load_report("serve_http.json")) if h is not None]
     lines += serving(load_report("serve_throughput.json"), https)
     lines += engine()
     lines += [""] + training()

@@ -62,22 +62,36 @@ def bank_of(base, tok, n_tasks: int, template: str, cache: bool):
 def s3(base, tok, args) -> dict:
     from softprompt.serve import encode_mixed, forward_mixed
     from softprompt.serve.compiled import CompiledForward
+    from softprompt.serve.graphed import HeadGraphs
     from softprompt.serve.mixed import head_forward
 
     template = "[P:100] {text} [MASK]"
     out: dict = {"virtual_tokens": 100, "input_tokens": 32}
     banks = {cache: bank_of(base, tok, 1, template, cache) for cache in (False, True)}
-    forwards = {"": None}
+    forwards: dict = {"": None}  # suffix -> the compiled head forward (None: eager)
     if args.compile:  # the engine's head forward, `Engine(compile=True)`
         forwards["_compiled"] = CompiledForward(head_forward, True, "head forward")
+    # the engine's head graphs (`Engine(head_graphs=...)`, on by default on a GPU): the
+    # batch padded to a bucket and replayed, recording the forward above (one set per bank)
+    graphed = {suffix: {cache: HeadGraphs(bank, capture=torch.cuda.is_available(), max_tokens=args.s3_graph_tokens)
+                        for cache, bank in banks.items()} for suffix in list(forwards)}
+    for suffix, compiled in list(forwards.items()):
+        for graphs in graphed[suffix].values():
+            graphs.forward = compiled
     for rows in args.s3_rows:
         names = ["t0"] * rows
         examples = [{"text": text_of(31)} for _ in range(rows)]  # 31 + the answer token = 32 input tokens
         part: dict = {"rows": rows}
-        for suffix, compiled in forwards.items():
+        for suffix in [*forwards, *(s + "_graphs" for s in forwards)]:
+            compiled = forwards[suffix.removesuffix("_graphs")]
             for cache, bank in banks.items():
                 batch = encode_mixed(bank, names, examples)
-                if compiled is None:
+                if suffix.endswith("_graphs"):
+                    graphs = graphed[suffix.removesuffix("_graphs")][cache]
+                    if not graphs.takes(batch, logits="answer"):
+                        continue
+                    run = lambda: graphs(batch, logits="answer")  # noqa: E731
+                elif compiled is None:
                     run = lambda: forward_mixed(bank, batch, logits="answer")  # noqa: E731
                 else:
                     run = lambda: compiled.run(lambda fn: forward_mixed(bank, batch, logits="answer",  # noqa: E731
@@ -87,7 +101,8 @@ def s3(base, tok, args) -> dict:
                 part[("cached" if cache else "recomputed") + suffix] = {
                     "seconds_per_batch": seconds, "rows_per_s": rows / seconds, "row_tokens": tokens,
                     "share_of_peak": share_of_peak(base, rows, tokens, 100 if cache else 0, seconds)}
-            part["speedup" + suffix] = part["cached" + suffix]["rows_per_s"] / part["recomputed" + suffix]["rows_per_s"]
+            if "cached" + suffix in part and "recomputed" + suffix in part:
+                part["speedup" + suffix] = part["cached" + suffix]["rows_per_s"] / part["recomputed" + suffix]["rows_per_s"]
         out[f"batch_{rows}"] = part
     return out
 
@@ -341,6 +356,8 @@ def main() -> None:
     parser.add_argument("--s2-rows", type=int, default=128,
                         help="S2: most rows per batch (both; PEFT's batches are its task groups, 32 or 2 rows)")
     parser.add_argument("--s3-rows", type=int, nargs="+", default=[64, 256], help="S3's batch sizes")
+    parser.add_argument("--s3-graph-tokens", type=int, default=16384,
+                        help="S3's head graphs: most padded tokens a graphed batch holds (the engine's: 8,192)")
     parser.add_argument("--compile", action="store_true",
                         help="the engine's forwards compiled (S1: the decode step before capture and the prefill; "
                              "S2, S3: the head forward, also timed uncompiled in S3)")

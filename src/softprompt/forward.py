@@ -80,10 +80,7 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         raise ConfigError("a token loss (labels=...) reads the logits of every position: use logits='all'")
     keep = _real_tokens(attention_mask, prompt_index, virtual_tokens)  # (B, T)
     align = lambda x: None if x is None else inject.gather_tokens(x, keep)  # noqa: E731
-    # A row with more virtual slots than another of the batch (tasks of a mixed batch) ends
-    # its T entries with virtual positions: they are not real tokens.
-    aligned = dict(attention_mask=align(attention_mask * (prompt_index < 0)), field_index=align(field_index),
-                   word_index=align(word_index))
+    aligned = _aligned(keep, attention_mask, prompt_index, field_index, word_index)
     if spec.kind is ModelKind.SEQ2SEQ:  # decoder logits: what generation and its loss read
         encoded = encode_seq2seq(base, spec, input_ids, attention_mask, prompt_index, prompts)
         out = _run_decoder(base, spec, encoded, attention_mask, prompts, labels, decoder_input_ids)
@@ -108,6 +105,32 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         loss = token_loss(spec, all_logits, labels, keep, prompt_index, attention_mask)
     return SoftPromptOutput(loss=loss, logits=align(all_logits) if logits == "all" else None,
                             last_hidden_state=align(hidden), answer_logits=answer_logits, **aligned)
+
+
+def over_real_tokens(attention_mask: torch.Tensor, prompt_index: torch.Tensor, *, hidden: torch.Tensor | None = None,
+                     answer_logits: torch.Tensor | None = None, field_index: torch.Tensor | None = None,
+                     word_index: torch.Tensor | None = None) -> SoftPromptOutput:
+    """What `run` returns for a forward made elsewhere (the serving engine's graphed head
+    forwards, `serve/graphed.py`) over the batch (B, S) `attention_mask` / `prompt_index`.
+
+    Args:
+        hidden: (B, S, D) last-layer states of every column (virtual slots included).
+        answer_logits: (B, V) at each row's answer slot.
+    """
+    keep = _real_tokens(attention_mask, prompt_index, None)
+    return SoftPromptOutput(last_hidden_state=None if hidden is None else inject.gather_tokens(hidden, keep),
+                            answer_logits=answer_logits,
+                            **_aligned(keep, attention_mask, prompt_index, field_index, word_index))
+
+
+def _aligned(keep: torch.Tensor, attention_mask: torch.Tensor, prompt_index: torch.Tensor,
+             field_index: torch.Tensor | None, word_index: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """The token-level tensors of the batch at its real tokens `keep` (B, T)."""
+    align = lambda x: None if x is None else inject.gather_tokens(x, keep)  # noqa: E731
+    # A row with more virtual slots than another of the batch (tasks of a mixed batch) ends
+    # its T entries with virtual positions: they are not real tokens.
+    return dict(attention_mask=align(attention_mask * (prompt_index < 0)), field_index=align(field_index),
+                word_index=align(word_index))
 
 
 def _real_tokens(attention_mask: torch.Tensor, prompt_index: torch.Tensor, virtual_tokens: int | None) -> torch.Tensor:
@@ -272,5 +295,5 @@ def drop_virtual_slots(batch: dict[str, torch.Tensor | None]) -> dict[str, torch
     return out
 
 
-__all__ = ["Prompts", "SoftPromptOutput", "run", "generate", "encode_seq2seq", "decoder_cache", "token_loss",
-           "drop_virtual_slots"]
+__all__ = ["Prompts", "SoftPromptOutput", "run", "over_real_tokens", "generate", "encode_seq2seq", "decoder_cache",
+           "token_loss", "drop_virtual_slots"]

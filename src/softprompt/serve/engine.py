@@ -39,12 +39,13 @@ from typing import Any, Callable, Iterator, Sequence
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
-from ..architecture import ModelKind
+from ..architecture import ModelKind, model_spec
 from ..encode import EncodedRow
-from ..errors import EncodingError, InputTooLongError, SoftPromptError
+from ..errors import ConfigError, EncodingError, InputTooLongError, SoftPromptError
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .compiled import CompiledForward
 from .decode import Decoder, DecodeRow
+from .graphed import HeadGraphs, paddable
 from .inputs import example_of, field_texts
 from .mixed import collate_mixed, forward_mixed, generate_mixed, head_forward, output_rows
 from .sampling import RowSampler, TokenLogprob
@@ -179,19 +180,40 @@ class Engine:
             is captured, the prefill's and the head requests' with dynamic shapes
             (`compiled.py`); compiled on first use, or by `warmup.warm_up`; a dict: `torch.compile`'s
             keyword arguments. Measured in docs/PERFORMANCE.md.
+        head_graphs: pad batches of head requests to buckets and replay them from CUDA
+            graphs (`graphed.HeadGraphs`; on a CPU the padded forward runs eagerly);
+            default: on a CUDA device for a causal LM whose rows may be padded
+            (`graphed.paddable`).
     """
 
     def __init__(self, bank: PromptBank, *, max_batch_rows: int = 64, max_batch_tokens: int = 16384,
-                 truncate: bool = False, max_length: int | None = None, compile: bool | dict = False):
+                 truncate: bool = False, max_length: int | None = None, compile: bool | dict = False,
+                 head_graphs: bool | None = None):
         self.bank = bank
         self.compile = compile
         self._heads = CompiledForward(head_forward, compile, "head forward")
         self.max_batch_rows = max_batch_rows
         self.max_batch_tokens = max_batch_tokens
+        self._head_graphs = self._graphed_heads(head_graphs)
         self.truncate = truncate
         self.max_length = max_length
         self.batches: list[tuple[str, int]] = []  # (kind, rows) of every batch run, for metrics
         self._decoder: Decoder | None = None  # one for the engine's life: its slots (and CUDA graph) stay
+
+    def _graphed_heads(self, wanted: bool | None) -> HeadGraphs | None:
+        base = self.bank.base
+        cuda = base.get_input_embeddings().weight.is_cuda
+        can = model_spec(base).kind is ModelKind.CAUSAL and paddable(base)
+        if wanted is None:
+            wanted = cuda and can
+        elif wanted and not can:
+            raise ConfigError(f"{base.config.model_type}: head batches cannot be padded to buckets (not a causal LM, "
+                              "a sliding window, or positions that do not follow the attention mask)")
+        if not wanted:
+            return None
+        graphs = HeadGraphs(self.bank, capture=cuda)
+        graphs.forward = self._heads  # the graphs record the head forward (compiled where asked)
+        return graphs
 
     @property
     def decoder(self) -> Decoder:
@@ -421,7 +443,11 @@ class Engine:
         tasks = [e.task for e in entries.values()]
         reads = {"output_hidden_states": any(t.reads.get("output_hidden_states") for t in tasks),
                  "logits": "answer" if any(t.reads.get("logits") == "answer" for t in tasks) else "none"}
-        out = self._heads.run(lambda fn: forward_mixed(self.bank, encoded, base_forward=fn, **reads))
+        graphs = self._head_graphs
+        if graphs is not None and graphs.takes(encoded, **reads):
+            out = graphs(encoded, **reads)
+        else:
+            out = self._heads.run(lambda fn: forward_mixed(self.bank, encoded, base_forward=fn, **reads))
         results: list[Result | None] = [None] * len(batch)
         for key, entry in entries.items():
             mine = [i for i, r in enumerate(batch) if id(r.entry) == key]

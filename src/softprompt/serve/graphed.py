@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import inject
+from .. import forward, inject
 from ..architecture import model_spec
 from ..inject import Prompts
 from .bank import PromptBank
@@ -108,19 +108,22 @@ class _Graph:
     outputs: dict[str, Any]  # the tensors its replay writes
 
 
-class PrefillGraphs:
-    """The joins of a bank's tasks (a causal LM with full attention in every layer), padded
-    to buckets and replayed from CUDA graphs (see the module docstring).
+class PaddedGraphs:
+    """Forwards over a bank's tasks (a causal LM with full attention in every layer, left-
+    padded rows), padded to buckets and replayed from CUDA graphs (see the module
+    docstring). Subclasses give the forward (`_body`) and what is cut back out of it.
 
     Args:
         bank: the tasks.
-        max_tokens: most padded tokens (rows x length) a graphed join holds; larger joins
+        max_tokens: most padded tokens (rows x length) a graphed batch holds; larger ones
             are left to the caller (`takes` is False).
         capture: record graphs (CUDA); False runs the same padded forward eagerly, the
             path the CPU tests check row by row against rows run alone.
-        max_graphs: most graphs kept (each distinct mix of prompt lengths in a join is a
-            shape of its own); a join of a new shape beyond them runs padded, eagerly.
+        max_graphs: most graphs kept (each distinct mix of prompt lengths in a batch is a
+            shape of its own); a batch of a new shape beyond them runs padded, eagerly.
     """
+
+    what = "forward"  # its name in the warning of a failed capture
 
     def __init__(self, bank: PromptBank, *, max_tokens: int = 8192, capture: bool = True, max_graphs: int = 256):
         self.bank = bank
@@ -128,7 +131,7 @@ class PrefillGraphs:
         self.max_tokens = max_tokens
         self.capture = capture
         self.max_graphs = max_graphs
-        self.forward: CompiledForward | None = None  # the prefill's forward (`Prefill` sets it: compiled where asked)
+        self.forward: CompiledForward | None = None  # the base's forward (compiled where asked); None: base(**inputs)
         self.enabled = True
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = None
@@ -137,8 +140,8 @@ class PrefillGraphs:
         return len(self._graphs)
 
     def shape(self, rows: int, length: int) -> tuple[int, int] | None:
-        """The bucket (rows, length) a join of `rows` rows of `length` tokens pads to; None
-        when it takes none (graphs off, beyond the buckets or `max_tokens`)."""
+        """The bucket (rows, length) a batch of `rows` rows of `length` tokens pads to;
+        None when it takes none (graphs off, beyond the buckets or `max_tokens`)."""
         if not self.enabled:
             return None
         padded = bucket(rows, ROW_BUCKETS), bucket(length, LENGTH_BUCKETS)
@@ -146,53 +149,34 @@ class PrefillGraphs:
             return None
         return padded
 
-    def takes(self, batch: MixedBatch) -> bool:
-        return self.shape(*batch["input_ids"].shape) is not None
-
-    @torch.no_grad()
-    def __call__(self, batch: MixedBatch) -> Joined:
-        """The join's prefill (`takes(batch)` must hold): padded, replayed (or run), cut back."""
-        n, S = batch["input_ids"].shape
-        rows, width = self.shape(n, S)
-        entries = list(batch.entries) + [batch.entries[0]] * (rows - n)
-        padded = _pad(batch, rows, width, entries[0].model.encoder.pad_id)
-        prompts = self.bank.prompts_for(entries)
-        values = dict(padded, tables=prompts.tables, prefix=prompts.prefix, prefix_mask=prompts.prefix_mask)
-        self._model = entries[0].model  # spec and LM-head options: the base's, the same for every task
-        outputs = self._replay(values)
-        P = prompts.prefix_length
-        keep = torch.cat([torch.arange(P), torch.arange(P + width - S, P + width)]).to(outputs["mask"].device)
-        return Joined(scores=outputs["scores"][:n].clone(),
-                      keys=[k[:n].index_select(2, keep) for k in outputs["keys"]],
-                      values=[v[:n].index_select(2, keep) for v in outputs["values"]],
-                      mask=outputs["mask"][:n].index_select(1, keep), positions=outputs["positions"][:n].clone(),
-                      entries=list(batch.entries), prefix_length=P)
-
     # -- graphs ---------------------------------------------------------------------
-    def _replay(self, values: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+    def _replay(self, values: dict[str, torch.Tensor | None], variant: tuple = ()) -> dict[str, Any]:
+        """The padded forward's outputs: replayed from the graph of the inputs' shapes and
+        `variant` (what the body computes beyond them; `_body`), recorded on first use."""
         if not self.capture:
-            return self._body(values)
+            return self._body(values, variant)
         key = tuple(None if values[k] is None else (k, tuple(values[k].shape), values[k].dtype) for k in INPUTS)
+        key += variant
         graph = self._graphs.get(key)
         if graph is None and len(self._graphs) >= self.max_graphs:
-            return self._body(values)
+            return self._body(values, variant)
         if graph is None:
             try:
-                graph = self._graphs[key] = self._record(values)
-            except Exception as e:  # a forward that cannot be captured: joins run as before from now on
+                graph = self._graphs[key] = self._record(values, variant)
+            except Exception as e:  # a forward that cannot be captured: batches run as before from now on
                 torch.cuda.synchronize(values["input_ids"].device)
-                log.warning("prefill not captured as CUDA graphs (%s: %s); joins run without them",
-                            type(e).__name__, e)
+                log.warning("%s not captured as CUDA graphs (%s: %s); it runs without them from now on",
+                            self.what, type(e).__name__, e)
                 self.enabled = False
                 self._graphs.clear()
-                return self._body(values)
+                return self._body(values, variant)
         for k, fixed in graph.inputs.items():
             if fixed is not None:
                 fixed.copy_(values[k])
         graph.graph.replay()
         return graph.outputs
 
-    def _record(self, values: dict[str, torch.Tensor | None]) -> _Graph:
+    def _record(self, values: dict[str, torch.Tensor | None], variant: tuple) -> _Graph:
         """Capture the forward on fixed copies of `values` (two runs first, on a side stream,
         so that kernels pick their algorithms and workspaces are allocated)."""
         inputs = {k: None if v is None else v.clone() for k, v in values.items()}
@@ -203,31 +187,131 @@ class PrefillGraphs:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._body(inputs)
+                self._body(inputs, variant)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            outputs = self._body(inputs)
+            outputs = self._body(inputs, variant)
         return _Graph(graph, inputs, outputs)
 
-    def _body(self, values: dict[str, torch.Tensor | None]) -> dict[str, Any]:
-        """The padded join's forward: scores at each row's last column, the cache, the full
-        mask and the next positions (what a graph records)."""
+    def _body(self, values: dict[str, torch.Tensor | None], variant: tuple) -> dict[str, Any]:
+        """The padded batch's forward: what a graph records (the subclass's)."""
+        raise NotImplementedError
+
+    def _run(self, values: dict[str, torch.Tensor | None], *, output_hidden_states: bool = False,
+             **options) -> tuple[Any, dict[str, Any]]:
+        """The base's output over the padded rows and the inputs it was given
+        (`inject.base_inputs` with the 4-D additive mask; `options` its keywords)."""
         prompts = Prompts(tables=values["tables"], prefix=values["prefix"], prefix_mask=values["prefix_mask"])
         model = self._model
 
-        def call(forward):  # inputs built afresh for each call: a failed compiled run may have half-filled the cache
+        def call(fn):  # inputs built afresh for each call: a failed compiled run may have half-filled a cache
             inputs = inject.base_inputs(self.base, model.spec, values["input_ids"], values["attention_mask"],
-                                        values["prompt_index"], prompts, keep_cache=True,
-                                        logits_to_keep=1 if model.keeps_logits else None, additive_mask=True)
-            return forward(self.base, inputs), inputs
+                                        values["prompt_index"], prompts, additive_mask=True, **options)
+            if output_hidden_states:
+                inputs["output_hidden_states"] = True
+            return fn(self.base, inputs), inputs
 
-        out, inputs = self.forward.run(call) if self.forward is not None else call(lambda base, kw: base(**kw))
+        return self.forward.run(call) if self.forward is not None else call(lambda base, kw: base(**kw))
+
+    def _padded(self, batch: MixedBatch) -> tuple[dict[str, torch.Tensor | None], Prompts, int, int]:
+        """The batch padded to its bucket with its entries' prompts: (values, prompts, rows, width)."""
+        n, S = batch["input_ids"].shape
+        rows, width = self.shape(n, S)
+        entries = list(batch.entries) + [batch.entries[0]] * (rows - n)
+        padded = _pad(batch, rows, width, entries[0].model.encoder.pad_id)
+        prompts = self.bank.prompts_for(entries)
+        self._model = entries[0].model  # spec and LM-head options: the base's, the same for every task
+        return dict(padded, tables=prompts.tables, prefix=prompts.prefix, prefix_mask=prompts.prefix_mask), prompts, rows, width
+
+
+class PrefillGraphs(PaddedGraphs):
+    """The joins of rows into the decoder (`Prefill`): each join's first scores, keys and
+    values, mask and next positions (`Joined`), cut back to its real rows and columns."""
+
+    what = "prefill"
+
+    def takes(self, batch: MixedBatch) -> bool:
+        return self.shape(*batch["input_ids"].shape) is not None
+
+    @torch.no_grad()
+    def __call__(self, batch: MixedBatch) -> Joined:
+        """The join's prefill (`takes(batch)` must hold): padded, replayed (or run), cut back."""
+        n, S = batch["input_ids"].shape
+        values, prompts, rows, width = self._padded(batch)
+        outputs = self._replay(values)
+        P = prompts.prefix_length
+        keep = torch.cat([torch.arange(P), torch.arange(P + width - S, P + width)]).to(outputs["mask"].device)
+        return Joined(scores=outputs["scores"][:n].clone(),
+                      keys=[k[:n].index_select(2, keep) for k in outputs["keys"]],
+                      values=[v[:n].index_select(2, keep) for v in outputs["values"]],
+                      mask=outputs["mask"][:n].index_select(1, keep), positions=outputs["positions"][:n].clone(),
+                      entries=list(batch.entries), prefix_length=P)
+
+    def _body(self, values: dict[str, torch.Tensor | None], variant: tuple = ()) -> dict[str, Any]:
+        """The padded join's forward: scores at each row's last column, the cache, the full
+        mask and the next positions (what a graph records)."""
+        out, inputs = self._run(values, keep_cache=True, logits_to_keep=1 if self._model.keeps_logits else None)
         cache = inject.output_cache(out)
+        prompts = Prompts(tables=values["tables"], prefix=values["prefix"], prefix_mask=values["prefix_mask"])
         return {"scores": out.logits[:, -1], "keys": [layer.keys for layer in cache.layers],
                 "values": [layer.values for layer in cache.layers], "mask": prompts.full_mask(values["attention_mask"]),
                 "positions": inputs["position_ids"][:, -1] + 1}
 
+
+
+class HeadGraphs(PaddedGraphs):
+    """Batches of head requests (`Engine`: classification, tagging, a verbalizer's answer
+    slot): what `forward_mixed` gives them, cut back to their real rows and columns.
+
+    Graphed where every row ends at the column its head reads (left-padded rows; an
+    answer slot, if read, at each row's last column, as templates ending in ``[MASK]``
+    give on a causal LM): the LM head is then applied at that one column, the same in
+    every bucket. Batches reading all logits, or answers elsewhere, run as before.
+    """
+
+    what = "head forward"
+
+    def takes(self, batch: MixedBatch, *, logits: str = "none", output_hidden_states: bool = False) -> bool:
+        S = batch["input_ids"].shape[1]
+        if self.shape(batch["input_ids"].shape[0], S) is None or logits not in ("none", "answer"):
+            return False
+        model = batch.entries[0].model
+        if model.padding_side != "left":
+            return False
+        if logits == "answer":  # one read of the device, as the eager forward makes for the answer columns
+            answers = batch.get("answer_index")
+            # a row without an answer slot (-1: a classifier beside a verbalizer) reads none:
+            # it gets the last column's scores here, column 0's in the eager forward
+            return model.keeps_logits and answers is not None and bool(((answers == S - 1) | (answers < 0)).all())
+        return True
+
+    @torch.no_grad()
+    def __call__(self, batch: MixedBatch, *, logits: str = "none",
+                 output_hidden_states: bool = False) -> forward.SoftPromptOutput:
+        """The batch's head forward (`takes` must hold): padded, replayed (or run), cut back."""
+        n, S = batch["input_ids"].shape
+        values, _, rows, width = self._padded(batch)
+        outputs = self._replay(values, (logits == "answer", output_hidden_states))
+        hidden = outputs["hidden"]
+        answer = outputs["answer"]
+        return forward.over_real_tokens(
+            batch["attention_mask"], batch["prompt_index"],
+            hidden=None if hidden is None else hidden[:n, width - S :].clone(),
+            answer_logits=None if answer is None else answer[:n].clone(),
+            field_index=batch.get("field_index"), word_index=batch.get("word_index"))
+
+    def _body(self, values: dict[str, torch.Tensor | None], variant: tuple) -> dict[str, Any]:
+        """The padded batch's forward: the answer slot's scores (the last column) and the
+        last layer's states, each where read (`variant`)."""
+        answer, hidden = variant
+        options: dict[str, Any] = {"logits_to_keep": 1} if self._model.keeps_logits else {}
+        out, _ = self._run(values, output_hidden_states=hidden, **options)
+        states = None
+        if hidden:
+            states = getattr(out, "last_hidden_state", None)
+            states = out.hidden_states[-1] if states is None else states
+        return {"answer": out.logits[:, -1] if answer else None, "hidden": states}
 
 def _pad(batch: MixedBatch, rows: int, width: int, pad_id: int) -> dict[str, torch.Tensor]:
     """The batch's input ids, attention mask and prompt index (n, S) padded to (rows,
@@ -248,4 +332,4 @@ def paddable(base) -> bool:
     return sliding_window(base.config)[0] is None and model_spec(base).accepts_position_ids
 
 
-__all__ = ["Joined", "PrefillGraphs", "bucket", "paddable"]
+__all__ = ["HeadGraphs", "Joined", "PaddedGraphs", "PrefillGraphs", "bucket", "paddable"]
