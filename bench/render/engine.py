@@ -280,6 +280,42 @@ def burst_table() -> list[str]:
     return lines
 
 
+def prefix_pool_table() -> list[str]:
+    """The compiled decode step with each task's prefix once in the pool against a copy in
+    every row (`bench.probe.decode_step --variants slot+compile slot+compile+copies`)."""
+    report = load_report("decode_step_pool_compiled_h100.json")
+    if report is None:
+        return []
+    c = report["settings"]
+    by = {(r["variant"], r["rows"]): r for r in report["results"]}
+    N = c["tasks"] * c["virtual"]
+    lines = [f"### Each task's prefix once in the prefix pool, against a copy in each row ({_gpu(report)}; rerun: "
+             f"`python -m bench.probe.decode_step --variants {' '.join(c['variants'])} --virtual {c['virtual']} "
+             f"--tasks {c['tasks']}`)", "",
+             f"The compiled step replayed as a CUDA graph; {c['tasks']} tasks' input prompts of {c['virtual']} virtual "
+             f"tokens, cached as K/V segments ({N:,} pool columns), {c['input_tokens']}-token inputs.", "",
+             "| rows | pool step ms | copies step ms | pool / copies | S1-style run new tok/s, pool / copies "
+             "| greedy tokens equal (copies vs pool) |", "|---|---|---|---|---|---|"]
+    for rows in c["rows"]:
+        pool, copies = by.get(("slot+compile", rows)), by.get(("slot+compile+copies", rows))
+        if pool is None or copies is None:
+            continue
+        lines.append(f"| {rows} | {pool['step_ms']:.2f} | {copies['step_ms']:.2f} | {pool['step_ms'] / copies['step_ms']:.2f}x "
+                     f"| {pool['run']['new_tokens_per_s']:,.0f} / {copies['run']['new_tokens_per_s']:,.0f} "
+                     f"| {copies.get('rows_equal_pool_variant')} |")
+    lines += ["", f"Why the pool is slower: `attention.pooled_products` scores every row against every pool column, "
+              f"a float32 (R, H_kv, G, N) tensor with N the pool's columns (at least the {N:,} held): at 256 rows at "
+              "least 52 MB per layer, 0.84 GB a step, written and read again by the softmax, where the copies read "
+              f"each row's own {c['virtual']} columns. What would reach it: "
+              "each task's rows attending to their own span only (cascade attention: FlashInfer's shared-prefix "
+              "kernels, or `flex_attention` with a block mask of the rows' spans), merged with the slot columns' part "
+              "by log-sum-exp. Until then the pool stays opt-in (`Decoder(shared_prefix=True)`). Greedy tokens: "
+              "bfloat16 sums in another order (one softmax over pool and slot columns against one over the row's "
+              "columns), so on a random-init model paths may part; in float32 on the CPU every row equals the row "
+              "alone (`tests/test_serve_prefix_pool.py`)."]
+    return lines
+
+
 S3_VARIANTS = (("", "eager"), ("_graphs", "padded, CUDA graphs"), ("_compiled", "compiled"),
                ("_compiled_graphs", "padded, CUDA graphs of the compiled forward"))
 
@@ -340,7 +376,7 @@ def engine() -> list[str]:
     lines += ["", "### S1 end to end (prefill, decode steps and the host loop)", ""]
     lines += s1_table()
     lines += ["", where_the_rest_goes(), ""]
-    for section in (prefill_tables(), burst_table(), s3_compiled_table()):
+    for section in (prefill_tables(), burst_table(), prefix_pool_table(), s3_compiled_table()):
         if section:
             lines += section + [""]
     return lines
