@@ -316,6 +316,30 @@ def prefix_pool_table() -> list[str]:
     return lines
 
 
+def s2_table() -> list[str]:
+    """S2 as model FLOP utilisation (`bench.serve.throughput --scenarios s2`)."""
+    report = load_report("serve_s2_h100.json")
+    if report is None:
+        return []
+    lines = [f"### S2 mixed-task classification as a share of the GPU's peak ({_gpu(report)}; rerun: "
+             f"`{report['command']}`)", "",
+             "512 requests of 20 virtual + 64 input tokens through `Engine.run` (template encoding, batching, the "
+             "forward reading the answer slot), batches of up to 128 rows; share of peak: the model's FLOPs for every "
+             "request's 84 tokens per second over the dense bf16 peak; PEFT: one batch per task group after "
+             "`set_adapter`, same process.", "",
+             "| tasks | ours, prompts recomputed | ours, prompt K/V cached (the bank's default) | PEFT | cached / PEFT "
+             "| target (16 tasks) |", "|---|---|---|---|---|---|"]
+    for key, r in sorted(report["results"]["s2"].items(), key=lambda kv: kv[1]["tasks"] if isinstance(kv[1], dict) else 0):
+        if not isinstance(r, dict):
+            continue
+        ours, cached = r["softprompt"], r["softprompt_cached"]
+        target = ">= 60% of peak: **not met**" if r["tasks"] == 16 and cached["share_of_peak"] < 0.6 else "-"
+        lines.append(f"| {r['tasks']} | {ours['requests_per_s']:,.0f} req/s ({ours['share_of_peak']:.0%}) "
+                     f"| {cached['requests_per_s']:,.0f} req/s ({cached['share_of_peak']:.0%}) "
+                     f"| {r['peft']['requests_per_s']:,.0f} req/s | {r['speedup_cached']:.2f}x | {target} |")
+    return lines
+
+
 S3_VARIANTS = (("", "eager"), ("_graphs", "padded, CUDA graphs"), ("_compiled", "compiled"),
                ("_compiled_graphs", "padded, CUDA graphs of the compiled forward"))
 
@@ -376,7 +400,7 @@ def engine() -> list[str]:
     lines += ["", "### S1 end to end (prefill, decode steps and the host loop)", ""]
     lines += s1_table()
     lines += ["", where_the_rest_goes(), ""]
-    for section in (prefill_tables(), burst_table(), prefix_pool_table(), s3_compiled_table()):
+    for section in (prefill_tables(), burst_table(), prefix_pool_table(), s3_compiled_table(), s2_table()):
         if section:
             lines += section + [""]
     return lines

@@ -133,7 +133,10 @@ def s2(base, tok, args, n_tasks: int) -> dict:
         engine = Engine(bank, max_batch_rows=args.s2_rows, max_batch_tokens=args.s2_rows * 128, compile=args.compile)
         requests = [Request(t, text, generate=False) for t in tasks]
         for e in bank.entries(bank.names()):  # answer logits are what a verbalizer reads: a head-less probe
-            e.task = _AnswerProbe()
+            e.task = _answer_probe()
+        failed = [r.error for r in engine.run(requests) if not r.ok]
+        if failed:  # a timing of failed requests measures nothing
+            raise RuntimeError(f"S2: {len(failed)} of {len(requests)} requests failed, e.g. {failed[0]}")
         seconds = timed(lambda: engine.run(requests), args.repeats)
         out["softprompt_cached" if cache else "softprompt"] = {
             "seconds": seconds, "requests_per_s": n_requests / seconds,
@@ -185,17 +188,21 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-class _AnswerProbe:
-    """Reads the answer slot's arg-max token: the work of a single-token verbalizer."""
+def _answer_probe():
+    """A task that reads the answer slot's arg-max token: the work of a single-token verbalizer."""
+    from softprompt.tasks.base import Task
 
-    kind = "verbalizer"
-    reads = {"logits": "answer"}
+    class AnswerProbe(Task):
+        kind = "verbalizer"
+        reads = {"logits": "answer"}
 
-    def annotate(self, batch, examples):
-        pass
+        def annotate(self, batch, examples):
+            pass
 
-    def predict(self, model, batch, out=None):
-        return out.answer_logits.argmax(-1).tolist()
+        def predict(self, model, batch, out=None):
+            return out.answer_logits.argmax(-1).tolist()
+
+    return AnswerProbe()
 
 
 def _unwrap(peft_model) -> None:
