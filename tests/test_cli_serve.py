@@ -1,6 +1,7 @@
 """`softprompt serve` end to end, as a user runs it: two prompts trained with the CLI (two
-tasks, two methods) served by the real command in a subprocess on loopback; interleaved
-concurrent requests get the answers `softprompt predict` gives. A causal base is served
+tasks, two methods) served by the real command in a subprocess on loopback, read at start-up and read
+lazily (--lazy, one task in memory at a time); interleaved concurrent requests get the
+answers `softprompt predict` gives. A causal base is served
 alone under its own name (--model's folder name, or --base-name), a task of that name refused."""
 
 from __future__ import annotations
@@ -48,37 +49,42 @@ def test_serve_two_trained_prompts_of_different_tasks_and_methods(bert_dir, revi
         for x, line in zip(inputs, [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]):
             expected[(name, x)] = line["prediction"]
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", str(bert_dir), "--prompts",
-                               str(prompts), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_serving(url, server)
-        jobs = [("sentiment", texts[i % 4]) if i % 2 else ("ner", sentences[i % 4]) for i in range(40)]
+    # read at start-up; then registered only, each read on its first request, one in memory at a time
+    for levels in ([], ["--lazy", "--max-in-memory", "1"]):
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", str(bert_dir),
+                                   "--prompts", str(prompts), "--port", str(port), *levels], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_until_serving(url, server)
+            jobs = [("sentiment", texts[i % 4]) if i % 2 else ("ner", sentences[i % 4]) for i in range(40)]
 
-        def call(job):
-            name, x = job
-            endpoint = "/v1/tag" if name == "ner" else "/v1/classify"
-            r = httpx.post(f"{url}{endpoint}", json={"task": name, "inputs": [x]}, timeout=30)
-            assert r.status_code == 200, r.text
-            return job, r.json()["results"][0]
+            def call(job):
+                name, x = job
+                endpoint = "/v1/tag" if name == "ner" else "/v1/classify"
+                r = httpx.post(f"{url}{endpoint}", json={"task": name, "inputs": [x]}, timeout=30)
+                assert r.status_code == 200, r.text
+                return job, r.json()["results"][0]
 
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(call, jobs))
-        for (name, x), got in answers:
-            want = expected[(name, x)]
-            if name == "ner":
-                assert got["tags"] == want
-            else:
-                assert got["label"] == want["label"] and got["scores"].keys() == want["scores"].keys()
-                for label, score in want["scores"].items():
-                    assert abs(got["scores"][label] - score) < 1e-5
-        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["ner", "sentiment"]
-    finally:
-        server.terminate()
-        _, err = server.communicate(timeout=30)
-    assert f"serving 2 task(s) (ner, sentiment) on {bert_dir} (cpu) at http://127.0.0.1:{port}" in err
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(call, jobs))
+            for (name, x), got in answers:
+                want = expected[(name, x)]
+                if name == "ner":
+                    assert got["tags"] == want
+                else:
+                    assert got["label"] == want["label"] and got["scores"].keys() == want["scores"].keys()
+                    for label, score in want["scores"].items():
+                        assert abs(got["scores"][label] - score) < 1e-5
+            models = httpx.get(f"{url}/v1/models").json()["data"]
+            assert [m["id"] for m in models] == ["ner", "sentiment"]
+            assert [(m["kind"], m["method"], m["task"]) for m in models] == [
+                ("input", "prompt-tuning", "ner"), ("deep", "p-tuning-v2", "classification")]
+        finally:
+            server.terminate()
+            _, err = server.communicate(timeout=30)
+        assert f"serving 2 task(s) (ner, sentiment) on {bert_dir} (cpu) at http://127.0.0.1:{port}" in err
 
 
 def test_serve_refuses_what_it_could_never_serve_before_loading_the_model(tmp_path):

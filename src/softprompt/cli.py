@@ -315,6 +315,8 @@ def serve(
     compile_decode: bool = typer.Option(False, "--compile", help="Compile the decode step (before its CUDA graph is captured), the prefill of joining rows and the head requests' forward with torch.compile (1B Llama shape on an H100: 2.0 instead of 3.2 ms a step at 64 rows). Compiled at start-up, before the server listens: each compiled version took 30-60 s for a 1B model on an H100, so minutes in all. Falls back to the uncompiled step, with one warning, where compiling fails."),
     max_queue: int = typer.Option(1024, "--max-queue", help="Waiting requests beyond this get 429."),
     max_on_device: int = typer.Option(None, "--max-on-device", help="Most tasks' prompts kept on the accelerator (LRU)."),
+    max_in_memory: int = typer.Option(None, "--max-in-memory", help="Most tasks read from folders kept in host memory (LRU; the others are read again from their folder on their next request)."),
+    lazy: bool = typer.Option(False, "--lazy", help="Register the folders under --prompts without reading them: each task is read on its first request (start-up in the time of listing thousands of tasks)."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="Larger request bodies get 413."),
     max_inputs: int = typer.Option(256, "--max-inputs", min=1, help="Most inputs (or prompts) in one request (413 beyond)."),
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Most tokens one completion may ask for (422 beyond)."),
@@ -368,10 +370,11 @@ def serve(
     target = resolve_device(device)
     base, tokenizer = load_base(model, dtype=dtype)
     base.to(target)
+    levels = dict(max_on_device=max_on_device, max_in_memory=max_in_memory)
     if prompts is not None:
-        bank = PromptBank.from_directory(base, tokenizer, prompts, max_on_device=max_on_device)
+        bank = PromptBank.from_directory(base, tokenizer, prompts, lazy=lazy, **levels)
     else:
-        bank = PromptBank(base, tokenizer, max_on_device=max_on_device)
+        bank = PromptBank(base, tokenizer, **levels)
     for name, path in named.items():
         bank.add(name, path)
     if base_name is not None or model_spec(base).kind is not ModelKind.ENCODER:  # an encoder alone generates nothing

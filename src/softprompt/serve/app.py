@@ -265,14 +265,18 @@ class Server:
         await first_of({results}, http, requests)
         return results.result()
 
-    def entry_for(self, task: str, endpoint: str) -> BankEntry:
+    async def entry_for(self, task: str, endpoint: str) -> BankEntry:
         """The task's entry, if `endpoint` answers for it (`Task.endpoint`; a folder without a
-        task head is for completions)."""
+        task head is for completions). A task registered but not in memory is read from its
+        folder in a worker thread: the event loop serves other requests meanwhile."""
         param = "model" if endpoint == "completions" else "task"
         try:
-            entry = self.bank[task]
+            entry = self.bank[task] if self.bank.in_memory(task) else await asyncio.to_thread(self.bank.__getitem__,
+                                                                                            task)
         except UnknownTaskError as e:
             raise APIError(404, str(e), param, "model_not_found") from None
+        except SoftPromptError as e:  # its folder, registered at start-up, cannot be read now
+            raise APIError(500, f"task {task!r} cannot be loaded: {e}", param, "task_unavailable") from None
         serves = entry.task.endpoint if entry.task is not None else "completions"
         if endpoint == "tag" and serves != "tag":
             raise APIError(422, f"task {task!r} is not a token-classification task: use /v1/classify", param)
@@ -371,17 +375,14 @@ def metrics(request: HTTPRequest) -> PlainTextResponse:
 def models(request: HTTPRequest) -> dict[str, Any]:
     bank = server_of(request).bank
     data = []
-    for name in bank.names():
-        e = bank[name]
-        data.append({"id": name, "object": "model", "owned_by": "softprompt", "method": e.method, "kind": e.kind,
-                     "num_virtual_tokens": e.num_virtual_tokens, "template": e.template,
-                     "task": e.task.kind if e.task is not None else None})
+    for name in bank.names():  # described without reading the folders of tasks not in memory
+        data.append({"id": name, "object": "model", "owned_by": "softprompt", **bank.describe(name)})
     return {"object": "list", "data": data}
 
 
 async def classify(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
     server = server_of(request)
-    entry = server.entry_for(body.task, "classify")  # the version checked is the version that answers
+    entry = await server.entry_for(body.task, "classify")  # the version checked is the version that answers
     server.check_count(len(body.inputs), "inputs", "inputs")
     results = await server.run([Request(body.task, x, entry=entry) for x in body.inputs], request)
     check_results(results)
@@ -392,7 +393,7 @@ async def tag(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
     get_entities = require("seqeval.metrics.sequence_labeling", "ner", "a tagging answer's entity spans").get_entities
 
     server = server_of(request)
-    entry = server.entry_for(body.task, "tag")
+    entry = await server.entry_for(body.task, "tag")
     field = entry.task.word_field
     server.check_count(len(body.inputs), "inputs", "inputs")
     results = await server.run([Request(body.task, x, entry=entry) for x in body.inputs], request)
@@ -410,7 +411,7 @@ async def completions(body: CompletionBody, request: HTTPRequest):
     """Each prompt completed `n` times (choices prompt by prompt); with `best_of`, the `n` of
     `best_of` candidates of highest log-probability per token."""
     server = server_of(request)
-    entry = server.entry_for(body.model, "completions")
+    entry = await server.entry_for(body.model, "completions")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise APIError(400, "prompt: give at least one prompt", "prompt")
@@ -456,7 +457,7 @@ async def chat_completions(body: ChatBody, request: HTTPRequest):
     """The messages rendered by the tokenizer's chat template (`chat.render_chat`), then
     completed as that prompt would be: the text fills the task's one template field."""
     server = server_of(request)
-    entry = server.entry_for(body.model, "completions")
+    entry = await server.entry_for(body.model, "completions")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs: give logprobs: true to have log-probabilities returned", "top_logprobs")

@@ -6,8 +6,13 @@ as a `SoftPromptModel` whose prompt is the collapsed tensor. What a batch needs 
 per batch from the tasks in it (`prompts_for`): input tables and deep key/value prefixes
 are stacked row by row, padded to the longest prompt, with a mask over the prefix.
 
-At most ``max_on_device`` tasks keep their tensor on the accelerator (least recently used
-first out); the others wait in host memory and move over when a batch needs them.
+Three levels hold a task, each least recently used first out: the accelerator (at most
+``max_on_device`` tasks keep their tensor there; the others move over when a batch needs
+them), host memory (at most ``max_in_memory`` tasks loaded from folders; the others are
+dropped and read again from their folder on their next request), and the folder itself.
+A folder may be registered without being read (`register`, `from_directory(lazy=True)`):
+10,000 tasks then start in the time of listing them, and each is read on its first
+request, or ahead of it (`prefetch`, which the server calls when a request arrives).
 
 The base model itself is served under its own name too (`PromptBank.add_base`): an entry
 whose model is a `PlainBase`, a template ``{text}`` with no prompt at all. Its rows are
@@ -22,6 +27,7 @@ import dataclasses
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -31,9 +37,10 @@ import torch
 from ..architecture import ModelKind, model_spec
 from ..encode import EncodedRow, TemplateEncoder
 from ..errors import ConfigError, EncodingError, SoftPromptError
-from ..folder import has_task, load_with_task, prompt_directory, unreadable_as
+from ..folder import has_task, load_with_task, prompt_directory, prompt_info, unreadable_as
 from ..inject import Prompts
-from ..io.prompt import read_config
+from ..io.atomic import read_json_object
+from ..io.prompt import TASK_FILE, read_config
 from ..model import OnBase, SoftPromptModel
 from ..tasks import Task
 from ..template import parse_template
@@ -224,22 +231,31 @@ class PromptBank:
         >>> prompts = bank.prompts_for(["sentiment", "ner", "sentiment"])   # per-row Prompts
     """
 
-    def __init__(self, base, tokenizer, *, max_on_device: int | None = None, cache_prompts: bool = True):
-        if max_on_device is not None and (not isinstance(max_on_device, int) or max_on_device < 1):
-            raise ConfigError(f"max_on_device must be a positive integer or None, got {max_on_device!r}")
+    def __init__(self, base, tokenizer, *, max_on_device: int | None = None, max_in_memory: int | None = None,
+                 cache_prompts: bool = True):
+        for key, value in (("max_on_device", max_on_device), ("max_in_memory", max_in_memory)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{key} must be a positive integer or None, got {value!r}")
         self.base = base
         self.tokenizer = tokenizer
         self.max_on_device = max_on_device
+        self.max_in_memory = max_in_memory
         self.cache_prompts = cache_prompts
-        self._entries: OrderedDict[str, BankEntry] = OrderedDict()  # in least-recently-used order
+        self._entries: OrderedDict[str, BankEntry] = OrderedDict()  # loaded, in least-recently-used order
+        self._folders: dict[str, Path] = {}  # tasks added from a folder: where they are (re)read from
+        self._loading: dict[str, threading.Lock] = {}  # one read of a task's folder at a time
+        self._prefetcher: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
         self.base_name: str | None = None  # the name the base model alone answers to (`add_base`)
+        self.reads = 0  # prompt folders read (loads and reloads), for tests and metrics
 
     # -- loading --------------------------------------------------------------
     @classmethod
-    def from_directory(cls, base, tokenizer, directory: str | Path, **kwargs) -> "PromptBank":
+    def from_directory(cls, base, tokenizer, directory: str | Path, *, lazy: bool = False,
+                       **kwargs) -> "PromptBank":
         """A bank of every prompt folder under `directory` (one sub-folder per task, named
-        after the task; a run directory's ``prompt/`` folder is found too).
+        after the task; a run directory's ``prompt/`` folder is found too); `lazy`: each
+        registered (`register`), read on its first request.
 
         Raises:
             ConfigError: `directory` is missing or holds no prompt folder.
@@ -251,7 +267,10 @@ class PromptBank:
             raise ConfigError(f"prompt directory {directory} does not exist")
         bank = cls(base, tokenizer, **kwargs)
         for sub in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            bank.add(sub.name, sub)
+            if lazy:
+                bank.register(sub.name, sub)
+            else:
+                bank.add(sub.name, sub)
         if not len(bank):
             raise ConfigError(f"{directory} holds no prompt folders (one sub-folder per task, each written by "
                               "save_pretrained or softprompt train)")
@@ -268,6 +287,39 @@ class PromptBank:
         """
         check_task_name(name)
         self.refuse_base_name(name, "loaded as a task")
+        folder = None if isinstance(source, SoftPromptModel) else prompt_directory(source)
+        entry = self._build(name, source if folder is None else folder, task)
+        with self._lock:
+            if name in self and not replace:
+                raise ConfigError(f"task {name!r} is already loaded; remove it first or replace it")
+            self._entries.pop(name, None)
+            self._folders.pop(name, None)
+            if folder is not None:
+                self._folders[name] = folder
+            self._entries[name] = entry
+            self._evict_from_memory(entry)
+        return entry
+
+    def register(self, name: str, folder: str | Path, *, replace: bool = False) -> None:
+        """Make a task of a prompt folder without reading it: its ``prompt_config.json``
+        is checked now, the rest is read on its first request (or `prefetch`).
+
+        Raises:
+            ConfigError: an invalid name, or one taken (without `replace`).
+            PromptFileError: not a prompt folder (the message names the file).
+        """
+        check_task_name(name)
+        self.refuse_base_name(name, "loaded as a task")
+        folder = prompt_directory(folder)
+        read_config(folder)  # not a prompt folder: refused now, not at its first request
+        with self._lock:
+            if name in self and not replace:
+                raise ConfigError(f"task {name!r} is already loaded; remove it first or replace it")
+            self._entries.pop(name, None)
+            self._folders[name] = folder
+
+    def _build(self, name: str, source: Path | SoftPromptModel, task: Task | None) -> BankEntry:
+        """The task's entry: its folder read (or its model taken), checked, prompt K/V cached."""
         metadata: dict[str, Any] = {}
         if isinstance(source, SoftPromptModel):
             if source.base is not self.base:
@@ -276,7 +328,8 @@ class PromptBank:
             if task is not None:
                 task.bind(model)
         else:
-            model, task, metadata = _load_folder(prompt_directory(source), self.base, self.tokenizer)
+            model, task, metadata = _load_folder(source, self.base, self.tokenizer)
+            self.reads += 1
         _check_room(name, model)
         model.eval()  # serving: no dropout in the base, the prompt or the head
         if task is not None:
@@ -286,12 +339,67 @@ class PromptBank:
         if n:
             lead = compute_lead(model, n)
             entry.lead = CachedLead(lead.length, lead.kv.cpu())
-        with self._lock:
-            if name in self._entries and not replace:
-                raise ConfigError(f"task {name!r} is already loaded; remove it first or replace it")
-            self._entries.pop(name, None)
-            self._entries[name] = entry
         return entry
+
+    def _load(self, name: str) -> BankEntry:
+        """A registered task's entry, its folder read if it is not in memory. Reads run
+        outside the bank's lock (batches of other tasks go on meanwhile), one per task at a
+        time (a second request for it waits for the first read)."""
+        with self._lock:
+            folder = self._folders.get(name)
+            if folder is None:
+                raise self._unknown(name)
+            gate = self._loading.setdefault(name, threading.Lock())
+        with gate:
+            with self._lock:
+                entry = self._entries.get(name)
+                if entry is not None:
+                    return entry
+                if self._folders.get(name) != folder:  # removed or replaced while this waited
+                    return self[name]
+            entry = self._build(name, folder, None)
+            with self._lock:
+                if self._folders.get(name) != folder:
+                    return self[name]
+                self._entries[name] = entry
+                self._evict_from_memory(entry)
+            return entry
+
+    def _evict_from_memory(self, keep: BankEntry) -> None:
+        """Drop the least recently used tasks read from folders beyond `max_in_memory`
+        (they are read again on their next request); tasks given as models stay."""
+        if self.max_in_memory is None:
+            return
+        loaded = [n for n, e in self._entries.items() if n in self._folders]
+        for name in loaded[: max(0, len(loaded) - self.max_in_memory)]:
+            if self._entries[name] is not keep:
+                del self._entries[name]
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Read registered tasks not in memory in the background, ahead of their requests
+        (a failure is left to the request's own lookup, which reads the folder again and
+        reports it)."""
+        with self._lock:
+            todo = list(dict.fromkeys(n for n in names if isinstance(n, str) and n in self._folders
+                                      and n not in self._entries))
+            if todo and self._prefetcher is None:
+                self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="softprompt-prefetch")
+        for name in todo:
+            self._prefetcher.submit(self._quietly, name)
+
+    def _quietly(self, name: str) -> None:
+        try:
+            self[name]
+        except Exception:  # noqa: BLE001 - the request's own lookup raises it
+            pass
+
+    def in_memory(self, name: str) -> bool:
+        """Whether a lookup of `name` reads no folder (loaded, or not a task at all)."""
+        return name in self._entries or name not in self._folders
+
+    def loaded(self) -> list[str]:
+        """The tasks in host memory now (the base alone included, if served)."""
+        return list(self._entries)
 
     def add_base(self, name: str) -> BankEntry:
         """Serve the base model alone, with no prompt, under `name` (next to the tasks:
@@ -327,9 +435,10 @@ class PromptBank:
     def remove(self, name: str) -> None:
         self.refuse_base_name(name, "removed")
         with self._lock:
-            if name not in self._entries:
+            if name not in self:
                 raise self._unknown(name)
-            del self._entries[name]
+            self._entries.pop(name, None)
+            self._folders.pop(name, None)
 
     @property
     def vocabulary_size(self) -> int:
@@ -339,19 +448,42 @@ class PromptBank:
 
     # -- lookup ---------------------------------------------------------------
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._folders
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries.keys() | self._folders.keys())
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        """Every task (and the base alone, if served), in memory or not."""
+        return sorted(self._entries.keys() | self._folders.keys())
 
     def __getitem__(self, name: str) -> BankEntry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise self._unknown(name) from None
+        """The task's entry, read from its folder if it is not in memory (`register`)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None:
+                if name in self._folders:
+                    self._entries.move_to_end(name)  # recently used: the last to leave host memory
+                return entry
+        return self._load(name)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """What `/v1/models` lists of a task, without reading a folder not in memory: the
+        prompt as `softprompt info` describes its folder (method, kind ``input`` / ``deep``,
+        or ``base`` for the base alone, virtual tokens, template) and its head's kind. An
+        input prompt served from a cached K/V segment is still ``input``."""
+        with self._lock:
+            entry, folder = self._entries.get(name), self._folders.get(name)
+        if entry is not None:
+            kind = entry.kind if entry.kind == "base" else ("deep" if entry.model.deep else "input")
+            return {"method": entry.method, "kind": kind, "num_virtual_tokens": entry.model.num_virtual_tokens,
+                    "template": entry.template, "task": entry.task.kind if entry.task is not None else None}
+        if folder is None:
+            raise self._unknown(name)
+        info = prompt_info(folder)
+        head = read_json_object(folder / TASK_FILE).get("kind") if has_task(folder) else None
+        return {"method": info["method"], "kind": info["kind"], "num_virtual_tokens": info["num_virtual_tokens"],
+                "template": info["template"], "task": head}
 
     def entry(self, task: str | BankEntry) -> BankEntry:
         """A task name's entry now, or an entry itself (pinned).

@@ -254,6 +254,8 @@ class Engine:
                 each comes with the callback that takes its `Result`.
         """
         results = _Answers(requests)
+        # tasks registered but not in memory are read side by side, not one by one as checked
+        self.bank.prefetch(r.task for r in requests if r.entry is None)
         checked: list[tuple[int, Request, dict[str, Any]]] = []
         for i, request in enumerate(requests):  # every input checked before any is tokenized
             try:

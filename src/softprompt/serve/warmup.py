@@ -14,7 +14,7 @@ the unpadded forward, compiled on the first such join.
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from ..architecture import ModelKind, model_spec
 from .bank import BankEntry
@@ -25,12 +25,27 @@ from .sampling import Sampling
 log = logging.getLogger("softprompt.serve")
 
 
+# tasks registered but not in memory (`PromptBank.register`) the warm-up reads at most, in
+# search of a kind of prefix the tasks in memory lack: 10,000 lazily served tasks are not all
+# read at start-up for it
+WARM_READS = 16
+
+
 def first_of_each_kind(entries: Iterable[BankEntry]) -> list[BankEntry]:
     """The first entry whose rows start with a prefix and the first whose rows do not."""
     picked: dict[bool, BankEntry] = {}
     for entry in entries:
         picked.setdefault(entry.deep, entry)
+        if len(picked) == 2:
+            break
     return list(picked.values())
+
+
+def candidates(bank) -> Iterator[BankEntry]:
+    """The bank's entries to warm up with: those in memory, then at most `WARM_READS` read."""
+    names, loaded = bank.names(), set(bank.loaded())
+    yield from (bank[n] for n in names if n in loaded)
+    yield from (bank[n] for n in [n for n in names if n not in loaded][:WARM_READS])
 
 
 def warm_text(words: int) -> str:
@@ -41,7 +56,7 @@ def warm_decoder(decoder: Decoder) -> list[str]:
     """Joins of one and of two rows (of different lengths) and their decode steps, for each
     prefix kind of the bank's generating tasks. Returns the tasks it ran."""
     bank = decoder.bank
-    entries = first_of_each_kind(e for e in bank.entries(bank.names()) if e.task is None or e.task.generates)
+    entries = first_of_each_kind(e for e in candidates(bank) if e.task is None or e.task.generates)
     for entry in entries:
         fields = entry.model.template.fields or ("text",)
         for n in (1, 2):
@@ -54,7 +69,7 @@ def warm_heads(engine: Engine) -> list[str]:
     """Head batches of one and of two rows for each prefix kind, and two tasks' prefixed rows
     in one batch, through the engine (not counted in its metrics). Returns the tasks it ran."""
     bank = engine.bank
-    heads = [e for e in bank.entries(bank.names()) if e.task is not None and not e.task.generates]
+    heads = [e for e in candidates(bank) if e.task is not None and not e.task.generates]
     batches = [[e] * n for e in first_of_each_kind(heads) for n in (1, 2)]
     deep = [e for e in heads if e.deep][:2]
     if len(deep) == 2:
