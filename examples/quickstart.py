@@ -1,97 +1,53 @@
-"""Train a P-tuning v2 prompt (plus a linear head) on SST-2 with the frozen MiniLM, on the CPU.
+"""Train a P-tuning v2 prompt (plus a linear head) on SST-2 with the frozen MiniLM, on the CPU,
+with the library's own training loop, then classify new sentences with the saved prompt.
 
-    python examples/quickstart.py [--steps 300] [--data ../shared/data]
+    python examples/quickstart.py [--steps 300] [--output runs/quickstart]
 
-Prints dev accuracy before and after training, and saves the prompt to runs/quickstart/.
-This uses the core Python API only; `softprompt train` (issue 3) wraps the same steps.
+`softprompt.train` is `softprompt train` from Python: the same settings (docs/CONFIG.md),
+checks, run folder (config, metrics, the best prompt, a checkpoint to resume from) and
+evaluation on the dev split; `examples/quickstart_trainer.py` trains the same prompt under
+`transformers.Trainer` instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import random
-import time
+import json
 from pathlib import Path
 
-import torch
-from torch import nn
-
 import softprompt as sp
-from softprompt.base_models import load_base
+
+REVIEWS = ["a gem of a film , warm and funny", "a dull , lifeless mess"]
 
 
-def read_sst2(path: Path) -> list[tuple[str, int]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return [(row["sentence"], int(row["label"])) for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
-
-
-def main() -> None:
-    here = Path(__file__).resolve().parents[1]
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("SOFTPROMPT_DATA", str(here.parent / "shared" / "data")))
+    parser.add_argument("--model", default="minilm", help="alias, local folder or hub id of the frozen base")
+    parser.add_argument("--data", default=None, help="the data root (default: $SOFTPROMPT_DATA, else ../shared/data)")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--virtual-tokens", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pool", choices=["mean", "cls"], default="mean")
-    parser.add_argument("--output", default=str(here / "runs" / "quickstart"))
-    args = parser.parse_args()
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    parser.add_argument("--eval-every", type=int, default=100, help="0: evaluate only at the end")
+    parser.add_argument("--output", default="runs/quickstart")
+    args = parser.parse_args(argv)
 
-    sst2 = Path(args.data) / "sst2"
-    train, dev = read_sst2(sst2 / "train.tsv"), read_sst2(sst2 / "dev.tsv")
-    base, tokenizer = load_base("minilm")  # frozen all-MiniLM-L6-v2 encoder
-    model = sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=args.virtual_tokens), tokenizer=tokenizer)
-    # MiniLM was trained to give sentence embeddings by mean pooling, so the head reads the
-    # mean of the real tokens' states (P-tuning v2's BERT heads read [CLS]; see --pool).
-    head = nn.Linear(model.spec.hidden_size, 2)
-    optimizer = torch.optim.AdamW([*model.prompt.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.0)
+    result = sp.train(
+        model=args.model, method="p-tuning-v2", task="sst2", data_root=args.data, output=args.output,
+        num_virtual_tokens=16,
+        # MiniLM was trained to give sentence embeddings by mean pooling, so the head reads the
+        # mean of the real tokens' states (P-tuning v2's BERT heads read [CLS]: task.pool=first).
+        task_options={"pool": "mean"},
+        train={"steps": args.steps, "batch_size": 32, "lr": 1e-2, "head_lr": 1e-2, "eval_every": args.eval_every},
+        overwrite=True,  # a rerun replaces the last one
+    )
+    print(f"best dev accuracy {result.best_metric:.4f} at step {result.best_step} of {result.steps}; "
+          f"the run is in {args.output}/ (metrics.json, the best prompt/)")
 
-    def logits_of(pairs):
-        batch = model.encode([{"text": text} for text, _ in pairs], max_length=128)
-        out = model(**batch)
-        if args.pool == "cls":
-            return head(out.last_hidden_state[:, 0])
-        weights = out.attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)  # (B, T, 1) real tokens
-        return head((out.last_hidden_state * weights).sum(1) / weights.sum(1))
-
-    @torch.no_grad()
-    def accuracy() -> float:
-        model.eval()
-        correct = 0
-        for i in range(0, len(dev), 128):
-            chunk = dev[i : i + 128]
-            pred = logits_of(chunk).argmax(-1)
-            correct += int((pred == torch.tensor([y for _, y in chunk])).sum())
-        model.train()
-        return correct / len(dev)
-
-    print(f"MiniLM frozen, P-tuning v2 with {args.virtual_tokens} virtual tokens: "
-          f"{model.trainable_parameters() + sum(p.numel() for p in head.parameters()):,} trainable parameters "
-          f"of {sum(p.numel() for p in base.parameters()):,}")
-    print(f"dev accuracy before training: {accuracy():.4f}")
-    start = time.time()
-    order = list(range(len(train)))
-    random.shuffle(order)
-    model.train()
-    for step in range(1, args.steps + 1):
-        idx = order[(step - 1) * args.batch_size % len(order):][: args.batch_size]
-        pairs = [train[i] for i in idx]
-        loss = nn.functional.cross_entropy(logits_of(pairs), torch.tensor([y for _, y in pairs]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 50 == 0 or step == args.steps:
-            print(f"step {step:4d}  loss {loss.item():.4f}  {time.time() - start:6.1f}s", flush=True)
-    acc = accuracy()
-    print(f"dev accuracy after {args.steps} steps: {acc:.4f}  (SST-2 dev, {len(dev)} sentences, {time.time() - start:.0f}s)")
-    model.save_pretrained(args.output, metadata={"task": "sst2", "dev_accuracy": acc, "steps": args.steps})
-    print(f"saved the prompt to {args.output}")
+    # Serve the saved prompt as one task of a bank: the engine batches requests of any number
+    # of tasks together; its answers name SST-2's labels (negative / positive).
+    base, tokenizer = sp.load_base(args.model)
+    bank = sp.PromptBank(base, tokenizer)
+    bank.add("sentiment", Path(args.output))
+    for text, answer in zip(REVIEWS, sp.Engine(bank).classify("sentiment", REVIEWS)):
+        print(json.dumps({"input": text, "label": answer["label"], "scores": answer["scores"]}))
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def test_sst2_counts_fields_and_test_is_dev(sst2):
     assert ex["test"] == ex["dev"] and "hidden" in recipe.notes
     assert set(ex["train"][0]) == {"text", "label"}
     assert ex["train"][0]["text"] == "hide new secretions from the parental units"  # surrounding space stripped
-    assert Counter(e["label"] for e in ex["dev"]).keys() == {"0", "1"}
+    assert Counter(e["label"] for e in ex["dev"]).keys() == {"negative", "positive"}  # the files' 0 / 1, named
     assert recipe.template_for("encoder", "verbalizer") == "[P:3] {text} [P:3] It was [MASK] ."
 
 

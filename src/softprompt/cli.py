@@ -73,13 +73,14 @@ def _format_info(info: dict[str, Any]) -> str:
 @app.command()
 @_reports_errors
 def info(
-    directory: Path = typer.Argument(..., help="A prompt directory written by save_pretrained."),
+    directory: str = typer.Argument(..., help="A prompt directory written by save_pretrained, or a Hub id user/repo[@revision][:subdir]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """Describe a saved prompt: method, template, base model, tensor shape, size on disk."""
     from .folder import prompt_info
+    from .io.hub import resolve_prompt_source
 
-    result = prompt_info(directory)
+    result = prompt_info(resolve_prompt_source(directory))
     typer.echo(json.dumps(result) if as_json else _format_info(result))
 
 
@@ -145,7 +146,7 @@ def train(
 @app.command("eval")
 @_reports_errors
 def eval_(
-    prompt: Path = typer.Option(None, "--prompt", help="A run directory or its prompt/ folder."),
+    prompt: str = typer.Option(None, "--prompt", help="A run directory or its prompt/ folder, or a Hub id user/repo[@revision][:subdir]."),
     task: str = typer.Option(None, "--task", help="Recipe to evaluate on (default: the one it was trained on)."),
     split: str = typer.Option("test", "--split", help="train | dev | test."),
     data: str = typer.Option(None, "--data", help="Evaluate on this file instead of a recipe split."),
@@ -179,7 +180,7 @@ def eval_(
 @app.command()
 @_reports_errors
 def predict(
-    prompt: Path = typer.Option(..., "--prompt", help="A run directory or its prompt/ folder."),
+    prompt: str = typer.Option(..., "--prompt", help="A run directory or its prompt/ folder, or a Hub id user/repo[@revision][:subdir]."),
     texts: list[str] = typer.Argument(None, help="Inputs for a template with one field."),
     input_file: Path = typer.Option(None, "--input", help="A data file of examples (jsonl, json, csv, tsv, conll, hf:NAME): the template's fields, or columns renamed by --field."),
     fields: list[str] = typer.Option(None, "--field", help="Map a column of --input to a template field: COLUMN:FIELD; repeatable."),
@@ -249,7 +250,7 @@ def import_(
 @app.command("export")
 @_reports_errors
 def export(
-    prompt: Path = typer.Argument(..., help="A run directory or its prompt/ folder."),
+    prompt: str = typer.Argument(..., help="A run directory or its prompt/ folder, or a Hub id user/repo[@revision][:subdir]."),
     output: Path = typer.Argument(..., help="The adapter folder to write."),
     to_format: str = typer.Option("peft", "--to", help="The adapter format: peft."),
     model: str = typer.Option(None, "--model", help="Base model (default: the one it was trained on)."),
@@ -272,6 +273,28 @@ def export(
                           "pass --without-head to export the prompt alone")
     export_peft(SoftPromptModel.from_pretrained(base, directory, tokenizer=tokenizer), output)
     typer.echo(f"exported {saved['method']} to {output} (PEFT format)")
+
+
+# -- the Hugging Face Hub -----------------------------------------------------------------
+@app.command()
+@_reports_errors
+def push(
+    prompt: Path = typer.Argument(..., help="A prompt folder, or a run directory (its prompt/ folder is pushed)."),
+    repo: str = typer.Argument(..., help="user/repo, optionally @branch and :subdir (several prompts in one repository)."),
+    public: bool = typer.Option(False, "--public", help="Create the repository public (default: private)."),
+    token: str = typer.Option(None, "--token", help="A Hub token with write access [default: HF_TOKEN or the stored login]."),
+    message: str = typer.Option(None, "--message", "-m", help="The commit message."),
+) -> None:
+    """Upload a saved prompt to the Hugging Face Hub (one commit); load it back with --prompt user/repo."""
+    from .folder import prompt_directory, prompt_info
+    from .io.hub import push_prompt_folder
+
+    if not prompt.is_dir():
+        raise ConfigError(f"{prompt}: no such folder (push uploads a local prompt folder or run directory)")
+    directory = prompt_directory(prompt)
+    info = prompt_info(directory)  # refuses a folder that is not a readable prompt before anything is uploaded
+    url = push_prompt_folder(directory, repo, private=not public, token=token, commit_message=message)
+    typer.echo(f"pushed {info['method']} prompt {directory} to {repo}: {url}")
 
 
 # -- models -------------------------------------------------------------------------------
@@ -302,12 +325,12 @@ def models(
 def serve(
     model: str = typer.Option(..., "--model", help="The shared base model: alias, local path or hub id."),
     prompts: Path = typer.Option(None, "--prompts", help="A folder with one sub-folder per task (prompt folders or run directories)."),
-    prompt_pairs: list[str] = typer.Option(None, "--prompt", help="NAME=PATH: one task from its prompt folder or run directory (repeatable; beside or instead of --prompts)."),
+    prompt_pairs: list[str] = typer.Option(None, "--prompt", help="NAME=PATH: one task from its prompt folder or run directory, or from a Hub id user/repo[@revision][:subdir] (repeatable; beside or instead of --prompts)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: loopback only)."),
     port: int = typer.Option(8000, "--port"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option(None, "--dtype", help="float32, float16, bfloat16 (default: the checkpoint's loader default)."),
-    admin: bool = typer.Option(False, "--admin", help="Enable PUT / DELETE /v1/prompts/{task}."),
+    admin: bool = typer.Option(False, "--admin", help="Enable PUT / DELETE /v1/prompts/{task} and their vLLM-shaped aliases POST /v1/load_lora_adapter and /v1/unload_lora_adapter."),
     api_key: str = typer.Option(None, "--api-key", envvar="SOFTPROMPT_API_KEY", help="Require Authorization: Bearer KEY on every endpoint."),
     truncate: bool = typer.Option(False, "--truncate", help="Cut over-long inputs instead of answering 413."),
     max_batch_rows: int = typer.Option(64, "--max-batch-rows"),

@@ -1,6 +1,7 @@
 """Optional features and the extras that install them (pyproject's
 ``[project.optional-dependencies]``): the core install trains, evaluates, saves and loads
-prompts; serving, Hugging Face datasets, NER metrics and plots each need their extra.
+prompts; serving, Hugging Face datasets, NER metrics, plots and the experiment trackers
+need their extra.
 
     pip install 'softprompt[serve]'      # or [all]: every extra
 """
@@ -19,6 +20,12 @@ EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     "ner": (("seqeval", "seqeval"),),
     "plots": (("matplotlib", "matplotlib"),),
     "models": (("gguf", "gguf"),),
+    # experiment trackers (`train.report_to`), one extra each: together they add ~215 MB.
+    # MLflow's logging client (mlflow-skinny, 96 MB) rather than mlflow (345 MB: its server and UI).
+    # Comet has no extra (see `training.logs.BY_HAND`).
+    "tensorboard": (("tensorboard", "tensorboard"),),
+    "wandb": (("wandb", "wandb"),),
+    "mlflow": (("mlflow-skinny", "mlflow"),),
     "test": (("pytest", "pytest"), ("hypothesis", "hypothesis"), ("peft", "peft"), ("httpx", "httpx"),
              ("openai", "openai")),
 }

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from .base_models import load_base, resolve_device
 from .errors import ConfigError, PromptFileError, SoftPromptError, first_line
 from .io.atomic import load_tensors, read_json_object
+from .io.hub import resolve_prompt_source
 from .io.prompt import CONFIG_FILE, HEAD_FILE, PROMPT_FILE, TASK_FILE, TRAINABLE_FILE, read_config
 from .model import SoftPromptModel
 from .tasks import Task, task_from_config
@@ -29,8 +30,10 @@ RUN_PROMPT = "prompt"  # a run directory's best prompt folder
 
 # -- find -------------------------------------------------------------------------------
 def prompt_directory(path: str | Path) -> Path:
-    """A run directory or a prompt folder -> the prompt folder."""
-    path = Path(path)
+    """A run directory or a prompt folder -> the prompt folder; a string of the form
+    ``user/repo[@revision][:subdir]`` with no local folder there is fetched from the Hugging
+    Face Hub first (`io.hub.resolve_prompt_source`)."""
+    path = resolve_prompt_source(path)
     if (path / RUN_PROMPT / CONFIG_FILE).exists():
         return path / RUN_PROMPT
     return path

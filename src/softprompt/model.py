@@ -17,9 +17,11 @@ from torch import nn
 from . import forward, inject
 from .architecture import ModelKind, ModelSpec, base_identity, forward_accepts, model_spec
 from .encode import PromptBatch, TemplateEncoder
-from .errors import ConfigError, UnsupportedModelError
+from .peft_layout import beyond_peft_layout, insert_virtual_slots, peft_layout
+from .errors import ConfigError, EncodingError, UnsupportedModelError
 from .forward import SoftPromptOutput
 from .inject import Prompts
+from .io.hub import push_prompt_folder, resolve_prompt_source
 from .io.prompt import load_prompt, save_prompt
 from .methods import PromptConfig, PromptModule, build_module
 from . import regions
@@ -163,6 +165,49 @@ class SoftPromptModel(OnBase, nn.Module):
         rows = [self.encoder.encode(ex, max_length=max_length, index=i) for i, ex in enumerate(examples)]
         return self.encoder.collate(rows, side).to(self.device)
 
+    def batch_from_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PromptBatch:
+        """The batch `encode` gives for texts, from the texts' token ids (a tokenizer's output,
+        as a PEFT model takes them): for templates of virtual tokens then the text alone
+        (``[P:n] {text}``, ``[P:n] [START] {text}``; ``{text}`` for a deep prompt), the P
+        virtual slots put in front of each row's text (after its leading special tokens
+        unless the template has ``[START]``) and attended. `forward` and `generate` call it
+        for a batch given without ``prompt_index``.
+
+        Args:
+            input_ids: (B, S) token ids, padded on either side, the tokenizer's special tokens included.
+            attention_mask: (B, S) 1 at tokens, 0 at pads (default: all tokens).
+
+        Returns:
+            A `PromptBatch` of (B, S + P) tensors; its real tokens are the S columns of
+            `input_ids`, so outputs (and labels) aligned to the real tokens line up with them.
+
+        Raises:
+            EncodingError: a template whose rows hold more than virtual tokens then the text
+                (build those batches with `encode`), or input ids that do not fit the layout.
+        """
+        layout = peft_layout(self.template)
+        if layout is None:
+            fields = ", ".join(f"{name!r}: ..." for name in self.template.fields)
+            raise EncodingError(
+                f"input_ids without prompt_index: token ids alone say where the virtual tokens go only for a template "
+                f"of virtual tokens then the text ('[P:n] {{text}}', '[P:n] [START] {{text}}'; '{{text}}' for a deep "
+                f"prompt: PEFT's layout), and template {self.template.source!r} has {beyond_peft_layout(self.template)}; "
+                f"build the batch with model.encode([{{{fields}}}, ...]) and call model(**batch)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        limit = self.spec.max_positions
+        taken = layout.num_virtual_tokens + (self.num_virtual_tokens if self.deep else 0)
+        if limit is not None and input_ids.shape[1] + taken > limit:
+            raise EncodingError(f"input_ids are {input_ids.shape[1]} tokens wide and the prompt takes {taken} positions: "
+                                f"over the {limit} positions of {self.spec.model_type}; tokenize with truncation=True, "
+                                f"max_length={limit - taken}")
+        if not self.spec.accepts_position_ids and bool((attention_mask[:, 0].eq(0) & attention_mask.bool().any(1)).any()):
+            raise EncodingError(f"{self.spec.model_type} takes no position ids, so left padding would shift its "
+                                "positions; pad on the right (tokenizer.padding_side = 'right')")
+        lead = None if self.encoder is None else self.encoder.lead
+        pad_id = 0 if self.encoder is None else self.encoder.pad_id
+        return insert_virtual_slots(input_ids, attention_mask, layout, lead=lead, pad_id=pad_id)
+
     # -- the prompt -----------------------------------------------------------
     @contextmanager
     def disable_prompt(self) -> Iterator[None]:
@@ -238,11 +283,14 @@ class SoftPromptModel(OnBase, nn.Module):
         decoder_input_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         logits: str = "all",
+        token_type_ids: torch.Tensor | None = None,
     ) -> SoftPromptOutput:
         """Run the base model with the prompt.
 
         Args:
-            input_ids: (B, S) from `encode` (virtual slots hold a pad id).
+            input_ids: (B, S) from `encode` (virtual slots hold a pad id); or, without
+                `prompt_index`, a tokenizer's ids as a PEFT model takes them, for templates
+                of virtual tokens then the text (`batch_from_ids` adds the slots).
             attention_mask: (B, S) 1 for virtual and real tokens, 0 for pads.
             prompt_index: (B, S) prompt-table row at virtual slots, -1 elsewhere.
             answer_index: (B,) position of the answer slot, -1 for none.
@@ -257,14 +305,19 @@ class SoftPromptModel(OnBase, nn.Module):
                 head at the answer columns alone) or ``"none"`` (no logits returned: for
                 heads over hidden states; a causal LM computes one column). Labels need
                 ``"all"``.
+            token_type_ids: (B, S) what a BERT-style tokenizer returns beside the ids, so that
+                ``model(**tokenizer(texts, ...))`` works: all 0 (one segment, as every
+                template's row), else refused.
 
         Returns:
             `SoftPromptOutput`.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        _refuse_segments(token_type_ids)
         if prompt_index is None:
-            prompt_index = torch.full_like(input_ids, -1)
+            _refuse_encode_fields(answer_index=answer_index, field_index=field_index, word_index=word_index)
+            input_ids, attention_mask, prompt_index = self._slots_added(input_ids, attention_mask)
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, prompt_index=prompt_index,
                      answer_index=answer_index, field_index=field_index, word_index=word_index)
         virtual = None
@@ -274,10 +327,19 @@ class SoftPromptModel(OnBase, nn.Module):
             virtual = None if self.deep else self.num_virtual_tokens  # checked in forward.run
             prompts = self.prompts()
         return forward.run(self._running_base(), self.spec, batch["input_ids"], batch["attention_mask"], batch["prompt_index"],
-                           prompts, answer_index=batch["answer_index"], field_index=batch["field_index"],
-                           word_index=batch["word_index"], labels=labels, decoder_input_ids=decoder_input_ids,
+                           prompts, answer_index=batch.get("answer_index"), field_index=batch.get("field_index"),
+                           word_index=batch.get("word_index"), labels=labels, decoder_input_ids=decoder_input_ids,
                            output_hidden_states=output_hidden_states, logits=logits,
                            lm_head_columns=self.keeps_logits, virtual_tokens=virtual)
+
+    def _slots_added(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(input_ids, attention_mask, prompt_index) of a batch given without prompt_index:
+        a tokenizer's ids with the virtual slots added (`batch_from_ids`); with the prompt
+        disabled, the ids as they are (the bare base reads the same tokens whatever the template)."""
+        if self._disabled:
+            return input_ids, attention_mask, torch.full_like(input_ids, -1)
+        batch = self.batch_from_ids(input_ids, attention_mask)
+        return batch.input_ids, batch.attention_mask, batch.prompt_index
 
     # -- generation ------------------------------------------------------------
     @torch.no_grad()
@@ -295,7 +357,8 @@ class SoftPromptModel(OnBase, nn.Module):
 
         Args:
             input_ids, attention_mask, prompt_index: (B, S) from `encode`; causal LMs
-                continue after the last token of each row (left padding).
+                continue after the last token of each row (left padding). Without
+                `prompt_index`, a tokenizer's ids, as for `forward`.
             **generate_kwargs: passed to `generate` (``max_new_tokens``, ``do_sample``,
                 ``temperature``, ``top_p``, ...).
 
@@ -304,8 +367,10 @@ class SoftPromptModel(OnBase, nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        _refuse_segments(generate_kwargs.pop("token_type_ids", None))
         if prompt_index is None:
-            prompt_index = torch.full_like(input_ids, -1)
+            _refuse_encode_fields(answer_index=answer_index, field_index=field_index, word_index=word_index)
+            input_ids, attention_mask, prompt_index = self._slots_added(input_ids, attention_mask)
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, prompt_index=prompt_index)
         if self._disabled:
             batch, prompts = forward.drop_virtual_slots(batch), Prompts()
@@ -315,42 +380,88 @@ class SoftPromptModel(OnBase, nn.Module):
         return forward.generate(self.base, self.spec, batch["input_ids"], batch["attention_mask"], batch["prompt_index"],
                                 prompts, pad_id, **generate_kwargs)
 
-    # -- persistence (io/prompt.py does the work) ------------------------------
+    # -- persistence (io/prompt.py and io/hub.py do the work) -------------------
     def save_pretrained(self, directory, *, save_trainable: bool = True, metadata: Mapping[str, Any] | None = None,
-                        **extra) -> None:
+                        push_to_hub: bool = False, repo_id: str | None = None, private: bool = True,
+                        token: str | None = None, commit_message: str | None = None, **extra) -> str | None:
         """Write the prompt to `directory` atomically: ``prompt_config.json`` and
         ``prompt.safetensors`` (the collapsed tensor), plus ``trainable.safetensors`` (the
         full trainable state, to resume training) unless `save_trainable` is False.
         ``extra_tensors`` / ``extra_json`` add files to the same write; ``dtype="bfloat16"``
-        stores the collapsed tensor in half the bytes (see `io.prompt.save_prompt`)."""
-        save_prompt(self, directory, save_trainable=save_trainable, metadata=metadata, **extra)
+        stores the collapsed tensor in half the bytes (see `io.prompt.save_prompt`).
 
-    def push_to_hub(self, repo_id: str, *, private: bool = True, token: str | None = None, **save_kwargs) -> str:
-        """Save the prompt folder (model card included) and upload it to the Hugging Face Hub
-        with `huggingface_hub` (network and a token needed: not exercised by the tests).
+        Args:
+            push_to_hub: then upload the folder to the Hugging Face Hub (`push_to_hub`).
+            repo_id: where to: ``user/repo[@branch][:subdir]`` (default: the folder's name,
+                under the token's user, as transformers does).
+            private, token, commit_message: as for `push_to_hub`.
 
         Returns:
-            The URL of the upload's commit.
+            The commit's URL when pushed, else None.
         """
-        from huggingface_hub import HfApi
+        save_prompt(self, directory, save_trainable=save_trainable, metadata=metadata, **extra)
+        if push_to_hub:
+            return push_prompt_folder(directory, repo_id or Path(directory).resolve().name, private=private,
+                                      token=token, commit_message=commit_message)
+        return None
 
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
+    def push_to_hub(self, repo_id: str, *, private: bool = True, token: str | None = None,
+                    commit_message: str | None = None, **save_kwargs) -> str:
+        """Save the prompt folder (model card included) and upload it to the Hugging Face Hub
+        as one commit (`io.hub.push_prompt_folder`); `from_pretrained(base, repo_id)` loads it.
+
+        Args:
+            repo_id: ``user/repo`` (or ``repo``, under the token's user), optionally with
+                ``@branch`` and ``:subdir`` (several prompts in one repository).
+            private: create the repository private (an existing one keeps its visibility).
+            token: a token with write access (default: ``HF_TOKEN`` or the stored login).
+            **save_kwargs: as for `save_pretrained` (``metadata``, ``extra_json``, ...).
+
+        Returns:
+            The URL of the commit.
+
+        Raises:
+            ConfigError: the Hub refused the push (the reason named).
+        """
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "prompt"
             self.save_pretrained(folder, **save_kwargs)
-            return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder)).commit_url)
+            return push_prompt_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
     @classmethod
-    def from_pretrained(cls, base: nn.Module, directory, tokenizer=None, *, trainable: bool = False) -> "SoftPromptModel":
+    def from_pretrained(cls, base: nn.Module, directory, tokenizer=None, *, trainable: bool = False,
+                        revision: str | None = None, token: str | None = None) -> "SoftPromptModel":
         """Load a saved prompt onto `base`.
 
         Args:
+            directory: a prompt folder, or a Hugging Face Hub location
+                ``user/repo[@revision][:subdir]`` (fetched into the Hub cache; a local folder
+                of that name wins; ``HF_HUB_OFFLINE=1`` loads from the cache alone).
             trainable: restore the training-time module (encoder / projection) to go on
                 training; otherwise the collapsed tensor is loaded as a plain table.
+            revision, token: for a Hub location: the revision when it names none, and a
+                token for a private repository.
 
         Raises:
-            PromptFileError: missing, corrupt or unknown-version files.
+            PromptFileError: missing, corrupt or unknown-version files; a Hub location that
+                cannot be fetched (named in the message).
             BaseModelMismatchError: the prompt was saved for another base model.
         """
+        directory = resolve_prompt_source(directory, revision=revision, token=token)
         return load_prompt(cls, base, directory, tokenizer, trainable=trainable)
+
+
+def _refuse_encode_fields(**given: torch.Tensor | None) -> None:
+    """The columns `encode` adds beside prompt_index index its rows, not a tokenizer's."""
+    named = [name for name, value in given.items() if value is not None]
+    if named:
+        raise EncodingError(f"{', '.join(named)} without prompt_index: they index the rows of a batch from encode(); "
+                            "pass that batch whole (model(**batch))")
+
+
+def _refuse_segments(token_type_ids: torch.Tensor | None) -> None:
+    """Segment ids beside a tokenizer's ids: all 0 is what the base reads by default (and what
+    every template's row is); others would be dropped, so they are refused."""
+    if token_type_ids is not None and bool(token_type_ids.ne(0).any()):
+        raise EncodingError("token_type_ids other than 0 (a text pair): a template's row is one segment; "
+                            "put the pair's fields in a template ('{premise} [SEP] {hypothesis}') and use model.encode")

@@ -28,7 +28,8 @@ answer slot, virtual tokens after the leading special tokens, deep prompts on an
 encoder-decoder, an adapter with trained head weights.
 
 No dependency on the ``peft`` package: the format is read and written here (the tests load
-what we write with PEFT itself and compare logits).
+what we write with PEFT itself and compare logits). Which PEFT config field is which of ours
+is `methods.peft_names`' table, also read by the configs for PEFT's keyword names.
 """
 
 from __future__ import annotations
@@ -41,13 +42,15 @@ from typing import Any
 from safetensors.torch import save_file
 
 from .architecture import ModelKind, model_spec
+from .base_models import hub_id
 from .encode import special_frame
+from .peft_layout import peft_layout
 from .errors import BaseModelMismatchError, ConfigError, PromptFileError
 from .io.atomic import load_tensors, read_json_object, write_directory_atomically
-from .methods import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
+from .methods import PrefixTuningConfig, PromptTuningConfig, PTuningConfig, peft_names
 from .methods.collapsed import CollapsedPrompt
 from .model import SoftPromptModel
-from .template import START
+from .template import START, Template
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -147,13 +150,14 @@ def import_peft(directory: str | os.PathLike, base, tokenizer=None):
     if deep:
         # (P, L * 2 * H_kv * D_head) -> (L, 2, H_kv, P, D_head)
         table = table.view(P, spec.num_layers, 2, spec.num_key_value_heads, spec.head_dim).permute(1, 2, 3, 0, 4).contiguous()
-        config = PrefixTuningConfig(num_virtual_tokens=P, projection=bool(data.get("prefix_projection")),
-                                    **({"projection_hidden_size": data["encoder_hidden_size"]}
-                                       if data.get("prefix_projection") and data.get("encoder_hidden_size") else {}))
+        fields = peft_names.from_adapter(PrefixTuningConfig, data)
+        if not fields.get("projection"):  # PEFT's encoder_hidden_size sized a projection it did not build
+            fields.pop("projection_hidden_size", None)
+        config = PrefixTuningConfig(**{**fields, "projection": bool(fields.get("projection"))})
     elif kind == "P_TUNING":
-        encoder = str(data.get("encoder_reparameterization_type", "MLP")).lower()
-        config = PTuningConfig(template=peft_template(P, tokenizer), encoder=encoder if encoder in ("lstm", "mlp") else "mlp")
+        config = PTuningConfig(template=peft_template(P, tokenizer), **peft_names.from_adapter(PTuningConfig, data))
     else:
+        # the init is history (the table is trained) and PEFT's TEXT init named a tokenizer we do not load
         config = PromptTuningConfig(num_virtual_tokens=P, template=peft_template(P, tokenizer))
     device = base.get_input_embeddings().weight.device
     prompt = CollapsedPrompt(table.to(device), spec, deep=deep)
@@ -173,34 +177,31 @@ def export_peft(model, directory: str | os.PathLike) -> None:
         raise ConfigError(f"{method} prompt on an encoder-decoder ({spec.model_type}): PEFT's SEQ_2_SEQ_LM prefix "
                           f"tuning has no equivalent ({_SEQ2SEQ_PREFIX[2]})")
     P = model.num_virtual_tokens
-    _check_template(model.template.source, P, model.deep, model.tokenizer)
+    _check_template(model.template, P, model.deep, model.tokenizer)
     tensor = model.export().cpu()  # (P, D) or (L, 2, H_kv, P, D_head)
+    # PEFT's AutoPeftModel loads the base by this name: an alias means nothing to it, so the
+    # upstream Hub id goes there (a local path stays: it loads where it was made).
     name = getattr(model.base.config, "_name_or_path", "") or None
+    name = hub_id(name) or name
     task_type = {ModelKind.CAUSAL: "CAUSAL_LM", ModelKind.ENCODER: "FEATURE_EXTRACTION",
                  ModelKind.SEQ2SEQ: "SEQ_2_SEQ_LM"}[spec.kind]
     # One submodule: the P rows in front of the encoder's input are all PEFT reads of an
     # input prompt on an encoder-decoder (its default 2 would ask for P more, never read).
-    common = {"task_type": task_type, "num_virtual_tokens": P, "num_transformer_submodules": 1,
+    common = {**peft_names.to_peft(model.config, spec.hidden_size),
+              "task_type": task_type, "num_virtual_tokens": P, "num_transformer_submodules": 1,
               "num_layers": spec.num_layers, "base_model_name_or_path": name, "inference_mode": True,
               "revision": None, "auto_mapping": None, "modules_to_save": None}
     if model.deep:
         L, _, H, _, Dh = tensor.shape
         table = tensor.permute(3, 0, 1, 2, 4).reshape(P, L * 2 * H * Dh)
-        config = {**common, "peft_type": "PREFIX_TUNING", "token_dim": H * Dh, "num_attention_heads": H,
-                  "prefix_projection": bool(getattr(model.config, "projection", False)),
-                  "encoder_hidden_size": getattr(model.config, "projection_hidden_size", None)}
-    elif method == "p-tuning":
-        table = tensor
-        config = {**common, "peft_type": "P_TUNING", "token_dim": spec.hidden_size,
-                  "num_attention_heads": _attention_heads(model.base),
-                  "encoder_reparameterization_type": model.config.encoder.upper(),
-                  "encoder_hidden_size": model.config.encoder_hidden_size or spec.hidden_size,
-                  "encoder_num_layers": 2, "encoder_dropout": model.config.encoder_dropout}
+        config = {**common, "token_dim": H * Dh, "num_attention_heads": H}
     else:
         table = tensor
-        config = {**common, "peft_type": "PROMPT_TUNING", "token_dim": spec.hidden_size,
-                  "num_attention_heads": _attention_heads(model.base), "prompt_tuning_init": "RANDOM",
-                  "prompt_tuning_init_text": None, "tokenizer_name_or_path": None}
+        config = {**common, "token_dim": spec.hidden_size, "num_attention_heads": _attention_heads(model.base)}
+    if method == "prompt-tuning":
+        # PEFT loads the saved table over its init; its TEXT init would first load a tokenizer
+        # by name (one we do not record), so the adapter says RANDOM.
+        config.update(prompt_tuning_init="RANDOM", prompt_tuning_init_text=None, tokenizer_name_or_path=None)
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -218,27 +219,27 @@ def peft_template(num_virtual_tokens: int, tokenizer=None) -> str:
     return f"[P:{num_virtual_tokens}] {START} {{text}}"
 
 
-def _check_template(template: str, P: int, deep: bool, tokenizer) -> None:
+def _check_template(template: Template, P: int, deep: bool, tokenizer) -> None:
     """Refuse a template that PEFT's layout cannot express (see `peft_template`)."""
-    plain = " ".join(template.split())
+    layout = peft_layout(template)
     if deep:
-        if plain not in ("{text}", f"{START} {{text}}"):
-            raise ConfigError(f"template {template!r} has no PEFT equivalent: PEFT's prefix sees the input with "
+        if layout is None:
+            raise ConfigError(f"template {template.source!r} has no PEFT equivalent: PEFT's prefix sees the input with "
                               "nothing around it (the template '{text}')")
         return
     peft = f"[P:{P}] {START} {{text}}"
-    if plain == peft:
+    if layout is None:
+        raise ConfigError(f"template {template.source!r} has no PEFT equivalent: PEFT puts all virtual tokens in front "
+                          f"of the input with nothing else around it (the template {peft!r})")
+    if not layout.after_lead:
         return
-    if plain != f"[P:{P}] {{text}}":
-        raise ConfigError(f"template {template!r} has no PEFT equivalent: PEFT puts all virtual tokens in front of "
-                          f"the input with nothing else around it (the template {peft!r})")
     if tokenizer is None:
-        raise ConfigError(f"template {template!r}: without the tokenizer it cannot be told whether the virtual "
+        raise ConfigError(f"template {template.source!r}: without the tokenizer it cannot be told whether the virtual "
                           "tokens follow leading special tokens ([CLS], <s>, BOS), which PEFT puts after them: "
                           "pass tokenizer=... to SoftPromptModel")
     lead = special_frame(tokenizer)[0]
     if lead:
-        raise ConfigError(f"template {template!r} has no PEFT equivalent: it puts the virtual tokens after the "
+        raise ConfigError(f"template {template.source!r} has no PEFT equivalent: it puts the virtual tokens after the "
                           f"tokenizer's leading special tokens {tokenizer.convert_ids_to_tokens(lead)}, PEFT before "
                           f"them (the template {peft!r})")
 

@@ -2,7 +2,7 @@
 datasets of ``../shared/data`` (see its README for sources and licences).
 
     recipe = load_recipe("sst2")                 # data root: argument, $SOFTPROMPT_DATA, ../shared/data
-    train = recipe.examples("train")             # [{"text": ..., "label": "1"}, ...]
+    train = recipe.examples("train")             # [{"text": ..., "label": "positive"}, ...]
     recipe.template_for(model_kind="causal", head="verbalizer")   # "[P:3] Review: {text} [P:3] Sentiment: [MASK]"
     load_recipe("lama-trex:P19").examples("test")  # [{"X": ..., "Y": ..., "relation": "P19", ...}, ...]
 """
@@ -52,6 +52,9 @@ class Recipe:
             between the fields (P-tuning v1); ``plain``: the fields only, for a head over the
             hidden states (P-tuning v2, NER) -- input methods put their ``[P:n]`` in front.
         labels: the label list (NER: the BIO tags); examples are checked against it.
+        label_names: the data files' own label -> the recipe's name for it, where the files
+            hold class ids (SST-2's ``0`` / ``1`` -> ``negative`` / ``positive``): examples,
+            predictions, metrics and served answers then speak of the names.
         label_words: label -> verbalizer words.
         metric: the score model selection maximises; metrics: every score reported.
         reader: keyword arguments of `read_examples` (``format``, ``fields``, ``label_field``).
@@ -66,6 +69,7 @@ class Recipe:
     files: dict[str, str] = field(default_factory=dict)
     templates: dict[str, str] = field(default_factory=dict)
     labels: list[str] | None = None
+    label_names: dict[str, str] | None = None
     label_words: dict[str, list[str]] | None = None
     metric: str = "accuracy"
     metrics: tuple[str, ...] = ("accuracy",)
@@ -101,8 +105,14 @@ class Recipe:
                 f"give another with --data-root or ${ENV_VAR}")
         return self
 
-    def examples(self, split: str) -> list[dict[str, Any]]:
+    def examples(self, split: str, *, file_labels: bool = False) -> list[dict[str, Any]]:
         """The examples of `split` (train | dev | test), read and checked.
+
+        Args:
+            split: train | dev | test.
+            file_labels: keep the data files' own labels (SST-2's ``"0"`` / ``"1"``)
+                rather than `label_names`: what a prompt trained before the recipe named
+                its labels knows (`evaluate_trained` asks for them for such a prompt).
 
         Returns:
             Example dicts (see `softprompt.tasks.base`); a fresh list on every call.
@@ -120,7 +130,18 @@ class Recipe:
         if not path.is_file():
             self.check()
         required = parse_template(self.templates["plain"]).fields
-        return read_examples(path, labels=self.labels, required=required, **self.reader)
+        if not self.label_names:
+            return read_examples(path, labels=self.labels, required=required, **self.reader)
+        examples = read_examples(path, labels=list(self.label_names), required=required, **self.reader)
+        if not file_labels:
+            for example in examples:  # in place: `Examples` keeps each example's line for the row checks
+                example["label"] = self.label_names[example["label"]]
+        return examples
+
+    def uses_file_labels(self, labels: Any) -> bool:
+        """Whether `labels` (a saved task's) are the data files' ids rather than the recipe's
+        names: a prompt trained before the recipe named its labels (SST-2's ``["0", "1"]``)."""
+        return bool(self.label_names) and labels is not None and set(labels) == set(self.label_names)
 
     def template_for(self, model_kind: Any = "encoder", head: str | None = None, deep: bool = False,
                      method: str | None = None) -> str:
@@ -209,7 +230,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         templates={"masked": "{text} It was [MASK] .", "causal": "Review: {text} Sentiment: [MASK]",
                    "p-tuning-masked": "[P:3] {text} [P:3] It was [MASK] .",
                    "p-tuning-causal": "[P:3] Review: {text} [P:3] Sentiment: [MASK]", "plain": "{text}"},
-        labels=["0", "1"], label_words={"0": ["terrible"], "1": ["great"]},
+        labels=["negative", "positive"], label_names={"0": "negative", "1": "positive"},
+        label_words={"negative": ["terrible"], "positive": ["great"]},
         reader={"fields": {"sentence": "text"}},
         notes=_GLUE_TEST.format(n=872, src="GLUE SST-2, eyalbd2/Reproducing-AutoPrompt @ 6288fb5b")),
     Recipe(

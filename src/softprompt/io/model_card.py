@@ -21,19 +21,29 @@ def model_card(config: Mapping[str, Any], task: Mapping[str, Any] | None = None)
             tensor shape, metadata: task, data, dev metrics, training settings).
         task: the task's ``task.json`` content, when the prompt has a task.
     """
+    # imported here: base_models imports io (the atomic writes), which imports this module
+    from ..base_models import ALIASES, hub_id
+
     meta = dict(config.get("metadata") or {})
     base = dict(config.get("base_model") or {})
     base_name = meta.get("model") or base.get("name_or_path") or None
+    # The Hub knows a base by its repository id, not by softprompt's alias or a local path.
+    base_hub = hub_id(base_name)
+    if base_name in ALIASES:
+        shown = (f"{base_hub} (softprompt's packaged model `{base_name}`: {ALIASES[base_name]})" if base_hub
+                 else f"`{base_name}` (softprompt's packaged model: {ALIASES[base_name]}; no Hub id known)")
+    else:
+        shown = base_name
     dev = meta.get("dev") or {}
     data = meta.get("data")
     card = ModelCardData(
         library_name="softprompt",
-        base_model=base_name if base_name and "/" in str(base_name) and not str(base_name).startswith(("/", ".")) else None,
+        base_model=base_hub,
         tags=["softprompt", "soft-prompt", METHOD_TAGS.get(config.get("method"), str(config.get("method")))],
         metrics=sorted(k for k, v in dev.items() if isinstance(v, (int, float)) and k != "n") or None,
     )
     lines = [
-        f"# {config.get('method')} prompt" + (f" for {base_name}" if base_name else ""),
+        f"# {config.get('method')} prompt" + (f" for {base_hub or base_name}" if base_name else ""),
         "",
         f"A soft prompt made with softprompt: the base model stays frozen; this folder holds only the prompt "
         f"({_size(config)}).",
@@ -42,7 +52,7 @@ def model_card(config: Mapping[str, Any], task: Mapping[str, Any] | None = None)
         "|---|---|",
         f"| method | {config.get('method')} ({config.get('kind')}, {config.get('num_virtual_tokens')} virtual tokens) |",
         f"| template | `{config.get('template')}` |",
-        f"| base model | {base_name or 'not recorded'} ({base.get('model_type')}, {base.get('num_layers')} layers, "
+        f"| base model | {shown or 'not recorded'} ({base.get('model_type')}, {base.get('num_layers')} layers, "
         f"hidden {base.get('hidden_size')}) |",
     ]
     if task:
@@ -72,7 +82,9 @@ def model_card(config: Mapping[str, Any], task: Mapping[str, Any] | None = None)
         'model = sp.SoftPromptModel.from_pretrained(base, "this-folder", tokenizer=tokenizer)',
         "```",
         "",
-        "or `softprompt predict --prompt this-folder \"some text\"`, or serve it with `softprompt serve`.",
+        "where `this-folder` is this folder, or its Hub repository `user/repo[@revision][:subfolder]` once "
+        "pushed (`softprompt push this-folder user/repo`); or `softprompt predict --prompt this-folder \"some "
+        "text\"`, or serve it with `softprompt serve --prompt NAME=this-folder`.",
         "",
     ]
     return str(ModelCard(f"---\n{card.to_yaml()}\n---\n\n" + "\n".join(lines)))

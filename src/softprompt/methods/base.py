@@ -23,11 +23,22 @@ from torch import nn
 from ..architecture import ModelSpec
 from ..errors import ConfigError
 from ..template import Template, default_template, parse_template
+from . import peft_names
+
+
+class _TakesPeftNames(type):
+    """Lets a method config take HF PEFT's keyword names where they mean what one of its own
+    fields means, and refuse the others with where their meaning lives (`peft_names`): they
+    are put as ours before the dataclass's own ``__init__`` runs, so a config only ever
+    holds, compares, saves and prints softprompt's fields."""
+
+    def __call__(cls, *args, **kwargs):
+        return super().__call__(*args, **peft_names.to_ours(cls, kwargs))
 
 
 @dataclass
-class PromptConfig:
-    """Fields every method has.
+class PromptConfig(metaclass=_TakesPeftNames):
+    """Fields every method has (and, as keywords, PEFT's names for them: `peft_names`).
 
     Attributes:
         num_virtual_tokens: P. For input methods it may be left out when the template
@@ -84,7 +95,7 @@ class PromptConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "PromptConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k != "method"}
+        data = peft_names.to_ours(cls, {k: v for k, v in data.items() if k != "method"})
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(known)}")

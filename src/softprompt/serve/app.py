@@ -9,6 +9,8 @@
                             name (`PromptBank.add_base`: kind "base", for completions and chat)
     PUT  /v1/prompts/{task} {"path": ...}   load or replace a prompt (admin, off unless enabled)
     DELETE /v1/prompts/{task}               unload it (admin)
+    POST /v1/load_lora_adapter {"lora_name": ..., "lora_path": ...}, POST /v1/unload_lora_adapter
+                            {"lora_name": ...}: vLLM's runtime adapter routes, aliases of the two above
     GET  /health, GET /metrics (Prometheus text format)
 
 Errors, every one in OpenAI's body (`errors.error_body`: ``{"error": {"message", "type",
@@ -701,7 +703,49 @@ def unload_prompt(task: str, request: HTTPRequest):
     return {"task": task, "status": "removed"}
 
 
-def admin_off(task: str):
+class LoadLoRAAdapterBody(_Body):
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoRAAdapterBody(_Body):
+    lora_name: str
+    lora_int_id: int | None = None  # vLLM's other key for an adapter; accepted, unused: prompts have names only
+
+
+def _as_vllm(e: APIError) -> APIError:
+    """An admin refusal in vLLM's terms: its field names, and 400 where ours is 422 (vLLM
+    answers 400 for an adapter it cannot load)."""
+    param = {"task": "lora_name", "path": "lora_path"}.get(e.param, e.param)
+    return APIError(400 if e.status_code == 422 else e.status_code, str(e.detail), param, e.code)
+
+
+async def load_lora_adapter(body: LoadLoRAAdapterBody, request: HTTPRequest) -> PlainTextResponse:
+    """vLLM's ``POST /v1/load_lora_adapter``: `load_prompt`, with vLLM's body and answer. As
+    vLLM does, a name already loaded is refused (400) unless ``load_inplace`` replaces it."""
+    server = server_of(request)
+    try:
+        refuse_base(server, body.lora_name, "loaded as a task")
+        if body.lora_name in server.bank and not body.load_inplace:
+            raise APIError(400, f"The lora adapter '{body.lora_name}' has already been loaded "
+                                "(load_inplace: true replaces it).", "lora_name")
+        await load_prompt(body.lora_name, PromptBody(path=body.lora_path), request)
+    except APIError as e:
+        raise _as_vllm(e) from None
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+def unload_lora_adapter(body: UnloadLoRAAdapterBody, request: HTTPRequest) -> PlainTextResponse:
+    """vLLM's ``POST /v1/unload_lora_adapter``: `unload_prompt` (404 for a name not loaded)."""
+    try:
+        unload_prompt(body.lora_name, request)
+    except APIError as e:
+        raise _as_vllm(e) from None
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def admin_off():
     """Without --admin the routes take no body at all, so the answer is 403 whatever is sent
     (a route with a body model would parse, and answer 422 on, a body it then refuses)."""
     raise HTTPException(403, "admin endpoints are off: start the server with --admin to load and unload prompts")
@@ -711,8 +755,11 @@ def admin_off(task: str):
 ROUTES = [(["GET"], "/health", health), (["GET"], "/metrics", metrics), (["GET"], "/v1/models", models),
           (["POST"], "/v1/classify", classify), (["POST"], "/v1/tag", tag), (["POST"], "/v1/completions", completions),
           (["POST"], "/v1/chat/completions", chat_completions)]
-ADMIN_ROUTES = [(["PUT"], "/v1/prompts/{task}", load_prompt), (["DELETE"], "/v1/prompts/{task}", unload_prompt)]
-ADMIN_OFF_ROUTES = [(["PUT", "DELETE"], "/v1/prompts/{task}", admin_off)]
+ADMIN_ROUTES = [(["PUT"], "/v1/prompts/{task}", load_prompt), (["DELETE"], "/v1/prompts/{task}", unload_prompt),
+                (["POST"], "/v1/load_lora_adapter", load_lora_adapter),
+                (["POST"], "/v1/unload_lora_adapter", unload_lora_adapter)]
+ADMIN_OFF_ROUTES = [(["PUT", "DELETE"], "/v1/prompts/{task}", admin_off),
+                    (["POST"], "/v1/load_lora_adapter", admin_off), (["POST"], "/v1/unload_lora_adapter", admin_off)]
 
 
 async def count_requests(request: HTTPRequest, call_next):
@@ -825,7 +872,7 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
         bank: the loaded tasks.
         engine: the engine (default: `Engine(bank)`).
         max_queue / max_wait: the batcher's queue bound and gathering window.
-        admin: enable PUT / DELETE /v1/prompts.
+        admin: enable PUT / DELETE /v1/prompts (and vLLM's load / unload_lora_adapter aliases).
         api_key: required on every path, /docs and unknown ones included (``Authorization:
             Bearer KEY`` or ``X-API-Key: KEY``), when set.
         max_body_bytes: larger request bodies get 413 (chunked bodies are counted as they arrive).

@@ -39,6 +39,7 @@ from ..encode import EncodedRow, TemplateEncoder
 from ..errors import ConfigError, EncodingError, SoftPromptError
 from ..folder import has_task, load_with_task, prompt_directory, prompt_info, unreadable_as
 from ..inject import Prompts
+from ..io.hub import resolve_prompt_source
 from ..io.atomic import read_json_object
 from ..io.prompt import TASK_FILE, read_config
 from ..model import OnBase, SoftPromptModel
@@ -195,21 +196,27 @@ def _check_room(name: str, model: SoftPromptModel) -> None:
 
 
 def named_prompt_folders(pairs: list[str], prompts: Path | None) -> dict[str, Path]:
-    """``--prompt NAME=PATH`` options as {name: path}, checked before the model loads: a
-    valid task name, an existing path, no name given twice or also a sub-folder of --prompts."""
+    """``--prompt NAME=PATH`` options as {name: local folder}, checked before the model
+    loads: a valid task name, no name given twice or also a sub-folder of --prompts, and a
+    PATH that exists, or a Hub location ``user/repo[@revision][:subdir]`` (fetched here,
+    into the Hub cache: a missing repository is refused before the model loads too)."""
     named: dict[str, Path] = {}
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
-            raise ConfigError(f"--prompt {pair!r}: expected NAME=PATH (a task name and its prompt folder)")
+            raise ConfigError(f"--prompt {pair!r}: expected NAME=PATH (a task name and its prompt folder or Hub id)")
         check_task_name(name)
         if name in named:
             raise ConfigError(f"--prompt {pair!r}: task {name!r} is given twice")
-        if not Path(path).expanduser().exists():
-            raise ConfigError(f"--prompt {pair!r}: {path} does not exist")
         if prompts is not None and (prompts / name).is_dir():
             raise ConfigError(f"--prompt {pair!r}: task {name!r} is also a sub-folder of --prompts {prompts}")
-        named[name] = Path(path).expanduser()
+        try:
+            folder = resolve_prompt_source(path)
+        except SoftPromptError as e:
+            raise ConfigError(f"--prompt {pair!r}: {e}") from None
+        if not folder.exists():
+            raise ConfigError(f"--prompt {pair!r}: {path} does not exist")
+        named[name] = folder
     return named
 
 

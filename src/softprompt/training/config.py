@@ -26,6 +26,8 @@ from ..template import parse_template
 SCHEDULES = ("linear", "cosine", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: experiment trackers of ``train.report_to`` (the name of its pip extra, comet aside; `logs.py` runs them)
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "comet")
 
 
 @dataclass
@@ -54,7 +56,12 @@ class TrainConfig:
             fewer launches, for small models whose steps the host bounds) or ``max-autotune``.
         gradient_checkpointing: recompute each block's activations in the backward pass
             (less memory, about one more forward of time); works for deep prompts too.
-        tensorboard: also write TensorBoard logs.
+        report_to: experiment trackers that also receive the metrics (accelerate's): none,
+            or one or more of tensorboard, wandb, mlflow, comet, as a list or comma-separated
+            (``tensorboard,wandb``). Each needs its extra (``pip install 'softprompt[wandb]'``;
+            comet: ``pip install comet-ml``).
+        project: the trackers' project (W&B project, MLflow experiment, Comet project,
+            TensorBoard folder); the run is named after its output folder.
         progress: show a progress bar.
     """
 
@@ -75,7 +82,11 @@ class TrainConfig:
     mixed_precision: str = "auto"
     compile: bool | str = False
     gradient_checkpointing: bool = False
-    tensorboard: bool = False
+    # "none" by default, as before this key (no tracker ran unless asked) and as transformers 5's
+    # TrainingArguments: a tracker that was not asked for would write outside the run folder
+    # (W&B, MLflow) or ask for an account.
+    report_to: str | list[str] = "none"
+    project: str = "softprompt"
     progress: bool = True
 
     def validate(self) -> None:
@@ -97,15 +108,48 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_ratio must be a number in [0, 1), got {self.warmup_ratio!r}")
         if self.compile not in (True, False) + COMPILE_MODES:
             raise ConfigError(f"train.compile must be true, false or one of {COMPILE_MODES}, got {self.compile!r}")
-        for name in ("bucket", "gradient_checkpointing", "tensorboard", "progress"):
+        for name in ("bucket", "gradient_checkpointing", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience <= 0):
             raise ConfigError(f"train.patience must be a positive integer or null, got {self.patience!r}")
+        self.report_to = ",".join(_trackers(self.report_to)) or "none"  # one spelling in config files
+        if not isinstance(self.project, str) or not self.project.strip():
+            raise ConfigError(f"train.project must be a non-empty name, got {self.project!r}")
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers of `report_to`, in its order ([] for none)."""
+        return _trackers(self.report_to)
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def _trackers(value: Any) -> list[str]:
+    """`TrainConfig.report_to` as tracker names: a list, or one comma-separated string."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"train.report_to must be none or tracker names ({', '.join(REPORT_TO)}), got {value!r}")
+    names = [i.strip().lower() for i in items if i.strip()]
+    for name in names:
+        if name not in REPORT_TO + ("none",):
+            raise ConfigError(f"train.report_to: unknown tracker {name!r}{suggest(name, REPORT_TO + ('none',))}")
+    if "none" in names and len(names) > 1:
+        raise ConfigError(f"train.report_to: 'none' cannot be combined with trackers, got {value!r}")
+    return list(dict.fromkeys(n for n in names if n != "none"))
+
+
+def _legacy_tensorboard(train: TrainConfig, on: Any) -> None:
+    """``train.tensorboard: true|false``, the switch `report_to` replaced: run files and run
+    folders (``--resume``) written before it still load, as the tracker turned on or off."""
+    if not isinstance(on, bool):
+        raise ConfigError(f"train.tensorboard (now train.report_to=tensorboard) must be true or false, got {on!r}")
+    names = [n for n in _trackers(train.report_to) if n != "tensorboard"] + (["tensorboard"] if on else [])
+    train.report_to = ",".join(names) or "none"
 
 
 METHOD_ALIASES = {"prompt_tuning": "prompt-tuning", "p_tuning": "p-tuning", "prefix_tuning": "prefix-tuning",
@@ -187,7 +231,11 @@ class RunConfig:
     def from_dict(cls, saved: dict[str, Any]) -> "RunConfig":
         """The configuration a run directory's ``config.json`` records (its extra keys ignored)."""
         keep = {k: v for k, v in saved.items() if k in cls.__dataclass_fields__}
-        keep["train"] = TrainConfig(**keep.get("train", {}))
+        train = dict(keep.get("train", {}))
+        legacy = train.pop("tensorboard", None)
+        keep["train"] = TrainConfig(**train)
+        if legacy is not None:
+            _legacy_tensorboard(keep["train"], legacy)
         return cls(**keep)
 
 
@@ -230,7 +278,9 @@ def apply(config: RunConfig, key: str, value: Any, *, source: str) -> None:
     """Set one dotted key on `config`, refusing unknown keys with a suggestion."""
     top = {f.name for f in dataclasses.fields(RunConfig)} - {"train", "prompt", "task_options"}
     section, _, rest = key.partition(".")
-    if section == "train" and rest:
+    if section == "train" and rest == "tensorboard":
+        _legacy_tensorboard(config.train, value)
+    elif section == "train" and rest:
         names = TrainConfig.field_names()
         if rest not in names:
             raise ConfigError(f"{source}: unknown key 'train.{rest}'{suggest(rest, names, 'train.')}")
@@ -250,14 +300,20 @@ def apply(config: RunConfig, key: str, value: Any, *, source: str) -> None:
 RECORDED = ("resolved_task", "data")
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def _flatten(data: dict[str, Any], prefix: str = "", recorded: bool = False) -> list[tuple[str, Any]]:
     items = []
     for k, v in data.items():
         if isinstance(v, dict) and k in ("train", "prompt", "task", "task_options"):
             items += _flatten(v, f"{prefix}{'task' if k == 'task_options' else k}.")  # task_options: config.json's name
-        elif not (prefix == "" and k in RECORDED):
+        elif recorded or not (prefix == "" and k in RECORDED):
             items.append((f"{prefix}{k}", v))
     return items
+
+
+def dotted(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's configuration (`RunConfig.to_dict`, or config.json with its `RECORDED` keys)
+    keyed as ``--set`` keys it: ``model``, ``train.lr``, ``prompt.encoder``, ``task.pool``."""
+    return dict(_flatten(config, recorded=True))
 
 
 def to_yaml(config: RunConfig) -> str:

@@ -63,7 +63,8 @@ def evaluate_trained(path, *, split: str = "test", task_name: str | None = None,
         recipe_name = task_name or (meta.get("data") or {}).get("recipe")
         if not recipe_name:
             raise ConfigError("this prompt was trained on files, not a recipe: give --data FILE or --task RECIPE")
-        examples = datamod.load_recipe(recipe_name, data_root).examples(split)
+        recipe = datamod.load_recipe(recipe_name, data_root)
+        examples = recipe.examples(split, file_labels=recipe.uses_file_labels(getattr(task, "labels", None)))
     check_rows(sp_model, task, examples, data_file or f"the {split} split")
     scores, _ = evaluate(sp_model, task, examples, batch_size)
     return {"split": split if not data_file else data_file, **scores}

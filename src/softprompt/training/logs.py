@@ -4,14 +4,22 @@
                      written after its checkpoint)
     metrics.json     the final summary (best dev metric and step, wall time, why it stopped)
     curves.png       training loss and dev metric over steps
-    tensorboard/     optional
+    tensorboard/     with ``train.report_to=tensorboard``
+    wandb/           with ``train.report_to=wandb`` (unless $WANDB_DIR says elsewhere)
 
 and the progress bar. `RunLog` holds the open writers and the window of losses and tokens
 since the last evaluation (the throughput of each metrics line).
+
+Experiment trackers (``train.report_to``) are accelerate's: the accelerator is built with
+`tracker_options`, and `RunLog` starts them with the run's configuration as flat ``--set``
+keys, sends each step's loss (``train/loss``) and each metrics line (its keys, at its step),
+and ends them. Only the main process tracks.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -20,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, TrainingError
-from ..extras import MissingExtraError, require
+from ..extras import MissingExtraError, require, require_extra
 from ..io.atomic import write_file_atomically, write_json_atomically
-from .config import TrainConfig
+from .config import TrainConfig, dotted
 
 log = logging.getLogger("softprompt.train")
 
@@ -30,6 +38,16 @@ METRICS_LINES = "metrics.jsonl"
 METRICS_SUMMARY = "metrics.json"
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
+WANDB = "wandb"
+
+#: a `train.report_to` name (also its extra's) -> accelerate's name of the tracker
+ACCELERATE_TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet": "comet_ml"}
+#: trackers with no extra: tracker -> (distribution, module), installed by hand. transformers
+#: imports comet_ml as soon as it is installed (with transformers.Trainer, or peft), and comet_ml's
+#: import patches torch, TensorBoard, MLflow and others, replaces sys.excepthook and may report
+#: errors to Comet: in `[all]` (CI, scripts/setup.sh) every TensorBoard or MLflow run of such a
+#: process also became a Comet experiment in the working directory.
+BY_HAND = {"comet": ("comet-ml", "comet_ml")}
 
 
 class RunLog:
@@ -37,28 +55,34 @@ class RunLog:
 
     Args:
         output: the run directory.
-        config: the training settings (tensorboard, progress, steps).
+        config: the training settings (report_to, project, progress, steps).
         step: the step the run starts from.
-        main: whether this process writes (the others keep the same rows in memory).
+        accelerator: the run's, built with `tracker_options`; its main process writes (the
+            others keep the same rows in memory) and tracks.
+        run_config: the resolved run configuration (config.json's dict), the trackers'
+            parameters; None: the training settings alone.
     """
 
-    def __init__(self, output: Path, config: TrainConfig, step: int, main: bool):
-        self.output, self.main = output, main
+    def __init__(self, output: Path, config: TrainConfig, step: int, accelerator, run_config: dict | None = None):
+        self.output, self.main = output, accelerator.is_main_process
         # Only the main process rewrites metrics.jsonl on resume (`truncate_metrics`); the
         # others may read it before it has, so each keeps the rows up to the checkpoint itself.
         self.evals = [r for r in read_metrics(output / METRICS_LINES) if r["step"] <= step]
-        self.writer = _tensorboard(output, config) if main else None
-        self.bar = _progress(config, step, main)
+        self.tracker = None  # the accelerator while its trackers run (main process only)
+        if self.main and config.trackers:
+            _start_trackers(accelerator, config, output, run_config or {"train": dataclasses.asdict(config)})
+            self.tracker = accelerator
+        self.bar = _progress(config, step, self.main)
         self.window_loss: list[float] = []
         self.window_tokens = 0
         self.window_start = time.perf_counter()
 
     def loss(self, state, step: int, loss: float, tokens) -> None:
-        """Step `step`'s (finite) training loss: into `state.losses`, TensorBoard and the bar."""
+        """Step `step`'s (finite) training loss: into `state.losses`, the trackers and the bar."""
         state.losses.append([step, round(loss, 6)])
         self.window_loss.append(loss)
-        if self.writer is not None:
-            self.writer.add_scalar("train/loss", loss, step)
+        if self.tracker is not None:
+            self.tracker.log({"train/loss": loss}, step=step)
         if self.bar is not None:
             elapsed = time.perf_counter() - self.window_start
             self.bar.update(step - self.bar.n)
@@ -76,11 +100,10 @@ class RunLog:
         return row
 
     def write_evaluation(self, row: dict[str, Any], scores: dict[str, float]) -> None:
-        """Append `row` to metrics.jsonl and the scores to TensorBoard (main process only)."""
+        """Append `row` to metrics.jsonl and send it to the trackers (main process only)."""
         append_metrics(self.output / METRICS_LINES, row)
-        if self.writer is not None:
-            for k, v in scores.items():
-                self.writer.add_scalar(f"dev/{k}", v, row["step"])
+        if self.tracker is not None:  # the same names and values as the metrics line
+            self.tracker.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def finish(self, state, metric: str, stopped: str, processes: int) -> dict[str, Any]:
         """The summary; the main process writes it (metrics.json) and the curves."""
@@ -96,10 +119,13 @@ class RunLog:
         return summary
 
     def close(self) -> None:
+        """Close the bar and end the trackers (also after a failed run: an MLflow run left
+        active would refuse the next one in this process). Safe to call twice."""
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        if self.tracker is not None:
+            tracker, self.tracker = self.tracker, None
+            tracker.end_training()
 
 
 def plot_curves(losses: list[tuple[int, float]], evals: list[dict[str, Any]], metric: str, path: Path) -> None:
@@ -160,14 +186,69 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_file_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"))
 
 
-def _tensorboard(output: Path, config: TrainConfig):
-    if not config.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(output / TENSORBOARD))
+def check_trackers(config: TrainConfig) -> None:
+    """Before any slow work (data, model): each tracker of ``train.report_to`` is installed,
+    and MLflow's tracking store opens. accelerate itself skips a tracker it cannot import
+    with a debug message, so a run would otherwise train for hours with no tracking.
+
+    Raises:
+        MissingExtraError: a tracker's package is missing (names the extra).
+        ConfigError: MLflow's store cannot be opened.
+    """
+    for name in config.trackers:
+        if name not in BY_HAND:
+            require_extra(name, f"train.report_to={name}")
+            continue
+        dist, module = BY_HAND[name]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise MissingExtraError(f"train.report_to={name} needs the {module!r} package: pip install {dist} "
+                                    "(no softprompt extra installs it: importing it patches torch, TensorBoard "
+                                    "and MLflow in every process that imports transformers.Trainer)") from None
+    if "mlflow" in config.trackers:
+        import mlflow
+
+        try:  # builds the store of $MLFLOW_TRACKING_URI (or MLflow's default) without a run
+            mlflow.MlflowClient()
+        except Exception as e:  # noqa: BLE001 (MLflow raises several kinds; each means the same here)
+            raise ConfigError(
+                f"train.report_to=mlflow: MLflow's tracking store {mlflow.get_tracking_uri()!r} cannot be opened "
+                f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}). Set "
+                "MLFLOW_TRACKING_URI to a server (http://...) or a folder (file:./mlruns, with "
+                "MLFLOW_ALLOW_FILE_STORE=true), or pip install mlflow for its default local database") from None
+
+
+def tracker_options(config: TrainConfig, output: Path) -> dict[str, Any]:
+    """`accelerate.Accelerator`'s keywords for the trackers of `config` ({} for none):
+    TensorBoard writes under ``output/tensorboard/``."""
+    if not config.trackers:
+        return {}
+    from accelerate.utils import ProjectConfiguration
+
+    return {"log_with": [ACCELERATE_TRACKERS[name] for name in config.trackers],
+            "project_config": ProjectConfiguration(project_dir=str(output), logging_dir=str(output / TENSORBOARD))}
+
+
+def tracker_parameters(run_config: dict[str, Any]) -> dict[str, bool | int | float | str]:
+    """The run configuration as the trackers' parameters: one level of ``--set`` keys
+    (``train.lr``, ``task.pool``) with scalar values; lists, dicts and nulls as JSON text
+    (TensorBoard's hparams and MLflow's params take scalars only)."""
+    return {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+            for key, value in dotted(run_config).items()}
+
+
+def _start_trackers(accelerator, config: TrainConfig, output: Path, run_config: dict[str, Any]) -> None:
+    """Start the trackers: project `config.project`, the run named after its folder."""
+    name = output.resolve().name
+    options: dict[str, dict[str, Any]] = {"mlflow": {"run_name": name}, "wandb": {"name": name}}
+    if not os.environ.get("WANDB_DIR"):
+        options["wandb"]["dir"] = str(output)  # beside the run's other files, not in the working directory
+    if "comet" in config.trackers:
+        import comet_ml
+
+        options["comet_ml"] = {"experiment_config": comet_ml.ExperimentConfig(name=name)}
+    accelerator.init_trackers(config.project, config=tracker_parameters(run_config), init_kwargs=options)
 
 
 def _progress(config: TrainConfig, done: int, main: bool):
@@ -178,4 +259,5 @@ def _progress(config: TrainConfig, done: int, main: bool):
     return tqdm(total=config.steps, initial=done, desc="train", unit="step", dynamic_ncols=True)
 
 
-__all__ = ["RunLog", "plot_curves", "append_metrics", "read_metrics", "truncate_metrics"]
+__all__ = ["RunLog", "plot_curves", "append_metrics", "read_metrics", "truncate_metrics", "check_trackers",
+           "tracker_options", "tracker_parameters"]

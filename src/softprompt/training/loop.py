@@ -12,7 +12,7 @@ ends the run (`logs.RunLog.finish`). A run directory holds
     prompt/            the best prompt so far with its task head: what `eval` / `predict` /
                        `serve` load                                     (`folder.py`)
     checkpoint/        the latest full training state, for `--resume`   (`checkpoint.py`)
-    tensorboard/       optional
+    tensorboard/       with ``train.report_to=tensorboard`` (W&B: wandb/)  (`logs.py`)
 
 Every file is written atomically (temporary name, then rename), and the checkpoint holds
 everything needed to continue an interrupted CPU run to bit-identical final weights.
@@ -42,7 +42,7 @@ from ..tasks.base import Task
 from .checkpoint import CHECKPOINT, is_fsdp2, load_checkpoint, save_checkpoint, whole
 from .config import TrainConfig
 from .evaluate import evaluate
-from .logs import METRICS_LINES, RunLog, truncate_metrics
+from .logs import METRICS_LINES, RunLog, check_trackers, tracker_options, truncate_metrics
 from .order import BatchStream
 
 
@@ -132,7 +132,7 @@ def _schedule(optimizer, config: TrainConfig, done: int):
     return scheduler
 
 
-def _accelerator(model, config: TrainConfig) -> Accelerator:
+def _accelerator(model, config: TrainConfig, output: Path) -> Accelerator:
     mixed = config.mixed_precision
     if mixed == "auto":
         # Autocast pays for fp32 weights; over a bf16 base it only adds casts (and runs
@@ -141,7 +141,7 @@ def _accelerator(model, config: TrainConfig) -> Accelerator:
         mixed = "bf16" if on_gpu and model.base.get_input_embeddings().weight.dtype == torch.float32 else "no"
     # A base on the CPU trains on the CPU; launched as several processes (torchrun), that is
     # accelerate's multi-CPU mode (gloo), which it enters only when told the run is on the CPU.
-    accelerator = Accelerator(mixed_precision=mixed, cpu=model.device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=mixed, cpu=model.device.type == "cpu", **tracker_options(config, output))
     if accelerator.distributed_type.name == "DEEPSPEED":
         # Tried (ZeRO-3, deepspeed 0.19.8, 2 x H200): the steps run, but DeepSpeed's partitioned
         # optimizer has no per-parameter AdamW moments for the checkpoint, so a run could not be
@@ -161,6 +161,7 @@ def train(
     *,
     resume: bool = False,
     metadata: dict[str, Any] | None = None,
+    run_config: dict[str, Any] | None = None,
 ) -> RunResult:
     """Train `model`'s prompt and `task`'s head; write the run directory `output`.
 
@@ -172,18 +173,23 @@ def train(
         output: the run directory (must exist; the caller writes config.json there).
         resume: continue from ``output/checkpoint``.
         metadata: stored with the saved prompt (task name, data, ...).
+        run_config: the resolved run configuration (config.json's dict), what the trackers
+            of ``config.report_to`` record as the run's parameters; None: `config` alone.
 
     Raises:
+        MissingExtraError: a tracker of ``config.report_to`` is not installed.
         TrainingError: empty training data, a non-finite loss (the last good checkpoint
             and best prompt are kept), or nothing to resume from.
     """
     config.validate()
+    check_trackers(config)
     if not train_examples:
         raise TrainingError("no training examples")
     options = {"mode": config.compile} if isinstance(config.compile, str) else None
     with model.accelerated(compile=config.compile is not False, checkpointing=config.gradient_checkpointing,
                            compile_options=options):
-        loop = Loop(model, task, train_examples, eval_examples, config, output, resume=resume, metadata=metadata)
+        loop = Loop(model, task, train_examples, eval_examples, config, output, resume=resume, metadata=metadata,
+                    run_config=run_config)
         return loop.run()
 
 
@@ -192,12 +198,13 @@ class Loop:
     from ``output/checkpoint``; `run` steps it to the end."""
 
     def __init__(self, model, task: Task, train_examples: Sequence[dict], eval_examples: Sequence[dict] | None,
-                 config: TrainConfig, output: str | os.PathLike, *, resume: bool, metadata: dict[str, Any] | None):
+                 config: TrainConfig, output: str | os.PathLike, *, resume: bool, metadata: dict[str, Any] | None,
+                 run_config: dict[str, Any] | None = None):
         self.model, self.task, self.config = model, task, config
         self.eval_examples, self.metadata = eval_examples, metadata or {}
         self.output = Path(output)
         self.output.mkdir(parents=True, exist_ok=True)  # a new folder, from Python (the CLI made it already)
-        self.accelerator = accelerator = _accelerator(model, config)
+        self.accelerator = accelerator = _accelerator(model, config, self.output)
         set_seed(config.seed)
         task.bind(model)
         model.train()
@@ -216,7 +223,7 @@ class Loop:
             # FSDP 1 flattens the prompt into shards that saving and evaluation cannot read whole.
             raise ConfigError("FSDP version 1 is not supported: launch with `accelerate launch --use_fsdp --fsdp_version 2 ...`")
         self.world, rank = accelerator.num_processes, accelerator.process_index
-        self.logs = RunLog(self.output, config, self.state.step, accelerator.is_main_process)
+        self.logs = RunLog(self.output, config, self.state.step, accelerator, run_config)
         self.metric = task.metric
         self.stopped = "max steps"
         # With a fused AdamW the update of a non-finite step is skipped on the device (the kernel's
@@ -230,6 +237,15 @@ class Loop:
 
     def run(self) -> RunResult:
         """Step to `config.steps` (or early stopping), evaluating and checkpointing on the way."""
+        try:
+            self.run_steps()
+        finally:  # also when the run stops or fails: the trackers' runs end (and say so)
+            self.logs.close()
+        summary = self.logs.finish(self.state, self.metric, self.stopped, self.accelerator.num_processes)
+        return RunResult(self.state.best_metric, self.state.best_step, self.state.step, self.stopped, summary)
+
+    def run_steps(self) -> None:
+        """The steps, evaluations and checkpoints of `run`."""
         state, config = self.state, self.config
         while state.step < config.steps:
             step_start = time.perf_counter()
@@ -249,16 +265,13 @@ class Loop:
                     self.checkpoint()
                 if config.patience and state.bad_evals >= config.patience:
                     self.stopped = f"early stopping: no better dev {self.metric} in {config.patience} evaluations"
-                    break
+                    return
             elif last:
                 with whole(self.wrapped, self.unit):
                     if not self.eval_examples and self.accelerator.is_main_process:
                         save_with_task(self.model, self.task, self.output / RUN_PROMPT,
                                        {**self.metadata, "step": state.step})
                     self.checkpoint()
-        self.logs.close()
-        summary = self.logs.finish(state, self.metric, self.stopped, self.accelerator.num_processes)
-        return RunResult(state.best_metric, state.best_step, state.step, self.stopped, summary)
 
     # -- step ---------------------------------------------------------------------------
     def step(self) -> None:

@@ -27,13 +27,13 @@ from .assemble import build_task, check_examples, check_task_options, load_data,
 from .checkpoint import CHECKPOINT
 from .config import RunConfig, apply, load_yaml
 from .evaluate import evaluate_saved
-from .logs import CURVES, METRICS_LINES, METRICS_SUMMARY, TENSORBOARD
+from .logs import CURVES, METRICS_LINES, METRICS_SUMMARY, TENSORBOARD, WANDB, check_trackers
 from .loop import RunResult
 
 CONFIG = "config.json"
 CONFIG_YAML = "config.yaml"  # the same, as a run file to read, edit and replay: `--config RUN/config.yaml`
 RUN_MARKERS = (CONFIG, METRICS_LINES, CHECKPOINT, RUN_PROMPT)
-RUN_FILES = RUN_MARKERS + (CONFIG_YAML, METRICS_SUMMARY, CURVES, TENSORBOARD)  # all a run writes in its folder
+RUN_FILES = RUN_MARKERS + (CONFIG_YAML, METRICS_SUMMARY, CURVES, TENSORBOARD, WANDB)  # all a run writes in its folder
 RESULTS = (METRICS_LINES, METRICS_SUMMARY, CHECKPOINT, RUN_PROMPT)  # what a failed run leaves worth keeping
 
 
@@ -144,6 +144,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
             raise TrainingError(f"--resume: {recorded} is missing")
         cfg = RunConfig.from_dict(read_json_object(recorded))
     cfg.validate()
+    check_trackers(cfg.train)  # a tracker not installed is named before the data and model load
     out = _check_output(cfg, resume, overwrite)
     data = load_data(cfg)
     if not data.train:
@@ -164,13 +165,15 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     main = int(os.environ.get("RANK", "0")) == 0
     created = _prepare_output(out, clear=main and not resume)
     metadata = {"task": task.kind, "model": cfg.model, "data": data.source, "max_length": cfg.max_length,
-                "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("progress", "tensorboard")}}
+                "train": {k: v for k, v in dataclasses.asdict(cfg.train).items()
+                          if k not in ("progress", "report_to", "project")}}  # how it trained, not how it was watched
     try:
         if not resume and main:
             write_json_atomically(out / CONFIG, resolved)
             write_file_atomically(out / CONFIG_YAML, lambda tmp: tmp.write_text(
                 yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), encoding="utf-8"))
-        result = loop.train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata)
+        result = loop.train(model, task, data.train, data.dev, cfg.train, out, resume=resume, metadata=metadata,
+                            run_config=resolved)
     except BaseException:
         if not resume and main:
             _forget_failed_start(out, created)
