@@ -91,6 +91,22 @@ def test_existing_run_is_refused_then_resumed(bert_dir, reviews, tmp_path):
     assert invoke(*common, "--overwrite").exit_code == 0
 
 
+def test_only_the_main_process_refuses_a_folder_holding_a_run(tmp_path, monkeypatch):
+    """The other processes of a distributed run may check the folder after the main one
+    wrote this run's config.json: they leave the refusal to it (a race seen in CI)."""
+    from softprompt.errors import TrainingError
+    from softprompt.training.config import RunConfig
+    from softprompt.training.run import CONFIG, _check_output
+
+    (tmp_path / CONFIG).write_text("{}")
+    cfg = RunConfig(output=str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    assert _check_output(cfg, resume=False, overwrite=False) == tmp_path
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(TrainingError, match="already holds a run"):
+        _check_output(cfg, resume=False, overwrite=False)
+
+
 def test_recipe_on_real_data_with_a_causal_lm_verbalizer(gpt2_dir, tmp_path):
     out = tmp_path / "run"
     r = invoke("train", "--model", gpt2_dir, "--method", "p-tuning", "--task", "sst2", "--output", out,

@@ -37,8 +37,16 @@ RUN_FILES = RUN_MARKERS + (CONFIG_YAML, METRICS_SUMMARY, CURVES, TENSORBOARD, WA
 RESULTS = (METRICS_LINES, METRICS_SUMMARY, CHECKPOINT, RUN_PROMPT)  # what a failed run leaves worth keeping
 
 
+def _is_main_process() -> bool:
+    """Whether this process owns the run folder: the only one, or rank 0 of a distributed
+    run (torchrun / accelerate launch set RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _check_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
-    """Refuse an output that cannot take this run, touching nothing."""
+    """Refuse an output that cannot take this run, touching nothing. Only the main process
+    refuses a folder that holds a run: the others of a distributed run may look after it
+    has written this run's config.json."""
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--output {out} exists and is not a directory")
@@ -46,7 +54,7 @@ def _check_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     if resume:
         if not (out / CHECKPOINT).is_dir():
             raise TrainingError(f"--resume: {out} holds no checkpoint to continue from")
-    elif holds_run and not overwrite:
+    elif holds_run and not overwrite and _is_main_process():
         raise TrainingError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     return out
 
@@ -160,9 +168,9 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     check_examples(model, task, data)
     resolved = cfg.to_dict() | {"template": model.config.template, "num_virtual_tokens": model.num_virtual_tokens,
                                 "resolved_task": task.kind, "data": data.source}
-    # One process of a distributed run (torchrun / accelerate launch set RANK) owns the folder:
-    # the others would race it clearing a replaced run and writing config.json.
-    main = int(os.environ.get("RANK", "0")) == 0
+    # One process of a distributed run owns the folder: the others would race it clearing a
+    # replaced run and writing config.json.
+    main = _is_main_process()
     created = _prepare_output(out, clear=main and not resume)
     metadata = {"task": task.kind, "model": cfg.model, "data": data.source, "max_length": cfg.max_length,
                 "train": {k: v for k, v in dataclasses.asdict(cfg.train).items()
