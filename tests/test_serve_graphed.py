@@ -196,9 +196,10 @@ def test_engine_head_requests_through_the_padded_forward_equal_each_task_alone(f
     its end) with `head_graphs=True`: each answer equals the task run alone, and every
     batch the graphs take went through them."""
     bank = head_bank(family_models, family)
-    calls = []
-    original = HeadGraphs.__call__
-    monkeypatch.setattr(HeadGraphs, "__call__", lambda self, batch, **kw: calls.append(kw) or original(self, batch, **kw))
+    calls, finished = [], []
+    launch, finish = HeadGraphs.launch, HeadGraphs.finish
+    monkeypatch.setattr(HeadGraphs, "launch", lambda self, batch, **kw: calls.append(kw) or launch(self, batch, **kw))
+    monkeypatch.setattr(HeadGraphs, "finish", lambda self, batch, launched: finished.append(1) or finish(self, batch, launched))
     engine = Engine(bank, max_batch_rows=4, head_graphs=True)
     requests = [head_request(t, x) for t, x in HEAD_REQUESTS]
     results = engine.run(requests)
@@ -215,6 +216,7 @@ def test_engine_head_requests_through_the_padded_forward_equal_each_task_alone(f
             for label, score in expected["scores"].items():
                 assert result.output["scores"][label] == pytest.approx(score, abs=1e-4)
     assert calls, "no head batch went through the padded forward"
+    assert len(finished) == len(calls)  # every launched batch read
 
 
 def test_engine_head_graphs_default_and_refusal(family_models):

@@ -45,6 +45,7 @@ from ..io.prompt import TASK_FILE, read_config
 from ..model import OnBase, SoftPromptModel
 from ..tasks import Task
 from ..template import parse_template
+from ..transfer import tensor_on
 from .prompt_cache import CachedLead, cacheable, compute_lead, starts_after_lead
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -551,7 +552,7 @@ class PromptBank:
             entry = entries[0]
             return Prompts(prefix=tensors[id(entry)]) if entry.deep else Prompts(tables=tensors[id(entry)])
         slot = {id(e): u for u, e in enumerate(unique)}
-        row_slot = torch.tensor([slot[id(e)] for e in entries], device=device)  # (B,)
+        row_slot = tensor_on([slot[id(e)] for e in entries], device)  # (B,), without waiting for the device
         tables = prefix = mask = None
         plain = [e for e in unique if not e.deep]
         inputs = [e for e in plain if e.prompted]

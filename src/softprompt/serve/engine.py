@@ -45,9 +45,9 @@ from ..errors import ConfigError, EncodingError, InputTooLongError, SoftPromptEr
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .compiled import CompiledForward
 from .decode import Decoder, DecodeRow
-from .graphed import HeadGraphs, paddable
+from .graphed import HeadGraphs, Launched, paddable
 from .inputs import example_of, field_texts
-from .mixed import collate_mixed, forward_mixed, generate_mixed, head_forward, output_rows
+from .mixed import MixedBatch, collate_mixed, forward_mixed, generate_mixed, head_forward, output_rows
 from .sampling import RowSampler, TokenLogprob
 from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
 
@@ -140,6 +140,16 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass
+class _HeadForward:
+    """A batch of head requests collated, its forward queued (`launched`, from the head
+    graphs) or done (`out`)."""
+
+    encoded: MixedBatch
+    out: Any = None
+    launched: Launched | None = None
 
 
 @dataclass
@@ -269,8 +279,7 @@ class Engine:
                     rows.append(self._prepare(i, request))
                 except Exception as e:
                     results[i] = self._failure(request.task, e)
-        for batch in self._batches([r for r in rows if not r.generates]):
-            self._guarded(batch, results, self._run_heads, "forward")
+        self._run_head_batches(self._batches([r for r in rows if not r.generates]), results)
         generating = [r for r in rows if r.generates]
         if generating and generating[0].entry.model.spec.kind is ModelKind.CAUSAL:
             # one decode loop: rows of every task and setting, joining as others end
@@ -414,9 +423,10 @@ class Engine:
             batches.append(current)
         return batches
 
-    def _guarded(self, batch: list[_Row], results: "_Answers", work, kind: str) -> None:
+    def _guarded(self, batch: list[_Row], results: "_Answers", work, kind: str, alone=None) -> None:
         """Run `work` on the batch; if it fails as a whole, run each request alone (those
-        not answered yet: a decode answers its rows as they end)."""
+        not answered yet: a decode answers its rows as they end) with `alone` (default:
+        `work`)."""
         try:
             for row, result in zip(batch, work(batch)):
                 results[row.index] = result
@@ -432,24 +442,61 @@ class Engine:
                         results[row.index] = Result(row.entry.name, error=f"failed mid-stream: {type(e).__name__}: {e}",
                                                     error_kind=ErrorKind.FAILED)
                         continue
-                    self._guarded([row], results, work, kind)
+                    self._guarded([row], results, alone or work, kind)
                 return
             log.error("request %d (%s) failed: %s", batch[0].index, batch[0].entry.name, traceback.format_exc())
             results[batch[0].index] = Result(batch[0].entry.name, error=f"{type(e).__name__}: {e}",
                                              error_kind=ErrorKind.of(e))
 
+    def _run_head_batches(self, batches: list[list[_Row]], results: "_Answers") -> None:
+        """Answer batches of head requests, each batch's forward queued (`_launch_heads`)
+        before the answers of the batch before are read (`_read_heads`).
+
+        Why: reading a batch's answers is host work (a device read per task group, the
+        heads' predictions, the results), and so is collating the next batch; run one after
+        the other, the GPU waits through both between two forwards (S2 on an H200: 47 of
+        179 ms, `bench.probe.heads`). Queued first, the next forward runs while they are
+        done (graphed batches replay on their own stream: `HeadGraphs.launch`). A batch
+        whose launch or read fails is answered as before: whole, then request by request.
+        """
+        pending: tuple[list[_Row], _HeadForward] | None = None
+        for batch in [*batches, None]:
+            launched = None
+            if batch is not None:
+                try:
+                    launched = self._launch_heads(batch)
+                except Exception:  # answered below, guarded, once the batch before is read
+                    launched = None
+            if pending is not None:
+                rows, forward = pending
+                self._guarded(rows, results, lambda b, f=forward: self._read_heads(b, f), "forward",
+                              alone=self._run_heads)
+            if batch is not None and launched is None:
+                self._guarded(batch, results, self._run_heads, "forward")
+            pending = None if launched is None else (batch, launched)
+
     def _run_heads(self, batch: list[_Row]) -> list[Result]:
+        return self._read_heads(batch, self._launch_heads(batch))
+
+    def _launch_heads(self, batch: list[_Row]) -> "_HeadForward":
+        """The batch collated and its forward queued: replayed from a head graph where one
+        takes it (no wait for the device), else run (eagerly or compiled)."""
         # the entries each row was checked with, not the names: see `PromptBank.entry`
         encoded = collate_mixed(self.bank, [r.entry for r in batch], [r.encoded for r in batch])
-        entries = {id(r.entry): r.entry for r in batch}
-        tasks = [e.task for e in entries.values()]
+        tasks = [e.task for e in {id(r.entry): r.entry for r in batch}.values()]
         reads = {"output_hidden_states": any(t.reads.get("output_hidden_states") for t in tasks),
                  "logits": "answer" if any(t.reads.get("logits") == "answer" for t in tasks) else "none"}
         graphs = self._head_graphs
         if graphs is not None and graphs.takes(encoded, **reads):
-            out = graphs(encoded, **reads)
-        else:
-            out = self._heads.run(lambda fn: forward_mixed(self.bank, encoded, base_forward=fn, **reads))
+            return _HeadForward(encoded, launched=graphs.launch(encoded, **reads))
+        out = self._heads.run(lambda fn: forward_mixed(self.bank, encoded, base_forward=fn, **reads))
+        return _HeadForward(encoded, out=out)
+
+    def _read_heads(self, batch: list[_Row], forward: "_HeadForward") -> list[Result]:
+        """Each task group's predictions from the batch's forward, as results."""
+        encoded = forward.encoded
+        out = forward.out if forward.launched is None else self._head_graphs.finish(encoded, forward.launched)
+        entries = {id(r.entry): r.entry for r in batch}
         results: list[Result | None] = [None] * len(batch)
         for key, entry in entries.items():
             mine = [i for i, r in enumerate(batch) if id(r.entry) == key]

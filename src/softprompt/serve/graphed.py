@@ -102,6 +102,23 @@ class Joined:
 
 
 @dataclass
+class Launched:
+    """A head batch's forward queued on the device (`HeadGraphs.launch`).
+
+    Attributes:
+        outputs: the padded forward's outputs ("answer": (rows, V), "hidden": (rows, width,
+            D), each None where not read), the batch's own copies.
+        width: the padded length.
+        done: recorded on the graphs' stream after the outputs were copied (None: no stream,
+            the outputs are ready).
+    """
+
+    outputs: dict[str, torch.Tensor | None]
+    width: int
+    done: torch.cuda.Event | None = None
+
+
+@dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph | None
     inputs: dict[str, torch.Tensor | None]  # the fixed tensors the graph reads
@@ -133,6 +150,7 @@ class PaddedGraphs:
         self.max_graphs = max_graphs
         self.forward: CompiledForward | None = None  # the base's forward (compiled where asked); None: base(**inputs)
         self.enabled = True
+        self._stream: torch.cuda.Stream | None = None  # where head batches are replayed (`HeadGraphs.launch`)
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = None
 
@@ -279,26 +297,58 @@ class HeadGraphs(PaddedGraphs):
         model = batch.entries[0].model
         if model.padding_side != "left":
             return False
-        if logits == "answer":  # one read of the device, as the eager forward makes for the answer columns
-            answers = batch.get("answer_index")
+        if logits == "answer":  # known on the host where the batch was collated (no wait for the device)
             # a row without an answer slot (-1: a classifier beside a verbalizer) reads none:
             # it gets the last column's scores here, column 0's in the eager forward
-            return model.keeps_logits and answers is not None and bool(((answers == S - 1) | (answers < 0)).all())
+            return model.keeps_logits and batch.get("answer_index") is not None and batch.answers_at_last_column()
         return True
 
     @torch.no_grad()
     def __call__(self, batch: MixedBatch, *, logits: str = "none",
                  output_hidden_states: bool = False) -> forward.SoftPromptOutput:
         """The batch's head forward (`takes` must hold): padded, replayed (or run), cut back."""
+        return self.finish(batch, self.launch(batch, logits=logits, output_hidden_states=output_hidden_states))
+
+    @torch.no_grad()
+    def launch(self, batch: MixedBatch, *, logits: str = "none", output_hidden_states: bool = False) -> "Launched":
+        """Queue the batch's forward (`takes` must hold) without waiting for the device: on
+        a GPU the graph is replayed on the graphs' own stream, so that the answers of the
+        batch before, read on the current stream (`finish`), do not wait for this one."""
+        values, _, rows, width = self._padded(batch)  # on the current stream, as the batch's inputs came
+        variant = (logits == "answer", output_hidden_states)
+        if not self.capture:
+            return Launched(self._replay(values, variant), width)
+        current = torch.cuda.current_stream(values["input_ids"].device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(values["input_ids"].device)
+        self._stream.wait_stream(current)
+        for v in values.values():  # made on the current stream, read on the graphs' own
+            if v is not None:
+                v.record_stream(self._stream)
+        with torch.cuda.stream(self._stream):
+            outputs = self._replay(values, variant)
+            # the next replay overwrites the graph's outputs: what the heads read is copied out
+            outputs = {k: None if v is None else v.clone() for k, v in outputs.items()}
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return Launched(outputs, width, done)
+
+    def finish(self, batch: MixedBatch, launched: "Launched") -> forward.SoftPromptOutput:
+        """The launched forward's outputs as the eager forward gives them, cut back to the
+        batch's real rows and columns, for the current stream to read."""
         n, S = batch["input_ids"].shape
-        values, _, rows, width = self._padded(batch)
-        outputs = self._replay(values, (logits == "answer", output_hidden_states))
-        hidden = outputs["hidden"]
-        answer = outputs["answer"]
+        outputs = launched.outputs
+        if launched.done is not None:
+            current = torch.cuda.current_stream(batch["input_ids"].device)
+            current.wait_event(launched.done)
+            for v in outputs.values():  # made on the graphs' stream, read (and freed) on this one
+                if v is not None:
+                    v.record_stream(current)
+        hidden, answer = outputs["hidden"], outputs["answer"]
         return forward.over_real_tokens(
             batch["attention_mask"], batch["prompt_index"],
-            hidden=None if hidden is None else hidden[:n, width - S :].clone(),
-            answer_logits=None if answer is None else answer[:n].clone(),
+            hidden=None if hidden is None else hidden[:n, launched.width - S :],
+            answer_logits=None if answer is None else answer[:n],
             field_index=batch.get("field_index"), word_index=batch.get("word_index"))
 
     def _body(self, values: dict[str, torch.Tensor | None], variant: tuple) -> dict[str, Any]:
@@ -332,4 +382,4 @@ def paddable(base) -> bool:
     return sliding_window(base.config)[0] is None and model_spec(base).accepts_position_ids
 
 
-__all__ = ["HeadGraphs", "Joined", "PaddedGraphs", "PrefillGraphs", "bucket", "paddable"]
+__all__ = ["HeadGraphs", "Joined", "Launched", "PaddedGraphs", "PrefillGraphs", "bucket", "paddable"]

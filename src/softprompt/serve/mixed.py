@@ -34,11 +34,22 @@ class MixedBatch(PromptBatch):
 
     tasks: list[str] = field(default_factory=list)
     entries: list[BankEntry] | None = None
+    # every row's answer slot, where it has one, is its last column (known on the host when
+    # the batch was collated; None: not known, read `answer_index`)
+    answers_last: bool | None = None
 
     def rows(self, rows: Sequence[int]) -> "MixedBatch":
         sub = super().rows(rows)
         return dataclasses.replace(sub, tasks=[self.tasks[r] for r in rows],
                                    entries=None if self.entries is None else [self.entries[r] for r in rows])
+
+    def answers_at_last_column(self) -> bool:
+        """Whether every row's answer slot (-1: none) is the last column (the host's
+        record where the batch has one, else one read of the device)."""
+        if self.answers_last is not None:
+            return self.answers_last
+        answers = self.answer_index
+        return answers is not None and bool(((answers == self.input_ids.shape[1] - 1) | (answers < 0)).all())
 
 
 def encode_mixed(bank: PromptBank, tasks: Sequence[str | BankEntry], examples: Sequence[Mapping[str, Any]], *,
@@ -76,7 +87,9 @@ def collate_mixed(bank: PromptBank, tasks: Sequence[str | BankEntry], rows: Sequ
     # a task with a cached leading segment starts its rows after it (its keys and values are the prefix)
     rows = [strip_lead(r, e.lead.length) if e.lead is not None else r for r, e in zip(rows, entries)]
     batch = first.encoder.collate(rows, side)  # one tokenizer: one pad id for every task
-    return MixedBatch(**batch, tasks=[e.name for e in entries], entries=entries).to(first.device)
+    answers = batch.get("answer_index")  # still on the host: read here, not from the device later
+    last = None if answers is None else bool(((answers == batch["input_ids"].shape[1] - 1) | (answers < 0)).all())
+    return MixedBatch(**batch, tasks=[e.name for e in entries], entries=entries, answers_last=last).to(first.device)
 
 
 def output_rows(out: forward.SoftPromptOutput, rows: Sequence[int]) -> forward.SoftPromptOutput:
