@@ -147,6 +147,9 @@ def test_bank_loads_replaces_removes_and_evicts(family_models, tmp_path):
     # least recently used tensors leave the device; the batch still runs and gives the same rows
     bank.prompts_for(["pt", "lstm", "mlp"])
     assert bank.on_device() == ["lstm", "mlp"]
+    bank.prompts_for(["lstm"])  # used again: the least recently used is now mlp
+    bank.prompts_for(["pt"])
+    assert sorted(bank.on_device()) == ["lstm", "pt"]
     # replace and remove while serving
     with pytest.raises(sp.ConfigError, match="already loaded"):
         bank.add("pt", models["lstm"])

@@ -356,8 +356,89 @@ def bank_levels_table() -> list[str]:
             f"| registered (`serve --lazy`) | {lazy['startup_s']:.2f} | {lazy['startup_ms_per_task']:.3f} "
             f"| {lazy['first_lookup_ms']:.1f} (its folder read) | {lazy['folders_read']:,} |", "",
             f"A task dropped by the host-memory cap (`--max-in-memory`) is read again in "
-            f"{r['read_again_after_eviction_ms']:.1f} ms. Host memory to the GPU (the issue's < 10 ms for a cold "
-            "prompt) was not measured: the bank's device level is `--max-on-device`."]
+            f"{r['read_again_after_eviction_ms']:.1f} ms; host memory to the GPU: below."]
+
+
+HEADS_REPORT = "heads_gpu.json"
+TASK_COUNT_REPORTS = {  # report file -> the bank's device level in that run
+    "task_count_gpu.json": "before: each row scanned every task for the least recently used",
+    "task_count_lru_gpu.json": "after: an O(1) least-recently-used order (one round)"}
+
+
+def heads_table() -> list[str]:
+    """Where S2's time goes, before and after the head batches were pipelined
+    (`bench.probe.heads`)."""
+    report = load_report(HEADS_REPORT)
+    if report is None:
+        return []
+    lines = [f"### S2: where a head batch's time goes ({_gpu(report)}; rerun: `{report['command']}`)", "",
+             "S2's 512 requests (16 tasks' input prompts, 20 virtual tokens cached, 64-token inputs, the answer "
+             "slot read) through `Engine.run`. pipelined: each batch's forward queued before the answers of the "
+             "batch before are read (graphed batches replay on their own stream); one after another: the engine "
+             "before that change, same run, same graphs. prepare: checking and encoding the requests on the host; "
+             "GPU: kernel time of one run (CUDA profiler); idle: wall - prepare - GPU. Share of peak: the FLOPs of "
+             "every request's 84 tokens per wall second (per GPU second) over the dense bf16 peak.", "",
+             "| variant | pipelined ms | one after another ms | answers equal | req/s | prepare ms | GPU ms "
+             "| idle ms | share of peak (of GPU time) | matrix products / elementwise / copies / attention ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | error: {r['error']} |" + " |" * 8)
+            continue
+        groups = r.get("kernels", {}).get("groups_us", {})
+        kernels = " / ".join(f"{groups.get(g, 0) / 1e3:.1f}" for g in ("matrix products", "elementwise", "copies",
+                                                                         "attention"))
+        share = (f"{r['share_of_peak']:.0%} ({r['gpu_share_of_peak']:.0%})" if r.get("share_of_peak") is not None
+                 else "-")
+        gpu = f"{r['gpu_ms']:.1f}" if r.get("gpu_ms") is not None else "-"
+        idle = f"{r['idle_ms']:.1f}" if r.get("idle_ms") is not None else "-"
+        lines.append(f"| {r['variant']} | {r['wall_ms']:.1f} | {r['one_after_another_ms']:.1f} "
+                     f"| {r['answers_equal_one_after_another']} | {r['requests_per_s']:,.0f} | {r['prepare_ms']:.1f} "
+                     f"| {gpu} | {idle} | {share} | {kernels} |")
+    peft = report.get("peft")
+    if peft:
+        lines += ["", f"HF PEFT on the same requests, same run: {peft['requests_per_s']:,.0f} req/s."]
+    shares = [r for r in report["results"] if r.get("share_of_peak") is not None and "no prompts" not in r["variant"]]
+    if shares:
+        best = max(shares, key=lambda r: r["share_of_peak"])
+        verdict = "met" if best["share_of_peak"] >= 0.6 else "**not met**"
+        lines += ["", f"Target (16 tasks): >= 60% of peak; best {best['share_of_peak']:.0%} ({best['variant']}): "
+                  f"{verdict}. Idle may come out slightly below 0: a batch's reading kernels run beside the next "
+                  "batch's forward, so kernel times overlap."]
+    return lines
+
+
+def task_count_table() -> list[str]:
+    """Throughput from 1 to 2,000 distinct tasks and a cold prompt's move to the GPU
+    (`bench.probe.task_count`)."""
+    reports = {name: r for name in TASK_COUNT_REPORTS if (r := load_report(name)) is not None}
+    if not reports:
+        return []
+    report = next(iter(reports.values()))
+    settings = report["settings"]
+    lines = [f"### From 1 to {max(settings['tasks']):,} tasks in one run ({_gpu(report)}; rerun: "
+             f"`{report['command']}`)", "",
+             f"{settings['requests']:,} requests ({settings['new']} new tokens each, 64-token inputs) through the "
+             f"engine's decoder ({settings['rows']} slots, continuous batching, the step replayed from a CUDA graph); "
+             "request i uses task i mod T, so every group of joining rows holds min(T, 64) distinct tasks; input: "
+             "prompt tuning (20 virtual tokens, cached K/V), deep: P-tuning v2 (20 virtual tokens). of fewest "
+             "tasks: against the same kind's run with the fewest tasks of the same run (target: within 10%). With "
+             "the device level capped (`max_on_device=256`), 2,000 tasks cycle through 256 places: every joining "
+             "row's prompt comes over from host memory.", "",
+             "| run | mix | device level | new tok/s | of no prompts | of fewest tasks / of all on device |",
+             "|---|---|---|---|---|---|"]
+    for name, r in reports.items():
+        for row in r["results"]:
+            ratio = row.get("of_fewest_tasks", row.get("of_all_on_device"))
+            one_count = len(r["settings"]["tasks"]) == 1 and "of_fewest_tasks" in row  # nothing to compare with
+            of_none = f"{row['of_no_prompts']:.1%}" if "of_no_prompts" in row else "-"
+            lines.append(f"| {TASK_COUNT_REPORTS[name]} | {row['mix']} | {row['device_level']} "
+                         f"| {row['new_tokens_per_s']:,.0f} | {of_none} | {'-' if one_count else f'{ratio:.1%}'} |")
+    cold = report.get("cold_load_ms")
+    if cold:
+        lines += ["", "A cold prompt from host memory to the GPU (`PromptBank._device_tensor`, synchronised; median of "
+                  "50 tasks; target < 10 ms): " + ", ".join(f"{k} {v:.3f} ms" for k, v in cold.items()) + "."]
+    return lines
 
 
 S3_VARIANTS = (("", "eager"), ("_graphs", "padded, CUDA graphs"), ("_compiled", "compiled"),
@@ -421,7 +502,7 @@ def engine() -> list[str]:
     lines += s1_table()
     lines += ["", where_the_rest_goes(), ""]
     for section in (prefill_tables(), burst_table(), prefix_pool_table(), s3_compiled_table(), s2_table(),
-                    bank_levels_table()):
+                    heads_table(), bank_levels_table(), task_count_table()):
         if section:
             lines += section + [""]
     return lines
