@@ -324,8 +324,8 @@ def models(
 @_reports_errors
 def serve(
     model: str = typer.Option(..., "--model", help="The shared base model: alias, local path or hub id."),
-    prompts: Path = typer.Option(None, "--prompts", help="A folder with one sub-folder per task (prompt folders or run directories)."),
-    prompt_pairs: list[str] = typer.Option(None, "--prompt", help="NAME=PATH: one task from its prompt folder or run directory, or from a Hub id user/repo[@revision][:subdir] (repeatable; beside or instead of --prompts)."),
+    prompts: str = typer.Option(None, "--prompts", help="A folder with one sub-folder per task (prompt folders or run directories), local or at an fsspec URL (s3://bucket/prompts, gs://..., memory://...: copied into the cache as each task is read)."),
+    prompt_pairs: list[str] = typer.Option(None, "--prompt", help="NAME=PATH: one task from its prompt folder or run directory, a Hub id user/repo[@revision][:subdir], or an fsspec URL (repeatable; beside or instead of --prompts)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: loopback only)."),
     port: int = typer.Option(8000, "--port"),
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:1, ..."),
@@ -372,6 +372,9 @@ def serve(
                         timeout_keep_alive=timeout_keep_alive, timeout_graceful_shutdown=timeout_graceful_shutdown,
                         max_connections=max_connections, log_limit=log_limit, log_interval=log_interval)
     limits.fit_open_files()  # before the model loads: a cap the process cannot hold fails at once
+    from .io.remote import is_url
+
+    prompts = prompts if prompts is None or is_url(prompts) else Path(prompts)  # type: ignore[assignment]
     named = named_prompt_folders(prompt_pairs or [], prompts)
     if prompts is None and not named:
         raise ConfigError("give the tasks to serve: --prompts DIR (one sub-folder per task) and/or --prompt NAME=PATH")

@@ -7,8 +7,9 @@ A prompt source is a local folder or a Hub location written ``user/repo[@revisio
     user/prompts:sst2           the folder sst2/ inside the repository (one repository, many prompts)
     user/prompts@3f2a...:rte    both
 
-A local folder wins when one exists at that path, so ``runs/sst2`` stays the run folder it
-always was; a `pathlib.Path` is always local. Everything else of that form is fetched with
+An fsspec URL (``s3://bucket/prompts/sst2``, ``gs://...``, ``memory://...``) is copied
+into softprompt's cache first (`io.remote`). A local folder wins when one exists at that
+path, so ``runs/sst2`` stays the run folder it always was; a `pathlib.Path` is always local. Everything else of that form is fetched with
 `huggingface_hub.snapshot_download` into its cache (``HF_HUB_CACHE``, from ``HF_ENDPOINT``;
 ``HF_HUB_OFFLINE=1`` serves it from the cache alone). A download that did not finish never
 loads: `snapshot_download` keeps unfinished files out of the snapshot folder and, when it
@@ -29,6 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import ConfigError, PromptFileError, first_line
 from .prompt import CARD_FILE, CONFIG_FILE, HEAD_FILE, PROMPT_FILE, TASK_FILE, TRAINABLE_FILE, read_config
+from .remote import fetch_folder, is_url
 
 # A namespace or repository name as the Hub takes it (huggingface_hub's validate_repo_id):
 # letters, digits, '-', '_', '.', neither first nor last '-' or '.'; '--' and '..' are refused after the match.
@@ -82,7 +84,8 @@ def resolve_prompt_source(source: str | os.PathLike, *, revision: str | None = N
     """The local folder a prompt source names: the folder itself, or the Hub snapshot's.
 
     Args:
-        source: a local folder (str or Path) or ``user/repo[@revision][:subdir]`` (str).
+        source: a local folder (str or Path), ``user/repo[@revision][:subdir]`` (str), or
+            an fsspec URL (str: ``s3://...``, copied into the cache by `io.remote`).
         revision: the revision when `source` names none (a Hub source only).
         token: Hub token for private repositories (default: ``HF_TOKEN`` or the stored login).
 
@@ -96,6 +99,10 @@ def resolve_prompt_source(source: str | os.PathLike, *, revision: str | None = N
             folder; Hub unreachable or offline without a complete cached copy); the
             message names the source.
     """
+    if is_url(source):  # s3://, gs://, memory://, ...: copied into the cache (`io.remote`)
+        if revision is not None:
+            raise ConfigError(f"{source!r}: a revision is a Hub source's; an fsspec URL has none")
+        return fetch_folder(source)
     if not isinstance(source, str) or Path(source).expanduser().exists():
         return Path(source).expanduser()
     location = HubLocation.parse(source)

@@ -62,6 +62,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SoftPromptError
 from ..extras import require
+from ..io.remote import is_url
 from .bank import BankEntry, PromptBank, UnknownTaskError, check_task_name
 from .batcher import Batcher, QueueFullError, TooManyRequestsForQueueError
 from .chat import render_chat
@@ -249,7 +250,7 @@ class Server:
     metrics: Metrics
     max_inputs: int
     max_new_tokens: int
-    prompt_root: Path | None
+    prompt_root: Path | str | None  # a local folder, or an fsspec URL (`io.remote`)
 
     def submit(self, requests: list[Request]) -> list[asyncio.Future]:
         """Queue a request's engine requests; their results, to await."""
@@ -679,13 +680,20 @@ async def load_prompt(task: str, body: PromptBody, request: HTTPRequest):
     refuse_base(server, task, "loaded as a task")
     if "\x00" in body.path:
         raise APIError(422, f"path {body.path!r} holds a NUL character, which no file name can", "path")
-    try:
-        path = Path(body.path).expanduser().resolve()
-    except (OSError, RuntimeError) as e:  # a symbolic link loop, an unknown ~user
-        raise APIError(422, f"path {body.path!r} cannot be resolved: {e}", "path") from None
     root = server.prompt_root
-    if root is not None and root not in path.parents and path != root:
-        raise APIError(403, f"path {body.path!r} is outside the prompt root {root}", "path")
+    path: Path | str
+    if is_url(body.path) or is_url(root):  # a prompt store at an fsspec URL (`io.remote`)
+        path = body.path
+        inside = is_url(root) and path.startswith(str(root).rstrip("/") + "/") and ".." not in path.split("/")
+        if root is not None and not inside:
+            raise APIError(403, f"path {body.path!r} is outside the prompt root {root}", "path")
+    else:
+        try:
+            path = Path(body.path).expanduser().resolve()
+        except (OSError, RuntimeError) as e:  # a symbolic link loop, an unknown ~user
+            raise APIError(422, f"path {body.path!r} cannot be resolved: {e}", "path") from None
+        if root is not None and root not in path.parents and path != root:
+            raise APIError(403, f"path {body.path!r} is outside the prompt root {root}", "path")
     replaced = task in server.bank
     try:
         await asyncio.to_thread(server.bank.add, task, path, replace=True)
@@ -893,7 +901,7 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
     app.state.shutdown_timeout = shutdown_timeout
     app.router.route_class = StrictJSONRoute
     app.state.server = Server(bank, engine, batcher, Metrics(bank, batcher), max_inputs, max_new_tokens,
-                              Path(prompt_root).resolve() if prompt_root else None)
+                              prompt_root if is_url(prompt_root) else Path(prompt_root).resolve() if prompt_root else None)
     # added first, so it runs inside the metrics middleware: refused requests are counted too
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
     app.middleware("http")(count_requests)

@@ -42,6 +42,7 @@ from ..inject import Prompts
 from ..io.hub import resolve_prompt_source
 from ..io.atomic import read_json_object
 from ..io.prompt import TASK_FILE, read_config
+from ..io.remote import is_url, read_remote_config, subfolders
 from ..model import OnBase, SoftPromptModel
 from ..tasks import Task
 from ..template import parse_template
@@ -196,12 +197,13 @@ def _check_room(name: str, model: SoftPromptModel) -> None:
         raise ConfigError(f"task {name!r}: {str(e).removeprefix('example: ')}") from None
 
 
-def named_prompt_folders(pairs: list[str], prompts: Path | None) -> dict[str, Path]:
-    """``--prompt NAME=PATH`` options as {name: local folder}, checked before the model
-    loads: a valid task name, no name given twice or also a sub-folder of --prompts, and a
-    PATH that exists, or a Hub location ``user/repo[@revision][:subdir]`` (fetched here,
-    into the Hub cache: a missing repository is refused before the model loads too)."""
-    named: dict[str, Path] = {}
+def named_prompt_folders(pairs: list[str], prompts: Path | str | None) -> dict[str, Path | str]:
+    """``--prompt NAME=PATH`` options as {name: local folder, or URL}, checked before the
+    model loads: a valid task name, no name given twice or also a sub-folder of a local
+    --prompts, and a PATH that exists, a Hub location ``user/repo[@revision][:subdir]``
+    (fetched here, into the Hub cache: a missing repository is refused before the model
+    loads too) or an fsspec URL (copied into the cache here, kept as the task's source)."""
+    named: dict[str, Path | str] = {}
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
@@ -209,7 +211,7 @@ def named_prompt_folders(pairs: list[str], prompts: Path | None) -> dict[str, Pa
         check_task_name(name)
         if name in named:
             raise ConfigError(f"--prompt {pair!r}: task {name!r} is given twice")
-        if prompts is not None and (prompts / name).is_dir():
+        if isinstance(prompts, Path) and (prompts / name).is_dir():
             raise ConfigError(f"--prompt {pair!r}: task {name!r} is also a sub-folder of --prompts {prompts}")
         try:
             folder = resolve_prompt_source(path)
@@ -217,7 +219,7 @@ def named_prompt_folders(pairs: list[str], prompts: Path | None) -> dict[str, Pa
             raise ConfigError(f"--prompt {pair!r}: {e}") from None
         if not folder.exists():
             raise ConfigError(f"--prompt {pair!r}: {path} does not exist")
-        named[name] = folder
+        named[name] = path if is_url(path) else folder
     return named
 
 
@@ -252,7 +254,7 @@ class PromptBank:
         self._entries: OrderedDict[str, BankEntry] = OrderedDict()  # loaded, in least-recently-used order
         # with max_on_device: the entries whose tensor is on the device, least recently used first
         self._resident: OrderedDict[int, BankEntry] = OrderedDict()
-        self._folders: dict[str, Path] = {}  # tasks added from a folder: where they are (re)read from
+        self._folders: dict[str, Path | str] = {}  # tasks added from a folder (or URL): where they are (re)read from
         self._loading: dict[str, threading.Lock] = {}  # one read of a task's folder at a time
         self._prefetcher: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
@@ -264,23 +266,28 @@ class PromptBank:
     def from_directory(cls, base, tokenizer, directory: str | Path, *, lazy: bool = False,
                        **kwargs) -> "PromptBank":
         """A bank of every prompt folder under `directory` (one sub-folder per task, named
-        after the task; a run directory's ``prompt/`` folder is found too); `lazy`: each
-        registered (`register`), read on its first request.
+        after the task; a run directory's ``prompt/`` folder is found too), a local folder
+        or an fsspec URL (``s3://bucket/prompts``: `io.remote`); `lazy`: each registered
+        (`register`), read on its first request.
 
         Raises:
             ConfigError: `directory` is missing or holds no prompt folder.
             PromptFileError / BaseModelMismatchError: a folder is unreadable or was saved
                 for another base model (the message names the folder).
         """
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise ConfigError(f"prompt directory {directory} does not exist")
+        if is_url(directory):  # a prompt store at an fsspec URL: s3://bucket/prompts, ...
+            tasks: list[tuple[str, str | Path]] = list(subfolders(directory))
+        else:
+            directory = Path(directory)
+            if not directory.is_dir():
+                raise ConfigError(f"prompt directory {directory} does not exist")
+            tasks = [(p.name, p) for p in sorted(directory.iterdir()) if p.is_dir() and not p.name.startswith(".")]
         bank = cls(base, tokenizer, **kwargs)
-        for sub in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for name, sub in tasks:
             if lazy:
-                bank.register(sub.name, sub)
+                bank.register(name, sub)
             else:
-                bank.add(sub.name, sub)
+                bank.add(name, sub)
         if not len(bank):
             raise ConfigError(f"{directory} holds no prompt folders (one sub-folder per task, each written by "
                               "save_pretrained or softprompt train)")
@@ -299,6 +306,8 @@ class PromptBank:
         self.refuse_base_name(name, "loaded as a task")
         folder = None if isinstance(source, SoftPromptModel) else prompt_directory(source)
         entry = self._build(name, source if folder is None else folder, task)
+        if is_url(source):  # read again from the URL: a prompt changed there is copied afresh
+            folder = source
         with self._lock:
             if name in self and not replace:
                 raise ConfigError(f"task {name!r} is already loaded; remove it first or replace it")
@@ -322,15 +331,18 @@ class PromptBank:
         """
         check_task_name(name)
         self.refuse_base_name(name, "loaded as a task")
-        folder = prompt_directory(folder)
-        read_config(folder)  # not a prompt folder: refused now, not at its first request
+        if is_url(folder):  # only its prompt_config.json is read now (`io.remote`)
+            read_remote_config(folder)
+        else:
+            folder = prompt_directory(folder)
+            read_config(folder)  # not a prompt folder: refused now, not at its first request
         with self._lock:
             if name in self and not replace:
                 raise ConfigError(f"task {name!r} is already loaded; remove it first or replace it")
             self._entries.pop(name, None)
             self._folders[name] = folder
 
-    def _build(self, name: str, source: Path | SoftPromptModel, task: Task | None) -> BankEntry:
+    def _build(self, name: str, source: Path | str | SoftPromptModel, task: Task | None) -> BankEntry:
         """The task's entry: its folder read (or its model taken), checked, prompt K/V cached."""
         metadata: dict[str, Any] = {}
         if isinstance(source, SoftPromptModel):
@@ -340,6 +352,8 @@ class PromptBank:
             if task is not None:
                 task.bind(model)
         else:
+            if is_url(source):  # copied into the cache, or found there unchanged (`io.remote`)
+                source = prompt_directory(source)
             model, task, metadata = _load_folder(source, self.base, self.tokenizer)
             self.reads += 1
         _check_room(name, model)
@@ -494,6 +508,11 @@ class PromptBank:
                     "template": entry.template, "task": entry.task.kind if entry.task is not None else None}
         if folder is None:
             raise self._unknown(name)
+        if is_url(folder):  # its two JSON files read, not its tensors
+            config, task = read_remote_config(folder)
+            return {"method": config["method"], "kind": config.get("kind"),
+                    "num_virtual_tokens": config.get("num_virtual_tokens"), "template": config.get("template"),
+                    "task": task.get("kind") if task else None}
         info = prompt_info(folder)
         head = read_json_object(folder / TASK_FILE).get("kind") if has_task(folder) else None
         return {"method": info["method"], "kind": info["kind"], "num_virtual_tokens": info["num_virtual_tokens"],
