@@ -68,6 +68,27 @@ def test_mixed_head_requests_equal_each_task_alone(encoder_bank):
     assert engine.classify("topic", [TEXTS[1]]) == [results[2].output]
 
 
+def test_the_first_head_batch_runs_before_the_last_request_is_prepared(encoder_bank, monkeypatch):
+    """Head rows are cut into batches as they are prepared: the first batch's forward is
+    queued while the host still prepares the later requests (S2 on a GPU: the host's
+    preparation no longer comes before all the GPU's work); the answers are the batches'
+    as before, and generating requests among them still decode."""
+    events = []
+    prepare, launch = Engine._prepare, Engine._launch_heads
+    monkeypatch.setattr(Engine, "_prepare", lambda self, i, r: events.append(("prepare", i)) or prepare(self, i, r))
+    monkeypatch.setattr(Engine, "_launch_heads",
+                        lambda self, batch: events.append(("launch", [r.index for r in batch])) or launch(self, batch))
+    requests = [Request("sentiment" if i % 2 else "topic", TEXTS[i % 3]) for i in range(6)]
+    engine = Engine(encoder_bank, max_batch_rows=2)
+    results = engine.run(requests)
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert events.index(("launch", [0, 1])) < events.index(("prepare", 5))
+    assert [e for e in events if e[0] == "launch"] == [("launch", [0, 1]), ("launch", [2, 3]), ("launch", [4, 5])]
+    for got, one_batch in zip(results, Engine(encoder_bank, max_batch_rows=6).run(requests)):
+        assert got.output["label"] == one_batch.output["label"]
+        assert got.output["scores"] == pytest.approx(one_batch.output["scores"], abs=1e-5)
+
+
 def test_bad_requests_fail_alone_with_their_status(encoder_bank):
     engine = Engine(encoder_bank, max_length=12)
     long_text = " ".join(["word"] * 40)

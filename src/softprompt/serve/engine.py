@@ -28,13 +28,14 @@ HTTP status codes are the app's.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import threading
 import traceback
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
@@ -272,15 +273,12 @@ class Engine:
                 checked.append((i, request, self._check(request)))
             except Exception as e:
                 results[i] = self._failure(request.task, e)
-        rows: list[_Row] = []
+        generating: list[_Row] = []
         with self._pretokenized([(request.entry, example) for _, request, example in checked]):
-            for i, request, _ in checked:
-                try:
-                    rows.append(self._prepare(i, request))
-                except Exception as e:
-                    results[i] = self._failure(request.task, e)
-        self._run_head_batches(self._batches([r for r in rows if not r.generates]), results)
-        generating = [r for r in rows if r.generates]
+            prepared = self._prepared(checked, results)
+            # head rows are cut into batches as they are prepared: the first batch's forward
+            # runs while the host prepares the rest (`_run_head_batches`)
+            self._run_head_batches(self._cut_as_they_come(self._set_aside(prepared, generating)), results)
         if generating and generating[0].entry.model.spec.kind is ModelKind.CAUSAL:
             # one decode loop: rows of every task and setting, joining as others end
             self._guarded(generating, results, lambda batch: self._run_decoder(batch, admit, results), "decode")
@@ -293,6 +291,26 @@ class Engine:
                     self._guarded(batch, results, self._run_generation, "generate")
         return [r if r is not None else Result("", error="not run", error_kind=ErrorKind.FAILED)
                 for r in results.results]
+
+    def _prepared(self, checked: list[tuple[int, Request, dict[str, Any]]], results: "_Answers") -> Iterator[_Row]:
+        """The checked requests as rows (`_prepare`), in order; a request that fails gets its
+        result here and no row."""
+        for i, request, _ in checked:
+            try:
+                row = self._prepare(i, request)
+            except Exception as e:
+                results[i] = self._failure(request.task, e)
+                continue
+            yield row
+
+    @staticmethod
+    def _set_aside(rows: Iterable[_Row], generating: list[_Row]) -> Iterator[_Row]:
+        """The head rows of `rows`; the generating ones are appended to `generating`."""
+        for r in rows:
+            if r.generates:
+                generating.append(r)
+            else:
+                yield r
 
     def bind(self, request: Request) -> BankEntry | None:
         """Bind a request to the task version it is admitted with: its `entry`, the bank's
@@ -406,22 +424,34 @@ class Engine:
             for r in rows:
                 by_length.setdefault(self.bank.prompt_length(r.entry), []).append(r)
             return [b for group in by_length.values() for b in self._cut(group)]
-        return self._cut(rows)
+        return list(self._cut(rows))
 
-    def _cut(self, rows: list[_Row]) -> list[list[_Row]]:
-        batches: list[list[_Row]] = []
+    def _cut(self, rows: Iterable[_Row]) -> Iterator[list[_Row]]:
+        """Consecutive rows under the row and token budgets, each batch given as soon as
+        the row after it is known not to fit (or the rows end)."""
         current: list[_Row] = []
         longest = 0
         for r in rows:
             padded = max(longest, r.length) * (len(current) + 1)
             if current and (len(current) >= self.max_batch_rows or padded > self.max_batch_tokens):
-                batches.append(current)
+                yield current
                 current, longest = [], 0
             current.append(r)
             longest = max(longest, r.length)
         if current:
-            batches.append(current)
-        return batches
+            yield current
+
+    def _cut_as_they_come(self, rows: Iterator[_Row]) -> Iterator[list[_Row]]:
+        """`_batches` over rows still being prepared: cut as they come where batches are
+        consecutive rows; for families whose batches group rows by prefix length, once
+        all are prepared."""
+        first = next(rows, None)
+        if first is None:
+            return iter(())
+        rows = itertools.chain([first], rows)
+        if first.entry.model.spec.model_type in POSITIONS_FROM_CACHE:
+            return iter(self._batches(list(rows)))
+        return self._cut(rows)
 
     def _guarded(self, batch: list[_Row], results: "_Answers", work, kind: str, alone=None) -> None:
         """Run `work` on the batch; if it fails as a whole, run each request alone (those
@@ -448,7 +478,7 @@ class Engine:
             results[batch[0].index] = Result(batch[0].entry.name, error=f"{type(e).__name__}: {e}",
                                              error_kind=ErrorKind.of(e))
 
-    def _run_head_batches(self, batches: list[list[_Row]], results: "_Answers") -> None:
+    def _run_head_batches(self, batches: Iterable[list[_Row]], results: "_Answers") -> None:
         """Answer batches of head requests, each batch's forward queued (`_launch_heads`)
         before the answers of the batch before are read (`_read_heads`).
 
@@ -460,7 +490,7 @@ class Engine:
         whose launch or read fails is answered as before: whole, then request by request.
         """
         pending: tuple[list[_Row], _HeadForward] | None = None
-        for batch in [*batches, None]:
+        for batch in itertools.chain(batches, [None]):  # batches may still be coming: see `run`
             launched = None
             if batch is not None:
                 try:
