@@ -359,7 +359,9 @@ def bank_levels_table() -> list[str]:
             f"{r['read_again_after_eviction_ms']:.1f} ms; host memory to the GPU: below."]
 
 
-HEADS_REPORT = "heads_gpu.json"
+HEADS_REPORTS = {  # report file -> what the engine was
+    "heads_h200_before.json": "before the pipelining (commit e2494fc)",
+    "heads_gpu.json": "pipelined (commit 92d685d), against one batch after another in the same run"}
 TASK_COUNT_REPORTS = {  # report file -> the bank's device level in that run
     "task_count_gpu.json": "before: each row scanned every task for the least recently used",
     "task_count_lru_gpu.json": "after: an O(1) least-recently-used order (one round)"}
@@ -368,36 +370,40 @@ TASK_COUNT_REPORTS = {  # report file -> the bank's device level in that run
 def heads_table() -> list[str]:
     """Where S2's time goes, before and after the head batches were pipelined
     (`bench.probe.heads`)."""
-    report = load_report(HEADS_REPORT)
-    if report is None:
+    reports = {name: r for name in HEADS_REPORTS if (r := load_report(name)) is not None}
+    if not reports:
         return []
-    lines = [f"### S2: where a head batch's time goes ({_gpu(report)}; rerun: `{report['command']}`)", "",
+    report = reports["heads_gpu.json"] if "heads_gpu.json" in reports else next(iter(reports.values()))
+    lines = [f"### S2: where a head batch's time goes (rerun: `{report['command']}`)", "",
              "S2's 512 requests (16 tasks' input prompts, 20 virtual tokens cached, 64-token inputs, the answer "
              "slot read) through `Engine.run`. pipelined: each batch's forward queued before the answers of the "
              "batch before are read (graphed batches replay on their own stream); one after another: the engine "
              "before that change, same run, same graphs. prepare: checking and encoding the requests on the host; "
              "GPU: kernel time of one run (CUDA profiler); idle: wall - prepare - GPU. Share of peak: the FLOPs of "
-             "every request's 84 tokens per wall second (per GPU second) over the dense bf16 peak.", "",
-             "| variant | pipelined ms | one after another ms | answers equal | req/s | prepare ms | GPU ms "
+             "every request's 84 tokens per wall second (per GPU second) over the dense bf16 peak. Compare rows of "
+             "one GPU only.", "",
+             "| GPU | engine | variant | wall ms | one after another ms | answers equal | req/s | prepare ms | GPU ms "
              "| idle ms | share of peak (of GPU time) | matrix products / elementwise / copies / attention ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        if "error" in r:
-            lines.append(f"| {r['variant']} | error: {r['error']} |" + " |" * 8)
-            continue
-        groups = r.get("kernels", {}).get("groups_us", {})
-        kernels = " / ".join(f"{groups.get(g, 0) / 1e3:.1f}" for g in ("matrix products", "elementwise", "copies",
-                                                                         "attention"))
-        share = (f"{r['share_of_peak']:.0%} ({r['gpu_share_of_peak']:.0%})" if r.get("share_of_peak") is not None
-                 else "-")
-        gpu = f"{r['gpu_ms']:.1f}" if r.get("gpu_ms") is not None else "-"
-        idle = f"{r['idle_ms']:.1f}" if r.get("idle_ms") is not None else "-"
-        lines.append(f"| {r['variant']} | {r['wall_ms']:.1f} | {r['one_after_another_ms']:.1f} "
-                     f"| {r['answers_equal_one_after_another']} | {r['requests_per_s']:,.0f} | {r['prepare_ms']:.1f} "
-                     f"| {gpu} | {idle} | {share} | {kernels} |")
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rep in reports.items():
+        for r in rep["results"]:
+            head = f"| {_gpu(rep)} | {HEADS_REPORTS[name]} | {r['variant']} "
+            if "error" in r:
+                lines.append(head + f"| error: {r['error']} |" + " |" * 8)
+                continue
+            groups = r.get("kernels", {}).get("groups_us", {})
+            kernels = " / ".join(f"{groups.get(g, 0) / 1e3:.1f}" for g in ("matrix products", "elementwise", "copies",
+                                                                             "attention"))
+            share = (f"{r['share_of_peak']:.0%} ({r['gpu_share_of_peak']:.0%})" if r.get("share_of_peak") is not None
+                     else "-")
+            after = f"{r['one_after_another_ms']:.1f}" if "one_after_another_ms" in r else "-"
+            gpu = f"{r['gpu_ms']:.1f}" if r.get("gpu_ms") is not None else "-"
+            idle = f"{r['idle_ms']:.1f}" if r.get("idle_ms") is not None else "-"
+            lines.append(head + f"| {r['wall_ms']:.1f} | {after} | {r.get('answers_equal_one_after_another', '-')} "
+                         f"| {r['requests_per_s']:,.0f} | {r['prepare_ms']:.1f} | {gpu} | {idle} | {share} | {kernels} |")
     peft = report.get("peft")
     if peft:
-        lines += ["", f"HF PEFT on the same requests, same run: {peft['requests_per_s']:,.0f} req/s."]
+        lines += ["", f"HF PEFT on the same requests, in the {_gpu(report)} run: {peft['requests_per_s']:,.0f} req/s."]
     shares = [r for r in report["results"] if r.get("share_of_peak") is not None and "no prompts" not in r["variant"]]
     if shares:
         best = max(shares, key=lambda r: r["share_of_peak"])
