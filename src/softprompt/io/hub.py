@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import ConfigError, PromptFileError, first_line
-from .prompt import CARD_FILE, CONFIG_FILE, HEAD_FILE, PROMPT_FILE, TASK_FILE, TRAINABLE_FILE, read_config
+from .prompt import CONFIG_FILE, PROMPT_FILES, read_config
 from .remote import fetch_folder, is_url
 
 # A namespace or repository name as the Hub takes it (huggingface_hub's validate_repo_id):
@@ -39,8 +39,6 @@ _TAIL = r"(?:@(?P<revision>[^:@\s]+))?(?::(?P<subfolder>[^:@\s]+))?"
 _SPEC = re.compile(rf"(?P<repo>{_NAME}/{_NAME}){_TAIL}")
 _SPEC_OR_BARE = re.compile(rf"(?P<repo>(?:{_NAME}/)?{_NAME}){_TAIL}")  # pushes: "repo" goes under the token's user
 
-#: what a push replaces in the target folder: every file a prompt folder can hold
-PROMPT_FILES = (CONFIG_FILE, CARD_FILE, PROMPT_FILE, TRAINABLE_FILE, TASK_FILE, HEAD_FILE)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TRAINABLE_FILE = "trainable.safetensors"
 TASK_FILE = "task.json"
 HEAD_FILE = "head.safetensors"
+#: every file a prompt folder can hold (what a push replaces, what a copy from a URL takes)
+PROMPT_FILES = (CONFIG_FILE, CARD_FILE, PROMPT_FILE, TRAINABLE_FILE, TASK_FILE, HEAD_FILE)
 
 
 # -- save -----------------------------------------------------------------------------

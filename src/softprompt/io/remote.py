@@ -5,7 +5,7 @@ A prompt source written as a URL is copied into softprompt's cache
 (``$SOFTPROMPT_CACHE/remote``, default ``~/.cache/softprompt/remote``) and loaded from
 there, through the same loaders and checks as a local folder (the base model's identity
 and embedding fingerprint among them). Only a prompt folder's own files are copied
-(``prompt_config.json``, the tensors, ``task.json``, the card: `io.hub.PROMPT_FILES`), at
+(``prompt_config.json``, the tensors, ``task.json``, the card: `io.prompt.PROMPT_FILES`), at
 the URL itself or in the one folder under it that holds a prompt (a run directory's
 ``prompt/``), never a run's checkpoints.
 
@@ -58,8 +58,7 @@ def _prompt_files(fs, root: str, url: str) -> dict[str, dict]:
     Raises:
         PromptFileError: no prompt there, or several folders under it that hold one.
     """
-    from .hub import PROMPT_FILES
-    from .prompt import CONFIG_FILE
+    from .prompt import CONFIG_FILE, PROMPT_FILES
 
     try:
         found = fs.find(root, maxdepth=2, withdirs=False, detail=True)
