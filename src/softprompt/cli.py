@@ -352,6 +352,9 @@ def serve(
     log_limit: int = typer.Option(10, "--log-limit", help="Most log records of one kind per --log-interval (then one line says the rest are dropped)."),
     log_interval: float = typer.Option(60.0, "--log-interval", help="Seconds of the log rate limit's window."),
     base_name: str = typer.Option(None, "--base-name", help="The name the base model alone (no prompt) answers to in completions and chat (default: --model as given, or its folder's / hub id's last part; encoder-only bases are not served alone)."),
+    on_ray: bool = typer.Option(False, "--ray", help="Serve with Ray Serve: --replicas copies of the server behind Ray Serve's HTTP proxy, each request routed to a replica that holds its task (extra: ray; RAY_ADDRESS joins a running cluster, else a local one starts). Tasks come from --prompts, the store every replica reads lazily."),
+    replicas: int = typer.Option(2, "--replicas", min=1, help="With --ray: replicas of the server."),
+    max_tasks_per_replica: int = typer.Option(64, "--max-tasks-per-replica", min=1, help="With --ray: tasks a replica keeps read (the least recently used go first); the router sends a task's requests to the replicas that hold it."),
 ) -> None:
     """Serve many tasks' prompts on one base model over HTTP (classify, tag, OpenAI-style completions),
     and the base model alone under its own name."""
@@ -375,6 +378,18 @@ def serve(
     from .io.remote import is_url
 
     prompts = prompts if prompts is None or is_url(prompts) else Path(prompts)  # type: ignore[assignment]
+    if on_ray:
+        if prompts is None or prompt_pairs or admin or lazy or max_in_memory is not None:
+            raise ConfigError("--ray serves the tasks under --prompts (a folder or URL every replica reads, each task "
+                              "read on its first request, at most --max-tasks-per-replica per replica); --prompt, "
+                              "--admin, --lazy and --max-in-memory are for the single-process server")
+        _serve_on_ray(model, prompts, host=host, port=port, replicas=replicas, max_tasks=max_tasks_per_replica,
+                      base_name=_base_name(model, base_name), dtype=dtype, device=device,
+                      engine_options=dict(max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens,
+                                          truncate=truncate, compile=compile_decode),
+                      app_options=dict(max_queue=max_queue, api_key=api_key, max_body_bytes=max_body_bytes,
+                                       max_inputs=max_inputs, max_new_tokens=max_new_tokens))
+        return
     named = named_prompt_folders(prompt_pairs or [], prompts)
     if prompts is None and not named:
         raise ConfigError("give the tasks to serve: --prompts DIR (one sub-folder per task) and/or --prompt NAME=PATH")
@@ -422,6 +437,41 @@ def serve(
     typer.echo(f"serving {len(tasks)} task(s) ({', '.join(tasks)}){alone} on {model} ({target}) at "
                f"http://{host}:{port}", err=True)
     serve_http(application, host=host, port=port, limits=limits)
+
+
+def _serve_on_ray(model: str, prompts, *, host: str, port: int, replicas: int, max_tasks: int, base_name: str,
+                  dtype: str | None, device: str, engine_options: dict, app_options: dict) -> None:
+    """`serve --ray`: the application of `serve.ray.deployment` on Ray Serve's HTTP proxy at
+    host:port, until interrupted."""
+    from .extras import require
+
+    ray = require("ray", "ray", "softprompt serve --ray")
+    from ray import serve as ray_serve
+
+    from .serve.ray import deployment
+
+    application = deployment(model, prompts, replicas=replicas, max_tasks_per_replica=max_tasks,
+                             base_name=base_name, dtype=dtype, device=device, engine_options=engine_options,
+                             app_options=app_options)
+    import signal
+
+    def stop(signum, frame):  # SIGTERM as ^C: the cluster this started goes with the process
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    ray.init(include_dashboard=False)
+    try:
+        ray_serve.start(http_options={"host": host, "port": port})
+        ray_serve.run(application, name="softprompt", route_prefix="/")
+        typer.echo(f"serving {prompts} on {model} with {replicas} replica(s) on Ray Serve at http://{host}:{port}",
+                   err=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
 
 
 def _base_name(model: str, given: str | None) -> str:

@@ -26,6 +26,7 @@ EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     "tensorboard": (("tensorboard", "tensorboard"),),
     "wandb": (("wandb", "wandb"),),
     "mlflow": (("mlflow-skinny", "mlflow"),),
+    "ray": (("ray", "ray"),),  # Ray Serve replicas (`serve.ray`): ray[serve] (~80 MB wheel and its serve packages)
     "test": (("pytest", "pytest"), ("hypothesis", "hypothesis"), ("peft", "peft"), ("httpx", "httpx"),
              ("openai", "openai")),
 }
