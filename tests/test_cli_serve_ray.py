@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import httpx
 
@@ -47,6 +48,9 @@ def test_serve_ray_from_the_command_line(store, tmp_path):  # noqa: F811
         _same(_answer(r), _answer(alone))
         models = sorted(m["id"] for m in httpx.get(f"{url}/v1/models", timeout=60).json()["data"])
         assert models == sorted(["other", "sentiment", BASE, "writer"])
+        deadline = time.time() + 60  # the proxy may answer before `serve.run` has returned and said so
+        while "with 2 replica(s) on Ray Serve" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.5)
     finally:
         server.terminate()
         server.wait(timeout=60)

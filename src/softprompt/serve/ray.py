@@ -38,6 +38,7 @@ from ..extras import require
 TASK_FIELDS = {"/v1/completions": "model", "/v1/chat/completions": "model", "/v1/classify": "task",
                "/v1/tag": "task"}
 REPLICA_HEADER = "x-softprompt-replica"  # which replica answered (its process id): routing is observable
+READS_HEADER = "x-softprompt-reads"  # prompt folders that replica has read so far (`PromptBank.reads`)
 
 
 def task_of(path: str, body: bytes) -> str:
@@ -117,7 +118,7 @@ class Replica:
                 if message["type"] == "http.response.start":
                     yield {"status": message["status"], "headers": [(k.decode(), v.decode())
                                                                     for k, v in message.get("headers", [])]
-                           + [(REPLICA_HEADER, self.pid)]}
+                           + [(REPLICA_HEADER, self.pid), (READS_HEADER, str(self.bank.reads))]}
                 elif message["type"] == "http.response.body":
                     if message.get("body"):
                         yield message["body"]
@@ -132,15 +133,16 @@ class Router:
     """The ingress: each HTTP request handed to a replica, with its task as the
     multiplexed model id, and the replica's answer streamed back."""
 
-    def __init__(self, replicas):
+    def __init__(self, replicas, affinity: bool = True):
         self.replicas = replicas
+        self.affinity = affinity
 
     async def __call__(self, request):
         from starlette.responses import StreamingResponse
 
         body = await request.body()
         task = task_of(request.url.path, body)
-        handle = self.replicas.options(stream=True, multiplexed_model_id=task)
+        handle = self.replicas.options(stream=True, multiplexed_model_id=task if self.affinity else "")
         answer = handle.handle.remote(request.method, request.url.path, request.url.query.encode(),
                                       list(request.headers.raw), body)
         start = await answer.__anext__()
@@ -157,7 +159,7 @@ class Router:
 def deployment(model: str, prompts: str | Path, *, replicas: int | None = 2, max_tasks_per_replica: int = 64,
                base_name: str | None = None, dtype: str | None = None, device: str = "auto",
                autoscaling_config: dict | None = None, ray_actor_options: dict | None = None,
-               engine_options: dict | None = None, app_options: dict | None = None):
+               engine_options: dict | None = None, app_options: dict | None = None, affinity: bool = True):
     """A Ray Serve application of `replicas` servers of `model` behind a task-routing ingress.
 
     Args:
@@ -172,6 +174,8 @@ def deployment(model: str, prompts: str | Path, *, replicas: int | None = 2, max
         autoscaling_config / ray_actor_options: Ray Serve's own, for the replicas (e.g.
             ``{"num_gpus": 1}``).
         engine_options / app_options: `Engine` / `create_app` keyword arguments.
+        affinity: route a task's requests to the replicas holding it (False: wherever Ray
+            Serve's load balancing sends them; for comparison, `bench.serve.ray_routing`).
 
     Returns:
         The application to pass to ``serve.run``.
@@ -193,7 +197,7 @@ def deployment(model: str, prompts: str | Path, *, replicas: int | None = 2, max
     router = serve.deployment(Router, name="SoftPromptRouter", ray_actor_options={"num_cpus": 0})
     return router.bind(replica.bind(model, str(prompts), base_name=base_name, dtype=dtype, device=device,
                                     max_tasks=max_tasks_per_replica, engine_options=engine_options or {},
-                                    app_options=app_options or {}))
+                                    app_options=app_options or {}), affinity=affinity)
 
 
-__all__ = ["REPLICA_HEADER", "Replica", "Router", "deployment", "task_of"]
+__all__ = ["READS_HEADER", "REPLICA_HEADER", "Replica", "Router", "deployment", "task_of"]
