@@ -178,6 +178,36 @@ def serving(report: dict | None, https: list[dict]) -> list[str]:
     return lines
 
 
+def ray_routing() -> list[str]:
+    """Replicas on Ray Serve against one process, and task-affine routing's effect on prompt
+    reads (`bench.serve.ray_routing`, issue 22)."""
+    report = load_report("ray_routing_cpu.json")
+    if report is None:
+        return []
+    st = report["settings"]
+    lines = [f"## Scaling out on Ray Serve (issue 22): {report['device']} (rerun: `{report['command']}`)", "",
+             f"A tiny Llama, {st['tasks']:,} prompt folders (prompt tuning), {st['clients']} closed-loop clients "
+             f"for {st['seconds']:.0f} s, each request a 1-token completion of a task drawn from a Zipf law (s = "
+             f"{st['zipf']}); at most {st['max_in_memory']} tasks read per process. Folder reads: prompt folders read "
+             "from the store, summed over the replicas (a task read by two replicas counts twice). On 2 CPU cores "
+             "the replicas share the cores, so requests/s compares routing, not scaling.", "",
+             "| configuration | requests/s | p50 ms | p99 ms | failures | replicas answering | folder reads | "
+             "reads per s | reads per request |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in report["results"].items():
+        lines.append(f"| {name} | {r['requests_per_s']:.1f} | {r['latency_p50_ms']:.1f} | {r['latency_p99_ms']:.1f} "
+                     f"| {sum(r['failures'].values())} | {r['replicas_answering'] or 1} | {r['folder_reads']:,} "
+                     f"| {r['reads_per_s']:.1f} | {r['reads_per_request']:.3f} |")
+    res = report["results"]
+    if {"replicas", "no affinity", "one process"} <= res.keys():
+        cut = 1 - res["replicas"]["reads_per_request"] / res["no affinity"]["reads_per_request"]
+        lines += ["", f"Routing by task read {cut:.0%} fewer folders per request than the same replicas without it. "
+                  f"The replicas answered {res['replicas']['requests']:,} requests in the run, so most reads were "
+                  "first reads of the long tail; a longer run would weigh the reads a replica's cap forces again. "
+                  f"One process answered {res['one process']['requests_per_s'] / res['replicas']['requests_per_s']:.1f}x "
+                  "as many requests per second: on 2 cores, Ray's proxy, the router and both replicas share them."]
+    return lines + [""]
+
+
 def render() -> str:
     lines = [
         "# Performance",
@@ -191,6 +221,7 @@ def render() -> str:
                          load_report("serve_http.json")) if h is not None]
     lines += serving(load_report("serve_throughput.json"), https)
     lines += engine()
+    lines += ray_routing()
     lines += [""] + training()
     return "\n".join(lines)
 
