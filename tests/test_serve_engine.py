@@ -206,7 +206,7 @@ def test_compiled_head_forwards_answer_as_eager_with_few_compiles(encoder_bank):
                [Request("ner", TEXTS[3])]]
     for requests in batches:
         _same_answers(compiled.run(requests), eager.run(requests))
-    assert compiled._heads.compiled
+    assert compiled.heads.forward.compiled
     # one row or more; a prefix cache or none; one task's prefix shared (a stride-0 view) or
     # two tasks' gathered per row: the batches after the warm-up compiled nothing more
     assert compiled_graphs(head_forward) == versions == 5
@@ -225,5 +225,5 @@ def test_a_head_forward_that_cannot_be_compiled_runs_uncompiled(encoder_bank, mo
     engine = Engine(encoder_bank, compile=True)
     _same_answers(engine.run(requests), Engine(encoder_bank).run(requests))
     _same_answers(engine.run(requests[:1]), Engine(encoder_bank).run(requests[:1]))
-    assert not engine._heads.compiled
+    assert not engine.heads.forward.compiled
     assert sum(r.message.startswith("head forward not compiled") for r in caplog.records) == 1

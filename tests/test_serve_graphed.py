@@ -221,7 +221,7 @@ def test_engine_head_requests_through_the_padded_forward_equal_each_task_alone(f
 
 def test_engine_head_graphs_default_and_refusal(family_models):
     """Off by default on the CPU; asked for on a family whose rows cannot be padded: refused."""
-    assert Engine(head_bank(family_models, "llama"))._head_graphs is None
+    assert Engine(head_bank(family_models, "llama")).heads.graphs is None
     base, tok = family_models("mistral")
     with pytest.raises(ConfigError, match="cannot be padded"):
         Engine(PromptBank(base, tok), head_graphs=True)

@@ -77,8 +77,8 @@ class _PrepareOnly(Engine):
 def engine_for(bank, rows: int, graph_tokens: int | None, compile: bool, kind: type = Engine) -> Engine:
     engine = kind(bank, max_batch_rows=rows, max_batch_tokens=rows * 128, compile=compile,
                     head_graphs=graph_tokens is not None and torch.cuda.is_available())
-    if engine._head_graphs is not None:
-        engine._head_graphs.max_tokens = graph_tokens
+    if engine.heads.graphs is not None:
+        engine.heads.graphs.max_tokens = graph_tokens
     return engine
 
 
@@ -92,9 +92,7 @@ def probe(base, bank, requests: list[Request], name: str, rows: int, graph_token
     # the same batches read one after the other: what the pipelining gains, and that it
     # changes no answer (the batches' forwards are the same graphs or kernels)
     sequential = engine_for(bank, rows, graph_tokens, compile, _OneAfterAnother)
-    if sequential._head_graphs is not None and engine._head_graphs is not None:
-        sequential._head_graphs = engine._head_graphs  # the same captured graphs
-    sequential._heads = engine._heads  # the same compiled forward
+    sequential.heads = engine.heads  # the same compiled forward and captured graphs
     one_by_one = sequential.run(requests)
     same = sum(a.output == b.output for a, b in zip(engine.run(requests), one_by_one))
     sequential_s = measure(lambda: sequential.run(requests), warmup=1, calls=1, windows=3).seconds
@@ -104,7 +102,7 @@ def probe(base, bank, requests: list[Request], name: str, rows: int, graph_token
                  "wall_ms": 1e3 * wall, "prepare_ms": 1e3 * prepare_s, "requests_per_s": len(requests) / wall,
                  "one_after_another_ms": 1e3 * sequential_s, "answers_equal_one_after_another": f"{same}/{len(requests)}",
                  "batch_rows": batches}
-    graphs = engine._head_graphs
+    graphs = engine.heads.graphs
     row["graphed_batches"] = None if graphs is None else len(graphs)
     if torch.cuda.is_available():
         table = kernel_table(lambda: engine.run(requests), 2)

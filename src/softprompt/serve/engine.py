@@ -40,15 +40,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
-from ..architecture import ModelKind, model_spec
+from ..architecture import ModelKind
 from ..encode import EncodedRow
-from ..errors import ConfigError, EncodingError, InputTooLongError, SoftPromptError
+from ..errors import EncodingError, InputTooLongError, SoftPromptError
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
-from .compiled import CompiledForward
 from .decode import Decoder, DecodeRow
-from .graphed import HeadGraphs, Launched, paddable
+from .heads import HeadForwards, Pending
 from .inputs import example_of, field_texts
-from .mixed import MixedBatch, collate_mixed, forward_mixed, generate_mixed, head_forward, output_rows
+from .mixed import collate_mixed, generate_mixed
 from .sampling import RowSampler, TokenLogprob
 from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
 
@@ -144,16 +143,6 @@ class Result:
 
 
 @dataclass
-class _HeadForward:
-    """A batch of head requests collated, its forward queued (`launched`, from the head
-    graphs) or done (`out`)."""
-
-    encoded: MixedBatch
-    out: Any = None
-    launched: Launched | None = None
-
-
-@dataclass
 class _Row:
     index: int
     request: Request
@@ -202,29 +191,13 @@ class Engine:
                  head_graphs: bool | None = None):
         self.bank = bank
         self.compile = compile
-        self._heads = CompiledForward(head_forward, compile, "head forward")
         self.max_batch_rows = max_batch_rows
         self.max_batch_tokens = max_batch_tokens
-        self._head_graphs = self._graphed_heads(head_graphs)
+        self.heads = HeadForwards(bank, compile=compile, graphs=head_graphs)  # the head requests' forward
         self.truncate = truncate
         self.max_length = max_length
         self.batches: list[tuple[str, int]] = []  # (kind, rows) of every batch run, for metrics
         self._decoder: Decoder | None = None  # one for the engine's life: its slots (and CUDA graph) stay
-
-    def _graphed_heads(self, wanted: bool | None) -> HeadGraphs | None:
-        base = self.bank.base
-        cuda = base.get_input_embeddings().weight.is_cuda
-        can = model_spec(base).kind is ModelKind.CAUSAL and paddable(base)
-        if wanted is None:
-            wanted = cuda and can
-        elif wanted and not can:
-            raise ConfigError(f"{base.config.model_type}: head batches cannot be padded to buckets (not a causal LM, "
-                              "a sliding window, or positions that do not follow the attention mask)")
-        if not wanted:
-            return None
-        graphs = HeadGraphs(self.bank, capture=cuda)
-        graphs.forward = self._heads  # the graphs record the head forward (compiled where asked)
-        return graphs
 
     @property
     def decoder(self) -> Decoder:
@@ -489,7 +462,7 @@ class Engine:
         done (graphed batches replay on their own stream: `HeadGraphs.launch`). A batch
         whose launch or read fails is answered as before: whole, then request by request.
         """
-        pending: tuple[list[_Row], _HeadForward] | None = None
+        pending: tuple[list[_Row], Pending] | None = None
         for batch in itertools.chain(batches, [None]):  # batches may still be coming: see `run`
             launched = None
             if batch is not None:
@@ -498,8 +471,8 @@ class Engine:
                 except Exception:  # answered below, guarded, once the batch before is read
                     launched = None
             if pending is not None:
-                rows, forward = pending
-                self._guarded(rows, results, lambda b, f=forward: self._read_heads(b, f), "forward",
+                rows, launched_rows = pending
+                self._guarded(rows, results, lambda b, p=launched_rows: self._read_heads(b, p), "forward",
                               alone=self._run_heads)
             if batch is not None and launched is None:
                 self._guarded(batch, results, self._run_heads, "forward")
@@ -508,34 +481,13 @@ class Engine:
     def _run_heads(self, batch: list[_Row]) -> list[Result]:
         return self._read_heads(batch, self._launch_heads(batch))
 
-    def _launch_heads(self, batch: list[_Row]) -> "_HeadForward":
-        """The batch collated and its forward queued: replayed from a head graph where one
-        takes it (no wait for the device), else run (eagerly or compiled)."""
+    def _launch_heads(self, batch: list[_Row]) -> Pending:
         # the entries each row was checked with, not the names: see `PromptBank.entry`
-        encoded = collate_mixed(self.bank, [r.entry for r in batch], [r.encoded for r in batch])
-        tasks = [e.task for e in {id(r.entry): r.entry for r in batch}.values()]
-        reads = {"output_hidden_states": any(t.reads.get("output_hidden_states") for t in tasks),
-                 "logits": "answer" if any(t.reads.get("logits") == "answer" for t in tasks) else "none"}
-        graphs = self._head_graphs
-        if graphs is not None and graphs.takes(encoded, **reads):
-            return _HeadForward(encoded, launched=graphs.launch(encoded, **reads))
-        out = self._heads.run(lambda fn: forward_mixed(self.bank, encoded, base_forward=fn, **reads))
-        return _HeadForward(encoded, out=out)
+        return self.heads.launch([r.entry for r in batch], [r.encoded for r in batch])
 
-    def _read_heads(self, batch: list[_Row], forward: "_HeadForward") -> list[Result]:
-        """Each task group's predictions from the batch's forward, as results."""
-        encoded = forward.encoded
-        out = forward.out if forward.launched is None else self._head_graphs.finish(encoded, forward.launched)
-        entries = {id(r.entry): r.entry for r in batch}
-        results: list[Result | None] = [None] * len(batch)
-        for key, entry in entries.items():
-            mine = [i for i, r in enumerate(batch) if id(r.entry) == key]
-            sub = encoded.rows(mine)
-            entry.task.annotate(sub, [batch[i].example for i in mine])
-            predictions = entry.task.predict(entry.model, sub, output_rows(out, mine))
-            for i, p in zip(mine, predictions):
-                results[i] = Result(entry.name, output=p, prompt_tokens=batch[i].length)
-        return results
+    def _read_heads(self, batch: list[_Row], pending: Pending) -> list[Result]:
+        outputs = self.heads.read(pending, [r.entry for r in batch], [r.example for r in batch])
+        return [Result(r.entry.name, output=o, prompt_tokens=r.length) for r, o in zip(batch, outputs)]
 
     def generates(self, request: Request) -> bool:
         """Whether a request generates text (a completion, or a task whose head generates)."""

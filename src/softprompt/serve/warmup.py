@@ -89,7 +89,7 @@ def warm_up(engine: Engine) -> list[str]:
     """Everything the engine would compile or capture on its first requests: head batches
     where its head forward is compiled, then the decoder's joins and steps (causal LMs;
     encoder-decoders' `generate()` is not compiled). Returns the tasks it ran."""
-    ran = warm_heads(engine) if engine._heads.compiled else []
+    ran = warm_heads(engine) if engine.heads.forward.compiled else []
     if model_spec(engine.bank.base).kind is ModelKind.CAUSAL:
         ran += [name for name in warm_decoder(engine.decoder) if name not in ran]
     return ran
