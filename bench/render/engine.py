@@ -431,15 +431,24 @@ def task_count_table() -> list[str]:
              "tasks: against the same kind's run with the fewest tasks of the same run (target: within 10%). With "
              "the device level capped (`max_on_device=256`), 2,000 tasks cycle through 256 places: every joining "
              "row's prompt comes over from host memory.", "",
-             "| run | mix | device level | new tok/s | of no prompts | of fewest tasks / of all on device |",
-             "|---|---|---|---|---|---|"]
+             "| run | mix | device level | new tok/s | of no prompts | of fewest tasks / of all on device "
+             "| of the bandwidth bound |", "|---|---|---|---|---|---|---|"]
+    # the bound: every weight read once per decode step of 64 rows, on this GPU and shape (S1's report records it)
+    s1 = (load_report("serve_s1_h100.json") or {}).get("results", {}).get("s1", {})
+    bound = s1.get("bandwidth_bound_new_tokens_per_s") if settings["rows"] == s1.get("requests") else None
     for name, r in reports.items():
         for row in r["results"]:
             ratio = row.get("of_fewest_tasks", row.get("of_all_on_device"))
             one_count = len(r["settings"]["tasks"]) == 1 and "of_fewest_tasks" in row  # nothing to compare with
             of_none = f"{row['of_no_prompts']:.1%}" if "of_no_prompts" in row else "-"
+            share = f"{row['new_tokens_per_s'] / bound:.0%}" if bound else "-"
             lines.append(f"| {TASK_COUNT_REPORTS[name]} | {row['mix']} | {row['device_level']} "
-                         f"| {row['new_tokens_per_s']:,.0f} | {of_none} | {'-' if one_count else f'{ratio:.1%}'} |")
+                         f"| {row['new_tokens_per_s']:,.0f} | {of_none} | {'-' if one_count else f'{ratio:.1%}'} "
+                         f"| {share} |")
+    if bound:
+        lines += ["", f"Bandwidth bound: every weight read once per decode step of {settings['rows']} rows, "
+                  f"{bound:,.0f} new tok/s on this GPU (as in the S1 table). The runs include each row's prefill "
+                  "and the host loop; where the step's time goes is in the decode-step table above."]
     cold = report.get("cold_load_ms")
     if cold:
         lines += ["", "A cold prompt from host memory to the GPU (`PromptBank._device_tensor`, synchronised; median of "
