@@ -128,6 +128,15 @@ def test_a_task_s_requests_go_to_a_replica_that_read_it(cluster):
         assert len(replicas) == 1, replicas
 
 
+def test_bad_deployment_settings_are_named():
+    from softprompt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="replicas must be a positive integer"):
+        deployment("minilm", "prompts", replicas=None)
+    with pytest.raises(ConfigError, match="max_tasks_per_replica must be a positive integer, got 0"):
+        deployment("minilm", "prompts", max_tasks_per_replica=0)
+
+
 def test_the_task_is_read_from_the_body():
     assert task_of("/v1/completions", b'{"model": "a", "prompt": "x"}') == "a"
     assert task_of("/v1/classify/", b'{"task": "b"}') == "b"

@@ -32,6 +32,7 @@ import os
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from ..errors import ConfigError
 from ..extras import require
 
 #: the routes whose body names the task, and the field that does
@@ -179,7 +180,15 @@ def deployment(model: str, prompts: str | Path, *, replicas: int | None = 2, max
 
     Returns:
         The application to pass to ``serve.run``.
+
+    Raises:
+        ConfigError: no replicas and no autoscaling, or a non-positive task cap.
+        MissingExtraError: Ray is not installed (names the extra).
     """
+    if autoscaling_config is None and (not isinstance(replicas, int) or replicas < 1):
+        raise ConfigError(f"replicas must be a positive integer (or give autoscaling_config), got {replicas!r}")
+    if not isinstance(max_tasks_per_replica, int) or max_tasks_per_replica < 1:
+        raise ConfigError(f"max_tasks_per_replica must be a positive integer, got {max_tasks_per_replica!r}")
     require("ray", "ray", "softprompt serve --ray")
     from ray import serve
 
