@@ -311,10 +311,8 @@ class PromptBank:
         with self._lock:
             if name in self and not replace:
                 raise ConfigError(f"task {name!r} is already loaded; remove it first or replace it")
-            replaced = self._entries.pop(name, None)
+            self._unload(name)
             self._folders.pop(name, None)
-            if replaced is not None:  # its device copy goes with the last batch that holds it
-                self._resident.pop(id(replaced), None)
             if folder is not None:
                 self._folders[name] = folder
             self._entries[name] = entry
@@ -339,7 +337,7 @@ class PromptBank:
         with self._lock:
             if name in self and not replace:
                 raise ConfigError(f"task {name!r} is already loaded; remove it first or replace it")
-            self._entries.pop(name, None)
+            self._unload(name)
             self._folders[name] = folder
 
     def _build(self, name: str, source: Path | str | SoftPromptModel, task: Task | None) -> BankEntry:
@@ -391,6 +389,13 @@ class PromptBank:
                 self._evict_from_memory(entry)
             return entry
 
+    def _unload(self, name: str) -> None:
+        """Take a task's entry out of memory (under the lock), its device copy with it once
+        the last batch that holds the entry is done."""
+        entry = self._entries.pop(name, None)
+        if entry is not None:
+            self._resident.pop(id(entry), None)
+
     def _evict_from_memory(self, keep: BankEntry) -> None:
         """Drop the least recently used tasks read from folders beyond `max_in_memory`
         (they are read again on their next request); tasks given as models stay."""
@@ -399,7 +404,7 @@ class PromptBank:
         loaded = [n for n, e in self._entries.items() if n in self._folders]
         for name in loaded[: max(0, len(loaded) - self.max_in_memory)]:
             if self._entries[name] is not keep:
-                del self._entries[name]
+                self._unload(name)
 
     def prefetch(self, names: Iterable[str]) -> None:
         """Read registered tasks not in memory in the background, ahead of their requests
@@ -463,10 +468,8 @@ class PromptBank:
         with self._lock:
             if name not in self:
                 raise self._unknown(name)
-            entry = self._entries.pop(name, None)
+            self._unload(name)
             self._folders.pop(name, None)
-            if entry is not None:  # its device copy goes with the last batch that holds it
-                self._resident.pop(id(entry), None)
 
     @property
     def vocabulary_size(self) -> int:
