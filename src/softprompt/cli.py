@@ -383,13 +383,6 @@ def serve(
             raise ConfigError("--ray serves the tasks under --prompts (a folder or URL every replica reads, each task "
                               "read on its first request, at most --max-tasks-per-replica per replica); --prompt, "
                               "--admin, --lazy and --max-in-memory are for the single-process server")
-        _serve_on_ray(model, prompts, host=host, port=port, replicas=replicas, max_tasks=max_tasks_per_replica,
-                      base_name=_base_name(model, base_name), dtype=dtype, device=device,
-                      engine_options=dict(max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens,
-                                          truncate=truncate, compile=compile_decode),
-                      app_options=dict(max_queue=max_queue, api_key=api_key, max_body_bytes=max_body_bytes,
-                                       max_inputs=max_inputs, max_new_tokens=max_new_tokens))
-        return
     named = named_prompt_folders(prompt_pairs or [], prompts)
     if prompts is None and not named:
         raise ConfigError("give the tasks to serve: --prompts DIR (one sub-folder per task) and/or --prompt NAME=PATH")
@@ -407,6 +400,14 @@ def serve(
             raise ConfigError(f"--admin on the non-loopback address {host} needs --api-key (or SOFTPROMPT_API_KEY)")
         typer.echo(f"warning: serving on {host} without an API key: anyone who can reach the port can use it",
                    err=True)
+    if on_ray:  # after the key and address checks, which hold for the replicas' proxy too
+        _serve_on_ray(model, prompts, host=host, port=port, replicas=replicas, max_tasks=max_tasks_per_replica,
+                      base_name=_base_name(model, base_name), dtype=dtype, device=device,
+                      engine_options=dict(max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens,
+                                          truncate=truncate, compile=compile_decode),
+                      app_options=dict(max_queue=max_queue, api_key=api_key, max_body_bytes=max_body_bytes,
+                                       max_inputs=max_inputs, max_new_tokens=max_new_tokens))
+        return
     served_as = _base_name(model, base_name)
     target = resolve_device(device)
     base, tokenizer = load_base(model, dtype=dtype)
