@@ -5,6 +5,7 @@ and name the problem; streams and disconnects; admin and API-key checks."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -191,6 +192,26 @@ def test_completions_plain_and_streamed(causal_bank):
         assert chunks[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
         r = client.post("/v1/classify", json={"task": "review", "inputs": ["great"]})
         assert r.status_code == 200 and set(r.json()["results"][0]["scores"]) == {"neg", "pos"}
+
+
+def test_metrics_time_a_stream_to_its_end_and_count_refused_requests(causal_bank):
+    """The request metrics (`app.RequestMetrics`) time a streamed completion to its last
+    chunk, not to its headers, and count requests refused before any route (401 here)."""
+    with Server(create_app(causal_bank, api_key="s3cret")) as server, \
+            httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": "Bearer s3cret"}) as client:
+        body = {"model": "writer", "prompt": "a gem of a film", "max_tokens": 48, "temperature": 0, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as s:
+            lines = s.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            first = time.perf_counter()
+            assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+            streaming = time.perf_counter() - first
+        assert httpx.post(f"{server.url}/v1/classify", json={"task": "review", "inputs": ["x"]}).status_code == 401
+        metrics = client.get("/metrics").text
+    timed = float(re.search(r'softprompt_request_seconds_sum\{endpoint="/v1/completions"\} (\S+)', metrics).group(1))
+    assert timed >= streaming > 0  # from the first chunk to [DONE] on the client's clock, within the server's
+    assert 'softprompt_requests_total{endpoint="/v1/completions",status="200"} 1.0' in metrics
+    assert 'softprompt_requests_total{endpoint="other",status="401"} 1.0' in metrics
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_rows(causal_bank):
