@@ -1,0 +1,389 @@
+"""The OpenAI API's completion routes: ``POST /v1/completions`` and ``POST
+/v1/chat/completions``, their bodies (every OpenAI field softprompt does not implement is
+refused by name unless neutral: `UNIMPLEMENTED`, `CHAT_UNIMPLEMENTED`) and their answers,
+whole or streamed as server-sent events (`_Completion`, `_ChatCompletion`)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, ClassVar, Literal, Union
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from ..errors import SoftPromptError
+from .chat import render_chat
+from .engine import Request, Result
+from .errors import error_body
+from .logprobs import chat_logprobs, completion_logprobs
+from .sampling import TokenLogprob
+from .server import STATUS, APIError, Metrics, Server, _Body, cancel, drop, first_of, server_of
+from .text import MAX_LOGPROBS, GenerationOptions, TokenStream
+
+
+class _OpenAIBody(_Body):
+    """An OpenAI request body: the fields of its `UNIMPLEMENTED` table (OpenAI fields
+    softprompt does not implement, and the values of each that ask for nothing, which a
+    client that does not use the field may still send) are refused by name unless
+    neutral, rather than ignored."""
+
+    UNIMPLEMENTED: ClassVar[dict[str, tuple]] = {}
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unimplemented(cls, value: Any, info: ValidationInfo) -> Any:
+        neutral = cls.UNIMPLEMENTED.get(info.field_name)
+        if neutral is not None and not any(_same(value, v) for v in neutral):
+            raise PydanticCustomError("unimplemented", "softprompt does not implement {field} (it takes only {neutral})",
+                                      {"field": info.field_name, "neutral": " or ".join(map(json.dumps, neutral))})
+        return value
+
+
+#: OpenAI's completion fields that softprompt does not implement, and their neutral values
+UNIMPLEMENTED = {"echo": (False,), "suffix": (None,)}
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampled(_OpenAIBody):
+    """The generation fields completions and chat share."""
+
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    seed: Union[int, None] = None
+    n: int = Field(1, ge=1)
+    user: Union[str, None] = None
+    stream_options: Union[StreamOptions, None] = None
+    presence_penalty: Union[float, None] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Union[float, None] = Field(None, ge=-2.0, le=2.0)
+    logit_bias: Union[dict[str, float], None] = None
+
+
+class _Prompted(_OpenAIBody):
+    model: str
+    prompt: Union[str, list[str]]
+
+
+class CompletionBody(_Sampled, _Prompted):  # fields in reversed base order: model, prompt, max_tokens, ...
+    UNIMPLEMENTED: ClassVar[dict[str, tuple]] = UNIMPLEMENTED
+
+    echo: Any = False
+    logprobs: Union[int, None] = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: Union[int, None] = Field(None, ge=1)
+    suffix: Any = None
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """`value` is the JSON value `neutral`: Python's True == 1 and False == 0, so a boolean
+    matches only a boolean (``echo: 0``, ``presence_penalty: false`` are not neutral)."""
+    if isinstance(value, bool) or isinstance(neutral, bool) or neutral is None:
+        return value is neutral
+    return value == neutral
+
+
+#: OpenAI's chat fields that softprompt does not implement, and their neutral values
+CHAT_UNIMPLEMENTED = {"tools": (None, []),
+                      "tool_choice": (None, "none"), "parallel_tool_calls": (None,), "functions": (None, []),
+                      "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+                      "modalities": (None, ["text"]), "audio": (None,),
+                      "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
+                      "store": (None, False), "metadata": (None,), "service_tier": (None, "auto")}
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class _Chatting(_OpenAIBody):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ChatBody(_Sampled, _Chatting):
+    """A chat completion: `max_completion_tokens` (OpenAI's current name) or `max_tokens`."""
+
+    UNIMPLEMENTED: ClassVar[dict[str, tuple]] = CHAT_UNIMPLEMENTED
+
+    max_completion_tokens: Union[int, None] = Field(None, ge=1)
+    logprobs: Union[bool, None] = None
+    top_logprobs: Union[int, None] = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+
+
+# -- routes ---------------------------------------------------------------------------
+async def completions(body: CompletionBody, request: HTTPRequest):
+    """Each prompt completed `n` times (choices prompt by prompt); with `best_of`, the `n` of
+    `best_of` candidates of highest log-probability per token."""
+    server = server_of(request)
+    entry = await server.entry_for(body.model, "completions")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise APIError(400, "prompt: give at least one prompt", "prompt")
+    best_of = body.best_of or body.n
+    if best_of < body.n:
+        raise APIError(400, f"best_of: {best_of} is less than n ({body.n}): best_of is how many completions to "
+                       "choose the n best from", "best_of")
+    if best_of > body.n and body.stream:
+        raise APIError(400, "best_of: cannot be streamed (the best are known only at the end); leave best_of out or "
+                       "stream false", "best_of")
+    check_stream_options(body)
+    what = "prompts" if best_of == 1 else f"completions ({len(prompts)} prompts x {best_of})"
+    server.check_count(len(prompts) * best_of, what, "prompt")
+    ranked = best_of > body.n  # candidates are ranked by their tokens' log-probabilities
+    options = server.options(body.max_tokens, body, logprobs=body.logprobs if body.logprobs is not None or not ranked
+                             else 0)
+    completion = _Completion(body.model, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), server.bank.tokenizer,
+                             n=body.n, best_of=best_of, logprobs=body.logprobs is not None,
+                             include_usage=include_usage(body))
+    requests = [Request(body.model, p, generate=True, options=choice_options(options, j), entry=entry)
+                for p in prompts for j in range(best_of)]
+    return await completion.run(server, requests, body.stream, request)
+
+
+def check_stream_options(body: _Sampled) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options: only with stream: true", "stream_options")
+
+
+def include_usage(body: _Sampled) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def choice_options(options: GenerationOptions, j: int) -> GenerationOptions:
+    """Choice `j`'s options: a seeded request's choice j samples with seed + j (choice 0
+    with the request's seed: n = 1 gives what it always gave); unseeded, each draws fresh."""
+    if j == 0 or options.seed is None:
+        return options
+    return dataclasses.replace(options, seed=(options.seed + j) % 2**64)
+
+
+async def chat_completions(body: ChatBody, request: HTTPRequest):
+    """The messages rendered by the tokenizer's chat template (`chat.render_chat`), then
+    completed as that prompt would be: the text fills the task's one template field."""
+    server = server_of(request)
+    entry = await server.entry_for(body.model, "completions")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs: give logprobs: true to have log-probabilities returned", "top_logprobs")
+    check_stream_options(body)
+    server.check_count(body.n, "choices", "n")
+    options = server.options(max_tokens, body, "max_completion_tokens" if body.max_completion_tokens else "max_tokens",
+                             logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    try:
+        prompt = render_chat(server.bank.tokenizer, [m.model_dump() for m in body.messages], entry.model.encoder.lead)
+    except SoftPromptError as e:
+        raise APIError(400, f"messages: {e}", "messages") from None
+    completion = _ChatCompletion(body.model, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
+                                 server.bank.tokenizer, n=body.n, best_of=body.n, logprobs=bool(body.logprobs),
+                                 include_usage=include_usage(body))
+    requests = [Request(body.model, prompt, generate=True, options=choice_options(options, j), entry=entry)
+                for j in range(body.n)]
+    return await completion.run(server, requests, body.stream, request)
+
+
+@dataclass
+class _Completion:
+    """One completion request's answer: whole (a JSON body) or streamed (server-sent
+    events), in OpenAI's completion format; `_ChatCompletion` changes only the format.
+    Streamed, each piece carries the log-probabilities of the tokens it came from (where
+    asked for); tokens that made no piece (cut by a stop string) come with the finish."""
+
+    model: str
+    ident: str
+    created: int
+    tokenizer: Any
+    n: int = 1  # choices per prompt
+    best_of: int = 1  # candidates per prompt (requests come prompt by prompt, best_of each)
+    logprobs: bool = False  # the client asked for them (a ranking may have computed them anyway)
+    include_usage: bool = False  # streamed: a last chunk with the usage
+    object: ClassVar[str] = "text_completion"
+    chunk_object: ClassVar[str] = "text_completion"
+
+    def __post_init__(self):
+        self._sent: dict[int, int] = {}  # per choice: log-probabilities streamed so far
+        self._offset: dict[int, int] = {}  # ... and the characters of their tokens
+
+    def logprobs_of(self, i: int, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """Choice `i`'s ``logprobs`` for `entries`, the next of its tokens (None: not asked for)."""
+        if entries is None or not self.logprobs:
+            return None
+        self._sent[i] = self._sent.get(i, 0) + len(entries)
+        out = completion_logprobs(self.tokenizer, entries, self._offset.get(i, 0))
+        self._offset[i] = self._offset.get(i, 0) + sum(map(len, out["tokens"]))
+        return out
+
+    def choice(self, i: int, r: Result) -> dict[str, Any]:
+        return {"index": i, "text": r.output, "logprobs": self.logprobs_of(i, r.logprobs),
+                "finish_reason": r.finish_reason}
+
+    def delta(self, i: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        """Choice `i`'s next piece (finish None), or its end (text "")."""
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def opening(self, i: int) -> list[dict[str, Any]]:
+        """Choice `i`'s deltas before its first piece."""
+        return []
+
+    def blame(self, i: int, r: Result) -> tuple[str, str]:
+        """(message, param) of request `i`'s failure: the prompt it completes."""
+        p = i // self.best_of
+        return f"prompt {p}: {r.error}", f"prompt[{p}]"
+
+    def check(self, results: list[Result | None]) -> None:
+        """The status of the first failed result (None: not answered yet)."""
+        for i, r in enumerate(results):
+            if r is not None and not r.ok:
+                raise APIError(STATUS[r.error_kind], *self.blame(i, r))
+
+    async def run(self, server: Server, requests: list[Request], stream: bool, http: HTTPRequest):
+        if stream:
+            return await self.stream(server, requests, http)
+        results = await server.run(requests, http)
+        self.check(results)
+        return self.answer(results)
+
+    def answer(self, results: list[Result]) -> dict[str, Any]:
+        chosen = [r for p in range(0, len(results), self.best_of) for r in self.best(results[p: p + self.best_of])]
+        choices = [self.choice(i, r) for i, r in enumerate(chosen)]
+        return {"id": self.ident, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage(results)}
+
+    def best(self, candidates: list[Result]) -> list[Result]:
+        """A prompt's `n` choices: its candidates, or the n of highest mean log-probability
+        per token (an empty completion counts 0), best first."""
+        if len(candidates) == self.n:
+            return candidates
+        def mean(r: Result) -> float:
+            return sum(e.logprob for e in r.logprobs) / len(r.logprobs) if r.logprobs else 0.0
+        return sorted(candidates, key=mean, reverse=True)[: self.n]
+
+    def usage(self, results: list[Result]) -> dict[str, int]:
+        """Each prompt's tokens once; every candidate's new tokens (all were generated)."""
+        prompt_tokens = sum(r.prompt_tokens for r in results[:: self.best_of])
+        completion_tokens = sum(r.new_tokens for r in results)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def chunk(self, i: int, text: str, finish: str | None, entries: list[TokenLogprob] | None = None) -> str:
+        return self.event(self.delta(i, text, finish, self.logprobs_of(i, entries)))
+
+    def event(self, choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
+        """A chunk of choice `choice`'s (None: none, the usage chunk); ``usage`` on every
+        chunk where the client asked for it (null until the last)."""
+        payload = {"id": self.ident, "object": self.chunk_object, "created": self.created, "model": self.model,
+                   "choices": [] if choice is None else [choice]}
+        if self.include_usage:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload)}\n\n"
+
+    async def stream(self, server: Server, requests: list[Request], http: HTTPRequest) -> StreamingResponse:
+        """The pieces as server-sent events, once the first piece is there: a request that
+        fails before it (a bad prompt, a task that cannot generate) gets the status code a
+        whole completion would, not a 200 with an error event."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        for i, r in enumerate(requests):
+            r.stream = TokenStream(lambda text, logprobs, i=i: loop.call_soon_threadsafe(pieces.put_nowait,
+                                                                                      (i, text, logprobs)))
+        futures = server.submit(requests)
+        done = asyncio.gather(*futures)
+        first = asyncio.ensure_future(pieces.get())
+        await first_of({first, done}, http, requests)
+        early = [f.result() if f.done() else None for f in futures]
+        if any(r is not None and not r.ok for r in early):
+            cancel(requests)
+            drop(first)
+            drop(done)
+            self.check(early)
+        return StreamingResponse(self._events(server.metrics, first, pieces, done, requests),
+                                 media_type="text/event-stream")
+
+    async def _events(self, metrics: Metrics, first: asyncio.Future, pieces: asyncio.Queue, done: asyncio.Future,
+                      requests: list[Request]) -> AsyncIterator[str]:
+        """Each piece as it comes, then each prompt's finish (or error), then ``[DONE]``."""
+        metrics.streams_open.inc()
+        getter = first
+        try:
+            for i in range(len(requests)):
+                for choice in self.opening(i):
+                    yield self.event(choice)
+            while True:
+                await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    break
+                i, text, entries = getter.result()
+                yield self.chunk(i, text, None, entries)
+                getter = asyncio.ensure_future(pieces.get())
+            while not pieces.empty():
+                i, text, entries = pieces.get_nowait()
+                yield self.chunk(i, text, None, entries)
+            for i, r in enumerate(done.result()):
+                if not r.ok:
+                    body = error_body(STATUS[r.error_kind], *self.blame(i, r))
+                    yield f"data: {json.dumps(body)}\n\n"
+                else:
+                    rest = None if r.logprobs is None else r.logprobs[self._sent.get(i, 0):]
+                    yield self.chunk(i, "", r.finish_reason, rest)
+            if self.include_usage:
+                yield self.event(None, self.usage(done.result()))
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client goes away: its rows stop at the next step
+            getter.cancel()  # else asyncio warns of a pending task when the client left mid-wait
+            cancel(requests)
+            metrics.streams_open.dec()
+
+
+class _ChatCompletion(_Completion):
+    """A chat completion's answer: the text as the assistant's message; streamed, a first
+    delta with the role, then the content piece by piece, then an empty delta with the
+    finish reason."""
+
+    object: ClassVar[str] = "chat.completion"
+    chunk_object: ClassVar[str] = "chat.completion.chunk"
+
+    def logprobs_of(self, i: int, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        if entries is None or not self.logprobs:
+            return None
+        self._sent[i] = self._sent.get(i, 0) + len(entries)
+        return chat_logprobs(self.tokenizer, entries)
+
+    def choice(self, i: int, r: Result) -> dict[str, Any]:
+        return {"index": i, "message": {"role": "assistant", "content": r.output},
+                "logprobs": self.logprobs_of(i, r.logprobs), "finish_reason": r.finish_reason}
+
+    def delta(self, i: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        return {"index": i, "delta": {"content": text} if finish is None else {}, "logprobs": logprobs,
+                "finish_reason": finish}
+
+    def opening(self, i: int) -> list[dict[str, Any]]:
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+
+    def blame(self, i: int, r: Result) -> tuple[str, str]:
+        return f"messages: {r.error}", "messages"  # every choice is of all of the messages
