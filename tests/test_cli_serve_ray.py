@@ -24,8 +24,8 @@ def test_serve_ray_from_the_command_line(store, tmp_path):  # noqa: F811
     the Python entry give (same engine), and options for the single-process server only are
     refused by name."""
     model_dir, prompts = store
-    r = invoke("serve", "--model", model_dir, "--prompts", prompts, "--ray", "--admin")
-    assert r.exit_code == 1 and "--prompt, --admin, --lazy and --max-in-memory are for the single-process" in r.output
+    r = invoke("serve", "--model", model_dir, "--prompts", prompts, "--ray", "--lazy")
+    assert r.exit_code == 1 and "--prompt, --lazy and --max-in-memory are for the single-process" in r.output
     port = free_port()
     log = tmp_path / "serve.log"  # a file, not a pipe: Ray's replica logs would fill a pipe and block the server
     with open(log, "w") as out:

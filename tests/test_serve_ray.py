@@ -1,7 +1,9 @@
 """The server on Ray Serve (`serve/ray.py`, issue 22 item 1), on a local Ray cluster on the
 CPU with 2 replicas and a tiny GPT-2: the answers (completions, streamed or not, the base
-alone, a classifier, /v1/models, errors) equal the single-process server's, and requests
-of a task go to a replica that has read it (Ray Serve's multiplexing)."""
+alone, a classifier, /v1/models, errors) equal the single-process server's, requests of a
+task go to a replica that has read it (Ray Serve's multiplexing), admin loads and unloads
+reach every replica, and a replica killed under load is replaced (the last test: it runs
+after the others, on the same cluster)."""
 
 from __future__ import annotations
 
@@ -65,8 +67,8 @@ def cluster(store):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(deployment(str(model_dir), prompts, replicas=2, base_name=BASE), name="softprompt",
-                  route_prefix="/")
+        serve.run(deployment(str(model_dir), prompts, replicas=2, base_name=BASE, app_options={"admin": True}),
+                  name="softprompt", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -144,3 +146,102 @@ def test_the_task_is_read_from_the_body():
     assert task_of("/v1/completions", b"not json") == "" and task_of("/v1/completions", b'["a"]') == ""
     assert task_of("/v1/completions", b'{"model": 3}') == ""
 
+
+
+def _models_by_replica(client: httpx.Client, want: int = 2, tries: int = 80) -> dict[str, list[str]]:
+    """/v1/models as each replica answers it (Ray Serve spreads requests without a task
+    over the replicas): replica -> task ids, once `want` replicas have answered."""
+    seen: dict[str, list[str]] = {}
+    for _ in range(tries):
+        r = client.get("/v1/models")
+        assert r.status_code == 200, r.text
+        seen[r.headers[REPLICA_HEADER]] = sorted(m["id"] for m in r.json()["data"])
+        if len(seen) >= want:
+            return seen
+    raise AssertionError(f"only {len(seen)} replica(s) answered /v1/models in {tries} requests: {seen}")
+
+
+def test_admin_loads_and_unloads_reach_every_replica(store, cluster):
+    model_dir, prompts = store
+    body = {"model": "writer2", "prompt": "a gem of a film", "max_tokens": 4, "temperature": 0}
+    with httpx.Client(base_url=cluster, timeout=60) as client:
+        r = client.put("/v1/prompts/writer2", json={"path": str(prompts / "writer")})
+        assert r.status_code == 200 and r.json()["status"] == "loaded", r.text
+        for replica, tasks in _models_by_replica(client).items():
+            assert "writer2" in tasks, (replica, tasks)  # the replica that loaded it, and the other one
+        same = client.post("/v1/completions", json={**body, "model": "writer"}).json()["choices"][0]["text"]
+        assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == same
+        outside = client.put("/v1/prompts/evil", json={"path": str(model_dir)})
+        assert outside.status_code == 403 and "outside the prompt root" in outside.json()["error"]["message"]
+        assert client.delete("/v1/prompts/writer2").status_code == 200
+        for replica, tasks in _models_by_replica(client).items():
+            assert "writer2" not in tasks and "evil" not in tasks, (replica, tasks)
+        gone = client.post("/v1/completions", json=body)
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "writer3", "lora_path": str(prompts / "writer")})
+        assert r.status_code == 200, r.text  # vLLM's alias: logged the same way
+        for replica, tasks in _models_by_replica(client).items():
+            assert "writer3" in tasks, (replica, tasks)
+
+
+def _replica_actors() -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if "SoftPromptReplica" in a["name"] and a.get("namespace") == "serve")
+
+
+def _running() -> int:
+    """Replicas running (started and answering), as Ray Serve's controller reports them."""
+    states = serve.status().applications["softprompt"].deployments["SoftPromptReplica"].replica_states
+    return states.get("RUNNING", 0)
+
+
+def test_a_replica_killed_under_load_is_replaced_and_replays_the_admin_log(store, cluster):
+    """8 clients send completions and classifications while one replica is killed: the
+    requests on it that had not started their answer are sent once more, to the other
+    replica (the failures allowed: those whose answer was under way, at most one per
+    client); Ray Serve starts a replacement, which serves the task the admin loaded before
+    it existed (it replays the registry's log)."""
+    prompts = store[1]
+    with httpx.Client(base_url=cluster, timeout=60) as client:
+        assert client.put("/v1/prompts/writer4", json={"path": str(prompts / "other")}).status_code == 200
+        before = _models_by_replica(client)
+    actors = _replica_actors()
+    assert len(actors) == 2, actors
+    statuses: list[int | str] = []
+    stop = time.monotonic() + 8
+    bodies = [("/v1/completions", {"model": "writer", "prompt": "a gem of a film", "max_tokens": 3, "temperature": 0}),
+              ("/v1/completions", {"model": "writer4", "prompt": "bad", "max_tokens": 3, "temperature": 0}),
+              ("/v1/classify", {"task": "sentiment", "inputs": ["a gem of a film"]})]
+
+    def client_loop(k: int) -> None:
+        with httpx.Client(base_url=cluster, timeout=60) as c:
+            i = k
+            while time.monotonic() < stop:
+                path, body = bodies[i % len(bodies)]
+                try:
+                    statuses.append(c.post(path, json=body).status_code)
+                except httpx.HTTPError as e:
+                    statuses.append(type(e).__name__)
+                i += 1
+
+    import threading
+
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    ray.kill(ray.get_actor(actors[0], namespace="serve"), no_restart=True)
+    for t in threads:
+        t.join()
+    failed = [s for s in statuses if s != 200]
+    print(json.dumps({"requests": len(statuses), "failed": len(failed), "statuses": sorted(set(map(str, failed)))}))
+    assert len(statuses) > 50 and len(failed) <= 8, failed
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (_running() != 2 or actors[0] in _replica_actors()):
+        time.sleep(1)
+    assert _running() == 2 and actors[0] not in _replica_actors(), (_running(), _replica_actors())
+    with httpx.Client(base_url=cluster, timeout=60) as client:
+        after = _models_by_replica(client, tries=200)
+    assert set(after) - set(before), (before, after)  # a new replica answers
+    for replica, tasks in after.items():
+        assert "writer4" in tasks, (replica, tasks)

@@ -379,10 +379,10 @@ def serve(
 
     prompts = prompts if prompts is None or is_url(prompts) else Path(prompts)  # type: ignore[assignment]
     if on_ray:
-        if prompts is None or prompt_pairs or admin or lazy or max_in_memory is not None:
+        if prompts is None or prompt_pairs or lazy or max_in_memory is not None:
             raise ConfigError("--ray serves the tasks under --prompts (a folder or URL every replica reads, each task "
                               "read on its first request, at most --max-tasks-per-replica per replica); --prompt, "
-                              "--admin, --lazy and --max-in-memory are for the single-process server")
+                              "--lazy and --max-in-memory are for the single-process server")
     named = named_prompt_folders(prompt_pairs or [], prompts)
     if prompts is None and not named:
         raise ConfigError("give the tasks to serve: --prompts DIR (one sub-folder per task) and/or --prompt NAME=PATH")
@@ -406,7 +406,7 @@ def serve(
                       engine_options=dict(max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens,
                                           truncate=truncate, compile=compile_decode),
                       app_options=dict(max_queue=max_queue, api_key=api_key, max_body_bytes=max_body_bytes,
-                                       max_inputs=max_inputs, max_new_tokens=max_new_tokens))
+                                       max_inputs=max_inputs, max_new_tokens=max_new_tokens, admin=admin))
         return
     served_as = _base_name(model, base_name)
     target = resolve_device(device)
