@@ -36,7 +36,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import softprompt as sp
 from softprompt.serve import Engine, PromptBank, Result, create_app
-from softprompt.serve.http import ConnectionGuard, GuardedH11Protocol, HTTPLimits, LogRateLimit
+from softprompt.serve.http import (ConnectionGuard, GuardedH11Protocol, GuardedHttpToolsProtocol, HTTPLimits,
+                                   LogRateLimit, guarded_protocol)
 
 from conftest import _tiny
 from serving import Server, free_port, wait_until_serving
@@ -214,14 +215,23 @@ def test_half_open_connections_and_a_slow_client_cannot_starve_the_server(folder
 
 
 # -- in-process servers with the same limits ------------------------------------------------------
-class GuardedServer(Server):
-    """`serving.Server` with `GuardedH11Protocol` and `limits`."""
+#: both guarded protocols: `softprompt serve` runs httptools' where it is installed, h11's otherwise
+PROTOCOLS = [GuardedH11Protocol, GuardedHttpToolsProtocol]
 
-    def __init__(self, app, limits: HTTPLimits):
+
+@pytest.fixture(params=PROTOCOLS, ids=lambda p: p.__name__)
+def protocol(request):
+    return request.param
+
+
+class GuardedServer(Server):
+    """`serving.Server` with a guarded protocol (`protocol`) and `limits`."""
+
+    def __init__(self, app, limits: HTTPLimits, protocol=GuardedH11Protocol):
         super().__init__(app)
         self.guard = ConnectionGuard(limits)
         self.server = uvicorn.Server(uvicorn.Config(
-            app, log_level="warning", lifespan="on", ws="none", http=partial(GuardedH11Protocol, guard=self.guard),
+            app, log_level="warning", lifespan="on", ws="none", http=partial(protocol, guard=self.guard),
             timeout_keep_alive=limits.timeout_keep_alive, timeout_graceful_shutdown=limits.timeout_graceful_shutdown))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.port = self.sock.getsockname()[1]
@@ -247,9 +257,28 @@ def bank(gpt2_tokenizer):
     return bank
 
 
-def test_a_body_that_stops_arriving_is_cut_at_its_deadline(bank):
+def test_the_server_runs_httptools_guarded_where_it_is_installed():
+    assert guarded_protocol() is GuardedHttpToolsProtocol  # the serve extra installs httptools
+
+
+def test_headers_over_16_kib_are_refused_and_the_connection_closed(bank):
+    """httptools' parser bounds no header size; the guarded protocol does (h11 bounds only
+    headers that arrive in pieces, at 16 KiB of an incomplete event)."""
+    with GuardedServer(create_app(bank, engine=Fixed(bank)), HTTPLimits(), GuardedHttpToolsProtocol) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(65536):  # until the server closes
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 431 ") and b"request headers over 16384 bytes" in answer, answer[:300]
+        assert server.guard.open == set()
+        big_but_fine = {"X-Fine": "b" * 8_000}
+        assert httpx.get(f"{server.url}/health", headers=big_but_fine, timeout=10).status_code == 200
+
+
+def test_a_body_that_stops_arriving_is_cut_at_its_deadline(bank, protocol):
     limits = HTTPLimits(timeout_body=1.0)
-    with GuardedServer(create_app(bank, engine=Fixed(bank)), limits) as server:
+    with GuardedServer(create_app(bank, engine=Fixed(bank)), limits, protocol) as server:
         port = server.port
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -263,9 +292,9 @@ def test_a_body_that_stops_arriving_is_cut_at_its_deadline(bank):
         assert r.status_code == 200  # a body sent at once is not affected
 
 
-def test_a_kept_alive_connection_has_its_keep_alive_wait_before_the_header_deadline(bank):
+def test_a_kept_alive_connection_has_its_keep_alive_wait_before_the_header_deadline(bank, protocol):
     limits = HTTPLimits(timeout_header=0.5, timeout_keep_alive=3)
-    with GuardedServer(create_app(bank, engine=Fixed(bank)), limits) as server, \
+    with GuardedServer(create_app(bank, engine=Fixed(bank)), limits, protocol) as server, \
             httpx.Client(base_url=server.url, timeout=10) as client:
         assert client.get("/health").status_code == 200
         time.sleep(1.5)  # idle past the header deadline, within the keep-alive
@@ -273,9 +302,9 @@ def test_a_kept_alive_connection_has_its_keep_alive_wait_before_the_header_deadl
         assert client.get("/health").status_code == 200 and server.guard.evicted == 0
 
 
-def test_beyond_the_cap_waiting_connections_make_room_begun_headers_first(bank):
+def test_beyond_the_cap_waiting_connections_make_room_begun_headers_first(bank, protocol):
     limits = HTTPLimits(max_connections=3, timeout_header=30)
-    with GuardedServer(create_app(bank, engine=Fixed(bank)), limits) as server:
+    with GuardedServer(create_app(bank, engine=Fixed(bank)), limits, protocol) as server:
         silent = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
         time.sleep(0.1)
         begun = half_open(server.port, 2)  # newer, but they began a request they do not finish
@@ -291,9 +320,9 @@ def test_beyond_the_cap_waiting_connections_make_room_begun_headers_first(bank):
             s.close()
 
 
-def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(bank):
+def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(bank, protocol):
     engine = Blocking(bank)
-    with GuardedServer(create_app(bank, engine=engine, max_wait=0), HTTPLimits(max_connections=2)) as server:
+    with GuardedServer(create_app(bank, engine=engine, max_wait=0), HTTPLimits(max_connections=2), protocol) as server:
         with ThreadPoolExecutor(2) as pool:
             held = [pool.submit(httpx.post, f"{server.url}/v1/completions", json={"model": "writer", "prompt": "x"},
                                 timeout=30) for _ in range(2)]
@@ -309,14 +338,14 @@ def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(bank):
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
-def test_a_response_nobody_reads_is_cut_at_its_deadline(bank):
+def test_a_response_nobody_reads_is_cut_at_its_deadline(bank, protocol):
     """A client that stops reading a stream stalls it once the socket's buffers fill (the
     transport then calls `pause_writing`, sent here by hand: loopback buffers grow to
     megabytes). Past the send deadline the server drops the connection and the rows stop;
     before, both were held until the process ended."""
     limits = HTTPLimits(timeout_send=1.0)
     app = create_app(bank)
-    with GuardedServer(app, limits) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+    with GuardedServer(app, limits, protocol) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         body = {"model": "writer", "prompt": ["x"] * 4, "max_tokens": 400, "temperature": 0, "stream": True}
         with client.stream("POST", "/v1/completions", json=body) as stream:
             lines = stream.iter_lines()

@@ -9,7 +9,8 @@ a file descriptor until the process runs out of them), and it logs a traceback f
 failure (20,000 half-open connections wrote 114 MB of log in 40 s). This module adds
 them through uvicorn's documented extension point, the ``http=`` protocol class:
 
-- `GuardedH11Protocol`: a deadline for each phase of reading a request (its headers,
+- `GuardedHttpToolsProtocol` (or `GuardedH11Protocol` where httptools is not installed):
+  a deadline for each phase of reading a request (its headers,
   then its body) and for a response the client stops reading; past it, the connection
   is closed.
 - `ConnectionGuard`: at most `HTTPLimits.max_connections` open; a connection beyond the
@@ -167,25 +168,31 @@ class ConnectionGuard:
         self.idle.pop(connection, None)
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline on each phase of reading a request, one on
-    a stalled response, and the connection cap (`ConnectionGuard`).
+class _Guarded:
+    """What both guarded protocols add to uvicorn's: a deadline on each phase of reading
+    a request, one on a stalled response, and the connection cap (`ConnectionGuard`).
 
-    A request's phase is read from h11's state of the client's side after every event:
-    IDLE (its headers are not complete yet, or no request since the last response),
-    SEND_BODY (its body is arriving), anything else (the app has the request). Entering
-    a phase arms its deadline; when it passes, the connection is closed.
+    A subclass says where the client's side is (`_reading`): ``"headers"`` (its headers
+    are not complete yet, or no request since the last response), ``"body"`` (its body is
+    arriving) or None (the app has the request); and whether a request's first bytes
+    have come (`_begun`). Entering a phase arms its deadline; when it passes, the
+    connection is closed.
     """
 
-    def __init__(self, config, server_state, app_state, _loop=None, *, guard: ConnectionGuard):
-        super().__init__(config, server_state, app_state, _loop)
+    def _guard_init(self, guard: "ConnectionGuard") -> None:
         self.guard = guard
         self._phase: str | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._stalled: asyncio.TimerHandle | None = None
 
+    def _reading(self) -> str | None:
+        raise NotImplementedError
+
+    def _begun(self) -> bool:
+        raise NotImplementedError
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(transport)  # type: ignore[misc]
         if not self.guard.admit(self):
             transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
                             b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
@@ -199,25 +206,25 @@ class GuardedH11Protocol(H11Protocol):
             if timer is not None:
                 timer.cancel()
         self.guard.forget(self)
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._phase == "headers" and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        super().data_received(data)  # type: ignore[misc]
+        if self._phase == "headers" and self._begun() and not self.transport.is_closing():
             self.guard.waiting(self, "started")  # a request begun: first to go beyond the cap
         self._track()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()  # may start the next (pipelined) request at once
+        super().on_response_complete()  # type: ignore[misc]  # may start the next (pipelined) request at once
         self._track()
 
     def pause_writing(self) -> None:
-        super().pause_writing()
+        super().pause_writing()  # type: ignore[misc]
         if self._stalled is None:
             self._stalled = self.loop.call_later(self.guard.limits.timeout_send, self._expire, "response")
 
     def resume_writing(self) -> None:
-        super().resume_writing()
+        super().resume_writing()  # type: ignore[misc]
         if self._stalled is not None:
             self._stalled.cancel()
             self._stalled = None
@@ -225,8 +232,7 @@ class GuardedH11Protocol(H11Protocol):
     def _track(self) -> None:
         if self.transport.is_closing():
             return
-        state = self.conn.their_state
-        phase = "headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
+        phase = self._reading()
         if phase == self._phase:
             return
         self._phase = phase
@@ -250,6 +256,97 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.abort()
         else:
             self.transport.close()
+
+
+class GuardedH11Protocol(_Guarded, H11Protocol):
+    """uvicorn's h11 protocol, guarded (`_Guarded`); the phase is h11's state of the
+    client's side after every event: IDLE (headers), SEND_BODY (body), anything else (the
+    app has the request). h11 bounds the headers at 16 KiB."""
+
+    def __init__(self, config, server_state, app_state, _loop=None, *, guard: ConnectionGuard):
+        super().__init__(config, server_state, app_state, _loop)
+        self._guard_init(guard)
+
+    def _reading(self) -> str | None:
+        state = self.conn.their_state
+        return "headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
+
+    def _begun(self) -> bool:
+        return self.conn.their_state is h11.IDLE
+
+
+try:  # uvicorn's faster protocol, on llhttp (the serve extra installs httptools)
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover - httptools is missing: the h11 protocol serves
+    HttpToolsProtocol = None
+
+
+if HttpToolsProtocol is not None:
+    class GuardedHttpToolsProtocol(_Guarded, HttpToolsProtocol):
+        """uvicorn's httptools protocol, guarded (`_Guarded`): the phase follows the
+        parser's callbacks (a message begun: headers; its headers complete: body; the
+        message complete: the app's, until its response is complete). llhttp sets no bound
+        on the headers, so they are bounded here as h11 bounds them (`MAX_HEADER_BYTES`:
+        431 and close)."""
+
+        MAX_HEADER_BYTES = 16 * 1024
+
+        def __init__(self, config, server_state, app_state, _loop=None, *, guard: ConnectionGuard):
+            super().__init__(config, server_state, app_state, _loop)
+            self._guard_init(guard)
+            self._message: str | None = None  # "headers" / "body" while a request arrives
+            self._header_bytes = 0
+
+        def _reading(self) -> str | None:
+            if self._message is not None:
+                return self._message
+            return "headers" if self.cycle is None or (self.cycle.response_complete and not self.pipeline) else None
+
+        def _begun(self) -> bool:
+            return self._message == "headers"
+
+        def _count(self, n: int) -> None:
+            self._header_bytes += n
+            if self._header_bytes > self.MAX_HEADER_BYTES:  # stops the parser: uvicorn answers 400, made 431 below
+                raise ValueError("request headers too large")
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4)
+            super().on_header(name, value)
+
+        def send_400_response(self, msg: str) -> None:
+            if self._header_bytes <= self.MAX_HEADER_BYTES:
+                super().send_400_response(msg)
+                return
+            body = error_json(431, f"request headers over {self.MAX_HEADER_BYTES} bytes")
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json"
+                                 b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._message, self._header_bytes = "headers", 0
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self._message = "body"
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._message = None
+else:  # pragma: no cover
+    GuardedHttpToolsProtocol = None
+
+
+def guarded_protocol():
+    """The guarded protocol class `serve` runs: httptools' where it is installed (it
+    parses a request in about half h11's time: /health answered in 0.17 ms of server
+    time instead of 0.32, measured), h11's otherwise."""
+    return GuardedHttpToolsProtocol or GuardedH11Protocol
 
 
 # -- logs ---------------------------------------------------------------------------------
@@ -351,12 +448,12 @@ def serve(app, *, host: str, port: int, limits: HTTPLimits = HTTPLimits(), log_l
 
     limits.fit_open_files()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", ws="none",
-                            backlog=ACCEPT_BATCH, http=partial(GuardedH11Protocol, guard=ConnectionGuard(limits)),
+                            backlog=ACCEPT_BATCH, http=partial(guarded_protocol(), guard=ConnectionGuard(limits)),
                             timeout_keep_alive=limits.timeout_keep_alive,  # type: ignore[arg-type]
                             timeout_graceful_shutdown=limits.timeout_graceful_shutdown)  # type: ignore[arg-type]
     limit_logs(LogRateLimit(limits.log_limit, limits.log_interval))  # after uvicorn made its handlers
     uvicorn.Server(config).run()
 
 
-__all__ = ["HTTPLimits", "ConnectionGuard", "GuardedH11Protocol", "LogRateLimit", "limit_logs",
+__all__ = ["HTTPLimits", "ConnectionGuard", "GuardedH11Protocol", "GuardedHttpToolsProtocol", "guarded_protocol", "LogRateLimit", "limit_logs",
            "raise_open_file_limit", "serve"]
