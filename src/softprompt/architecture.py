@@ -74,12 +74,35 @@ class BaseIdentity:
         ]
 
 
+def tensor_parallel_mesh(base: nn.Module):
+    """The device mesh a base model's weights are split over by tensor parallelism
+    (transformers' ``tp_plan``: DTensor weights sharded across it); None: not split."""
+    if (getattr(base, "tp_size", None) or 1) <= 1:  # transformers' own mark; not split: no parameter scan
+        return None
+    from torch.distributed.tensor import DTensor, Shard
+
+    for parameter in base.parameters():
+        if isinstance(parameter, DTensor) and any(isinstance(p, Shard) for p in parameter.placements):
+            return parameter.device_mesh
+    return None
+
+
+def whole_tensor(weight: torch.Tensor) -> torch.Tensor:
+    """A weight as one tensor: one split by tensor parallelism (a DTensor) gathered, so that
+    what is computed from it (a prompt's initialisation, the fingerprint) is what the
+    whole base gives."""
+    from torch.distributed.tensor import DTensor
+
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+
+
 def embedding_fingerprint(weight: torch.Tensor) -> str:
     """SHA-256 over a fixed sample of the input-embedding matrix (fp32 bytes).
 
     Hashing all of a 128k x 4096 table would cost seconds; 64 evenly spaced rows are
     enough to tell two checkpoints apart and cost nothing.
     """
+    weight = whole_tensor(weight)
     rows = torch.linspace(0, weight.shape[0] - 1, steps=min(64, weight.shape[0])).long()
     sample = weight.detach()[rows.to(weight.device)].float().cpu().contiguous()
     digest = hashlib.sha256(sample.numpy().tobytes())

@@ -266,7 +266,8 @@ def generate(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: tor
     embeds = embed(base, input_ids, prompt_index, prompts)
     if prompts.prefix is None:
         return base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
-    cache = inject.decoder_prefix_cache(prompts.prefix, spec, base.config, B, inject.embedding_dtype(base))
+    cache = inject.decoder_prefix_cache(inject.local_kv_heads(prompts.prefix, base), spec, base.config, B,
+                                        inject.embedding_dtype(base))
     placeholder = torch.full((B, P), pad_id, dtype=input_ids.dtype, device=input_ids.device)
     ids = torch.cat([placeholder, input_ids], dim=1)
     inputs: dict[str, Any] = {}

@@ -23,6 +23,7 @@ returns.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -32,7 +33,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .architecture import ModelKind, ModelSpec
+from .architecture import ModelKind, ModelSpec, tensor_parallel_mesh
 from .errors import UnsupportedModelError
 
 # The name under which transformers takes and returns a Cache. 5.24 renamed
@@ -160,10 +161,31 @@ def last_columns(logits_to_keep: int | torch.Tensor, length: int, device: torch.
     return logits_to_keep
 
 
+def local_kv_heads(prefix: torch.Tensor, base) -> torch.Tensor:
+    """This process's K/V heads of a deep prefix ((..., H_kv, P, D_head)) when the base is
+    split by tensor parallelism: its attention then holds H_kv / N heads, the k/v
+    projections being split column-wise in rank order (transformers' ``colwise``). The
+    split goes through DTensor (replicated -> sharded by head), so that the backward
+    gathers each process's gradient: every process ends with the whole prefix's gradient,
+    as the single-process model has it."""
+    mesh = tensor_parallel_mesh(base)
+    if mesh is None:
+        return prefix
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if prefix.shape[-3] % mesh.size():
+        raise UnsupportedModelError(f"{prefix.shape[-3]} K/V heads cannot be split over {mesh.size()} processes")
+    whole = DTensor.from_local(prefix, mesh, [Replicate()], run_check=False)
+    return whole.redistribute(mesh, [Shard(prefix.dim() - 3)]).to_local()
+
+
 def _base_cache(base, spec: ModelSpec, prompts: Prompts, batch_size: int, keep_cache: bool) -> Cache | None:
     """The Cache of `base_inputs`: a growing one when `keep_cache`, else the read-only
-    prefix of a causal LM or an encoder (None: no deep prompt)."""
+    prefix of a causal LM or an encoder (None: no deep prompt). Under tensor parallelism
+    the prefix holds this process's heads (`local_kv_heads`)."""
     dtype = embedding_dtype(base)
+    if prompts.prefix is not None:
+        prompts = dataclasses.replace(prompts, prefix=local_kv_heads(prompts.prefix, base))
     if keep_cache:
         if prompts.prefix is None:
             return DynamicCache(config=base.config)

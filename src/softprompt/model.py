@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import forward, inject
-from .architecture import ModelKind, ModelSpec, base_identity, forward_accepts, model_spec
+from .architecture import ModelKind, ModelSpec, base_identity, forward_accepts, model_spec, whole_tensor
 from .encode import PromptBatch, TemplateEncoder
 from .peft_layout import beyond_peft_layout, insert_virtual_slots, peft_layout
 from .errors import ConfigError, EncodingError, UnsupportedModelError
@@ -94,7 +94,7 @@ class SoftPromptModel(OnBase, nn.Module):
             )
         for p in base.parameters():
             p.requires_grad_(False)
-        embeddings = base.get_input_embeddings().weight
+        embeddings = whole_tensor(base.get_input_embeddings().weight)  # a tensor-parallel base's: gathered
         self.prompt = prompt if prompt is not None else build_module(
             config, self.num_virtual_tokens, self.spec, embeddings, tokenizer
         )
