@@ -167,7 +167,8 @@ def cache_dir() -> Path:
 
 
 # -- the public entry point -----------------------------------------------------------
-def load_base(name_or_path: str, head: str = "auto", dtype: Any = None) -> tuple[Any, Any]:
+def load_base(name_or_path: str, head: str = "auto", dtype: Any = None, *,
+              tensor_parallel: bool = False) -> tuple[Any, Any]:
     """Load a base model (in eval mode) and its tokenizer.
 
     Args:
@@ -179,6 +180,10 @@ def load_base(name_or_path: str, head: str = "auto", dtype: Any = None) -> tuple
             model), ``causal-lm``, ``masked-lm``, ``seq2seq-lm`` or ``base``.
         dtype: a `torch.dtype`, or ``"float32"``, ``"float16"``, ``"bfloat16"``,
             ``"auto"`` (the checkpoint's); None keeps transformers' default.
+        tensor_parallel: split the model over the processes of a distributed launch
+            (torchrun) by transformers' tensor parallelism (``tp_plan="auto"``: each
+            process loads its part of every split weight; the families with a plan:
+            Llama, Qwen, Mistral, Gemma, ...). A safetensors checkpoint only (not GGUF).
 
     Returns:
         ``(model, tokenizer)``. The tokenizer has a pad token (its end-of-sequence token
@@ -191,8 +196,12 @@ def load_base(name_or_path: str, head: str = "auto", dtype: Any = None) -> tuple
     if head != "auto" and head not in HEADS:
         raise ConfigError(f"unknown head {head!r}; choose one of: auto, {', '.join(HEADS)}")
     dtype = _resolve_dtype(dtype)
+    tp_plan = None
+    if tensor_parallel:
+        _check_tensor_parallel(name_or_path)
+        tp_plan = "auto"
     if name_or_path in _PACKAGED:
-        model, tokenizer = _load_packaged(name_or_path, head, dtype)
+        model, tokenizer = _load_packaged(name_or_path, head, dtype, tp_plan)
     else:
         path = Path(name_or_path).expanduser()
         if path.is_file() and path.suffix == ".gguf":
@@ -200,11 +209,11 @@ def load_base(name_or_path: str, head: str = "auto", dtype: Any = None) -> tuple
         elif path.exists() or "/" in name_or_path or os.sep in name_or_path:
             if not path.exists() and (name_or_path.startswith((".", "/", "~")) or os.path.isabs(name_or_path)):
                 raise ConfigError(f"{name_or_path}: no such model directory")
-            model, tokenizer = _load_pretrained(str(path) if path.exists() else name_or_path, head, dtype)
+            model, tokenizer = _load_pretrained(str(path) if path.exists() else name_or_path, head, dtype, tp_plan)
         else:
             # A bare name is either a typo of an alias or a hub id such as "gpt2".
             try:
-                model, tokenizer = _load_pretrained(name_or_path, head, dtype)
+                model, tokenizer = _load_pretrained(name_or_path, head, dtype, tp_plan)
             except ConfigError as e:
                 raise ConfigError(
                     f"unknown model {name_or_path!r}: not an alias ({', '.join(_PACKAGED)}), "
@@ -282,11 +291,21 @@ def _head_from_config(config) -> str:
     return "base"
 
 
+def _check_tensor_parallel(name_or_path: str) -> None:
+    import torch.distributed as dist
+
+    if str(name_or_path).endswith(".gguf") or (name_or_path in _PACKAGED and _PACKAGED[name_or_path].path.endswith(".gguf")):
+        raise ConfigError(f"{name_or_path}: tensor parallelism loads safetensors checkpoints, not GGUF files")
+    if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
+        raise ConfigError("tensor parallelism splits the model over the processes of a distributed launch: start "
+                          "with `torchrun --nproc_per_node N ...` (or `accelerate launch`)")
+
+
 def _kwargs(dtype) -> dict[str, Any]:
     return {} if dtype is None else {"dtype": dtype}
 
 
-def _load_pretrained(name_or_path: str, head: str, dtype, *, name: str | None = None):
+def _load_pretrained(name_or_path: str, head: str, dtype, tp_plan: str | None = None, *, name: str | None = None):
     """`from_pretrained` of a directory or hub id, with its errors as `ConfigError`.
 
     Args:
@@ -300,7 +319,8 @@ def _load_pretrained(name_or_path: str, head: str, dtype, *, name: str | None = 
         if head == "auto":
             head = _head_from_config(config)
         # safetensors only: a folder with just pytorch_model.bin would be unpickled by torch.load
-        model = _auto_class(head).from_pretrained(name_or_path, use_safetensors=True, **_kwargs(dtype))
+        split = {} if tp_plan is None else {"tp_plan": tp_plan}  # each process loads its part (`load_base`)
+        model = _auto_class(head).from_pretrained(name_or_path, use_safetensors=True, **_kwargs(dtype), **split)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError, ImportError) as e:
         as_head = "" if head == "auto" else f" as a {head} model"
@@ -321,7 +341,7 @@ def _load_pretrained(name_or_path: str, head: str, dtype, *, name: str | None = 
     return model, tokenizer
 
 
-def _load_packaged(alias: str, head: str, dtype):
+def _load_packaged(alias: str, head: str, dtype, tp_plan: str | None = None):
     packaged = _PACKAGED[alias]
     head = packaged.head if head == "auto" else head
     if packaged.path.endswith(".gguf"):
@@ -331,7 +351,7 @@ def _load_packaged(alias: str, head: str, dtype):
         raise ConfigError(
             f"model {alias!r} needs the package(s) {', '.join(missing)}: {_install_hint(missing, packaged)}"
         )
-    return _load_pretrained(str(_package_dir(packaged.module) / packaged.path), head, dtype, name=alias)
+    return _load_pretrained(str(_package_dir(packaged.module) / packaged.path), head, dtype, tp_plan, name=alias)
 
 
 def _load_cached_gguf(alias: str, packaged: _Packaged, head: str, dtype):

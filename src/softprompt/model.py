@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from . import forward, inject
-from .architecture import ModelKind, ModelSpec, base_identity, forward_accepts, model_spec, whole_tensor
+from .architecture import (ModelKind, ModelSpec, base_identity, forward_accepts, model_spec, tensor_parallel_mesh,
+                           whole_tensor)
 from .encode import PromptBatch, TemplateEncoder
 from .peft_layout import beyond_peft_layout, insert_virtual_slots, peft_layout
 from .errors import ConfigError, EncodingError, UnsupportedModelError
@@ -111,11 +112,14 @@ class SoftPromptModel(OnBase, nn.Module):
         # A training-time view of the base (compiled / checkpointed blocks, see regions.py),
         # kept out of the module tree: it shares the base's parameters.
         self.__dict__["_train_base"] = None
+        # A base split by tensor parallelism is identified here, by every process at once: its
+        # fingerprint gathers the embedding, a collective that one process saving alone would wait on.
+        self.__dict__["_identity"] = base_identity(base, self.spec) if tensor_parallel_mesh(base) is not None else None
 
     # -- identity -------------------------------------------------------------
     @property
     def identity(self):
-        return base_identity(self.base, self.spec)
+        return self.__dict__["_identity"] or base_identity(self.base, self.spec)
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

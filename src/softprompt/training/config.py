@@ -179,6 +179,10 @@ class RunConfig:
         device: where the base model trains: auto (the GPU when there is one), cpu, cuda, cuda:N.
         dtype: the frozen base's dtype: auto (the checkpoint's; on a GPU the loop autocasts
             matmuls to bfloat16), float32, bfloat16, float16. Prompt and head train in float32.
+        tensor_parallel: split the frozen base over the processes of a torchrun launch
+            (transformers' ``tp_plan="auto"``: each holds 1/N of every split weight, for a
+            base larger than one device); processes that split one base take the same
+            batches, and deep prompts reach each as its own K/V heads.
         prompt / task_options: extra fields of the method config / the task.
     """
 
@@ -198,6 +202,7 @@ class RunConfig:
     max_length: int | None = 256
     device: str = "auto"
     dtype: str = "auto"
+    tensor_parallel: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     prompt: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
@@ -218,6 +223,8 @@ class RunConfig:
             parse_template(str(self.template))  # a syntax error is named before any data or model loads
         if not isinstance(self.device, str):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not isinstance(self.tensor_parallel, bool):
+            raise ConfigError(f"tensor_parallel must be true or false, got {self.tensor_parallel!r}")
         known = {f.name for f in dataclasses.fields(CONFIGS[self.method])}
         for key in self.prompt:
             if key not in known:

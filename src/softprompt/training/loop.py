@@ -35,6 +35,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from transformers import get_scheduler
 
+from ..architecture import tensor_parallel_mesh
 from ..errors import ConfigError, TrainingError
 from ..folder import RUN_PROMPT, save_with_task
 from ..io.atomic import remove_stale_temporaries
@@ -218,6 +219,12 @@ class Loop:
                 truncate_metrics(self.output / METRICS_LINES, self.state.step)
                 remove_stale_temporaries(self.output)  # a checkpoint or prompt half-written by the killed run
         self.scheduler = _schedule(optimizer, config, self.state.step)
+        mesh = tensor_parallel_mesh(model.base)
+        self.split = mesh.size() if mesh is not None else 1  # processes that share one split base
+        if self.split > 1:
+            # The base's weights are split, not copies: data parallelism must neither broadcast
+            # nor reduce them (each process already holds the whole prompt gradient: `local_kv_heads`).
+            self.unit._ddp_params_and_buffers_to_ignore = _base_state_names(self.unit, model.base)
         self.wrapped, self.optimizer = accelerator.prepare(self.unit, optimizer)
         if accelerator.distributed_type.name == "FSDP" and not is_fsdp2(self.wrapped):
             # FSDP 1 flattens the prompt into shards that saving and evaluation cannot read whole.
@@ -232,8 +239,10 @@ class Loop:
         distributed = accelerator.distributed_type.name
         self.guard = _update_guard(self.optimizer) if distributed not in ("FSDP", "DEEPSPEED") else None
         self.pending: tuple[int, torch.Tensor] | None = None  # (step, [loss, tokens]) not yet read from the device
+        # processes that split one base take the same rows: the batch is shared by data-parallel groups
         self.stream = BatchStream(train_examples, config.batch_size, config.seed, config.bucket, self.state,
-                                  lambda examples: task.collate(model, examples), rank, self.world)
+                                  lambda examples: task.collate(model, examples), rank // self.split,
+                                  self.world // self.split)
 
     def run(self) -> RunResult:
         """Step to `config.steps` (or early stopping), evaluating and checkpointing on the way."""
@@ -316,7 +325,7 @@ class Loop:
                 loss = self.wrapped(batch, targets) / config.grad_accum
             accelerator.backward(loss)
             step_loss = step_loss + loss.detach().float()  # on the device: no wait between micro-batches
-            self.logs.window_tokens += self.task.num_tokens(batch) * self.world
+            self.logs.window_tokens += self.task.num_tokens(batch) * (self.world // self.split)
         return step_loss
 
     # -- log ----------------------------------------------------------------------------
@@ -367,6 +376,12 @@ class Loop:
         """The full training state to ``checkpoint/`` (every process gathers; the main one writes)."""
         save_checkpoint(self.output / CHECKPOINT, self.unit, self.optimizer, asdict(self.state),
                         write=self.accelerator.is_main_process)
+
+
+def _base_state_names(unit: nn.Module, base: nn.Module) -> list[str]:
+    """The names, in `unit`, of the base model's parameters and buffers."""
+    own = {id(t) for t in (*base.parameters(), *base.buffers())}
+    return [n for n, t in (*unit.named_parameters(), *unit.named_buffers()) if id(t) in own]
 
 
 def _kept(output: Path) -> str:

@@ -159,8 +159,10 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         raise TrainingError("the training split is empty")
     check_task_options(cfg, data)
     device = resolve_device(cfg.device)
-    base, tokenizer = load_base(cfg.model, head="auto", dtype=training_dtype(cfg.dtype, device))
-    base.to(device)
+    base, tokenizer = load_base(cfg.model, head="auto", dtype=training_dtype(cfg.dtype, device),
+                                tensor_parallel=cfg.tensor_parallel)
+    if not cfg.tensor_parallel:  # a split base is already on each process's device
+        base.to(device)
     kind = model_kind(base)
     task = build_task(cfg, data, uses_verbalizer(cfg, data, kind, base.get_output_embeddings() is not None))
     model = SoftPromptModel(base, prompt_config(cfg, data, task, kind), tokenizer=tokenizer)
