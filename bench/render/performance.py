@@ -178,6 +178,69 @@ def serving(report: dict | None, https: list[dict]) -> list[str]:
     return lines
 
 
+#: issue 20 item 3's HTTP targets: head requests/s (classify + tag, heads phase), completion
+#: requests/s (completions + chat, generation phase), p99 ms, streamed time to first token p50 ms
+HTTP_TARGETS = {"heads_per_s": 2000, "generations_per_s": 1000, "p99_ms": 250, "ttft_p50_ms": 30}
+#: the per-kind HTTP reports (`bench.serve.http`), oldest first, and what each run measured
+HTTP_KIND_REPORTS = ["serve_http_kinds_before.json", "serve_http_kinds.json"]
+
+
+def http_kinds() -> list[str]:
+    """Per kind of request over HTTP (`bench.serve.http`, issue 20 item 3): each phase's
+    requests/s, latency and time to first token, against the targets, and how busy the
+    engine was (its share of the phase, its rows per busy second)."""
+    reports = [(name, r) for name in HTTP_KIND_REPORTS if (r := load_report(name)) is not None]
+    if not reports:
+        return []
+    t = HTTP_TARGETS
+    lines = ["## HTTP per kind of request (issue 20): `bench.serve.http`", "",
+             f"A real `softprompt serve` process on loopback, {reports[-1][1]['clients']} clients each sending one "
+             "request at a time (asyncio httpx clients in several processes, so that the load generator does not set "
+             "the pace), in phases of one server: `heads` (classify and tag), `generation` (16-token completions, "
+             "streamed, and 16-token chat completions) and `mix` (all four, a quarter of the clients each). Model and "
+             "prompts: `python -m bench.serve.random_served --shape llama-1b --out /tmp/served` (random init, bf16; "
+             "tasks: a P-tuning v2 verbalizer, a prompt-tuning classifier, a P-tuning v2 tagger, a P-tuning writer). "
+             "Engine busy: the share of the phase the engine was running (its /metrics); rows per busy second: its "
+             "pace while running. Targets (H200): head requests >= "
+             f"{t['heads_per_s']:,}/s, completions >= {t['generations_per_s']:,}/s, p99 <= {t['p99_ms']} ms, time to "
+             f"first token p50 <= {t['ttft_p50_ms']} ms.", "",
+             "| run | device | phase | kind | clients | requests/s | p50 ms | p99 ms | first token p50 / p99 ms | "
+             "new tok/s | engine busy | rows per run | rows per busy s | failures |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in reports:
+        run = r.get("label") or name.removesuffix(".json")
+        for phase, ph in r["phases"].items():
+            for kind, k in ph["kinds"].items():
+                ttft = f"{k['ttft_p50_ms']:.1f} / {k['ttft_p99_ms']:.1f}" if "ttft_p50_ms" in k else "-"
+                tok = f"{k['tokens_per_s']:,.0f}" if "tokens_per_s" in k else "-"
+                lines.append(f"| {run} | {r['device']} | {phase} | {kind} | {k['clients']} | {k['requests_per_s']:,.0f} "
+                             f"| {k['latency_p50_ms']:.1f} | {k['latency_p99_ms']:.1f} | {ttft} | {tok} "
+                             f"| {ph['engine_busy_share']:.0%} | {ph['rows_per_run']:.1f} "
+                             f"| {ph['engine_rows_per_busy_s'] or 0:,.0f} | {sum(k['failures'].values())} |")
+    name, last = reports[-1]
+    verdicts = []
+    heads = last["phases"].get("heads")
+    if heads:
+        rate = sum(k["requests_per_s"] for k in heads["kinds"].values())
+        p99 = max(k["latency_p99_ms"] for k in heads["kinds"].values())
+        verdicts.append(f"head requests {rate:,.0f}/s (target {t['heads_per_s']:,}): "
+                        f"{_verdict(rate, t['heads_per_s'])}, p99 {p99:.0f} ms: "
+                        f"{'**met**' if p99 <= t['p99_ms'] else '**not met**'}")
+    gen = last["phases"].get("generation")
+    if gen:
+        rate = sum(k["requests_per_s"] for k in gen["kinds"].values())
+        p99 = max(k["latency_p99_ms"] for k in gen["kinds"].values())
+        ttft = gen["kinds"].get("complete", {}).get("ttft_p50_ms")
+        verdicts.append(f"completions {rate:,.0f}/s (target {t['generations_per_s']:,}): "
+                        f"{_verdict(rate, t['generations_per_s'])}, p99 {p99:.0f} ms: "
+                        f"{'**met**' if p99 <= t['p99_ms'] else '**not met**'}"
+                        + (f", first token p50 {ttft:.1f} ms: {'**met**' if ttft <= t['ttft_p50_ms'] else '**not met**'}"
+                           if ttft is not None else ""))
+    lines += ["", f"Latest run ({last['device']}): " + "; ".join(verdicts) + ".", "",
+              f"Rerun: `{shown_command(last['command'])}`.", ""]
+    return lines
+
+
 def ray_routing() -> list[str]:
     """Replicas on Ray Serve against one process, and task-affine routing's effect on prompt
     reads (`bench.serve.ray_routing`, issue 22)."""
@@ -220,6 +283,7 @@ def render() -> str:
     https = [h for h in (load_report("serve_http_gpu.json"), load_report("serve_http_h100_head_graphs.json"),
                          load_report("serve_http.json")) if h is not None]
     lines += serving(load_report("serve_throughput.json"), https)
+    lines += http_kinds()
     lines += engine()
     lines += ray_routing()
     lines += [""] + training()

@@ -1,19 +1,26 @@
 """HTTP serving under load: `softprompt serve` in a subprocess on loopback, N concurrent
-clients sending interleaved requests of every loaded task for a fixed time.
+clients, each sending one request at a time, in phases of a fixed time.
 
-    python -m bench.serve.http --model minilm --prompts served --clients 64 --seconds 30
+    python -m bench.serve.random_served --shape llama-1b --out /tmp/served
+    python -m bench.serve.http --model /tmp/served/model --prompts /tmp/served/prompts --dtype bfloat16 --compile
 
-The clients are `bench.harness.load.closed_loop`: each sends one request at a time (one
-input), choosing the task round-robin; the endpoint follows the task (classify, tag, or
-completions for tasks without a head). Reports requests/s, latency percentiles and failures
-(any status but 200) in bench/results/serve_http.json, with the device and the server's
-batch statistics.
+Phases (`--phases`), each after the same server's warm-up: ``heads`` (classify and tag
+requests only), ``generation`` (16-token completions, streamed, and 16-token chat
+completions) and ``mix`` (all four kinds, a quarter of the clients each). Client k sends
+one kind of request (`bench.harness.load.closed_loop`: asyncio httpx clients spread over
+`--processes` processes, so that the load generator does not set the pace).
+
+Reported per phase and kind: requests/s, latency p50 / p99, time to the first token of
+streamed completions (p50 / p99), generated tokens/s, failures (any status but 200), and
+the server's engine runs and rows per run (from /metrics, before and after the phase),
+in bench/results/serve_http*.json with the device and the server's options.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -22,32 +29,81 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.harness.load import closed_loop, free_port, metric, percentile, wait_healthy
+from bench.harness.load import GENERATION_KINDS, HEAD_KINDS, closed_loop, free_port, metric, percentile, wait_healthy
 from bench.harness.report import RESULTS, rerun_command, write_json
 
+PHASES = {"heads": HEAD_KINDS, "generation": GENERATION_KINDS, "mix": HEAD_KINDS + GENERATION_KINDS}
 
-def serve(args) -> tuple[dict, str]:
-    """Start the server, run the clients, stop it: the clients' figures and the server's /metrics."""
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 2)
+
+
+def engine_counts(url: str) -> tuple[float, float, float]:
+    """The server's engine runs, rows and busy seconds so far (its /metrics)."""
+    text = httpx.get(f"{url}/metrics").text
+    return tuple(metric(text, name) or 0.0 for name in ("softprompt_batch_rows_count", "softprompt_batch_rows_sum",
+                                                          "softprompt_batch_seconds_sum"))
+
+
+def phase_report(load: dict, runs: float, rows: float, busy: float) -> dict:
+    """Figures of one phase from `closed_loop`'s records and the engine's runs, rows and
+    busy seconds in it (the engine's own pace: rows per busy second; the HTTP side's
+    share: the engine's busy time over the phase's)."""
+    wall, kinds = load["wall"], {}
+    for kind, r in load["kinds"].items():
+        kinds[kind] = {"clients": r["clients"], "requests": len(r["latency"]), "requests_per_s": len(r["latency"]) / wall,
+                       "latency_p50_ms": ms(percentile(r["latency"], 0.5)),
+                       "latency_p99_ms": ms(percentile(r["latency"], 0.99)),
+                       "failures": r["failures"]}
+        if r["ttft"]:
+            kinds[kind].update(ttft_p50_ms=ms(percentile(r["ttft"], 0.5)), ttft_p99_ms=ms(percentile(r["ttft"], 0.99)))
+        if kind in GENERATION_KINDS:
+            kinds[kind]["tokens_per_s"] = sum(r["tokens"]) / wall
+            kinds[kind]["tokens_per_answer"] = sum(r["tokens"]) / max(len(r["tokens"]), 1)
+    every = [x for r in load["kinds"].values() for x in r["latency"]]
+    return {"seconds": round(wall, 1), "tasks": load["tasks"], "kinds": kinds,
+            "requests_per_s": len(every) / wall, "latency_p99_ms": ms(percentile(every, 0.99)),
+            "failures": sum(sum(r["failures"].values()) for r in load["kinds"].values()),
+            "engine_runs": runs, "rows_per_run": rows / max(runs, 1), "engine_busy_share": busy / wall,
+            "engine_rows_per_busy_s": rows / busy if busy else None}
+
+
+def serve(args) -> dict:
+    """Start the server, warm it up, run each phase, stop it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    options = ["--device", args.device, *(["--dtype", args.dtype] if args.dtype else []),
+               *(["--compile"] if args.compile else []), *args.server_args]
     server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", args.model, "--prompts",
-                               args.prompts, "--port", str(port), "--device", args.device,
-                               *(["--dtype", args.dtype] if args.dtype else [])],
+                               args.prompts, "--port", str(port), *options],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    phases = {}
     try:
         try:
-            wait_healthy(url, 300, alive=lambda: server.poll() is None)
+            wait_healthy(url, 600, alive=lambda: server.poll() is None)
         except RuntimeError as e:
             raise SystemExit(f"the server did not start ({e}): {server.stderr.read()}") from None
-        load = closed_loop(url, clients=args.clients, seconds=args.seconds)
-        return load, httpx.get(f"{url}/metrics").text
+        if args.warmup > 0:  # compiles and captures the shapes the phases meet
+            closed_loop(url, clients=args.clients, seconds=args.warmup, processes=args.processes)
+        for name in args.phases:
+            before = engine_counts(url)
+            if args.profile and name == args.phases[-1]:  # py-spy samples the server in the last phase
+                profiler = subprocess.Popen(["py-spy", "record", "-p", str(server.pid), "-d", str(int(args.seconds)),
+                                             "-r", "200", "--threads", "--nonblocking", "-f", "raw", "-o", args.profile],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            load = closed_loop(url, clients=args.clients, seconds=args.seconds, kinds=PHASES[name],
+                               processes=args.processes)
+            after = engine_counts(url)
+            phases[name] = phase_report(load, *(a - b for a, b in zip(after, before)))
+            print(name, json.dumps({k: {x: v[x] for x in ("requests_per_s", "latency_p50_ms", "latency_p99_ms")}
+                                    for k, v in phases[name]["kinds"].items()}), flush=True)
+        if args.profile:
+            profiler.wait(timeout=60)
+        return {"options": options, "phases": phases}
     finally:
         server.terminate()
-        server.communicate(timeout=30)
-
-
-def ms(seconds: float | None) -> float:
-    return float("nan") if seconds is None else 1000 * seconds
+        server.communicate(timeout=60)
 
 
 def main() -> None:
@@ -55,24 +111,26 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompts", required=True)
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--warmup", type=float, default=10, help="seconds of the mix before the phases (not counted)")
+    parser.add_argument("--phases", nargs="+", choices=list(PHASES), default=list(PHASES))
+    parser.add_argument("--processes", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                        help="client processes")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None, help="the server's --dtype (bfloat16 on a GPU)")
-    parser.add_argument("--out", default=str(RESULTS / "serve_http.json"))
+    parser.add_argument("--compile", action="store_true", help="the server's --compile")
+    parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="more `softprompt serve` options")
+    parser.add_argument("--profile", default=None, help="py-spy raw samples of the server in the last phase, to FILE")
+    parser.add_argument("--out", default=str(RESULTS / "serve_http_kinds.json"))
     args = parser.parse_args()
-    load, metrics = serve(args)
-    latencies, wall = load["latencies"], load["wall"]
-    runs = metric(metrics, "softprompt_batch_rows_count")
+    result = serve(args)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    report = {"benchmark": "HTTP serving on loopback", "command": rerun_command("bench.serve.http", sys.argv[1:]),
+    report = {"benchmark": "HTTP serving on loopback, per kind of request",
+              "command": rerun_command("bench.serve.http", sys.argv[1:]),
               "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else
-              f"CPU, {torch.get_num_threads()} threads ({platform.machine()})",
-              "model": args.model, "dtype": args.dtype, "tasks": load["tasks"], "clients": args.clients,
-              "seconds": round(wall, 1), "requests": len(latencies), "failures": load["failures"],
-              "requests_per_s": len(latencies) / wall, "latency_p50_ms": ms(percentile(latencies, 0.5)),
-              "latency_p99_ms": ms(percentile(latencies, 0.99)),
-              "engine_runs": runs,
-              "rows_per_run": (metric(metrics, "softprompt_batch_rows_sum") or 0) / max(runs or 1, 1)}
+              f"CPU, {os.cpu_count()} cores ({platform.machine()})",
+              "model": args.model, "dtype": args.dtype, "clients": args.clients, "client_processes": args.processes,
+              "warmup_s": args.warmup, **result}
     write_json(report, Path(args.out))
     print(json.dumps(report, indent=1))
 

@@ -6,8 +6,10 @@ that has no trained weights (speed does not depend on the weights).
     python -m bench.serve.http --model /tmp/served/model --prompts /tmp/served/prompts --dtype bfloat16
 
 Tasks: ``sentiment`` (P-tuning v2, 20 deep tokens, a label-word verbalizer), ``topic``
-(prompt tuning, 20 virtual tokens, a classification head on the pooled state) and ``writer``
-(P-tuning, MLP encoder, no head: completions).
+(prompt tuning, 20 virtual tokens, a classification head on the pooled state), ``ner``
+(P-tuning v2, 20 deep tokens, a token-classification head) and ``writer`` (P-tuning, MLP
+encoder, no head: completions and chat). The tokenizer gets a ChatML chat template (GPT-2's
+BPE has none), so that ``/v1/chat/completions`` serves.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import torch
 
 from bench.harness.shapes import SHAPES, build_base, tokenizer
 
+#: ChatML, as Qwen and SmolLM2-Instruct write their turns
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,11 +32,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     import softprompt as sp
-    from softprompt.tasks import SequenceClassification, Verbalizer
+    from softprompt.tasks import SequenceClassification, TokenClassification, Verbalizer
     from softprompt.folder import save_with_task
 
     out = Path(args.out)
     tok = tokenizer()
+    tok.chat_template = CHATML
     base = build_base(args.shape, "cpu", torch.bfloat16)
     base.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
@@ -39,6 +46,8 @@ def main() -> None:
                       Verbalizer({"negative": "bad", "positive": "good"})),
         "topic": (sp.PromptTuningConfig(template="[P:20] {text} [MASK]", init="random"),
                   SequenceClassification(["world", "sports", "business", "science"])),
+        "ner": (sp.PTuningV2Config(num_virtual_tokens=20, template="{tokens}"),
+                TokenClassification(["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"])),
         "writer": (sp.PTuningConfig(template="[P:4] {text}", encoder="mlp"), None),
     }
     for name, (config, task) in tasks.items():
