@@ -182,7 +182,8 @@ def serving(report: dict | None, https: list[dict]) -> list[str]:
 #: requests/s (completions + chat, generation phase), p99 ms, streamed time to first token p50 ms
 HTTP_TARGETS = {"heads_per_s": 2000, "generations_per_s": 1000, "p99_ms": 250, "ttft_p50_ms": 30}
 #: the per-kind HTTP reports (`bench.serve.http`), oldest first, and what each run measured
-HTTP_KIND_REPORTS = ["serve_http_kinds_before.json", "serve_http_kinds.json"]
+HTTP_KIND_REPORTS = ["serve_http_kinds_cpu_before.json", "serve_http_kinds_cpu.json", "serve_http_kinds_before.json",
+                     "serve_http_kinds.json"]
 
 
 def http_kinds() -> list[str]:
@@ -198,15 +199,16 @@ def http_kinds() -> list[str]:
              "request at a time (asyncio httpx clients in several processes, so that the load generator does not set "
              "the pace), in phases of one server: `heads` (classify and tag), `generation` (16-token completions, "
              "streamed, and 16-token chat completions) and `mix` (all four, a quarter of the clients each). Model and "
-             "prompts: `python -m bench.serve.random_served --shape llama-1b --out /tmp/served` (random init, bf16; "
-             "tasks: a P-tuning v2 verbalizer, a prompt-tuning classifier, a P-tuning v2 tagger, a P-tuning writer). "
-             "Engine busy: the share of the phase the engine was running (its /metrics); rows per busy second: its "
-             "pace while running. Targets (H200): head requests >= "
+             "prompts: `python -m bench.serve.random_served --shape llama-1b --out /tmp/served` on a GPU (random init, "
+             "bf16), `--shape tiny` for the CPU rows, where clients and server share 2 cores (tasks: a P-tuning v2 "
+             "verbalizer, a prompt-tuning classifier, a P-tuning v2 tagger, a P-tuning writer). "
+             "Rows per run: requests per engine run that ended in the phase (its /metrics; a decode run takes in "
+             "joining rows while it lasts). Targets (H200): head requests >= "
              f"{t['heads_per_s']:,}/s, completions >= {t['generations_per_s']:,}/s, p99 <= {t['p99_ms']} ms, time to "
              f"first token p50 <= {t['ttft_p50_ms']} ms.", "",
              "| run | device | phase | kind | clients | requests/s | p50 ms | p99 ms | first token p50 / p99 ms | "
-             "new tok/s | engine busy | rows per run | rows per busy s | failures |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "new tok/s | rows per run | failures |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in reports:
         run = r.get("label") or name.removesuffix(".json")
         for phase, ph in r["phases"].items():
@@ -215,8 +217,7 @@ def http_kinds() -> list[str]:
                 tok = f"{k['tokens_per_s']:,.0f}" if "tokens_per_s" in k else "-"
                 lines.append(f"| {run} | {r['device']} | {phase} | {kind} | {k['clients']} | {k['requests_per_s']:,.0f} "
                              f"| {k['latency_p50_ms']:.1f} | {k['latency_p99_ms']:.1f} | {ttft} | {tok} "
-                             f"| {ph['engine_busy_share']:.0%} | {ph['rows_per_run']:.1f} "
-                             f"| {ph['engine_rows_per_busy_s'] or 0:,.0f} | {sum(k['failures'].values())} |")
+                             f"| {ph['rows_per_run']:.1f} | {sum(k['failures'].values())} |")
     name, last = reports[-1]
     verdicts = []
     heads = last["phases"].get("heads")

@@ -39,17 +39,16 @@ def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(1000 * seconds, 2)
 
 
-def engine_counts(url: str) -> tuple[float, float, float]:
-    """The server's engine runs, rows and busy seconds so far (its /metrics)."""
+def engine_counts(url: str) -> tuple[float, float]:
+    """The server's engine runs and their rows so far (its /metrics). A run is counted
+    when it ends; a decode run takes in joining rows while it lasts, so it can span
+    phases: its time is not a per-phase figure, and is not reported."""
     text = httpx.get(f"{url}/metrics").text
-    return tuple(metric(text, name) or 0.0 for name in ("softprompt_batch_rows_count", "softprompt_batch_rows_sum",
-                                                          "softprompt_batch_seconds_sum"))
+    return metric(text, "softprompt_batch_rows_count") or 0.0, metric(text, "softprompt_batch_rows_sum") or 0.0
 
 
-def phase_report(load: dict, runs: float, rows: float, busy: float) -> dict:
-    """Figures of one phase from `closed_loop`'s records and the engine's runs, rows and
-    busy seconds in it (the engine's own pace: rows per busy second; the HTTP side's
-    share: the engine's busy time over the phase's)."""
+def phase_report(load: dict, runs: float, rows: float) -> dict:
+    """Figures of one phase from `closed_loop`'s records and the engine runs that ended in it."""
     wall, kinds = load["wall"], {}
     for kind, r in load["kinds"].items():
         kinds[kind] = {"clients": r["clients"], "requests": len(r["latency"]), "requests_per_s": len(r["latency"]) / wall,
@@ -65,8 +64,7 @@ def phase_report(load: dict, runs: float, rows: float, busy: float) -> dict:
     return {"seconds": round(wall, 1), "tasks": load["tasks"], "kinds": kinds,
             "requests_per_s": len(every) / wall, "latency_p99_ms": ms(percentile(every, 0.99)),
             "failures": sum(sum(r["failures"].values()) for r in load["kinds"].values()),
-            "engine_runs": runs, "rows_per_run": rows / max(runs, 1), "engine_busy_share": busy / wall,
-            "engine_rows_per_busy_s": rows / busy if busy else None}
+            "engine_runs": runs, "rows_per_run": rows / max(runs, 1)}
 
 
 def serve(args) -> dict:
@@ -121,6 +119,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="the server's --compile")
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="more `softprompt serve` options")
     parser.add_argument("--profile", default=None, help="py-spy raw samples of the server in the last phase, to FILE")
+    parser.add_argument("--label", default=None, help="what this run measures (the report's first column)")
     parser.add_argument("--out", default=str(RESULTS / "serve_http_kinds.json"))
     args = parser.parse_args()
     result = serve(args)
@@ -129,7 +128,7 @@ def main() -> None:
               "command": rerun_command("bench.serve.http", sys.argv[1:]),
               "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else
               f"CPU, {os.cpu_count()} cores ({platform.machine()})",
-              "model": args.model, "dtype": args.dtype, "clients": args.clients, "client_processes": args.processes,
+              "label": args.label, "model": args.model, "dtype": args.dtype, "clients": args.clients, "client_processes": args.processes,
               "warmup_s": args.warmup, **result}
     write_json(report, Path(args.out))
     print(json.dumps(report, indent=1))
