@@ -245,3 +245,43 @@ def test_a_replica_killed_under_load_is_replaced_and_replays_the_admin_log(store
     assert set(after) - set(before), (before, after)  # a new replica answers
     for replica, tasks in after.items():
         assert "writer4" in tasks, (replica, tasks)
+
+
+def test_autoscaling_scales_the_replicas_and_a_route_prefix_is_served(store, cluster):
+    """`deployment(autoscaling_config=...)` is Ray Serve's own: from one replica, a load
+    above the target of ongoing requests per replica brings a second one up, and every
+    request is answered meanwhile. The application runs under a route prefix (``/scaled``),
+    which the router strips before the replica's routes see the path. (An application of
+    its own beside the module's, whose 2 replicas are fixed; after the other tests.)"""
+    import threading
+
+    model_dir, prompts = store
+    serve.run(deployment(str(model_dir), prompts, replicas=None, base_name=BASE,
+                         autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                             "upscale_delay_s": 0.5, "downscale_delay_s": 600,
+                                             "metrics_interval_s": 0.5, "look_back_period_s": 1}),
+              name="scaled", route_prefix="/scaled")
+    try:
+        def running() -> int:
+            states = serve.status().applications["scaled"].deployments["SoftPromptReplica"].replica_states
+            return states.get("RUNNING", 0)
+
+        assert running() == 1
+        body = {"model": "writer", "prompt": "a gem of a film", "max_tokens": 6, "temperature": 0}
+        statuses: list = []
+        stop = time.monotonic() + 90
+
+        def client_loop() -> None:
+            with httpx.Client(base_url=cluster, timeout=60) as c:
+                while time.monotonic() < stop and running() < 2:
+                    statuses.append(c.post("/scaled/v1/completions", json=body).status_code)
+
+        threads = [threading.Thread(target=client_loop) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert running() == 2, serve.status().applications["scaled"]
+        assert statuses and set(statuses) == {200}, statuses
+    finally:
+        serve.delete("scaled")

@@ -286,6 +286,9 @@ class Router:
 
         body = await request.body()
         path = request.url.path
+        root = request.scope.get("root_path", "")  # the application's route prefix: not the replica's routes
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
         try:
             start, answer = await self.forward(request.method, path, request.url.query.encode(),
                                                list(request.headers.raw), body, task_of(path, body))
