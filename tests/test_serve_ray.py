@@ -148,17 +148,21 @@ def test_the_task_is_read_from_the_body():
 
 
 
-def _models_by_replica(client: httpx.Client, want: int = 2, tries: int = 80) -> dict[str, list[str]]:
+def _models_by_replica(client: httpx.Client, want: int = 2, seconds: float = 60) -> dict[str, list[str]]:
     """/v1/models as each replica answers it (Ray Serve spreads requests without a task
-    over the replicas): replica -> task ids, once `want` replicas have answered."""
+    over the replicas): replica -> task ids, once `want` replicas have answered. Asked for
+    up to `seconds`: a replica that has just started reaches the router's table a little
+    after Ray Serve reports it running."""
     seen: dict[str, list[str]] = {}
-    for _ in range(tries):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         r = client.get("/v1/models")
         assert r.status_code == 200, r.text
         seen[r.headers[REPLICA_HEADER]] = sorted(m["id"] for m in r.json()["data"])
         if len(seen) >= want:
             return seen
-    raise AssertionError(f"only {len(seen)} replica(s) answered /v1/models in {tries} requests: {seen}")
+        time.sleep(0.05)
+    raise AssertionError(f"only {len(seen)} replica(s) answered /v1/models in {seconds:.0f} s: {seen}")
 
 
 def test_admin_loads_and_unloads_reach_every_replica(store, cluster):
@@ -241,7 +245,7 @@ def test_a_replica_killed_under_load_is_replaced_and_replays_the_admin_log(store
         time.sleep(1)
     assert _running() == 2 and actors[0] not in _replica_actors(), (_running(), _replica_actors())
     with httpx.Client(base_url=cluster, timeout=60) as client:
-        after = _models_by_replica(client, tries=200)
+        after = _models_by_replica(client)
     assert set(after) - set(before), (before, after)  # a new replica answers
     for replica, tasks in after.items():
         assert "writer4" in tasks, (replica, tasks)
