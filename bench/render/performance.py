@@ -239,7 +239,24 @@ def http_kinds() -> list[str]:
                            if ttft is not None else ""))
     lines += ["", f"Latest run ({last['device']}): " + "; ".join(verdicts) + ".", "",
               f"Rerun: `{shown_command(last['command'])}`.", ""]
-    return lines
+    return lines + server_cpu()
+
+
+def server_cpu() -> list[str]:
+    """The server process's CPU time per request, by endpoint (`bench.probe.server_cpu`):
+    what the HTTP layer costs the one event loop, before and after its changes."""
+    reports = [r for name in ("server_cpu_before.json", "server_cpu.json") if (r := load_report(name)) is not None]
+    if not reports:
+        return []
+    lines = [f"Server CPU per request (`bench.probe.server_cpu`, {reports[-1]['device']}, "
+             f"{reports[-1]['connections']} keep-alive connections of a plain asyncio client, tiny model; rerun: "
+             f"`{shown_command(reports[-1]['command'])}`):", "",
+             "| run | endpoint | requests/s | p50 ms | p99 ms | server CPU ms per request |", "|---|---|---|---|---|---|"]
+    for r in reports:
+        for path, x in r["results"].items():
+            lines.append(f"| {r['label']} | {path} | {x['requests_per_s']:,.0f} | {x['latency_p50_ms']:.1f} "
+                         f"| {x['latency_p99_ms']:.1f} | {x['server_cpu_ms_per_request']:.2f} |")
+    return lines + [""]
 
 
 def ray_routing() -> list[str]:

@@ -1,0 +1,102 @@
+"""The server's own CPU time per request, by endpoint: `softprompt serve` in a subprocess
+on loopback, N keep-alive connections sending one request at a time for a few seconds
+each; the server process's CPU time (user + system, /proc) over the requests answered.
+The client is plain asyncio sockets (HTTP/1.1 by hand), light enough to leave the
+server the cores it needs on a small machine. Linux only (/proc).
+
+    python -m bench.serve.random_served --shape tiny --out /tmp/served_tiny
+    python -m bench.probe.server_cpu --model /tmp/served_tiny/model --prompts /tmp/served_tiny/prompts
+
+Reports, per endpoint (/health, a classify request, a 16-token greedy completion):
+requests/s, p50 / p99 latency and the server's CPU ms per request, in
+bench/results/server_cpu.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.harness.load import free_port, percentile, wait_healthy
+from bench.harness.report import RESULTS, rerun_command, write_json
+
+REQUESTS = {
+    "/health": None,
+    "/v1/classify": {"task": "topic", "inputs": ["hello there"]},
+    "/v1/completions": {"model": "writer", "prompt": "hello there", "max_tokens": 16, "temperature": 0},
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+async def _connection(port: int, request: bytes, stop: float, latencies: list[float]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    while time.perf_counter() < stop:
+        start = time.perf_counter()
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"answered {head[:60]!r}")
+        latencies.append(time.perf_counter() - start)
+    writer.close()
+
+
+def measure(port: int, pid: int, path: str, body: dict | None, connections: int, seconds: float) -> dict:
+    data = json.dumps(body).encode() if body is not None else b""
+    request = (f"{'POST' if body is not None else 'GET'} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+               f"\r\ncontent-length: {len(data)}\r\n\r\n").encode() + data
+    latencies: list[float] = []
+    before = cpu_seconds(pid)
+
+    async def run() -> None:
+        stop = time.perf_counter() + seconds
+        await asyncio.gather(*(_connection(port, request, stop, latencies) for _ in range(connections)))
+
+    asyncio.run(run())
+    used = cpu_seconds(pid) - before
+    return {"requests_per_s": len(latencies) / seconds, "latency_p50_ms": 1000 * percentile(latencies, 0.5),
+            "latency_p99_ms": 1000 * percentile(latencies, 0.99), "server_cpu_ms_per_request": 1000 * used / len(latencies)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--prompts", required=True)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--label", default=None)
+    parser.add_argument("--out", default=str(RESULTS / "server_cpu.json"))
+    args = parser.parse_args()
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", args.model, "--prompts",
+                               args.prompts, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", 300, alive=lambda: server.poll() is None)
+        measure(port, server.pid, "/v1/completions", REQUESTS["/v1/completions"], args.connections, 1)  # warm-up
+        results = {path: measure(port, server.pid, path, body, args.connections, args.seconds)
+                   for path, body in REQUESTS.items()}
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)
+    report = {"benchmark": "server CPU per request", "command": rerun_command("bench.probe.server_cpu", sys.argv[1:]),
+              "label": args.label, "device": f"CPU, {os.cpu_count()} cores ({platform.machine()})",
+              "connections": args.connections, "seconds": args.seconds, "results": results}
+    write_json(report, Path(args.out))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
