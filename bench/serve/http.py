@@ -24,6 +24,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -67,23 +68,34 @@ def phase_report(load: dict, runs: float, rows: float) -> dict:
             "engine_runs": runs, "rows_per_run": rows / max(runs, 1)}
 
 
-def serve(args) -> dict:
-    """Start the server, warm it up, run each phase, stop it."""
+def serve(args, report: dict) -> dict:
+    """Start the server, warm it up, run each phase, stop it. The report is written after
+    the warm-up and after every phase (a run cut short by a time limit keeps what it
+    measured), and the server's log goes to a file beside it (`--server-log`)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    options = ["--device", args.device, *(["--dtype", args.dtype] if args.dtype else []),
-               *(["--compile"] if args.compile else []), *args.server_args]
+    options = report["options"]
+    log_path = Path(args.server_log or Path(args.out).with_suffix(".server.log"))
+    log = open(log_path, "w")  # a file, not a pipe: a chatty server cannot block on a full pipe
     server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", args.model, "--prompts",
                                args.prompts, "--port", str(port), *options],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    phases = {}
+                              stdout=log, stderr=subprocess.STDOUT, text=True)
+    phases = report["phases"] = {}
+    started = time.monotonic()
     try:
         try:
             wait_healthy(url, 600, alive=lambda: server.poll() is None)
         except RuntimeError as e:
-            raise SystemExit(f"the server did not start ({e}): {server.stderr.read()}") from None
+            raise SystemExit(f"the server did not start ({e}); its log, {log_path}:\n"
+                             f"{log_path.read_text()[-3000:]}") from None
+        report["server_start_s"] = round(time.monotonic() - started, 1)
+        print(f"server up in {report['server_start_s']} s", flush=True)
         if args.warmup > 0:  # compiles and captures the shapes the phases meet
+            started = time.monotonic()
             closed_loop(url, clients=args.clients, seconds=args.warmup, processes=args.processes)
+            report["warmup_wall_s"] = round(time.monotonic() - started, 1)
+            print(f"warm-up done in {report['warmup_wall_s']} s", flush=True)
+            write_json(report, Path(args.out))
         for name in args.phases:
             before = engine_counts(url)
             if args.profile and name == args.phases[-1]:  # py-spy samples the server in the last phase
@@ -94,14 +106,16 @@ def serve(args) -> dict:
                                processes=args.processes)
             after = engine_counts(url)
             phases[name] = phase_report(load, *(a - b for a, b in zip(after, before)))
+            write_json(report, Path(args.out))
             print(name, json.dumps({k: {x: v[x] for x in ("requests_per_s", "latency_p50_ms", "latency_p99_ms")}
                                     for k, v in phases[name]["kinds"].items()}), flush=True)
         if args.profile:
             profiler.wait(timeout=60)
-        return {"options": options, "phases": phases}
+        return report
     finally:
         server.terminate()
         server.communicate(timeout=60)
+        log.close()
 
 
 def main() -> None:
@@ -121,15 +135,18 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="py-spy raw samples of the server in the last phase, to FILE")
     parser.add_argument("--label", default=None, help="what this run measures (the report's first column)")
     parser.add_argument("--out", default=str(RESULTS / "serve_http_kinds.json"))
+    parser.add_argument("--server-log", default=None, help="the server's output (default: beside --out, .server.log)")
     args = parser.parse_args()
-    result = serve(args)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     report = {"benchmark": "HTTP serving on loopback, per kind of request",
               "command": rerun_command("bench.serve.http", sys.argv[1:]),
               "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else
               f"CPU, {os.cpu_count()} cores ({platform.machine()})",
-              "label": args.label, "model": args.model, "dtype": args.dtype, "clients": args.clients, "client_processes": args.processes,
-              "warmup_s": args.warmup, **result}
+              "label": args.label, "model": args.model, "dtype": args.dtype, "clients": args.clients,
+              "client_processes": args.processes, "warmup_s": args.warmup,
+              "options": ["--device", args.device, *(["--dtype", args.dtype] if args.dtype else []),
+                          *(["--compile"] if args.compile else []), *args.server_args]}
+    serve(args, report)
     write_json(report, Path(args.out))
     print(json.dumps(report, indent=1))
 
