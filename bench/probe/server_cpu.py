@@ -19,12 +19,11 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.harness.load import free_port, percentile, wait_healthy
+from bench.harness.server import percentile, serving
 from bench.harness.report import RESULTS, rerun_command, write_json
 
 REQUESTS = {
@@ -80,17 +79,11 @@ def main() -> None:
     parser.add_argument("--label", default=None)
     parser.add_argument("--out", default=str(RESULTS / "server_cpu.json"))
     args = parser.parse_args()
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", args.model, "--prompts",
-                               args.prompts, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", 300, alive=lambda: server.poll() is None)
+    with serving(args.model, args.prompts, [], Path(args.out).with_suffix(".server.log")) as (url, server):
+        port = int(url.rsplit(":", 1)[1])
         measure(port, server.pid, "/v1/completions", REQUESTS["/v1/completions"], args.connections, 1)  # warm-up
         results = {path: measure(port, server.pid, path, body, args.connections, args.seconds)
                    for path, body in REQUESTS.items()}
-    finally:
-        server.terminate()
-        server.communicate(timeout=60)
     report = {"benchmark": "server CPU per request", "command": rerun_command("bench.probe.server_cpu", sys.argv[1:]),
               "label": args.label, "device": f"CPU, {os.cpu_count()} cores ({platform.machine()})",
               "connections": args.connections, "seconds": args.seconds, "results": results}

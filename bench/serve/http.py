@@ -7,7 +7,7 @@ clients, each sending one request at a time, in phases of a fixed time.
 Phases (`--phases`), each after the same server's warm-up: ``heads`` (classify and tag
 requests only), ``generation`` (16-token completions, streamed, and 16-token chat
 completions) and ``mix`` (all four kinds, a quarter of the clients each). Client k sends
-one kind of request (`bench.harness.load.closed_loop`: asyncio httpx clients spread over
+one kind of request (`bench.harness.closed_loop`: asyncio httpx clients spread over
 `--processes` processes, so that the load generator does not set the pace).
 
 Reported per phase and kind: requests/s, latency p50 / p99, time to the first token of
@@ -30,7 +30,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.harness.load import GENERATION_KINDS, HEAD_KINDS, closed_loop, free_port, metric, percentile, wait_healthy
+from bench.harness.closed_loop import GENERATION_KINDS, HEAD_KINDS, closed_loop
+from bench.harness.server import metric, percentile, serving
 from bench.harness.report import RESULTS, rerun_command, write_json
 
 PHASES = {"heads": HEAD_KINDS, "generation": GENERATION_KINDS, "mix": HEAD_KINDS + GENERATION_KINDS}
@@ -72,22 +73,10 @@ def serve(args, report: dict) -> dict:
     """Start the server, warm it up, run each phase, stop it. The report is written after
     the warm-up and after every phase (a run cut short by a time limit keeps what it
     measured), and the server's log goes to a file beside it (`--server-log`)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    options = report["options"]
     log_path = Path(args.server_log or Path(args.out).with_suffix(".server.log"))
-    log = open(log_path, "w")  # a file, not a pipe: a chatty server cannot block on a full pipe
-    server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", args.model, "--prompts",
-                               args.prompts, "--port", str(port), *options],
-                              stdout=log, stderr=subprocess.STDOUT, text=True)
     phases = report["phases"] = {}
     started = time.monotonic()
-    try:
-        try:
-            wait_healthy(url, 600, alive=lambda: server.poll() is None)
-        except RuntimeError as e:
-            raise SystemExit(f"the server did not start ({e}); its log, {log_path}:\n"
-                             f"{log_path.read_text()[-3000:]}") from None
+    with serving(args.model, args.prompts, report["options"], log_path) as (url, server):
         report["server_start_s"] = round(time.monotonic() - started, 1)
         print(f"server up in {report['server_start_s']} s", flush=True)
         if args.warmup > 0:  # compiles and captures the shapes the phases meet
@@ -112,10 +101,6 @@ def serve(args, report: dict) -> dict:
         if args.profile:
             profiler.wait(timeout=60)
         return report
-    finally:
-        server.terminate()
-        server.communicate(timeout=60)
-        log.close()
 
 
 def main() -> None:

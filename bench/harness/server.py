@@ -1,0 +1,81 @@
+"""The server under measurement: a free port, waiting for /health, a Prometheus metric,
+nearest-rank percentiles, and `softprompt serve` started in a subprocess for a benchmark
+(`serving`), its output in a log file."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a server the benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll `url`/health until it answers 200; RuntimeError if `alive()` turns false first
+    (the server process exited) or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if not alive():
+            raise RuntimeError("the server exited before it answered /health")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def metric(text: str, name: str) -> float | None:
+    """The value of Prometheus metric `name` (a line ``name value``) in a /metrics `text`."""
+    line = next((x for x in text.splitlines() if x.startswith(name + " ")), None)
+    return float(line.split()[-1]) if line else None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (None for no values)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))]
+
+
+@contextmanager
+def serving(model: str, prompts: str, options: list[str], log_path: Path,
+            timeout: float = 600) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`softprompt serve --model MODEL --prompts PROMPTS OPTIONS` on a free loopback port,
+    its output in `log_path` (a file, not a pipe: a chatty server cannot block on a full
+    pipe); yields (its URL, its process) once /health answers, and stops it after.
+
+    Raises:
+        SystemExit: the server did not start (the tail of its log in the message).
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", model, "--prompts",
+                                   prompts, "--port", str(port), *options],
+                                  stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            try:
+                wait_healthy(url, timeout, alive=lambda: server.poll() is None)
+            except RuntimeError as e:
+                raise SystemExit(f"the server did not start ({e}); its log, {log_path}:\n"
+                                 f"{log_path.read_text()[-3000:]}") from None
+            yield url, server
+        finally:
+            server.terminate()
+            server.communicate(timeout=60)
