@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 from ..errors import SoftPromptError
 from .chat import render_chat
 from .engine import Request, Result
+from .handoff import Pieces
 from .errors import error_body
 from .logprobs import chat_logprobs, completion_logprobs
 from .sampling import TokenLogprob
@@ -306,44 +307,31 @@ class _Completion:
         """The pieces as server-sent events, once the first piece is there: a request that
         fails before it (a bad prompt, a task that cannot generate) gets the status code a
         whole completion would, not a 200 with an error event."""
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()
-        for i, r in enumerate(requests):
-            r.stream = TokenStream(lambda text, logprobs, i=i: loop.call_soon_threadsafe(pieces.put_nowait,
-                                                                                      (i, text, logprobs)))
+        mailbox, pieces = server.mailbox, Pieces(asyncio.get_running_loop())
+        for i, r in enumerate(requests):  # called on the engine's thread: handed over a step's pieces at a time
+            r.stream = TokenStream(lambda text, logprobs, i=i: mailbox.post(pieces.put, (i, text, logprobs)))
         futures = server.submit(requests)
         done = asyncio.gather(*futures)
-        first = asyncio.ensure_future(pieces.get())
-        await first_of({first, done}, http, requests)
+        done.add_done_callback(lambda _: pieces.close())  # after every piece: both come through the mailbox
+        await first_of({pieces.ready(), done}, http, requests)
         early = [f.result() if f.done() else None for f in futures]
         if any(r is not None and not r.ok for r in early):
             cancel(requests)
-            drop(first)
             drop(done)
             self.check(early)
-        return StreamingResponse(self._events(server.metrics, first, pieces, done, requests),
-                                 media_type="text/event-stream")
+        return StreamingResponse(self._events(server.metrics, pieces, done, requests), media_type="text/event-stream")
 
-    async def _events(self, metrics: Metrics, first: asyncio.Future, pieces: asyncio.Queue, done: asyncio.Future,
+    async def _events(self, metrics: Metrics, pieces: Pieces, done: asyncio.Future,
                       requests: list[Request]) -> AsyncIterator[str]:
-        """Each piece as it comes, then each prompt's finish (or error), then ``[DONE]``."""
+        """Each piece as it comes (those there at once in one write), then each prompt's
+        finish (or error), then ``[DONE]``."""
         metrics.streams_open.inc()
-        getter = first
         try:
             for i in range(len(requests)):
                 for choice in self.opening(i):
                     yield self.event(choice)
-            while True:
-                await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    break
-                i, text, entries = getter.result()
-                yield self.chunk(i, text, None, entries)
-                getter = asyncio.ensure_future(pieces.get())
-            while not pieces.empty():
-                i, text, entries = pieces.get_nowait()
-                yield self.chunk(i, text, None, entries)
+            while taken := await pieces.take():
+                yield "".join(self.chunk(i, text, None, entries) for i, text, entries in taken)
             for i, r in enumerate(done.result()):
                 if not r.ok:
                     body = error_body(STATUS[r.error_kind], *self.blame(i, r))
@@ -355,7 +343,6 @@ class _Completion:
                 yield self.event(None, self.usage(done.result()))
             yield "data: [DONE]\n\n"
         finally:  # also when the client goes away: its rows stop at the next step
-            getter.cancel()  # else asyncio warns of a pending task when the client left mid-wait
             cancel(requests)
             metrics.streams_open.dec()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
@@ -20,6 +20,7 @@ from ..errors import SoftPromptError
 from .bank import BankEntry, PromptBank, UnknownTaskError
 from .batcher import Batcher, QueueFullError, TooManyRequestsForQueueError
 from .engine import Engine, ErrorKind, Request, Result
+from .handoff import Mailbox
 from .text import GenerationOptions
 
 #: the status code of each way a request can fail in the engine
@@ -89,11 +90,22 @@ class Server:
     max_inputs: int
     max_new_tokens: int
     prompt_root: Path | str | None  # a local folder, or an fsspec URL (`io.remote`)
+    _mailbox: Mailbox | None = field(default=None, init=False, repr=False)
+
+    @property
+    def mailbox(self) -> Mailbox:
+        """The engine thread's hand-off to the running event loop (`handoff.Mailbox`): one
+        per loop (a test client may run the app on more than one in turn)."""
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
+        return self._mailbox
 
     def submit(self, requests: list[Request]) -> list[asyncio.Future]:
         """Queue a request's engine requests; their results, to await."""
         try:
-            return [asyncio.wrap_future(f) for f in self.batcher.submit(requests)]
+            mailbox = self.mailbox
+            return [mailbox.future(f) for f in self.batcher.submit(requests)]
         except QueueFullError as e:
             raise APIError(429, str(e), code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         except TooManyRequestsForQueueError as e:  # refused for ever: "retry later" would be no answer
