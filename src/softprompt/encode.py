@@ -29,6 +29,15 @@ from .template import Anchor, Mask, Placeholder, Start, Template, Virtual
 from .transfer import to_device
 
 
+class TokenIds(tuple):
+    """A field's value given as token ids of the model's vocabulary, placed as they are (not
+    tokenized): an OpenAI completion's ``prompt`` sent as a list of ids (lm-eval sends them
+    so by default). The virtual tokens and the template's own text around the field are
+    added as for text."""
+
+    __slots__ = ()
+
+
 @dataclass
 class EncodedRow:
     """One example, unpadded. All lists have the row's length S."""
@@ -312,8 +321,8 @@ class TemplateEncoder:
         """Encode one example.
 
         Args:
-            example: maps each template field to a string, or to a list of words
-                (pre-split input, e.g. for token classification).
+            example: maps each template field to a string, to a list of words
+                (pre-split input, e.g. for token classification) or to `TokenIds`.
             max_length: most tokens in the row, virtual slots included (tightened to
                 the model's position limit).
             index: the example's number, for error messages.
@@ -354,7 +363,9 @@ class TemplateEncoder:
                 value = example[item.name]
                 space = (item.space_before or carried) and real_before
                 field_no = self.fields.index(item.name)
-                if isinstance(value, str):
+                if isinstance(value, TokenIds):  # already the model's ids: the client's own tokenization
+                    pieces.append(("field", (field_no, list(value), [-1] * len(value))))
+                elif isinstance(value, str):
                     ids = self.tokenize(value, space, data=True)
                     pieces.append(("field", (field_no, ids, [-1] * len(ids))))
                 elif isinstance(value, Sequence) and all(isinstance(w, str) for w in value):

@@ -41,12 +41,12 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from ..architecture import ModelKind
-from ..encode import EncodedRow
+from ..encode import EncodedRow, TokenIds
 from ..errors import EncodingError, InputTooLongError, SoftPromptError
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .decode import Decoder, DecodeRow
 from .heads import HeadForwards, Pending
-from .inputs import example_of, field_texts
+from .inputs import check_token_ids, example_of, field_texts
 from .mixed import collate_mixed, generate_mixed
 from .sampling import RowSampler, TokenLogprob
 from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
@@ -89,8 +89,8 @@ class Request:
 
     Attributes:
         task: a task name of the bank.
-        input: a text (fills the template's only field; split into words for NER) or an
-            object of the template's fields.
+        input: a text (fills the template's only field; split into words for NER),
+            `TokenIds` (fill the only field as they are) or an object of the template's fields.
         generate: generate text (completions) instead of reading the task's head.
         options: generation options by name (`GENERATE_OPTIONS`, read by
             `GenerationOptions.parse`), or parsed already.
@@ -335,6 +335,8 @@ class Engine:
             entry = request.entry = self.bank[request.task]  # UnknownTaskError names the loaded tasks
         if request.gone:
             raise CancelledRequestError(GONE)
+        if isinstance(request.input, TokenIds):
+            check_token_ids(request.input, self.bank.vocabulary_size)
         return self._example(entry, request.input)
 
     def _prepare(self, index: int, request: Request) -> _Row:

@@ -15,13 +15,15 @@ from typing import Any, AsyncIterator, ClassVar, Literal, Union
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, StrictInt, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from ..errors import SoftPromptError
 from .chat import render_chat
+from ..encode import TokenIds
 from .engine import Request, Result
 from .handoff import Pieces
+from .inputs import TokenIdError, check_token_ids, example_of
 from .errors import error_body
 from .logprobs import chat_logprobs, completion_logprobs
 from .sampling import TokenLogprob
@@ -73,8 +75,10 @@ class _Sampled(_OpenAIBody):
 
 
 class _Prompted(_OpenAIBody):
+    """``prompt``: a text, texts, token ids or lists of token ids (OpenAI's four forms)."""
+
     model: str
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
 
 
 class CompletionBody(_Sampled, _Prompted):  # fields in reversed base order: model, prompt, max_tokens, ...
@@ -143,9 +147,13 @@ async def completions(body: CompletionBody, request: HTTPRequest):
     `best_of` candidates of highest log-probability per token."""
     server = server_of(request)
     entry = await server.entry_for(body.model, "completions")
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts:
-        raise APIError(400, "prompt: give at least one prompt", "prompt")
+    prompts = prompts_of(body.prompt, server.bank.vocabulary_size)
+    for i, p in enumerate(prompts):
+        if isinstance(p, TokenIds):
+            try:  # a template of several fields (or of words) has no one place for them
+                example_of(entry, p)
+            except SoftPromptError as e:
+                raise APIError(400, f"prompt[{i}]: {e}", "prompt") from None
     best_of = body.best_of or body.n
     if best_of < body.n:
         raise APIError(400, f"best_of: {best_of} is less than n ({body.n}): best_of is how many completions to "
@@ -165,6 +173,31 @@ async def completions(body: CompletionBody, request: HTTPRequest):
     requests = [Request(body.model, p, generate=True, options=choice_options(options, j), entry=entry)
                 for p in prompts for j in range(best_of)]
     return await completion.run(server, requests, body.stream, request)
+
+
+def prompts_of(prompt: Any, vocabulary_size: int) -> list[str | TokenIds]:
+    """The body's prompts: texts, or token ids (`TokenIds`), each id checked against the
+    vocabulary (a bad one named by its place: ``prompt[1][7]``)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(x, int) for x in prompt):  # one prompt of token ids
+        prompt, place = [prompt], lambda i, j: f"prompt[{j}]"
+    else:
+        place = lambda i, j: f"prompt[{i}][{j}]"  # noqa: E731
+    if not prompt:
+        raise APIError(400, "prompt: give at least one prompt", "prompt")
+    prompts: list[str | TokenIds] = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            prompts.append(p)
+            continue
+        try:
+            check_token_ids(p, vocabulary_size)
+        except TokenIdError as e:
+            where = place(i, e.position)
+            raise APIError(400, f"{where}: {e.problem}", where) from None
+        prompts.append(TokenIds(p))
+    return prompts
 
 
 def check_stream_options(body: _Sampled) -> None:
