@@ -11,6 +11,8 @@
     DELETE /v1/prompts/{task}               unload it (admin)
     POST /v1/load_lora_adapter {"lora_name": ..., "lora_path": ...}, POST /v1/unload_lora_adapter
                             {"lora_name": ...}: vLLM's runtime adapter routes, aliases of the two above
+    GET  /tokenizer_info, POST /tokenize, POST /detokenize: the base's tokenizer, in vLLM's
+                            shapes (`tokenizer_api`; lm-eval's remote tokenizer backend)
     GET  /health, GET /metrics (Prometheus text format)
 
 Errors, every one in OpenAI's body (`errors.error_body`: ``{"error": {"message", "type",
@@ -65,6 +67,7 @@ from .errors import error_body, field_path
 from .guard import BodyError, RequestGuard, check_api_key, parse_json_body
 from .openai_api import chat_completions, completions
 from .server import STATUS, APIError, InputsBody, Metrics, Server, check_results, server_of
+from .tokenizer_api import TOKENIZER_ROUTES
 
 
 # -- routes (registered by `create_app` from ROUTES) -----------------------------------
@@ -277,7 +280,7 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, server_error)
-    for methods, path, route in ROUTES + (ADMIN_ROUTES if admin else ADMIN_OFF_ROUTES):
+    for methods, path, route in ROUTES + TOKENIZER_ROUTES + (ADMIN_ROUTES if admin else ADMIN_OFF_ROUTES):
         app.add_api_route(path, route, methods=methods)
     return app
 

@@ -23,10 +23,11 @@ from typing import Any
 from ..errors import SoftPromptError
 
 
-def render_chat(tokenizer, messages: list[dict[str, Any]], lead: list[int]) -> str:
-    """The messages through the tokenizer's chat template, the assistant's turn opened;
-    `lead`: the token ids the task encoder puts before the row (its BOS, if any): a
-    leading BOS text is dropped when the encoder adds that BOS itself.
+def render_chat(tokenizer, messages: list[dict[str, Any]], lead: list[int], add_generation_prompt: bool = True) -> str:
+    """The messages through the tokenizer's chat template, the assistant's turn opened
+    (unless not `add_generation_prompt`); `lead`: the token ids the task encoder puts
+    before the row (its BOS, if any): a leading BOS text is dropped when the encoder adds
+    that BOS itself.
 
     Raises:
         SoftPromptError: the tokenizer has no chat template, or the template refuses the
@@ -36,7 +37,7 @@ def render_chat(tokenizer, messages: list[dict[str, Any]], lead: list[int]) -> s
         raise SoftPromptError(f"the served tokenizer ({type(tokenizer).__name__}) has no chat template: "
                               "send the prompt to /v1/completions instead")
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja's raise_exception, a template error: the client's messages
         raise SoftPromptError(f"the chat template refused the messages: {e}") from None
     bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
