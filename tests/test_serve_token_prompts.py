@@ -84,3 +84,16 @@ def test_a_mixed_list_and_booleans_are_not_token_ids(client):
     assert e.body["param"].startswith("prompt")
     e = refused(lambda: client.completions.create(model="writer", prompt=[True, 2], max_tokens=2))
     assert e.body["param"].startswith("prompt")
+
+
+def test_usage_counts_the_prompts_own_tokens_and_the_virtual_tokens_apart(client, causal_bank):
+    """``prompt_tokens`` is what a client's tokenizer counts of the prompt (the templates
+    here add no text); ``virtual_tokens``: 4 slots in the row for `free` (prompt tuning,
+    [P:4]), 3 per layer for `writer` (P-tuning v2)."""
+    ids = ids_of(causal_bank, "the film was")
+    for task, virtual in (("free", 4), ("writer", 3)):
+        out = client.completions.create(model=task, prompt=["the film was", "the film was"], max_tokens=3,
+                                        temperature=0)
+        assert out.usage.prompt_tokens == 2 * len(ids)
+        assert out.usage.model_extra["virtual_tokens"] == 2 * virtual
+        assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens

@@ -132,7 +132,8 @@ class Result:
     output: Any = None
     error: str | None = None
     error_kind: ErrorKind | None = None
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # the request's own tokens the model read (the template's text and its input)
+    virtual_tokens: int = 0  # its task's virtual tokens besides (in the row, or a deep prompt's per layer)
     new_tokens: int = 0
     finish_reason: str | None = None  # generation: "stop" (end of sequence or a stop string) or "length"
     logprobs: list[TokenLogprob] | None = None  # generation with `logprobs` asked: one per new token
@@ -154,6 +155,14 @@ class _Row:
     @property
     def length(self) -> int:
         return len(self.encoded.input_ids)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """The row's `Result` token counts: its own tokens, and the virtual tokens of its
+        task (an input prompt's slots in the row; a deep prompt's length per layer)."""
+        slots = sum(1 for p in self.encoded.prompt_index if p >= 0)
+        deep = self.entry.model.num_virtual_tokens if self.entry.model.deep else 0
+        return {"prompt_tokens": self.length - slots, "virtual_tokens": slots + deep}
 
     @property
     def generates(self) -> bool:
@@ -489,7 +498,7 @@ class Engine:
 
     def _read_heads(self, batch: list[_Row], pending: Pending) -> list[Result]:
         outputs = self.heads.read(pending, [r.entry for r in batch], [r.example for r in batch])
-        return [Result(r.entry.name, output=o, prompt_tokens=r.length) for r, o in zip(batch, outputs)]
+        return [Result(r.entry.name, output=o, **r.counts) for r, o in zip(batch, outputs)]
 
     def generates(self, request: Request) -> bool:
         """Whether a request generates text (a completion, or a task whose head generates)."""
@@ -520,10 +529,10 @@ class Engine:
             stream = r.request.stream
             return self._failure(r.entry.name, row.error, streamed=stream is not None and stream.emitted)
         if r.request.gone:
-            return Result(r.entry.name, error=GONE, error_kind=ErrorKind.CANCELLED, prompt_tokens=r.length,
+            return Result(r.entry.name, error=GONE, error_kind=ErrorKind.CANCELLED, **r.counts,
                           new_tokens=len(row.tokens))
         ran_out = len(row.tokens) >= max_new_tokens and not text.stopped
-        return Result(r.entry.name, output=text.text, prompt_tokens=r.length, new_tokens=len(row.tokens),
+        return Result(r.entry.name, output=text.text, **r.counts, new_tokens=len(row.tokens),
                       finish_reason="length" if ran_out else "stop",
                       logprobs=list(row.logprobs) if row.sampling.logprobs is not None else None)
 
@@ -576,7 +585,7 @@ class Engine:
                                       "(NaN or infinity): nothing to sample from", error_kind=ErrorKind.FAILED))
                 continue
             text.finish(tokens.tolist())
-            results.append(Result(r.entry.name, output=text.text, prompt_tokens=r.length, new_tokens=text.count,
+            results.append(Result(r.entry.name, output=text.text, **r.counts, new_tokens=text.count,
                                   finish_reason="stop" if text.stopped else "length"))
         return results
 

@@ -318,11 +318,16 @@ class _Completion:
         return sorted(candidates, key=mean, reverse=True)[: self.n]
 
     def usage(self, results: list[Result]) -> dict[str, int]:
-        """Each prompt's tokens once; every candidate's new tokens (all were generated)."""
+        """Each prompt's tokens once; every candidate's new tokens (all were generated).
+        ``prompt_tokens`` are the request's own tokens (the task template's text and the
+        prompt: what a client's tokenizer can count); the task's virtual tokens, which no
+        tokenizer knows, are counted apart in ``virtual_tokens`` (softprompt's field; not
+        in ``total_tokens``)."""
         prompt_tokens = sum(r.prompt_tokens for r in results[:: self.best_of])
         completion_tokens = sum(r.new_tokens for r in results)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+                "total_tokens": prompt_tokens + completion_tokens,
+                "virtual_tokens": sum(r.virtual_tokens for r in results[:: self.best_of])}
 
     def chunk(self, i: int, text: str, finish: str | None, entries: list[TokenLogprob] | None = None) -> str:
         return self.event(self.delta(i, text, finish, self.logprobs_of(i, entries)))
