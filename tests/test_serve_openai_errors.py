@@ -58,13 +58,18 @@ def test_a_bad_temperature_is_a_bad_request_naming_the_field(client):
     assert e.param == "max_tokens" and e.body["message"] == "max_tokens: 9 is over the server's limit of 8"
 
 
-@pytest.mark.parametrize("field, value, takes", [
-    ("echo", True, "false"), ("suffix", "!", "null"), ("echo", 0, "false")])  # 0 is not false
+@pytest.mark.parametrize("field, value, takes", [("suffix", "!", "null"), ("suffix", 0, "null")])  # 0 is not null
 def test_an_openai_field_softprompt_does_not_implement_is_refused_by_name(client, field, value, takes):
     e = refused(lambda: client.completions.create(model="writer", prompt="once", max_tokens=2,
                                                   extra_body={field: value}), openai.BadRequestError)
     assert e.status_code == 400 and e.param == field
     assert e.body["message"] == f"{field}: softprompt does not implement {field} (it takes only {takes})"
+
+
+def test_echo_takes_a_boolean_only(client):
+    e = refused(lambda: client.completions.create(model="writer", prompt="once", max_tokens=2, extra_body={"echo": 0}),
+                openai.BadRequestError)  # 0 is not false
+    assert e.param == "echo" and e.body["message"] == "echo: Input should be a valid boolean"
 
 
 def test_fields_sent_with_the_value_that_asks_for_nothing_are_taken(client):
@@ -81,7 +86,7 @@ def test_an_unknown_field_is_refused_by_name(client):
     assert e.param == "temprature"
     assert e.body["message"] == ("temprature: unknown field (this request takes model, prompt, max_tokens, "
                                  "temperature, top_p, stop, stream, seed, n, user, stream_options, presence_penalty, "
-                                 "frequency_penalty, logit_bias, logprobs, best_of)")
+                                 "frequency_penalty, logit_bias, echo, logprobs, best_of)")
 
 
 def test_a_wrong_api_key_is_an_authentication_error_with_its_message(bank, client):

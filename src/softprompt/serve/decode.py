@@ -69,6 +69,7 @@ class DecodeRow:
     cancelled: Callable[[], bool] = lambda: False
     error: Exception | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, where `sampling.logprobs` asks
+    eos_logprob: bool = False  # the end-of-sequence token's too, when it ends the row (echo: lm-eval reads it)
 
 
 def _pick(logits: torch.Tensor, rows: Sequence[DecodeRow | None], greedy: torch.Tensor | None = None,
@@ -410,6 +411,8 @@ class Decoder:
         """Hand a row its new token; True when the row is done."""
         s = row.sampling
         if s.eos_token_id is not None and token == s.eos_token_id:
+            if logprob is not None and row.eos_logprob:
+                row.logprobs.append(logprob)
             return True
         if logprob is not None:  # before `on_token`: a stream's piece carries its tokens' log-probabilities
             row.logprobs.append(logprob)

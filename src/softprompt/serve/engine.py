@@ -47,6 +47,7 @@ from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .decode import Decoder, DecodeRow
 from .heads import HeadForwards, Pending
 from .inputs import check_token_ids, example_of, field_texts
+from .scoring import field_ids, prompt_logprobs
 from .mixed import collate_mixed, generate_mixed
 from .sampling import RowSampler, TokenLogprob
 from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
@@ -95,6 +96,10 @@ class Request:
         options: generation options by name (`GENERATE_OPTIONS`, read by
             `GenerationOptions.parse`), or parsed already.
         stream: receives the generated text piece by piece.
+        echo: a completion that also scores its prompt: with `logprobs` in its options, its
+            `Result.prompt_logprobs` holds each of the prompt's own tokens' log-probability
+            (`scoring.prompt_logprobs`); ``max_new_tokens`` 0 (set on parsed options: the
+            parser takes 1 and more) scores without generating.
         on_result: called (on the engine's thread) with the request's `Result` as soon as
             it is ready, before `Engine.run` returns: the `Batcher` answers its caller
             then, not when the whole run (which may decode for as long as new rows keep
@@ -112,6 +117,7 @@ class Request:
     generate: bool = False
     options: dict[str, Any] | GenerationOptions = field(default_factory=dict)
     stream: TokenStream | None = None
+    echo: bool = False
     on_result: Callable[[Result], None] | None = field(default=None, repr=False, compare=False)
     entry: BankEntry | None = field(default=None, repr=False, compare=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
@@ -137,6 +143,9 @@ class Result:
     new_tokens: int = 0
     finish_reason: str | None = None  # generation: "stop" (end of sequence or a stop string) or "length"
     logprobs: list[TokenLogprob] | None = None  # generation with `logprobs` asked: one per new token
+    # echo with `logprobs`: the prompt's own tokens (`scoring.field_ids`) and theirs (None for the first)
+    prompt_ids: list[int] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def ok(self) -> bool:
@@ -151,10 +160,18 @@ class _Row:
     example: dict[str, Any]
     encoded: EncodedRow  # the row as checked: batches collate it, nothing is encoded twice
     options: GenerationOptions | None  # None: read by the task's head
+    echo: list[TokenLogprob | None] | None = None  # its prompt's scores (`Request.echo` with logprobs)
 
     @property
     def length(self) -> int:
         return len(self.encoded.input_ids)
+
+    @property
+    def echoed(self) -> dict[str, Any]:
+        """The `Result` fields of its prompt's scores (none unless it echoes with logprobs)."""
+        if self.echo is None:
+            return {}
+        return {"prompt_ids": field_ids(self.encoded), "prompt_logprobs": self.echo}
 
     @property
     def counts(self) -> dict[str, int]:
@@ -261,6 +278,7 @@ class Engine:
             # head rows are cut into batches as they are prepared: the first batch's forward
             # runs while the host prepares the rest (`_run_head_batches`)
             self._run_head_batches(self._cut_as_they_come(self._set_aside(prepared, generating)), results)
+        generating = self._scored(generating, lambda r, result: results.__setitem__(r.index, result))
         if generating and generating[0].entry.model.spec.kind is ModelKind.CAUSAL:
             # one decode loop: rows of every task and setting, joining as others end
             self._guarded(generating, results, lambda batch: self._run_decoder(batch, admit, results), "decode")
@@ -293,6 +311,34 @@ class Engine:
                 generating.append(r)
             else:
                 yield r
+
+    def _scored(self, rows: list[_Row], answer: Callable[[_Row, Result], None]) -> list[_Row]:
+        """Score the prompts of the rows that echo with logprobs (`scoring.prompt_logprobs`:
+        rows of many tasks in one forward, batches under the engine's budgets); a row that
+        asks for no new tokens, or whose batch failed, is answered here (`answer(row,
+        result)`); the rows left to generate are returned."""
+        scoring = [r for r in rows if r.request.echo and r.options.logprobs is not None]
+        failed: dict[int, Result] = {}
+        for batch in self._batches(scoring):
+            k = max(r.options.logprobs for r in batch)
+            try:
+                table = prompt_logprobs(self.bank, [(r.entry, r.encoded) for r in batch], k)
+            except Exception as e:  # its rows fail alone: the other batches and the generation go on
+                failed.update((id(r), self._failure(r.entry.name, e)) for r in batch)
+                continue
+            for r, entries in zip(batch, table):  # each row keeps its own k of the batch's largest
+                r.echo = [e if e is None else TokenLogprob(e.token, e.logprob, e.top[: r.options.logprobs])
+                          for e in entries]
+        left = []
+        for r in rows:
+            if id(r) in failed:
+                answer(r, failed[id(r)])
+            elif r.options.max_new_tokens == 0:  # scored only: nothing to generate
+                answer(r, Result(r.entry.name, output="", **r.counts, finish_reason="length",
+                                 logprobs=[] if r.options.logprobs is not None else None, **r.echoed))
+            else:
+                left.append(r)
+        return left
 
     def bind(self, request: Request) -> BankEntry | None:
         """Bind a request to the task version it is admitted with: its `entry`, the bank's
@@ -362,6 +408,11 @@ class Engine:
                 if entry.task.generates else None
         else:
             options.check_vocabulary(self.bank.vocabulary_size)
+        if request.echo and (not request.generate or len(entry.model.template.fields) != 1):
+            raise SoftPromptError(f"echo lists a completion's prompt tokens: task {entry.name!r} has template fields "
+                                  f"{list(entry.model.template.fields)}; echo takes a template of one text field")
+        if request.generate and options.max_new_tokens == 0 and not request.echo:
+            raise SoftPromptError("max_new_tokens 0 generates nothing: ask for 1 or more (0 only with echo)")
         if request.generate and options.logprobs is not None and entry.model.spec.kind is not ModelKind.CAUSAL:
             raise SoftPromptError(f"generation option logprobs: task {entry.name!r} runs on an encoder-decoder "
                                   f"({entry.model.spec.model_type}), whose generation reports no log-probabilities "
@@ -520,7 +571,8 @@ class Engine:
                 on_result(row.result)
 
         return DecodeRow(r.entry.name, r.example, sampling, on_token=text.add, on_done=done, encoded=r.encoded,
-                         entry=r.entry, cancelled=lambda: r.request.gone, logprobs=logprobs)
+                         entry=r.entry, cancelled=lambda: r.request.gone, logprobs=logprobs,
+                         eos_logprob=r.request.echo)
 
     def _decoded(self, r: _Row, row: DecodeRow, text: RowText, max_new_tokens: int) -> Result:
         """A finished decode row's `Result`: its text, or why it failed (that row alone:
@@ -534,7 +586,7 @@ class Engine:
         ran_out = len(row.tokens) >= max_new_tokens and not text.stopped
         return Result(r.entry.name, output=text.text, **r.counts, new_tokens=len(row.tokens),
                       finish_reason="length" if ran_out else "stop",
-                      logprobs=list(row.logprobs) if row.sampling.logprobs is not None else None)
+                      logprobs=list(row.logprobs) if row.sampling.logprobs is not None else None, **r.echoed)
 
     def _run_decoder(self, batch: list[_Row], admit: Admit | None = None,
                      answers: "_Answers | None" = None) -> list[Result]:
@@ -543,14 +595,24 @@ class Engine:
         joined: list[tuple[DecodeRow, Callable[[Result], None]]] = []
 
         def more(room: int) -> list[DecodeRow]:
-            rows = []
+            prepared: list[_Row] = []
+            answers: dict[int, Callable[[Result], None]] = {}
             for request, on_result in admit(room):
                 try:  # whatever fails, fails this request alone: the decode goes on
-                    row = self._decode_row(self._prepare(-1, request), on_result)
+                    row = self._prepare(-1, request)
                 except Exception as e:
                     on_result(self._failure(request.task, e))
                     continue
-                joined.append((row, on_result))
+                prepared.append(row)
+                answers[id(row)] = on_result
+            rows = []
+            for r in self._scored(prepared, lambda r, result: answers[id(r)](result)):
+                try:
+                    row = self._decode_row(r, answers[id(r)])
+                except Exception as e:
+                    answers[id(r)](self._failure(r.entry.name, e))
+                    continue
+                joined.append((row, answers[id(r)]))
                 rows.append(row)
             return rows
 

@@ -45,6 +45,28 @@ def completion_logprobs(tokenizer, entries: Sequence[TokenLogprob], offset: int 
             "text_offset": offsets}
 
 
+def echo_logprobs(tokenizer, prompt_ids: Sequence[int], prompt: Sequence[TokenLogprob | None],
+                  generated: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """An echoed completion's ``logprobs``: the prompt's own tokens (`prompt_ids`, with their
+    `scoring.prompt_logprobs` entries; null where there is none: the first), then the
+    generated tokens', offsets counted from the prompt's start (lm-eval's loglikelihood
+    reads ``token_logprobs[len(context):-1]``)."""
+    head = {"tokens": [token_text(tokenizer, t) for t in prompt_ids],
+            "token_logprobs": [None if e is None else e.logprob for e in prompt], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for token, e in zip(head["tokens"], prompt):
+        head["text_offset"].append(offset)
+        offset += len(token)
+        if e is None:
+            head["top_logprobs"].append(None)
+        else:
+            top = {token_text(tokenizer, t): lp for t, lp in e.top}
+            top.setdefault(token, e.logprob)
+            head["top_logprobs"].append(top)
+    tail = completion_logprobs(tokenizer, generated, offset)
+    return {key: head[key] + tail[key] for key in head}
+
+
 def chat_logprobs(tokenizer, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
     """A chat choice's ``logprobs``."""
     def item(token: int, logprob: float) -> dict[str, Any]:
@@ -55,4 +77,4 @@ def chat_logprobs(tokenizer, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
-__all__ = ["completion_logprobs", "chat_logprobs"]
+__all__ = ["completion_logprobs", "echo_logprobs", "chat_logprobs"]

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, ClassVar, Literal, Union
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
-from pydantic import Field, StrictInt, ValidationInfo, field_validator
+from pydantic import Field, StrictBool, StrictInt, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from ..errors import SoftPromptError
@@ -25,7 +25,7 @@ from .engine import Request, Result
 from .handoff import Pieces
 from .inputs import TokenIdError, check_token_ids, example_of
 from .errors import error_body
-from .logprobs import chat_logprobs, completion_logprobs
+from .logprobs import chat_logprobs, completion_logprobs, echo_logprobs
 from .sampling import TokenLogprob
 from .server import STATUS, APIError, Metrics, Server, _Body, cancel, drop, first_of, server_of
 from .text import MAX_LOGPROBS, GenerationOptions, TokenStream
@@ -50,7 +50,7 @@ class _OpenAIBody(_Body):
 
 
 #: OpenAI's completion fields that softprompt does not implement, and their neutral values
-UNIMPLEMENTED = {"echo": (False,), "suffix": (None,)}
+UNIMPLEMENTED = {"suffix": (None,)}
 
 
 class StreamOptions(_Body):
@@ -84,7 +84,8 @@ class _Prompted(_OpenAIBody):
 class CompletionBody(_Sampled, _Prompted):  # fields in reversed base order: model, prompt, max_tokens, ...
     UNIMPLEMENTED: ClassVar[dict[str, tuple]] = UNIMPLEMENTED
 
-    echo: Any = False
+    max_tokens: int = Field(16, ge=0)  # 0: with echo, the prompt scored and nothing generated
+    echo: StrictBool = False
     logprobs: Union[int, None] = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: Union[int, None] = Field(None, ge=1)
     suffix: Any = None
@@ -162,15 +163,18 @@ async def completions(body: CompletionBody, request: HTTPRequest):
         raise APIError(400, "best_of: cannot be streamed (the best are known only at the end); leave best_of out or "
                        "stream false", "best_of")
     check_stream_options(body)
+    check_echo(body, best_of)
     what = "prompts" if best_of == 1 else f"completions ({len(prompts)} prompts x {best_of})"
     server.check_count(len(prompts) * best_of, what, "prompt")
     ranked = best_of > body.n  # candidates are ranked by their tokens' log-probabilities
-    options = server.options(body.max_tokens, body, logprobs=body.logprobs if body.logprobs is not None or not ranked
-                             else 0)
+    options = server.options(max(body.max_tokens, 1), body,
+                             logprobs=body.logprobs if body.logprobs is not None or not ranked else 0)
+    if body.max_tokens == 0:  # echo only: the prompt scored, nothing generated (the parser takes 1 and more)
+        options = dataclasses.replace(options, max_new_tokens=0)
     completion = _Completion(body.model, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), server.bank.tokenizer,
                              n=body.n, best_of=best_of, logprobs=body.logprobs is not None,
-                             include_usage=include_usage(body))
-    requests = [Request(body.model, p, generate=True, options=choice_options(options, j), entry=entry)
+                             include_usage=include_usage(body), echo=prompts if body.echo else None)
+    requests = [Request(body.model, p, generate=True, options=choice_options(options, j), entry=entry, echo=body.echo)
                 for p in prompts for j in range(best_of)]
     return await completion.run(server, requests, body.stream, request)
 
@@ -198,6 +202,18 @@ def prompts_of(prompt: Any, vocabulary_size: int) -> list[str | TokenIds]:
             raise APIError(400, f"{where}: {e.problem}", where) from None
         prompts.append(TokenIds(p))
     return prompts
+
+
+def check_echo(body: CompletionBody, best_of: int) -> None:
+    """``echo`` (the prompt before the completion; with ``logprobs``, its tokens scored) and
+    ``max_tokens: 0`` (only with echo), in the combinations softprompt answers."""
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens: 0 generates nothing; it is taken only with echo: true (the prompt scored)",
+                       "max_tokens")
+    if body.echo and body.stream:
+        raise APIError(400, "echo: cannot be streamed here; send stream: false", "echo")
+    if body.echo and best_of > body.n:
+        raise APIError(400, "echo: not with best_of above n (candidates ranked by their log-probabilities)", "echo")
 
 
 def check_stream_options(body: _Sampled) -> None:
@@ -256,6 +272,7 @@ class _Completion:
     best_of: int = 1  # candidates per prompt (requests come prompt by prompt, best_of each)
     logprobs: bool = False  # the client asked for them (a ranking may have computed them anyway)
     include_usage: bool = False  # streamed: a last chunk with the usage
+    echo: list[Any] | None = None  # echo: the prompts (texts or `TokenIds`), each before its completion
     object: ClassVar[str] = "text_completion"
     chunk_object: ClassVar[str] = "text_completion"
 
@@ -273,8 +290,21 @@ class _Completion:
         return out
 
     def choice(self, i: int, r: Result) -> dict[str, Any]:
+        if self.echo is not None:
+            return self.echoed(i, r)
         return {"index": i, "text": r.output, "logprobs": self.logprobs_of(i, r.logprobs),
                 "finish_reason": r.finish_reason}
+
+    def echoed(self, i: int, r: Result) -> dict[str, Any]:
+        """Choice `i` with its prompt before its text; ``logprobs`` over the prompt's own
+        tokens (the first with none: nothing of the prompt comes before it) and then the
+        generated ones (an end-of-sequence token that ended it included)."""
+        prompt = self.echo[i // self.best_of]
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(list(prompt))
+        logprobs = None
+        if self.logprobs:
+            logprobs = echo_logprobs(self.tokenizer, r.prompt_ids or [], r.prompt_logprobs or [], r.logprobs or [])
+        return {"index": i, "text": text + r.output, "logprobs": logprobs, "finish_reason": r.finish_reason}
 
     def delta(self, i: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
         """Choice `i`'s next piece (finish None), or its end (text "")."""
