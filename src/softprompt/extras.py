@@ -28,6 +28,7 @@ EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     "wandb": (("wandb", "wandb"),),
     "mlflow": (("mlflow-skinny", "mlflow"),),
     "ray": (("ray", "ray"),),  # Ray Serve replicas (`serve.ray`): ray[serve] (~80 MB wheel and its serve packages)
+    "eval": (("lm-eval", "lm_eval"),),  # lm-evaluation-harness against `softprompt serve` (its API model types)
     "test": (("pytest", "pytest"), ("hypothesis", "hypothesis"), ("peft", "peft"), ("httpx", "httpx"),
              ("openai", "openai")),
 }
