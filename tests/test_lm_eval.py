@@ -3,7 +3,9 @@ loopback: its `local-completions` model type **with its default arguments** (tok
 prompts, the server's tokenizer routes found and used, loglikelihood by ``echo`` and
 ``logprobs``) runs a multiple-choice and a generate_until task from local JSONL (no hub)
 against an input-prompt task and a deep-prompt task; every choice's log-likelihood equals
-a forward of the task alone (fp32, CPU, within 1e-4), so does every answer chosen."""
+a forward of the task alone (fp32, CPU, within 1e-4), so does every answer chosen; lm-eval
+in process on the same tasks (`softprompt.harness.SoftPromptLM`) gives the same scores and
+generations as through the server."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
 from softprompt.encode import TokenIds
+from softprompt.harness import SoftPromptLM
 from softprompt.serve import create_app
 
 from serving import Server
@@ -71,3 +74,49 @@ def test_lm_eval_local_completions_with_its_defaults(causal_bank, tasks, task):
     assert out["results"]["sp_choice"]["acc,none"] == pytest.approx(right / len(samples))
     until = out["samples"]["sp_until"]
     assert len(until) == 3 and all(isinstance(s["resps"][0][0], str) for s in until)
+
+    # in process, no server (`softprompt.harness.SoftPromptLM`): the same scores and answers
+    local = simple_evaluate(model=SoftPromptLM(causal_bank, task, batch_size=4), tasks=["sp_choice", "sp_until"],
+                            task_manager=tasks, log_samples=True)
+    for name in ("sp_choice", "sp_until"):
+        for served, here in zip(out["samples"][name], local["samples"][name]):
+            assert served["doc"] == here["doc"]
+            if name == "sp_choice":
+                a, b = [r[0][0] for r in served["resps"]], [r[0][0] for r in here["resps"]]
+                assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+                assert [r[0][1] for r in served["resps"]] == [r[0][1] for r in here["resps"]]
+            else:
+                assert served["resps"] == here["resps"]
+    assert local["results"]["sp_choice"]["acc,none"] == out["results"]["sp_choice"]["acc,none"]
+
+
+def test_softprompt_eval_harness_on_a_prompt_folder_and_on_the_base(gpt2_tokenizer, tasks, tmp_path):
+    """`softprompt eval --harness` (in process): a saved prompt folder, and the base alone
+    (`--model` without `--prompt`), each scored as `SoftPromptLM` scores them."""
+    import json
+
+    import softprompt as sp
+    from typer.testing import CliRunner
+
+    from conftest import make_gpt2
+    from softprompt.cli import app
+    from softprompt.serve import PromptBank
+
+    base_dir, folder = tmp_path / "tiny-gpt2", tmp_path / "prompt"
+    base = make_gpt2(gpt2_tokenizer)
+    base.save_pretrained(base_dir)
+    gpt2_tokenizer.save_pretrained(base_dir)
+    torch.manual_seed(0)
+    sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:4] {text}"),
+                       tokenizer=gpt2_tokenizer).save_pretrained(folder)
+    include = str(tmp_path)  # where the `tasks` fixture wrote the task YAML (the same tmp_path)
+    for args, build in [(["--prompt", folder], lambda bank: bank.add("prompt", folder) and "prompt"),
+                        ([], lambda bank: bank.add_base("base") and "base")]:
+        r = CliRunner().invoke(app, ["eval", "--harness", "sp_choice", "--model", str(base_dir), "--include-path",
+                                     include, *map(str, args)])
+        assert r.exit_code == 0, r.output
+        results = json.loads(r.stdout.strip().splitlines()[-1])  # progress bars go to stderr
+        bank = PromptBank(base, gpt2_tokenizer)
+        name = build(bank)
+        expected = simple_evaluate(model=SoftPromptLM(bank, name), tasks=["sp_choice"], task_manager=tasks)
+        assert results["sp_choice"]["acc,none"] == expected["results"]["sp_choice"]["acc,none"]

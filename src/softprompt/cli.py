@@ -70,6 +70,33 @@ def _format_info(info: dict[str, Any]) -> str:
     return "\n".join(f"{name + ':':<{width}} {value}" for name, value in rows)
 
 
+def _harness(harness: str, prompt: str | None, model: str | None, batch_size: int, limit: int | None,
+             include_path: str | None) -> dict:
+    """`eval --harness`: lm-eval's results of the trained prompt at `prompt` (its recorded
+    base, or `model`), or of the base `model` alone (no prompt)."""
+    from .folder import load_recorded_base
+    from .harness import evaluate_harness
+    from .serve import PromptBank
+
+    if prompt is not None:
+        directory, _, base, tokenizer = load_recorded_base(prompt, model=model)
+        bank = PromptBank(base, tokenizer)
+        name = "prompt"
+        bank.add(name, directory)
+    elif model is not None:
+        from .base_models import load_base, resolve_device
+
+        base, tokenizer = load_base(model)
+        base.to(resolve_device("auto"))
+        bank = PromptBank(base, tokenizer)
+        name = "base"
+        bank.add_base(name)
+    else:
+        raise ConfigError("--harness needs --prompt DIR (a trained prompt) or --model M (the base alone)")
+    tasks = [t.strip() for t in harness.split(",") if t.strip()]
+    return evaluate_harness(bank, name, tasks, batch_size=batch_size, limit=limit, include_path=include_path)
+
+
 @app.command()
 @_reports_errors
 def info(
@@ -157,10 +184,16 @@ def eval_(
     labels: list[str] = typer.Option(None, "--labels", help="With --zero-shot and --data: LABEL:WORD[|WORD]; repeatable."),
     data_root: str = typer.Option(None, "--data-root", envvar="SOFTPROMPT_DATA", help="Where recipes find their data."),
     batch_size: int = typer.Option(64, "--batch-size"),
+    harness: str = typer.Option(None, "--harness", help="lm-eval tasks, TASK[,TASK]: lm-evaluation-harness's registry run on the prompt (or, with --model and no --prompt, on the base alone); needs the eval extra."),
+    limit: int = typer.Option(None, "--limit", help="With --harness: at most this many documents per task."),
+    include_path: str = typer.Option(None, "--include-path", help="With --harness: a folder of lm-eval task YAML files beside its registry."),
 ) -> None:
-    """Evaluate a trained prompt (or, with --zero-shot, the manual prompt alone); prints a metrics JSON object."""
+    """Evaluate a trained prompt (or, with --zero-shot, the manual prompt alone; with --harness, on lm-eval's tasks); prints a metrics JSON object."""
     from .training.evaluate import evaluate_trained, evaluate_zero_shot
 
+    if harness:
+        typer.echo(json.dumps(_harness(harness, prompt, model, batch_size, limit, include_path), default=str))
+        return
     if zero_shot:
         if prompt is not None:
             raise ConfigError("--zero-shot evaluates the base model without a trained prompt: drop --prompt")
