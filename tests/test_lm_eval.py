@@ -120,3 +120,26 @@ def test_softprompt_eval_harness_on_a_prompt_folder_and_on_the_base(gpt2_tokeniz
         name = build(bank)
         expected = simple_evaluate(model=SoftPromptLM(bank, name), tasks=["sp_choice"], task_manager=tasks)
         assert results["sp_choice"]["acc,none"] == expected["results"]["sp_choice"]["acc,none"]
+
+
+def test_lm_eval_local_chat_completions_runs_a_generate_until_task(causal_bank, tasks):
+    """lm-eval's chat model type: the messages through the server's chat template, the answer
+    cut at the task's until strings; each equals the chat completion sent by hand."""
+    import openai
+
+    causal_bank.tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                                           "{% if add_generation_prompt %}<assistant>{% endif %}")
+    try:
+        with Server(create_app(causal_bank, max_new_tokens=64)) as server:
+            out = simple_evaluate(model="local-chat-completions",
+                                  model_args={"base_url": f"{server.url}/v1/chat/completions", "model": "writer"},
+                                  tasks=["sp_until"], task_manager=tasks, log_samples=True, apply_chat_template=True)
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+            for sample in out["samples"]["sp_until"]:
+                by_hand = client.chat.completions.create(
+                    model="writer", messages=[{"role": "user", "content": sample["doc"]["question"]}], max_tokens=8,
+                    temperature=0, stop=["\n", "."]).choices[0].message.content
+                assert sample["resps"][0][0] == by_hand
+            assert any(sample["resps"][0][0] for sample in out["samples"]["sp_until"])  # text came back
+    finally:
+        causal_bank.tokenizer.chat_template = None
