@@ -82,3 +82,27 @@ def test_bad_requests_are_refused_by_name(served, path, body, status, param, mes
     assert answer.status_code == status
     error = answer.json()["error"]
     assert error["param"] == param and error["message"].startswith(message), error
+
+
+def test_softprompt_tokenizer_saves_the_served_bases_tokenizer(gpt2_tokenizer, tmp_path):
+    """`softprompt tokenizer MODEL -o DIR`: a folder transformers loads, tokenizing as the
+    base `softprompt serve --model MODEL` serves does; an existing folder is refused."""
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from conftest import make_gpt2
+    from softprompt.base_models import load_base
+    from softprompt.cli import app
+
+    base_dir = tmp_path / "tiny-gpt2"
+    make_gpt2(gpt2_tokenizer).save_pretrained(base_dir)
+    gpt2_tokenizer.save_pretrained(base_dir)
+    out = tmp_path / "tok"
+    r = CliRunner().invoke(app, ["tokenizer", str(base_dir), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    saved, served = AutoTokenizer.from_pretrained(out), load_base(str(base_dir))[1]
+    text = "the film was <|endoftext|> good"
+    assert saved(text)["input_ids"] == served(text)["input_ids"]
+    assert (saved.eos_token, saved.pad_token) == (served.eos_token, served.pad_token)
+    again = CliRunner().invoke(app, ["tokenizer", str(base_dir), "-o", str(out)])
+    assert again.exit_code != 0 and "exists already" in again.output

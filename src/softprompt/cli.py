@@ -352,6 +352,24 @@ def models(
         typer.echo(f"{r['alias']:<{width}}  {status:<12}  {r['description']}")
 
 
+@app.command()
+@_reports_errors
+def tokenizer(
+    model: str = typer.Argument(..., help="The base model: alias, local path, .gguf file or hub id."),
+    output: str = typer.Option(..., "--output", "-o", help="The folder to write (created; an existing one is refused)."),
+) -> None:
+    """Save a base model's tokenizer as a transformers folder: what a client that tokenizes on its side loads
+    (lm-eval's tokenizer_backend=huggingface,tokenizer=FOLDER), the same as `softprompt serve --model MODEL` uses."""
+    from .base_models import load_base
+
+    target = Path(output)
+    if target.exists():
+        raise ConfigError(f"{target} exists already: give a new folder")
+    _, tok = load_base(model)
+    tok.save_pretrained(target)
+    typer.echo(str(target))
+
+
 # -- serve -----------------------------------------------------------------------------
 @app.command()
 @_reports_errors
