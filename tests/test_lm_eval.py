@@ -143,3 +143,18 @@ def test_lm_eval_local_chat_completions_runs_a_generate_until_task(causal_bank, 
             assert any(sample["resps"][0][0] for sample in out["samples"]["sp_until"])  # text came back
     finally:
         causal_bank.tokenizer.chat_template = None
+
+
+def test_a_refused_request_shows_the_servers_message_in_lm_eval(causal_bank, tasks, caplog):
+    """A request the server refuses (here: more new tokens than its limit) answers 400 in
+    OpenAI's error body, and lm-eval logs that message before it gives up."""
+    import logging
+
+    with Server(create_app(causal_bank, max_new_tokens=4)) as server:  # sp_until asks for 8
+        with caplog.at_level(logging.WARNING), pytest.raises(Exception):
+            simple_evaluate(model="local-completions",
+                            model_args={"base_url": f"{server.url}/v1/completions", "model": "writer",
+                                        "max_retries": 1},
+                            tasks=["sp_until"], task_manager=tasks)
+    assert "max_tokens: 8 is over the server's limit of 4" in caplog.text
+    assert '"param":"max_tokens"' in caplog.text.replace(" ", "")
