@@ -10,6 +10,8 @@ import pytest
 
 from softprompt.serve.handoff import Mailbox, Pieces
 
+from test_serve_isolation import causal_bank  # noqa: F401 (the fixture, found by pytest by its name)
+
 
 def test_a_burst_from_another_thread_wakes_the_loop_once_and_keeps_its_order():
     async def main():
@@ -90,3 +92,48 @@ def test_an_answer_after_the_wait_was_cancelled_is_dropped():
 
 if __name__ == "__main__":
     pytest.main([__file__])
+
+
+def test_take_at_least_waits_for_that_many_pieces_or_the_close():
+    async def main():
+        pieces = Pieces(asyncio.get_running_loop())
+        waiting = asyncio.ensure_future(pieces.take(at_least=3))
+        pieces.put(1)
+        pieces.put(2)
+        await asyncio.sleep(0)
+        assert not waiting.done()  # two of three: still waiting
+        pieces.put(3)
+        first = await waiting
+        pieces.put(4)
+        rest = asyncio.ensure_future(pieces.take(at_least=3))
+        await asyncio.sleep(0)
+        assert not rest.done()
+        pieces.close()  # the stream ends: what is there goes out
+        return first, await rest
+
+    assert asyncio.run(main()) == ([1, 2, 3], [4])
+
+
+def test_a_stream_interval_sends_the_same_events(causal_bank):
+    """`create_app(stream_interval=4)`: the same pieces, one SSE event each, as with 1."""
+    import httpx
+
+    from softprompt.serve import create_app
+    from serving import Server
+
+    body = {"model": "writer", "prompt": "once upon a time", "max_tokens": 12, "temperature": 0, "stream": True}
+    events = {}
+    for interval in (1, 4):
+        with Server(create_app(causal_bank, stream_interval=interval)) as server:
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+                events[interval] = [line for line in r.iter_lines() if line.startswith("data: ")]
+    strip = lambda lines: [__import__("re").sub(r'"(id|created)": [^,]+,', "", x) for x in lines]  # noqa: E731
+    assert strip(events[4]) == strip(events[1]) and len(events[1]) > 5
+
+
+def test_a_stream_interval_below_one_is_refused(causal_bank):
+    from softprompt.errors import ConfigError
+    from softprompt.serve import create_app
+
+    with pytest.raises(ConfigError, match="stream_interval must be a whole number of tokens, 1 or more; got 0"):
+        create_app(causal_bank, stream_interval=0)

@@ -394,6 +394,7 @@ def serve(
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="Larger request bodies get 413."),
     max_inputs: int = typer.Option(256, "--max-inputs", min=1, help="Most inputs (or prompts) in one request (413 beyond)."),
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Most tokens one completion may ask for (422 beyond)."),
+    stream_interval: int = typer.Option(1, "--stream-interval", min=1, help="A stream's tokens per write after its first (1: each at once); more: fewer writes and wake-ups of the event loop per token, for more latency between pieces."),
     timeout_header: float = typer.Option(10.0, "--timeout-header", help="Seconds a client has to send a request's headers (then its connection is closed)."),
     timeout_body: float = typer.Option(30.0, "--timeout-body", help="Seconds a client has to send a request's body after its headers."),
     timeout_send: float = typer.Option(60.0, "--timeout-send", help="Seconds a response may wait for a client that stopped reading."),
@@ -457,7 +458,8 @@ def serve(
                       engine_options=dict(max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens,
                                           truncate=truncate, compile=compile_decode),
                       app_options=dict(max_queue=max_queue, api_key=api_key, max_body_bytes=max_body_bytes,
-                                       max_inputs=max_inputs, max_new_tokens=max_new_tokens, admin=admin))
+                                       max_inputs=max_inputs, max_new_tokens=max_new_tokens, admin=admin,
+                                       stream_interval=stream_interval))
         return
     served_as = _base_name(model, base_name)
     target = resolve_device(device)
@@ -477,7 +479,7 @@ def serve(
     application = create_app(bank, engine=engine, max_queue=max_queue, admin=admin, api_key=api_key,
                              prompt_root=prompts if admin else None, max_body_bytes=max_body_bytes,
                              max_inputs=max_inputs, max_new_tokens=max_new_tokens,
-                             shutdown_timeout=timeout_graceful_shutdown)
+                             shutdown_timeout=timeout_graceful_shutdown, stream_interval=stream_interval)
     if compile_decode or target.type == "cuda":  # compiles and captures the step here, not in a first request
         started = time.perf_counter()
         warmed = warm_up(engine)

@@ -57,6 +57,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import ConfigError
 from ..extras import require
 from ..io.remote import is_url
 from .admin import ADMIN_OFF_ROUTES, ADMIN_ROUTES
@@ -245,7 +246,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int = 1024, max_wait: float = 0.005,
                admin: bool = False, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                max_inputs: int = 256, max_new_tokens: int = 1024, prompt_root: str | Path | None = None,
-               shutdown_timeout: float = 10.0) -> FastAPI:
+               shutdown_timeout: float = 10.0, stream_interval: int = 1) -> FastAPI:
     """The server's application.
 
     Args:
@@ -260,6 +261,9 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
         max_new_tokens: most tokens one completion may ask for.
         prompt_root: admin loads only folders under it (default: anywhere the server can read).
         shutdown_timeout: at shutdown, most seconds to wait for the engine's current run.
+        stream_interval: a stream's tokens per write after its first (1: each at once):
+            fewer socket writes and event-loop wake-ups per token for more latency between
+            pieces (SGLang's ``--stream-interval``).
 
     Raises:
         ConfigError: an API key no client could send (`guard.check_api_key`).
@@ -272,8 +276,11 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
     app.state.bank, app.state.engine, app.state.batcher = bank, engine, batcher
     app.state.shutdown_timeout = shutdown_timeout
     app.router.route_class = StrictJSONRoute
+    if not isinstance(stream_interval, int) or isinstance(stream_interval, bool) or stream_interval < 1:
+        raise ConfigError(f"stream_interval must be a whole number of tokens, 1 or more; got {stream_interval!r}")
     app.state.server = Server(bank, engine, batcher, Metrics(bank, batcher), max_inputs, max_new_tokens,
-                              prompt_root if is_url(prompt_root) else Path(prompt_root).resolve() if prompt_root else None)
+                              prompt_root if is_url(prompt_root) else Path(prompt_root).resolve() if prompt_root else None,
+                              stream_interval)
     # added first, so it runs inside the metrics middleware: refused requests are counted too
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.server.metrics)

@@ -81,10 +81,12 @@ class Pieces:
         self.closed = False
         self._items: deque = deque()
         self._waiter: asyncio.Future | None = None
+        self._wanted = 1  # pieces the waiting `take` wants before it wakes
 
     def put(self, item: Any) -> None:
         self._items.append(item)
-        self._wake()
+        if len(self._items) >= self._wanted:
+            self._wake()
 
     def close(self) -> None:
         self.closed = True
@@ -94,11 +96,12 @@ class Pieces:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def ready(self) -> asyncio.Future:
-        """A future done once a piece is there or the stream is closed."""
+    def ready(self, at_least: int = 1) -> asyncio.Future:
+        """A future done once `at_least` pieces are there or the stream is closed."""
+        self._wanted = at_least
         if self._waiter is None or self._waiter.done():
             self._waiter = self.loop.create_future()
-        if self._items or self.closed:
+        if len(self._items) >= at_least or self.closed:
             self._waiter.set_result(None)
         return self._waiter
 
@@ -108,10 +111,12 @@ class Pieces:
         self._items.clear()
         return items
 
-    async def take(self) -> list:
-        """Every piece there, waiting for one if there is none; [] once closed and drained."""
-        while not self._items and not self.closed:
-            await self.ready()
+    async def take(self, at_least: int = 1) -> list:
+        """Every piece there, waiting until there are `at_least` (a stream interval: one
+        write for that many tokens) unless the stream closes first; [] once closed and
+        drained."""
+        while len(self._items) < at_least and not self.closed:
+            await self.ready(at_least)
         return self.take_now()
 
 

@@ -387,19 +387,23 @@ class _Completion:
             cancel(requests)
             drop(done)
             self.check(early)
-        return StreamingResponse(self._events(server.metrics, pieces, done, requests), media_type="text/event-stream")
+        return StreamingResponse(self._events(server.metrics, pieces, done, requests, server.stream_interval),
+                                 media_type="text/event-stream")
 
     async def _events(self, metrics: Metrics, pieces: Pieces, done: asyncio.Future,
-                      requests: list[Request]) -> AsyncIterator[str]:
-        """Each piece as it comes (those there at once in one write), then each prompt's
+                      requests: list[Request], interval: int = 1) -> AsyncIterator[str]:
+        """Each piece as it comes (those there at once in one write; after the first, at
+        least `interval` pieces a write: `serve --stream-interval`), then each prompt's
         finish (or error), then ``[DONE]``."""
         metrics.streams_open.inc()
         try:
             for i in range(len(requests)):
                 for choice in self.opening(i):
                     yield self.event(choice)
-            while taken := await pieces.take():
+            at_least = 1  # the first piece at once, then `stream_interval` pieces a write
+            while taken := await pieces.take(at_least):
                 yield "".join(self.chunk(i, text, None, entries) for i, text, entries in taken)
+                at_least = interval
             for i, r in enumerate(done.result()):
                 if not r.ok:
                     body = error_body(STATUS[r.error_kind], *self.blame(i, r))

@@ -90,6 +90,7 @@ class Server:
     max_inputs: int
     max_new_tokens: int
     prompt_root: Path | str | None  # a local folder, or an fsspec URL (`io.remote`)
+    stream_interval: int = 1  # a stream's pieces per write after its first (`serve --stream-interval`)
     _mailbox: Mailbox | None = field(default=None, init=False, repr=False)
 
     @property
