@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -155,7 +156,7 @@ def rerun_command(module: str, argv: list[str]) -> str:
     """The command line that reruns a benchmark: the arguments given, less where the report was written."""
     kept = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")
             and not a.startswith("--out=")]
-    return " ".join(["python -m " + module, *kept])
+    return " ".join(["python -m " + module, shlex.join(kept)]) if kept else "python -m " + module
 
 
 # Reports written before bench/ became a package name the flat scripts; the renderers show

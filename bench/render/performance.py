@@ -239,7 +239,7 @@ def http_kinds() -> list[str]:
                            if ttft is not None else ""))
     lines += ["", f"Latest run ({last['device']}): " + "; ".join(verdicts) + ".", "",
               f"Rerun: `{shown_command(last['command'])}`.", ""]
-    return lines + server_cpu()
+    return lines + server_cpu() + stream_cost()
 
 
 def server_cpu() -> list[str]:
@@ -256,6 +256,23 @@ def server_cpu() -> list[str]:
         for path, x in r["results"].items():
             lines.append(f"| {r['label']} | {path} | {x['requests_per_s']:,.0f} | {x['latency_p50_ms']:.1f} "
                          f"| {x['latency_p99_ms']:.1f} | {x['server_cpu_ms_per_request']:.2f} |")
+    return lines + [""]
+
+
+def stream_cost() -> list[str]:
+    """The event loop's CPU per streamed token (`bench.probe.stream_cost`): the hand-off from
+    the engine's thread and the stream's writes, before and after, with `--stream-interval`."""
+    report = load_report("stream_cost.json")
+    if report is None:
+        return []
+    lines = [f"Event-loop CPU per streamed token (`bench.probe.stream_cost`, {report['device']}, "
+             f"{report['connections']} connections streaming {report['tokens']}-token greedy completions, per-request "
+             f"work included, median of rounds; rerun: `{shown_command(report['command'])}`):", "",
+             "| run | server options | loop CPU us per token (median) | rounds | requests/s |", "|---|---|---|---|---|"]
+    for r in report["rows"]:
+        rounds = ", ".join(f"{x:.1f}" for x in r["loop_us_per_token"])
+        rates = ", ".join(f"{x:.0f}" for x in r["requests_per_s"])
+        lines.append(f"| {r['label']} | {r['options']} | {r['median_loop_us_per_token']:.1f} | {rounds} | {rates} |")
     return lines + [""]
 
 
