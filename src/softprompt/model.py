@@ -25,6 +25,7 @@ from .inject import Prompts
 from .io.hub import push_prompt_folder, resolve_prompt_source
 from .io.prompt import load_prompt, save_prompt
 from .methods import PromptConfig, PromptModule, build_module
+from .methods.prefix_tuning import text_prefix
 from . import regions
 
 
@@ -99,6 +100,8 @@ class SoftPromptModel(OnBase, nn.Module):
         self.prompt = prompt if prompt is not None else build_module(
             config, self.num_virtual_tokens, self.spec, embeddings, tokenizer
         )
+        if prompt is None and getattr(config, "init", None) == "text" and self.deep:  # the base's own K/V of a text
+            self.prompt.start_from(text_prefix(base, tokenizer, self.spec, config.init_text, self.num_virtual_tokens))
         self.prompt.to(embeddings.device)
         self.encoder = (
             TemplateEncoder(self.template, tokenizer, self.spec, self.num_virtual_tokens if self.deep else 0)
