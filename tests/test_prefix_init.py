@@ -55,7 +55,8 @@ def test_zeros_start_every_key_and_value_at_zero(gpt2_tokenizer, projection):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(init="text"), "init='text' needs init_text"),
     (dict(init="text", init_text="x", projection=True), "needs projection=false"),
-    (dict(init="glorot"), "init must be one of ('random', 'zeros', 'text')"),
+    (dict(init="glorot"), "init must be one of ('random', 'zeros', 'text', 'prompt')"),
+    (dict(init="prompt"), "init='prompt' needs init_prompt"),
 ])
 def test_bad_init_settings_are_refused(kwargs, message):
     config = sp.PrefixTuningConfig(num_virtual_tokens=4, **kwargs)
@@ -70,3 +71,43 @@ def test_text_init_on_an_encoder_is_refused_by_name(wordpiece_tokenizer):
         sp.SoftPromptModel(make_bert(wordpiece_tokenizer).bert, sp.PTuningV2Config(num_virtual_tokens=4, init="text",
                                                                                    init_text="hello"),
                            tokenizer=wordpiece_tokenizer)
+
+
+def test_a_prompt_starts_from_another_trained_prompt_of_the_base(gpt2_tokenizer, tmp_path):
+    """Prompt transfer: ``init="prompt"`` takes another prompt folder's tensor, as saved for
+    the same length, resampled (ends kept) for another; input from input, deep from deep."""
+    base = make_gpt2(gpt2_tokenizer)
+    source = sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:4] {text}", init="vocab"),
+                                tokenizer=gpt2_tokenizer)
+    source.save_pretrained(tmp_path / "input")
+    same = sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:4] {text}", init="prompt",
+                                                          init_prompt=str(tmp_path / "input")), tokenizer=gpt2_tokenizer)
+    assert torch.equal(same.prompt(), source.prompt().detach())
+    longer = sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:7] {text}", init="prompt",
+                                                            init_prompt=str(tmp_path / "input")), tokenizer=gpt2_tokenizer)
+    table = longer.prompt().detach()
+    assert table.shape[0] == 7
+    assert torch.allclose(table[0], source.prompt()[0]) and torch.allclose(table[-1], source.prompt()[-1])
+    assert torch.allclose(table[2], source.prompt()[1])  # 7 points over 4: every other one a saved row ...
+    assert torch.allclose(table[3], (source.prompt()[1] + source.prompt()[2]) / 2)  # ... the others midpoints
+
+    deep = sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=3), tokenizer=gpt2_tokenizer)
+    deep.save_pretrained(tmp_path / "deep")
+    again = sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=3, init="prompt",
+                                                        init_prompt=str(tmp_path / "deep")), tokenizer=gpt2_tokenizer)
+    assert torch.allclose(again.prompt(), deep.prompt().detach())
+    with pytest.raises(ConfigError, match="is a input prompt .prompt-tuning.; a deep prompt starts only from"):
+        sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=3, init="prompt",
+                                                    init_prompt=str(tmp_path / "input")), tokenizer=gpt2_tokenizer)
+
+
+def test_a_prompt_of_another_base_is_refused(gpt2_tokenizer, tmp_path):
+    from softprompt.errors import BaseModelMismatchError
+    from test_serve_isolation import llama
+
+    sp.SoftPromptModel(make_gpt2(gpt2_tokenizer), sp.PromptTuningConfig(template="[P:4] {text}"),
+                       tokenizer=gpt2_tokenizer).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(BaseModelMismatchError, match="was saved for another base model"):
+        sp.SoftPromptModel(llama(gpt2_tokenizer), sp.PromptTuningConfig(template="[P:4] {text}", init="prompt",
+                                                                        init_prompt=str(tmp_path / "gpt2")),
+                           tokenizer=gpt2_tokenizer)

@@ -23,7 +23,7 @@ from .errors import ConfigError, EncodingError, UnsupportedModelError
 from .forward import SoftPromptOutput
 from .inject import Prompts
 from .io.hub import push_prompt_folder, resolve_prompt_source
-from .io.prompt import load_prompt, save_prompt
+from .io.prompt import load_prompt, save_prompt, transferred_prompt
 from .methods import PromptConfig, PromptModule, build_module
 from .methods.prefix_tuning import text_prefix
 from . import regions
@@ -102,6 +102,9 @@ class SoftPromptModel(OnBase, nn.Module):
         )
         if prompt is None and getattr(config, "init", None) == "text" and self.deep:  # the base's own K/V of a text
             self.prompt.start_from(text_prefix(base, tokenizer, self.spec, config.init_text, self.num_virtual_tokens))
+        if prompt is None and getattr(config, "init", None) == "prompt":  # another prompt of this base (transfer)
+            self.prompt.start_from(transferred_prompt(config.init_prompt, base, deep=self.deep,
+                                                      P=self.num_virtual_tokens))
         self.prompt.to(embeddings.device)
         self.encoder = (
             TemplateEncoder(self.template, tokenizer, self.spec, self.num_virtual_tokens if self.deep else 0)

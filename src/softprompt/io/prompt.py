@@ -129,21 +129,18 @@ def read_config(directory) -> dict[str, Any]:
     return data
 
 
-def load_prompt(cls, base, directory, tokenizer=None, *, trainable: bool = False):
-    """Rebuild a `SoftPromptModel` from `directory` onto `base` (see `SoftPromptModel.from_pretrained`)."""
-    directory = Path(directory)
-    data = read_config(directory)
-    cfg_path = directory / CONFIG_FILE
-    try:
-        config = config_class(data["method"]).from_dict(data["config"], source=f"{cfg_path}: field 'config'")
-    except TypeError as e:
-        raise PromptFileError(f"{cfg_path}: field 'config': {e}") from None
-    spec = model_spec(base)
+def _saved_prompt(directory: Path, data: dict[str, Any], base, spec) -> torch.Tensor:
+    """The folder's prompt tensor (float32), checked: saved for this base, of its recorded shape and dtype.
+
+    Raises:
+        BaseModelMismatchError: saved for another base (what differs).
+        PromptFileError: a tensor missing, of another shape or dtype.
+    """
     saved = data["base_model"]
     try:
         saved_identity = BaseIdentity(**{k: saved[k] for k in BaseIdentity.__dataclass_fields__})
     except (KeyError, TypeError) as e:
-        raise PromptFileError(f"{cfg_path}: field 'base_model' is incomplete ({e})") from None
+        raise PromptFileError(f"{directory / CONFIG_FILE}: field 'base_model' is incomplete ({e})") from None
     differences = saved_identity.differences(base_identity(base, spec))
     if differences:
         raise BaseModelMismatchError(
@@ -158,7 +155,47 @@ def load_prompt(cls, base, directory, tokenizer=None, *, trainable: bool = False
         )
     if tensor.dtype not in STORAGE_DTYPES.values():
         raise PromptFileError(f"{directory / PROMPT_FILE}: tensor 'prompt' is {tensor.dtype}; expected float32 or bfloat16")
-    tensor = tensor.float()  # bfloat16 storage widens exactly
+    return tensor.float()  # bfloat16 storage widens exactly
+
+
+def transferred_prompt(directory, base, *, deep: bool, P: int) -> torch.Tensor:
+    """Another trained prompt of the same base as a new prompt's start (prompt transfer):
+    its tensor, (P', D) for an input prompt or (L, 2, H_kv, P', D_head) for a deep one,
+    resampled to P positions (linear interpolation along its token axis; as saved when P'
+    is P).
+
+    Raises:
+        PromptFileError / BaseModelMismatchError: not a prompt folder of this base.
+        ConfigError: a prompt of the other kind (input for deep, or deep for input).
+    """
+    directory = Path(directory)
+    data = read_config(directory)
+    if config_class(data["method"]).deep != deep:
+        kinds = {True: "deep", False: "input"}
+        raise ConfigError(f"init_prompt {directory} is a {kinds[not deep]} prompt ({data['method']}); a "
+                          f"{kinds[deep]} prompt starts only from another {kinds[deep]} prompt")
+    tensor = _saved_prompt(directory, data, base, model_spec(base))
+    axis = 3 if deep else 0
+    if tensor.shape[axis] == P:
+        return tensor
+    moved = tensor.movedim(axis, -1)  # (..., P')
+    shape = moved.shape
+    resampled = torch.nn.functional.interpolate(moved.reshape(1, -1, shape[-1]), size=P, mode="linear",
+                                                align_corners=True)
+    return resampled.reshape(*shape[:-1], P).movedim(-1, axis)
+
+
+def load_prompt(cls, base, directory, tokenizer=None, *, trainable: bool = False):
+    """Rebuild a `SoftPromptModel` from `directory` onto `base` (see `SoftPromptModel.from_pretrained`)."""
+    directory = Path(directory)
+    data = read_config(directory)
+    cfg_path = directory / CONFIG_FILE
+    try:
+        config = config_class(data["method"]).from_dict(data["config"], source=f"{cfg_path}: field 'config'")
+    except TypeError as e:
+        raise PromptFileError(f"{cfg_path}: field 'config': {e}") from None
+    spec = model_spec(base)
+    tensor = _saved_prompt(directory, data, base, spec)
     device = base.get_input_embeddings().weight.device
     if trainable:
         state = load_tensors(directory / TRAINABLE_FILE)

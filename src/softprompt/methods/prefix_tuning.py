@@ -18,7 +18,7 @@ from .base import PromptConfig, PromptModule, _positive, _probability
 
 
 #: how a deep prefix starts (`PrefixTuningConfig.init`)
-PREFIX_INITS = ("random", "zeros", "text")
+PREFIX_INITS = ("random", "zeros", "text", "prompt")
 
 
 @dataclass
@@ -35,8 +35,11 @@ class PrefixTuningConfig(PromptConfig):
             start: with a projection, its last layer zeroed), or ``text``: the base model's
             own keys and values of `init_text` in every layer (its tokens repeated to P, or
             its first P), as if the text came before each row (causal LMs, no projection;
-            PEFT's method comparison found it the best prefix start on GSM8K).
+            PEFT's method comparison found it the best prefix start on GSM8K); or
+            ``prompt``: another trained deep prompt of the same base (`init_prompt`, its
+            folder), resampled to P (prompt transfer; no projection).
         init_text: the text for ``init="text"``.
+        init_prompt: the prompt folder for ``init="prompt"``.
     """
 
     method = "prefix-tuning"
@@ -49,6 +52,7 @@ class PrefixTuningConfig(PromptConfig):
     init_seed: int = 0
     init: str = "random"
     init_text: str | None = None
+    init_prompt: str | None = None
 
     def validate(self) -> None:
         if not isinstance(self.projection, bool):
@@ -62,8 +66,10 @@ class PrefixTuningConfig(PromptConfig):
             raise ConfigError(f"{name}.init must be one of {PREFIX_INITS}, got {self.init!r}")
         if self.init == "text" and not (isinstance(self.init_text, str) and self.init_text.strip()):
             raise ConfigError(f"{name}.init='text' needs init_text (the text whose keys and values start the prefix)")
-        if self.init == "text" and self.projection:
-            raise ConfigError(f"{name}.init='text' sets the prefix's keys and values themselves: it needs "
+        if self.init == "prompt" and not self.init_prompt:
+            raise ConfigError(f"{name}.init='prompt' needs init_prompt (a trained deep prompt's folder)")
+        if self.init in ("text", "prompt") and self.projection:
+            raise ConfigError(f"{name}.init={self.init!r} sets the prefix's keys and values themselves: it needs "
                               "projection=false (the MLP's output cannot be set to them)")
 
 

@@ -11,7 +11,7 @@ from ..architecture import ModelSpec
 from ..errors import ConfigError
 from .base import PromptConfig, PromptModule
 
-INITS = ("random", "vocab", "text", "labels")
+INITS = ("random", "vocab", "text", "labels", "prompt")
 
 
 @dataclass
@@ -22,8 +22,11 @@ class PromptTuningConfig(PromptConfig):
         init: ``random`` (normal with the vocabulary embeddings' std), ``vocab`` (rows
             sampled from the vocabulary embeddings), ``text`` (embeddings of `init_text`,
             repeated / truncated to P) or ``labels`` (embeddings of `label_words`, the
-            remaining rows sampled from the vocabulary, as in the paper).
+            remaining rows sampled from the vocabulary, as in the paper) or ``prompt``:
+            another trained prompt of the same base (`init_prompt`, a prompt folder of an
+            input method), resampled to P (prompt transfer: SPoT, Vu et al. 2022).
         init_text: the string for ``init="text"``.
+        init_prompt: the prompt folder for ``init="prompt"``.
         label_words: the words for ``init="labels"``.
         init_seed: seed for the sampled initialisations.
     """
@@ -35,6 +38,7 @@ class PromptTuningConfig(PromptConfig):
     init_text: str | None = None
     label_words: list[str] | None = None
     init_seed: int = 0
+    init_prompt: str | None = None
 
     def validate(self) -> None:
         if self.init not in INITS:
@@ -43,6 +47,8 @@ class PromptTuningConfig(PromptConfig):
             raise ConfigError("PromptTuningConfig.init='text' needs init_text")
         if self.init == "labels" and not self.label_words:
             raise ConfigError("PromptTuningConfig.init='labels' needs label_words")
+        if self.init == "prompt" and not self.init_prompt:
+            raise ConfigError("PromptTuningConfig.init='prompt' needs init_prompt (a trained prompt's folder)")
 
 
 def _sample_vocab_rows(weight: torch.Tensor, n: int, generator: torch.Generator, exclude: set[int]) -> torch.Tensor:
@@ -66,7 +72,7 @@ def initial_table(config: PromptTuningConfig, P: int, embeddings: torch.Tensor, 
     weight = embeddings.detach()
     generator = torch.Generator().manual_seed(config.init_seed)
     specials = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
-    if config.init == "random":
+    if config.init in ("random", "prompt"):  # "prompt": set from the other prompt once the base is known
         return torch.randn(P, weight.shape[1], generator=generator) * weight.float().std().item()
     if config.init == "vocab":
         return _sample_vocab_rows(weight, P, generator, specials)
@@ -91,6 +97,11 @@ class PromptTuning(PromptModule):
     def __init__(self, config: PromptTuningConfig, P: int, spec: ModelSpec, embeddings: torch.Tensor, tokenizer=None):
         super().__init__(P, spec)
         self.embedding = nn.Parameter(initial_table(config, P, embeddings, tokenizer))  # (P, D)
+
+    @torch.no_grad()
+    def start_from(self, table: torch.Tensor) -> None:
+        """Set the table to `table` (P, D) (another prompt's, resampled: prompt transfer)."""
+        self.embedding.copy_(table)
 
     def forward(self) -> torch.Tensor:
         return self.embedding  # (P, D)
