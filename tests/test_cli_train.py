@@ -115,7 +115,13 @@ def test_recipe_on_real_data_with_a_causal_lm_verbalizer(gpt2_dir, tmp_path):
     assert r.exit_code == 0, r.output
     config = json.loads((out / "config.json").read_text())
     assert config["resolved_task"] == "verbalizer" and "[P:" in config["template"] and "[MASK]" in config["template"]
-    assert last_json(r.stdout)["best"]["n"] == 872
+    metrics = last_json(r.stdout)
+    # the held-out protocol: selected on 1,000 rows held out of train, reported on GLUE dev (872), never selected on
+    assert metrics["best"]["n"] == 1000 and metrics["test"]["n"] == 872
+    assert metrics["selected_on"] == "dev: 1000 rows held out of the training split (seed 0)"
+    assert metrics["reported_on"] == "test: the sst2 recipe's sst2/dev.tsv"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert (saved["selected_on"], saved["reported_on"]) == (metrics["selected_on"], metrics["reported_on"])
 
 
 @pytest.mark.parametrize("args,message", [
@@ -369,3 +375,41 @@ def test_the_own_data_example_trains(tmp_path, monkeypatch):
     r = invoke("train", "--config", example, "--set", "train.steps=2", "--set", "train.progress=false")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "runs" / "mine" / "config.json").read_text())["task_options"] == {"pool": "mean"}
+
+
+def test_train_and_test_files_alone_select_on_rows_held_out_of_train(bert_dir, tmp_path):
+    """`--train` and `--test` without `--eval`: the best prompt is chosen on rows held out
+    of the training file (seeded: the same rows for the same seed), the test file reported."""
+    from softprompt.training.assemble import load_data
+    from softprompt.training.config import RunConfig
+
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    rows = [{"review": f"{w} film number {i}", "label": lab} for i in range(30)
+            for w, lab in (("a great", "pos"), ("a dull", "neg"))]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    out = tmp_path / "run"
+    r = invoke("train", "--model", bert_dir, "--method", "prompt-tuning", "--task", "classification", "--train", train,
+               "--test", test, "--field", "review:text", "--output", out, "--set", "train.steps=2",
+               "--set", "train.eval_every=0", "--set", "train.batch_size=4", "--set", "train.progress=false",
+               "--set", "dev_holdout=5")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best"]["n"] == 5 and metrics["test"]["n"] == 8
+    assert metrics["selected_on"] == "dev: 5 rows held out of the training split (seed 0)"
+    cfg = dict(task="classification", train_file=str(train), test_file=str(test), fields=["review:text"],
+               dev_holdout=5)
+    first, again = load_data(RunConfig(**cfg)), load_data(RunConfig(**cfg))
+    assert first.dev == again.dev and len(first.train) == 55 and not any(e in first.train for e in first.dev)
+    other = RunConfig(**cfg)
+    other.train.seed = 1
+    assert load_data(other).dev != first.dev
+
+
+def test_too_few_training_rows_to_hold_out_a_dev_split_is_one_clear_error(bert_dir, reviews, tmp_path):
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(reviews.read_text().splitlines(keepends=True)[:5]))
+    r = invoke("train", "--model", bert_dir, "--task", "classification", "--train", small, "--test", reviews,
+               "--field", "review:text", "--output", tmp_path / "x", "--set", "train.steps=1")
+    assert r.exit_code == 1
+    assert "5 training rows are too few to hold out a dev split" in r.output and "--eval FILE" in r.output

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,8 @@ class Data:
     recipe: Any | None
     source: dict[str, Any]
     labels_from: str = "the training split"  # where `labels` come from, for the errors naming them
+    selected_on: str = "dev"  # which split chose the best prompt, and which is reported (`metrics.json`)
+    reported_on: str | None = None
 
     def splits(self) -> list[tuple[str, list[dict]]]:
         """``(name, examples)`` of the splits there are: train, eval, test."""
@@ -58,10 +61,12 @@ def load_data(cfg: RunConfig) -> Data:
     fields = parse_fields(cfg.fields)
     labels, words = _labels(cfg.labels)
     if cfg.task in generic:
-        if not cfg.train_file or not cfg.eval_file:
-            raise ConfigError(f"task {cfg.task!r} is generic: give --train FILE and --eval FILE (or a recipe name)")
+        if not cfg.train_file or not (cfg.eval_file or cfg.test_file):
+            raise ConfigError(f"task {cfg.task!r} is generic: give --train FILE and --eval FILE and/or --test FILE "
+                              "(or a recipe name)")
         read = lambda p: datamod.read_examples(p, fields=fields)
-        train_ex, dev_ex = read(cfg.train_file), read(cfg.eval_file)
+        train_ex = read(cfg.train_file)
+        dev_ex = read(cfg.eval_file) if cfg.eval_file else None
         test_ex = read(cfg.test_file) if cfg.test_file else None
         data = Data(train_ex, dev_ex, test_ex, cfg.task, labels, words, None,
                     {"train": cfg.train_file, "eval": cfg.eval_file, "test": cfg.test_file})
@@ -70,12 +75,44 @@ def load_data(cfg: RunConfig) -> Data:
         train_ex = datamod.read_examples(cfg.train_file, fields=fields) if cfg.train_file else recipe.examples("train")
         dev_ex = datamod.read_examples(cfg.eval_file, fields=fields) if cfg.eval_file else recipe.examples("dev")
         test_ex = datamod.read_examples(cfg.test_file, fields=fields) if cfg.test_file else recipe.examples("test")
-        data = Data(train_ex, dev_ex, test_ex, recipe.task, labels or recipe.labels, words or recipe.label_words,
-                    recipe, {"recipe": recipe.name, "notes": getattr(recipe, "notes", "")}, f"recipe {recipe.name!r}")
+        # SST-2's and RTE's only labelled evaluation split is their official dev, which is
+        # reported: the best prompt is then selected on rows held out of train (`hold_out_dev`)
+        same = (not cfg.eval_file and not cfg.test_file and recipe.files.get("test") is not None
+                and recipe.files.get("test") == recipe.files.get("dev"))
+        data = Data(train_ex, None if same else dev_ex, test_ex, recipe.task, labels or recipe.labels,
+                    words or recipe.label_words, recipe, {"recipe": recipe.name, "notes": getattr(recipe, "notes", "")},
+                    f"recipe {recipe.name!r}")
+        if not cfg.test_file and recipe.files.get("test"):
+            data.source["test"] = f"the {recipe.name} recipe's {recipe.files['test']}"
     if labels:
         data.labels_from = "--labels"
+    hold_out_dev(data, cfg)
     check_targets(data)
     return data
+
+
+def hold_out_dev(data: Data, cfg: RunConfig) -> None:
+    """The held-out protocol: with no dev split apart from the reported one, the best prompt
+    is selected on `cfg.dev_holdout` rows of the training split (seeded by the run's seed,
+    at most a tenth of it, taken out of training) and the test split is reported, never
+    selected on; `data.selected_on` / `reported_on` say which is which.
+
+    Raises:
+        ConfigError: a training split too small to hold rows out (give --eval FILE).
+    """
+    data.reported_on = "test" if data.test else None
+    if data.dev is not None:
+        data.selected_on = "dev"
+        return
+    n = min(cfg.dev_holdout, len(data.train) // 10)
+    if n < 1:
+        raise ConfigError(f"{len(data.train)} training rows are too few to hold out a dev split (a tenth of them): "
+                          "give --eval FILE to select the best prompt on")
+    held = set(random.Random(cfg.train.seed).sample(range(len(data.train)), n))
+    data.dev = [e for i, e in enumerate(data.train) if i in held]
+    data.train = [e for i, e in enumerate(data.train) if i not in held]
+    data.selected_on = f"dev: {n} rows held out of the training split (seed {cfg.train.seed})"
+    data.source["eval"] = f"{n} rows held out of {data.describe('train')}"
 
 
 def check_targets(data: Data) -> None:

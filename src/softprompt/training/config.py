@@ -168,6 +168,11 @@ class RunConfig:
             or a generic kind: classification | ner | generation.
         output: the run directory.
         train_file / eval_file / test_file: data files (override the recipe's).
+        dev_holdout: rows of the training split held out (seeded by ``train.seed``, at most
+            a tenth of it) to select the best prompt on, where there is no dev split apart
+            from the reported one: a recipe whose only labelled evaluation split is its
+            official dev (SST-2, RTE: that split is then the reported test, never selected
+            on), or ``--train`` and ``--test`` files without ``--eval``.
         data_root: where recipes find their files (default: $SOFTPROMPT_DATA, ../shared/data).
         template: the template (default: the recipe's for this model and method).
         num_virtual_tokens: P (default 20 for deep methods, or the template's slots).
@@ -193,6 +198,7 @@ class RunConfig:
     train_file: str | None = None
     eval_file: str | None = None
     test_file: str | None = None
+    dev_holdout: int = 1000
     data_root: str | None = None
     template: str | None = None
     num_virtual_tokens: int | None = None
@@ -215,7 +221,7 @@ class RunConfig:
             raise ConfigError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("max_length", "num_virtual_tokens"):
+        for name in ("max_length", "num_virtual_tokens", "dev_holdout"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -188,12 +188,14 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         if not resume and main:
             _forget_failed_start(out, created)
         raise
+    result.metrics["selected_on"] = data.selected_on  # the held-out protocol, said in the run's own record
+    result.metrics["reported_on"] = f"test: {data.describe('test')}" if data.test else None
     if data.test and data.test != data.dev and has_task(out / RUN_PROMPT):
         # Model selection on dev, the reported number on test: the best prompt, not the last.
         scores, _ = evaluate_saved(out / RUN_PROMPT, model.base, tokenizer, data.test, cfg.train.eval_batch_size)
         result.metrics["test"] = scores
-        if main:
-            write_json_atomically(out / METRICS_SUMMARY, result.metrics)
+    if main:
+        write_json_atomically(out / METRICS_SUMMARY, result.metrics)
     return result
 
 
