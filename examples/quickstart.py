@@ -4,8 +4,10 @@ with the library's own training loop, then classify new sentences with the saved
     python examples/quickstart.py [--steps 300] [--output runs/quickstart]
 
 `softprompt.train` is `softprompt train` from Python: the same settings (docs/CONFIG.md),
-checks, run folder (config, metrics, the best prompt, a checkpoint to resume from) and
-evaluation on the dev split; `examples/quickstart_trainer.py` trains the same prompt under
+checks, run folder (config, metrics, the best prompt, a checkpoint to resume from) and the
+held-out protocol: the best prompt is selected on 1,000 sentences held out of SST-2's training
+split, then scored once on GLUE dev (`metrics.json`: `best`, `test`, `selected_on`,
+`reported_on`); `examples/quickstart_trainer.py` trains the same prompt under
 `transformers.Trainer` instead.
 """
 
@@ -38,8 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         train={"steps": args.steps, "batch_size": 32, "lr": 1e-2, "head_lr": 1e-2, "eval_every": args.eval_every},
         overwrite=True,  # a rerun replaces the last one
     )
-    print(f"best dev accuracy {result.best_metric:.4f} at step {result.best_step} of {result.steps}; "
-          f"the run is in {args.output}/ (metrics.json, the best prompt/)")
+    test = result.metrics.get("test", {}).get("accuracy")
+    print(f"best dev accuracy {result.best_metric:.4f} at step {result.best_step} of {result.steps} (held-out rows); "
+          f"GLUE dev accuracy {test:.4f}; the run is in {args.output}/ (metrics.json, the best prompt/)")
 
     # Serve the saved prompt as one task of a bank: the engine batches requests of any number
     # of tasks together; its answers name SST-2's labels (negative / positive).
