@@ -583,6 +583,7 @@ class Engine:
         if r.request.gone:
             return Result(r.entry.name, error=GONE, error_kind=ErrorKind.CANCELLED, **r.counts,
                           new_tokens=len(row.tokens))
+        text.flush()  # a last multi-byte character cut short: as the whole decoding gives it
         ran_out = len(row.tokens) >= max_new_tokens and not text.stopped
         return Result(r.entry.name, output=text.text, **r.counts, new_tokens=len(row.tokens),
                       finish_reason="length" if ran_out else "stop",

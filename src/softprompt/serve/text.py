@@ -308,7 +308,8 @@ class RowText:
         self._update()
         return self.done
 
-    def _update(self) -> None:
+    def _decoded(self) -> str:
+        """Every token so far as text, cut at the first stop string (`stopped` set then)."""
         if self.decode is not None:
             text = self.decode(self.tokenizer, torch.tensor([self.ids]))[0]
         else:
@@ -316,12 +317,31 @@ class RowText:
         for s in self.stops:
             if s in text:
                 text, self.stopped = text[: text.index(s)], True
+        return text
+
+    def _update(self) -> None:
+        text = self._decoded()
         if text.startswith(self.text) and len(text) > len(self.text) and not text.endswith("\ufffd"):
-            piece, self.text = text[len(self.text):], text  # a piece: wait for whole characters
-            if self.stream is not None and not self.stream.cancelled:
-                self.stream.emitted = True
-                self.stream.on_text(piece, self.unsent_logprobs())
+            self._send(text)  # a piece: wait for whole characters
         elif not text.startswith(self.text):  # re-tokenised text changed earlier characters: keep the new
+            self.text = text
+
+    def _send(self, text: str) -> None:
+        piece, self.text = text[len(self.text):], text
+        if self.stream is not None and not self.stream.cancelled:
+            self.stream.emitted = True
+            self.stream.on_text(piece, self.unsent_logprobs())
+
+    def flush(self) -> None:
+        """The row has ended: the characters held back waiting for the rest of a multi-byte
+        character go out as they decode (U+FFFD where the bytes stop short), so the final
+        text is the whole decoding of the row's tokens, as `tokenizer.decode` gives it."""
+        if not self.ids:
+            return
+        text = self._decoded()
+        if text.startswith(self.text) and len(text) > len(self.text):
+            self._send(text)
+        elif not text.startswith(self.text):
             self.text = text
 
     def unsent_logprobs(self) -> list[TokenLogprob] | None:
@@ -337,6 +357,7 @@ class RowText:
             for t in tokens:
                 if self.add(t):
                     break
+        self.flush()
 
 
 class Streamer(BaseStreamer):
