@@ -22,10 +22,16 @@ TASKS = ["writer", "free", "anchored"]  # P-tuning v2, prompt tuning, P-tuning w
 
 
 @pytest.fixture
-def client(causal_bank):
+def bank(causal_bank):
+    """The tasks of `TASKS`."""
     add(causal_bank, "anchored", sp.PTuningConfig(template="[P:2] Q: {text} A: [P:2]", encoder="mlp",
                                                   encoder_hidden_size=16), seed=4)
-    with Server(create_app(causal_bank, max_new_tokens=64)) as server:
+    return causal_bank
+
+
+@pytest.fixture
+def client(bank):
+    with Server(create_app(bank, max_new_tokens=64)) as server:
         yield OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
@@ -113,3 +119,92 @@ def test_rows_of_several_tasks_in_one_engine_run_score_as_each_alone(client, cau
         assert result.prompt_ids == ids and result.prompt_logprobs[0] is None
         got = [e.logprob for e in result.prompt_logprobs[1:]]
         assert max((abs(a - b) for a, b in zip(got, expected)), default=0.0) < 1e-4
+
+
+ONE_TOKEN_OPTIONS = [
+    {"temperature": 0},
+    {"temperature": 1.0, "seed": 7},
+    {"temperature": 0.7, "top_k": 5, "top_p": 0.9, "seed": 3},
+    {"temperature": 0, "logit_bias": {"11": 100}},
+    {"temperature": 0, "presence_penalty": 1.5, "frequency_penalty": 1.0},
+]
+
+
+@pytest.mark.parametrize("settings", ONE_TOKEN_OPTIONS)
+def test_one_new_token_comes_from_the_scoring_forward_as_from_a_prefill(bank, settings):
+    """lm-eval's ``max_tokens: 1``: the token after the prompt is picked from the scoring
+    forward's next-token scores (no prefill, no decode step) with the row's own sampling
+    settings and draw: the same token, log-probabilities and finish as the request without
+    echo, whose token a prefill gives, in a mixed batch of tasks."""
+    from softprompt.serve import Engine, Request
+
+    texts = ["the film was", "a b c d e", "once upon", "x y", "the end of it", "q"]
+    options = {"max_new_tokens": 1, "logprobs": 3, **settings}
+    plain = Engine(bank).run([Request(t, p, generate=True, options=options) for t, p in zip(TASKS * 2, texts)])
+    engine = Engine(bank)
+    echoed = engine.run([Request(t, p, generate=True, options=options, echo=True) for t, p in zip(TASKS * 2, texts)])
+    assert engine.decoder.steps == 0  # no prefill ran: the scoring forward answered
+    for a, b in zip(plain, echoed):
+        assert a.ok and b.ok, (a.error, b.error)
+        assert (b.output, b.finish_reason, b.new_tokens) == (a.output, a.finish_reason, a.new_tokens)
+        assert [x.token for x in b.logprobs] == [x.token for x in a.logprobs]
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+        assert [[t for t, _ in x.top] for x in b.logprobs] == [[t for t, _ in x.top] for x in a.logprobs]
+
+
+def test_a_stop_string_on_the_one_new_token_ends_it_as_a_prefill_would(bank):
+    from softprompt.serve import Engine, Request
+
+    first = Engine(bank).run([Request("writer", "the film was", generate=True,
+                                             options={"max_new_tokens": 1, "temperature": 0})])[0]
+    options = {"max_new_tokens": 1, "temperature": 0, "logprobs": 1, "stop": [first.output[-1:]]}
+    plain, echoed = (Engine(bank).run([Request("writer", "the film was", generate=True, options=options,
+                                                      echo=echo)])[0] for echo in (False, True))
+    assert plain.ok and echoed.ok and first.output
+    assert (echoed.output, echoed.finish_reason) == (plain.output, plain.finish_reason) == (first.output[:-1], "stop")
+
+
+def _gemma2(tok):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    return Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          final_logit_softcapping=0.5, pad_token_id=tok.pad_token_id))
+
+
+def _granite(tok):
+    from transformers import GraniteConfig, GraniteForCausalLM
+    return GraniteForCausalLM(GraniteConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            logits_scaling=4.0, pad_token_id=tok.pad_token_id))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral", "gemma2", "granite"])
+def test_the_lm_head_at_chosen_positions_gives_the_models_own_scores(family, family_models, gpt2_tokenizer):
+    """Scoring applies the LM head only at the positions it scores (`forward.lm_head`):
+    its scores equal the model's own logits there, final soft cap and scales included."""
+    from softprompt.forward import lm_head
+
+    torch.manual_seed(0)
+    if family in ("gemma2", "granite"):
+        model = (_gemma2 if family == "gemma2" else _granite)(gpt2_tokenizer).eval()
+    else:
+        model, _ = family_models(family)
+    ids = torch.randint(0, len(gpt2_tokenizer), (2, 7))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        ours = lm_head(model, out.hidden_states[-1])
+    torch.testing.assert_close(ours, out.logits, rtol=1e-5, atol=1e-5)
+    if family in ("gemma2", "granite"):  # the scaling is applied: the bare head differs
+        assert not torch.allclose(model.get_output_embeddings()(out.hidden_states[-1]), out.logits, atol=1e-3)
+
+
+def test_scores_taken_a_chunk_at_a_time_equal_one_chunk(causal_bank, monkeypatch):
+    from softprompt.serve import scoring
+
+    rows = [(causal_bank["writer"], causal_bank["writer"].model.encoder.encode({"text": t}))
+            for t in ["the film was a quiet joy", "a b c"]]
+    whole = scoring.score_prompts(causal_bank, rows, 2)
+    monkeypatch.setattr(scoring, "CHUNK_SCORES", causal_bank.vocabulary_size * 3)  # 3 positions per chunk
+    chunked = scoring.score_prompts(causal_bank, rows, 2)
+    assert chunked.prompt == whole.prompt and len(whole.prompt[0]) > 4
+    torch.testing.assert_close(chunked.next_token, whole.next_token)

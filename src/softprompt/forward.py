@@ -24,7 +24,7 @@ from .architecture import ModelKind, ModelSpec
 from .inject import Prompts, embed
 from .errors import ConfigError, EncodingError, UnsupportedModelError
 
-LOGITS = ("all", "answer", "none")
+LOGITS = ("all", "answer", "last", "none")
 
 
 @dataclass
@@ -36,7 +36,9 @@ class SoftPromptOutput(ModelOutput):
         loss: scalar, when labels were given.
         logits: (B, T, V) for causal and masked LMs; (B, T_dec, V) decoder logits for
             encoder-decoders; None for a bare encoder, and when the forward was asked for
-            ``logits="answer"`` or ``"none"``.
+            ``logits="answer"`` or ``"none"``. With ``logits="last"`` (causal LMs): (B, 1, V)
+            the scores at each row's last column (left-padded rows: the next token's, what
+            generation continues from), not aligned to the real tokens.
         last_hidden_state: (B, T, D) last-layer states of the real tokens (encoder side of
             an encoder-decoder); for models with an LM head only with ``output_hidden_states=True``.
         answer_logits: (B, V) the output at each row's answer slot ([MASK]), when the
@@ -75,7 +77,7 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
     a training step's host work overlaps the device's otherwise.
     """
     if logits not in LOGITS:
-        raise ConfigError(f"logits must be 'all', 'answer' or 'none', got {logits!r}")
+        raise ConfigError(f"logits must be one of {', '.join(map(repr, LOGITS))}, got {logits!r}")
     if labels is not None and logits != "all":
         raise ConfigError("a token loss (labels=...) reads the logits of every position: use logits='all'")
     keep = _real_tokens(attention_mask, prompt_index, virtual_tokens)  # (B, T)
@@ -103,6 +105,8 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
     loss = None
     if labels is not None and all_logits is not None:
         loss = token_loss(spec, all_logits, labels, keep, prompt_index, attention_mask)
+    if logits == "last" and all_logits is not None:
+        return SoftPromptOutput(logits=all_logits[:, -1:], last_hidden_state=align(hidden), **aligned)
     return SoftPromptOutput(loss=loss, logits=align(all_logits) if logits == "all" else None,
                             last_hidden_state=align(hidden), answer_logits=answer_logits, **aligned)
 
@@ -157,16 +161,40 @@ def _answer_columns(answer_index: torch.Tensor | None, logits: str, lm_head_colu
         logits_to_keep: what the base is given (None: every column).
     """
     answers: list[int] = []  # the distinct answer columns of the batch, -1 for rows without one
-    if logits != "none" and answer_index is not None:
+    if logits not in ("none", "last") and answer_index is not None:
         answers = answer_index.unique().tolist()
     position = answer_index.clamp(min=0) if answers and answers[-1] >= 0 else None
     if logits == "all" or not lm_head_columns:
         return position, None, None
-    if position is None:
-        return None, None, 1  # the fewest the LM head computes
+    if position is None or logits == "last":
+        return None, None, 1  # the fewest the LM head computes (the last column)
     # K = 1 when every row ends at its answer
     columns = torch.tensor(sorted({max(c, 0) for c in answers}), device=answer_index.device)
     return position, columns, columns
+
+
+def lm_head(base, hidden: torch.Tensor) -> torch.Tensor:
+    """A causal LM's scores from its last-layer states, as its own forward computes them at
+    those positions: its output embeddings, then the final scaling of the families that
+    have one (Gemma's soft cap, Granite's and Cohere's logit scales). For scores at
+    positions spread over rows, which ``logits_to_keep`` (one set of columns for the whole
+    batch) cannot pick without computing nearly every column.
+
+    Args:
+        hidden: (..., D) states after the final norm (``hidden_states[-1]``).
+
+    Returns:
+        (..., V) scores in the head's dtype.
+    """
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    logits = base.get_output_embeddings()(hidden)
+    if getattr(config, "logits_scaling", None):  # Granite
+        logits = logits / config.logits_scaling
+    if getattr(config, "logit_scale", None) is not None and isinstance(config.logit_scale, (int, float)):  # Cohere
+        logits = logits * config.logit_scale
+    if getattr(config, "final_logit_softcapping", None):  # Gemma 2 and 3
+        logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
+    return logits
 
 
 def _run_decoder(base, spec: ModelSpec, encoded: BaseModelOutput, attention_mask: torch.Tensor, prompts: Prompts,

@@ -300,19 +300,35 @@ class Decoder:
         """Hand the row in `slot` its new token (and its log-probability, where the row asks);
         it leaves its slot when it is done, or fails alone (non-finite scores, its callbacks
         raising)."""
-        row = self._rows[slot]
-        error: Exception | None = None
+        if self._handed(self._rows[slot], token, finite, logprob):
+            self._finish(slot)
+
+    def _handed(self, row: DecodeRow, token: int, finite: bool, logprob: TokenLogprob | None) -> bool:
+        """Hand `row` its new token; True when it is done (its `error` set if it failed)."""
         if not finite:
-            error = NonFiniteScoresError("the model's next-token scores for this row are not finite (NaN or "
-                                         "infinity): the row was stopped")
-        else:
-            try:
-                if not self._emit(row, token, logprob):
-                    return
-            except Exception as e:  # its stream, stop strings or task decoding: this row's alone
-                error = e
-        row.error = error
-        self._finish(slot)
+            row.error = NonFiniteScoresError("the model's next-token scores for this row are not finite (NaN or "
+                                             "infinity): the row was stopped")
+            return True
+        try:
+            return self._emit(row, token, logprob)
+        except Exception as e:  # its stream, stop strings or task decoding: this row's alone
+            row.error = e
+            return True
+
+    def answer_first(self, rows: Sequence[DecodeRow], scores: torch.Tensor) -> None:
+        """Rows of a one-token budget whose next-token scores (B, V) a forward over them has
+        given already (`scoring.score_prompts`): each gets its token as a prefill's would be
+        picked (its own sampling settings and draw, log-probabilities where asked) and ends,
+        with no prefill and no slot. `on_done` hears of every row."""
+        if any(r.sampling.max_new_tokens != 1 for r in rows):
+            raise ConfigError("answer_first ends its rows after one token: their budget must be 1")
+        first, finite = _pick(scores, rows)
+        k = _top_k(rows)
+        tokens = first.tolist()
+        logprobs = _logprobs(rows, tokens, None if k is None else logprobs_of(scores, first, k))
+        for row, token, ok, logprob in zip(rows, tokens, finite.tolist(), logprobs):
+            self._handed(row, token, bool(ok), logprob)
+            self._done(row)
 
     def _join(self, joining: list[DecodeRow]) -> None:
         """Prefill the joining rows and put them into free slots; when the group's prefill

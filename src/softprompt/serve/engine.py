@@ -35,7 +35,7 @@ import traceback
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
@@ -47,10 +47,13 @@ from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .decode import Decoder, DecodeRow
 from .heads import HeadForwards, Pending
 from .inputs import check_token_ids, example_of, field_texts
-from .scoring import field_ids, prompt_logprobs
+from .scoring import field_ids, score_prompts
 from .mixed import collate_mixed, generate_mixed
 from .sampling import RowSampler, TokenLogprob
 from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("softprompt.serve")
 
@@ -313,32 +316,58 @@ class Engine:
                 yield r
 
     def _scored(self, rows: list[_Row], answer: Callable[[_Row, Result], None]) -> list[_Row]:
-        """Score the prompts of the rows that echo with logprobs (`scoring.prompt_logprobs`:
+        """Score the prompts of the rows that echo with logprobs (`scoring.score_prompts`:
         rows of many tasks in one forward, batches under the engine's budgets); a row that
-        asks for no new tokens, or whose batch failed, is answered here (`answer(row,
+        asks for no new token or one (answered from the same forward's next-token scores:
+        `Decoder.answer_first`), or whose batch failed, is answered here (`answer(row,
         result)`); the rows left to generate are returned."""
         scoring = [r for r in rows if r.request.echo and r.options.logprobs is not None]
-        failed: dict[int, Result] = {}
+        answered: set[int] = set()
         for batch in self._batches(scoring):
             k = max(r.options.logprobs for r in batch)
             try:
-                table = prompt_logprobs(self.bank, [(r.entry, r.encoded) for r in batch], k)
+                scores = score_prompts(self.bank, [(r.entry, r.encoded) for r in batch], k)
             except Exception as e:  # its rows fail alone: the other batches and the generation go on
-                failed.update((id(r), self._failure(r.entry.name, e)) for r in batch)
+                for r in batch:
+                    answer(r, self._failure(r.entry.name, e))
+                    answered.add(id(r))
                 continue
-            for r, entries in zip(batch, table):  # each row keeps its own k of the batch's largest
+            for r, entries in zip(batch, scores.prompt):  # each row keeps its own k of the batch's largest
                 r.echo = [e if e is None else TokenLogprob(e.token, e.logprob, e.top[: r.options.logprobs])
                           for e in entries]
+            ones = [b for b, r in enumerate(batch) if r.options.max_new_tokens == 1]
+            if ones:
+                self._answer_first([batch[b] for b in ones], scores.next_token[ones], answer)
+                answered.update(id(batch[b]) for b in ones)
         left = []
         for r in rows:
-            if id(r) in failed:
-                answer(r, failed[id(r)])
-            elif r.options.max_new_tokens == 0:  # scored only: nothing to generate
+            if id(r) in answered:
+                continue
+            if r.options.max_new_tokens == 0:  # scored only: nothing to generate
                 answer(r, Result(r.entry.name, output="", **r.counts, finish_reason="length",
                                  logprobs=[] if r.options.logprobs is not None else None, **r.echoed))
             else:
                 left.append(r)
         return left
+
+    def _answer_first(self, rows: list[_Row], scores: torch.Tensor, answer: Callable[[_Row, Result], None]) -> None:
+        """Scored rows of one new token, answered from their scoring forward's next-token
+        scores `scores` (B, V): the token picked, its stop strings and the result as for a
+        row the decoder prefills (`Decoder.answer_first`)."""
+        made: list[tuple[int, _Row, DecodeRow]] = []
+        for b, r in enumerate(rows):
+            try:
+                made.append((b, r, self._decode_row(r, partial(answer, r))))
+            except Exception as e:
+                answer(r, self._failure(r.entry.name, e))
+        if not made:
+            return
+        try:
+            self.decoder.answer_first([d for _, _, d in made], scores[[b for b, _, _ in made]])
+        except Exception as e:  # before any row was handed its token: each fails alone
+            for _, r, d in made:
+                if d.result is None:
+                    answer(r, self._failure(r.entry.name, e))
 
     def bind(self, request: Request) -> BankEntry | None:
         """Bind a request to the task version it is admitted with: its `entry`, the bank's
