@@ -16,29 +16,58 @@ completion (``logprobs: true, top_logprobs: k``)::
      "refusal": null}
 
 A token's text is the tokenizer's decoding of that token alone (a token holding part of a
-multi-byte character decodes to U+FFFD, as vLLM's does).
+multi-byte character decodes to U+FFFD, as vLLM's does), looked up in a table of the whole
+vocabulary decoded once per tokenizer (`token_texts`): an echoed prompt of lm-eval lists
+hundreds of tokens and their best alternatives, and one ``decode`` call each (about 3 us)
+cost more host time than the model's forward over them on a GPU.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any, Sequence
 
 from .sampling import TokenLogprob
 
+_TEXTS: "weakref.WeakKeyDictionary[Any, list[str]]" = weakref.WeakKeyDictionary()
+_TEXTS_LOCK = threading.Lock()
+
+
+def token_texts(tokenizer) -> list[str]:
+    """Every token's text alone (``tokenizer.decode([id])`` for each id of the tokenizer's
+    vocabulary), decoded in one batch on first use and kept while the tokenizer lives."""
+    texts = _TEXTS.get(tokenizer)
+    if texts is None:
+        with _TEXTS_LOCK:
+            texts = _TEXTS.get(tokenizer)
+            if texts is None:
+                texts = _TEXTS[tokenizer] = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return texts
+
 
 def token_text(tokenizer, token: int) -> str:
-    return tokenizer.decode([token])
+    texts = token_texts(tokenizer)
+    # an id past the tokenizer's own (a model's padded vocabulary rows): decoded alone, as before
+    return texts[token] if 0 <= token < len(texts) else tokenizer.decode([token])
+
+
+def _texts_of(tokenizer):
+    """``text(id)``: `token_text` with the table looked up once."""
+    texts = token_texts(tokenizer)
+    return lambda t: texts[t] if 0 <= t < len(texts) else tokenizer.decode([t])
 
 
 def completion_logprobs(tokenizer, entries: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
     """A completion choice's ``logprobs`` (`offset`: characters of text before these tokens)."""
     tokens, offsets, tops = [], [], []
+    text_of = _texts_of(tokenizer)
     for e in entries:
-        text = token_text(tokenizer, e.token)
+        text = text_of(e.token)
         tokens.append(text)
         offsets.append(offset)
         offset += len(text)
-        top = {token_text(tokenizer, t): lp for t, lp in e.top}
+        top = {text_of(t): lp for t, lp in e.top}
         top.setdefault(text, e.logprob)
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
@@ -51,18 +80,20 @@ def echo_logprobs(tokenizer, prompt_ids: Sequence[int], prompt: Sequence[TokenLo
     `scoring.prompt_logprobs` entries; null where there is none: the first), then the
     generated tokens', offsets counted from the prompt's start (lm-eval's loglikelihood
     reads ``token_logprobs[len(context):-1]``)."""
-    head = {"tokens": [token_text(tokenizer, t) for t in prompt_ids],
+    text = _texts_of(tokenizer)
+    head = {"tokens": [text(t) for t in prompt_ids],
             "token_logprobs": [None if e is None else e.logprob for e in prompt], "top_logprobs": [], "text_offset": []}
     offset = 0
+    offsets, tops = head["text_offset"], head["top_logprobs"]
     for token, e in zip(head["tokens"], prompt):
-        head["text_offset"].append(offset)
+        offsets.append(offset)
         offset += len(token)
         if e is None:
-            head["top_logprobs"].append(None)
+            tops.append(None)
         else:
-            top = {token_text(tokenizer, t): lp for t, lp in e.top}
+            top = {text(t): lp for t, lp in e.top}
             top.setdefault(token, e.logprob)
-            head["top_logprobs"].append(top)
+            tops.append(top)
     tail = completion_logprobs(tokenizer, generated, offset)
     return {key: head[key] + tail[key] for key in head}
 
@@ -77,4 +108,4 @@ def chat_logprobs(tokenizer, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
-__all__ = ["completion_logprobs", "echo_logprobs", "chat_logprobs"]
+__all__ = ["completion_logprobs", "echo_logprobs", "chat_logprobs", "token_text", "token_texts"]
