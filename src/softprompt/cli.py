@@ -70,33 +70,6 @@ def _format_info(info: dict[str, Any]) -> str:
     return "\n".join(f"{name + ':':<{width}} {value}" for name, value in rows)
 
 
-def _harness(harness: str, prompt: str | None, model: str | None, batch_size: int, limit: int | None,
-             include_path: str | None) -> dict:
-    """`eval --harness`: lm-eval's results of the trained prompt at `prompt` (its recorded
-    base, or `model`), or of the base `model` alone (no prompt)."""
-    from .folder import load_recorded_base
-    from .harness import evaluate_harness
-    from .serve import PromptBank
-
-    if prompt is not None:
-        directory, _, base, tokenizer = load_recorded_base(prompt, model=model)
-        bank = PromptBank(base, tokenizer)
-        name = "prompt"
-        bank.add(name, directory)
-    elif model is not None:
-        from .base_models import load_base, resolve_device
-
-        base, tokenizer = load_base(model)
-        base.to(resolve_device("auto"))
-        bank = PromptBank(base, tokenizer)
-        name = "base"
-        bank.add_base(name)
-    else:
-        raise ConfigError("--harness needs --prompt DIR (a trained prompt) or --model M (the base alone)")
-    tasks = [t.strip() for t in harness.split(",") if t.strip()]
-    return evaluate_harness(bank, name, tasks, batch_size=batch_size, limit=limit, include_path=include_path)
-
-
 @app.command()
 @_reports_errors
 def info(
@@ -192,7 +165,12 @@ def eval_(
     from .training.evaluate import evaluate_trained, evaluate_zero_shot
 
     if harness:
-        typer.echo(json.dumps(_harness(harness, prompt, model, batch_size, limit, include_path), default=str))
+        from .harness import evaluate_folder
+
+        tasks = [t.strip() for t in harness.split(",") if t.strip()]
+        results = evaluate_folder(tasks, prompt=prompt, model=model, batch_size=batch_size, limit=limit,
+                                  include_path=include_path)
+        typer.echo(json.dumps(results, default=str))
         return
     if zero_shot:
         if prompt is not None:

@@ -152,4 +152,28 @@ def evaluate_harness(bank, task: str, harness_tasks: Sequence[str], *, batch_siz
     return out["results"]
 
 
-__all__ = ["SoftPromptLM", "evaluate_harness"]
+def evaluate_folder(harness_tasks: Sequence[str], *, prompt: str | None = None, model: str | None = None,
+                    batch_size: int = 64, limit: int | None = None, include_path: str | None = None) -> dict[str, Any]:
+    """``softprompt eval --harness``: `evaluate_harness` of the trained prompt at `prompt`
+    (on its recorded base, or `model`), or of the base `model` alone (no prompt)."""
+    from .serve import PromptBank
+
+    if prompt is not None:
+        from .folder import load_recorded_base
+
+        directory, _, base, tokenizer = load_recorded_base(prompt, model=model)
+        bank, name = PromptBank(base, tokenizer), "prompt"
+        bank.add(name, directory)
+    elif model is not None:
+        from .base_models import load_base, resolve_device
+
+        base, tokenizer = load_base(model)
+        base.to(resolve_device("auto"))
+        bank, name = PromptBank(base, tokenizer), "base"
+        bank.add_base(name)
+    else:
+        raise ConfigError("--harness needs --prompt DIR (a trained prompt) or --model M (the base alone)")
+    return evaluate_harness(bank, name, harness_tasks, batch_size=batch_size, limit=limit, include_path=include_path)
+
+
+__all__ = ["SoftPromptLM", "evaluate_harness", "evaluate_folder"]
