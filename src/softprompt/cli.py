@@ -392,6 +392,7 @@ def serve(
 
     from .extras import require_extra
     from .serve.bank import named_prompt_folders
+    from .serve.logprobs import token_texts
     from .serve.warmup import warm_up
 
     require_extra("serve", "softprompt serve")  # before the model loads
@@ -464,6 +465,7 @@ def serve(
         if warmed:
             typer.echo(f"warmed up in {time.perf_counter() - started:.1f} s (compiled and captured what the first "
                        f"requests would wait for; ran {', '.join(warmed)})", err=True)
+    token_texts(bank.tokenizer)  # what logprobs list (the vocabulary decoded once: ~1 s at 128k), not in a request
     tasks = [n for n in bank.names() if n != bank.base_name]
     alone = f" and the base model as {bank.base_name!r}" if bank.base_name is not None else ""
     typer.echo(f"serving {len(tasks)} task(s) ({', '.join(tasks)}){alone} on {model} ({target}) at "
