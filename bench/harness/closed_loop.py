@@ -52,10 +52,20 @@ def _body(kind: str, task: str, text: str) -> tuple[str, dict]:
                                     "max_tokens": CLOSED_LOOP_TOKENS, "temperature": 0}
 
 
-async def _one(c: httpx.AsyncClient, kind: str, task: str, text: str) -> tuple[int, float, float | None, int]:
+def rows_of(body: dict) -> int:
+    """The rows a request body asks for: its inputs, or its prompts (a list of prompts:
+    strings, or lists of token ids), else one."""
+    if "inputs" in body:
+        return len(body["inputs"])
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return len(prompt)
+    return 1
+
+
+async def _one(c: httpx.AsyncClient, endpoint: str, body: dict) -> tuple[int, float, float | None, int]:
     """One request: (status, seconds to the whole answer, seconds to the first token of a
     stream (None: not streamed), tokens generated)."""
-    endpoint, body = _body(kind, task, text)
     start = time.perf_counter()
     if not body.get("stream"):
         r = await c.post(endpoint, json=body)
@@ -77,9 +87,11 @@ async def _one(c: httpx.AsyncClient, kind: str, task: str, text: str) -> tuple[i
     return r.status_code, time.perf_counter() - start, first, tokens
 
 
-def _client_process(url: str, plan: list[tuple[str, str]], seconds: float, out) -> None:
+def _client_process(url: str, plan: list[tuple[str, str]], seconds: float, out,
+                    bodies: dict[str, list[tuple[str, dict]]] | None = None) -> None:
     """One process of the load: a client per (kind, task) of `plan`, each sending one
-    request at a time for `seconds`; puts its records in `out`."""
+    request at a time for `seconds` (`bodies`: per kind, the (endpoint, body) pairs its
+    clients send in turn, instead of `_body`'s); puts its records in `out`."""
     async def run() -> dict[str, Any]:
         records: dict[str, dict[str, list]] = {}
         stop_at = time.perf_counter() + seconds
@@ -87,16 +99,19 @@ def _client_process(url: str, plan: list[tuple[str, str]], seconds: float, out) 
         started = time.perf_counter()
         async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
             async def client(k: int, kind: str, task: str) -> None:
-                mine = records.setdefault(kind, {"latency": [], "ttft": [], "tokens": [], "failures": []})
+                mine = records.setdefault(kind, {"latency": [], "ttft": [], "tokens": [], "rows": [], "failures": []})
                 i = k
                 while time.perf_counter() < stop_at:
+                    endpoint, body = (bodies[kind][i % len(bodies[kind])] if bodies else
+                                      _body(kind, task, CLOSED_LOOP_TEXTS[i % len(CLOSED_LOOP_TEXTS)]))
                     try:
-                        status, seconds_, first, tokens = await _one(c, kind, task, CLOSED_LOOP_TEXTS[i % 6])
+                        status, seconds_, first, tokens = await _one(c, endpoint, body)
                     except httpx.HTTPError as e:
                         status, seconds_, first, tokens = type(e).__name__, 0.0, None, 0
                     if status == 200:
                         mine["latency"].append(seconds_)
                         mine["tokens"].append(tokens)
+                        mine["rows"].append(rows_of(body))
                         if first is not None:
                             mine["ttft"].append(first)
                     else:
@@ -110,21 +125,25 @@ def _client_process(url: str, plan: list[tuple[str, str]], seconds: float, out) 
 
 
 def closed_loop(url: str, *, clients: int, seconds: float, kinds: tuple[str, ...] | None = None,
-                processes: int = 1) -> dict[str, Any]:
+                processes: int = 1, bodies: dict[str, list[tuple[str, dict]]] | None = None) -> dict[str, Any]:
     """`clients` clients, each sending one request at a time (one input) to the server at
     `url` for `seconds` and waiting for its answer. Client k sends requests of one kind
     (`kinds_of` the served tasks, limited to `kinds`; the kinds in turn over the clients)
     and of one task of that kind (in turn). The clients run in `processes` processes
-    (asyncio, httpx), so that the load generator does not set the pace.
+    (asyncio, httpx), so that the load generator does not set the pace. `bodies`: the
+    requests of each kind, (endpoint, body) pairs each client of the kind sends in turn
+    (its own kinds, spread over the clients as the served ones are), instead of the
+    served tasks' closed-loop requests.
 
     Returns:
         ``tasks`` (kind -> ids), ``wall`` (seconds), ``kinds``: per kind, ``clients``,
         ``latency`` (seconds of every 200 answer), ``ttft`` (streams: seconds to the first
-        token), ``tokens`` (generated per answer), ``failures`` (status -> count).
+        token), ``tokens`` (generated per answer), ``rows`` (per answer: `rows_of`),
+        ``failures`` (status -> count).
     """
     import multiprocessing
 
-    served = kinds_of(httpx.get(f"{url}/v1/models").json()["data"])
+    served = ({kind: [""] for kind in bodies} if bodies else kinds_of(httpx.get(f"{url}/v1/models").json()["data"]))
     names = [k for k in served if kinds is None or k in kinds]
     if not names:
         raise ValueError(f"no served task answers {kinds}; served: {served}")
@@ -132,7 +151,7 @@ def closed_loop(url: str, *, clients: int, seconds: float, kinds: tuple[str, ...
             for k in range(clients)]
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
-    procs = [context.Process(target=_client_process, args=(url, plan[p::processes], seconds, out))
+    procs = [context.Process(target=_client_process, args=(url, plan[p::processes], seconds, out, bodies))
              for p in range(processes)]
     for p in procs:
         p.start()
@@ -146,6 +165,6 @@ def closed_loop(url: str, *, clients: int, seconds: float, kinds: tuple[str, ...
         lists = [part.get(kind, {}) for part in parts]
         failures = Counter(f for x in lists for f in x.get("failures", []))
         merged[kind] = {"clients": sum(1 for k, _ in plan if k == kind),
-                        **{key: [v for x in lists for v in x.get(key, [])] for key in ("latency", "ttft", "tokens")},
+                        **{key: [v for x in lists for v in x.get(key, [])] for key in ("latency", "ttft", "tokens", "rows")},
                         "failures": dict(failures)}
     return {"tasks": {k: served[k] for k in names}, "wall": wall, "kinds": merged}

@@ -7,8 +7,9 @@ that has no trained weights (speed does not depend on the weights).
 
 Tasks: ``sentiment`` (P-tuning v2, 20 deep tokens, a label-word verbalizer), ``topic``
 (prompt tuning, 20 virtual tokens, a classification head on the pooled state), ``ner``
-(P-tuning v2, 20 deep tokens, a token-classification head) and ``writer`` (P-tuning, MLP
-encoder, no head: completions and chat). The tokenizer gets a ChatML chat template (GPT-2's
+(P-tuning v2, 20 deep tokens, a token-classification head), ``writer`` (P-tuning, MLP
+encoder, no head: completions and chat) and ``reader`` (prompt tuning, 20 virtual tokens,
+no head: what `bench.serve.scoring` scores against ``topic``'s classification). The tokenizer gets a ChatML chat template (GPT-2's
 BPE has none), so that ``/v1/chat/completions`` serves.
 """
 
@@ -49,6 +50,7 @@ def main() -> None:
         "ner": (sp.PTuningV2Config(num_virtual_tokens=20, template="{tokens}"),
                 TokenClassification(["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"])),
         "writer": (sp.PTuningConfig(template="[P:4] {text}", encoder="mlp"), None),
+        "reader": (sp.PromptTuningConfig(template="[P:20] {text}", init="random"), None),
     }
     for name, (config, task) in tasks.items():
         torch.manual_seed(len(name))
