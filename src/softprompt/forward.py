@@ -78,8 +78,16 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
     """
     if logits not in LOGITS:
         raise ConfigError(f"logits must be one of {', '.join(map(repr, LOGITS))}, got {logits!r}")
-    if labels is not None and logits != "all":
-        raise ConfigError("a token loss (labels=...) reads the logits of every position: use logits='all'")
+    if labels is not None and logits not in ("all", "none"):
+        raise ConfigError("a token loss (labels=...) reads the scores of every position: use logits='all' (or "
+                          "'none': a causal LM's loss computed a chunk of positions at a time, no logits returned)")
+    # a causal LM's token loss from its last-layer states, a chunk at a time (`chunked_token_loss`)
+    chunked = labels is not None and logits == "none"
+    if chunked and spec.kind is not ModelKind.CAUSAL:
+        raise ConfigError("logits='none' with labels computes a causal LM's loss in chunks; "
+                          f"{spec.model_type} is not a causal LM: use logits='all'")
+    if chunked and not chunkable(base):
+        chunked, logits = False, "all"  # e.g. FSDP-sharded head: the whole (B, S, V) scores, as before
     keep = _real_tokens(attention_mask, prompt_index, virtual_tokens)  # (B, T)
     align = lambda x: None if x is None else inject.gather_tokens(x, keep)  # noqa: E731
     aligned = _aligned(keep, attention_mask, prompt_index, field_index, word_index)
@@ -92,12 +100,16 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
     inputs = inject.base_inputs(base, spec, input_ids, attention_mask, prompt_index, prompts,
                                 logits_to_keep=logits_to_keep)
     with attention_for(inputs["inputs_embeds"].device):  # no cuDNN attention in a training step (see attention.py)
-        inputs["output_hidden_states"] = output_hidden_states or None
+        inputs["output_hidden_states"] = output_hidden_states or chunked or None
         out = base(**inputs) if base_forward is None else base_forward(base, inputs)
     all_logits = getattr(out, "logits", None)  # (B, S, V), (B, K, V), or None for a bare encoder
     hidden = getattr(out, "last_hidden_state", None)  # bare models
-    if hidden is None and output_hidden_states:
+    if hidden is None and (output_hidden_states or chunked):
         hidden = out.hidden_states[-1]  # models with an LM head
+    if chunked:
+        loss = chunked_token_loss(base, hidden, labels, keep, prompt_index, attention_mask)
+        return SoftPromptOutput(loss=loss, last_hidden_state=align(hidden) if output_hidden_states else None,
+                                **aligned)
     answer_logits = None
     if all_logits is not None and position is not None:
         at = position if columns is None else torch.searchsorted(columns, position)
@@ -229,13 +241,77 @@ def token_loss(spec: ModelSpec, logits, labels, keep, prompt_index, mask) -> tor
     they are scattered back to the full row so that a causal LM's shift pairs each
     position with the *next token of the row*, virtual slots included (those targets
     are ignored). `mask` is the attention mask of the row the base model ran on."""
+    targets = _column_targets(spec.kind is ModelKind.CAUSAL, labels, keep, prompt_index, mask)
+    if spec.kind is ModelKind.CAUSAL:
+        logits = logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+
+
+def _column_targets(causal: bool, labels, keep, prompt_index, mask) -> torch.Tensor:
+    """The target of each scored column (-100: none): (B, S) for a masked LM, (B, S - 1)
+    for a causal LM (column t's target is the row's token t + 1)."""
     full = torch.full(prompt_index.shape, -100, dtype=labels.dtype, device=labels.device)
     full.scatter_(1, keep, labels)
-    if spec.kind is ModelKind.CAUSAL:
-        # A target right after a pad has no real context (left padding): its logits are
-        # the pad's, so it is not scored; a row's loss must not depend on its batch.
-        logits, full = logits[:, :-1], full[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), full.reshape(-1), ignore_index=-100)
+    if not causal:
+        return full
+    # A target right after a pad has no real context (left padding): its scores are the
+    # pad's, so it is not scored; a row's loss must not depend on its batch.
+    return full[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
+
+
+#: most fp32 scores (positions x vocabulary) one chunk of `chunked_token_loss` holds: 256 MiB
+LOSS_CHUNK_SCORES = 2**26
+
+
+def chunkable(base) -> bool:
+    """Whether `base`'s LM head can run outside its forward (`lm_head`, `chunked_token_loss`):
+    a frozen head (no gradient for it) whose weights are whole on this process (not a
+    sharded FSDP 2 parameter)."""
+    head = base.get_output_embeddings()
+    if head is None or head.weight.requires_grad:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return not isinstance(head.weight, DTensor)
+
+
+def chunked_token_loss(base, hidden: torch.Tensor, labels, keep, prompt_index, mask) -> torch.Tensor:
+    """`token_loss` of a causal LM from its last-layer states `hidden` (B, S, D): the LM head
+    runs only at the columns that have a target (a generation task's answer tokens, not
+    its input), `LOSS_CHUNK_SCORES` scores at a time, and each chunk's gradient with
+    respect to its states is taken as the chunk is scored (`_ChunkedLoss`): memory holds one
+    chunk's scores, never (B, S, V) scores or their gradient. Same value and gradients as
+    `token_loss` over the whole logits (tested)."""
+    targets = _column_targets(True, labels, keep, prompt_index, mask)  # (B, S - 1)
+    scored = targets != -100
+    states, wanted = hidden[:, :-1][scored], targets[scored]  # (N, D), (N,)
+    chunk = max(1, LOSS_CHUNK_SCORES // base.get_output_embeddings().weight.shape[0])
+    return _ChunkedLoss.apply(states, wanted, base, chunk) / wanted.numel()
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Summed cross-entropy of N positions' next-token scores from their states (N, D),
+    a chunk of positions at a time. The head is frozen, so the only gradient is the states':
+    each chunk's is computed in the forward, while its scores are at hand, and kept (N, D);
+    the backward scales it. Nothing is recomputed, and no chunk's scores outlive it."""
+
+    @staticmethod
+    def forward(ctx, states: torch.Tensor, targets: torch.Tensor, base, chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=states.device)
+        grads = torch.zeros_like(states)
+        for i in range(0, states.shape[0], chunk):
+            with torch.enable_grad():
+                part = states[i: i + chunk].detach().requires_grad_()
+                loss = F.cross_entropy(lm_head(base, part).float(), targets[i: i + chunk], reduction="sum")
+                (grads[i: i + chunk],) = torch.autograd.grad(loss, part)
+            total += loss.detach()
+        ctx.save_for_backward(grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (grads,) = ctx.saved_tensors
+        return grads * grad.to(grads.dtype), None, None, None
 
 
 def encode_seq2seq(base, spec: ModelSpec, input_ids, attention_mask, prompt_index, prompts: Prompts) -> BaseModelOutput:

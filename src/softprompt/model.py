@@ -314,7 +314,9 @@ class SoftPromptModel(OnBase, nn.Module):
                 `logits`), ``"answer"`` (only `answer_logits`: a causal LM applies its LM
                 head at the answer columns alone) or ``"none"`` (no logits returned: for
                 heads over hidden states; a causal LM computes one column). Labels need
-                ``"all"``.
+                ``"all"``, or ``"none"`` for a causal LM: its loss is then computed from
+                the last-layer states a chunk of target positions at a time, with no
+                (B, S, V) logits (`forward.chunked_token_loss`).
             token_type_ids: (B, S) what a BERT-style tokenizer returns beside the ids, so that
                 ``model(**tokenizer(texts, ...))`` works: all 0 (one segment, as every
                 template's row), else refused.

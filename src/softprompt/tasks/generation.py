@@ -158,7 +158,9 @@ class Generation(Task):
 
     # -- model ----------------------------------------------------------------
     def loss(self, model, batch, targets):
-        return model(**batch, labels=targets["labels"]).loss
+        # a causal LM scores only the target columns, a chunk at a time (`forward.chunked_token_loss`)
+        causal = model.spec.kind is ModelKind.CAUSAL
+        return model(**batch, labels=targets["labels"], logits="none" if causal else "all").loss
 
     def generate_options(self) -> dict[str, Any]:
         """The `generate` keyword arguments of `predict` (greedy, up to max_new_tokens)."""
