@@ -12,7 +12,7 @@ import pytest
 from openai import OpenAI
 
 from softprompt.serve import Engine, Result, create_app
-from softprompt.serve.engine import ErrorKind
+from softprompt.serve.request import ErrorKind
 
 from serving import Server
 from test_serve_http import causal_bank  # noqa: F401 (the fixture, found by pytest by its name)

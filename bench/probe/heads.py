@@ -41,7 +41,7 @@ from bench.harness.timing import measure, sync
 from bench.serve.throughput import _answer_probe, bank_of, peft_s2, text_of
 from softprompt.encode import TemplateEncoder
 from softprompt.serve import Engine, Request
-from softprompt.serve.engine import Result
+from softprompt.serve.request import Result
 from softprompt.template import parse_template
 
 REQUESTS, P, TOKENS = 512, 20, 64

@@ -41,7 +41,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bench.harness.load import differs, run_load, save_prompts
 from softprompt.serve import Engine, PromptBank, Request
-from softprompt.serve.engine import ErrorKind
+from softprompt.serve.request import ErrorKind
 
 from conftest import make_llama
 from serving import free_port, wait_until_serving

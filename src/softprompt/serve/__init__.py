@@ -8,7 +8,8 @@ from typing import Any
 
 from .batcher import Batcher, QueueFullError, TooManyRequestsForQueueError
 from .bank import BankEntry, PromptBank, UnknownTaskError, check_task_name
-from .engine import Engine, ErrorKind, Request, Result
+from .engine import Engine
+from .request import ErrorKind, Request, Result
 from .mixed import MixedBatch, encode_mixed, forward_mixed, generate_mixed
 from .text import GenerationOptions, TokenStream
 

@@ -63,7 +63,8 @@ from ..io.remote import is_url
 from .admin import ADMIN_OFF_ROUTES, ADMIN_ROUTES
 from .bank import PromptBank
 from .batcher import Batcher
-from .engine import Engine, Request
+from .engine import Engine
+from .request import Request
 from .errors import error_body, field_path
 from .guard import BodyError, RequestGuard, check_api_key, parse_json_body
 from .openai_api import chat_completions, completions

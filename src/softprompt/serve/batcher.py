@@ -32,7 +32,8 @@ from functools import partial
 from typing import Callable, Sequence
 
 from ..errors import SoftPromptError
-from .engine import GONE, Engine, ErrorKind, Request, Result
+from .engine import Engine
+from .request import GONE, ErrorKind, Request, Result
 
 SHUTTING_DOWN = "the server is shutting down"
 

@@ -27,13 +27,10 @@ HTTP status codes are the app's.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
-import threading
 import traceback
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
@@ -47,8 +44,9 @@ from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .decode import Decoder, DecodeRow
 from .heads import HeadForwards, Pending
 from .inputs import check_token_ids, example_of, field_texts
-from .scoring import field_ids, score_prompts
+from .scoring import score_prompts
 from .mixed import collate_mixed, generate_mixed
+from .request import GONE, Admit, CancelledRequestError, ErrorKind, Request, Result, Row
 from .sampling import RowSampler, TokenLogprob
 from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
 
@@ -56,142 +54,6 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("softprompt.serve")
-
-GONE = "cancelled: the client went away"
-
-Admit = Callable[[int], list[tuple["Request", Callable[["Result"], None]]]]
-
-
-class CancelledRequestError(SoftPromptError):
-    """The request's client has gone (`Request.cancelled`, `TokenStream.cancel`)."""
-
-
-class ErrorKind(enum.Enum):
-    """Why a request failed (the HTTP app maps each to a status code)."""
-
-    UNKNOWN_TASK = "unknown task"
-    INPUT_TOO_LONG = "input too long"
-    BAD_INPUT = "bad input"  # a malformed input or option, or one the task cannot take
-    FAILED = "failed"  # a failure inside the model
-    CANCELLED = "cancelled"  # its client has gone
-    SHUTTING_DOWN = "shutting down"  # the server stopped before it was answered
-
-    @classmethod
-    def of(cls, error: Exception) -> "ErrorKind":
-        if isinstance(error, UnknownTaskError):
-            return cls.UNKNOWN_TASK
-        if isinstance(error, CancelledRequestError):
-            return cls.CANCELLED
-        if isinstance(error, InputTooLongError):
-            return cls.INPUT_TOO_LONG
-        return cls.BAD_INPUT if isinstance(error, SoftPromptError) else cls.FAILED
-
-
-@dataclass
-class Request:
-    """One input for one task.
-
-    Attributes:
-        task: a task name of the bank.
-        input: a text (fills the template's only field; split into words for NER),
-            `TokenIds` (fill the only field as they are) or an object of the template's fields.
-        generate: generate text (completions) instead of reading the task's head.
-        options: generation options by name (`GENERATE_OPTIONS`, read by
-            `GenerationOptions.parse`), or parsed already.
-        stream: receives the generated text piece by piece.
-        echo: a completion that also scores its prompt: with `logprobs` in its options, its
-            `Result.prompt_logprobs` holds each of the prompt's own tokens' log-probability
-            (`scoring.prompt_logprobs`); ``max_new_tokens`` 0 (set on parsed options: the
-            parser takes 1 and more) scores without generating.
-        on_result: called (on the engine's thread) with the request's `Result` as soon as
-            it is ready, before `Engine.run` returns: the `Batcher` answers its caller
-            then, not when the whole run (which may decode for as long as new rows keep
-            joining) ends.
-        entry: the task version the request was admitted with (the HTTP app binds it when
-            it checks the endpoint); None: bound when it is admitted (`Batcher.submit`,
-            `Engine.run`: see `Engine.bind`). A task replaced or removed afterwards does
-            not change what answers it.
-        cancelled: set when its client has gone (a closed connection): the request is
-            dropped if it is still waiting, or stops at the next decode step (see `gone`).
-    """
-
-    task: str
-    input: Any
-    generate: bool = False
-    options: dict[str, Any] | GenerationOptions = field(default_factory=dict)
-    stream: TokenStream | None = None
-    echo: bool = False
-    on_result: Callable[[Result], None] | None = field(default=None, repr=False, compare=False)
-    entry: BankEntry | None = field(default=None, repr=False, compare=False)
-    cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
-
-    @property
-    def gone(self) -> bool:
-        """Its client has gone: `cancelled` is set, or its stream was cancelled
-        (`TokenStream.cancel`); the one test of both, wherever a request may stop."""
-        return self.cancelled.is_set() or (self.stream is not None and self.stream.cancelled)
-
-
-@dataclass
-class Result:
-    """The answer to one request: `output` (the task's prediction, or the generated text),
-    or `error` with its `error_kind`."""
-
-    task: str
-    output: Any = None
-    error: str | None = None
-    error_kind: ErrorKind | None = None
-    prompt_tokens: int = 0  # the request's own tokens the model read (the template's text and its input)
-    virtual_tokens: int = 0  # its task's virtual tokens besides (in the row, or a deep prompt's per layer)
-    new_tokens: int = 0
-    finish_reason: str | None = None  # generation: "stop" (end of sequence or a stop string) or "length"
-    logprobs: list[TokenLogprob] | None = None  # generation with `logprobs` asked: one per new token
-    # echo with `logprobs`: the prompt's own tokens (`scoring.field_ids`) and theirs (None for the first)
-    prompt_ids: list[int] | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass
-class _Row:
-    index: int
-    request: Request
-    entry: BankEntry
-    example: dict[str, Any]
-    encoded: EncodedRow  # the row as checked: batches collate it, nothing is encoded twice
-    options: GenerationOptions | None  # None: read by the task's head
-    echo: list[TokenLogprob | None] | None = None  # its prompt's scores (`Request.echo` with logprobs)
-
-    @property
-    def length(self) -> int:
-        return len(self.encoded.input_ids)
-
-    @property
-    def echoed(self) -> dict[str, Any]:
-        """The `Result` fields of its prompt's scores (none unless it echoes with logprobs)."""
-        if self.echo is None:
-            return {}
-        return {"prompt_ids": field_ids(self.encoded), "prompt_logprobs": self.echo}
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """The row's `Result` token counts: its own tokens, and the virtual tokens of its
-        task (an input prompt's slots in the row; a deep prompt's length per layer)."""
-        slots = sum(1 for p in self.encoded.prompt_index if p >= 0)
-        deep = self.entry.model.num_virtual_tokens if self.entry.model.deep else 0
-        return {"prompt_tokens": self.length - slots, "virtual_tokens": slots + deep}
-
-    @property
-    def generates(self) -> bool:
-        return self.options is not None
-
-    @property
-    def task_decode(self):
-        """A generating task's own decoding of its tokens (None: a completion)."""
-        return None if self.request.generate else self.entry.task.decode
 
 
 class Engine:
@@ -275,7 +137,7 @@ class Engine:
                 checked.append((i, request, self._check(request)))
             except Exception as e:
                 results[i] = self._failure(request.task, e)
-        generating: list[_Row] = []
+        generating: list[Row] = []
         with self._pretokenized([(request.entry, example) for _, request, example in checked]):
             prepared = self._prepared(checked, results)
             # head rows are cut into batches as they are prepared: the first batch's forward
@@ -286,7 +148,7 @@ class Engine:
             # one decode loop: rows of every task and setting, joining as others end
             self._guarded(generating, results, lambda batch: self._run_decoder(batch, admit, results), "decode")
         else:
-            groups: dict[tuple, list[_Row]] = {}
+            groups: dict[tuple, list[Row]] = {}
             for r in generating:  # rows of any sampling settings and seeds share a batch (`RowSampler`)
                 groups.setdefault(r.options.batch_key, []).append(r)
             for group in groups.values():
@@ -295,7 +157,7 @@ class Engine:
         return [r if r is not None else Result("", error="not run", error_kind=ErrorKind.FAILED)
                 for r in results.results]
 
-    def _prepared(self, checked: list[tuple[int, Request, dict[str, Any]]], results: "_Answers") -> Iterator[_Row]:
+    def _prepared(self, checked: list[tuple[int, Request, dict[str, Any]]], results: "_Answers") -> Iterator[Row]:
         """The checked requests as rows (`_prepare`), in order; a request that fails gets its
         result here and no row."""
         for i, request, _ in checked:
@@ -307,7 +169,7 @@ class Engine:
             yield row
 
     @staticmethod
-    def _set_aside(rows: Iterable[_Row], generating: list[_Row]) -> Iterator[_Row]:
+    def _set_aside(rows: Iterable[Row], generating: list[Row]) -> Iterator[Row]:
         """The head rows of `rows`; the generating ones are appended to `generating`."""
         for r in rows:
             if r.generates:
@@ -315,7 +177,7 @@ class Engine:
             else:
                 yield r
 
-    def _scored(self, rows: list[_Row], answer: Callable[[_Row, Result], None]) -> list[_Row]:
+    def _scored(self, rows: list[Row], answer: Callable[[Row, Result], None]) -> list[Row]:
         """Score the prompts of the rows that echo with logprobs (`scoring.score_prompts`:
         rows of many tasks in one forward, batches under the engine's budgets); a row that
         asks for no new token or one (answered from the same forward's next-token scores:
@@ -350,11 +212,11 @@ class Engine:
                 left.append(r)
         return left
 
-    def _answer_first(self, rows: list[_Row], scores: torch.Tensor, answer: Callable[[_Row, Result], None]) -> None:
+    def _answer_first(self, rows: list[Row], scores: torch.Tensor, answer: Callable[[Row, Result], None]) -> None:
         """Scored rows of one new token, answered from their scoring forward's next-token
         scores `scores` (B, V): the token picked, its stop strings and the result as for a
         row the decoder prefills (`Decoder.answer_first`)."""
-        made: list[tuple[int, _Row, DecodeRow]] = []
+        made: list[tuple[int, Row, DecodeRow]] = []
         for b, r in enumerate(rows):
             try:
                 made.append((b, r, self._decode_row(r, partial(answer, r))))
@@ -423,7 +285,7 @@ class Engine:
             check_token_ids(request.input, self.bank.vocabulary_size)
         return self._example(entry, request.input)
 
-    def _prepare(self, index: int, request: Request) -> _Row:
+    def _prepare(self, index: int, request: Request) -> Row:
         """The request, checked (`_check`: cheap, so `run` checks twice rather than carry
         the examples), as a row with its bound entry."""
         example = self._check(request)
@@ -451,7 +313,7 @@ class Engine:
             raise EncodingError("the input has no tokens: an empty input through a template with no other text, "
                                 "virtual tokens or special tokens gives the model nothing to read")
         # before batches are cut: rows grouped by prefix length must have their final entry
-        return _Row(index, request, entry.for_row(encoded), example, encoded, options)
+        return Row(index, request, entry.for_row(encoded), example, encoded, options)
 
     def _encode(self, entry: BankEntry, example: dict[str, Any], options: GenerationOptions | None,
                 index: int | None) -> EncodedRow:
@@ -477,23 +339,23 @@ class Engine:
 
     _example = staticmethod(example_of)
 
-    def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
+    def _batches(self, rows: list[Row]) -> list[list[Row]]:
         """Consecutive requests under the row and token budgets (for BART-like families, of
         one prefix length)."""
         if not rows:
             return []
         spec = rows[0].entry.model.spec
         if spec.model_type in POSITIONS_FROM_CACHE:
-            by_length: dict[int, list[_Row]] = {}
+            by_length: dict[int, list[Row]] = {}
             for r in rows:
                 by_length.setdefault(self.bank.prompt_length(r.entry), []).append(r)
             return [b for group in by_length.values() for b in self._cut(group)]
         return list(self._cut(rows))
 
-    def _cut(self, rows: Iterable[_Row]) -> Iterator[list[_Row]]:
+    def _cut(self, rows: Iterable[Row]) -> Iterator[list[Row]]:
         """Consecutive rows under the row and token budgets, each batch given as soon as
         the row after it is known not to fit (or the rows end)."""
-        current: list[_Row] = []
+        current: list[Row] = []
         longest = 0
         for r in rows:
             padded = max(longest, r.length) * (len(current) + 1)
@@ -505,7 +367,7 @@ class Engine:
         if current:
             yield current
 
-    def _cut_as_they_come(self, rows: Iterator[_Row]) -> Iterator[list[_Row]]:
+    def _cut_as_they_come(self, rows: Iterator[Row]) -> Iterator[list[Row]]:
         """`_batches` over rows still being prepared: cut as they come where batches are
         consecutive rows; for families whose batches group rows by prefix length, once
         all are prepared."""
@@ -517,7 +379,7 @@ class Engine:
             return iter(self._batches(list(rows)))
         return self._cut(rows)
 
-    def _guarded(self, batch: list[_Row], results: "_Answers", work, kind: str, alone=None) -> None:
+    def _guarded(self, batch: list[Row], results: "_Answers", work, kind: str, alone=None) -> None:
         """Run `work` on the batch; if it fails as a whole, run each request alone (those
         not answered yet: a decode answers its rows as they end) with `alone` (default:
         `work`)."""
@@ -542,7 +404,7 @@ class Engine:
             results[batch[0].index] = Result(batch[0].entry.name, error=f"{type(e).__name__}: {e}",
                                              error_kind=ErrorKind.of(e))
 
-    def _run_head_batches(self, batches: Iterable[list[_Row]], results: "_Answers") -> None:
+    def _run_head_batches(self, batches: Iterable[list[Row]], results: "_Answers") -> None:
         """Answer batches of head requests, each batch's forward queued (`_launch_heads`)
         before the answers of the batch before are read (`_read_heads`).
 
@@ -553,7 +415,7 @@ class Engine:
         done (graphed batches replay on their own stream: `HeadGraphs.launch`). A batch
         whose launch or read fails is answered as before: whole, then request by request.
         """
-        pending: tuple[list[_Row], Pending] | None = None
+        pending: tuple[list[Row], Pending] | None = None
         for batch in itertools.chain(batches, [None]):  # batches may still be coming: see `run`
             launched = None
             if batch is not None:
@@ -569,14 +431,14 @@ class Engine:
                 self._guarded(batch, results, self._run_heads, "forward")
             pending = None if launched is None else (batch, launched)
 
-    def _run_heads(self, batch: list[_Row]) -> list[Result]:
+    def _run_heads(self, batch: list[Row]) -> list[Result]:
         return self._read_heads(batch, self._launch_heads(batch))
 
-    def _launch_heads(self, batch: list[_Row]) -> Pending:
+    def _launch_heads(self, batch: list[Row]) -> Pending:
         # the entries each row was checked with, not the names: see `PromptBank.entry`
         return self.heads.launch([r.entry for r in batch], [r.encoded for r in batch])
 
-    def _read_heads(self, batch: list[_Row], pending: Pending) -> list[Result]:
+    def _read_heads(self, batch: list[Row], pending: Pending) -> list[Result]:
         outputs = self.heads.read(pending, [r.entry for r in batch], [r.example for r in batch])
         return [Result(r.entry.name, output=o, **r.counts) for r, o in zip(batch, outputs)]
 
@@ -585,7 +447,7 @@ class Engine:
         entry = self.bind(request)  # its own version's head decides, not the task's name now
         return request.generate or (entry is not None and entry.task is not None and entry.task.generates)
 
-    def _decode_row(self, r: _Row, on_result: Callable[[Result], None] | None = None) -> DecodeRow:
+    def _decode_row(self, r: Row, on_result: Callable[[Result], None] | None = None) -> DecodeRow:
         """A request as a decoder row: its sampling settings, stop strings and stream; the
         `Result` is built when the row finishes (and handed to `on_result`)."""
         tokenizer = self.bank.tokenizer
@@ -603,7 +465,7 @@ class Engine:
                          entry=r.entry, cancelled=lambda: r.request.gone, logprobs=logprobs,
                          eos_logprob=r.request.echo)
 
-    def _decoded(self, r: _Row, row: DecodeRow, text: RowText, max_new_tokens: int) -> Result:
+    def _decoded(self, r: Row, row: DecodeRow, text: RowText, max_new_tokens: int) -> Result:
         """A finished decode row's `Result`: its text, or why it failed (that row alone:
         `DecodeRow.error`) or stopped early (its client gone)."""
         if row.error is not None:
@@ -618,14 +480,14 @@ class Engine:
                       finish_reason="length" if ran_out else "stop",
                       logprobs=list(row.logprobs) if row.sampling.logprobs is not None else None, **r.echoed)
 
-    def _run_decoder(self, batch: list[_Row], admit: Admit | None = None,
+    def _run_decoder(self, batch: list[Row], admit: Admit | None = None,
                      answers: "_Answers | None" = None) -> list[Result]:
         """Causal LMs: continuous batching (`decode.py`); per-row settings, stop strings,
         streams; requests from `admit` join the running batch."""
         joined: list[tuple[DecodeRow, Callable[[Result], None]]] = []
 
         def more(room: int) -> list[DecodeRow]:
-            prepared: list[_Row] = []
+            prepared: list[Row] = []
             answers: dict[int, Callable[[Result], None]] = {}
             for request, on_result in admit(room):
                 try:  # whatever fails, fails this request alone: the decode goes on
@@ -658,7 +520,7 @@ class Engine:
             raise
         return [d.result for d in decode_rows]
 
-    def _run_generation(self, batch: list[_Row]) -> list[Result]:
+    def _run_generation(self, batch: list[Row]) -> list[Result]:
         """Encoder-decoders: one `generate()` for the batch (rows share `batch_key`), each row
         sampling with its own settings and stream (`RowSampler`), its own stop strings."""
         options = batch[0].options  # the batch's budget and end of sequence

@@ -21,7 +21,7 @@ from pydantic_core import PydanticCustomError
 from ..errors import SoftPromptError
 from .chat import render_chat
 from ..encode import TokenIds
-from .engine import Request, Result
+from .request import Request, Result
 from .handoff import Pieces
 from .inputs import TokenIdError, check_token_ids, example_of
 from .errors import error_body

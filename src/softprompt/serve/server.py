@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import SoftPromptError
 from .bank import BankEntry, PromptBank, UnknownTaskError
 from .batcher import Batcher, QueueFullError, TooManyRequestsForQueueError
-from .engine import Engine, ErrorKind, Request, Result
+from .engine import Engine
+from .request import ErrorKind, Request, Result
 from .handoff import Mailbox
 from .text import GenerationOptions
 

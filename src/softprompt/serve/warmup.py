@@ -19,7 +19,8 @@ from typing import Iterable, Iterator
 from ..architecture import ModelKind, model_spec
 from .bank import BankEntry
 from .decode import Decoder, DecodeRow
-from .engine import Engine, Request
+from .engine import Engine
+from .request import Request
 from .sampling import Sampling
 
 log = logging.getLogger("softprompt.serve")
