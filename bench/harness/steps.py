@@ -73,9 +73,12 @@ def adamw(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, fused=params[0].is_cuda or None)
 
 
-def our_step(model, task, loss_kind: str, ids: torch.Tensor, tok, graphs: bool = False) -> Callable[[], None]:
+def our_step(model, task, loss_kind: str, ids: torch.Tensor, tok, graphs: bool = False,
+             whole_logits: bool = False) -> Callable[[], None]:
     """softprompt's step as train.py runs it: fused AdamW told on the device to skip a
-    non-finite step (found_inf), and each step's loss read one step late (its NaN check)."""
+    non-finite step (found_inf), and each step's loss read one step late (its NaN check).
+    The LM loss is the generation task's (`forward.chunked_token_loss`: no (B, S, V)
+    logits); `whole_logits`: over the whole logits instead, as before it."""
     batch = our_batch(ids, model.deep, tok.pad_token_id)
     labels = {"labels": torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)}
     optimizer = torch.optim.AdamW([p for p in list(model.prompt.parameters()) + list(task.parameters()) if p.requires_grad],
@@ -85,7 +88,7 @@ def our_step(model, task, loss_kind: str, ids: torch.Tensor, tok, graphs: bool =
 
     def loss() -> torch.Tensor:
         if loss_kind == "lm":  # the generation task's loss: labels are the real tokens
-            return model(**batch, labels=ids).loss
+            return model(**batch, labels=ids, logits="all" if whole_logits else "none").loss
         return task.loss(model, batch, labels)  # the verbalizer's loss at the answer slot
 
     def step() -> None:

@@ -12,7 +12,9 @@ of a real shape (speed does not depend on the weights), bf16 weights, 20 virtual
   ours    softprompt's training step as `softprompt train` runs it: the task's loss through
           `SoftPromptModel`, backward, one read of the loss (the NaN check), gradient
           clipping at 1.0, fused AdamW; ``eager`` and ``compile`` (train.compile: the
-          base's blocks compiled); ``checkpointing`` rows with train.gradient_checkpointing.
+          base's blocks compiled); ``checkpointing`` rows with train.gradient_checkpointing;
+          ``whole-logits``: eager, the LM loss over the whole (B, S, V) logits (before the
+          chunked loss, `forward.chunked_token_loss`, which the other rows use).
   peft    HF PEFT 0.21 with the same method and sizes (prompt encoder sizes set to PEFT's
           defaults on both sides), the same clipping and fused AdamW, no host reads; with
           and without bf16 autocast (Trainer's ``bf16=True``), the faster one is the baseline.
@@ -136,7 +138,8 @@ class ModelRun:
         with model.accelerated(compile=variant in ("compile", "graphs"), compile_options=options,
                                checkpointing=variant == "checkpointing"):
             model.train()
-            result = self.timed(our_step(model, task, loss_kind, ids, self.tok, variant == "graphs"))
+            result = self.timed(our_step(model, task, loss_kind, ids, self.tok, variant == "graphs",
+                                         whole_logits=variant == "whole-logits"))
         result["trainable"] = model.trainable_parameters()
         return result
 
@@ -167,7 +170,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--sides", default="floor,ours,peft")
     parser.add_argument("--variants", default="eager,compile,graphs",
-                        help="eager, compile (train.compile=true), graphs (train.compile=reduce-overhead), checkpointing")
+                        help="eager, compile (train.compile=true), graphs (train.compile=reduce-overhead), checkpointing, "
+                             "whole-logits (eager, the LM loss over the whole logits)")
     parser.add_argument("--peft-autocast", default="off,on")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
