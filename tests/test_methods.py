@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 import softprompt as sp
+from softprompt.errors import ConfigError
 from softprompt.methods import CONFIGS, config_class
 
 from conftest import make_gpt2, make_llama
@@ -159,3 +162,39 @@ def test_trainable_parameters_are_printed_as_peft_prints_them(gpt2, capsys):
     peft = get_peft_model(make_gpt2(tok), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
     peft.print_trainable_parameters()
     assert ours == capsys.readouterr().out.strip()
+
+
+def test_residual_prompt_tuning_reparameterises_the_table_and_saves_its_output(gpt2, tmp_path):
+    """Residual prompt tuning: p + LayerNorm(W_up ReLU(W_down p)) over the table while
+    training (every part gets a gradient); the saved prompt is that output, and the folder
+    loads and runs as a plain input prompt with the same logits."""
+    base, tok = gpt2
+    config = sp.PromptTuningConfig(template="[P:4] {text}", init="vocab", reparameterization="residual",
+                                   residual_hidden_size=8)
+    model = sp.SoftPromptModel(base, config, tokenizer=tok)
+    prompt = model.prompt
+    p = prompt.embedding
+    r = prompt.residual
+    expected = p + torch.nn.functional.layer_norm(r.up(torch.relu(r.down(p))), (p.shape[1],), r.norm.weight, r.norm.bias)
+    torch.testing.assert_close(prompt(), expected)
+    assert r.norm.weight[0].item() == pytest.approx(base.get_input_embeddings().weight.float().std().item(), rel=1e-5)
+    batch = model.encode([{"text": "a fine film"}])
+    model(**batch).logits.sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in [p, r.down.weight, r.up.weight, r.norm.weight])
+    model.save_pretrained(tmp_path / "prompt")
+    loaded = sp.SoftPromptModel.from_pretrained(base, tmp_path / "prompt", tokenizer=tok)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+        torch.testing.assert_close(loaded.export(), prompt().detach())
+    same = sp.SoftPromptModel(base, dataclasses.replace(config), tokenizer=tok).prompt
+    torch.testing.assert_close(same(), prompt())  # seeded: the same MLP from the same init_seed
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"reparameterization": "lstm"}, "reparameterization must be one of"),
+    ({"reparameterization": "residual", "residual_hidden_size": 0}, "residual_hidden_size must be a positive integer"),
+])
+def test_residual_config_errors(gpt2, kwargs, match):
+    base, tok = gpt2
+    with pytest.raises(ConfigError, match=match):
+        sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:2] {text}", **kwargs), tokenizer=tok)
