@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[])
     parser.add_argument("--label", default=None)
+    parser.add_argument("--profile", default=None, help="py-spy raw samples of the server in the score phase, to FILE")
     parser.add_argument("--out", default=str(RESULTS / "serve_scoring.json"))
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -124,17 +126,23 @@ def main() -> None:
               "options": ["--device", args.device, *(["--dtype", args.dtype] if args.dtype else []), *args.server_args]}
     requests = bodies(docs)
     log_path = Path(args.out).with_suffix(".server.log")
-    with serving(args.model, args.prompts, report["options"], log_path) as (url, _):
+    with serving(args.model, args.prompts, report["options"], log_path) as (url, server):
         if args.warmup > 0:
             closed_loop(url, clients=args.clients, seconds=args.warmup, processes=args.processes, bodies=requests)
         phases = report["phases"] = {}
         for kind in ("classify", "score"):
             started = time.monotonic()
+            if args.profile and kind == "score":  # py-spy samples every thread of the server
+                profiler = subprocess.Popen(["py-spy", "record", "-p", str(server.pid), "-d", str(int(args.seconds)),
+                                             "-r", "200", "--threads", "--nonblocking", "-f", "raw", "-o", args.profile],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             load = closed_loop(url, clients=args.clients, seconds=args.seconds, processes=args.processes,
                                bodies={kind: requests[kind]})
             phases[kind] = phase(load, kind, flops[kind], peak)
             print(kind, json.dumps(phases[kind]), f"({time.monotonic() - started:.0f} s)", flush=True)
             write_json(report, Path(args.out))
+    if args.profile:
+        profiler.wait(timeout=60)
     report["score_over_classify_rows"] = phases["score"]["rows_per_s"] / phases["classify"]["rows_per_s"]
     write_json(report, Path(args.out))
     print(json.dumps(report, indent=1))

@@ -22,6 +22,13 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return tensor.to(device)
 
 
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of a device tensor, queued like a kernel (valid once the stream
+    has passed it: record an event after it and wait for that before reading)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
 def tensor_on(data, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """``torch.tensor(data, device=device)`` without waiting for the device."""
     return to_device(torch.tensor(data, dtype=dtype), device)

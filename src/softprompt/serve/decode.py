@@ -35,6 +35,7 @@ import torch
 from ..attention import use_slot_attention
 from ..encode import EncodedRow
 from ..errors import ConfigError
+from ..transfer import to_host
 from .bank import PromptBank
 from .graphed import Joined, PrefillGraphs, paddable
 from .prefill import Prefill
@@ -282,7 +283,7 @@ class Decoder:
         logprobs = None if k is None else logprobs_of(slots.logits, chosen, k)
         if not both.is_cuda:
             return _Launched(list(self._rows), both, None, logprobs)
-        both, logprobs = _to_host(both), None if logprobs is None else _to_host(logprobs)
+        both, logprobs = to_host(both), None if logprobs is None else to_host(logprobs)
         ready = torch.cuda.Event()
         ready.record()
         return _Launched(list(self._rows), both, ready, logprobs)
@@ -317,15 +318,27 @@ class Decoder:
 
     def answer_first(self, rows: Sequence[DecodeRow], scores: torch.Tensor) -> None:
         """Rows of a one-token budget whose next-token scores (B, V) a forward over them has
-        given already (`scoring.score_prompts`): each gets its token as a prefill's would be
+        given already (`scoring.launch_scores`): each gets its token as a prefill's would be
         picked (its own sampling settings and draw, log-probabilities where asked) and ends,
         with no prefill and no slot. `on_done` hears of every row."""
+        self.hand_first(rows, [x.cpu() if x is not None else None for x in self.pick_first(rows, scores)])
+
+    @staticmethod
+    def pick_first(rows: Sequence[DecodeRow], scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`answer_first`'s device part, queued: (n,) tokens, (n,) whether each row's scores
+        were finite, and (n, 1 + 2k) log-probabilities (None: no row asks)."""
         if any(r.sampling.max_new_tokens != 1 for r in rows):
             raise ConfigError("answer_first ends its rows after one token: their budget must be 1")
         first, finite = _pick(scores, rows)
         k = _top_k(rows)
+        return first, finite, None if k is None else logprobs_of(scores, first, k)
+
+    def hand_first(self, rows: Sequence[DecodeRow], picked: Sequence[torch.Tensor | None]) -> None:
+        """`answer_first`'s host part: `pick_first`'s tensors (read on the host) handed out;
+        each row ends."""
+        first, finite, table = picked
         tokens = first.tolist()
-        logprobs = _logprobs(rows, tokens, None if k is None else logprobs_of(scores, first, k))
+        logprobs = _logprobs(rows, tokens, table)
         for row, token, ok, logprob in zip(rows, tokens, finite.tolist(), logprobs):
             self._handed(row, token, bool(ok), logprob)
             self._done(row)
@@ -463,12 +476,6 @@ def _logprobs(rows: Sequence[DecodeRow | None], tokens: list[int], table: torch.
     if table is None:
         return [None] * len(rows)
     return token_logprobs([None if r is None else r.sampling for r in rows], tokens, table.tolist())
-
-
-def _to_host(x: torch.Tensor) -> torch.Tensor:
-    """A pinned host copy of a device tensor, queued (valid once the stream has passed it)."""
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    return host.copy_(x, non_blocking=True)
 
 
 __all__ = ["Decoder", "DecodeRow", "Sampling"]

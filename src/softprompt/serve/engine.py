@@ -32,7 +32,7 @@ import logging
 import traceback
 from contextlib import ExitStack, contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
@@ -40,18 +40,17 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from ..architecture import ModelKind
 from ..encode import EncodedRow, TokenIds
 from ..errors import EncodingError, InputTooLongError, SoftPromptError
+from ..transfer import tensor_on
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .decode import Decoder, DecodeRow
 from .heads import HeadForwards, Pending
 from .inputs import check_token_ids, example_of, field_texts
-from .scoring import score_prompts
+from .scoring import launch_scores, read_scores
 from .mixed import collate_mixed, generate_mixed
 from .request import GONE, Admit, CancelledRequestError, ErrorKind, Request, Result, Row
 from .sampling import RowSampler, TokenLogprob
 from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
 
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger("softprompt.serve")
 
@@ -178,29 +177,35 @@ class Engine:
                 yield r
 
     def _scored(self, rows: list[Row], answer: Callable[[Row, Result], None]) -> list[Row]:
-        """Score the prompts of the rows that echo with logprobs (`scoring.score_prompts`:
-        rows of many tasks in one forward, batches under the engine's budgets); a row that
-        asks for no new token or one (answered from the same forward's next-token scores:
-        `Decoder.answer_first`), or whose batch failed, is answered here (`answer(row,
-        result)`); the rows left to generate are returned."""
+        """Score the prompts of the rows that echo with logprobs (`scoring.launch_scores`:
+        rows of many tasks in one forward, batches under the engine's budgets, each
+        batch's forward queued before the batch before is read, as head batches are); a
+        row that asks for no new token or one (picked from the same forward's next-token
+        scores: `Decoder.pick_first`), or whose batch failed, is answered here
+        (`answer(row, result)`); the rows left to generate are returned."""
         scoring = [r for r in rows if r.request.echo and r.options.logprobs is not None]
         answered: set[int] = set()
-        for batch in self._batches(scoring):
-            k = max(r.options.logprobs for r in batch)
-            try:
-                scores = score_prompts(self.bank, [(r.entry, r.encoded) for r in batch], k)
-            except Exception as e:  # its rows fail alone: the other batches and the generation go on
-                for r in batch:
-                    answer(r, self._failure(r.entry.name, e))
+
+        def fail(batch: list[Row], error: Exception) -> None:
+            for r in batch:
+                if id(r) not in answered:
+                    answer(r, self._failure(r.entry.name, error))
                     answered.add(id(r))
-                continue
-            for r, entries in zip(batch, scores.prompt):  # each row keeps its own k of the batch's largest
-                r.echo = [e if e is None else TokenLogprob(e.token, e.logprob, e.top[: r.options.logprobs])
-                          for e in entries]
-            ones = [b for b, r in enumerate(batch) if r.options.max_new_tokens == 1]
-            if ones:
-                self._answer_first([batch[b] for b in ones], scores.next_token[ones], answer)
-                answered.update(id(batch[b]) for b in ones)
+
+        pending = None
+        for batch in itertools.chain(self._batches(scoring), [None]):
+            launched = None
+            if batch is not None:
+                try:
+                    launched = self._launch_scores(batch, answer)
+                except Exception as e:  # its rows fail alone: the other batches and the generation go on
+                    fail(batch, e)
+            if pending is not None:
+                try:
+                    self._read_scores(*pending, answered)
+                except Exception as e:
+                    fail(pending[0], e)
+            pending = None if launched is None else (batch, *launched)
         left = []
         for r in rows:
             if id(r) in answered:
@@ -212,24 +217,26 @@ class Engine:
                 left.append(r)
         return left
 
-    def _answer_first(self, rows: list[Row], scores: torch.Tensor, answer: Callable[[Row, Result], None]) -> None:
-        """Scored rows of one new token, answered from their scoring forward's next-token
-        scores `scores` (B, V): the token picked, its stop strings and the result as for a
-        row the decoder prefills (`Decoder.answer_first`)."""
-        made: list[tuple[int, Row, DecodeRow]] = []
-        for b, r in enumerate(rows):
-            try:
-                made.append((b, r, self._decode_row(r, partial(answer, r))))
-            except Exception as e:
-                answer(r, self._failure(r.entry.name, e))
-        if not made:
-            return
-        try:
-            self.decoder.answer_first([d for _, _, d in made], scores[[b for b, _, _ in made]])
-        except Exception as e:  # before any row was handed its token: each fails alone
-            for _, r, d in made:
-                if d.result is None:
-                    answer(r, self._failure(r.entry.name, e))
+    def _launch_scores(self, batch: list[Row], answer: Callable[[Row, Result], None]):
+        """Queue a batch's scoring forward, and the picking of the token of its rows of one
+        new token (their decode rows made here: their results are built when they end)."""
+        ones = [(r, self._decode_row(r, partial(answer, r))) for r in batch if r.options.max_new_tokens == 1]
+        at = [b for b, r in enumerate(batch) if r.options.max_new_tokens == 1]
+        then = None
+        if ones:  # the rows picked out with a pinned index: a plain one would wait for the forward
+            then = lambda scores: self.decoder.pick_first(  # noqa: E731
+                [d for _, d in ones], scores.index_select(0, tensor_on(at, scores.device)))
+        return launch_scores(self.bank, [(r.entry, r.encoded) for r in batch], max(r.options.logprobs for r in batch),
+                             then), ones
+
+    def _read_scores(self, batch: list[Row], launched, ones: list, answered: set[int]) -> None:
+        """A launched batch's prompt scores into its rows, and its rows of one new token answered."""
+        scores = read_scores(launched)
+        for r, entries in zip(batch, scores.prompt):  # each row keeps its own k of the batch's largest
+            r.echo = entries.with_k(r.options.logprobs)
+        if ones:  # a failure before the first row is handed its token leaves them all to `fail`
+            self.decoder.hand_first([d for _, d in ones], scores.carried)
+            answered.update(id(r) for r, _ in ones)
 
     def bind(self, request: Request) -> BankEntry | None:
         """Bind a request to the task version it is admitted with: its `entry`, the bank's

@@ -29,6 +29,7 @@ import weakref
 from typing import Any, Sequence
 
 from .sampling import TokenLogprob
+from .scoring import PromptLogprobs
 
 _TEXTS: "weakref.WeakKeyDictionary[Any, list[str]]" = weakref.WeakKeyDictionary()
 _TEXTS_LOCK = threading.Lock()
@@ -77,23 +78,24 @@ def completion_logprobs(tokenizer, entries: Sequence[TokenLogprob], offset: int 
 def echo_logprobs(tokenizer, prompt_ids: Sequence[int], prompt: Sequence[TokenLogprob | None],
                   generated: Sequence[TokenLogprob]) -> dict[str, Any]:
     """An echoed completion's ``logprobs``: the prompt's own tokens (`prompt_ids`, with their
-    `scoring.prompt_logprobs` entries; null where there is none: the first), then the
-    generated tokens', offsets counted from the prompt's start (lm-eval's loglikelihood
-    reads ``token_logprobs[len(context):-1]``)."""
+    `scoring.PromptLogprobs`; null where there is none: the first), then the generated
+    tokens', offsets counted from the prompt's start (lm-eval's loglikelihood reads
+    ``token_logprobs[len(context):-1]``)."""
     text = _texts_of(tokenizer)
-    head = {"tokens": [text(t) for t in prompt_ids],
-            "token_logprobs": [None if e is None else e.logprob for e in prompt], "top_logprobs": [], "text_offset": []}
-    offset = 0
-    offsets, tops = head["text_offset"], head["top_logprobs"]
-    for token, e in zip(head["tokens"], prompt):
+    tokens = [text(t) for t in prompt_ids]
+    offsets, offset = [], 0
+    for token in tokens:
         offsets.append(offset)
         offset += len(token)
-        if e is None:
-            tops.append(None)
-        else:
-            top = {text(t): lp for t, lp in e.top}
-            top.setdefault(token, e.logprob)
-            tops.append(top)
+    scored = prompt.columns() if isinstance(prompt, PromptLogprobs) else \
+        ((e.token, e.logprob, e.top) for e in prompt[1:])
+    logprobs, tops = [None] * bool(tokens), [None] * bool(tokens)
+    for token, (_, logprob, top) in zip(tokens[1:], scored):
+        logprobs.append(logprob)
+        best = {text(t): lp for t, lp in top}
+        best.setdefault(token, logprob)
+        tops.append(best)
+    head = {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
     tail = completion_logprobs(tokenizer, generated, offset)
     return {key: head[key] + tail[key] for key in head}
 

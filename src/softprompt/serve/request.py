@@ -7,13 +7,13 @@ from __future__ import annotations
 import enum
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..encode import EncodedRow
 from ..errors import InputTooLongError, SoftPromptError
 from .bank import BankEntry, UnknownTaskError
 from .sampling import TokenLogprob
-from .scoring import field_ids
+from .scoring import PromptLogprobs, field_ids
 from .text import GenerationOptions, TokenStream
 
 GONE = "cancelled: the client went away"
@@ -107,7 +107,7 @@ class Result:
     logprobs: list[TokenLogprob] | None = None  # generation with `logprobs` asked: one per new token
     # echo with `logprobs`: the prompt's own tokens (`scoring.field_ids`) and theirs (None for the first)
     prompt_ids: list[int] | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs: Sequence[TokenLogprob | None] | None = None  # a `scoring.PromptLogprobs`
 
     @property
     def ok(self) -> bool:
@@ -125,7 +125,7 @@ class Row:
     example: dict[str, Any]
     encoded: EncodedRow  # the row as checked: batches collate it, nothing is encoded twice
     options: GenerationOptions | None  # None: read by the task's head
-    echo: list[TokenLogprob | None] | None = None  # its prompt's scores (`Request.echo` with logprobs)
+    echo: PromptLogprobs | None = None  # its prompt's scores (`Request.echo` with logprobs)
 
     @property
     def length(self) -> int:
