@@ -208,3 +208,20 @@ def test_scores_taken_a_chunk_at_a_time_equal_one_chunk(causal_bank, monkeypatch
     chunked = scoring.score_prompts(causal_bank, rows, 2)
     assert chunked.prompt == whole.prompt and len(whole.prompt[0]) > 4
     torch.testing.assert_close(chunked.next_token, whole.next_token)
+
+
+def test_a_completion_body_reads_the_same_with_orjson_and_json(monkeypatch):
+    """`FastJSON` writes with orjson (the serve extra's) and with json where it is missing:
+    the same document either way (non-ASCII text, floats, nulls, nesting)."""
+    import json
+
+    from softprompt.serve import openai_api
+
+    body = {"choices": [{"text": "café ✓ \\u0000", "logprobs": {"tokens": ["a", "é"], "token_logprobs": [None, -0.1],
+                                                              "top_logprobs": [None, {"é": -0.1, "e": -2.5e-7}]}}],
+            "usage": {"prompt_tokens": 3}}
+    assert openai_api.orjson is not None  # the serve extra is installed for the tests
+    fast = openai_api.FastJSON(body).body
+    monkeypatch.setattr(openai_api, "orjson", None)
+    plain = openai_api.FastJSON(body).body
+    assert json.loads(fast) == json.loads(plain) == body

@@ -16,7 +16,8 @@ from .errors import ConfigError
 #: extra -> (distribution, module) of each package it installs
 EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     "serve": (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("prometheus-client", "prometheus_client"),
-              ("httptools", "httptools"), ("uvloop", "uvloop")),  # uvicorn's fast parser and loop; optional at run time
+              ("httptools", "httptools"), ("uvloop", "uvloop"),  # uvicorn's fast parser and loop; optional at run time
+              ("orjson", "orjson")),  # completions' JSON (`openai_api.FastJSON`); optional at run time
     "hf": (("datasets", "datasets"),),
     "ner": (("seqeval", "seqeval"),),
     "plots": (("matplotlib", "matplotlib"),),
