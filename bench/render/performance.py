@@ -306,6 +306,80 @@ def ray_routing() -> list[str]:
     return lines + [""]
 
 
+def scoring() -> list[str]:
+    """Echo scoring (lm-eval's loglikelihood requests) against classification of the same
+    rows (issue 27 item 7): over HTTP (`bench.serve.scoring`) and in process
+    (`bench.probe.scoring`)."""
+    http, probe = load_report("serve_scoring.json"), load_report("scoring_probe_h100.json")
+    if http is None and probe is None:
+        return []
+    lines = ["## Scoring for lm-eval (issue 27): `bench.serve.scoring`, `bench.probe.scoring`", "",
+             "What lm-eval's `local-completions` sends for a loglikelihood task with its default arguments: a "
+             "document's 2-4 rows (context + one choice, 64-256 tokens) as token ids with `echo: true, logprobs: 1, "
+             "max_tokens: 1`, to `reader` (prompt tuning, 20 virtual tokens); against the same texts through "
+             "`/v1/classify` of `topic` (prompt tuning, 20 virtual tokens, a classification head). 1B Llama shape, "
+             "random init, bf16. A row is one choice. Target: scoring >= 70% of classification's rows/s.", "",
+             "| run | device | where | classify rows/s | score rows/s | score / classify | classify MFU | score MFU | "
+             "score p50 / p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
+    if http is not None:
+        c, sc = http["phases"]["classify"], http["phases"]["score"]
+        lines.append(f"| {http['label']} | {http['device']} | HTTP, {http['clients']} clients | {c['rows_per_s']:,.0f} | "
+                     f"{sc['rows_per_s']:,.0f} | {sc['rows_per_s'] / c['rows_per_s']:.2f} | {c['mfu']:.0%} | "
+                     f"{sc['mfu']:.0%} | {sc['latency_p50_ms']:.0f} / {sc['latency_p99_ms']:.0f} |")
+    if probe is not None:
+        c, sc = probe["kinds"]["classify"], probe["kinds"]["score"]
+        lines.append(f"| after: scores kept as the batch's host copy, batches pipelined | {probe['device']} | in process "
+                     f"(`Engine.run`, {probe['rows']} rows) | {c['rows_per_s']:,.0f} | {sc['rows_per_s']:,.0f} | "
+                     f"{probe['score_over_classify_rows']:.2f} | - | - | - |")
+    if http is not None:
+        g = http["gflop_per_row"]
+        lines += ["", f"FLOPs of a row ({http['mean_tokens_per_row']:.0f} tokens on average, 20 virtual): "
+                  f"{g['classify']:.0f} GFLOP to classify, {g['score']:.0f} to score (the LM head at every scored "
+                  f"position): at the same FLOP utilisation scoring would reach {g['classify'] / g['score']:.2f} of "
+                  "classification's rows/s. MFU: model FLOPs per second over the card's dense bf16 peak."]
+    if probe is not None:
+        sc = probe["kinds"]["score"]
+        lines += ["", f"In process the API's own work is left out: turning one run's results into the response's "
+                  f"`logprobs` and JSON took {sc['api_host_ms']:.0f} ms of host time for {probe['rows']} rows "
+                  f"({probe['tokens']:,} tokens, {sc['response_bytes'] / 1e6:.1f} MB), on the server's event loop: "
+                  f"{1000 * sc['api_host_ms'] / probe['tokens']:.1f} us a token. The HTTP figure after the change is "
+                  "not measured yet (its run did not finish within the device time)."]
+    lines += ["", "Rerun: `python -m bench.serve.random_served --shape llama-1b --out /tmp/served`, then "
+              f"`{shown_command(http['command']) if http else 'python -m bench.serve.scoring ...'}` and "
+              "`python -m bench.probe.scoring --served /tmp/served --out bench/results/scoring_probe_h100.json`.", ""]
+    return lines
+
+
+def chunked_loss() -> list[str]:
+    """A causal LM's loss without its (B, S, V) logits (issue 24 item 3): the same step with
+    the chunked loss and with the whole logits, PEFT and the frozen model's floor beside."""
+    report = load_report("train_lm_chunked.json")
+    if report is None:
+        return []
+    lines = ["## LM loss without the whole logits (issue 24 item 3): `bench.train.throughput`", "",
+             f"{report['device']}, 1B Llama shape (vocabulary 128,256), 16 x 512 tokens, next-token loss over every "
+             "position, 20 virtual tokens, bf16 weights, eager, fused AdamW. `ours` computes the loss as generation "
+             "training does (`forward.chunked_token_loss`: the LM head a chunk of target positions at a time, each "
+             "chunk's gradient taken at once); `whole-logits`: the same step over the whole (B, S, V) logits, as "
+             "before. Floor: the frozen model's forward and backward to its input embeddings with the whole logits.",
+             "", "| side | method | variant | tokens/s | peak GiB |", "|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['side']} | {r.get('method') or '-'} | {r['variant']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['peak_gib']:.1f} |")
+    rows = {(r["side"], r.get("method"), r["variant"]): r for r in report["rows"]}
+    notes = []
+    for m in ("prompt_tuning", "p_tuning_v2"):
+        a, b, peft = rows.get(("ours", m, "eager")), rows.get(("ours", m, "whole-logits")), rows.get(("peft", m, "eager"))
+        if a and b and peft:
+            notes.append(f"{m}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x the whole-logits step's tokens/s with "
+                         f"{1 - a['peak_gib'] / b['peak_gib']:.0%} less peak memory; {a['tokens_per_s'] / peft['tokens_per_s']:.2f}x PEFT")
+    lines += ["", "; ".join(notes) + ".", "",
+              "Rerun on a GPU: `python -m bench.train.throughput --models llama-1b --shapes 16x512 --losses lm --methods "
+              "prompt_tuning,p_tuning_v2 --sides floor,ours,peft --variants eager,whole-logits --peft-autocast off "
+              "--out bench/results/train_lm_chunked.json`.", ""]
+    return lines
+
+
 def render() -> str:
     lines = [
         "# Performance",
@@ -319,9 +393,11 @@ def render() -> str:
                          load_report("serve_http.json")) if h is not None]
     lines += serving(load_report("serve_throughput.json"), https)
     lines += http_kinds()
+    lines += scoring()
     lines += engine()
     lines += ray_routing()
     lines += [""] + training()
+    lines += [""] + chunked_loss()
     return "\n".join(lines)
 
 
