@@ -32,12 +32,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from bench.harness.closed_loop import closed_loop
-from bench.harness.hardware import forward_flops, peak_tflops
 from bench.harness.report import RESULTS, rerun_command, write_json
 from bench.harness.server import percentile, serving
+
+# torch is imported inside the functions that need it: the client processes (spawned, so
+# they import this module again) start in a second instead of ten
 
 SCORE_TASK, CLASSIFY_TASK, VIRTUAL = "reader", "topic", 20
 
@@ -70,7 +70,10 @@ def bodies(docs: list[dict]) -> dict[str, list[tuple[str, dict]]]:
 def flops_per_row(model_dir: str, docs: list[dict]) -> dict[str, float]:
     """Mean FLOPs of one row of each phase (a forward of its real and virtual tokens; the LM
     head at each scored token for ``score``, none for ``classify``'s head)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.harness.hardware import forward_flops
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
@@ -110,7 +113,10 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="py-spy raw samples of the server in the score phase, to FILE")
     parser.add_argument("--out", default=str(RESULTS / "serve_scoring.json"))
     args = parser.parse_args()
+    import torch
     from transformers import AutoTokenizer
+
+    from bench.harness.hardware import peak_tflops
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"CPU, {os.cpu_count()} cores ({platform.machine()})"
