@@ -225,3 +225,20 @@ def test_a_completion_body_reads_the_same_with_orjson_and_json(monkeypatch):
     monkeypatch.setattr(openai_api, "orjson", None)
     plain = openai_api.FastJSON(body).body
     assert json.loads(fast) == json.loads(plain) == body
+
+
+@pytest.mark.parametrize("k, batch_k", [(1, 1), (1, 3), (2, 3), (0, 2)])
+def test_echo_logprobs_read_from_the_batch_copy_equal_those_of_each_entry(causal_bank, k, batch_k):
+    """The API's ``logprobs`` written from the scores as they lie in the batch's host copy
+    (`PromptLogprobs`, the row's own k of the batch's) equal those written entry by entry."""
+    from softprompt.serve.logprobs import echo_logprobs
+    from softprompt.serve.scoring import PromptLogprobs
+
+    ids = [11, 250, 7, 4000, 13]
+    table = [[0.0] * 9] + [[-0.5 * j] + [-0.1 * t for t in range(batch_k)] + [float(100 + j + t) for t in range(batch_k)]
+                           for j in range(1, 5)]  # a row of another prompt first: this one starts at 1
+    scores = PromptLogprobs(ids, [row[: 1 + 2 * batch_k] for row in table], 1, batch_k).with_k(k)
+    entries = list(scores)
+    assert entries[0] is None and len(entries[1].top) == k
+    tok = causal_bank.tokenizer
+    assert echo_logprobs(tok, ids, scores, []) == echo_logprobs(tok, ids, entries, [])

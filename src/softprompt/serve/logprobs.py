@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from itertools import accumulate
 from typing import Any, Sequence
 
 from .sampling import TokenLogprob
@@ -80,24 +81,44 @@ def echo_logprobs(tokenizer, prompt_ids: Sequence[int], prompt: Sequence[TokenLo
     """An echoed completion's ``logprobs``: the prompt's own tokens (`prompt_ids`, with their
     `scoring.PromptLogprobs`; null where there is none: the first), then the generated
     tokens', offsets counted from the prompt's start (lm-eval's loglikelihood reads
-    ``token_logprobs[len(context):-1]``)."""
+    ``token_logprobs[len(context):-1]``). Runs on the server's event loop, a few hundred
+    tokens a request: `_scored_columns` reads the scores as they lie."""
     text = _texts_of(tokenizer)
     tokens = [text(t) for t in prompt_ids]
-    offsets, offset = [], 0
-    for token in tokens:
-        offsets.append(offset)
-        offset += len(token)
-    scored = prompt.columns() if isinstance(prompt, PromptLogprobs) else \
-        ((e.token, e.logprob, e.top) for e in prompt[1:])
-    logprobs, tops = [None] * bool(tokens), [None] * bool(tokens)
-    for token, (_, logprob, top) in zip(tokens[1:], scored):
+    offsets = list(accumulate(map(len, tokens), initial=0))
+    offset = offsets.pop()
+    logprobs, tops = _scored_columns(tokenizer, tokens, prompt)
+    head = {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+    tail = completion_logprobs(tokenizer, generated, offset)
+    return {key: head[key] + tail[key] for key in head}
+
+
+def _scored_columns(tokenizer, tokens: list[str], prompt: Sequence[TokenLogprob | None]) -> tuple[list, list]:
+    """``token_logprobs`` and ``top_logprobs`` of an echoed prompt whose token texts are
+    `tokens`: null first, then each token's and its best ones (itself among them)."""
+    if not tokens:
+        return [], []
+    if not isinstance(prompt, PromptLogprobs):
+        scored = [(e.logprob, e.top) for e in prompt[1:]]
+    else:
+        rows = prompt.table[prompt.start: prompt.start + len(tokens) - 1]  # (1 + 2K) floats each
+        K = (len(rows[0]) - 1) // 2 if rows else 0
+        texts = token_texts(tokenizer)
+        if prompt.k == 1 and all(v[1 + K] < len(texts) for v in rows):  # lm-eval's: the one best token
+            logprobs = [None] + [v[0] for v in rows]
+            tops = [None] + [{texts[int(v[1 + K])]: v[1]} for v in rows]
+            for top, token, lp in zip(tops[1:], tokens[1:], logprobs[1:]):
+                top.setdefault(token, lp)
+            return logprobs, tops
+        scored = [(v[0], [(int(v[1 + K + t]), v[1 + t]) for t in range(prompt.k)]) for v in rows]
+    text = _texts_of(tokenizer)
+    logprobs, tops = [None], [None]
+    for token, (logprob, top) in zip(tokens[1:], scored):
         logprobs.append(logprob)
         best = {text(t): lp for t, lp in top}
         best.setdefault(token, logprob)
         tops.append(best)
-    head = {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
-    tail = completion_logprobs(tokenizer, generated, offset)
-    return {key: head[key] + tail[key] for key in head}
+    return logprobs, tops
 
 
 def chat_logprobs(tokenizer, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
