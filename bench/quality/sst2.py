@@ -138,6 +138,40 @@ def run_row(name: str, args) -> dict:
     return row
 
 
+def render_held_out(reports: list[dict]) -> list[str]:
+    """A section of docs/RESULTS.md: rows run under the held-out protocol (issue 25), one
+    report per seed (``quality_sst2_residual_seed*.json``): the step selected on rows held
+    out of train, GLUE dev (never selected on) reported at it; mean and spread over seeds."""
+    if not reports:
+        return []
+    by_row: dict[str, list[dict]] = {}
+    for report in reports:
+        for r in report["rows"]:
+            if "error" not in r and r.get("reported_accuracy") is not None:
+                by_row.setdefault(r["row"], []).append(r)
+    s = reports[0]["settings"]
+    lines = [f"## SST-2 under the held-out protocol: prompt tuning and residual prompt tuning, all-MiniLM-L6-v2, "
+             f"{reports[0]['device']}", "",
+             f"The settings of the table above ({s['steps']} steps of {s['batch_size']}, the same head, {P} virtual "
+             f"tokens, prompt LR {PROMPT_LR['prompt-tuning']:g}), but the step is selected on 1,000 rows held out of train with the run's seed and "
+             "GLUE dev (872 sentences) is reported at it, never selected on. Residual prompt tuning "
+             "(`prompt.reparameterization: residual`, bottleneck 400) trains the same table through a residual MLP. "
+             f"Seeds: {', '.join(str(r['settings']['seed']) for r in reports)}.", "",
+             "| method | seeds | held-out acc. % at the selected step | GLUE dev acc. % (reported) | selected steps |",
+             "|---|---|---|---|---|"]
+    for name, rows in by_row.items():
+        held = [r["best_dev_accuracy"] for r in rows]
+        dev = [r["reported_accuracy"]["accuracy"] for r in rows]
+
+        def stat(xs: list[float]) -> str:
+            mean = sum(xs) / len(xs)
+            return f"{100 * mean:.2f}" + (f" (min {100 * min(xs):.2f}, max {100 * max(xs):.2f})" if len(xs) > 1 else "")
+        lines.append(f"| {rows[0]['label']} | {len(rows)} | {stat(held)} | {stat(dev)} | "
+                     f"{', '.join(str(r['best_step']) for r in rows)} |")
+    lines += ["", "Rerun, per seed: `" + shown_command(reports[0]["command"]) + "`.", ""]
+    return lines
+
+
 # -- the report ---------------------------------------------------------------------
 def _acc(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
