@@ -451,3 +451,23 @@ def test_a_template_longer_than_the_model_is_refused_when_loaded(encoder_bank, t
         PromptBank.from_directory(bank.base, bank.tokenizer, tmp_path / "prompts")
     fits = sp.SoftPromptModel(bank.base, sp.PromptTuningConfig(template="[P:61] {text}"), tokenizer=bank.tokenizer)
     assert bank.add("fits", fits).num_virtual_tokens == 61
+
+
+def test_a_tag_request_on_a_server_without_seqeval_says_which_package_is_missing(encoder_bank, monkeypatch):
+    """The entity spans of /v1/tag need the `ner` extra: a server installed without it
+    answers with what to install, in the API's error format, not "internal server error"."""
+    from softprompt import extras
+    from softprompt.serve import app
+
+    def require(module, extra, feature):  # as `extras.require` answers where the package is not installed
+        if module.startswith("seqeval"):
+            raise extras.MissingExtraError(f"{feature} needs the 'seqeval' package: pip install 'softprompt[{extra}]'")
+        return extras.require(module, extra, feature)
+
+    monkeypatch.setattr(app, "require", require)
+    with Server(create_app(encoder_bank)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        r = client.post("/v1/tag", json={"task": "ner", "inputs": ["Anna flew to Paris"]})
+        assert r.status_code == 500
+        error = r.json()["error"]
+        assert "needs the 'seqeval' package" in error["message"] and "softprompt[ner]" in error["message"]
+        assert error["code"] == "missing_extra"

@@ -58,7 +58,7 @@ from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError
-from ..extras import require
+from ..extras import MissingExtraError, require
 from ..io.remote import is_url
 from .admin import ADMIN_OFF_ROUTES, ADMIN_ROUTES
 from .bank import PromptBank
@@ -102,7 +102,11 @@ async def classify(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
 
 
 async def tag(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
-    get_entities = require("seqeval.metrics.sequence_labeling", "ner", "a tagging answer's entity spans").get_entities
+    try:
+        get_entities = require("seqeval.metrics.sequence_labeling", "ner",
+                               "a tagging answer's entity spans").get_entities
+    except MissingExtraError as e:  # the server's install, not the request: said as it is, not as "internal error"
+        raise APIError(500, f"{e} (on the server)", code="missing_extra") from None
 
     server = server_of(request)
     entry = await server.entry_for(body.task, "tag")
