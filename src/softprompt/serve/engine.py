@@ -40,12 +40,11 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from ..architecture import ModelKind
 from ..encode import EncodedRow, TokenIds
 from ..errors import EncodingError, InputTooLongError, SoftPromptError
-from ..transfer import tensor_on
 from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
 from .decode import Decoder, DecodeRow
 from .heads import HeadForwards, Pending
 from .inputs import check_token_ids, example_of, field_texts
-from .scoring import launch_scores, read_scores
+from .echo import score_echoes
 from .mixed import collate_mixed, generate_mixed
 from .request import GONE, Admit, CancelledRequestError, ErrorKind, Request, Result, Row
 from .sampling import RowSampler, TokenLogprob
@@ -142,7 +141,7 @@ class Engine:
             # head rows are cut into batches as they are prepared: the first batch's forward
             # runs while the host prepares the rest (`_run_head_batches`)
             self._run_head_batches(self._cut_as_they_come(self._set_aside(prepared, generating)), results)
-        generating = self._scored(generating, lambda r, result: results.__setitem__(r.index, result))
+        generating = score_echoes(self, generating, lambda r, result: results.__setitem__(r.index, result))
         if generating and generating[0].entry.model.spec.kind is ModelKind.CAUSAL:
             # one decode loop: rows of every task and setting, joining as others end
             self._guarded(generating, results, lambda batch: self._run_decoder(batch, admit, results), "decode")
@@ -175,68 +174,6 @@ class Engine:
                 generating.append(r)
             else:
                 yield r
-
-    def _scored(self, rows: list[Row], answer: Callable[[Row, Result], None]) -> list[Row]:
-        """Score the prompts of the rows that echo with logprobs (`scoring.launch_scores`:
-        rows of many tasks in one forward, batches under the engine's budgets, each
-        batch's forward queued before the batch before is read, as head batches are); a
-        row that asks for no new token or one (picked from the same forward's next-token
-        scores: `Decoder.pick_first`), or whose batch failed, is answered here
-        (`answer(row, result)`); the rows left to generate are returned."""
-        scoring = [r for r in rows if r.request.echo and r.options.logprobs is not None]
-        answered: set[int] = set()
-
-        def fail(batch: list[Row], error: Exception) -> None:
-            for r in batch:
-                if id(r) not in answered:
-                    answer(r, self._failure(r.entry.name, error))
-                    answered.add(id(r))
-
-        pending = None
-        for batch in itertools.chain(self._batches(scoring), [None]):
-            launched = None
-            if batch is not None:
-                try:
-                    launched = self._launch_scores(batch, answer)
-                except Exception as e:  # its rows fail alone: the other batches and the generation go on
-                    fail(batch, e)
-            if pending is not None:
-                try:
-                    self._read_scores(*pending, answered)
-                except Exception as e:
-                    fail(pending[0], e)
-            pending = None if launched is None else (batch, *launched)
-        left = []
-        for r in rows:
-            if id(r) in answered:
-                continue
-            if r.options.max_new_tokens == 0:  # scored only: nothing to generate
-                answer(r, Result(r.entry.name, output="", **r.counts, finish_reason="length",
-                                 logprobs=[] if r.options.logprobs is not None else None, **r.echoed))
-            else:
-                left.append(r)
-        return left
-
-    def _launch_scores(self, batch: list[Row], answer: Callable[[Row, Result], None]):
-        """Queue a batch's scoring forward, and the picking of the token of its rows of one
-        new token (their decode rows made here: their results are built when they end)."""
-        ones = [(r, self._decode_row(r, partial(answer, r))) for r in batch if r.options.max_new_tokens == 1]
-        at = [b for b, r in enumerate(batch) if r.options.max_new_tokens == 1]
-        then = None
-        if ones:  # the rows picked out with a pinned index: a plain one would wait for the forward
-            then = lambda scores: self.decoder.pick_first(  # noqa: E731
-                [d for _, d in ones], scores.index_select(0, tensor_on(at, scores.device)))
-        return launch_scores(self.bank, [(r.entry, r.encoded) for r in batch], max(r.options.logprobs for r in batch),
-                             then), ones
-
-    def _read_scores(self, batch: list[Row], launched, ones: list, answered: set[int]) -> None:
-        """A launched batch's prompt scores into its rows, and its rows of one new token answered."""
-        scores = read_scores(launched)
-        for r, entries in zip(batch, scores.prompt):  # each row keeps its own k of the batch's largest
-            r.echo = entries.with_k(r.options.logprobs)
-        if ones:  # a failure before the first row is handed its token leaves them all to `fail`
-            self.decoder.hand_first([d for _, d in ones], scores.carried)
-            answered.update(id(r) for r, _ in ones)
 
     def bind(self, request: Request) -> BankEntry | None:
         """Bind a request to the task version it is admitted with: its `entry`, the bank's
@@ -505,7 +442,7 @@ class Engine:
                 prepared.append(row)
                 answers[id(row)] = on_result
             rows = []
-            for r in self._scored(prepared, lambda r, result: answers[id(r)](result)):
+            for r in score_echoes(self, prepared, lambda r, result: answers[id(r)](result)):
                 try:
                     row = self._decode_row(r, answers[id(r)])
                 except Exception as e:
