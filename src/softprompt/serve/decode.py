@@ -316,26 +316,22 @@ class Decoder:
             row.error = e
             return True
 
-    def answer_first(self, rows: Sequence[DecodeRow], scores: torch.Tensor) -> None:
-        """Rows of a one-token budget whose next-token scores (B, V) a forward over them has
-        given already (`scoring.launch_scores`): each gets its token as a prefill's would be
-        picked (its own sampling settings and draw, log-probabilities where asked) and ends,
-        with no prefill and no slot. `on_done` hears of every row."""
-        self.hand_first(rows, [x.cpu() if x is not None else None for x in self.pick_first(rows, scores)])
-
     @staticmethod
     def pick_first(rows: Sequence[DecodeRow], scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """`answer_first`'s device part, queued: (n,) tokens, (n,) whether each row's scores
-        were finite, and (n, 1 + 2k) log-probabilities (None: no row asks)."""
+        """Rows of a one-token budget whose next-token scores (B, V) a forward over them has
+        given already (`scoring.launch_scores`): each one's token picked as a prefill's would
+        be (its own sampling settings and draw), queued: (n,) tokens, (n,) whether each
+        row's scores were finite, and (n, 1 + 2k) log-probabilities (None: no row asks).
+        `hand_first` hands them out, with no prefill and no slot."""
         if any(r.sampling.max_new_tokens != 1 for r in rows):
-            raise ConfigError("answer_first ends its rows after one token: their budget must be 1")
+            raise ConfigError("pick_first ends its rows after one token: their budget must be 1")
         first, finite = _pick(scores, rows)
         k = _top_k(rows)
         return first, finite, None if k is None else logprobs_of(scores, first, k)
 
     def hand_first(self, rows: Sequence[DecodeRow], picked: Sequence[torch.Tensor | None]) -> None:
-        """`answer_first`'s host part: `pick_first`'s tensors (read on the host) handed out;
-        each row ends."""
+        """`pick_first`'s tensors, read on the host, handed out: each row gets its token (and
+        its log-probabilities where asked) and ends; `on_done` hears of every row."""
         first, finite, table = picked
         tokens = first.tolist()
         logprobs = _logprobs(rows, tokens, table)

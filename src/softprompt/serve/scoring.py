@@ -19,7 +19,7 @@ only at the scored positions, gathered over the rows and taken a chunk at a time
 (`forward.lm_head`), so memory stays at one chunk's scores whatever the rows' lengths and
 the vocabulary. The same forward gives each row's next-token scores (its last column, as a
 prefill does): a request of one new token (lm-eval sends ``max_tokens: 1``) is answered
-from them without a prefill of its own (`Decoder.answer_first`).
+from them without a prefill of its own (`Decoder.pick_first`, `echo.py`).
 """
 
 from __future__ import annotations
