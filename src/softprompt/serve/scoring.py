@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -48,7 +48,8 @@ class PromptLogprobs(SequenceABC):
     The scores stay in the rows of the batch's one host copy (`table`, the
     (n, 1 + 2K) rows of `sampling.logprobs_of`): lm-eval's requests list hundreds of
     tokens each, and an object per token, made on the engine's thread while the GPU
-    waits, cost as much as the forward that scored them. `columns` reads them as they are.
+    waits, cost as much as the forward that scored them. The API's ``logprobs`` read the
+    rows as they lie (`logprobs.echo_logprobs`).
     """
 
     __slots__ = ("tokens", "table", "start", "k")
@@ -77,15 +78,6 @@ class PromptLogprobs(SequenceABC):
     def with_k(self, k: int) -> "PromptLogprobs":
         """The same scores with at most `k` best tokens an entry (a row's own k of its batch's)."""
         return PromptLogprobs(self.tokens, self.table, self.start, min(k, self.k))
-
-    def columns(self) -> Iterator[tuple[int, float, list[tuple[int, float]]]]:
-        """(token, log-probability, k best) of every entry but the first, without a
-        `TokenLogprob` each: what the API's ``logprobs`` are written from."""
-        k = self.k
-        for j in range(1, len(self.tokens)):
-            v = self.table[self.start + j - 1]
-            K = (len(v) - 1) // 2
-            yield self.tokens[j], v[0], [(int(v[1 + K + t]), v[1 + t]) for t in range(k)]
 
 
 @dataclass
