@@ -60,6 +60,9 @@ def test_imported_adapter_gives_peft_logits(gpt2_tokenizer, tmp_path, make, kind
 
 OUR_CONFIGS = {
     "prompt-tuning": lambda: sp.PromptTuningConfig(num_virtual_tokens=3),
+    # residual prompt tuning exports the MLP's output: PEFT's prompt tuning with that table
+    "residual-prompt-tuning": lambda: sp.PromptTuningConfig(num_virtual_tokens=3, reparameterization="residual",
+                                                            residual_hidden_size=8),
     "p-tuning": lambda: sp.PTuningConfig(template="[P:3] {text}", encoder="mlp"),
     "prefix-tuning": lambda: sp.PrefixTuningConfig(num_virtual_tokens=3, projection_hidden_size=16),
     "p-tuning-v2": lambda: sp.PTuningV2Config(num_virtual_tokens=3),
