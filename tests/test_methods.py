@@ -198,3 +198,21 @@ def test_residual_config_errors(gpt2, kwargs, match):
     base, tok = gpt2
     with pytest.raises(ConfigError, match=match):
         sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:2] {text}", **kwargs), tokenizer=tok)
+
+
+def test_a_prompt_without_the_reparameterisation_is_saved_as_before_it_existed(gpt2, tmp_path):
+    """Older softprompt versions refuse config fields they do not know: a plain
+    prompt-tuning folder leaves the residual fields out (they are at their defaults), a
+    residual one writes them; both load back to the same config."""
+    import json
+
+    base, tok = gpt2
+    for reparameterization, written in [("none", False), ("residual", True)]:
+        config = sp.PromptTuningConfig(template="[P:2] {text}", reparameterization=reparameterization,
+                                       residual_hidden_size=8 if written else 400)
+        model = sp.SoftPromptModel(base, config, tokenizer=tok)
+        model.save_pretrained(tmp_path / reparameterization)
+        saved = json.loads((tmp_path / reparameterization / "prompt_config.json").read_text())["config"]
+        assert ("reparameterization" in saved) == ("residual_hidden_size" in saved) == written
+        loaded = sp.SoftPromptModel.from_pretrained(base, tmp_path / reparameterization, tokenizer=tok)
+        assert loaded.config.reparameterization == reparameterization

@@ -65,6 +65,15 @@ class PromptTuningConfig(PromptConfig):
                               f"got {self.reparameterization!r}")
         _positive(self, "residual_hidden_size")
 
+    def to_dict(self) -> dict:
+        # a prompt without the reparameterisation is written as before it existed: older
+        # softprompt versions, which refuse fields they do not know, still read its folder
+        data = super().to_dict()
+        if self.reparameterization == "none":
+            for name in ("reparameterization", "residual_hidden_size"):
+                data.pop(name)
+        return data
+
 
 def _sample_vocab_rows(weight: torch.Tensor, n: int, generator: torch.Generator, exclude: set[int]) -> torch.Tensor:
     allowed = torch.tensor([i for i in range(weight.shape[0]) if i not in exclude]) if exclude else None
