@@ -13,7 +13,7 @@ from ..encode import EncodedRow
 from ..errors import InputTooLongError, SoftPromptError
 from .bank import BankEntry, UnknownTaskError
 from .sampling import TokenLogprob
-from .scoring import PromptLogprobs, field_ids
+from .scoring import PromptLogprobs
 from .text import GenerationOptions, TokenStream
 
 GONE = "cancelled: the client went away"
@@ -136,7 +136,7 @@ class Row:
         """The `Result` fields of its prompt's scores (none unless it echoes with logprobs)."""
         if self.echo is None:
             return {}
-        return {"prompt_ids": field_ids(self.encoded), "prompt_logprobs": self.echo}
+        return {"prompt_ids": self.echo.tokens, "prompt_logprobs": self.echo}  # its field's tokens, as scored
 
     @property
     def counts(self) -> dict[str, int]:

@@ -125,11 +125,18 @@ class TokenLogprob:
 def logprobs_of(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
     """(B, V) scores, (B,) chosen tokens -> (B, 1 + 2k) float32: each row's chosen token's
     log-probability, its k best log-probabilities, and those tokens' ids (exact as floats
-    below 2**24: every vocabulary): one tensor, one copy to the host."""
-    lp = torch.log_softmax(logits.float(), -1)
-    picked = lp.gather(1, chosen.view(-1, 1))
-    top = lp.topk(min(k, lp.shape[-1]), -1)
-    return torch.cat([picked, top.values, top.indices.float()], 1)
+    below 2**24: every vocabulary): one tensor, one copy to the host.
+
+    The log-softmax is not written out (a score minus the row's fp32 log-sum-exp, read
+    where needed): over a 128k vocabulary and an echoed prompt's every position
+    (`scoring.py`) that (B, V) tensor is what the step's time went to."""
+    lse = torch.logsumexp(logits.float(), -1, keepdim=True)  # (B, 1)
+    picked = logits.gather(1, chosen.view(-1, 1)).float() - lse
+    if k == 1:  # lm-eval's: one reduction, not a top-k selection over the vocabulary
+        values, indices = logits.max(-1, keepdim=True)
+    else:  # the order of the scores is the log-probabilities'
+        values, indices = logits.topk(min(k, logits.shape[-1]), -1)
+    return torch.cat([picked, values.float() - lse, indices.float()], 1)
 
 
 def token_logprobs(rows: Sequence[Sampling | None], tokens: Sequence[int], table: list[list[float]]

@@ -35,7 +35,7 @@ from ..forward import lm_head
 from ..transfer import tensor_on, to_host
 from .bank import BankEntry, PromptBank
 from .mixed import collate_mixed, forward_mixed
-from .sampling import TokenLogprob
+from .sampling import TokenLogprob, logprobs_of
 
 #: most fp32 scores (positions x vocabulary) one chunk of the LM head holds: 1 GiB
 CHUNK_SCORES = 2**28
@@ -101,7 +101,7 @@ class LaunchedScores:
 
     Attributes:
         fields: per row, its field's tokens.
-        table: (N, 1 + 2k) the scores (`_chunk_logprobs`); on a GPU a pinned host copy,
+        table: (N, 1 + 2k) the scores (`sampling.logprobs_of`); on a GPU a pinned host copy,
             valid once `ready` has passed.
         next_token: (B, V) each row's next-token scores, on the device.
         carried: host copies of what `launch_scores`'s ``then`` queued, with the table.
@@ -135,7 +135,7 @@ def launch_scores(bank: PromptBank, rows: Sequence[tuple[BankEntry, EncodedRow]]
     states = hidden[rows_at, before]  # (N, D)
     chosen = tensor_on(flat, states.device)  # pinned: a plain copy would wait for the forward
     chunk = max(1, CHUNK_SCORES // bank.vocabulary_size)
-    table = torch.cat([_chunk_logprobs(lm_head(bank.base, states[i: i + chunk]), chosen[i: i + chunk], k)
+    table = torch.cat([logprobs_of(lm_head(bank.base, states[i: i + chunk]), chosen[i: i + chunk], k)
                        for i in range(0, len(flat), chunk)]) if flat else torch.empty(0, 1 + 2 * k)
     # a collated row's field tokens are its field positions; the check rides with the copy
     count = scored.sum().view(1).float()
@@ -168,20 +168,6 @@ def read_scores(launched: LaunchedScores) -> PromptScores:
 def score_prompts(bank: PromptBank, rows: Sequence[tuple[BankEntry, EncodedRow]], k: int) -> PromptScores:
     """`launch_scores` and `read_scores`: the rows' scores, read at once."""
     return read_scores(launch_scores(bank, rows, k))
-
-
-def _chunk_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
-    """(n, V) scores, (n,) tokens -> (n, 1 + 2k) float32 as `sampling.logprobs_of`: each
-    token's log-probability, the k best and their ids. The log-softmax is not written out
-    (a score minus the row's fp32 log-sum-exp, read where needed): over a 128k vocabulary
-    that tensor is what this step's time goes to."""
-    lse = torch.logsumexp(logits.float(), -1, keepdim=True)  # (n, 1)
-    picked = logits.gather(1, chosen.view(-1, 1)).float() - lse
-    if k == 1:  # lm-eval's: one reduction, not a top-k selection over the vocabulary
-        values, indices = logits.max(-1, keepdim=True)
-    else:  # the order of the scores is the log-probabilities'
-        values, indices = logits.topk(min(k, logits.shape[-1]), -1)
-    return torch.cat([picked, values.float() - lse, indices.float()], 1)
 
 
 def field_ids(row: EncodedRow) -> list[int]:
