@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.harness.report import RESULTS, rerun_command, versions, write_json
-from bench.serve.scoring import documents
+from bench.serve.scoring import documents, flops_per_row
 
 
 def main() -> None:
@@ -58,9 +58,11 @@ def main() -> None:
                           for ids, _ in rows],
     }
     token_texts(tok)
+    flops = flops_per_row(str(served / "model"), docs)  # mean FLOPs of a row, each kind
     report = {"benchmark": "echo scoring vs classification in process", "command": rerun_command("bench.probe.scoring", sys.argv[1:]),
               "device": torch.cuda.get_device_name(0) if cuda else "CPU", "versions": versions(),
-              "rows": len(rows), "tokens": sum(len(ids) for ids, _ in rows), "kinds": {}}
+              "rows": len(rows), "tokens": sum(len(ids) for ids, _ in rows),
+              "gflop_per_row": {k: flops[k] / 1e9 for k in ("score", "classify")}, "kinds": {}}
 
     def timed(make) -> tuple[float, list]:
         requests = make()
@@ -80,7 +82,8 @@ def main() -> None:
             times.append(t)
         assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
         wall = sorted(times)[1]
-        entry = {"wall_ms": 1000 * wall, "rows_per_s": len(rows) / wall}
+        entry = {"wall_ms": 1000 * wall, "rows_per_s": len(rows) / wall,
+                 "model_tflops": len(rows) * flops[name] / wall / 1e12}
         if name == "score":
             start = time.perf_counter()
             bodies = [echo_logprobs(tok, r.prompt_ids, r.prompt_logprobs, r.logprobs) for r in results]

@@ -12,6 +12,7 @@ named as not measured, with the report's recorded reason where there is one.
 from __future__ import annotations
 
 
+from bench.harness.hardware import peak_tflops
 from bench.harness.report import ROOT, load_report, shown_command, write_text
 from bench.render.engine import engine
 from bench.render.training import training
@@ -328,9 +329,11 @@ def scoring() -> list[str]:
                      f"{sc['mfu']:.0%} | {sc['latency_p50_ms']:.0f} / {sc['latency_p99_ms']:.0f} |")
     if probe is not None:
         c, sc = probe["kinds"]["classify"], probe["kinds"]["score"]
+        peak = peak_tflops(probe["device"])
+        mfu = (lambda k: f"{k['model_tflops'] / peak:.0%}" if peak and "model_tflops" in k else "-")  # noqa: E731
         lines.append(f"| after: scores kept as the batch's host copy, batches pipelined | {probe['device']} | in process "
                      f"(`Engine.run`, {probe['rows']} rows) | {c['rows_per_s']:,.0f} | {sc['rows_per_s']:,.0f} | "
-                     f"{probe['score_over_classify_rows']:.2f} | - | - | - |")
+                     f"{probe['score_over_classify_rows']:.2f} | {mfu(c)} | {mfu(sc)} | - |")
     if http is not None:
         g = http["gflop_per_row"]
         lines += ["", f"FLOPs of a row ({http['mean_tokens_per_row']:.0f} tokens on average, 20 virtual): "
@@ -361,10 +364,14 @@ def chunked_loss() -> list[str]:
              "position, 20 virtual tokens, bf16 weights, eager, fused AdamW. `ours` computes the loss as generation "
              "training does (`forward.chunked_token_loss`: the LM head a chunk of target positions at a time, each "
              "chunk's gradient taken at once); `whole-logits`: the same step over the whole (B, S, V) logits, as "
-             "before. Floor: the frozen model's forward and backward to its input embeddings with the whole logits.",
-             "", "| side | method | variant | tokens/s | peak GiB |", "|---|---|---|---|---|"]
+             "before. Floor: the frozen model's forward and backward to its input embeddings with the whole logits. The "
+             "bound: 4N FLOPs a token (a frozen forward and the backward to the activations, N = 1.24B parameters) "
+             "at the card's dense bf16 peak.",
+             "", "| side | method | variant | tokens/s | % of bf16 peak (4N FLOPs a token) | peak GiB |",
+             "|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['side']} | {r.get('method') or '-'} | {r['variant']} | {r['tokens_per_s']:,.0f} | "
+        share = f"{r['pct_peak_4N']:.1f}%" if r.get("pct_peak_4N") is not None else "-"
+        lines.append(f"| {r['side']} | {r.get('method') or '-'} | {r['variant']} | {r['tokens_per_s']:,.0f} | {share} | "
                      f"{r['peak_gib']:.1f} |")
     rows = {(r["side"], r.get("method"), r["variant"]): r for r in report["rows"]}
     notes = []
