@@ -366,6 +366,8 @@ def serve(
     max_batch_tokens: int = typer.Option(16384, "--max-batch-tokens", help="Most padded tokens (rows x longest row) in one forward: a batch of head requests, or rows joining the running decode batch (the rest join after its next step)."),
     compile_decode: bool = typer.Option(False, "--compile", help="Compile the decode step (before its CUDA graph is captured), the prefill of joining rows and the head requests' forward with torch.compile (1B Llama shape on an H100: 2.0 instead of 3.2 ms a step at 64 rows). Compiled at start-up, before the server listens: each compiled version took 30-60 s for a 1B model on an H100, so minutes in all. Falls back to the uncompiled step, with one warning, where compiling fails."),
     max_queue: int = typer.Option(1024, "--max-queue", help="Waiting requests beyond this get 429."),
+    head_share: float = typer.Option(0.5, "--head-share", min=0.0, max=1.0, help="While completions decode, the share of the engine's time that head requests (classify, tag, embeddings of a head) may take between decode steps; 1: they run between any two steps (completions then wait behind each head forward), 0: only once they waited --max-head-wait."),
+    max_head_wait: float = typer.Option(0.1, "--max-head-wait", min=0.0, help="Seconds after which a waiting head request runs between two decode steps whatever --head-share."),
     max_on_device: int = typer.Option(None, "--max-on-device", help="Most tasks' prompts kept on the accelerator (LRU)."),
     max_in_memory: int = typer.Option(None, "--max-in-memory", help="Most tasks read from folders kept in host memory (LRU; the others are read again from their folder on their next request)."),
     lazy: bool = typer.Option(False, "--lazy", help="Register the folders under --prompts without reading them: each task is read on its first request (start-up in the time of listing thousands of tasks)."),
@@ -438,7 +440,8 @@ def serve(
                                           truncate=truncate, compile=compile_decode),
                       app_options=dict(max_queue=max_queue, api_key=api_key, max_body_bytes=max_body_bytes,
                                        max_inputs=max_inputs, max_new_tokens=max_new_tokens, admin=admin,
-                                       stream_interval=stream_interval))
+                                       stream_interval=stream_interval, head_share=head_share,
+                                       max_head_wait=max_head_wait))
         return
     served_as = _base_name(model, base_name)
     target = resolve_device(device)
@@ -458,7 +461,8 @@ def serve(
     application = create_app(bank, engine=engine, max_queue=max_queue, admin=admin, api_key=api_key,
                              prompt_root=prompts if admin else None, max_body_bytes=max_body_bytes,
                              max_inputs=max_inputs, max_new_tokens=max_new_tokens,
-                             shutdown_timeout=timeout_graceful_shutdown, stream_interval=stream_interval)
+                             shutdown_timeout=timeout_graceful_shutdown, stream_interval=stream_interval,
+                             head_share=head_share, max_head_wait=max_head_wait)
     if compile_decode or target.type == "cuda":  # compiles and captures the step here, not in a first request
         started = time.perf_counter()
         warmed = warm_up(engine)

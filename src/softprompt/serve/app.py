@@ -62,7 +62,7 @@ from ..extras import MissingExtraError, require
 from ..io.remote import is_url
 from .admin import ADMIN_OFF_ROUTES, ADMIN_ROUTES
 from .bank import PromptBank
-from .batcher import Batcher
+from .batcher import Batcher, TimeShare
 from .engine import Engine
 from .request import Request
 from .errors import error_body, field_path
@@ -251,7 +251,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int = 1024, max_wait: float = 0.005,
                admin: bool = False, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                max_inputs: int = 256, max_new_tokens: int = 1024, prompt_root: str | Path | None = None,
-               shutdown_timeout: float = 10.0, stream_interval: int = 1) -> FastAPI:
+               shutdown_timeout: float = 10.0, stream_interval: int = 1, head_share: float = 0.5,
+               max_head_wait: float = 0.1) -> FastAPI:
     """The server's application.
 
     Args:
@@ -269,6 +270,9 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
         stream_interval: a stream's tokens per write after its first (1: each at once):
             fewer socket writes and event-loop wake-ups per token for more latency between
             pieces (SGLang's ``--stream-interval``).
+        head_share / max_head_wait: while completions decode, the share of the engine's time
+            head requests (classify, tag, ...) may take, and the seconds after which a
+            waiting head request runs whatever the share (`batcher.TimeShare`).
 
     Raises:
         ConfigError: an API key no client could send (`guard.check_api_key`).
@@ -276,7 +280,11 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
     if api_key is not None:
         check_api_key(api_key)
     engine = engine or Engine(bank)
-    batcher = Batcher(engine, max_queue=max_queue, max_wait=max_wait)
+    try:
+        share = TimeShare(head_share=head_share, max_head_wait=max_head_wait)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    batcher = Batcher(engine, max_queue=max_queue, max_wait=max_wait, time_share=share)
     app = FastAPI(title="softprompt", version="0.1.0", lifespan=lifespan)
     app.state.bank, app.state.engine, app.state.batcher = bank, engine, batcher
     app.state.shutdown_timeout = shutdown_timeout

@@ -16,7 +16,8 @@ Generation on a causal LM is continuously batched within one engine run (`decode
 a row that ends (end of sequence, a stop string, a client gone) leaves the running batch
 at once and a waiting row takes its place, including generation requests that arrived
 while the run decodes (the worker hands them over through the engine's `admit` hook);
-requests for task heads that arrive meanwhile are answered between two decode steps.
+requests for task heads that arrive meanwhile are answered between two decode steps, within
+their share of the engine's time (`TimeShare`), so that neither kind starves the other.
 Encoder-decoders use transformers' `generate()` in static batches.
 """
 
@@ -58,6 +59,74 @@ class BatchStats:
     observers: list[Callable[[int, float, list[Result]], None]] = field(default_factory=list)
 
 
+@dataclass
+class TimeShare:
+    """How the engine's time is shared between decode steps and head forwards while rows
+    decode.
+
+    While a causal LM decodes, the decoder asks the batcher for more work between two steps
+    (`Batcher._admit`); the head requests waiting then run as one forward, and every decoding
+    row waits for it. Running them at every step starved the completions: on an H100
+    (`bench.serve.http`, mix phase, 1B shape) completions got 24 + 25 requests/s with p50
+    ~610 ms while heads took the rest, each 16-token completion waiting for 16 head forwards.
+    Here head forwards take at most `head_share` of the engine's time (head forwards and
+    decode steps) over the last `horizon` seconds; a head request that has waited
+    `max_head_wait` seconds runs whatever the share, so heads do not starve either (their
+    latency is bounded by it plus a decode step). `head_share` 1 runs heads at every step
+    (the behaviour before this share); 0 runs them only once they have waited `max_head_wait`.
+
+    Attributes:
+        head: seconds of head forwards counted; decode: seconds of decoding counted (the time
+            between two calls of the hook, head forwards excluded).
+    """
+
+    head_share: float = 0.5
+    max_head_wait: float = 0.1
+    horizon: float = 2.0
+    clock: Callable[[], float] = field(default=time.perf_counter, repr=False)
+    head: float = 0.0
+    decode: float = 0.0
+    _since: float | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if not 0.0 <= self.head_share <= 1.0:
+            raise ValueError(f"head_share must be within [0, 1]; got {self.head_share}")
+        if self.max_head_wait < 0:
+            raise ValueError(f"max_head_wait must be >= 0 seconds; got {self.max_head_wait}")
+        if self.horizon <= 0:
+            raise ValueError(f"horizon must be > 0 seconds; got {self.horizon}")
+
+    def start(self) -> None:
+        """A decoding run begins: nothing counted yet."""
+        self.head = self.decode = 0.0
+        self._since = self.clock()
+
+    def decoded(self) -> None:
+        """The decoder asks for work: the time since it last did was decoding."""
+        now = self.clock()
+        if self._since is not None:
+            self.decode += now - self._since
+        self._since = now
+        self._forget()
+
+    def heads_may_run(self, waited: float) -> bool:
+        """Whether the head requests waiting run now; `waited`: seconds the oldest has waited."""
+        if self.head_share >= 1.0 or waited >= self.max_head_wait:
+            return True
+        return self.head_share > 0.0 and self.head <= self.head_share / (1.0 - self.head_share) * self.decode
+
+    def ran_heads(self, seconds: float) -> None:
+        """A head forward took `seconds`; decoding resumes now."""
+        self.head += seconds
+        self._since = self.clock()
+        self._forget()
+
+    def _forget(self) -> None:
+        total = self.head + self.decode
+        if total > self.horizon:  # the past counts less: scaled down to the horizon
+            self.head, self.decode = self.head * self.horizon / total, self.decode * self.horizon / total
+
+
 class Batcher:
     """A bounded queue in front of an `Engine`, served by one worker thread.
 
@@ -66,12 +135,17 @@ class Batcher:
         max_queue: most requests waiting (beyond it `submit` raises `QueueFullError`).
         max_wait: seconds the worker waits for more requests before it runs a batch that
             is not full yet (latency traded for batch size).
+        time_share: how head forwards and decode steps share the engine while rows decode
+            (`TimeShare`; its defaults when None).
     """
 
-    def __init__(self, engine: Engine, *, max_queue: int = 1024, max_wait: float = 0.005):
+    def __init__(self, engine: Engine, *, max_queue: int = 1024, max_wait: float = 0.005,
+                 time_share: TimeShare | None = None):
         self.engine = engine
         self.max_queue = max_queue
         self.max_wait = max_wait
+        self.time_share = time_share if time_share is not None else TimeShare()
+        self._submitted: dict[int, float] = {}  # id(request) -> when it was queued, on the share's clock
         self.stats = BatchStats()
         self._items: deque[tuple[Request, Future]] = deque()
         self._running: list[tuple[Request, Future]] = []  # taken by the worker in its current run
@@ -106,6 +180,8 @@ class Batcher:
                 raise QueueFullError(f"{len(self._items)} requests are waiting (the queue holds {self.max_queue}); "
                                      "retry later")
             self._items.extend(zip(requests, futures))
+            now = self.time_share.clock()
+            self._submitted.update((id(r), now) for r in requests)
             self._cond.notify()
         return futures
 
@@ -122,6 +198,7 @@ class Batcher:
         with self._cond:
             self._stopped = True
             left, self._items = list(self._items), deque()
+            self._submitted.clear()
             running = list(self._running)
             self._cond.notify_all()
         for request, _ in left + running:
@@ -149,6 +226,8 @@ class Batcher:
                     break
                 self._cond.wait(left)
             taken = [self._items.popleft() for _ in range(min(limit, len(self._items)))]
+            for request, _ in taken:
+                self._submitted.pop(id(request), None)
             self._running = list(taken)  # under the lock `close` takes: every request is waiting or running
             return taken
 
@@ -170,19 +249,25 @@ class Batcher:
 
     def _admit(self, room: int) -> list[tuple[Request, Callable[[Result], None]]]:
         """Called by the engine between decode steps: requests read by a task head that
-        arrived meanwhile are answered at once (one mixed forward, so they do not wait for
-        the decoding to end); generation requests join the running batch. Whether a
-        request generates is its bound task version's answer (`Engine.generates`)."""
+        arrived meanwhile are answered (one mixed forward, so they do not wait for the
+        decoding to end) when the time share lets them (`TimeShare`); up to `room`
+        generation requests join the running batch. Whether a request generates is its
+        bound task version's answer (`Engine.generates`)."""
+        share = self.time_share
+        share.decoded()
         with self._cond:
             heads = [item for item in self._items if not self.engine.generates(item[0])]
+            if heads and not share.heads_may_run(share.clock() - self._submitted.get(id(heads[0][0]), share.clock())):
+                heads = []
             heads = heads[: self.engine.max_batch_rows]
             chosen = [item for item in self._items if self.engine.generates(item[0])][: max(room, 0)]
             for item in heads + chosen:
                 self._items.remove(item)
+                self._submitted.pop(id(item[0]), None)
             self._running += heads + chosen
         live = self._live(heads)
         if live:
-            start = time.perf_counter()
+            start, share_start = time.perf_counter(), share.clock()
             try:
                 results = self.engine.run([r for r, _ in live])
             except Exception as e:  # the engine answers every request; this is a bug: not the decode's
@@ -191,6 +276,7 @@ class Batcher:
             self._record(len(live), time.perf_counter() - start, results)
             for (_, f), result in zip(live, results):
                 self._settle(f, result)
+            share.ran_heads(share.clock() - share_start)
         return [(request, self._resolver(future)) for request, future in self._live(chosen)]
 
     def _resolver(self, future: Future) -> Callable[[Result], None]:
@@ -253,6 +339,7 @@ class Batcher:
                 # stops (seen as 8 s latencies in an 8 s load test)
                 request.on_result = partial(self._answer, counted, future)
             start = time.perf_counter()
+            self.time_share.start()
             try:
                 results = self.engine.run([r for r, _ in live], admit=self._admit)
             except BaseException as e:  # the engine isolates request failures; this is a bug
@@ -278,4 +365,4 @@ class Batcher:
                 self._settle(future, self._shut(request))
 
 
-__all__ = ["Batcher", "QueueFullError", "TooManyRequestsForQueueError", "BatchStats"]
+__all__ = ["Batcher", "QueueFullError", "TooManyRequestsForQueueError", "BatchStats", "TimeShare"]

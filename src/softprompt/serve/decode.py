@@ -110,8 +110,9 @@ class Decoder:
     Args:
         bank: the tasks (a causal LM base).
         max_rows: most rows decoding at once.
-        admit: called between steps for more rows when there is room (the server's queue);
-            returns a list of rows (possibly empty). `run` may name another.
+        admit: called between any two steps with the room for more rows (0 when the slots
+            are full: the server answers waiting head requests meanwhile); returns a list of
+            at most that many rows (possibly empty). `run` may name another.
         graphs: record the decode step as a CUDA graph on `max_rows` fixed slots kept from
             run to run (default: when the base model is on a CUDA device; on a CPU the fixed
             slots step eagerly); False: the step runs eagerly on as many slots as there are
@@ -204,8 +205,8 @@ class Decoder:
             self._drop_cancelled(waiting)
             active = sum(r is not None for r in self._rows)
             room = self.max_rows - active
-            if room > len(waiting) and admit is not None:
-                waiting.extend(self._admitted(admit, room - len(waiting)))
+            if admit is not None:  # asked at every step, full slots too: it answers waiting heads meanwhile
+                waiting.extend(self._admitted(admit, max(room - len(waiting), 0)))
             if not waiting and not active:
                 return
             if waiting and room > 0:
