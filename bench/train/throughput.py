@@ -14,7 +14,10 @@ of a real shape (speed does not depend on the weights), bf16 weights, 20 virtual
           clipping at 1.0, fused AdamW; ``eager`` and ``compile`` (train.compile: the
           base's blocks compiled); ``checkpointing`` rows with train.gradient_checkpointing;
           ``whole-logits``: eager, the LM loss over the whole (B, S, V) logits (before the
-          chunked loss, `forward.chunked_token_loss`, which the other rows use).
+          chunked loss, `forward.chunked_token_loss`, which the other rows use);
+          ``liger`` / ``cce``: eager, the LM loss's summed cross-entropy from the states
+          (`forward.summed_token_loss`) by liger-kernel's fused linear cross-entropy or
+          cut-cross-entropy's `linear_cross_entropy` instead of softprompt's chunks.
   peft    HF PEFT 0.21 with the same method and sizes (prompt encoder sizes set to PEFT's
           defaults on both sides), the same clipping and fused AdamW, no host reads; with
           and without bf16 autocast (Trainer's ``bf16=True``), the faster one is the baseline.
@@ -136,7 +139,7 @@ class ModelRun:
         task.bind(model)
         options = {"mode": "reduce-overhead"} if variant == "graphs" else None
         with model.accelerated(compile=variant in ("compile", "graphs"), compile_options=options,
-                               checkpointing=variant == "checkpointing"):
+                               checkpointing=variant == "checkpointing"), loss_kernel(variant):
             model.train()
             result = self.timed(our_step(model, task, loss_kind, ids, self.tok, variant == "graphs",
                                          whole_logits=variant == "whole-logits"))
@@ -162,6 +165,30 @@ class ModelRun:
             self.base.requires_grad_(False)
 
 
+def loss_kernel(variant: str):
+    """For the ``liger`` and ``cce`` rows: `forward.summed_token_loss` replaced by that
+    package's fused LM head + cross-entropy for the step (the LM head of the benchmark's
+    Llama is a plain linear layer, so the three compute the same sum); else nothing."""
+    from contextlib import nullcontext
+    from unittest import mock
+
+    from softprompt import forward
+
+    if variant == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        fused = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+        kernel = lambda base, states, wanted: fused(base.get_output_embeddings().weight, states, wanted)  # noqa: E731
+    elif variant == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        kernel = lambda base, states, wanted: linear_cross_entropy(  # noqa: E731
+            states, base.get_output_embeddings().weight, wanted, reduction="sum")
+    else:
+        return nullcontext()
+    return mock.patch.object(forward, "summed_token_loss", kernel)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gpt2-124m,llama-1b,llama-8b")
@@ -171,7 +198,8 @@ def main() -> None:
     parser.add_argument("--sides", default="floor,ours,peft")
     parser.add_argument("--variants", default="eager,compile,graphs",
                         help="eager, compile (train.compile=true), graphs (train.compile=reduce-overhead), checkpointing, "
-                             "whole-logits (eager, the LM loss over the whole logits)")
+                             "whole-logits (eager, the LM loss over the whole logits), liger / cce (eager, the LM loss by "
+                             "liger-kernel / cut-cross-entropy)")
     parser.add_argument("--peft-autocast", default="off,on")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)

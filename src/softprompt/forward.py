@@ -285,8 +285,16 @@ def chunked_token_loss(base, hidden: torch.Tensor, labels, keep, prompt_index, m
     targets = _column_targets(True, labels, keep, prompt_index, mask)  # (B, S - 1)
     scored = targets != -100
     states, wanted = hidden[:, :-1][scored], targets[scored]  # (N, D), (N,)
+    return summed_token_loss(base, states, wanted) / wanted.numel()
+
+
+def summed_token_loss(base, states: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """The summed next-token cross-entropy of N positions from their last-layer states
+    `states` (N, D) and targets `wanted` (N,), through `lm_head`, `LOSS_CHUNK_SCORES` scores
+    at a time (`_ChunkedLoss`). One function, so that `bench.train.throughput` can measure
+    fused kernels (liger-kernel, cut-cross-entropy) in its place on the same step."""
     chunk = max(1, LOSS_CHUNK_SCORES // base.get_output_embeddings().weight.shape[0])
-    return _ChunkedLoss.apply(states, wanted, base, chunk) / wanted.numel()
+    return _ChunkedLoss.apply(states, wanted, base, chunk)
 
 
 class _ChunkedLoss(torch.autograd.Function):
