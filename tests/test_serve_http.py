@@ -453,19 +453,35 @@ def test_a_template_longer_than_the_model_is_refused_when_loaded(encoder_bank, t
     assert bank.add("fits", fits).num_virtual_tokens == 61
 
 
-def test_a_tag_request_on_a_server_without_seqeval_says_which_package_is_missing(encoder_bank, monkeypatch):
-    """The entity spans of /v1/tag need the `ner` extra: a server installed without it
-    answers with what to install, in the API's error format, not "internal server error"."""
+def without_seqeval(monkeypatch):
+    """`extras.require` as it answers where seqeval is not installed, in serve/app.py."""
     from softprompt import extras
     from softprompt.serve import app
 
-    def require(module, extra, feature):  # as `extras.require` answers where the package is not installed
+    def require(module, extra, feature):
         if module.startswith("seqeval"):
             raise extras.MissingExtraError(f"{feature} needs the 'seqeval' package: pip install 'softprompt[{extra}]'")
         return extras.require(module, extra, feature)
 
     monkeypatch.setattr(app, "require", require)
-    with Server(create_app(encoder_bank)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+
+
+def test_a_server_without_seqeval_refuses_to_start_with_a_tagger(encoder_bank, monkeypatch):
+    """A tagger loaded at start-up, on an install without the `ner` extra: the server does
+    not start (before, it started and answered every /v1/tag with a 500), and says which
+    task needs which package."""
+    without_seqeval(monkeypatch)
+    with pytest.raises(sp.ConfigError, match=r"task 'ner' \(a tagger.*needs the 'seqeval' package.*softprompt\[ner\]"):
+        create_app(encoder_bank)
+
+
+def test_a_tag_request_on_a_server_without_seqeval_says_which_package_is_missing(encoder_bank, monkeypatch):
+    """The entity spans of /v1/tag need the `ner` extra: a server installed without it, whose
+    tagger came after start-up (``--lazy``, an admin load), answers with what to install, in
+    the API's error format, not "internal server error"."""
+    application = create_app(encoder_bank)  # seqeval present at start-up: the check passes
+    without_seqeval(monkeypatch)
+    with Server(application) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         r = client.post("/v1/tag", json={"task": "ner", "inputs": ["Anna flew to Paris"]})
         assert r.status_code == 500
         error = r.json()["error"]

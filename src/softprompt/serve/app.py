@@ -248,6 +248,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.batcher.close(timeout=app.state.shutdown_timeout)
 
 
+def refuse_missing_extras(bank: PromptBank) -> None:
+    """Refuse to serve a loaded task whose endpoint needs a package this install lacks (a
+    tagger's entity spans need seqeval, the `ner` extra), at start-up rather than with a
+    500 on each of its requests. A task read later (``--lazy``, admin loads) still gets that
+    500 (`tag`), naming the package.
+
+    Raises:
+        ConfigError: naming the task and the extra to install.
+    """
+    for name in bank.loaded():
+        task = bank[name].task
+        if task is not None and task.endpoint == "tag":
+            try:
+                require("seqeval.metrics.sequence_labeling", "ner", f"task {name!r} (a tagger: /v1/tag's entity spans)")
+            except MissingExtraError as e:
+                raise ConfigError(str(e)) from None
+
+
 def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int = 1024, max_wait: float = 0.005,
                admin: bool = False, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                max_inputs: int = 256, max_new_tokens: int = 1024, prompt_root: str | Path | None = None,
@@ -279,6 +297,7 @@ def create_app(bank: PromptBank, *, engine: Engine | None = None, max_queue: int
     """
     if api_key is not None:
         check_api_key(api_key)
+    refuse_missing_extras(bank)
     engine = engine or Engine(bank)
     try:
         share = TimeShare(head_share=head_share, max_head_wait=max_head_wait)
