@@ -82,8 +82,9 @@ def _assert_same(padded, packed):
         torch.testing.assert_close(packed_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _check(family_models, family, method, kind, budget):
+def _check(family_models, family, method, kind, budget, device="cpu"):
     base, tok = family_models(family)
+    base.to(device)
     task, template = _task(kind, family)
     torch.manual_seed(0)
     model = sp.SoftPromptModel(base, METHODS[method](template), tokenizer=tok)
@@ -116,6 +117,17 @@ def test_packed_encoder_loss_and_gradients_equal_the_padded_batch(family_models,
                                                 ("llama", "p-tuning-v2", "lm"), ("bert", "prompt-tuning", "head")])
 def test_more_losses_and_one_sequence_for_the_whole_batch(family_models, family, method, kind):
     _check(family_models, family, method, kind, budget=4096)
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@GPU
+@pytest.mark.parametrize("family,method,kind", [(f, m, k) for f in ("llama", "gpt2", "bert") for m in METHODS
+                                                for k in (("lm", "verbalizer") if f != "bert" else ("head", "verbalizer"))])
+def test_packed_loss_and_gradients_equal_the_padded_batch_on_a_gpu(family_models, family, method, kind):
+    """The same on a CUDA device (SDPA's kernels there, the training backends of `attention.py`)."""
+    _check(family_models, family, method, kind, budget=40, device="cuda")
 
 
 def test_eager_attention_packs_too(family_models):

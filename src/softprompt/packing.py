@@ -45,6 +45,7 @@ segment), and families that take no position ids.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -176,9 +177,13 @@ def segment_mask(base, segments: torch.Tensor, prefix_length: int, causal: bool,
                        packed_sequence_mask_function(columns))
     mask_function: Callable = within if not P else or_masks(_before(P), within)
     make = ALL_MASK_ATTENTION_FUNCTIONS[base.config._attn_implementation]
-    return make(batch_size=N, q_length=W, kv_length=P + W, q_offset=P, kv_offset=0, mask_function=mask_function,
-                attention_mask=None, allow_is_causal_skip=False, allow_is_bidirectional_skip=False, dtype=dtype,
-                config=base.config, device=segments.device)
+    if "cache_position" in inspect.signature(make).parameters:  # transformers before q_length / q_offset (5.x)
+        queries = dict(cache_position=torch.arange(P, P + W, device=segments.device))
+    else:
+        queries = dict(q_length=W, q_offset=P)
+    return make(batch_size=N, kv_length=P + W, kv_offset=0, mask_function=mask_function, attention_mask=None,
+                allow_is_causal_skip=False, allow_is_bidirectional_skip=False, dtype=dtype, config=base.config,
+                device=segments.device, **queries)
 
 
 def _before(prefix_length: int) -> Callable:
