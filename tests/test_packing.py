@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import softprompt as sp
-from softprompt import packing
+from softprompt import inject, packing
 from softprompt.errors import ConfigError, UnsupportedModelError
 from softprompt.tasks import Generation, SequenceClassification, TokenClassification, Verbalizer
 from softprompt.training.config import TrainConfig
@@ -130,6 +130,20 @@ def test_packed_loss_and_gradients_equal_the_padded_batch_on_a_gpu(family_models
     _check(family_models, family, method, kind, budget=40, device="cuda")
 
 
+def test_gradient_checkpointing_packs_too(family_models):
+    """Each block recomputed in the backward pass reads the same packed mask, positions and
+    read-only prefix."""
+    base, tok = family_models("llama")
+    task, template = _task("lm", "llama")
+    model = sp.SoftPromptModel(base, METHODS["p-tuning-v2"](template), tokenizer=tok).eval()
+    task.bind(model)
+    batch, targets = task.collate(model, _examples("lm"))
+    padded = _loss_and_grads(model, task, batch, targets)
+    with model.accelerated(checkpointing=True):
+        model.train()  # the checkpointed view runs training forwards (Llama has no dropout)
+        _assert_same(padded, _loss_and_grads(model, task, batch.packed(40), targets))
+
+
 def test_eager_attention_packs_too(family_models):
     base, tok = family_models("llama")
     base.set_attn_implementation("eager")
@@ -183,6 +197,11 @@ def test_positions_restart_at_each_segment(family_models, family, method, first)
     P = model.prompts().prefix_length
     assert mask.shape == (1, 1, sum(lengths), P + sum(lengths)) and mask.dtype == torch.bool
     assert mask[0, 0, :, :P].all()  # every segment sees the prefix
+    if P:  # stored once: the packed sequences' prefix keys are views of the one prefix
+        alone = packing.packed_inputs(base, model.spec, batch.input_ids, batch.attention_mask, batch.prompt_index,
+                                      model.prompts(), batch.packed(1).pack_index)  # a sequence a row
+        keys = alone[inject.CACHE_ARG].layers[0].keys  # (N, H_kv, P, D_head)
+        assert keys.shape[0] == 3 and keys.stride(0) == 0
     assert not mask[0, 0, lengths[0]:, P:P + lengths[0]].any()  # no later segment sees the first
 
 

@@ -150,11 +150,10 @@ def unpack(packed: torch.Tensor, index: torch.Tensor, batch_size: int, length: i
     """(N, W, ...) outputs of a packed forward -> (B, S, ...) in the padded layout, zeros at
     the padded batch's pads; differentiable (a scatter of the packed rows)."""
     flat = packed.reshape(-1, *packed.shape[2:])
-    where = index.reshape(-1)
-    kept = where >= 0
-    out = flat.new_zeros(batch_size * length, *packed.shape[2:])
-    out = out.index_copy(0, where[kept], flat[kept])
-    return out.view(batch_size, length, *packed.shape[2:])
+    dump = batch_size * length  # one extra row takes the packed padding (no boolean index: no wait for the device)
+    where = index.reshape(-1).masked_fill(index.reshape(-1) < 0, dump)
+    out = flat.new_zeros(dump + 1, *packed.shape[2:]).index_copy(0, where, flat)
+    return out[:dump].view(batch_size, length, *packed.shape[2:])
 
 
 def segment_mask(base, segments: torch.Tensor, prefix_length: int, causal: bool, dtype: torch.dtype) -> Any:
