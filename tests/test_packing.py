@@ -144,6 +144,29 @@ def test_gradient_checkpointing_packs_too(family_models):
         _assert_same(padded, _loss_and_grads(model, task, batch.packed(40), targets))
 
 
+def test_flex_attention_packs_with_a_block_mask(family_models):
+    """flex_attention takes the same mask functions as a BlockMask: blocks no segment attends
+    to are skipped, not computed and masked."""
+    base, tok = family_models("llama")
+    base.set_attn_implementation("flex_attention")
+    task, template = _task("lm", "llama")
+    model = sp.SoftPromptModel(base, METHODS["p-tuning-v2"](template), tokenizer=tok).eval()
+    task.bind(model)
+    batch, targets = task.collate(model, _examples("lm"))
+    packed = batch.packed(4096)
+    inputs = packing.packed_inputs(base, model.spec, batch.input_ids, batch.attention_mask, batch.prompt_index,
+                                   model.prompts(), packed.pack_index)
+    assert type(inputs["attention_mask"]).__name__ == "BlockMask"
+    if not torch.cuda.is_available():  # flex_attention has no backward on the CPU: the loss alone here
+        with torch.no_grad():
+            torch.testing.assert_close(task.loss(model, packed, targets), task.loss(model, batch, targets),
+                                       rtol=1e-5, atol=1e-6)
+        return
+    base.to("cuda")
+    batch, targets = task.collate(model, _examples("lm"))
+    _assert_same(_loss_and_grads(model, task, batch, targets), _loss_and_grads(model, task, batch.packed(4096), targets))
+
+
 def test_eager_attention_packs_too(family_models):
     base, tok = family_models("llama")
     base.set_attn_implementation("eager")

@@ -27,7 +27,8 @@ What each segment sees, exactly as its padded row:
   is transformers' own machinery (`masking_utils`: ``packed_sequence_mask_function``,
   ``causal_mask_function``, ``or_masks`` / ``and_masks``) materialised by the model's
   attention implementation's mask function: a (N, 1, W, P + W) boolean mask for SDPA, an
-  additive one for eager attention. Pad columns of a packed sequence attend to each other
+  additive one for eager attention, a `BlockMask` for ``flex_attention`` (blocks no segment
+  reads are skipped; its backward runs on GPUs only). Pad columns of a packed sequence attend to each other
   (never to a segment), so no query row is all masked (an all-masked row gives NaN, and a
   NaN value times a zero weight is NaN: pads must stay finite).
 
@@ -64,7 +65,7 @@ from .errors import ConfigError
 from .transfer import to_device
 
 #: attention implementations that take the 4-D mask of a packed forward as it is
-MASKED_ATTENTION = ("sdpa", "eager", "sdpa_packed_gqa")
+MASKED_ATTENTION = ("sdpa", "eager", "sdpa_packed_gqa", "flex_attention")
 _PREFIX = -2  # segment id of the deep prefix's columns (a pad column is -1, a row b is b)
 
 
@@ -166,7 +167,7 @@ def segment_mask(base, segments: torch.Tensor, prefix_length: int, causal: bool,
 
     Returns:
         What the model's attention implementation takes: (N, 1, W, P + W) boolean for SDPA
-        (True: attend), additive for eager attention.
+        (True: attend), additive for eager attention, a `BlockMask` for flex attention.
     """
     N, W = segments.shape
     P = prefix_length

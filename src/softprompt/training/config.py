@@ -60,7 +60,7 @@ class TrainConfig:
             sequences of at most `pack_tokens` tokens, each row attending only to itself
             (and to a deep prompt's prefix), at its own positions (`packing.py`). Same
             examples per step, same loss and gradients as the padded batch. Causal LMs and
-            encoders with SDPA or eager attention; other models train padded (one log line).
+            encoders with SDPA, eager or flex attention; other models train padded (one log line).
         pack_tokens: most tokens of one packed sequence (virtual slots included; a deep
             prefix is not counted: it is stored once per sequence); a longer row gets a
             sequence of its own.
