@@ -130,17 +130,26 @@ def test_packed_loss_and_gradients_equal_the_padded_batch_on_a_gpu(family_models
     _check(family_models, family, method, kind, budget=40, device="cuda")
 
 
-def test_gradient_checkpointing_packs_too(family_models):
-    """Each block recomputed in the backward pass reads the same packed mask, positions and
-    read-only prefix."""
-    base, tok = family_models("llama")
-    task, template = _task("lm", "llama")
-    model = sp.SoftPromptModel(base, METHODS["p-tuning-v2"](template), tokenizer=tok).eval()
+@pytest.mark.parametrize("family,method,kind", [("llama", "p-tuning-v2", "lm"), ("bert", "prompt-tuning", "head")])
+@pytest.mark.parametrize("option", ["checkpointing", "compile"])
+def test_training_views_pack_too(family_models, family, method, kind, option):
+    """The base's checkpointed or compiled blocks (``train.gradient_checkpointing``,
+    ``train.compile``; aot_eager here, as tests/test_regions.py) read the same packed mask,
+    positions and read-only prefix: the padded batch's loss and gradients."""
+    base, tok = family_models(family)
+    for module in base.modules():  # the view runs training forwards: no dropout, the same function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    task, template = _task(kind, family)
+    model = sp.SoftPromptModel(base, METHODS[method](template), tokenizer=tok).eval()
     task.bind(model)
-    batch, targets = task.collate(model, _examples("lm"))
+    batch, targets = task.collate(model, _examples(kind))
     padded = _loss_and_grads(model, task, batch, targets)
-    with model.accelerated(checkpointing=True):
-        model.train()  # the checkpointed view runs training forwards (Llama has no dropout)
+    options = dict(checkpointing=True) if option == "checkpointing" else dict(
+        compile=True, compile_options={"backend": "aot_eager"})
+    with model.accelerated(**options):
+        model.train()
+        assert model._running_base() is not model.base
         _assert_same(padded, _loss_and_grads(model, task, batch.packed(40), targets))
 
 

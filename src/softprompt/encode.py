@@ -23,9 +23,9 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from . import inject
-from .packing import pack_index
 from .architecture import ModelKind, ModelSpec
 from .errors import ConfigError, EncodingError, InputTooLongError, TemplateError
+from .packing import pack_index
 from .template import Anchor, Mask, Placeholder, Start, Template, Virtual
 from .transfer import to_device
 
