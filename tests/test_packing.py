@@ -38,7 +38,7 @@ TEXTS = ["a gem of a film", "bad", "the plot wanders but the cast holds it toget
 LABELS = ["pos", "neg", "pos", "pos", "neg", "neg"]
 
 
-def _task(kind: str, family: str):
+def _task(kind: str):
     if kind == "head":
         return SequenceClassification(["neg", "pos"], dropout=0.0), "{text}"
     if kind == "head-first":
@@ -85,7 +85,7 @@ def _assert_same(padded, packed):
 def _check(family_models, family, method, kind, budget, device="cpu"):
     base, tok = family_models(family)
     base.to(device)
-    task, template = _task(kind, family)
+    task, template = _task(kind)
     torch.manual_seed(0)
     model = sp.SoftPromptModel(base, METHODS[method](template), tokenizer=tok)
     task.bind(model)
@@ -140,7 +140,7 @@ def test_training_views_pack_too(family_models, family, method, kind, option):
     for module in base.modules():  # the view runs training forwards: no dropout, the same function
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    task, template = _task(kind, family)
+    task, template = _task(kind)
     model = sp.SoftPromptModel(base, METHODS[method](template), tokenizer=tok).eval()
     task.bind(model)
     batch, targets = task.collate(model, _examples(kind))
@@ -158,7 +158,7 @@ def test_flex_attention_packs_with_a_block_mask(family_models):
     to are skipped, not computed and masked."""
     base, tok = family_models("llama")
     base.set_attn_implementation("flex_attention")
-    task, template = _task("lm", "llama")
+    task, template = _task("lm")
     model = sp.SoftPromptModel(base, METHODS["p-tuning-v2"](template), tokenizer=tok).eval()
     task.bind(model)
     batch, targets = task.collate(model, _examples("lm"))
@@ -179,7 +179,7 @@ def test_flex_attention_packs_with_a_block_mask(family_models):
 def test_eager_attention_packs_too(family_models):
     base, tok = family_models("llama")
     base.set_attn_implementation("eager")
-    task, template = _task("head", "llama")
+    task, template = _task("head")
     model = sp.SoftPromptModel(base, METHODS["p-tuning-v2"](template), tokenizer=tok).eval()
     task.bind(model)
     batch, targets = task.collate(model, _examples("head"))
