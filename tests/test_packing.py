@@ -230,10 +230,11 @@ def test_positions_restart_at_each_segment(family_models, family, method, first)
     assert mask.shape == (1, 1, sum(lengths), P + sum(lengths)) and mask.dtype == torch.bool
     assert mask[0, 0, :, :P].all()  # every segment sees the prefix
     if P:  # stored once: the packed sequences' prefix keys are views of the one prefix
+        several = batch.packed(1).pack_index  # the longest row's width: two packed sequences
         alone = packing.packed_inputs(base, model.spec, batch.input_ids, batch.attention_mask, batch.prompt_index,
-                                      model.prompts(), batch.packed(1).pack_index)  # a sequence a row
+                                      model.prompts(), several)
         keys = alone[inject.CACHE_ARG].layers[0].keys  # (N, H_kv, P, D_head)
-        assert keys.shape[0] == 3 and keys.stride(0) == 0
+        assert keys.shape[0] == several.shape[0] == 2 and keys.stride(0) == 0
     assert not mask[0, 0, lengths[0]:, P:P + lengths[0]].any()  # no later segment sees the first
 
 
@@ -243,6 +244,7 @@ def test_pack_rows_is_first_fit_decreasing_and_keeps_the_budget():
     assert bins == [[6], [1, 2], [4, 5], [0, 3]]  # longest first, each into the first sequence with room
     assert bins == packing.pack_rows(lengths, 12)  # a pure function of its arguments
     assert packing.pack_rows([30, 2], 10) == [[0], [1]]  # an over-long row alone
+    assert packing.pack_rows([30, 9, 8, 7], 10) == [[0], [1, 2, 3]]  # the others fill up to its width
     with pytest.raises(ConfigError, match="train.pack_tokens"):
         packing.pack_rows([1], 0)
 

@@ -201,7 +201,7 @@ def main() -> None:
                              "(with --mix: the rows padding-free, train.packing)")
     parser.add_argument("--mix", default="fixed", choices=["fixed", *MIXES],
                         help="row lengths: fixed (S each) or a real length mix (at most S each)")
-    parser.add_argument("--pack-tokens", type=int, default=2048, help="train.pack_tokens of the packed variants")
+    parser.add_argument("--pack-tokens", type=int, default=512, help="train.pack_tokens of the packed variants")
     parser.add_argument("--peft-autocast", default="off,on")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)

@@ -89,7 +89,8 @@ def pack_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
 
     Args:
         lengths: each row's tokens (virtual slots included).
-        budget: most tokens of a packed sequence; a longer row gets a sequence of its own.
+        budget: most tokens of a packed sequence; a longer row gets a sequence of its own,
+            and its length is then the budget of every sequence.
 
     Returns:
         The packed sequences, each a list of row numbers in increasing order; a pure
@@ -97,6 +98,9 @@ def pack_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
     """
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ConfigError(f"train.pack_tokens must be a positive integer, got {budget!r}")
+    # a row longer than the budget makes every packed sequence that long (they share one
+    # width): the others may then fill up to it too, at no cost
+    budget = max([budget, *lengths])
     bins: list[list[int]] = []
     room: list[int] = []
     for row in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
