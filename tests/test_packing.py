@@ -371,3 +371,22 @@ def test_bad_pack_tokens_is_named():
         TrainConfig(pack_tokens=0).validate()
     with pytest.raises(ConfigError, match="train.packing"):
         TrainConfig(packing="yes").validate()
+
+
+def test_the_trainer_collator_packs_to_the_padded_loss(wordpiece_tokenizer):
+    """`transformers.Trainer`'s path (hf_trainer.py): ``ExampleCollator(pack_tokens=...)``
+    hands over the packed layout, and the model's loss is the padded batch's."""
+    from softprompt.hf_trainer import ExampleCollator, TrainerModel
+
+    model, task = _setup(wordpiece_tokenizer)
+    task.dropout.p = 0.0
+    trainer_model = TrainerModel(model, task).eval()
+    padded, packed = ExampleCollator(model, task)(DATA[:6]), ExampleCollator(model, task, pack_tokens=24)(DATA[:6])
+    assert "pack_index" in packed and "pack_index" not in padded
+    assert packed["pack_index"].shape[0] < 6
+    torch.testing.assert_close(trainer_model(**packed)["loss"], trainer_model(**padded)["loss"], rtol=1e-5, atol=1e-6)
+    base = make_llama(wordpiece_tokenizer)
+    base.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(UnsupportedModelError, match="cannot pack rows"):
+        ExampleCollator(sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=4), tokenizer=wordpiece_tokenizer),
+                        task, pack_tokens=24)
