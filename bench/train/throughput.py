@@ -26,6 +26,19 @@ Losses: ``lm`` (next-token cross-entropy over every position) and ``cls`` (a ver
 the label words' log-probabilities at one answer slot, the last position; the LM head
 only there, for PEFT too via ``logits_to_keep=1``).
 tokens/s counts the B x S real tokens of a step for every side.
+
+Length mixes (``--mix``): ``fixed`` (every row S tokens, the rows above) or rows of real
+lengths (`steps.MIXES`: ``sst2``, GLUE SST-2's train rows, mean 12 tokens; ``instruct``,
+20-1,000 tokens), at most S each, left-padded to the longest row of the batch. The
+``packed`` / ``packed-compile`` variants run the same rows padding-free (``train.packing``:
+the rows packed into sequences of at most ``--pack-tokens`` tokens, `softprompt.packing`);
+the floor's ``packed`` row runs the frozen model on the same packed layout. With a mix,
+tokens/s counts the rows' real tokens (``real_tokens``; ``padded_tokens`` beside it).
+
+    python -m bench.train.throughput --models tiny --shapes 8x64 --mix sst2 --sides floor,ours \
+        --methods prompt_tuning,p_tuning_v2 --variants eager,packed --steps 2 --repeats 1 --out /tmp/p.json  # CPU
+    python -m bench.train.throughput --models gpt2-124m,llama-1b --shapes 32x64 --mix sst2 \
+        --variants eager,compile,packed,packed-compile --out bench/results/train_throughput_packed.json  # GPU
 """
 
 from __future__ import annotations
@@ -41,10 +54,12 @@ import torch
 from bench.harness.hardware import peak_tflops
 from bench.harness.report import RESULTS, versions, write_json
 from bench.harness.shapes import build_base, tokenizer
-from bench.harness.steps import DEEP, METHODS, P, floor_step, our_config, our_step, peft_config, peft_step, text_ids
+from bench.harness.steps import (DEEP, METHODS, MIXES, P, floor_step, our_config, our_step, peft_config, peft_step,
+                                 row_lengths, text_ids)
 from bench.harness.timing import measure
 
-KEY = ("model", "batch", "seq", "loss", "side", "method", "variant", "autocast")
+KEY = ("model", "batch", "seq", "mix", "loss", "side", "method", "variant", "autocast")
+PACKED = ("packed", "packed-compile")
 def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         return fn()
@@ -68,6 +83,7 @@ class ModelRun:
         from softprompt import regions
 
         self.name, self.args, self.tok, self.report, self.out = name, args, tok, report, out
+        self.lengths: list[int] | None = None  # the row lengths of the shape being measured (--mix)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.base = build_base(name, self.device, train=True)
         self.N = sum(p.numel() for p in self.base.parameters())
@@ -75,7 +91,7 @@ class ModelRun:
         self.hidden = config.hidden_size if hasattr(config, "hidden_size") else config.n_embd
         self.words = torch.tensor([tok.encode(" great")[0], tok.encode(" terrible")[0]], device=self.device)
         self.views = {"eager": self.base}
-        if "compile" in args.variants:
+        if "compile" in args.variants or "packed-compile" in args.variants:
             self.views["compile"] = regions.view(self.base, compile=True)
         if "graphs" in args.variants:
             self.views["graphs"] = regions.view(self.base, compile=True, compile_options={"mode": "reduce-overhead"})
@@ -88,8 +104,9 @@ class ModelRun:
 
     def record(self, row: dict[str, Any]) -> None:
         B, S = row["batch"], row["seq"]
+        tokens = row.get("real_tokens", B * S)
         if "ms_per_step" in row:
-            row["tokens_per_s"] = round(B * S / (row["ms_per_step"] / 1e3), 1)
+            row["tokens_per_s"] = round(tokens / (row["ms_per_step"] / 1e3), 1)
             if self.peak:
                 row["pct_peak_4N"] = round(100 * row["tokens_per_s"] * 4 * self.N / (self.peak * 1e12), 2)
         row.update(model=self.name, params=self.N)
@@ -104,15 +121,20 @@ class ModelRun:
         for shape in args.shapes:
             B, S = (int(x) for x in shape.split("x"))
             ids = text_ids(B, S, self.tok.vocab_size, self.device)
+            self.lengths = row_lengths(args.mix, B, S)
+            mixed = {}
+            if self.lengths is not None:
+                mixed = dict(real_tokens=sum(self.lengths), padded_tokens=B * max(self.lengths))
             for loss_kind in args.losses:
-                key = dict(batch=B, seq=S, loss=loss_kind)
+                key = dict(batch=B, seq=S, mix=args.mix, loss=loss_kind, **mixed)
                 if "floor" in args.sides:
-                    for variant in [v for v in args.variants if v in self.views]:
+                    floors = [v for v in args.variants if v in self.views or (v == "packed" and self.lengths)]
+                    for variant in floors:
                         self.record({**key, "side": "floor", "method": None, "variant": variant,
                                      **guarded(lambda: self.floor(variant, loss_kind, ids))})
                 for method in args.methods:
                     if "ours" in args.sides:
-                        for variant in args.variants:
+                        for variant in [v for v in args.variants if v not in PACKED or self.lengths]:
                             self.record({**key, "side": "ours", "method": method, "variant": variant,
                                          **guarded(lambda: self.ours(method, variant, loss_kind, ids))})
                     if "peft" in args.sides:
@@ -128,7 +150,9 @@ class ModelRun:
         self.views.clear()  # the compiled views (and their CUDA-graph pools) go before the next model
 
     def floor(self, variant: str, loss_kind: str, ids: torch.Tensor) -> dict[str, Any]:
-        return self.timed(floor_step(self.views[variant], loss_kind, ids, self.words, variant == "graphs"))
+        packed = self.args.pack_tokens if variant == "packed" else None
+        return self.timed(floor_step(self.views.get(variant, self.base), loss_kind, ids, self.words,
+                                     variant == "graphs", self.lengths, packed))
 
     def ours(self, method: str, variant: str, loss_kind: str, ids: torch.Tensor) -> dict[str, Any]:
         import softprompt as sp
@@ -138,11 +162,13 @@ class ModelRun:
         task = Verbalizer({"positive": " great", "negative": " terrible"})
         task.bind(model)
         options = {"mode": "reduce-overhead"} if variant == "graphs" else None
-        with model.accelerated(compile=variant in ("compile", "graphs"), compile_options=options,
+        packed = self.args.pack_tokens if variant in PACKED else None
+        with model.accelerated(compile=variant in ("compile", "graphs", "packed-compile"), compile_options=options,
                                checkpointing=variant == "checkpointing"), loss_kernel(variant):
             model.train()
             result = self.timed(our_step(model, task, loss_kind, ids, self.tok, variant == "graphs",
-                                         whole_logits=variant == "whole-logits"))
+                                         whole_logits=variant == "whole-logits", lengths=self.lengths,
+                                         pack_tokens=packed))
         result["trainable"] = model.trainable_parameters()
         return result
 
@@ -155,7 +181,7 @@ class ModelRun:
             self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         try:
             peft_model.train()
-            result = self.timed(peft_step(peft_model, loss_kind, ids, self.words, autocast))
+            result = self.timed(peft_step(peft_model, loss_kind, ids, self.words, autocast, self.lengths))
             if not checkpointing:
                 result["trainable"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
             return result
@@ -199,7 +225,11 @@ def main() -> None:
     parser.add_argument("--variants", default="eager,compile,graphs",
                         help="eager, compile (train.compile=true), graphs (train.compile=reduce-overhead), checkpointing, "
                              "whole-logits (eager, the LM loss over the whole logits), liger / cce (eager, the LM loss by "
-                             "liger-kernel / cut-cross-entropy)")
+                             "liger-kernel / cut-cross-entropy), packed / packed-compile (with --mix: the rows "
+                             "padding-free, train.packing)")
+    parser.add_argument("--mix", default="fixed", choices=["fixed", *MIXES],
+                        help="row lengths: fixed (S each) or a real length mix (at most S each)")
+    parser.add_argument("--pack-tokens", type=int, default=512, help="train.pack_tokens of the packed variants")
     parser.add_argument("--peft-autocast", default="off,on")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -212,7 +242,7 @@ def main() -> None:
     tok = tokenizer()
     report = {"benchmark": "train_throughput", "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
               else "CPU", "versions": versions(), "virtual_tokens": P, "steps": args.steps, "warmup": args.warmup,
-              "rows": []}
+              "pack_tokens": args.pack_tokens, "rows": []}
     if args.out.exists():  # earlier rows are kept; a row measured again replaces its earlier value
         report["rows"] = json.loads(args.out.read_text()).get("rows", [])
     for name in args.models:

@@ -25,6 +25,7 @@ import torch
 from . import inject
 from .architecture import ModelKind, ModelSpec
 from .errors import ConfigError, EncodingError, InputTooLongError, TemplateError
+from .packing import pack_index
 from .template import Anchor, Mask, Placeholder, Start, Template, Virtual
 from .transfer import to_device
 
@@ -63,6 +64,10 @@ class PromptBatch(Mapping[str, torch.Tensor]):
         word_index: (B, S) the word of a pre-split field each token belongs to, else -1.
         num_words: words of each row's pre-split field (token classification's
             predictions need them; not a model input, so not a key).
+        pack_index: (N, W) the rows packed into N sequences without padding
+            (`packing.pack_index`; `packed`), or None: the forward runs the (B, S) rows.
+        lengths: each row's tokens, on the host, where the batch was collated from rows
+            (packing reads them without waiting for the device); not a key.
     """
 
     input_ids: torch.Tensor
@@ -72,10 +77,12 @@ class PromptBatch(Mapping[str, torch.Tensor]):
     field_index: torch.Tensor | None = None
     word_index: torch.Tensor | None = None
     num_words: list[int] | None = None
+    pack_index: torch.Tensor | None = None
+    lengths: list[int] | None = None
 
     #: the model inputs, in the order `keys()` gives them
     TENSORS: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "prompt_index", "answer_index",
-                                          "field_index", "word_index")
+                                          "field_index", "word_index", "pack_index")
 
     def keys(self) -> list[str]:  # type: ignore[override]
         return [k for k in self.TENSORS if getattr(self, k) is not None]
@@ -97,11 +104,19 @@ class PromptBatch(Mapping[str, torch.Tensor]):
         return dataclasses.replace(self, **{k: to_device(v, device) for k, v in self.items()})
 
     def rows(self, rows: Sequence[int]) -> "PromptBatch":
-        """The sub-batch of `rows` (same columns; `num_words` follows), e.g. one task's rows."""
+        """The sub-batch of `rows` (same columns; `num_words` follows), e.g. one task's rows;
+        unpacked (a packing is of the whole batch)."""
         index = torch.as_tensor(list(rows), dtype=torch.long, device=self.input_ids.device)
-        picked = {k: v.index_select(0, index) for k, v in self.items()}
+        picked = {k: v.index_select(0, index) for k, v in self.items() if k != "pack_index"}
         words = None if self.num_words is None else [self.num_words[r] for r in rows]
-        return dataclasses.replace(self, **picked, num_words=words)
+        lengths = None if self.lengths is None else [self.lengths[r] for r in rows]
+        return dataclasses.replace(self, **picked, num_words=words, pack_index=None, lengths=lengths)
+
+    def packed(self, budget: int) -> "PromptBatch":
+        """This batch with its rows packed into sequences of at most `budget` tokens
+        (`packing.pack_index`): a forward over it computes what the padded rows give."""
+        lengths = self.lengths if self.lengths is not None else self.attention_mask.sum(1).tolist()
+        return dataclasses.replace(self, pack_index=pack_index(self.attention_mask, lengths, budget))
 
     def append_tokens(self, rows: torch.Tensor, tokens: Sequence[Sequence[int]], *, pad_id: int, padding_side: str
                       ) -> tuple["PromptBatch", torch.Tensor]:
@@ -500,4 +515,5 @@ class TemplateEncoder:
             shift = pad if padding_side == "left" else 0
             answers.append(r.answer_index + shift if r.answer_index >= 0 else -1)
         return PromptBatch(**{k: torch.tensor(v, dtype=torch.long) for k, v in out.items()},
-                           answer_index=torch.tensor(answers, dtype=torch.long))
+                           answer_index=torch.tensor(answers, dtype=torch.long),
+                           lengths=[len(r.input_ids) for r in rows])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
-from . import inject
+from . import inject, packing
 from .attention import attention_for
 from .architecture import ModelKind, ModelSpec
 from .inject import Prompts, embed
@@ -62,7 +62,8 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         word_index: torch.Tensor | None = None, labels: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
         logits: str = "all", lm_head_columns: bool = False, virtual_tokens: int | None = None,
-        base_forward: Callable[[Any, dict[str, Any]], Any] | None = None) -> SoftPromptOutput:
+        base_forward: Callable[[Any, dict[str, Any]], Any] | None = None,
+        pack_index: torch.Tensor | None = None) -> SoftPromptOutput:
     """Run `base` on a batch with `prompts` (see `SoftPromptModel.forward` for the arguments).
 
     Args:
@@ -71,6 +72,8 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         base_forward: runs the base model (causal LMs and encoders) as
             ``base_forward(base, inputs)`` instead of ``base(**inputs)``: the server's
             compiled forward (`serve.compiled`).
+        pack_index: (N, W) run the base on the batch's rows packed into N sequences
+            (`packing.py`): same outputs, read in the padded (B, S) layout.
 
     The forward waits for the device at most twice before the base model runs (the rows'
     virtual-slot counts, and the answer columns when the LM head is applied there only):
@@ -88,6 +91,8 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
                           f"{spec.model_type} is not a causal LM: use logits='all'")
     if chunked and not chunkable(base):
         chunked, logits = False, "all"  # e.g. FSDP-sharded head: the whole (B, S, V) scores, as before
+    if pack_index is not None and (why := packing.refusal(base, spec)) is not None:
+        raise UnsupportedModelError(f"cannot pack rows: {why}")
     keep = _real_tokens(attention_mask, prompt_index, virtual_tokens)  # (B, T)
     align = lambda x: None if x is None else inject.gather_tokens(x, keep)  # noqa: E731
     aligned = _aligned(keep, attention_mask, prompt_index, field_index, word_index)
@@ -96,16 +101,21 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         out = _run_decoder(base, spec, encoded, attention_mask, prompts, labels, decoder_input_ids)
         return SoftPromptOutput(loss=out.loss, logits=out.logits, last_hidden_state=align(encoded.last_hidden_state),
                                 **aligned)
-    position, columns, logits_to_keep = _answer_columns(answer_index, logits, lm_head_columns)
-    inputs = inject.base_inputs(base, spec, input_ids, attention_mask, prompt_index, prompts,
-                                logits_to_keep=logits_to_keep)
-    with attention_for(inputs["inputs_embeds"].device):  # no cuDNN attention in a training step (see attention.py)
-        inputs["output_hidden_states"] = output_hidden_states or chunked or None
-        out = base(**inputs) if base_forward is None else base_forward(base, inputs)
-    all_logits = getattr(out, "logits", None)  # (B, S, V), (B, K, V), or None for a bare encoder
-    hidden = getattr(out, "last_hidden_state", None)  # bare models
-    if hidden is None and (output_hidden_states or chunked):
-        hidden = out.hidden_states[-1]  # models with an LM head
+    if pack_index is not None:
+        all_logits, hidden = _run_packed(base, spec, input_ids, attention_mask, prompt_index, prompts, pack_index,
+                                         logits, lm_head_columns, base_forward)
+        position, columns = _answer_columns(answer_index, logits, False)[:2]
+    else:
+        position, columns, logits_to_keep = _answer_columns(answer_index, logits, lm_head_columns)
+        inputs = inject.base_inputs(base, spec, input_ids, attention_mask, prompt_index, prompts,
+                                    logits_to_keep=logits_to_keep)
+        with attention_for(inputs["inputs_embeds"].device):  # no cuDNN attention in a training step (see attention.py)
+            inputs["output_hidden_states"] = output_hidden_states or chunked or None
+            out = base(**inputs) if base_forward is None else base_forward(base, inputs)
+        all_logits = getattr(out, "logits", None)  # (B, S, V), (B, K, V), or None for a bare encoder
+        hidden = getattr(out, "last_hidden_state", None)  # bare models
+        if hidden is None and (output_hidden_states or chunked):
+            hidden = out.hidden_states[-1]  # models with an LM head
     if chunked:
         loss = chunked_token_loss(base, hidden, labels, keep, prompt_index, attention_mask)
         return SoftPromptOutput(loss=loss, last_hidden_state=align(hidden) if output_hidden_states else None,
@@ -114,6 +124,8 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
     if all_logits is not None and position is not None:
         at = position if columns is None else torch.searchsorted(columns, position)
         answer_logits = all_logits[torch.arange(input_ids.shape[0], device=all_logits.device), at]  # (B, V)
+    elif pack_index is not None and position is not None and hidden is not None:  # a packed causal LM's head, here
+        answer_logits = lm_head(base, hidden[torch.arange(input_ids.shape[0], device=hidden.device), position])
     loss = None
     if labels is not None and all_logits is not None:
         loss = token_loss(spec, all_logits, labels, keep, prompt_index, attention_mask)
@@ -121,6 +133,38 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         return SoftPromptOutput(logits=all_logits[:, -1:], last_hidden_state=align(hidden), **aligned)
     return SoftPromptOutput(loss=loss, logits=align(all_logits) if logits == "all" else None,
                             last_hidden_state=align(hidden), answer_logits=answer_logits, **aligned)
+
+
+def _run_packed(base, spec: ModelSpec, input_ids, attention_mask, prompt_index, prompts: Prompts,
+                pack_index: torch.Tensor, logits: str, lm_head_columns: bool, base_forward):
+    """The base model's forward over the batch packed by `pack_index` (`packing.py`).
+
+    Returns:
+        all_logits: (B, S, V) scores in the padded layout, or None: none asked for, a bare
+            encoder, or a causal LM whose head `run` applies where it reads it
+            (`lm_head`, at the answer columns or the scored ones).
+        hidden: (B, S, D) the last-layer states in the padded layout (zeros at its pads).
+    """
+    if logits == "last":
+        raise ConfigError("a packed forward scores every row's own columns: logits='last' reads a padded row's end")
+    B, S = input_ids.shape
+    # a frozen causal LM head runs outside the base, only where it is read (the padded path's
+    # logits_to_keep columns are columns of the padded rows, which the packed base does not have)
+    outside = spec.kind is ModelKind.CAUSAL and chunkable(base) and logits != "all"
+    keep = 1 if outside and lm_head_columns else None  # the fewest the base's own head computes
+    inputs = packing.packed_inputs(base, spec, input_ids, attention_mask, prompt_index, prompts, pack_index,
+                                   logits_to_keep=keep)
+    with attention_for(inputs["inputs_embeds"].device):
+        inputs["output_hidden_states"] = True if base.get_output_embeddings() is not None else None
+        out = base(**inputs) if base_forward is None else base_forward(base, inputs)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out.hidden_states[-1]
+    hidden = packing.unpack(hidden, pack_index, B, S)
+    all_logits = getattr(out, "logits", None)
+    if outside or all_logits is None:
+        return None, hidden
+    return packing.unpack(all_logits, pack_index, B, S), hidden
 
 
 def over_real_tokens(attention_mask: torch.Tensor, prompt_index: torch.Tensor, *, hidden: torch.Tensor | None = None,

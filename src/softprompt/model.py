@@ -294,6 +294,7 @@ class SoftPromptModel(OnBase, nn.Module):
         output_hidden_states: bool = False,
         logits: str = "all",
         token_type_ids: torch.Tensor | None = None,
+        pack_index: torch.Tensor | None = None,
     ) -> SoftPromptOutput:
         """Run the base model with the prompt.
 
@@ -320,6 +321,9 @@ class SoftPromptModel(OnBase, nn.Module):
             token_type_ids: (B, S) what a BERT-style tokenizer returns beside the ids, so that
                 ``model(**tokenizer(texts, ...))`` works: all 0 (one segment, as every
                 template's row), else refused.
+            pack_index: (N, W) run the rows packed into N sequences without padding
+                (`packing.pack_index`; a training batch's, ``train.packing``): the same
+                outputs and loss as the padded batch.
 
         Returns:
             `SoftPromptOutput`.
@@ -335,6 +339,7 @@ class SoftPromptModel(OnBase, nn.Module):
         virtual = None
         if self._disabled:
             batch, prompts = forward.drop_virtual_slots(batch), Prompts()
+            pack_index = None  # its layout was the rows with their slots: the bare base runs them padded
         else:
             virtual = None if self.deep else self.num_virtual_tokens  # checked in forward.run
             prompts = self.prompts()
@@ -342,7 +347,7 @@ class SoftPromptModel(OnBase, nn.Module):
                            prompts, answer_index=batch.get("answer_index"), field_index=batch.get("field_index"),
                            word_index=batch.get("word_index"), labels=labels, decoder_input_ids=decoder_input_ids,
                            output_hidden_states=output_hidden_states, logits=logits,
-                           lm_head_columns=self.keeps_logits, virtual_tokens=virtual)
+                           lm_head_columns=self.keeps_logits, virtual_tokens=virtual, pack_index=pack_index)
 
     def _slots_added(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """(input_ids, attention_mask, prompt_index) of a batch given without prompt_index:

@@ -22,11 +22,12 @@ from safetensors.torch import save_file
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..encode import PromptBatch
-from ..errors import EncodingError
+from ..errors import EncodingError, UnsupportedModelError
 from ..folder import RUN_PROMPT, save_with_task
 from ..io.atomic import write_file_atomically
+from ..packing import refusal
 
-BATCH_KEYS = ("input_ids", "attention_mask", "prompt_index", "answer_index", "field_index", "word_index")
+BATCH_KEYS = PromptBatch.TENSORS  # what the collator hands over as the batch (the rest: the task's targets)
 
 
 class TrainerModel(PreTrainedModel):
@@ -72,11 +73,21 @@ class TrainerModel(PreTrainedModel):
 
 class ExampleCollator:
     """Examples (dicts with the template's fields and the task's target) -> one batch of
-    `TrainerModel` inputs, through the task's own collation."""
+    `TrainerModel` inputs, through the task's own collation.
 
-    def __init__(self, model, task):
+    Args:
+        pack_tokens: pack each batch's rows padding-free into sequences of at most this many
+            tokens (``train.packing``, `softprompt.packing`: the padded batch's loss and
+            gradients); None: padded. One process a device (not ``nn.DataParallel``, which
+            would split the packed layout by rows).
+    """
+
+    def __init__(self, model, task, pack_tokens: int | None = None):
         self.model = model
         self.task = task
+        self.pack_tokens = pack_tokens
+        if pack_tokens is not None and (why := refusal(model.base, model.spec)) is not None:
+            raise UnsupportedModelError(f"cannot pack rows: {why}; leave pack_tokens unset")
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         fields = self.model.template.fields
@@ -86,6 +97,8 @@ class ExampleCollator:
                 f"{sorted(examples[0])}): pass TrainingArguments(remove_unused_columns=False)"
             )
         batch, targets = self.task.collate(self.model, list(examples))
+        if self.pack_tokens is not None:
+            batch = batch.packed(self.pack_tokens)
         out = {k: v for k, v in batch.items() if torch.is_tensor(v)}
         out.update(targets)
         return out

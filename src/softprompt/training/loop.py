@@ -39,11 +39,12 @@ from ..architecture import tensor_parallel_mesh
 from ..errors import ConfigError, TrainingError
 from ..folder import RUN_PROMPT, save_with_task
 from ..io.atomic import remove_stale_temporaries
+from ..packing import refusal
 from ..tasks.base import Task
 from .checkpoint import CHECKPOINT, is_fsdp2, load_checkpoint, save_checkpoint, whole
 from .config import TrainConfig
 from .evaluate import evaluate
-from .logs import METRICS_LINES, RunLog, check_trackers, tracker_options, truncate_metrics
+from .logs import METRICS_LINES, RunLog, check_trackers, log, tracker_options, truncate_metrics
 from .order import BatchStream
 
 
@@ -241,8 +242,7 @@ class Loop:
         self.pending: tuple[int, torch.Tensor] | None = None  # (step, [loss, tokens]) not yet read from the device
         # processes that split one base take the same rows: the batch is shared by data-parallel groups
         self.stream = BatchStream(train_examples, config.batch_size, config.seed, config.bucket, self.state,
-                                  lambda examples: task.collate(model, examples), rank // self.split,
-                                  self.world // self.split)
+                                  _collation(model, task, config), rank // self.split, self.world // self.split)
 
     def run(self) -> RunResult:
         """Step to `config.steps` (or early stopping), evaluating and checkpointing on the way."""
@@ -376,6 +376,23 @@ class Loop:
         """The full training state to ``checkpoint/`` (every process gathers; the main one writes)."""
         save_checkpoint(self.output / CHECKPOINT, self.unit, self.optimizer, asdict(self.state),
                         write=self.accelerator.is_main_process)
+
+
+def _collation(model, task: Task, config: TrainConfig):
+    """examples -> (batch, targets) of one micro-batch: the task's, packed with ``train.packing``
+    where the model can run packed forwards (else padded, said in one log line)."""
+    if not config.packing:
+        return lambda examples: task.collate(model, examples)
+    why = refusal(model.base, model.spec)
+    if why is not None:
+        log.warning("train.packing: %s; training on padded batches", why)
+        return lambda examples: task.collate(model, examples)
+
+    def packed(examples):
+        batch, targets = task.collate(model, examples)
+        return batch.packed(config.pack_tokens), targets
+
+    return packed
 
 
 def _base_state_names(unit: nn.Module, base: nn.Module) -> list[str]:
