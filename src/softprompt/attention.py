@@ -86,12 +86,8 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     packed = query.reshape(R, H // groups, groups, D)  # the G query heads of a K/V head as G query rows
     if pool is not None:
         layer = module.layer_idx
-        if torch.compiler.is_compiling() and packed.is_cuda:  # one fused kernel reads each span once (no CPU kernel returns its log-sum-exp)
-            out = cascade_products(packed, key, value, attention_mask, pool.keys[layer], pool.values[layer],
-                                   pool.block_mask(), scaling)
-        else:
-            out = pooled_products(packed, key, value, attention_mask, pool.keys[layer], pool.values[layer],
-                                  pool.mask, scaling)
+        out = pooled_products(packed, key, value, attention_mask, pool.keys[layer], pool.values[layer], pool.mask,
+                              scaling)
     elif torch.compiler.is_compiling():
         out = packed_products(packed, key, value, attention_mask, scaling)
     else:
@@ -150,58 +146,6 @@ def pooled_products(packed: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     from_pool = torch.matmul(weights[..., :N].transpose(0, 1).reshape(H_kv, R * G, N), pool_values)
     from_pool = from_pool.view(H_kv, R, G, -1).transpose(0, 1)
     return (from_pool.float() + torch.matmul(weights[..., N:], value).float()).to(value.dtype)
-
-
-def cascade_products(packed: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                     pool_keys: torch.Tensor, pool_values: torch.Tensor, block_mask, scaling: float | None) -> torch.Tensor:
-    """`pooled_products` as cascade attention (FlashInfer's name for it): the pool's part and
-    the slot columns' part are two attentions, each with its log-sum-exp, merged by those.
-    What a compiled decode step runs.
-
-    Args:
-        packed: (R, H_kv, G, D) queries; key, value: (R, H_kv, C, D) slot columns; mask:
-            (R, 1, 1, C) additive.
-        pool_keys, pool_values: (H_kv, N, D) every task's prefix once.
-        block_mask: flex_attention's block mask of the R rows over the N pool columns, each
-            row keeping its task's span (`PrefixPool.block_mask`).
-
-    Returns (R, H_kv, G, D): equal to one softmax over pool and slot columns together.
-
-    Why: `pooled_products` scores every row against every pool column in a float32
-    (R, H_kv, G, N) tensor, written and read again by its softmax: at 256 rows and 1,600
-    pool columns 52 MB a layer, so the pool made a step slower than copying each task's
-    prefix into its rows' columns (H100: 3.11 against 2.03 ms at 64 rows). Here the pool's
-    part is one fused flex_attention kernel (the R rows as the query sequence, the pool
-    as the keys, grouped K/V heads): each pool column is read once per query head, and
-    no score leaves the kernel. A row with no span gets -inf from it and weight 0.
-    """
-    R, H_kv, G, D = packed.shape
-    scale = D ** -0.5 if scaling is None else scaling
-    queries = packed.permute(1, 2, 0, 3).reshape(1, H_kv * G, R, D)  # query head h = k * G + g, as GQA groups
-    from_pool, pool_lse = _flex_with_lse(queries, pool_keys[None], pool_values[None], block_mask, scale)
-    from_pool = from_pool.view(H_kv, G, R, -1).permute(2, 0, 1, 3)  # (R, H_kv, G, D_v)
-    pool_lse = pool_lse.view(H_kv, G, R).permute(2, 0, 1)  # (R, H_kv, G)
-    scores = torch.matmul(packed, key.transpose(-1, -2)).float() * scale + mask.float()
-    slot_lse = scores.logsumexp(-1)
-    from_slots = torch.matmul(scores.softmax(-1).to(value.dtype), value)
-    top = torch.maximum(slot_lse, pool_lse)  # a row's own column is always in its slots: finite
-    slot_weight, pool_weight = (slot_lse - top).exp(), (pool_lse.float() - top).exp()
-    from_pool = torch.where(pool_weight[..., None] > 0, from_pool.float(), 0.0)  # a row with no span: 0, never NaN
-    merged = slot_weight[..., None] * from_slots.float() + pool_weight[..., None] * from_pool
-    return (merged / (slot_weight + pool_weight)[..., None]).to(value.dtype)
-
-
-def _flex_with_lse(query, key, value, block_mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """flex_attention's output and its log-sum-exp (natural log) per query: by `AuxRequest`
-    where torch has it (`return_lse` is deprecated there), else by `return_lse`."""
-    from torch.nn.attention import flex_attention as flex
-
-    if hasattr(flex, "AuxRequest"):
-        out, aux = flex.flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True,
-                                       return_aux=flex.AuxRequest(lse=True))
-        return out, aux.lse
-    return flex.flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True,
-                               return_lse=True)
 
 
 AttentionInterface.register(SLOT_ATTENTION, slot_attention)

@@ -54,7 +54,6 @@ class PrefixPool:
         self.min = torch.finfo(dtype).min
         self.spans: dict[int, Span] = {}  # id(owner) -> span
         self.top = 0  # the first column no span holds
-        self.starts = self.ends = self._block_mask = None
         self._allocate(max(columns, 1))
 
     @property
@@ -72,52 +71,6 @@ class PrefixPool:
             for new, prev in zip(self.keys + self.values, keys + values):
                 new[:, : self.top] = prev[:, : self.top]
             self.mask[:, : mask.shape[1]] = mask
-        self._bounds()
-
-    def _bounds(self) -> None:
-        """Each row's span as bounds, ``starts`` / ``ends`` (R,) int32 (0, 0: no span): what
-        the compiled step's cascade attention reads (`attention.cascade_products`) where the
-        eager one reads `mask`; refilled from `mask`, and kept as the same tensors while
-        the slots and the pool keep their sizes (a captured graph reads them)."""
-        R = self.rows
-        if self.starts is None or self.starts.shape[0] != R:
-            self.starts = torch.zeros(R, dtype=torch.int32, device=self.device)
-            self.ends = torch.zeros(R, dtype=torch.int32, device=self.device)
-            self._block_mask = None
-        if self._block_mask is not None and self._block_mask.seq_lengths != (R, self.columns):
-            self._block_mask = None
-        self.starts.zero_()
-        self.ends.zero_()
-        for span in self.spans.values():
-            for slot in span.users:
-                self.starts[slot], self.ends[slot] = span.offset, span.offset + span.length
-        if self._block_mask is None:  # made here, eagerly, never while a step is being compiled
-            self._block_mask = self._make_block_mask()
-
-    def block_mask(self):
-        """flex_attention's block mask of the rows (queries) over the pool's N columns
-        (`_make_block_mask`)."""
-        return self._block_mask
-
-    def _make_block_mask(self):
-        """flex_attention's block mask of the rows (queries) over the pool's N columns:
-        every 128-column block of the pool is visited and each row keeps its own span's
-        columns (``starts[row] <= column < ends[row]``). Its block lists are fixed (all
-        blocks), so it holds for any spans: the rows' spans change between steps by
-        `starts` / `ends` alone, in place, and a captured step stays valid."""
-        from torch.nn.attention.flex_attention import BlockMask
-
-        R, N, size = self.rows, self.columns, 128
-        starts, ends = self.starts, self.ends
-
-        def in_span(b, h, q, kv):
-            return (kv >= starts[q]) & (kv < ends[q])
-
-        q_blocks, kv_blocks = -(-R // size), -(-N // size)
-        counts = torch.full((1, 1, q_blocks), kv_blocks, dtype=torch.int32, device=self.device)
-        indices = torch.arange(kv_blocks, dtype=torch.int32, device=self.device).expand(1, 1, q_blocks, kv_blocks)
-        return BlockMask.from_kv_blocks(counts, indices.contiguous(), BLOCK_SIZE=size, mask_mod=in_span,
-                                        seq_lengths=(R, N))
 
     # -- spans ------------------------------------------------------------------------
     def attach(self, slot: int, owner: Any, keys: list[torch.Tensor], values: list[torch.Tensor]) -> bool:
@@ -136,7 +89,6 @@ class PrefixPool:
         span.users.add(slot)
         self.mask[slot] = self.min
         self.mask[slot, span.offset : span.offset + span.length] = 0
-        self.starts[slot], self.ends[slot] = span.offset, span.offset + span.length
         return grown
 
     def has(self, owner: Any) -> bool:
@@ -147,15 +99,12 @@ class PrefixPool:
         for span in self.spans.values():
             span.users.discard(slot)
         self.mask[slot] = self.min
-        self.starts[slot] = self.ends[slot] = 0
 
     def reset(self) -> None:
         """No row reads any span (between runs); the spans stay for later rows of their tasks."""
         for span in self.spans.values():
             span.users.clear()
         self.mask.fill_(self.min)
-        self.starts.zero_()
-        self.ends.zero_()
 
     def _make_room(self, length: int) -> bool:
         """Ensure ``top + length <= N``: drop the spans no row reads and move the others to
@@ -183,7 +132,6 @@ class PrefixPool:
         for span in self.spans.values():
             for slot in span.users:
                 self.mask[slot, span.offset : span.offset + span.length] = 0
-        self._bounds()
 
     def resize(self, moved: dict[int, int], rows: int) -> None:
         """The slots were reallocated (`DecodeSlots.resize`): {old slot: new slot}."""
