@@ -243,6 +243,12 @@ class PaddedGraphs:
         return dict(padded, tables=prompts.tables, prefix=prompts.prefix, prefix_mask=prompts.prefix_mask), prompts, rows, width
 
 
+def _has_input_delta(batch: MixedBatch) -> bool:
+    """Whether a row of the batch has a DePT input delta: its graphs record no such input,
+    so its batches run eagerly (`forward_mixed`, the eager prefill), which add it."""
+    return any(e.input_delta is not None for e in batch.entries)
+
+
 class PrefillGraphs(PaddedGraphs):
     """The joins of rows into the decoder (`Prefill`): each join's first scores, keys and
     values, mask and next positions (`Joined`), cut back to its real rows and columns."""
@@ -250,7 +256,7 @@ class PrefillGraphs(PaddedGraphs):
     what = "prefill"
 
     def takes(self, batch: MixedBatch) -> bool:
-        return self.shape(*batch["input_ids"].shape) is not None
+        return self.shape(*batch["input_ids"].shape) is not None and not _has_input_delta(batch)
 
     @torch.no_grad()
     def __call__(self, batch: MixedBatch) -> Joined:
@@ -293,6 +299,8 @@ class HeadGraphs(PaddedGraphs):
     def takes(self, batch: MixedBatch, *, logits: str = "none", output_hidden_states: bool = False) -> bool:
         S = batch["input_ids"].shape[1]
         if self.shape(batch["input_ids"].shape[0], S) is None or logits not in ("none", "answer"):
+            return False
+        if _has_input_delta(batch):
             return False
         model = batch.entries[0].model
         if model.padding_side != "left":
