@@ -432,6 +432,8 @@ def test_dept_trains_evaluates_predicts_and_shows_in_info(gpt2_dir, reviews, tmp
     assert config["method"] == "dept" and config["train"]["delta_lr"] == 0.01 and config["template"].startswith("[P:3]")
     saved = json.loads((out / "prompt" / "prompt_config.json").read_text())
     assert saved["input_delta_shape"] == [16, 32] and saved["config"]["rank"] == 4
+    assert "lr 0.1, head_lr 0.005" in (out / "prompt" / "README.md").read_text()  # the model card's
+    assert "delta_lr 0.01 |" in (out / "prompt" / "README.md").read_text()  # training row has both rates
     delta = load_file(out / "prompt" / "prompt.safetensors")["input_delta"]
     assert delta.abs().max() > 0  # B moved off zero: the pair trained
 
