@@ -64,7 +64,7 @@ class SoftPromptModel(OnBase, nn.Module):
             encoder, T5/BART encoder-decoder), with or without a task head. Its
             parameters are frozen (``requires_grad=False``) and never modified.
         config: a method config (`PromptTuningConfig`, `PTuningConfig`,
-            `PrefixTuningConfig`, `PTuningV2Config`).
+            `PrefixTuningConfig`, `PTuningV2Config`, `DePTConfig`).
         tokenizer: the base model's tokenizer; needed by `encode` and some inits.
         prompt: an already built prompt module (used by `from_pretrained`).
 
