@@ -413,3 +413,36 @@ def test_too_few_training_rows_to_hold_out_a_dev_split_is_one_clear_error(bert_d
                "--field", "review:text", "--output", tmp_path / "x", "--set", "train.steps=1")
     assert r.exit_code == 1
     assert "5 training rows are too few to hold out a dev split" in r.output and "--eval FILE" in r.output
+
+
+def test_dept_trains_evaluates_predicts_and_shows_in_info(gpt2_dir, reviews, tmp_path):
+    """DePT from the CLI: the prompt and the low-rank pair train at their own rates (train.lr,
+    train.delta_lr), the run's prompt folder holds the delta, and eval / predict / info read it."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    r = invoke("train", "--model", gpt2_dir, "--method", "dept", "--task", "classification",
+               "--train", reviews, "--eval", reviews, "--field", "review:text", "--labels", "pos:great",
+               "--labels", "neg:terrible", "--output", out, "-P", "3",
+               "--set", "prompt.rank=4", "--set", "prompt.max_input_length=16", "--set", "train.steps=8",
+               "--set", "train.eval_every=4", "--set", "train.batch_size=4", "--set", "train.lr=0.1",
+               "--set", "train.delta_lr=0.01", "--set", "train.progress=false")
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "dept" and config["train"]["delta_lr"] == 0.01 and config["template"].startswith("[P:3]")
+    saved = json.loads((out / "prompt" / "prompt_config.json").read_text())
+    assert saved["input_delta_shape"] == [16, 32] and saved["config"]["rank"] == 4
+    assert "lr 0.1, head_lr 0.005" in (out / "prompt" / "README.md").read_text()  # the model card's
+    assert "delta_lr 0.01 |" in (out / "prompt" / "README.md").read_text()  # training row has both rates
+    delta = load_file(out / "prompt" / "prompt.safetensors")["input_delta"]
+    assert delta.abs().max() > 0  # B moved off zero: the pair trained
+
+    r = invoke("eval", "--prompt", out, "--data", reviews, "--field", "review:text", "--model", gpt2_dir)
+    assert r.exit_code == 0, r.output
+    assert last_json(r.stdout)["accuracy"] == json.loads((out / "metrics.json").read_text())["best"]["accuracy"]
+    r = invoke("predict", "--prompt", out, "--model", gpt2_dir, "a gem of a film")
+    assert r.exit_code == 0, r.output
+    assert json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][0])["prediction"]["label"] in ("pos", "neg")
+    r = invoke("info", out / "prompt")
+    assert r.exit_code == 0, r.output
+    assert "method:" in r.output and "dept" in r.output and "input delta shape: [16, 32]" in " ".join(r.output.split())

@@ -24,8 +24,12 @@ METHODS = {
     "p-tuning-mlp": lambda: sp.PTuningConfig(template="[P:2] {text} [P:1] It was [MASK]", encoder="mlp", encoder_hidden_size=16),
     "prefix-tuning": lambda: sp.PrefixTuningConfig(num_virtual_tokens=3, template="{text} It was [MASK] .", projection_hidden_size=16),
     "p-tuning-v2": lambda: sp.PTuningV2Config(num_virtual_tokens=3, template="{text} It was [MASK] .", init_std=0.5),
+    # S_max 3: every row's real tokens outnumber it, so the delta's cut-off is exercised and
+    # greedy decoding's new tokens (outside the delta) equal full forwards over longer rows
+    "dept": lambda: sp.DePTConfig(template="[P:1] {text} [P:1] It was [MASK] .", rank=2, max_input_length=3,
+                                  init="vocab"),
 }
-INPUT_METHODS = ("prompt-tuning", "p-tuning-lstm", "p-tuning-mlp")
+INPUT_METHODS = ("prompt-tuning", "p-tuning-lstm", "p-tuning-mlp", "dept")
 DEEP_METHODS = ("prefix-tuning", "p-tuning-v2")
 TEXTS = [{"text": "a gem of a film"}, {"text": "bad"}, {"text": "the plot wanders but the cast holds it together"}]
 ALL = [(m, f) for m in METHODS for f in FAMILIES]
@@ -33,7 +37,12 @@ ALL = [(m, f) for m in METHODS for f in FAMILIES]
 
 def build(family_models, family, method):
     base, tok = family_models(family)
-    return sp.SoftPromptModel(base, METHODS[method](), tokenizer=tok).eval(), base, tok
+    model = sp.SoftPromptModel(base, METHODS[method](), tokenizer=tok).eval()
+    if method == "dept":  # B starts at 0 (no delta, no gradient to A): set it as training would
+        with torch.no_grad():
+            low = model.prompt.low_rank
+            low.B.copy_(torch.randn(low.B.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+    return model, base, tok
 
 
 def decoder_ids(base, batch_size, length=3):
@@ -84,7 +93,8 @@ def test_export_equals_training_module(family_models, method, family):
     else:
         assert tuple(table.shape) == (P, spec.hidden_size)
     collapsed = sp.SoftPromptModel(base, METHODS[method](), tokenizer=tok,
-                                   prompt=CollapsedPrompt(table, spec, deep=model.deep)).eval()
+                                   prompt=CollapsedPrompt(table, spec, deep=model.deep,
+                                                          input_delta=model.export_input_delta())).eval()
     batch = model.encode(TEXTS)
     a, b = run(model, batch, base), run(collapsed, batch, base)
     for name in ("logits", "last_hidden_state", "answer_logits"):

@@ -132,9 +132,11 @@ def test_prefix_dropout_acts_in_training_only(gpt2):
 
 
 def test_config_registry_and_round_trip():
-    assert sorted(CONFIGS) == ["p-tuning", "p-tuning-v2", "prefix-tuning", "prompt-tuning"]
+    assert sorted(CONFIGS) == ["dept", "p-tuning", "p-tuning-v2", "prefix-tuning", "prompt-tuning"]
     config = sp.PTuningConfig(template="[P:2] {text}", encoder="mlp", encoder_dropout=0.1)
     assert config_class("p-tuning").from_dict(config.to_dict()) == config
+    dept = sp.DePTConfig(template="[P:2] {text}", rank=4, max_input_length=64, alpha=2.0)
+    assert config_class("dept").from_dict(dept.to_dict()) == dept
     with pytest.raises(sp.ConfigError, match="unknown method 'lora'"):
         config_class("lora")
 

@@ -59,6 +59,27 @@ def test_padded_joins_give_each_row_what_it_gets_alone(family_models, family, mo
 
 
 @pytest.mark.parametrize("family", PADDABLE)
+def test_padded_joins_with_dept_rows_give_each_row_what_it_gets_alone(family_models, family):
+    """A DePT task's rows join through the padded forward beside input and deep prompts
+    (its delta gathered per row, the pads the bucket adds counted out): greedy tokens ==
+    the row alone."""
+    bank, models, tok = bank_of(family_models, family)
+    models["dept"] = sp.SoftPromptModel(bank.base, sp.DePTConfig(template="[P:2] {text}", rank=2, max_input_length=4),
+                                        tokenizer=tok).eval()
+    with torch.no_grad():
+        models["dept"].prompt.low_rank.B.normal_(0, 0.1)
+    bank.add("dept", models["dept"])
+    assert bank["dept"].lead is None  # not cached: the delta counts the row's tokens from its start
+    decoder = Decoder(bank, max_rows=4, graphs=False, padded_prefill=True)
+    for names in (["dept"], ["dept", "deep", "short", "dept"]):
+        texts = [" ".join(["word"] * (1 + 3 * j)) for j in range(len(names))]
+        rows = [DecodeRow(t, {"text": x}, Sampling(max_new_tokens=4)) for t, x in zip(names, texts)]
+        decoder.run(rows)
+        for row, task, text in zip(rows, names, texts):
+            assert row.error is None and row.tokens == alone(models[task], {"text": text}, 4, None)[:4], (task, text)
+
+
+@pytest.mark.parametrize("family", PADDABLE)
 def test_a_padded_join_hands_over_what_the_eager_prefill_does(family_models, family):
     """Scores, the attention mask, next positions and the attended keys and values of a
     padded join equal the unpadded prefill's (the pad columns and rows it added are gone)."""
@@ -117,11 +138,13 @@ HEAD_TASKS = {  # every method; the classifiers read the last layer, the verbali
                lambda: Verbalizer({"neg": ["bad", "awful"], "pos": ["good"]})),
     "mid": (lambda: sp.PromptTuningConfig(template="[P:2] {text} It was [MASK] .", init="vocab"),  # ends at [MASK]
             lambda: Verbalizer({"neg": ["bad"], "pos": ["good"]})),
+    "dept": (lambda: sp.DePTConfig(template="[P:2] Review: {text} [MASK]", rank=2, max_input_length=5),
+             lambda: Verbalizer({"neg": ["bad"], "pos": ["good"]})),
 }
 HEAD_REQUESTS = [("sentiment", "a gem of a film"), ("ner", ["Anna", "lives", "in", "Sarajevo"]),
                  ("review", "bad"), ("topic", "the plot wanders but the cast holds it together"),
                  ("review", "the cast holds it together"), ("sentiment", "fine"), ("ner", ["Maria"]),
-                 ("topic", "x"), ("mid", "a gem")]
+                 ("topic", "x"), ("mid", "a gem"), ("dept", "the cast holds it together"), ("dept", "x")]
 
 
 def head_bank(family_models, family, cache_prompts=True):
@@ -130,6 +153,9 @@ def head_bank(family_models, family, cache_prompts=True):
     for i, (name, (config, make_task)) in enumerate(HEAD_TASKS.items()):
         torch.manual_seed(i)
         model = sp.SoftPromptModel(base, config(), tokenizer=tok).eval()
+        if name == "dept":  # B starts at 0: set it as training would, so that the delta acts
+            with torch.no_grad():
+                model.prompt.low_rank.B.normal_(0, 0.1)
         task = make_task()
         task.bind(model)
         task.eval()
@@ -149,7 +175,8 @@ def test_padded_head_batches_give_what_the_eager_forward_gives(family_models, fa
     tokens, the answer slot's scores and the aligned masks equal `forward_mixed`'s."""
     bank = head_bank(family_models, family, cache_prompts)
     graphs = HeadGraphs(bank, capture=False)
-    picks = [["review"], ["sentiment", "review", "topic"], ["ner", "review", "sentiment", "topic", "review"]]
+    picks = [["review"], ["sentiment", "review", "topic"], ["ner", "review", "sentiment", "topic", "review"],
+             ["dept"], ["dept", "sentiment", "dept", "review", "ner"]]  # DePT: its delta padded with its rows
     for names in picks:
         texts = [[t for n, t in HEAD_REQUESTS if n == name][i % 2] for i, name in enumerate(names)]
         examples = [{"tokens": t} if isinstance(t, list) else {"text": t} for t in texts]

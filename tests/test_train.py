@@ -26,6 +26,8 @@ def setup(tok, method="p-tuning-v2"):
     base = make_bert(tok)
     config = sp.PTuningV2Config(num_virtual_tokens=4) if method == "p-tuning-v2" else sp.PTuningConfig(
         num_virtual_tokens=4, encoder="lstm", encoder_hidden_size=16, encoder_dropout=0.1)
+    if method == "dept":  # its own optimizer group (train.delta_lr) for the low-rank pair
+        config = sp.DePTConfig(num_virtual_tokens=2, rank=2, max_input_length=8)
     torch.manual_seed(0)
     return sp.SoftPromptModel(base, config, tokenizer=tok), SequenceClassification(["neg", "pos"], pool="mean", dropout=0.1)
 
@@ -77,13 +79,16 @@ class Crash(Exception):
     pass
 
 
-def test_resume_reaches_the_uninterrupted_weights(wordpiece_tokenizer, tmp_path, monkeypatch):
-    model, task = setup(wordpiece_tokenizer, "p-tuning")  # dropout in the prompt encoder and the base
+@pytest.mark.parametrize("method", ["p-tuning", "dept"])
+def test_resume_reaches_the_uninterrupted_weights(wordpiece_tokenizer, tmp_path, monkeypatch, method):
+    model, task = setup(wordpiece_tokenizer, method)  # p-tuning: dropout in the prompt encoder and the base
     (tmp_path / "full").mkdir()
-    train(model, task, DATA, DATA, small(), tmp_path / "full")
+    train(model, task, DATA, DATA, small(delta_lr=1e-2), tmp_path / "full")
     expected = _weights(model, task)
+    if method == "dept":  # the pair trained (B left zero), at its own rate
+        assert expected["p.low_rank.B"].abs().max() > 0
 
-    model, task = setup(wordpiece_tokenizer, "p-tuning")
+    model, task = setup(wordpiece_tokenizer, method)
     (tmp_path / "cut").mkdir()
     calls = {"n": 0}
     original = SequenceClassification.loss
@@ -96,12 +101,12 @@ def test_resume_reaches_the_uninterrupted_weights(wordpiece_tokenizer, tmp_path,
 
     monkeypatch.setattr(SequenceClassification, "loss", crashing)
     with pytest.raises(Crash):
-        train(model, task, DATA, DATA, small(), tmp_path / "cut")
+        train(model, task, DATA, DATA, small(delta_lr=1e-2), tmp_path / "cut")
     monkeypatch.setattr(SequenceClassification, "loss", original)
     assert json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())["step"] == 10
 
-    model, task = setup(wordpiece_tokenizer, "p-tuning")  # a fresh process would start like this
-    train(model, task, DATA, DATA, small(), tmp_path / "cut", resume=True)
+    model, task = setup(wordpiece_tokenizer, method)  # a fresh process would start like this
+    train(model, task, DATA, DATA, small(delta_lr=1e-2), tmp_path / "cut", resume=True)
     got = _weights(model, task)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]

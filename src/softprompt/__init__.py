@@ -37,8 +37,8 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(["BaseIdentity", "ModelKind", "ModelSpec", "model_spec"], ".architecture"),
     "PromptBatch": ".encode",
-    **dict.fromkeys(["PrefixTuningConfig", "PromptConfig", "PromptTuningConfig", "PTuningConfig", "PTuningV2Config"],
-                    ".methods"),
+    **dict.fromkeys(["PrefixTuningConfig", "PromptConfig", "PromptTuningConfig", "PTuningConfig", "PTuningV2Config",
+                     "DePTConfig"], ".methods"),
     **dict.fromkeys(["SoftPromptModel", "SoftPromptOutput"], ".model"),
     **dict.fromkeys(["Template", "parse_template"], ".template"),
     "load_base": ".base_models", "train": ".training.run", "RunConfig": ".training.config",
@@ -70,6 +70,7 @@ __all__ = [
     "PTuningConfig",
     "PrefixTuningConfig",
     "PTuningV2Config",
+    "DePTConfig",
     "Template",
     "parse_template",
     "ModelKind",

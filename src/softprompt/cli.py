@@ -57,6 +57,8 @@ def _format_info(info: dict[str, Any]) -> str:
         ("template", info["template"]),
         ("num_virtual_tokens", info["num_virtual_tokens"]),
         ("tensor shape", "[" + ", ".join(str(d) for d in info["tensor_shape"]) + "]"),
+        *([("input delta shape", "[" + ", ".join(str(d) for d in info["input_delta_shape"]) + "]")]
+          if "input_delta_shape" in info else []),
         ("parameters", f"{info['parameters']:,}"),
         ("trainable state", trainable),
         ("size on disk", f"{info['size_bytes']} bytes"),
@@ -89,7 +91,7 @@ def info(
 @_reports_errors
 def train(
     model: str = typer.Option(None, "--model", help="Required (or from --config): alias (minilm, smollm2-135m, bert-tiny-mlm), local path or hub id."),
-    method: str = typer.Option(None, "--method", help="prompt-tuning | p-tuning | prefix-tuning | p-tuning-v2 [default: p-tuning-v2]."),
+    method: str = typer.Option(None, "--method", help="prompt-tuning | p-tuning | prefix-tuning | p-tuning-v2 | dept [default: p-tuning-v2]."),
     task: str = typer.Option(None, "--task", help="Required (or from --config): a recipe (sst2, rte, fewglue-cb, wnut17, lama-trex, ...) or classification | ner | generation."),
     output: Path = typer.Option(None, "--output", "-o", help="The run directory."),
     train_file: str = typer.Option(None, "--train", help="Training data file (jsonl, json, csv, tsv, conll, hf:NAME)."),

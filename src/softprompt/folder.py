@@ -157,20 +157,24 @@ def prompt_info(directory: Path) -> dict[str, Any]:
     base = data["base_model"]
     identity = ("model_type", "name_or_path", "architecture", "num_layers", "hidden_size", "num_key_value_heads",
                 "head_dim", "vocab_size", "embedding_fingerprint")
-    return {
+    delta_shape = tensors.get("input_delta")  # DePT's second inference tensor (S_max, D)
+    info = {
         "path": str(directory),
         "method": data["method"],
         "kind": data.get("kind", "deep" if len(shape) == 5 else "input"),
         "template": data.get("template"),
         "num_virtual_tokens": data.get("num_virtual_tokens"),
         "tensor_shape": shape,
-        "parameters": math.prod(shape),
+        "parameters": math.prod(shape) + (math.prod(delta_shape) if delta_shape else 0),
         "trainable_state": trainable is not None,
         "trainable_parameters": trainable,
         "size_bytes": sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()),
         "base_model": {key: base.get(key) for key in identity},
         "metadata": data.get("metadata") or {},
     }
+    if delta_shape is not None:  # only then: the other methods' info reads as before
+        info["input_delta_shape"] = delta_shape
+    return info
 
 
 __all__ = ["RUN_PROMPT", "prompt_directory", "has_task", "save_with_task", "load_with_task", "load_recorded_base",

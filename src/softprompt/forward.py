@@ -368,7 +368,7 @@ class _ChunkedLoss(torch.autograd.Function):
 
 def encode_seq2seq(base, spec: ModelSpec, input_ids, attention_mask, prompt_index, prompts: Prompts) -> BaseModelOutput:
     """Run the encoder of an encoder-decoder with the input prompts or the deep prefix."""
-    embeds = embed(base, input_ids, prompt_index, prompts)
+    embeds = embed(base, input_ids, attention_mask, prompt_index, prompts)
     encoder = base.get_encoder()
     if prompts.prefix is None:
         return encoder(inputs_embeds=embeds, attention_mask=attention_mask, return_dict=True)
@@ -419,7 +419,7 @@ def generate(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: tor
         dec_mask = prompts.full_mask(torch.ones((B, 1), dtype=torch.long, device=input_ids.device))
         kwargs.update({inject.CACHE_ARG: cache}, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
         return base.generate(**kwargs, **generate_kwargs)[:, P + 1 :]
-    embeds = embed(base, input_ids, prompt_index, prompts)
+    embeds = embed(base, input_ids, attention_mask, prompt_index, prompts)
     if prompts.prefix is None:
         return base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
     cache = inject.decoder_prefix_cache(inject.local_kv_heads(prompts.prefix, base), spec, base.config, B,

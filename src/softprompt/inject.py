@@ -3,7 +3,8 @@
 Two kinds of prompt, each through the base model's public interface:
 
 * input prompts: rows of embeddings placed into the virtual slots of ``inputs_embeds``
-  (one `torch.where` over a per-row gather, so rows of one batch may use different tables);
+  (one `torch.where` over a per-row gather, so rows of one batch may use different tables),
+  and, for DePT, an additive input delta over each row's real tokens (`add_input_delta`);
 * deep prompts: a key/value prefix for every self-attention layer, handed over as a
   transformers `Cache` pre-filled with the prefix, with the attention mask extended by P.
   Encoder stacks that drop caches in their public forward (T5, BART encoders) receive the
@@ -60,11 +61,15 @@ class Prompts:
         prefix_mask: (B, P) 1 where a row uses a prefix position (rows of different
             prompt lengths, or rows without a deep prompt, in one batch); None: every row
             uses all P.
+        input_delta: DePT's additive update of the input embeddings: (S_max, D) for every
+            row, or (B, S_max, D) per row (zeros for rows without one); row j is added to
+            the j-th real token of a row (`add_input_delta`); None: no delta.
     """
 
     tables: torch.Tensor | None = None
     prefix: torch.Tensor | None = None
     prefix_mask: torch.Tensor | None = None
+    input_delta: torch.Tensor | None = None
 
     @property
     def prefix_length(self) -> int:
@@ -84,12 +89,47 @@ def embedding_dtype(base) -> torch.dtype:
     return base.get_input_embeddings().weight.dtype
 
 
-def embed(base, input_ids: torch.Tensor, prompt_index: torch.Tensor, prompts: Prompts) -> torch.Tensor:
-    """(B, S, D) token embeddings with the input prompts in their virtual slots."""
+def embed(base, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_index: torch.Tensor,
+          prompts: Prompts) -> torch.Tensor:
+    """(B, S, D) token embeddings with the input prompts in their virtual slots and the
+    input delta added to the real tokens."""
     embeds = base.get_input_embeddings()(input_ids)
-    if prompts.tables is None:
-        return embeds
-    return place_input_prompts(embeds, prompt_index, prompts.tables)
+    if prompts.tables is not None:
+        embeds = place_input_prompts(embeds, prompt_index, prompts.tables)
+    if prompts.input_delta is not None:
+        embeds = add_input_delta(embeds, attention_mask, prompt_index, prompts.input_delta)
+    return embeds
+
+
+def add_input_delta(embeddings: torch.Tensor, attention_mask: torch.Tensor, prompt_index: torch.Tensor,
+                    delta: torch.Tensor) -> torch.Tensor:
+    """Add DePT's position-wise update to the real tokens of each row.
+
+    A row's j-th real token (attended and not a virtual slot; its special tokens and
+    template text count, as the paper adds the update to every token of the tokenized
+    input) receives ``delta[j]``; tokens from j = S_max on receive nothing. j counts only
+    the row's own real tokens, so left or right padding, the other rows of a batch and the
+    place of the virtual slots in the template never move it; tokens a decoder generates
+    after the row are not part of it (no delta).
+
+    Args:
+        embeddings: (B, S, D) token embeddings, virtual slots already placed.
+        attention_mask, prompt_index: (B, S) the batch's rows.
+        delta: (S_max, D) for every row, or (B, S_max, D) per row.
+
+    Returns:
+        (B, S, D) embeddings.
+    """
+    B, S, D = embeddings.shape
+    real = attention_mask.bool() & (prompt_index < 0)  # (B, S)
+    j = real.long().cumsum(1) - 1  # (B, S) index among the row's real tokens
+    S_max = delta.shape[-2]
+    covered = real & (j < S_max)
+    if delta.dim() == 2:
+        delta = delta.unsqueeze(0).expand(B, -1, -1)  # (B, S_max, D), a view
+    index = j.clamp(0, S_max - 1).unsqueeze(-1).expand(B, S, D)  # (B, S, D)
+    added = embeddings + torch.gather(delta.to(embeddings.dtype), 1, index)  # (B, S, D)
+    return torch.where(covered.unsqueeze(-1), added, embeddings)
 
 
 def base_inputs(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -119,7 +159,7 @@ def base_inputs(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: 
         ``use_cache``, ``return_dict`` and ``logits_to_keep`` where given.
     """
     full_mask = prompts.full_mask(attention_mask)
-    inputs: dict[str, Any] = dict(inputs_embeds=embed(base, input_ids, prompt_index, prompts),
+    inputs: dict[str, Any] = dict(inputs_embeds=embed(base, input_ids, attention_mask, prompt_index, prompts),
                                   attention_mask=full_mask, use_cache=keep_cache, return_dict=True)
     cache = _base_cache(base, spec, prompts, input_ids.shape[0], keep_cache)
     if cache is not None:

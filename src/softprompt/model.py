@@ -64,7 +64,7 @@ class SoftPromptModel(OnBase, nn.Module):
             encoder, T5/BART encoder-decoder), with or without a task head. Its
             parameters are frozen (``requires_grad=False``) and never modified.
         config: a method config (`PromptTuningConfig`, `PTuningConfig`,
-            `PrefixTuningConfig`, `PTuningV2Config`).
+            `PrefixTuningConfig`, `PTuningV2Config`, `DePTConfig`).
         tokenizer: the base model's tokenizer; needed by `encode` and some inits.
         prompt: an already built prompt module (used by `from_pretrained`).
 
@@ -273,13 +273,17 @@ class SoftPromptModel(OnBase, nn.Module):
         """The collapsed inference tensor: (P, D) for input methods, (L, 2, H_kv, P, D_head) for deep ones."""
         return self.prompt.export()
 
+    def export_input_delta(self) -> torch.Tensor | None:
+        """The collapsed additive input delta (S_max, D) of a DePT prompt; None for the other methods."""
+        return self.prompt.export_input_delta()
+
     # -- forward --------------------------------------------------------------
     def prompts(self) -> Prompts:
         """This model's prompt for a forward (training-time module: encoder / projection run
         once per call, for the whole batch)."""
         if self.deep:
             return Prompts(prefix=self.prompt())  # (L, 2, H_kv, P, D_head)
-        return Prompts(tables=self.prompt())  # (P, D)
+        return Prompts(tables=self.prompt(), input_delta=self.prompt.input_delta())  # (P, D), (S_max, D) or None
 
     def forward(
         self,

@@ -173,6 +173,10 @@ def export_peft(model, directory: str | os.PathLike) -> None:
     """
     spec = model.spec
     method = model.config.method
+    if model.export_input_delta() is not None:
+        raise ConfigError(f"{method} prompt: PEFT has no DePT (no method adds a low-rank update to the input "
+                          "embeddings beside a prompt), so it has no adapter to export to; serve the folder with "
+                          "softprompt, or train prompt-tuning for a PEFT adapter")
     if model.deep and spec.kind is ModelKind.SEQ2SEQ:
         raise ConfigError(f"{method} prompt on an encoder-decoder ({spec.model_type}): PEFT's SEQ_2_SEQ_LM prefix "
                           f"tuning has no equivalent ({_SEQ2SEQ_PREFIX[2]})")

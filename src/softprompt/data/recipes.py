@@ -153,7 +153,8 @@ class Recipe:
             head: the task head: ``verbalizer`` / ``lama`` (read the answer slot; the
                 default), ``classification`` / ``ner`` (a head over the states: fields only).
             deep: a deep method (prefix tuning, P-tuning v2): no ``[P:n]`` slots.
-            method: ``prompt-tuning`` gets the manual template (its virtual tokens go in front).
+            method: ``prompt-tuning`` and ``dept`` (prompt tuning's short prompt) get the
+                manual template (their virtual tokens go in front).
 
         Returns:
             A template string for `softprompt.template.parse_template`.
@@ -163,7 +164,7 @@ class Recipe:
         t = self.templates
         if self.task == "ner" or head in ("classification", "ner"):
             return t["plain"]
-        if not deep and method != "prompt-tuning":
+        if not deep and method not in ("prompt-tuning", "dept"):
             return t.get(f"p-tuning-{style}") or t["plain"]
         return t.get(style) or t["plain"]
 

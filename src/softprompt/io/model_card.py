@@ -70,6 +70,8 @@ def model_card(config: Mapping[str, Any], task: Mapping[str, Any] | None = None)
     train = meta.get("train")
     if train:
         keep = ("steps", "batch_size", "lr", "head_lr", "schedule", "warmup_ratio", "seed")
+        if config.get("method") == "dept":  # its second rate, the low-rank pair's
+            keep += ("delta_lr",)
         lines.append("| training | " + ", ".join(f"{k} {train[k]}" for k in keep if k in train) + " |")
     lines += [
         "",

@@ -3,8 +3,10 @@
 A prompt directory holds
 
     prompt_config.json       format version, method and its config, template, the base
-                             model's identity, tensor shape
-    prompt.safetensors       {"prompt": the collapsed inference tensor}, fp32 or bf16
+                             model's identity, tensor shape (and a DePT prompt's
+                             ``input_delta_shape``)
+    prompt.safetensors       {"prompt": the collapsed inference tensor}, fp32 or bf16, and for
+                             DePT {"input_delta": the additive input delta (S_max, D)}
     trainable.safetensors    the training-time module's state (optional, to resume)
     README.md                the model card (`io.model_card`)
 
@@ -42,6 +44,8 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TRAINABLE_FILE = "trainable.safetensors"
 TASK_FILE = "task.json"
 HEAD_FILE = "head.safetensors"
+#: the tensor of ``prompt.safetensors`` holding a DePT prompt's additive input delta
+INPUT_DELTA = "input_delta"
 #: every file a prompt folder can hold (what a push replaces, what a copy from a URL takes)
 PROMPT_FILES = (CONFIG_FILE, CARD_FILE, PROMPT_FILE, TRAINABLE_FILE, TASK_FILE, HEAD_FILE)
 
@@ -68,6 +72,10 @@ def save_prompt(
     if dtype not in STORAGE_DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     tensor = model.export().to(STORAGE_DTYPES[dtype]).contiguous()
+    saved = {"prompt": tensor}
+    delta = model.export_input_delta()
+    if delta is not None:  # DePT's second inference tensor (S_max, D)
+        saved[INPUT_DELTA] = delta.to(STORAGE_DTYPES[dtype]).contiguous()
     identity = model.identity
     config = {
         "format": FORMAT,
@@ -82,6 +90,8 @@ def save_prompt(
         "base_model": {**identity.to_dict(), "name_or_path": getattr(model.base.config, "_name_or_path", "")},
         "metadata": dict(metadata or {}),
     }
+    if delta is not None:  # only then: folders of the other methods are written as before
+        config["input_delta_shape"] = list(delta.shape)
     trainable = None
     if save_trainable and not isinstance(model.prompt, CollapsedPrompt):
         trainable = {k: v.detach().float().contiguous().cpu() for k, v in model.prompt.state_dict().items()}
@@ -91,7 +101,7 @@ def save_prompt(
     def write(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
         (tmp / CARD_FILE).write_text(card)
-        save_file({"prompt": tensor.cpu()}, str(tmp / PROMPT_FILE), metadata={"format": FORMAT})
+        save_file({k: v.cpu() for k, v in saved.items()}, str(tmp / PROMPT_FILE), metadata={"format": FORMAT})
         if trainable is not None:
             save_file(trainable, str(tmp / TRAINABLE_FILE), metadata={"format": FORMAT})
         for name, tensors in (extra_tensors or {}).items():
@@ -158,6 +168,32 @@ def _saved_prompt(directory: Path, data: dict[str, Any], base, spec) -> torch.Te
     return tensor.float()  # bfloat16 storage widens exactly
 
 
+def _saved_input_delta(directory: Path, data: dict[str, Any], hidden_size: int) -> torch.Tensor | None:
+    """The folder's input delta (S_max, D) in float32, when its config records one
+    (``input_delta_shape``: DePT); None for folders without (every other method, and
+    folders written before DePT existed).
+
+    Raises:
+        PromptFileError: the recorded shape is not (S_max, D) of this base, or the tensor
+            is missing or of another shape or dtype.
+    """
+    shape = data.get("input_delta_shape")
+    if shape is None:
+        return None
+    where = directory / CONFIG_FILE
+    if (not isinstance(shape, list) or len(shape) != 2 or not all(isinstance(n, int) and n > 0 for n in shape)
+            or shape[1] != hidden_size):
+        raise PromptFileError(f"{where}: field 'input_delta_shape' is {shape!r}; expected [S_max, {hidden_size}]")
+    tensor = load_tensors(directory / PROMPT_FILE).get(INPUT_DELTA)
+    if tensor is None or list(tensor.shape) != shape:
+        raise PromptFileError(f"{directory / PROMPT_FILE}: expected a tensor {INPUT_DELTA!r} of shape {shape}, "
+                              f"found {None if tensor is None else list(tensor.shape)}")
+    if tensor.dtype not in STORAGE_DTYPES.values():
+        raise PromptFileError(f"{directory / PROMPT_FILE}: tensor {INPUT_DELTA!r} is {tensor.dtype}; "
+                              "expected float32 or bfloat16")
+    return tensor.float()
+
+
 def transferred_prompt(directory, base, *, deep: bool, P: int) -> torch.Tensor:
     """Another trained prompt of the same base as a new prompt's start (prompt transfer):
     its tensor, (P', D) for an input prompt or (L, 2, H_kv, P', D_head) for a deep one,
@@ -196,6 +232,10 @@ def load_prompt(cls, base, directory, tokenizer=None, *, trainable: bool = False
         raise PromptFileError(f"{cfg_path}: field 'config': {e}") from None
     spec = model_spec(base)
     tensor = _saved_prompt(directory, data, base, spec)
+    delta = _saved_input_delta(directory, data, spec.hidden_size)
+    if config.adds_input_delta and delta is None:
+        raise PromptFileError(f"{cfg_path}: a {config.method} prompt without its field 'input_delta_shape' "
+                              f"(and tensor {INPUT_DELTA!r} in {PROMPT_FILE})")
     device = base.get_input_embeddings().weight.device
     if trainable:
         state = load_tensors(directory / TRAINABLE_FILE)
@@ -207,5 +247,5 @@ def load_prompt(cls, base, directory, tokenizer=None, *, trainable: bool = False
         except RuntimeError as e:
             raise PromptFileError(f"{directory / TRAINABLE_FILE}: does not match the {config.method} module ({e})") from None
     else:
-        module = CollapsedPrompt(tensor, spec, deep=config.deep)
+        module = CollapsedPrompt(tensor, spec, deep=config.deep, input_delta=delta)
     return cls(base, config, tokenizer, prompt=module.to(device))

@@ -1,21 +1,23 @@
-"""The four methods of the soft-prompt family, by name."""
+"""The methods of the soft-prompt family, by name: the four of DESIGN.md and DePT."""
 
 from __future__ import annotations
 
 from .base import PromptConfig, PromptModule
+from .dept import DePT, DePTConfig
 from .p_tuning import PTuning, PTuningConfig
 from .prefix_tuning import PrefixTuning, PrefixTuningConfig, PTuningV2Config
 from .prompt_tuning import PromptTuning, PromptTuningConfig
 from ..errors import ConfigError
 
 CONFIGS: dict[str, type[PromptConfig]] = {
-    c.method: c for c in (PromptTuningConfig, PTuningConfig, PrefixTuningConfig, PTuningV2Config)
+    c.method: c for c in (PromptTuningConfig, PTuningConfig, PrefixTuningConfig, PTuningV2Config, DePTConfig)
 }
 _MODULES = {
     PromptTuningConfig: PromptTuning,
     PTuningConfig: PTuning,
     PrefixTuningConfig: PrefixTuning,
     PTuningV2Config: PrefixTuning,
+    DePTConfig: DePT,
 }
 
 
@@ -33,5 +35,5 @@ def build_module(config: PromptConfig, P: int, spec, embeddings, tokenizer=None)
 
 __all__ = [
     "CONFIGS", "PromptConfig", "PromptModule", "PromptTuningConfig", "PromptTuning", "PTuningConfig", "PTuning",
-    "PrefixTuningConfig", "PTuningV2Config", "PrefixTuning", "config_class", "build_module",
+    "PrefixTuningConfig", "PTuningV2Config", "PrefixTuning", "DePTConfig", "DePT", "config_class", "build_module",
 ]

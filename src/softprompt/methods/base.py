@@ -8,6 +8,9 @@ training-time prompt and whose `export()` collapses it into the plain inference 
 * deep methods (prefix tuning, P-tuning v2): a key/value prefix ``[L, 2, H_kv, P, D_head]``
   for every self-attention layer.
 
+An input method may add a second inference tensor beside its table: an additive input delta
+``[S_max, D]`` over the row's real tokens (DePT, `input_delta` / `export_input_delta`).
+
 Methods know nothing of tasks, templates' tokenization or serving.
 """
 
@@ -49,6 +52,8 @@ class PromptConfig(metaclass=_TakesPeftNames):
 
     method: ClassVar[str] = ""
     deep: ClassVar[bool] = False
+    #: the prompt has a second inference tensor, an additive input delta (DePT)
+    adds_input_delta: ClassVar[bool] = False
 
     num_virtual_tokens: int | None = None
     template: str | None = None
@@ -131,15 +136,33 @@ class PromptModule(nn.Module):
     def forward(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def input_delta(self) -> torch.Tensor | None:
+        """The training-time additive delta of the input embeddings, (S_max, D): row j is
+        added to the embedding of the row's j-th real token (`inject.add_input_delta`);
+        None: the method has none (every method but DePT)."""
+        return None
+
+    def delta_parameters(self) -> list[nn.Parameter]:
+        """The parameters of `input_delta` (DePT's low-rank pair): trained at their own
+        learning rate (``train.delta_lr``); [] for methods without a delta."""
+        return []
+
     def export(self) -> torch.Tensor:
         """Collapse into the inference tensor: ``[P, D]`` (input) or ``[L, 2, H_kv, P, D_head]`` (deep)."""
+        return self._collapsed(self)
+
+    def export_input_delta(self) -> torch.Tensor | None:
+        """The collapsed input delta ``[S_max, D]`` (fp32, detached), or None."""
+        return None if self.input_delta() is None else self._collapsed(self.input_delta)
+
+    def _collapsed(self, part) -> torch.Tensor:
         was_training = self.training
         self.eval()
         try:
             # Run as in training (grad mode on): PyTorch's LSTM takes another kernel under
             # no_grad, and the exported table should equal the trained module bit for bit.
             with torch.enable_grad():
-                return self().detach().float().clone()
+                return part().detach().float().clone()
         finally:
             self.train(was_training)
 

@@ -52,14 +52,7 @@ class PromptTuningConfig(PromptConfig):
     residual_hidden_size: int = 400
 
     def validate(self) -> None:
-        if self.init not in INITS:
-            raise ConfigError(f"PromptTuningConfig.init must be one of {INITS}, got {self.init!r}")
-        if self.init == "text" and not self.init_text:
-            raise ConfigError("PromptTuningConfig.init='text' needs init_text")
-        if self.init == "labels" and not self.label_words:
-            raise ConfigError("PromptTuningConfig.init='labels' needs label_words")
-        if self.init == "prompt" and not self.init_prompt:
-            raise ConfigError("PromptTuningConfig.init='prompt' needs init_prompt (a trained prompt's folder)")
+        validate_init(self)
         if self.reparameterization not in REPARAMETERIZATIONS:
             raise ConfigError(f"PromptTuningConfig.reparameterization must be one of {REPARAMETERIZATIONS}, "
                               f"got {self.reparameterization!r}")
@@ -73,6 +66,20 @@ class PromptTuningConfig(PromptConfig):
             for name in ("reparameterization", "residual_hidden_size"):
                 data.pop(name)
         return data
+
+
+def validate_init(config) -> None:
+    """Check the table's init fields (`init`, `init_text`, `label_words`, `init_prompt`) of a
+    config that starts an input table as prompt tuning does (prompt tuning, DePT)."""
+    name = type(config).__name__
+    if config.init not in INITS:
+        raise ConfigError(f"{name}.init must be one of {INITS}, got {config.init!r}")
+    if config.init == "text" and not config.init_text:
+        raise ConfigError(f"{name}.init='text' needs init_text")
+    if config.init == "labels" and not config.label_words:
+        raise ConfigError(f"{name}.init='labels' needs label_words")
+    if config.init == "prompt" and not config.init_prompt:
+        raise ConfigError(f"{name}.init='prompt' needs init_prompt (a trained prompt's folder)")
 
 
 def _sample_vocab_rows(weight: torch.Tensor, n: int, generator: torch.Generator, exclude: set[int]) -> torch.Tensor:
@@ -101,11 +108,11 @@ def initial_table(config: PromptTuningConfig, P: int, embeddings: torch.Tensor, 
     if config.init == "vocab":
         return _sample_vocab_rows(weight, P, generator, specials)
     if tokenizer is None:
-        raise ConfigError(f"PromptTuningConfig.init={config.init!r} needs the tokenizer: pass tokenizer=...")
+        raise ConfigError(f"{type(config).__name__}.init={config.init!r} needs the tokenizer: pass tokenizer=...")
     if config.init == "text":
         ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise ConfigError(f"PromptTuningConfig.init_text {config.init_text!r} tokenizes to nothing")
+            raise ConfigError(f"{type(config).__name__}.init_text {config.init_text!r} tokenizes to nothing")
         ids = (ids * (P // len(ids) + 1))[:P]
         return _rows(weight, ids)
     ids = [i for word in config.label_words for i in tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]]

@@ -113,6 +113,8 @@ class BankEntry:
         task: its head (classification, NER, ...) when the folder had one, bound to `model`.
         tensor: the collapsed prompt in host memory, fp32: (P, D) or (L, 2, H_kv, P, D_head).
         metadata: what the folder recorded (training run, metrics, ...).
+        input_delta: a DePT prompt's additive input delta in host memory, fp32 (S_max, D);
+            None for every other method (and the base alone).
     """
 
     name: str
@@ -122,6 +124,8 @@ class BankEntry:
     metadata: dict[str, Any] = field(default_factory=dict)
     lead: CachedLead | None = None
     on_device: torch.Tensor | None = None
+    input_delta: torch.Tensor | None = None
+    delta_on_device: torch.Tensor | None = None
     _uncached: "BankEntry | None" = field(default=None, repr=False, compare=False)
 
     @property
@@ -170,7 +174,7 @@ class BankEntry:
         if self.lead is None or starts_after_lead(row, self.lead.length):
             return self
         if self._uncached is None:
-            self._uncached = dataclasses.replace(self, lead=None, on_device=None)
+            self._uncached = dataclasses.replace(self, lead=None, on_device=None, delta_on_device=None)
         return self._uncached
 
 
@@ -358,7 +362,9 @@ class PromptBank:
         model.eval()  # serving: no dropout in the base, the prompt or the head
         if task is not None:
             task.eval()
-        entry = BankEntry(name, model, task, model.export().cpu(), metadata)
+        delta = model.export_input_delta()
+        entry = BankEntry(name, model, task, model.export().cpu(), metadata,
+                          input_delta=None if delta is None else delta.cpu())
         n = cacheable(model, task) if self.cache_prompts else 0
         if n:
             lead = compute_lead(model, n)
@@ -548,12 +554,14 @@ class PromptBank:
             self._entries.move_to_end(entry.name)
         if entry.on_device is None or entry.on_device.device != device:
             entry.on_device = entry.served.to(device, non_blocking=True)
+        if entry.input_delta is not None and (entry.delta_on_device is None or entry.delta_on_device.device != device):
+            entry.delta_on_device = entry.input_delta.to(device, non_blocking=True)
         if self.max_on_device is not None:  # O(1) a row: a scan of every task here cost 2,000-task runs 27%
             self._resident[id(entry)] = entry
             self._resident.move_to_end(id(entry))
             while len(self._resident) > self.max_on_device:
                 _, old = self._resident.popitem(last=False)
-                old.on_device = None
+                old.on_device = old.delta_on_device = None
         return entry.on_device
 
     def prompts_for(self, names: Sequence[str | BankEntry]) -> Prompts:
@@ -565,7 +573,9 @@ class PromptBank:
         with a (B, P_deep) mask: 1 on the last P of the row's task (a shorter prefix is
         padded in front), 0 on padding and on the rows of input tasks. Rows of the base
         alone (`add_base`) are input rows with no virtual slot: zeros no slot reads, a
-        masked prefix; a batch of them only has no prompts at all.
+        masked prefix; a batch of them only has no prompts at all. DePT tasks' input deltas
+        are stacked to (B, S_max, D), zeros on shorter deltas' tail and on the rows of
+        other tasks (adding 0 leaves an embedding exactly as it is).
         """
         if not names:
             raise ConfigError("a batch needs at least one row")
@@ -574,12 +584,15 @@ class PromptBank:
             entries = [self.entry(n) for n in names]
             # keyed by entry, not name: a batch may hold rows of a task and of its replacement
             tensors = {id(e): self._device_tensor(e, device) for e in entries if e.prompted}
+            deltas = {id(e): e.delta_on_device for e in entries if e.input_delta is not None}
         unique = list({id(e): e for e in entries}.values())  # the batch's tasks, each padded and stacked once
         if not tensors:  # rows of the base alone: no prompt at all
             return Prompts()
         if len(unique) == 1:  # one task: its tensor serves every row as it is (no copies)
             entry = entries[0]
-            return Prompts(prefix=tensors[id(entry)]) if entry.deep else Prompts(tables=tensors[id(entry)])
+            if entry.deep:
+                return Prompts(prefix=tensors[id(entry)])
+            return Prompts(tables=tensors[id(entry)], input_delta=deltas.get(id(entry)))
         slot = {id(e): u for u, e in enumerate(unique)}
         row_slot = tensor_on([slot[id(e)] for e in entries], device)  # (B,), without waiting for the device
         tables = prefix = mask = None
@@ -611,7 +624,15 @@ class PromptBank:
                 valid[slot[id(e)], P - e.num_virtual_tokens :] = 1
             prefix = stack.index_select(2, row_slot)  # (L, 2, B, H_kv, P, D_head)
             mask = valid.index_select(0, row_slot)  # (B, P)
-        return Prompts(tables=tables, prefix=prefix, prefix_mask=mask)
+        input_delta = None
+        if deltas:
+            with_delta = [e for e in unique if id(e) in deltas]
+            S_max = max(e.input_delta.shape[0] for e in with_delta)
+            stack = torch.zeros(len(unique), S_max, with_delta[0].input_delta.shape[1], device=device)
+            for e in with_delta:
+                stack[slot[id(e)], : e.input_delta.shape[0]] = deltas[id(e)]
+            input_delta = stack.index_select(0, row_slot)  # (B, S_max, D)
+        return Prompts(tables=tables, prefix=prefix, prefix_mask=mask, input_delta=input_delta)
 
     def prompt_length(self, name: str | BankEntry) -> int:
         """The deep prefix length a task's rows take in a batch (0 for input prompts): what

@@ -55,7 +55,7 @@ log = logging.getLogger("softprompt.serve")
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LENGTH_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 # the inputs a graph takes, in its key's order; the prompt tensors may be absent (None)
-INPUTS = ("input_ids", "attention_mask", "prompt_index", "tables", "prefix", "prefix_mask")
+INPUTS = ("input_ids", "attention_mask", "prompt_index", "tables", "prefix", "prefix_mask", "input_delta")
 
 
 def bucket(n: int, buckets: Sequence[int]) -> int | None:
@@ -220,7 +220,7 @@ class PaddedGraphs:
              **options) -> tuple[Any, dict[str, Any]]:
         """The base's output over the padded rows and the inputs it was given
         (`inject.base_inputs` with the 4-D additive mask; `options` its keywords)."""
-        prompts = Prompts(tables=values["tables"], prefix=values["prefix"], prefix_mask=values["prefix_mask"])
+        prompts = _prompts_of(values)
         model = self._model
 
         def call(fn):  # inputs built afresh for each call: a failed compiled run may have half-filled a cache
@@ -240,7 +240,8 @@ class PaddedGraphs:
         padded = _pad(batch, rows, width, entries[0].model.encoder.pad_id)
         prompts = self.bank.prompts_for(entries)
         self._model = entries[0].model  # spec and LM-head options: the base's, the same for every task
-        return dict(padded, tables=prompts.tables, prefix=prompts.prefix, prefix_mask=prompts.prefix_mask), prompts, rows, width
+        # a DePT row's delta counts its real tokens, which the left pads added here do not move
+        return dict(padded, **_prompt_values(prompts)), prompts, rows, width
 
 
 class PrefillGraphs(PaddedGraphs):
@@ -271,7 +272,7 @@ class PrefillGraphs(PaddedGraphs):
         mask and the next positions (what a graph records)."""
         out, inputs = self._run(values, keep_cache=True, logits_to_keep=1 if self._model.keeps_logits else None)
         cache = inject.output_cache(out)
-        prompts = Prompts(tables=values["tables"], prefix=values["prefix"], prefix_mask=values["prefix_mask"])
+        prompts = _prompts_of(values)
         return {"scores": out.logits[:, -1], "keys": [layer.keys for layer in cache.layers],
                 "values": [layer.values for layer in cache.layers], "mask": prompts.full_mask(values["attention_mask"]),
                 "positions": inputs["position_ids"][:, -1] + 1}
@@ -362,6 +363,17 @@ class HeadGraphs(PaddedGraphs):
             states = getattr(out, "last_hidden_state", None)
             states = out.hidden_states[-1] if states is None else states
         return {"answer": out.logits[:, -1] if answer else None, "hidden": states}
+
+def _prompt_values(prompts: Prompts) -> dict[str, torch.Tensor | None]:
+    """The prompt tensors a padded forward reads, by their names in `INPUTS`."""
+    return dict(tables=prompts.tables, prefix=prompts.prefix, prefix_mask=prompts.prefix_mask,
+                input_delta=prompts.input_delta)
+
+
+def _prompts_of(values: dict[str, torch.Tensor | None]) -> Prompts:
+    """The `Prompts` of a padded forward's values (the graph's fixed copies when replayed)."""
+    return Prompts(**{k: values[k] for k in ("tables", "prefix", "prefix_mask", "input_delta")})
+
 
 def _pad(batch: MixedBatch, rows: int, width: int, pad_id: int) -> dict[str, torch.Tensor]:
     """The batch's input ids, attention mask and prompt index (n, S) padded to (rows,

@@ -44,6 +44,8 @@ def lead_length(model) -> int:
     and hold all its virtual slots (0: the template does not start that way)."""
     if model.deep or model.spec.kind is not ModelKind.CAUSAL or model.encoder is None:
         return 0
+    if model.prompt.input_delta() is not None:
+        return 0  # DePT: the row's real tokens are counted from its start (`inject.add_input_delta`), lead included
     items = model.encoder.items
     first = next((i for i, it in enumerate(items) if isinstance(it, (Placeholder, Mask))), len(items))
     if not any(isinstance(it, Virtual) for it in items[:first]) or any(isinstance(it, Virtual) for it in items[first:]):

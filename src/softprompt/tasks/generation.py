@@ -80,6 +80,13 @@ class Generation(Task):
             raise UnsupportedModelError(f"generation needs a model with an LM head; {name} has none")
         if model.encoder is None:
             raise ConfigError("generation needs the model's tokenizer: pass tokenizer=... to SoftPromptModel")
+        if model.spec.kind is ModelKind.CAUSAL and model.prompt.input_delta() is not None:
+            # teacher forcing puts the target in the row, where the delta would reach its tokens;
+            # generated tokens are outside the row and get none: training would not match decoding
+            raise ConfigError(f"{model.config.method} on a causal LM's generation task: its input delta covers the "
+                              "row's real tokens, which in training include the appended target and in generation "
+                              "do not; use DePT with a head or an answer slot (classification, verbalizer, NER) "
+                              "or on an encoder-decoder, or another method for generation")
         gen = getattr(model.base, "generation_config", None)
         eos = _first_int(getattr(gen, "eos_token_id", None)) if gen is not None else None
         if eos is None:

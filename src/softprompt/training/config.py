@@ -39,6 +39,10 @@ class TrainConfig:
         batch_size: examples per micro-batch, over all processes.
         grad_accum: micro-batches per optimiser step.
         lr: learning rate of the prompt; head_lr: of the task head.
+        delta_lr: learning rate of DePT's low-rank pair (A, B) of its input delta, the
+            paper's second rate (the prompt's is ``lr``); other methods have no such pair.
+            Not measured here: the paper's code searched 5e-4, 5e-3 and 3e-1 beside a prompt
+            LR of 0.3-0.4 (T5-Base).
         weight_decay: AdamW weight decay (prompt and head).
         warmup_ratio: share of `steps` with a linear warm-up.
         schedule: decay after warm-up: linear, cosine or constant.
@@ -81,6 +85,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-2
     head_lr: float = 5e-3
+    delta_lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     schedule: str = "linear"
@@ -109,7 +114,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ConfigError(f"train.eval_every must be a non-negative integer, got {self.eval_every!r}")
-        for name in ("lr", "head_lr"):
+        for name in ("lr", "head_lr", "delta_lr"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)!r}")
         if self.schedule not in SCHEDULES:
@@ -176,7 +181,7 @@ class RunConfig:
 
     Attributes:
         model: alias (``minilm``, ``smollm2-135m``, ``bert-tiny-mlm``), local path or hub id.
-        method: prompt-tuning | p-tuning | prefix-tuning | p-tuning-v2.
+        method: prompt-tuning | p-tuning | prefix-tuning | p-tuning-v2 | dept.
         task: a recipe name (``sst2``, ``rte``, ``fewglue-cb``, ``wnut17``, ``lama-trex``, ...)
             or a generic kind: classification | ner | generation.
         output: the run directory.

@@ -88,12 +88,19 @@ class PromptAndHead(nn.Module):
 
 
 def _param_groups(model, task: Task, config: TrainConfig) -> list[dict]:
-    groups = [{"params": [p for p in model.prompt.parameters() if p.requires_grad], "lr": config.lr, "name": "prompt"}]
+    """The optimizer's groups: the prompt at ``lr``, DePT's low-rank pair at ``delta_lr``
+    (the paper's two learning rates), the head at ``head_lr``."""
+    delta = {id(p) for p in model.prompt.delta_parameters()}
+    prompt = [p for p in model.prompt.parameters() if p.requires_grad and id(p) not in delta]
+    groups = [{"params": prompt, "lr": config.lr, "name": "prompt"}]
+    if not prompt:
+        raise ConfigError("the prompt has no trainable parameters (a collapsed prompt? load it with trainable=True)")
+    low_rank = [p for p in model.prompt.delta_parameters() if p.requires_grad]
+    if low_rank:
+        groups.append({"params": low_rank, "lr": config.delta_lr, "name": "input_delta"})
     head = [p for p in task.parameters() if p.requires_grad]
     if head:
         groups.append({"params": head, "lr": config.head_lr, "name": "head"})
-    if not groups[0]["params"]:
-        raise ConfigError("the prompt has no trainable parameters (a collapsed prompt? load it with trainable=True)")
     return groups
 
 
