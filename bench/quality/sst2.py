@@ -34,7 +34,7 @@ FULL_FT_LR = 5e-5
 # One prompt LR per method, the same for our row and PEFT's. Prefix tuning's MLP
 # reparameterisation collapses to the majority class at 1e-2 on this model (measured with
 # an earlier version of this script at 300 steps: 50.9%), so it gets 1e-3.
-PROMPT_LR = {"prompt-tuning": 3e-2, "p-tuning": 1e-2, "prefix-tuning": 1e-3, "p-tuning-v2": 1e-2}
+PROMPT_LR = {"prompt-tuning": 3e-2, "p-tuning": 1e-2, "prefix-tuning": 1e-3, "p-tuning-v2": 1e-2, "dept": 3e-2}
 
 # name -> how the row is built. `peft`: (config class, keyword arguments) -- the sizes are set
 # so that the reparameterisation matches ours where PEFT allows it (LSTM: identical; MLP: PEFT's
@@ -44,6 +44,9 @@ ROWS: dict[str, dict] = {
     # residual prompt tuning (Razdaibiedina et al. 2023): the same table through a residual MLP while training
     "prompt-tuning-residual": dict(impl="softprompt", method="prompt-tuning", label="residual prompt tuning",
                                    prompt={"reparameterization": "residual"}),
+    # DePT (Shi & Lipani 2024): prompt tuning's 20 x 384 budget split into 10 virtual tokens and a rank-8 update
+    # of the first 64 input embeddings (3,840 + 8 x (64 + 384) = 7,424 against 7,680); low-rank LR: train.delta_lr's default
+    "dept": dict(impl="softprompt", method="dept", label="DePT", P=10, prompt={"rank": 8, "max_input_length": 64}),
     "p-tuning-lstm": dict(impl="softprompt", method="p-tuning", label="P-tuning (LSTM)", prompt={"encoder": "lstm"}),
     "p-tuning-mlp": dict(impl="softprompt", method="p-tuning", label="P-tuning (MLP)", prompt={"encoder": "mlp"}),
     "prefix-tuning": dict(impl="softprompt", method="prefix-tuning", label="prefix tuning (projection)"),
