@@ -113,6 +113,33 @@ def test_packed_encoder_loss_and_gradients_equal_the_padded_batch(family_models,
     _check(family_models, family, method, kind, budget=40)
 
 
+DEPT = lambda t: sp.DePTConfig(template="[P:2] " + t, rank=2, max_input_length=6, init="random")  # noqa: E731
+
+
+@pytest.mark.parametrize("family,kind", [("llama", "head"), ("gpt2", "verbalizer"), ("bert", "head"),
+                                         ("roberta", "verbalizer")])
+def test_dept_packs_with_each_segment_counting_its_own_tokens(family_models, family, kind):
+    """DePT's delta goes to a row's j-th real token (`inject.add_input_delta`): packed, j
+    counts within the row's own segment, not along the packed sequence (S_max 6 < the
+    rows' lengths, so a count along the sequence would move every later segment's delta).
+    Same loss and gradients (P, A, B) as the padded batch; DePT's B starts at zero, so it is
+    set to random values first."""
+    base, tok = family_models(family)
+    task, template = _task(kind)
+    torch.manual_seed(0)
+    model = sp.SoftPromptModel(base, DEPT(template), tokenizer=tok)
+    with torch.no_grad():
+        for name, p in model.prompt.named_parameters():
+            if name.endswith("B"):
+                p.normal_(0, 0.5)
+    task.bind(model)
+    model.eval()
+    batch, targets = task.collate(model, _examples(kind))
+    packed = batch.packed(40)
+    assert packed.pack_index.shape[0] < batch.input_ids.shape[0]
+    _assert_same(_loss_and_grads(model, task, batch, targets), _loss_and_grads(model, task, packed, targets))
+
+
 @pytest.mark.parametrize("family,method,kind", [("llama", "p-tuning-v2", "verbalizer-words"),
                                                 ("gpt2", "prompt-tuning", "verbalizer-words"),
                                                 ("bert", "p-tuning-v2", "ner"), ("llama", "prompt-tuning", "ner"),

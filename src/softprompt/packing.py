@@ -46,6 +46,7 @@ segment), and families that take no position ids.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Callable, Sequence
 
@@ -221,8 +222,16 @@ def packed_inputs(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask
     P = prompts.prefix_length
     real = index >= 0  # (N, W)
     ids = gather_columns(input_ids, index, 0)
+    # DePT's delta goes to a row's j-th real token: j is counted on the padded rows, where a
+    # row is alone (along a packed sequence it would run on across the segments before it)
+    delta, prompts = prompts.input_delta, dataclasses.replace(prompts, input_delta=None)
     inputs = inject.base_inputs(base, spec, ids, real.long(), gather_columns(prompt_index, index, -1), prompts,
                                 logits_to_keep=logits_to_keep)
+    if delta is not None:
+        embeds = inputs["inputs_embeds"]
+        B, S = input_ids.shape
+        added = inject.add_input_delta(embeds.new_zeros(B, S, embeds.shape[-1]), attention_mask, prompt_index, delta)
+        inputs["inputs_embeds"] = embeds + added.reshape(B * S, -1)[index.clamp(min=0)] * real.unsqueeze(-1)
     positions = inject.position_ids(prompts.full_mask(attention_mask), spec)[:, P:]  # (B, S) the padded rows'
     inputs["position_ids"] = gather_columns(positions, index, spec.position_offset)
     segments = torch.div(index, input_ids.shape[1], rounding_mode="floor").masked_fill(~real, -1)
