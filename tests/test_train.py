@@ -167,7 +167,7 @@ def test_epoch_batches_cover_each_example_once_and_bucket_lengths():
     ("schedule", "step", "train.schedule must be one of"),
     ("lr", -1, "train.lr must be positive"),
     ("patience", 0, "train.patience"),
-    ("compile", "fast", "train.compile must be true, false or one of"),
+    ("compile", "fast", "train.compile must be auto, true, false or one of"),
     ("gradient_checkpointing", "yes", "train.gradient_checkpointing must be true or false"),
 ])
 def test_bad_train_config(field, value, match):

@@ -55,9 +55,11 @@ class TrainConfig:
         mixed_precision: auto (bf16 autocast for an fp32 base on a GPU; a base loaded in
             bf16 / fp16, or on the CPU, runs as it is), no, bf16.
         compile: `torch.compile` the base's repeated blocks for training forwards (regional
-            compilation): false, true (`torch.compile`'s default mode) or a mode name,
-            ``reduce-overhead`` (each block's forward and backward replayed as CUDA graphs:
-            fewer launches, for small models whose steps the host bounds) or ``max-autotune``.
+            compilation): auto (the default: compiled on one CUDA device, eager on a CPU
+            and under several processes; `loop.resolved_compile`), false, true
+            (`torch.compile`'s default mode) or a mode name, ``reduce-overhead`` (each
+            block's forward and backward replayed as CUDA graphs: fewer launches, for small
+            models whose steps the host bounds) or ``max-autotune``.
         gradient_checkpointing: recompute each block's activations in the backward pass
             (less memory, about one more forward of time); works for deep prompts too.
         packing: run each micro-batch padding-free: its rows packed end to end into
@@ -96,7 +98,7 @@ class TrainConfig:
     patience: int | None = None
     bucket: bool = True
     mixed_precision: str = "auto"
-    compile: bool | str = False
+    compile: bool | str = "auto"
     gradient_checkpointing: bool = False
     packing: bool = False
     pack_tokens: int = 512
@@ -124,8 +126,8 @@ class TrainConfig:
         if not isinstance(self.warmup_ratio, (int, float)) or isinstance(self.warmup_ratio, bool) \
                 or not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio must be a number in [0, 1), got {self.warmup_ratio!r}")
-        if self.compile not in (True, False) + COMPILE_MODES:
-            raise ConfigError(f"train.compile must be true, false or one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.compile not in (True, False, "auto") + COMPILE_MODES:
+            raise ConfigError(f"train.compile must be auto, true, false or one of {COMPILE_MODES}, got {self.compile!r}")
         for name in ("bucket", "gradient_checkpointing", "packing", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
