@@ -91,9 +91,11 @@ def test_compile_is_auto_by_default_compiled_on_one_gpu_only(caplog):
         assert resolved_compile("auto", cpu) is False
         assert resolved_compile("auto", cuda, processes=2) is False
         assert resolved_compile("auto", cuda, tensor_parallel=True) is False
+        assert resolved_compile("auto", cuda, causal=False) is False
     said = [r.getMessage() for r in caplog.records]
-    assert len(said) == 4 and "compiled" in said[0] and "eager on the CPU" in said[1]
+    assert len(said) == 5 and "compiled" in said[0] and "eager on the CPU" in said[1]
     assert "eager on 2 processes" in said[2] and "eager on a tensor-parallel base" in said[3]
+    assert "eager on an encoder or encoder-decoder" in said[4]
     for setting in (True, False, "reduce-overhead"):
         assert resolved_compile(setting, cpu) == setting
 

@@ -55,7 +55,7 @@ class TrainConfig:
         mixed_precision: auto (bf16 autocast for an fp32 base on a GPU; a base loaded in
             bf16 / fp16, or on the CPU, runs as it is), no, bf16.
         compile: `torch.compile` the base's repeated blocks for training forwards (regional
-            compilation): auto (the default: compiled on one CUDA device, eager on a CPU
+            compilation): auto (the default: compiled for a causal LM on one CUDA device, eager on a CPU
             and under several processes; `loop.resolved_compile`), false, true
             (`torch.compile`'s default mode) or a mode name, ``reduce-overhead`` (each
             block's forward and backward replayed as CUDA graphs: fewer launches, for small

@@ -35,7 +35,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from transformers import get_scheduler
 
-from ..architecture import tensor_parallel_mesh
+from ..architecture import ModelKind, tensor_parallel_mesh
 from ..errors import ConfigError, TrainingError
 from ..folder import RUN_PROMPT, save_with_task
 from ..io.atomic import remove_stale_temporaries
@@ -194,8 +194,8 @@ def train(
     check_trackers(config)
     if not train_examples:
         raise TrainingError("no training examples")
-    compiled = resolved_compile(config.compile, model.device,
-                                int(os.environ.get("WORLD_SIZE", "1")), tensor_parallel_mesh(model.base) is not None)
+    compiled = resolved_compile(config.compile, model.device, int(os.environ.get("WORLD_SIZE", "1")),
+                                tensor_parallel_mesh(model.base) is not None, model.spec.kind is ModelKind.CAUSAL)
     options = {"mode": compiled} if isinstance(compiled, str) else None
     with model.accelerated(compile=compiled is not False, checkpointing=config.gradient_checkpointing,
                            compile_options=options):
@@ -388,10 +388,10 @@ class Loop:
 
 
 def resolved_compile(setting: bool | str, device: torch.device, processes: int = 1,
-                     tensor_parallel: bool = False) -> bool | str:
+                     tensor_parallel: bool = False, causal: bool = True) -> bool | str:
     """``train.compile``'s value for this run: `setting` itself, or for ``auto`` True (the
-    base's blocks compiled, `torch.compile`'s default mode) on one CUDA device and False
-    elsewhere, said in one log line.
+    base's blocks compiled, `torch.compile`'s default mode) for a causal LM on one CUDA
+    device and False elsewhere, said in one log line.
 
     Why compiled by default on a GPU, measured on an H100 (`bench.train.throughput`, every
     method, 20 virtual tokens, `bench/results/train_throughput.json`): 1B Llama shape,
@@ -400,17 +400,17 @@ def resolved_compile(setting: bool | str, device: torch.device, processes: int =
     bound by launching kernels, where ``reduce-overhead`` pays most). Regional
     compilation compiles one block: the first compiled step took 0.2-5 s in most rows of
     that run, 28-82 s for prefix tuning's projection at 1B. Eager on a CPU (compiling costs
-    more than it saves there) and under several processes or a tensor-parallel base
-    (not measured compiled); ``train.compile=true`` asks for it anyway.
+    more than it saves there), and for encoders, encoder-decoders, several processes or a
+    tensor-parallel base (not measured compiled); ``train.compile=true`` asks for it anyway.
     """
     if setting != "auto":
         return setting
-    if device.type == "cuda" and processes == 1 and not tensor_parallel:
+    if device.type == "cuda" and processes == 1 and not tensor_parallel and causal:
         log.info("train.compile=auto: the base's blocks compiled (regional; the first steps include the compilation; "
                  "train.compile=false runs eager)")
         return True
     where = ("a tensor-parallel base" if tensor_parallel else f"{processes} processes" if processes > 1
-             else f"the {device.type.upper()}")
+             else f"the {device.type.upper()}" if device.type != "cuda" else "an encoder or encoder-decoder")
     log.info("train.compile=auto: eager on %s (train.compile=true compiles anyway)", where)
     return False
 
