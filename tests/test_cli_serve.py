@@ -160,7 +160,7 @@ def test_serve_refuses_a_task_named_as_the_base(gpt2_dir, tmp_path):  # noqa: F8
 
 
 def test_the_base_name_is_the_model_argument_as_given():
-    from softprompt.cli import _base_name
+    from softprompt.serve.launch import base_name_of as _base_name
 
     assert _base_name("smollm2-135m-instruct", None) == "smollm2-135m-instruct"
     assert _base_name("HuggingFaceTB/SmolLM2-135M/", None) == "SmolLM2-135M"
