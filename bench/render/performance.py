@@ -13,7 +13,7 @@ from __future__ import annotations
 
 
 from bench.harness.hardware import peak_tflops
-from bench.harness.report import ROOT, load_report, shown_command, write_text
+from bench.harness.report import RESULTS, ROOT, load_report, shown_command, write_text
 from bench.render.engine import engine
 from bench.render.training import training
 
@@ -184,7 +184,7 @@ def serving(report: dict | None, https: list[dict]) -> list[str]:
 HTTP_TARGETS = {"heads_per_s": 2000, "generations_per_s": 1000, "p99_ms": 250, "ttft_p50_ms": 30}
 #: the per-kind HTTP reports (`bench.serve.http`), oldest first, and what each run measured
 HTTP_KIND_REPORTS = ["serve_http_kinds_cpu_before.json", "serve_http_kinds_cpu.json", "serve_http_kinds_before.json",
-                     "serve_http_share_1_h100.json", "serve_http_share_0.5_h100.json", "serve_http_kinds.json"]
+                     "serve_http_kinds.json"]
 
 
 def http_kinds() -> list[str]:
@@ -219,16 +219,6 @@ def http_kinds() -> list[str]:
                 lines.append(f"| {run} | {r['device']} | {phase} | {kind} | {k['clients']} | {k['requests_per_s']:,.0f} "
                              f"| {k['latency_p50_ms']:.1f} | {k['latency_p99_ms']:.1f} | {ttft} | {tok} "
                              f"| {ph['rows_per_run']:.1f} | {sum(k['failures'].values())} |")
-    shares = {n: r for n, r in reports if n.startswith("serve_http_share_")}
-    if len(shares) == 2:  # the time share between head forwards and decode steps, two servers of one machine session
-        rate = {n: {k: v["requests_per_s"] for k, v in r["phases"]["mix"]["kinds"].items()} for n, r in shares.items()}
-        half, one = rate["serve_http_share_0.5_h100.json"], rate["serve_http_share_1_h100.json"]
-        lines += ["", "`--head-share` (issue 20 item 4; 10 s mix phases after 4 s of warm-up, one machine session): "
-                  f"completions + chat {half['complete']:.0f} + {half['chat']:.0f} requests/s with heads held to half "
-                  f"the engine's time, {one['complete']:.0f} + {one['chat']:.0f} with heads between any two decode steps "
-                  "(as before); heads alike. The share changed nothing measurable here: head forwards between decode "
-                  "steps are not what holds the completions back in this mix. Where their time goes instead is not "
-                  "measured yet (next: `--profile` of the server in the mix phase)."]
     name, last = reports[-1]
     verdicts = []
     heads = last["phases"].get("heads")
@@ -250,7 +240,40 @@ def http_kinds() -> list[str]:
                            if ttft is not None else ""))
     lines += ["", f"Latest run ({last['device']}): " + "; ".join(verdicts) + ".", "",
               f"Rerun: `{shown_command(last['command'])}`.", ""]
-    return lines + server_cpu() + stream_cost()
+    return lines + head_share() + server_cpu() + stream_cost()
+
+
+def head_share() -> list[str]:
+    """`--head-share` in the mix phase (issue 20 item 4): heads' and completions' rates and
+    median latencies at each share, per device (`bench.serve.http --phases mix --server-args
+    --head-share S`)."""
+    runs = []
+    for path in sorted(RESULTS.glob("serve_http_share_*.json")):
+        r = load_report(path.name)
+        share = float(path.stem.split("_")[3])
+        runs.append((r["device"], -share, share, r))
+    if not runs:
+        return []
+    lines = ["", "### Heads against completions: `--head-share` (issue 20 item 4; `bench.serve.http --phases mix`)", "",
+             "Head requests run between two decode steps within `--head-share` of the engine's time (or once one has "
+             "waited `--max-head-wait`, 0.1 s); 1 is the behaviour before the share. Each row is one server run of "
+             "the mix phase (a quarter of the clients each: classify, tag, 16-token completions, 16-token chat); "
+             "rows of one device ran in one session (the CPU rows: the tiny model, clients and server on the 2 cores, "
+             "beside two training runs at low priority).", "",
+             "| device | clients | --head-share | classify + tag req/s | head p50 / p99 ms | completions + chat req/s | "
+             "completion p50 / p99 ms |", "|---|---|---|---|---|---|---|"]
+    for device, _, share, r in sorted(runs, key=lambda x: (x[0], x[1])):
+        k = r["phases"]["mix"]["kinds"]
+        lines.append(f"| {device} | {r['clients']} | {share:g} | {k['classify']['requests_per_s'] + k['tag']['requests_per_s']:,.0f} "
+                     f"| {k['classify']['latency_p50_ms']:.0f} / {k['classify']['latency_p99_ms']:.0f} "
+                     f"| {k['complete']['requests_per_s'] + k['chat']['requests_per_s']:,.0f} "
+                     f"| {k['complete']['latency_p50_ms']:.0f} / {k['complete']['latency_p99_ms']:.0f} |")
+    lines += ["", "The share binds only where heads would take more than it: at 0.5 neither the H100 run nor the CPU run "
+              "changed (heads took under half of the engine's time there: 45% of the engine thread's samples on the "
+              "CPU, py-spy); lower, completions gain what heads lose (CPU, 0.2: completions 1.8x the rate at 0.6x "
+              "the latency, heads 0.6x the rate). The default stays 0.5; a deployment that favours completions "
+              "lowers it.", ""]
+    return lines
 
 
 def server_cpu() -> list[str]:
