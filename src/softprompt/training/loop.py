@@ -406,12 +406,14 @@ def resolved_compile(setting: bool | str, device: torch.device, processes: int =
     if setting != "auto":
         return setting
     if device.type == "cuda" and processes == 1 and not tensor_parallel and causal:
-        log.info("train.compile=auto: the base's blocks compiled (regional; the first steps include the compilation; "
-                 "train.compile=false runs eager)")
+        # shown (a warning's level, where the loop's info is not): the first steps take longer
+        log.warning("train.compile=auto: the base's blocks compiled (regional; the first steps include the "
+                    "compilation; train.compile=false runs eager)")
         return True
     where = ("a tensor-parallel base" if tensor_parallel else f"{processes} processes" if processes > 1
              else f"the {device.type.upper()}" if device.type != "cuda" else "an encoder or encoder-decoder")
-    log.info("train.compile=auto: eager on %s (train.compile=true compiles anyway)", where)
+    say = log.warning if device.type == "cuda" else log.info  # on a GPU, the speed a user might expect is not there
+    say("train.compile=auto: eager on %s (train.compile=true compiles anyway)", where)
     return False
 
 
