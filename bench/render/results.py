@@ -58,7 +58,8 @@ def render() -> str:
             lines += parts_note(report)
             if module is sst2:  # rows run under the held-out protocol, one report per seed
                 lines += sst2.render_held_out([json.loads(p.read_text())
-                                               for p in sorted(RESULTS.glob("quality_sst2_residual_seed*.json"))])
+                                               for p in sorted(RESULTS.glob("quality_sst2_residual_seed*.json"))
+                                               + sorted(RESULTS.glob("quality_sst2_dept_seed*.json"))])
         else:
             lines += [f"## {title}", "", f"Not measured yet: run `python -m {module.__name__}`.", ""]
     return "\n".join(lines)
