@@ -145,7 +145,6 @@ class Batcher:
         self.max_queue = max_queue
         self.max_wait = max_wait
         self.time_share = time_share if time_share is not None else TimeShare()
-        self._submitted: dict[int, float] = {}  # id(request) -> when it was queued, on the share's clock
         self.stats = BatchStats()
         self._items: deque[tuple[Request, Future]] = deque()
         self._running: list[tuple[Request, Future]] = []  # taken by the worker in its current run
@@ -181,7 +180,8 @@ class Batcher:
                                      "retry later")
             self._items.extend(zip(requests, futures))
             now = self.time_share.clock()
-            self._submitted.update((id(r), now) for r in requests)
+            for request in requests:
+                request.submitted = now
             self._cond.notify()
         return futures
 
@@ -198,7 +198,6 @@ class Batcher:
         with self._cond:
             self._stopped = True
             left, self._items = list(self._items), deque()
-            self._submitted.clear()
             running = list(self._running)
             self._cond.notify_all()
         for request, _ in left + running:
@@ -226,8 +225,6 @@ class Batcher:
                     break
                 self._cond.wait(left)
             taken = [self._items.popleft() for _ in range(min(limit, len(self._items)))]
-            for request, _ in taken:
-                self._submitted.pop(id(request), None)
             self._running = list(taken)  # under the lock `close` takes: every request is waiting or running
             return taken
 
@@ -255,15 +252,15 @@ class Batcher:
         bound task version's answer (`Engine.generates`)."""
         share = self.time_share
         share.decoded()
-        with self._cond:
-            heads = [item for item in self._items if not self.engine.generates(item[0])]
-            if heads and not share.heads_may_run(share.clock() - self._submitted.get(id(heads[0][0]), share.clock())):
+        with self._cond:  # one pass over the queue: this runs between any two decode steps
+            heads, chosen = [], []
+            for item in self._items:
+                (chosen if self.engine.generates(item[0]) else heads).append(item)
+            if heads and not share.heads_may_run(share.clock() - heads[0][0].submitted):
                 heads = []
-            heads = heads[: self.engine.max_batch_rows]
-            chosen = [item for item in self._items if self.engine.generates(item[0])][: max(room, 0)]
+            heads, chosen = heads[: self.engine.max_batch_rows], chosen[: max(room, 0)]
             for item in heads + chosen:
                 self._items.remove(item)
-                self._submitted.pop(id(item[0]), None)
             self._running += heads + chosen
         live = self._live(heads)
         if live:

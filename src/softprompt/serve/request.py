@@ -83,6 +83,7 @@ class Request:
     on_result: Callable[[Result], None] | None = field(default=None, repr=False, compare=False)
     entry: BankEntry | None = field(default=None, repr=False, compare=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    submitted: float = field(default=0.0, repr=False, compare=False)  # when it was queued (`Batcher`'s time share)
 
     @property
     def gone(self) -> bool:
