@@ -426,18 +426,29 @@ def packing() -> list[str]:
     report = load_report("train_packed_sst2_h100.json")
     if report is None:
         return []
+    # the models' parameter counts: the packing report's rows were kept as printed, without them; the
+    # throughput report of the same shapes records them
+    params = {r["model"]: r["params"] for r in (load_report("train_throughput.json") or {"rows": []})["rows"]
+                      if r.get("params") and r["model"] in {x["model"] for x in report["rows"]}}
     lines = ["## Padding-free packing on SST-2's lengths (issue 24 item 2): `bench.train.throughput --mix sst2`", "",
              f"{report['device']}, {report['note']}.", "",
-             "| model | side | method | padded tokens/s | packed tokens/s | packed / padded | peak GiB padded / packed |",
-             "|---|---|---|---|---|---|---|"]
+             "Share of peak: real tokens/s x 4N FLOPs (a frozen forward and the backward to the activations; N = "
+             f"{', '.join(f'{m} {n / 1e9:.3g}B' for m, n in params.items())}) over the card's dense bf16 peak "
+             f"({peak_tflops(report['device']):,.0f} TFLOP/s).", "",
+             "| model | side | method | padded tokens/s | packed tokens/s | packed / padded | share of bf16 peak, padded / "
+             "packed | peak GiB padded / packed |", "|---|---|---|---|---|---|---|---|"]
+    peak = peak_tflops(report["device"]) * 1e12
+
+    def share(r):
+        return f"{100 * r['tokens_per_s'] * 4 * params[r['model']] / peak:.1f}%"
     by = {(r["model"], r["side"], r.get("method"), r["variant"]): r for r in report["rows"]}
     for (model, side, method, variant), padded in by.items():
         packed = by.get((model, side, method, "packed"))
         if variant != "eager" or packed is None:
             continue
         lines.append(f"| {model} | {side} | {method or '-'} | {padded['tokens_per_s']:,.0f} | {packed['tokens_per_s']:,.0f} | "
-                     f"{packed['tokens_per_s'] / padded['tokens_per_s']:.2f}x | {padded['peak_gib']:.2f} / "
-                     f"{packed['peak_gib']:.2f} |")
+                     f"{packed['tokens_per_s'] / padded['tokens_per_s']:.2f}x | {share(padded)} / {share(packed)} | "
+                     f"{padded['peak_gib']:.2f} / {packed['peak_gib']:.2f} |")
     lines += ["", "At 32 rows of 12 tokens on average a step is a few hundred real tokens: these steps are bound by "
               "the host launching kernels, not by the padding (the 1B floor runs at 5,800 tokens/s here against "
               "58,000 at 16 x 512), so packing saves memory more than time; its speed is for longer and more "
