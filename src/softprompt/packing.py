@@ -147,9 +147,10 @@ def pack_index(attention_mask: torch.Tensor, lengths: Sequence[int], budget: int
 
 
 def gather_columns(x: torch.Tensor, index: torch.Tensor, fill) -> torch.Tensor:
-    """(B, S) per-column values of the padded batch -> (N, W) at the packed columns `index`
-    (`pack_index`), `fill` at the packed sequences' padding."""
-    return x.reshape(-1)[index.clamp(min=0)].masked_fill(index < 0, fill)
+    """(B, S, ...) per-column values of the padded batch -> (N, W, ...) at the packed
+    columns `index` (`pack_index`), `fill` at the packed sequences' padding; differentiable."""
+    pad = (index < 0).view(*index.shape, *[1] * (x.dim() - 2))
+    return x.reshape(-1, *x.shape[2:])[index.clamp(min=0)].masked_fill(pad, fill)
 
 
 def unpack(packed: torch.Tensor, index: torch.Tensor, batch_size: int, length: int) -> torch.Tensor:
@@ -229,9 +230,9 @@ def packed_inputs(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask
                                 logits_to_keep=logits_to_keep)
     if delta is not None:
         embeds = inputs["inputs_embeds"]
-        B, S = input_ids.shape
-        added = inject.add_input_delta(embeds.new_zeros(B, S, embeds.shape[-1]), attention_mask, prompt_index, delta)
-        inputs["inputs_embeds"] = embeds + added.reshape(B * S, -1)[index.clamp(min=0)] * real.unsqueeze(-1)
+        added = inject.add_input_delta(embeds.new_zeros(*input_ids.shape, embeds.shape[-1]), attention_mask,
+                                       prompt_index, delta)  # (B, S, D): the delta alone, on the padded rows
+        inputs["inputs_embeds"] = embeds + gather_columns(added, index, 0)
     positions = inject.position_ids(prompts.full_mask(attention_mask), spec)[:, P:]  # (B, S) the padded rows'
     inputs["position_ids"] = gather_columns(positions, index, spec.position_offset)
     segments = torch.div(index, input_ids.shape[1], rounding_mode="floor").masked_fill(~real, -1)
