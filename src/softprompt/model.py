@@ -17,7 +17,8 @@ from torch import nn
 from . import forward, inject
 from .architecture import (ModelKind, ModelSpec, base_identity, forward_accepts, model_spec, tensor_parallel_mesh,
                            whole_tensor)
-from .encode import PromptBatch, TemplateEncoder
+from .batch import PromptBatch
+from .encode import TemplateEncoder
 from .peft_layout import beyond_peft_layout, insert_virtual_slots, peft_layout
 from .errors import ConfigError, EncodingError, UnsupportedModelError
 from .forward import SoftPromptOutput
