@@ -32,7 +32,7 @@ from . import regions
 
 class OnBase:
     """What a model on a frozen base reads off the base alone (its `base` and `spec`):
-    `SoftPromptModel`, and the prompt-less `serve.bank.PlainBase` that serves the base
+    `SoftPromptModel`, and the prompt-less `serve.entry.PlainBase` that serves the base
     under its own name."""
 
     base: nn.Module

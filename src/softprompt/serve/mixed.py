@@ -22,7 +22,8 @@ from .. import forward
 from ..batch import PromptBatch
 from ..encode import EncodedRow
 from ..errors import ConfigError, EncodingError
-from .bank import BankEntry, PromptBank
+from .bank import PromptBank
+from .entry import BankEntry
 from .prompt_cache import strip_lead
 
 
