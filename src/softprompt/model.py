@@ -17,7 +17,8 @@ from torch import nn
 from . import forward, inject
 from .architecture import (ModelKind, ModelSpec, base_identity, forward_accepts, model_spec, tensor_parallel_mesh,
                            whole_tensor)
-from .encode import PromptBatch, TemplateEncoder
+from .batch import PromptBatch
+from .encode import TemplateEncoder
 from .peft_layout import beyond_peft_layout, insert_virtual_slots, peft_layout
 from .errors import ConfigError, EncodingError, UnsupportedModelError
 from .forward import SoftPromptOutput
@@ -31,7 +32,7 @@ from . import regions
 
 class OnBase:
     """What a model on a frozen base reads off the base alone (its `base` and `spec`):
-    `SoftPromptModel`, and the prompt-less `serve.bank.PlainBase` that serves the base
+    `SoftPromptModel`, and the prompt-less `serve.entry.PlainBase` that serves the base
     under its own name."""
 
     base: nn.Module

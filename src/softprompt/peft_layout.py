@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .encode import PromptBatch
+from .batch import PromptBatch
 from .errors import EncodingError
 from .template import Anchor, Placeholder, Start, Template, Virtual
 

@@ -7,7 +7,8 @@ The server's modules (FastAPI, uvicorn) load only with `create_app`."""
 from typing import Any
 
 from .batcher import Batcher, QueueFullError, TooManyRequestsForQueueError
-from .bank import BankEntry, PromptBank, UnknownTaskError, check_task_name
+from .bank import PromptBank
+from .entry import BankEntry, UnknownTaskError, check_task_name
 from .engine import Engine
 from .request import ErrorKind, Request, Result
 from .mixed import MixedBatch, encode_mixed, forward_mixed, generate_mixed

@@ -13,7 +13,7 @@ from fastapi.responses import PlainTextResponse
 
 from ..errors import SoftPromptError
 from ..io.remote import is_url
-from .bank import UnknownTaskError, check_task_name
+from .entry import UnknownTaskError, check_task_name
 from .server import APIError, Server, _Body, server_of
 
 

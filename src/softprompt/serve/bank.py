@@ -19,186 +19,32 @@ whose model is a `PlainBase`, a template ``{text}`` with no prompt at all. Its r
 input rows with zero virtual tokens: they flow through the same encoding, collation,
 `prompts_for` and decode as every task's (a row of the base in a mixed batch reads no
 table and masks every prefix position), so nothing downstream knows it apart.
+
+What a task's entry holds, and how one is made, is `entry.py`; how a batch's rows gather
+their tasks' device tensors into one `Prompts` is `stacks.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..architecture import ModelKind, model_spec
-from ..encode import EncodedRow, TemplateEncoder
-from ..errors import ConfigError, EncodingError, SoftPromptError
-from ..folder import has_task, load_with_task, prompt_directory, prompt_info, unreadable_as
+from ..errors import ConfigError, SoftPromptError
+from ..folder import has_task, prompt_directory, prompt_info
 from ..inject import Prompts
 from ..io.hub import resolve_prompt_source
 from ..io.atomic import read_json_object
 from ..io.prompt import TASK_FILE, read_config
 from ..io.remote import is_url, read_remote_config, subfolders
-from ..model import OnBase, SoftPromptModel
+from ..model import SoftPromptModel
 from ..tasks import Task
-from ..template import parse_template
-from ..transfer import tensor_on
-from .prompt_cache import CachedLead, cacheable, compute_lead, starts_after_lead
-
-TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-# Families whose decoder takes its positions from the cache length (BART's learned
-# absolute positions): a row behind a longer padded prefix would sit at other positions
-# than alone, so their deep prompts share a batch only at equal lengths.
-POSITIONS_FROM_CACHE = ("bart", "mbart")
-
-
-class UnknownTaskError(SoftPromptError, KeyError):
-    """A request names a task the bank does not hold."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-def check_task_name(name: str) -> str:
-    """Task names become folder names and URL parts: letters, digits, ``_ . -``, not
-    starting with a dot (no hidden files, no path traversal), at most 64 characters."""
-    if not isinstance(name, str) or not TASK_NAME.fullmatch(name) or ".." in name:
-        raise ConfigError(f"invalid task name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
-                          "starting with a letter or digit")
-    return name
-
-
-class PlainBase(OnBase):
-    """The frozen base with no prompt: what the bank reads off a task's `SoftPromptModel`
-    (encoder, template, spec, prompt size), for the entry that serves the base model alone.
-
-    Its template is ``{text}``: a row is the tokenizer's own special tokens around the text,
-    as the base model reads it with no template (completions and chat fill the one field).
-    """
-
-    TEMPLATE = "{text}"
-    deep = False
-    num_virtual_tokens = 0
-
-    def __init__(self, base, tokenizer):
-        self.base = base
-        self.tokenizer = tokenizer
-        self.spec = model_spec(base)
-        if self.spec.kind is ModelKind.ENCODER:
-            raise ConfigError(f"{type(base).__name__} is an encoder-only model: it generates no text, so the base "
-                              "alone has nothing to answer under its own name (serve it through tasks with heads)")
-        self.template = parse_template(self.TEMPLATE)
-        self.encoder = TemplateEncoder(self.template, tokenizer, self.spec)
-
-    def eval(self) -> "PlainBase":
-        return self
-
-    def export(self) -> torch.Tensor:
-        """No prompt: a (0, D) table."""
-        return torch.zeros(0, self.base.get_input_embeddings().weight.shape[-1])
-
-
-@dataclass
-class BankEntry:
-    """One task in the bank.
-
-    Attributes:
-        name: the task name requests use (the base model's name for the base entry).
-        model: the task's `SoftPromptModel` on the shared base (collapsed prompt), or the
-            `PlainBase` of the entry that serves the base alone.
-        task: its head (classification, NER, ...) when the folder had one, bound to `model`.
-        tensor: the collapsed prompt in host memory, fp32: (P, D) or (L, 2, H_kv, P, D_head).
-        metadata: what the folder recorded (training run, metrics, ...).
-        input_delta: a DePT prompt's additive input delta in host memory, fp32 (S_max, D);
-            None for every other method (and the base alone).
-    """
-
-    name: str
-    model: SoftPromptModel
-    task: Task | None
-    tensor: torch.Tensor
-    metadata: dict[str, Any] = field(default_factory=dict)
-    lead: CachedLead | None = None
-    on_device: torch.Tensor | None = None
-    input_delta: torch.Tensor | None = None
-    delta_on_device: torch.Tensor | None = None
-    _uncached: "BankEntry | None" = field(default=None, repr=False, compare=False)
-
-    @property
-    def kind(self) -> str:
-        """``base`` (the base model alone, no prompt), ``deep`` or ``input``."""
-        if isinstance(self.model, PlainBase):
-            return "base"
-        return "deep" if self.deep else "input"
-
-    @property
-    def method(self) -> str | None:
-        """The prompt's method (None for the base alone)."""
-        return None if self.kind == "base" else self.model.config.method
-
-    @property
-    def template(self) -> str | None:
-        """The task's template (None for the base alone: its rows are the text as it is)."""
-        return None if self.kind == "base" else self.model.template.source
-
-    @property
-    def prompted(self) -> bool:
-        """Whether the entry's rows take anything from the bank (a table or a prefix)."""
-        return self.deep or self.num_virtual_tokens > 0
-
-    @property
-    def deep(self) -> bool:
-        """The task's rows take a key/value prefix: a deep prompt, or a cached leading segment."""
-        return self.model.deep or self.lead is not None
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        """Positions of the prompt in a batch: the deep prefix's, the cached segment's, or
-        the input prompt's virtual slots."""
-        return self.lead.length if self.lead is not None else self.model.num_virtual_tokens
-
-    @property
-    def served(self) -> torch.Tensor:
-        """What a batch uses: the cached segment's keys and values, or the collapsed prompt."""
-        return self.lead.kv if self.lead is not None else self.tensor
-
-    def for_row(self, row: EncodedRow) -> "BankEntry":
-        """The entry a row runs with: this one, or, for a row that cannot start after the
-        cached lead (`prompt_cache.starts_after_lead`: an empty field), the same task
-        without it, whose rows run whole with the prompt table. That one is made once per
-        entry, so its device copy is kept between requests."""
-        if self.lead is None or starts_after_lead(row, self.lead.length):
-            return self
-        if self._uncached is None:
-            self._uncached = dataclasses.replace(self, lead=None, on_device=None, delta_on_device=None)
-        return self._uncached
-
-
-def _load_folder(folder: Path, base, tokenizer) -> tuple[SoftPromptModel, Task | None, dict[str, Any]]:
-    """A saved prompt folder's model, task head (if saved) and metadata.
-
-    A folder is the admin's input: whatever the loaders fail with on one they cannot read
-    (a task.json without a key it needs, a head of the wrong shape) is a PromptFileError
-    naming the folder, so that a PUT answers 422 and not 500."""
-    with unreadable_as(folder, "cannot be loaded as a prompt folder"):
-        if has_task(folder):
-            model, task = load_with_task(folder, base, tokenizer)
-        else:
-            model, task = SoftPromptModel.from_pretrained(base, folder, tokenizer=tokenizer).eval(), None
-        return model, task, read_config(folder).get("metadata") or {}
-
-
-def _check_room(name: str, model: SoftPromptModel) -> None:
-    """Refuse a prompt whose template alone (virtual tokens, fixed text, special tokens)
-    fills the model's positions: loaded, it would fail every request sent to it."""
-    try:
-        model.encoder.encode({f: "x" for f in model.template.fields})
-    except EncodingError as e:
-        raise ConfigError(f"task {name!r}: {str(e).removeprefix('example: ')}") from None
+from .entry import BankEntry, PlainBase, UnknownTaskError, build_entry, check_task_name, load_folder
+from .stacks import POSITIONS_FROM_CACHE, stack_prompts
 
 
 def named_prompt_folders(pairs: list[str], prompts: Path | str | None) -> dict[str, Path | str]:
@@ -356,20 +202,9 @@ class PromptBank:
         else:
             if is_url(source):  # copied into the cache, or found there unchanged (`io.remote`)
                 source = prompt_directory(source)
-            model, task, metadata = _load_folder(source, self.base, self.tokenizer)
+            model, task, metadata = load_folder(source, self.base, self.tokenizer)
             self.reads += 1
-        _check_room(name, model)
-        model.eval()  # serving: no dropout in the base, the prompt or the head
-        if task is not None:
-            task.eval()
-        delta = model.export_input_delta()
-        entry = BankEntry(name, model, task, model.export().cpu(), metadata,
-                          input_delta=None if delta is None else delta.cpu())
-        n = cacheable(model, task) if self.cache_prompts else 0
-        if n:
-            lead = compute_lead(model, n)
-            entry.lead = CachedLead(lead.length, lead.kv.cpu())
-        return entry
+        return build_entry(name, model, task, metadata, cache_prompts=self.cache_prompts)
 
     def _load(self, name: str) -> BankEntry:
         """A registered task's entry, its folder read if it is not in memory. Reads run
@@ -566,16 +401,10 @@ class PromptBank:
 
     def prompts_for(self, names: Sequence[str | BankEntry]) -> Prompts:
         """The `Prompts` of a batch whose row b uses task ``names[b]`` (a name, or a pinned
-        entry: see `entry`).
-
-        Input tasks' tables are stacked to (B, P_in, D) (rows of deep tasks get zeros, which
-        no slot of theirs reads); deep tasks' prefixes to (L, 2, B, H_kv, P_deep, D_head)
-        with a (B, P_deep) mask: 1 on the last P of the row's task (a shorter prefix is
-        padded in front), 0 on padding and on the rows of input tasks. Rows of the base
-        alone (`add_base`) are input rows with no virtual slot: zeros no slot reads, a
-        masked prefix; a batch of them only has no prompts at all. DePT tasks' input deltas
-        are stacked to (B, S_max, D), zeros on shorter deltas' tail and on the rows of
-        other tasks (adding 0 leaves an embedding exactly as it is).
+        entry: see `entry`): each task's tensor on the device (`_device_tensor`), stacked
+        and gathered per row (`stacks.stack_prompts`: input tables (B, P_in, D), deep
+        prefixes (L, 2, B, H_kv, P_deep, D_head) with a (B, P_deep) mask, input deltas
+        (B, S_max, D)).
         """
         if not names:
             raise ConfigError("a batch needs at least one row")
@@ -585,54 +414,7 @@ class PromptBank:
             # keyed by entry, not name: a batch may hold rows of a task and of its replacement
             tensors = {id(e): self._device_tensor(e, device) for e in entries if e.prompted}
             deltas = {id(e): e.delta_on_device for e in entries if e.input_delta is not None}
-        unique = list({id(e): e for e in entries}.values())  # the batch's tasks, each padded and stacked once
-        if not tensors:  # rows of the base alone: no prompt at all
-            return Prompts()
-        if len(unique) == 1:  # one task: its tensor serves every row as it is (no copies)
-            entry = entries[0]
-            if entry.deep:
-                return Prompts(prefix=tensors[id(entry)])
-            return Prompts(tables=tensors[id(entry)], input_delta=deltas.get(id(entry)))
-        slot = {id(e): u for u, e in enumerate(unique)}
-        row_slot = tensor_on([slot[id(e)] for e in entries], device)  # (B,), without waiting for the device
-        tables = prefix = mask = None
-        plain = [e for e in unique if not e.deep]
-        inputs = [e for e in plain if e.prompted]
-        if inputs:
-            P = max(e.num_virtual_tokens for e in inputs)
-            stack = torch.zeros(len(unique), P, inputs[0].served.shape[-1], device=device)  # rows of deep tasks: 0
-            for e in inputs:
-                stack[slot[id(e)], : e.num_virtual_tokens] = tensors[id(e)]
-            tables = stack.index_select(0, row_slot)  # (B, P, D)
-        deeps = [e for e in unique if e.deep]
-        if deeps:
-            P = max(e.num_virtual_tokens for e in deeps)
-            lengths = sorted({e.num_virtual_tokens for e in deeps} | ({0} if plain else set()))
-            if len(lengths) > 1 and deeps[0].model.spec.model_type in POSITIONS_FROM_CACHE:
-                raise ConfigError(
-                    f"{deeps[0].model.spec.model_type} decoders place tokens after the cached prefix by its length: "
-                    f"rows with deep prompts of different lengths ({lengths}) cannot share a batch; group them by "
-                    "prompt length (see prompt_length)")
-            L, _, H, _, Dh = deeps[0].served.shape
-            stack = torch.zeros(L, 2, len(unique), H, P, Dh, dtype=deeps[0].served.dtype, device=device)
-            valid = torch.zeros(len(unique), P, dtype=torch.long, device=device)
-            for e in deeps:
-                # A shorter prefix ends where the longest does: the row's tokens then sit
-                # right after its own prefix, at the distance relative position biases
-                # (T5) see when the row runs alone; position ids come from the mask.
-                stack[:, :, slot[id(e)], :, P - e.num_virtual_tokens :] = tensors[id(e)]
-                valid[slot[id(e)], P - e.num_virtual_tokens :] = 1
-            prefix = stack.index_select(2, row_slot)  # (L, 2, B, H_kv, P, D_head)
-            mask = valid.index_select(0, row_slot)  # (B, P)
-        input_delta = None
-        if deltas:
-            with_delta = [e for e in unique if id(e) in deltas]
-            S_max = max(e.input_delta.shape[0] for e in with_delta)
-            stack = torch.zeros(len(unique), S_max, with_delta[0].input_delta.shape[1], device=device)
-            for e in with_delta:
-                stack[slot[id(e)], : e.input_delta.shape[0]] = deltas[id(e)]
-            input_delta = stack.index_select(0, row_slot)  # (B, S_max, D)
-        return Prompts(tables=tables, prefix=prefix, prefix_mask=mask, input_delta=input_delta)
+        return stack_prompts(entries, tensors, deltas, device)
 
     def prompt_length(self, name: str | BankEntry) -> int:
         """The deep prefix length a task's rows take in a batch (0 for input prompts): what
@@ -644,4 +426,5 @@ class PromptBank:
         return [self.entry(n) for n in names]
 
 
-__all__ = ["PromptBank", "BankEntry", "PlainBase", "UnknownTaskError", "check_task_name"]
+__all__ = ["PromptBank", "BankEntry", "PlainBase", "UnknownTaskError", "check_task_name", "named_prompt_folders",
+           "POSITIONS_FROM_CACHE"]

@@ -40,7 +40,8 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from ..architecture import ModelKind
 from ..encode import EncodedRow, TokenIds
 from ..errors import EncodingError, InputTooLongError, SoftPromptError
-from .bank import POSITIONS_FROM_CACHE, BankEntry, PromptBank, UnknownTaskError
+from .bank import PromptBank
+from .entry import BankEntry, UnknownTaskError
 from .decode import Decoder, DecodeRow
 from .heads import HeadForwards, Pending
 from .inputs import check_token_ids, example_of, field_texts
@@ -48,6 +49,7 @@ from .echo import score_echoes
 from .mixed import collate_mixed, generate_mixed
 from .request import GONE, Admit, CancelledRequestError, ErrorKind, Request, Result, Row
 from .sampling import RowSampler, TokenLogprob
+from .stacks import POSITIONS_FROM_CACHE
 from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
 
 

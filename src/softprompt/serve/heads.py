@@ -14,7 +14,8 @@ from typing import Any, Sequence
 from ..architecture import ModelKind, model_spec
 from ..encode import EncodedRow
 from ..errors import ConfigError
-from .bank import BankEntry, PromptBank
+from .bank import PromptBank
+from .entry import BankEntry
 from .compiled import CompiledForward
 from .graphed import HeadGraphs, Launched, paddable
 from .mixed import MixedBatch, collate_mixed, forward_mixed, head_forward, output_rows

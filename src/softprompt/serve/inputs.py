@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from ..data.checks import unicode_problem
 from ..encode import TokenIds
 from ..errors import EncodingError, SoftPromptError
-from .bank import BankEntry
+from .entry import BankEntry
 
 
 def example_of(entry: BankEntry, value: Any) -> dict[str, Any]:

@@ -159,7 +159,7 @@ def base_name_of(model: str, given: str | None) -> str:
     """The name the base model is served under: `given` (--base-name), else the --model
     argument as the user gave it (an alias such as ``smollm2-135m-instruct``), a local
     folder's name, or a hub id's last part (names are URL parts: no ``/``)."""
-    from .bank import check_task_name
+    from .entry import check_task_name
 
     if given is not None:
         return check_task_name(given)

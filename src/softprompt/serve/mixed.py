@@ -19,9 +19,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .. import forward
-from ..encode import EncodedRow, PromptBatch
+from ..batch import PromptBatch
+from ..encode import EncodedRow
 from ..errors import ConfigError, EncodingError
-from .bank import BankEntry, PromptBank
+from .bank import PromptBank
+from .entry import BankEntry
 from .prompt_cache import strip_lead
 
 

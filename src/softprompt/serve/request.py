@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from ..encode import EncodedRow
 from ..errors import InputTooLongError, SoftPromptError
-from .bank import BankEntry, UnknownTaskError
+from .entry import BankEntry, UnknownTaskError
 from .sampling import TokenLogprob
 from .scoring import PromptLogprobs
 from .text import GenerationOptions, TokenStream

@@ -33,7 +33,8 @@ import torch
 from ..encode import EncodedRow
 from ..forward import lm_head
 from ..transfer import tensor_on, to_host
-from .bank import BankEntry, PromptBank
+from .bank import PromptBank
+from .entry import BankEntry
 from .mixed import collate_mixed, forward_mixed
 from .sampling import TokenLogprob, logprobs_of
 

@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import SoftPromptError
-from .bank import BankEntry, PromptBank, UnknownTaskError
+from .bank import PromptBank
+from .entry import BankEntry, UnknownTaskError
 from .batcher import Batcher, QueueFullError, TooManyRequestsForQueueError
 from .engine import Engine
 from .request import ErrorKind, Request, Result

@@ -17,7 +17,7 @@ import logging
 from typing import Iterable, Iterator
 
 from ..architecture import ModelKind, model_spec
-from .bank import BankEntry
+from .entry import BankEntry
 from .decode import Decoder, DecodeRow
 from .engine import Engine
 from .request import Request

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from ..encode import PromptBatch
+from ..batch import PromptBatch
 
 Targets = dict[str, torch.Tensor]
 

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from ..architecture import ModelKind
-from ..encode import PromptBatch
+from ..batch import PromptBatch
 from ..errors import ConfigError, EncodingError, UnsupportedModelError
 from ..template import Mask
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import PretrainedConfig, PreTrainedModel
 
-from ..encode import PromptBatch
+from ..batch import PromptBatch
 from ..errors import EncodingError, UnsupportedModelError
 from ..folder import RUN_PROMPT, save_with_task
 from ..io.atomic import write_file_atomically
