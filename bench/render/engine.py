@@ -313,6 +313,20 @@ def prefix_pool_table() -> list[str]:
               "bfloat16 sums in another order (one softmax over pool and slot columns against one over the row's "
               "columns), so on a random-init model paths may part; in float32 on the CPU every row equals the row "
               "alone (`tests/test_serve_prefix_pool.py`)."]
+    cascade = load_report("decode_step_pool_cascade_h100.json")
+    if cascade is not None:
+        r = cascade["results"][0]
+        flex = sum(k["us_per_step"] for k in r["profile"]["top"] if "flex_attention" in k["kernel"])
+        lines += ["", f"The cascade form, measured ({_gpu(cascade)}, branch `cascade-flex`, not on main): the pool's part "
+                  "as one compiled `flex_attention` kernel over a block mask of the rows' spans, merged with the slot "
+                  "columns' part by log-sum-exp. It lowers once the mask's query block is one block of next_pow2(R x G) "
+                  "rows (what inductor's flex decoding kernel takes under 128 rows) and equals `pooled_products` on the "
+                  f"GPU (fp32 and bf16, 64 and 200 rows), but the {r['rows']}-row step took {r['step_ms']:.2f} ms, "
+                  f"{flex / 1000:.2f} ms of it in the flex kernels ({flex / 16:.0f} us a layer): its block lists hold every "
+                  "pool block for every row (rows of all tasks share a query block, so no block can be skipped) and "
+                  "the mask is evaluated per element. What would reach the copies' time: rows grouped by task in "
+                  "the slots (query blocks of one task, each with its span's blocks only), or FlashInfer's cascade "
+                  "kernels, which take per-row page tables."]
     return lines
 
 

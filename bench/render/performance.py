@@ -344,7 +344,8 @@ def scoring() -> list[str]:
     """Echo scoring (lm-eval's loglikelihood requests) against classification of the same
     rows (issue 27 item 7): over HTTP (`bench.serve.scoring`) and in process
     (`bench.probe.scoring`)."""
-    http, probe = load_report("serve_scoring.json"), load_report("scoring_probe_h100.json")
+    https = [h for h in (load_report("serve_scoring_h100_before.json"), load_report("serve_scoring.json")) if h]
+    http, probe = (https[-1] if https else None), load_report("scoring_probe_h100.json")
     if http is None and probe is None:
         return []
     lines = ["## Scoring for lm-eval (issue 27): `bench.serve.scoring`, `bench.probe.scoring`", "",
@@ -355,9 +356,9 @@ def scoring() -> list[str]:
              "random init, bf16. A row is one choice. Target: scoring >= 70% of classification's rows/s.", "",
              "| run | device | where | classify rows/s | score rows/s | score / classify | classify MFU | score MFU | "
              "score p50 / p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
-    if http is not None:
-        c, sc = http["phases"]["classify"], http["phases"]["score"]
-        lines.append(f"| {http['label']} | {http['device']} | HTTP, {http['clients']} clients | {c['rows_per_s']:,.0f} | "
+    for h in https:
+        c, sc = h["phases"]["classify"], h["phases"]["score"]
+        lines.append(f"| {h['label']} | {h['device']} | HTTP, {h['clients']} clients | {c['rows_per_s']:,.0f} | "
                      f"{sc['rows_per_s']:,.0f} | {sc['rows_per_s'] / c['rows_per_s']:.2f} | {c['mfu']:.0%} | "
                      f"{sc['mfu']:.0%} | {sc['latency_p50_ms']:.0f} / {sc['latency_p99_ms']:.0f} |")
     if probe is not None:
@@ -378,11 +379,55 @@ def scoring() -> list[str]:
         lines += ["", f"In process the API's own work is left out: turning one run's results into the response's "
                   f"`logprobs` and JSON took {sc['api_host_ms']:.0f} ms of host time for {probe['rows']} rows "
                   f"({probe['tokens']:,} tokens, {sc['response_bytes'] / 1e6:.1f} MB), on the server's event loop: "
-                  f"{1000 * sc['api_host_ms'] / probe['tokens']:.1f} us a token. The HTTP figure after the change is "
-                  "not measured yet (its run did not finish within the device time)."]
+                  f"{1000 * sc['api_host_ms'] / probe['tokens']:.1f} us a token."]
+    if len(https) == 2:
+        (b, a) = https
+        rate = lambda h, k: h["phases"][k]["rows_per_s"]  # noqa: E731
+        lines += ["", f"The two HTTP runs come from different sessions and machines of the same kind (no baseline rerun "
+                  f"in the second). Score / classify rose from {rate(b, 'score') / rate(b, 'classify'):.2f} to "
+                  f"{rate(a, 'score') / rate(a, 'classify'):.2f}, but not because scoring got faster: scoring went "
+                  f"{rate(b, 'score'):,.0f} -> {rate(a, 'score'):,.0f} rows/s and classification "
+                  f"{rate(b, 'classify'):,.0f} -> {rate(a, 'classify'):,.0f}, with a classify p99 of "
+                  f"{a['phases']['classify']['latency_p99_ms']:,.0f} ms. The second run had a shorter warm-up "
+                  f"({a['command'].split('--warmup ')[1].split()[0]} s against {b['command'].split('--warmup ')[1].split()[0]} s) "
+                  "and the head requests' CUDA graphs are captured per bucket on first use, so captures may have fallen "
+                  "inside its measured window; the time share between heads and decode steps (471d7fa) came between "
+                  "the two runs too. Not a measured gain: the ratio needs both phases rerun on one machine with a "
+                  "long warm-up."]
     lines += ["", "Rerun: `python -m bench.serve.random_served --shape llama-1b --out /tmp/served`, then "
               f"`{shown_command(http['command']) if http else 'python -m bench.serve.scoring ...'}` and "
               "`python -m bench.probe.scoring --served /tmp/served --out bench/results/scoring_probe_h100.json`.", ""]
+    return lines
+
+
+def compile_auto() -> list[str]:
+    """`softprompt train` end to end with ``train.compile=auto`` (the default) against eager,
+    at two run lengths (issue 24 item 1)."""
+    report = load_report("train_cli_compile_auto_h100.json")
+    if report is None:
+        return []
+    runs = {(r["steps"], r["compile"]): r for r in report["runs"]}
+    lines = ["## `train.compile=auto` end to end (issue 24 item 1)", "",
+             f"{report['device']}; {report['model']}; {report['data']}. What the log says with auto: "
+             f"\"{report['log_line']}\". Train seconds include the compilation (evaluation excluded).", "",
+             "| steps | compile | train s | tokens/s (whole run) | held-out acc. | GLUE dev acc. |", "|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {r['steps']} | {r['compile']} | {r['train_seconds']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['held_out_accuracy']:.1%} | {r['reported_accuracy']:.1%} |")
+    steps = sorted({r["steps"] for r in report["runs"]})
+    if len(steps) == 2 and all((n, c) in runs for n in steps for c in ("auto", "false")):
+        a, b = steps
+        per_step = (runs[(b, "auto")]["train_seconds"] - runs[(a, "auto")]["train_seconds"]) / (b - a)
+        fixed = runs[(a, "auto")]["train_seconds"] - a * per_step
+        eager = (runs[(b, "false")]["train_seconds"] - runs[(a, "false")]["train_seconds"]) / (b - a)
+        lines += ["", f"From the two lengths: a compiled step takes {1000 * per_step:.0f} ms against {1000 * eager:.0f} ms "
+                  f"eager ({eager / per_step:.1f}x), and compiling (with the recompilation for a second row length) costs "
+                  f"{fixed:.0f} s once, so auto pays from about {fixed / (eager - per_step):,.0f} steps on this model: "
+                  f"slower at {a} steps ({runs[(a, 'auto')]['train_seconds']:.1f} s against "
+                  f"{runs[(a, 'false')]['train_seconds']:.1f}), faster at {b} ({runs[(b, 'auto')]['train_seconds']:.1f} "
+                  f"against {runs[(b, 'false')]['train_seconds']:.1f}). The accuracies are a random-init model's; compiled "
+                  "and eager round differently in bf16, so the two runs part."]
+    lines += ["", f"Rerun on a GPU: `{report['command']}`.", ""]
     return lines
 
 
@@ -417,6 +462,40 @@ def chunked_loss() -> list[str]:
               "Rerun on a GPU: `python -m bench.train.throughput --models llama-1b --shapes 16x512 --losses lm --methods "
               "prompt_tuning,p_tuning_v2 --sides floor,ours,peft --variants eager,whole-logits --peft-autocast off "
               "--out bench/results/train_lm_chunked.json`.", ""]
+    return lines
+
+
+def loss_kernels() -> list[str]:
+    """The chunked LM loss against the fused kernels of liger-kernel and cut-cross-entropy on
+    the same step (issue 24 item 3: measure and choose)."""
+    report = load_report("train_lm_kernels_h100.json")
+    if report is None:
+        return []
+    rows = {r["variant"]: r for r in report["rows"]}
+    first = report["rows"][0]
+    lines = [f"### Chunks, liger-kernel or cut-cross-entropy ({report['device']})", "",
+             f"The same step ({first['model']}, {first['batch']} x {first['seq']}, prompt tuning, LM loss over every "
+             "position, eager): the summed cross-entropy from the last states (`forward.summed_token_loss`) by "
+             "softprompt's chunks, by liger-kernel's `LigerFusedLinearCrossEntropyLoss` and by cut-cross-entropy's "
+             "`linear_cross_entropy`; the whole (B, S, V) logits beside. Share: 4N FLOPs a token at the card's dense "
+             "bf16 peak.", "", "| loss | ms a step | tokens/s | vs chunks | % of bf16 peak | peak GiB |",
+             "|---|---|---|---|---|---|"]
+    names = {"eager": "chunks (softprompt)", "whole-logits": "whole logits", "liger": "liger-kernel 0.8.5",
+             "cce": "cut-cross-entropy 25.1.1"}
+    base = rows.get("eager")
+    for variant, r in rows.items():
+        vs = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        lines.append(f"| {names.get(variant, variant)} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {vs} | "
+                     f"{r['pct_peak_4N']:.1f}% | {r['peak_gib']:.1f} |")
+    liger = rows.get("liger")
+    saved = f"{1 - liger['peak_gib'] / base['peak_gib']:.0%}" if liger and base else "-"
+    lines += ["", f"Both fused kernels beat the chunks, liger the most, with {saved} less peak memory (the logits never "
+              "exist whole in any of the three). The choice is liger-kernel for causal LMs on a GPU; it is not the "
+              "default yet: its loss and gradient have not been checked against the chunks on a GPU (the CPU has no "
+              "Triton), which must come first.", "",
+              "Rerun on a GPU: `python -m bench.train.throughput --models llama-1b --shapes 16x512 --losses lm --methods "
+              "prompt_tuning --sides ours --variants eager,whole-logits,liger,cce --out "
+              "bench/results/train_lm_kernels_h100.json`.", ""]
     return lines
 
 
@@ -474,7 +553,9 @@ def render() -> str:
     lines += engine()
     lines += ray_routing()
     lines += [""] + training()
+    lines += [""] + compile_auto()
     lines += [""] + chunked_loss()
+    lines += loss_kernels()
     lines += [""] + packing()
     return "\n".join(lines)
 
