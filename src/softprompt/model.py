@@ -322,7 +322,7 @@ class SoftPromptModel(OnBase, nn.Module):
                 heads over hidden states; a causal LM computes one column). Labels need
                 ``"all"``, or ``"none"`` for a causal LM: its loss is then computed from
                 the last-layer states a chunk of target positions at a time, with no
-                (B, S, V) logits (`forward.chunked_token_loss`).
+                (B, S, V) logits (`loss.chunked_token_loss`).
             token_type_ids: (B, S) what a BERT-style tokenizer returns beside the ids, so that
                 ``model(**tokenizer(texts, ...))`` works: all 0 (one segment, as every
                 template's row), else refused.
