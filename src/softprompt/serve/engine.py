@@ -42,7 +42,8 @@ from ..encode import EncodedRow, TokenIds
 from ..errors import EncodingError, InputTooLongError, SoftPromptError
 from .bank import PromptBank
 from .entry import BankEntry, UnknownTaskError
-from .decode import Decoder, DecodeRow
+from .decode import Decoder
+from .decode_row import DecodeRow
 from .heads import HeadForwards, Pending
 from .inputs import check_token_ids, example_of, field_texts
 from .echo import score_echoes
