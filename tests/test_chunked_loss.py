@@ -1,4 +1,4 @@
-"""A causal LM's token loss without its (B, S, V) logits (`forward.chunked_token_loss`, what
+"""A causal LM's token loss without its (B, S, V) logits (`loss.chunked_token_loss`, what
 a generation task trains with): the LM head runs only at the target columns, a chunk at a
 time, each chunk's gradient taken at once. Same loss and the same gradients for every
 trainable parameter as the loss over the whole logits, for every method on every causal
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import softprompt as sp
-from softprompt import forward
+from softprompt import loss
 from softprompt.errors import ConfigError
 
 from conftest import CAUSAL
@@ -25,9 +25,9 @@ METHODS = {
 
 def _loss_and_grads(model, batch, labels, logits):
     model.zero_grad(set_to_none=True)
-    loss = model(**batch, labels=labels, logits=logits).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    value = model(**batch, labels=labels, logits=logits).loss
+    value.backward()
+    return value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -42,7 +42,7 @@ def test_the_chunked_loss_equals_the_loss_over_the_whole_logits(family, method, 
     labels[:, :2] = -100  # the first tokens unscored, as a generation task's input
     labels[batch.align_to_real_tokens(batch["attention_mask"]) == 0] = -100
     whole, grads = _loss_and_grads(model, batch, labels, "all")
-    monkeypatch.setattr(forward, "LOSS_CHUNK_SCORES", 5 * base.get_output_embeddings().weight.shape[0])  # 5 positions a chunk
+    monkeypatch.setattr(loss, "LOSS_CHUNK_SCORES", 5 * base.get_output_embeddings().weight.shape[0])  # 5 positions a chunk
     chunked, chunked_grads = _loss_and_grads(model, batch, labels, "none")
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
     assert grads and grads.keys() == chunked_grads.keys()
@@ -66,10 +66,10 @@ def test_a_head_that_trains_is_scored_whole(family_models):
     head gets its gradient."""
     base, tok = family_models("llama")
     model = sp.SoftPromptModel(base, METHODS["prompt-tuning"](), tokenizer=tok)
-    assert forward.chunkable(base)
+    assert loss.chunkable(base)
     head = base.get_output_embeddings().weight
     head.requires_grad_(True)
-    assert not forward.chunkable(base)
+    assert not loss.chunkable(base)
     batch = model.encode([{"text": "a b c d"}])
     labels = batch["input_ids"][batch["prompt_index"] < 0].view(1, -1)
     whole, _ = _loss_and_grads(model, batch, labels, "all")

@@ -180,9 +180,9 @@ def _granite(tok):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral", "gemma2", "granite"])
 def test_the_lm_head_at_chosen_positions_gives_the_models_own_scores(family, family_models, gpt2_tokenizer):
-    """Scoring applies the LM head only at the positions it scores (`forward.lm_head`):
+    """Scoring applies the LM head only at the positions it scores (`loss.lm_head`):
     its scores equal the model's own logits there, final soft cap and scales included."""
-    from softprompt.forward import lm_head
+    from softprompt.loss import lm_head
 
     torch.manual_seed(0)
     if family in ("gemma2", "granite"):

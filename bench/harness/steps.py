@@ -119,7 +119,7 @@ def our_step(model, task, loss_kind: str, ids: torch.Tensor, tok, graphs: bool =
              pack_tokens: int | None = None) -> Callable[[], None]:
     """softprompt's step as train.py runs it: fused AdamW told on the device to skip a
     non-finite step (found_inf), and each step's loss read one step late (its NaN check).
-    The LM loss is the generation task's (`forward.chunked_token_loss`: no (B, S, V)
+    The LM loss is the generation task's (`loss.chunked_token_loss`: no (B, S, V)
     logits); `whole_logits`: over the whole logits instead, as before it. `lengths` /
     `pack_tokens`: rows of a length mix, padded or packed (`our_batch`)."""
     batch = our_batch(ids, model.deep, tok.pad_token_id, lengths, pack_tokens)

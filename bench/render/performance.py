@@ -440,7 +440,7 @@ def chunked_loss() -> list[str]:
     lines = ["## LM loss without the whole logits (issue 24 item 3): `bench.train.throughput`", "",
              f"{report['device']}, 1B Llama shape (vocabulary 128,256), 16 x 512 tokens, next-token loss over every "
              "position, 20 virtual tokens, bf16 weights, eager, fused AdamW. `ours` computes the loss as generation "
-             "training does (`forward.chunked_token_loss`: the LM head a chunk of target positions at a time, each "
+             "training does (`loss.chunked_token_loss`: the LM head a chunk of target positions at a time, each "
              "chunk's gradient taken at once); `whole-logits`: the same step over the whole (B, S, V) logits, as "
              "before. Floor: the frozen model's forward and backward to its input embeddings with the whole logits. The "
              "bound: 4N FLOPs a token (a frozen forward and the backward to the activations, N = 1.24B parameters) "

@@ -14,9 +14,9 @@ of a real shape (speed does not depend on the weights), bf16 weights, 20 virtual
           clipping at 1.0, fused AdamW; ``eager`` and ``compile`` (train.compile: the
           base's blocks compiled); ``checkpointing`` rows with train.gradient_checkpointing;
           ``whole-logits``: eager, the LM loss over the whole (B, S, V) logits (before the
-          chunked loss, `forward.chunked_token_loss`, which the other rows use);
+          chunked loss, `loss.chunked_token_loss`, which the other rows use);
           ``liger`` / ``cce``: eager, the LM loss's summed cross-entropy from the states
-          (`forward.summed_token_loss`) by liger-kernel's fused linear cross-entropy or
+          (`loss.summed_token_loss`) by liger-kernel's fused linear cross-entropy or
           cut-cross-entropy's `linear_cross_entropy` instead of softprompt's chunks.
   peft    HF PEFT 0.21 with the same method and sizes (prompt encoder sizes set to PEFT's
           defaults on both sides), the same clipping and fused AdamW, no host reads; with
@@ -192,13 +192,13 @@ class ModelRun:
 
 
 def loss_kernel(variant: str):
-    """For the ``liger`` and ``cce`` rows: `forward.summed_token_loss` replaced by that
+    """For the ``liger`` and ``cce`` rows: `loss.summed_token_loss` replaced by that
     package's fused LM head + cross-entropy for the step (the LM head of the benchmark's
     Llama is a plain linear layer, so the three compute the same sum); else nothing."""
     from contextlib import nullcontext
     from unittest import mock
 
-    from softprompt import forward
+    from softprompt import loss
 
     if variant == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -212,7 +212,7 @@ def loss_kernel(variant: str):
             states, base.get_output_embeddings().weight, wanted, reduction="sum")
     else:
         return nullcontext()
-    return mock.patch.object(forward, "summed_token_loss", kernel)
+    return mock.patch.object(loss, "summed_token_loss", kernel)
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 Everything model-family specific that is *not* about injecting tensors lives here:
 the kind of model (causal LM, encoder, encoder-decoder), the shape of one layer's
 key/value cache, the position limits and the identity used to refuse a prompt saved
-for another base model.
+for another base model; `OnBase`, what a model on the base reads off it alone (device,
+``logits_to_keep``, padding side).
 """
 
 from __future__ import annotations
@@ -253,6 +254,33 @@ def forward_accepts(base: nn.Module, name: str) -> bool:
 @functools.lru_cache(maxsize=None)
 def _forward_takes(head: type, body: type, name: str) -> bool:
     return any(name in inspect.signature(cls.forward).parameters for cls in (head, body))
+
+
+class OnBase:
+    """What a model on a frozen base reads off the base alone (its `base` and `spec`):
+    `SoftPromptModel`, and the prompt-less `serve.entry.PlainBase` that serves the base
+    under its own name."""
+
+    base: nn.Module
+    spec: ModelSpec
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.get_input_embeddings().weight.device
+
+    @property
+    def keeps_logits(self) -> bool:
+        """Whether the base applies its LM head only at the columns named by
+        ``logits_to_keep`` (causal LMs of transformers 5): (B, S, V) logits are the largest
+        tensor of a step otherwise, and serving asks for one column or the answer's."""
+        return self.spec.kind is ModelKind.CAUSAL and forward_accepts(self.base, "logits_to_keep")
+
+    @property
+    def padding_side(self) -> str:
+        """Default padding: left for causal LMs (generation continues at the end of
+        every row), right for the rest; families that take no position ids are always
+        right-padded."""
+        return "left" if self.spec.kind is ModelKind.CAUSAL and self.spec.accepts_position_ids else "right"
 
 
 def base_identity(base: nn.Module, spec: ModelSpec | None = None) -> BaseIdentity:

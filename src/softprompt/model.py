@@ -14,47 +14,20 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import forward, inject
-from .architecture import (ModelKind, ModelSpec, base_identity, forward_accepts, model_spec, tensor_parallel_mesh,
-                           whole_tensor)
+from . import forward, inject, regions
+# OnBase lives in architecture.py (serve's PlainBase shares it); still importable from here
+from .architecture import (ModelKind, ModelSpec, OnBase, base_identity, forward_accepts, model_spec,
+                           tensor_parallel_mesh, whole_tensor)
 from .batch import PromptBatch
 from .encode import TemplateEncoder
-from .peft_layout import beyond_peft_layout, insert_virtual_slots, peft_layout
-from .errors import ConfigError, EncodingError, UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError
 from .forward import SoftPromptOutput
 from .inject import Prompts
 from .io.hub import push_prompt_folder, resolve_prompt_source
 from .io.prompt import load_prompt, save_prompt, transferred_prompt
 from .methods import PromptConfig, PromptModule, build_module
 from .methods.prefix_tuning import text_prefix
-from . import regions
-
-
-class OnBase:
-    """What a model on a frozen base reads off the base alone (its `base` and `spec`):
-    `SoftPromptModel`, and the prompt-less `serve.entry.PlainBase` that serves the base
-    under its own name."""
-
-    base: nn.Module
-    spec: ModelSpec
-
-    @property
-    def device(self) -> torch.device:
-        return self.base.get_input_embeddings().weight.device
-
-    @property
-    def keeps_logits(self) -> bool:
-        """Whether the base applies its LM head only at the columns named by
-        ``logits_to_keep`` (causal LMs of transformers 5): (B, S, V) logits are the largest
-        tensor of a step otherwise, and serving asks for one column or the answer's."""
-        return self.spec.kind is ModelKind.CAUSAL and forward_accepts(self.base, "logits_to_keep")
-
-    @property
-    def padding_side(self) -> str:
-        """Default padding: left for causal LMs (generation continues at the end of
-        every row), right for the rest; families that take no position ids are always
-        right-padded."""
-        return "left" if self.spec.kind is ModelKind.CAUSAL and self.spec.accepts_position_ids else "right"
+from .peft_layout import batch_from_ids, refuse_encode_fields, refuse_segments
 
 
 class SoftPromptModel(OnBase, nn.Module):
@@ -196,28 +169,10 @@ class SoftPromptModel(OnBase, nn.Module):
             EncodingError: a template whose rows hold more than virtual tokens then the text
                 (build those batches with `encode`), or input ids that do not fit the layout.
         """
-        layout = peft_layout(self.template)
-        if layout is None:
-            fields = ", ".join(f"{name!r}: ..." for name in self.template.fields)
-            raise EncodingError(
-                f"input_ids without prompt_index: token ids alone say where the virtual tokens go only for a template "
-                f"of virtual tokens then the text ('[P:n] {{text}}', '[P:n] [START] {{text}}'; '{{text}}' for a deep "
-                f"prompt: PEFT's layout), and template {self.template.source!r} has {beyond_peft_layout(self.template)}; "
-                f"build the batch with model.encode([{{{fields}}}, ...]) and call model(**batch)")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        limit = self.spec.max_positions
-        taken = layout.num_virtual_tokens + (self.num_virtual_tokens if self.deep else 0)
-        if limit is not None and input_ids.shape[1] + taken > limit:
-            raise EncodingError(f"input_ids are {input_ids.shape[1]} tokens wide and the prompt takes {taken} positions: "
-                                f"over the {limit} positions of {self.spec.model_type}; tokenize with truncation=True, "
-                                f"max_length={limit - taken}")
-        if not self.spec.accepts_position_ids and bool((attention_mask[:, 0].eq(0) & attention_mask.bool().any(1)).any()):
-            raise EncodingError(f"{self.spec.model_type} takes no position ids, so left padding would shift its "
-                                "positions; pad on the right (tokenizer.padding_side = 'right')")
         lead = None if self.encoder is None else self.encoder.lead
         pad_id = 0 if self.encoder is None else self.encoder.pad_id
-        return insert_virtual_slots(input_ids, attention_mask, layout, lead=lead, pad_id=pad_id)
+        return batch_from_ids(self.template, self.spec, input_ids, attention_mask, lead=lead, pad_id=pad_id,
+                              prefix_length=self.num_virtual_tokens if self.deep else 0)
 
     # -- the prompt -----------------------------------------------------------
     @contextmanager
@@ -322,7 +277,7 @@ class SoftPromptModel(OnBase, nn.Module):
                 heads over hidden states; a causal LM computes one column). Labels need
                 ``"all"``, or ``"none"`` for a causal LM: its loss is then computed from
                 the last-layer states a chunk of target positions at a time, with no
-                (B, S, V) logits (`forward.chunked_token_loss`).
+                (B, S, V) logits (`loss.chunked_token_loss`).
             token_type_ids: (B, S) what a BERT-style tokenizer returns beside the ids, so that
                 ``model(**tokenizer(texts, ...))`` works: all 0 (one segment, as every
                 template's row), else refused.
@@ -335,9 +290,9 @@ class SoftPromptModel(OnBase, nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        _refuse_segments(token_type_ids)
+        refuse_segments(token_type_ids)
         if prompt_index is None:
-            _refuse_encode_fields(answer_index=answer_index, field_index=field_index, word_index=word_index)
+            refuse_encode_fields(answer_index=answer_index, field_index=field_index, word_index=word_index)
             input_ids, attention_mask, prompt_index = self._slots_added(input_ids, attention_mask)
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, prompt_index=prompt_index,
                      answer_index=answer_index, field_index=field_index, word_index=word_index)
@@ -389,9 +344,9 @@ class SoftPromptModel(OnBase, nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        _refuse_segments(generate_kwargs.pop("token_type_ids", None))
+        refuse_segments(generate_kwargs.pop("token_type_ids", None))
         if prompt_index is None:
-            _refuse_encode_fields(answer_index=answer_index, field_index=field_index, word_index=word_index)
+            refuse_encode_fields(answer_index=answer_index, field_index=field_index, word_index=word_index)
             input_ids, attention_mask, prompt_index = self._slots_added(input_ids, attention_mask)
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, prompt_index=prompt_index)
         if self._disabled:
@@ -472,18 +427,3 @@ class SoftPromptModel(OnBase, nn.Module):
         directory = resolve_prompt_source(directory, revision=revision, token=token)
         return load_prompt(cls, base, directory, tokenizer, trainable=trainable)
 
-
-def _refuse_encode_fields(**given: torch.Tensor | None) -> None:
-    """The columns `encode` adds beside prompt_index index its rows, not a tokenizer's."""
-    named = [name for name, value in given.items() if value is not None]
-    if named:
-        raise EncodingError(f"{', '.join(named)} without prompt_index: they index the rows of a batch from encode(); "
-                            "pass that batch whole (model(**batch))")
-
-
-def _refuse_segments(token_type_ids: torch.Tensor | None) -> None:
-    """Segment ids beside a tokenizer's ids: all 0 is what the base reads by default (and what
-    every template's row is); others would be dropped, so they are refused."""
-    if token_type_ids is not None and bool(token_type_ids.ne(0).any()):
-        raise EncodingError("token_type_ids other than 0 (a text pair): a template's row is one segment; "
-                            "put the pair's fields in a template ('{premise} [SEP] {hypothesis}') and use model.encode")

@@ -2,7 +2,8 @@
 the text. For templates of that layout only (`peft_layout`), `SoftPromptModel` takes
 ``model(input_ids=..., attention_mask=...)`` as PEFT users call it, and gives what
 ``model(**model.encode(texts))`` gives; every other template needs `encode` (where the
-anchors, answer slot and fields go is not in the ids).
+anchors, answer slot and fields go is not in the ids). Here too: the checks of such ids
+(`batch_from_ids`) and the refusals of what a tokenizer's output cannot carry.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from .architecture import ModelSpec
 from .batch import PromptBatch
 from .errors import EncodingError
 from .template import Anchor, Placeholder, Start, Template, Virtual
@@ -130,4 +132,57 @@ def insert_virtual_slots(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return PromptBatch(input_ids=ids, attention_mask=mask, prompt_index=prompt_index)
 
 
-__all__ = ["PeftLayout", "beyond_peft_layout", "insert_virtual_slots", "peft_layout"]
+def batch_from_ids(template: Template, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   *, prefix_length: int, lead: Sequence[int] | None, pad_id: int) -> PromptBatch:
+    """`SoftPromptModel.batch_from_ids`: a tokenizer's ids through `template`, after the
+    checks that token ids alone allow (the template has a `PeftLayout`; the row with its
+    slots fits the base's positions; no left padding for a base that takes no position ids).
+
+    Args:
+        input_ids: (B, S) token ids; attention_mask: (B, S) or None (all tokens).
+        prefix_length: positions a deep prompt takes in front of every row (0: an input prompt).
+        lead, pad_id: as for `insert_virtual_slots`.
+
+    Returns:
+        A `PromptBatch` of (B, S + P) tensors (`insert_virtual_slots`).
+    """
+    layout = peft_layout(template)
+    if layout is None:
+        fields = ", ".join(f"{name!r}: ..." for name in template.fields)
+        raise EncodingError(
+            f"input_ids without prompt_index: token ids alone say where the virtual tokens go only for a template "
+            f"of virtual tokens then the text ('[P:n] {{text}}', '[P:n] [START] {{text}}'; '{{text}}' for a deep "
+            f"prompt: PEFT's layout), and template {template.source!r} has {beyond_peft_layout(template)}; "
+            f"build the batch with model.encode([{{{fields}}}, ...]) and call model(**batch)")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    limit = spec.max_positions
+    taken = layout.num_virtual_tokens + prefix_length
+    if limit is not None and input_ids.shape[1] + taken > limit:
+        raise EncodingError(f"input_ids are {input_ids.shape[1]} tokens wide and the prompt takes {taken} positions: "
+                            f"over the {limit} positions of {spec.model_type}; tokenize with truncation=True, "
+                            f"max_length={limit - taken}")
+    if not spec.accepts_position_ids and bool((attention_mask[:, 0].eq(0) & attention_mask.bool().any(1)).any()):
+        raise EncodingError(f"{spec.model_type} takes no position ids, so left padding would shift its "
+                            "positions; pad on the right (tokenizer.padding_side = 'right')")
+    return insert_virtual_slots(input_ids, attention_mask, layout, lead=lead, pad_id=pad_id)
+
+
+def refuse_encode_fields(**given: torch.Tensor | None) -> None:
+    """The columns `encode` adds beside prompt_index index its rows, not a tokenizer's."""
+    named = [name for name, value in given.items() if value is not None]
+    if named:
+        raise EncodingError(f"{', '.join(named)} without prompt_index: they index the rows of a batch from encode(); "
+                            "pass that batch whole (model(**batch))")
+
+
+def refuse_segments(token_type_ids: torch.Tensor | None) -> None:
+    """Segment ids beside a tokenizer's ids: all 0 is what the base reads by default (and what
+    every template's row is); others would be dropped, so they are refused."""
+    if token_type_ids is not None and bool(token_type_ids.ne(0).any()):
+        raise EncodingError("token_type_ids other than 0 (a text pair): a template's row is one segment; "
+                            "put the pair's fields in a template ('{premise} [SEP] {hypothesis}') and use model.encode")
+
+
+__all__ = ["PeftLayout", "batch_from_ids", "beyond_peft_layout", "insert_virtual_slots", "peft_layout",
+           "refuse_encode_fields", "refuse_segments"]

@@ -20,6 +20,9 @@ row; a row whose callbacks raise (its stream, its stop strings, its task's decod
 whose next-token scores are not finite stops with its `error`. A step that fails as a
 whole (which row caused it cannot be told) fails the rows in the slots, not the waiting
 ones, and the slots are built afresh. `on_done` hears of every row, failed or not.
+
+This file is the loop (join, step, leave); a row, and how a token is picked for it and
+handed to it, are `decode_row.py`'s.
 """
 
 from __future__ import annotations
@@ -27,65 +30,22 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 from ..attention import use_slot_attention
-from ..encode import EncodedRow
 from ..errors import ConfigError
 from ..transfer import to_host
 from .bank import PromptBank
+from .decode_row import DecodeRow, hand_token, pick_tokens, report_done, row_logprobs, top_k
 from .graphed import Joined, PrefillGraphs, paddable
 from .prefill import Prefill
-from .sampling import (Draws, NonFiniteScoresError, Sampling, TokenLogprob, adjusted, logprobs_of, sample,
-                       token_logprobs)
+from .sampling import Sampling, TokenLogprob, logprobs_of
 from .slots import DecodeSlots, poolable, round_up
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DecodeRow:
-    """A row to generate: its task, example, settings, and a sink for its tokens.
-
-    Attributes:
-        on_token: called with each new token id; returns True when the row is done (a stop
-            string, a client gone) even before its end-of-sequence token or budget.
-        on_done: called once with the row when it has finished (or failed, or stopped).
-        cancelled: whether the row's client has gone: it stops before the next step.
-        error: why the row failed alone (None: it did not), when `on_done` is called.
-    """
-
-    task: str
-    example: dict[str, Any]
-    sampling: Sampling
-    on_token: Callable[[int], bool] = lambda token: False
-    on_done: Callable[["DecodeRow"], None] | None = None
-    tokens: list[int] = field(default_factory=list)
-    result: Any = None  # what on_done made of the row (the engine's Result)
-    encoded: EncodedRow | None = None  # the row already encoded by its task (else encoded here)
-    entry: Any = None  # the task's BankEntry when the row was checked (pinned: see PromptBank.entry)
-    cancelled: Callable[[], bool] = lambda: False
-    error: Exception | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, where `sampling.logprobs` asks
-    eos_logprob: bool = False  # the end-of-sequence token's too, when it ends the row (echo: lm-eval reads it)
-
-
-def _pick(logits: torch.Tensor, rows: Sequence[DecodeRow | None], greedy: torch.Tensor | None = None,
-          drawn: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, V) logits of `rows` (None: an empty slot) -> (B,) next tokens (arg-max for greedy
-    rows, each sampling row's own draw for its next token index) and a (B,) bool mask, False
-    where a row's scores were not finite (`sampling.sample`); `greedy`: the arg-max, if known;
-    `drawn`: per row, tokens drawn on the device that the row has not received yet."""
-    drawn = drawn or [0] * len(rows)
-    samplings = [None if r is None else r.sampling for r in rows]
-    draws = Draws.of(samplings, [0 if r is None else len(r.tokens) + d for r, d in zip(rows, drawn)], logits.device)
-    if any(s is not None and s.adjusts for s in samplings):  # penalties and biases: the arg-max changes too
-        logits = adjusted(logits, samplings, [[] if r is None else r.tokens for r in rows])
-        greedy = None
-    return sample(logits, draws, greedy)
 
 
 @dataclass
@@ -246,7 +206,7 @@ class Decoder:
                 self._finish(s)
         for row in [r for r in waiting if r.cancelled()]:
             waiting.remove(row)
-            self._done(row)
+            report_done(row)
 
     def _step(self) -> None:
         """Hand out one step's tokens. On fixed slots the next step is launched before this
@@ -264,7 +224,7 @@ class Decoder:
         if launched.ready is not None:
             launched.ready.synchronize()  # the one host wait of a step
         tokens, finite = launched.tokens.tolist()
-        logprobs = _logprobs(launched.rows, tokens, launched.logprobs)
+        logprobs = row_logprobs(launched.rows, tokens, launched.logprobs)
         for s, row in enumerate(launched.rows):
             if row is not None and self._rows[s] is row:
                 self._advance(s, tokens[s], bool(finite[s]), logprobs[s])
@@ -276,11 +236,11 @@ class Decoder:
         slots = self.slots
         drawn = [int(before is not None and r is not None and before.rows[s] is r) for s, r in enumerate(self._rows)]
         slots.step()
-        chosen, finite = _pick(slots.logits, self._rows, slots.greedy, drawn)
+        chosen, finite = pick_tokens(slots.logits, self._rows, slots.greedy, drawn)
         if chosen is not slots.greedy:  # some rows sample: their draws are the next step's tokens
             slots.set_tokens(chosen)
         both = torch.stack([chosen, finite.long()])
-        k = _top_k(self._rows)
+        k = top_k(self._rows)
         logprobs = None if k is None else logprobs_of(slots.logits, chosen, k)
         if not both.is_cuda:
             return _Launched(list(self._rows), both, None, logprobs)
@@ -302,20 +262,8 @@ class Decoder:
         """Hand the row in `slot` its new token (and its log-probability, where the row asks);
         it leaves its slot when it is done, or fails alone (non-finite scores, its callbacks
         raising)."""
-        if self._handed(self._rows[slot], token, finite, logprob):
+        if hand_token(self._rows[slot], token, finite, logprob):
             self._finish(slot)
-
-    def _handed(self, row: DecodeRow, token: int, finite: bool, logprob: TokenLogprob | None) -> bool:
-        """Hand `row` its new token; True when it is done (its `error` set if it failed)."""
-        if not finite:
-            row.error = NonFiniteScoresError("the model's next-token scores for this row are not finite (NaN or "
-                                             "infinity): the row was stopped")
-            return True
-        try:
-            return self._emit(row, token, logprob)
-        except Exception as e:  # its stream, stop strings or task decoding: this row's alone
-            row.error = e
-            return True
 
     @staticmethod
     def pick_first(rows: Sequence[DecodeRow], scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -326,8 +274,8 @@ class Decoder:
         `hand_first` hands them out, with no prefill and no slot."""
         if any(r.sampling.max_new_tokens != 1 for r in rows):
             raise ConfigError("pick_first ends its rows after one token: their budget must be 1")
-        first, finite = _pick(scores, rows)
-        k = _top_k(rows)
+        first, finite = pick_tokens(scores, rows)
+        k = top_k(rows)
         return first, finite, None if k is None else logprobs_of(scores, first, k)
 
     def hand_first(self, rows: Sequence[DecodeRow], picked: Sequence[torch.Tensor | None]) -> None:
@@ -335,10 +283,10 @@ class Decoder:
         its log-probabilities where asked) and ends; `on_done` hears of every row."""
         first, finite, table = picked
         tokens = first.tolist()
-        logprobs = _logprobs(rows, tokens, table)
+        logprobs = row_logprobs(rows, tokens, table)
         for row, token, ok, logprob in zip(rows, tokens, finite.tolist(), logprobs):
-            self._handed(row, token, bool(ok), logprob)
-            self._done(row)
+            hand_token(row, token, bool(ok), logprob)
+            report_done(row)
 
     def _join(self, joining: list[DecodeRow]) -> None:
         """Prefill the joining rows and put them into free slots; when the group's prefill
@@ -366,7 +314,7 @@ class Decoder:
                     self._fail(row, e)
                 continue
             tokens = first.tolist()
-            logprobs = _logprobs(rows, tokens, logprobs)
+            logprobs = row_logprobs(rows, tokens, logprobs)
             for s, token, ok, logprob in zip(slots, tokens, finite.tolist(), logprobs):
                 self._advance(s, token, ok, logprob)
 
@@ -395,12 +343,12 @@ class Decoder:
         row = self._rows[slot]
         self._rows[slot] = None
         self.slots.free(slot)
-        self._done(row)
+        report_done(row)
 
     def _fail(self, row: DecodeRow, error: Exception) -> None:
         """A row that never reached a slot (or whose slots are gone) fails alone."""
         row.error = error
-        self._done(row)
+        report_done(row)
 
     def _fail_slots(self, error: Exception) -> None:
         """Every row in the slots fails with `error`; the slots are dropped (their state is
@@ -410,15 +358,6 @@ class Decoder:
         log.error("%s: %d rows failed", error, len(rows))
         for row in rows:
             self._fail(row, error)
-
-    @staticmethod
-    def _done(row: DecodeRow) -> None:
-        if row.on_done is None:
-            return
-        try:
-            row.on_done(row)
-        except Exception:  # the caller's own callback: the other rows go on
-            log.exception("on_done of a decode row of task %s failed", row.task)
 
     def _shrink(self) -> None:
         """Eager slots follow the rows: a quarter used, halve them (the step's cost is per slot)."""
@@ -433,26 +372,14 @@ class Decoder:
             placed[new] = self._rows[old]
         self._rows = placed
 
-    def _emit(self, row: DecodeRow, token: int, logprob: TokenLogprob | None = None) -> bool:
-        """Hand a row its new token; True when the row is done."""
-        s = row.sampling
-        if s.eos_token_id is not None and token == s.eos_token_id:
-            if logprob is not None and row.eos_logprob:
-                row.logprobs.append(logprob)
-            return True
-        if logprob is not None:  # before `on_token`: a stream's piece carries its tokens' log-probabilities
-            row.logprobs.append(logprob)
-        row.tokens.append(token)
-        return bool(row.on_token(token)) or len(row.tokens) >= s.max_new_tokens
-
     def _prefill(self, rows: list[DecodeRow]):
         """The joining rows' prefill (`Prefill`): their first tokens, whether their scores
         were finite (n,), their top log-probabilities where asked, and what the prefill
         hands over (`Joined`: keys and values, mask, next positions)."""
         joined = self.prefill(rows)
         self.steps += 1
-        first, finite = _pick(joined.scores, rows)  # (n,) each, a row with non-finite scores fails alone
-        k = _top_k(rows)
+        first, finite = pick_tokens(joined.scores, rows)  # (n,) each, a row with non-finite scores fails alone
+        k = top_k(rows)
         logprobs = None if k is None else logprobs_of(joined.scores, first, k)
         return first, finite, logprobs, joined
 
@@ -460,19 +387,6 @@ class Decoder:
 def _length(row: DecodeRow) -> int:
     """A waiting row's tokens (its encoded form's; 1 for a row not encoded yet)."""
     return len(row.encoded.input_ids) if row.encoded is not None else 1
-
-
-def _top_k(rows: Sequence[DecodeRow | None]) -> int | None:
-    """The most top log-probabilities a row of the step asks for (None: no row asks)."""
-    return max((r.sampling.logprobs for r in rows if r is not None and r.sampling.logprobs is not None), default=None)
-
-
-def _logprobs(rows: Sequence[DecodeRow | None], tokens: list[int], table: torch.Tensor | None
-              ) -> list[TokenLogprob | None]:
-    """Each row's `TokenLogprob` of its token (None where it does not ask)."""
-    if table is None:
-        return [None] * len(rows)
-    return token_logprobs([None if r is None else r.sampling for r in rows], tokens, table.tolist())
 
 
 __all__ = ["Decoder", "DecodeRow", "Sampling"]

@@ -18,6 +18,7 @@ from functools import partial
 from typing import Callable
 
 from ..transfer import tensor_on
+from .prepare import failure
 from .request import Result, Row
 from .scoring import launch_scores, read_scores
 
@@ -35,7 +36,7 @@ def score_echoes(engine, rows: list[Row], answer: Callable[[Row, Result], None])
     def fail(batch: list[Row], error: Exception) -> None:
         for r in batch:
             if id(r) not in answered:
-                answer(r, engine._failure(r.entry.name, error))
+                answer(r, failure(r.entry.name, error))
                 answered.add(id(r))
 
     pending = None

@@ -7,9 +7,9 @@
 
 `run` validates every request on its own before it joins a batch (an unknown task, an
 input of the wrong type, text that is not valid Unicode, an over-long input: that request
-alone fails, with its `ErrorKind`), then cuts the rest into batches under a row and token
-budget: requests read by a task head share one forward of the base model
-(`forward_mixed`), each task's head then reads its rows; generation requests with the same
+alone fails, with its `ErrorKind`; `prepare.py` makes a request a row), then cuts the
+rest into batches under a row and token budget: requests read by a task head share one
+forward of the base model (`forward_mixed`), each task's head then reads its rows; generation requests with the same
 token budget and end of sequence share one `generate_mixed` (each row sampling with its
 own settings and random stream). A batch that fails as a whole is retried request by
 request, so one poisoned request cannot fail its neighbours; in a decode a row that fails
@@ -30,7 +30,6 @@ from __future__ import annotations
 import itertools
 import logging
 import traceback
-from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -38,19 +37,20 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from ..architecture import ModelKind
-from ..encode import EncodedRow, TokenIds
-from ..errors import EncodingError, InputTooLongError, SoftPromptError
+from ..errors import SoftPromptError
 from .bank import PromptBank
-from .entry import BankEntry, UnknownTaskError
-from .decode import Decoder, DecodeRow
-from .heads import HeadForwards, Pending
-from .inputs import check_token_ids, example_of, field_texts
+from .decode import Decoder
+from .decode_row import DecodeRow
 from .echo import score_echoes
+from .entry import BankEntry, UnknownTaskError
+from .heads import HeadForwards, Pending
+from .inputs import example_of
 from .mixed import collate_mixed, generate_mixed
+from .prepare import bind, check, failure, prepare, pretokenized
 from .request import GONE, Admit, CancelledRequestError, ErrorKind, Request, Result, Row
 from .sampling import RowSampler, TokenLogprob
 from .stacks import POSITIONS_FROM_CACHE
-from .text import GENERATE_OPTIONS, TASK_OPTIONS, GenerationOptions, RowText, StopRows, Streamer, TokenStream
+from .text import GENERATE_OPTIONS, RowText, StopRows, Streamer, TokenStream
 
 
 log = logging.getLogger("softprompt.serve")
@@ -136,9 +136,9 @@ class Engine:
             try:
                 checked.append((i, request, self._check(request)))
             except Exception as e:
-                results[i] = self._failure(request.task, e)
+                results[i] = failure(request.task, e)
         generating: list[Row] = []
-        with self._pretokenized([(request.entry, example) for _, request, example in checked]):
+        with pretokenized([(request.entry, example) for _, request, example in checked]):
             prepared = self._prepared(checked, results)
             # head rows are cut into batches as they are prepared: the first batch's forward
             # runs while the host prepares the rest (`_run_head_batches`)
@@ -164,7 +164,7 @@ class Engine:
             try:
                 row = self._prepare(i, request)
             except Exception as e:
-                results[i] = self._failure(request.task, e)
+                results[i] = failure(request.task, e)
                 continue
             yield row
 
@@ -178,110 +178,15 @@ class Engine:
                 yield r
 
     def bind(self, request: Request) -> BankEntry | None:
-        """Bind a request to the task version it is admitted with: its `entry`, the bank's
-        entry for its task now unless it has one already (None: an unknown task)."""
-        if request.entry is None:
-            try:
-                request.entry = self.bank[request.task]
-            except UnknownTaskError:
-                pass
-        return request.entry
-
-    @staticmethod
-    def _failure(task: str, error: Exception, streamed: bool = False) -> Result:
-        """The `Result` of a request that failed with `error` (a failure inside the model is
-        logged with its traceback; a bad input is the client's)."""
-        if isinstance(error, SoftPromptError):
-            return Result(task, error=str(error), error_kind=ErrorKind.of(error))
-        log.error("a request of task %s failed: %s", task,
-                  "".join(traceback.format_exception(type(error), error, error.__traceback__)))
-        message = f"{type(error).__name__}: {error}"
-        return Result(task, error=f"failed mid-stream: {message}" if streamed else message,
-                      error_kind=ErrorKind.FAILED)
-
-    @contextmanager
-    def _pretokenized(self, checked: Sequence[tuple[BankEntry, dict[str, Any]]]) -> Iterator[None]:
-        """The checked examples' texts tokenized in one batched call per encoder
-        (`TemplateEncoder.pretokenized`). Only a speed-up: if it fails, rows encode one by one."""
-        encoders: dict[int, Any] = {}
-        texts: dict[int, list[str]] = {}
-        for entry, example in checked:
-            encoder = entry.model.encoder
-            encoders[id(encoder)] = encoder
-            texts.setdefault(id(encoder), []).extend(field_texts(entry, example))
-        stack = ExitStack()
-        try:
-            for key, values in texts.items():
-                stack.enter_context(encoders[key].pretokenized(values))
-        except Exception as e:
-            log.warning("batched tokenization failed (%s: %s); encoding the rows one by one", type(e).__name__, e)
-            stack.close()
-            stack = ExitStack()
-        with stack:
-            yield
+        """Bind a request to the task version it is admitted with (`prepare.bind`)."""
+        return bind(self.bank, request)
 
     def _check(self, request: Request) -> dict[str, Any]:
-        """Bind the request (`bind`) and check its input: the example of its template's fields."""
-        entry = self.bind(request)
-        if entry is None:
-            entry = request.entry = self.bank[request.task]  # UnknownTaskError names the loaded tasks
-        if request.gone:
-            raise CancelledRequestError(GONE)
-        if isinstance(request.input, TokenIds):
-            check_token_ids(request.input, self.bank.vocabulary_size)
-        return self._example(entry, request.input)
+        return check(self.bank, request)
 
     def _prepare(self, index: int, request: Request) -> Row:
-        """The request, checked (`_check`: cheap, so `run` checks twice rather than carry
-        the examples), as a row with its bound entry."""
-        example = self._check(request)
-        entry = request.entry
-        options = GenerationOptions.parse(request.options)
-        if not request.generate and entry.task is None:
-            raise SoftPromptError(f"task {entry.name!r} has no task head (its folder has no task.json): "
-                                  "use it for completions")
-        if not request.generate:  # a generating task decodes with its own settings
-            options = GenerationOptions.parse(entry.task.generate_options(), known=TASK_OPTIONS) \
-                if entry.task.generates else None
-        else:
-            options.check_vocabulary(self.bank.vocabulary_size)
-        if request.echo and (not request.generate or len(entry.model.template.fields) != 1):
-            raise SoftPromptError(f"echo lists a completion's prompt tokens: task {entry.name!r} has template fields "
-                                  f"{list(entry.model.template.fields)}; echo takes a template of one text field")
-        if request.generate and options.max_new_tokens == 0 and not request.echo:
-            raise SoftPromptError("max_new_tokens 0 generates nothing: ask for 1 or more (0 only with echo)")
-        if request.generate and options.logprobs is not None and entry.model.spec.kind is not ModelKind.CAUSAL:
-            raise SoftPromptError(f"generation option logprobs: task {entry.name!r} runs on an encoder-decoder "
-                                  f"({entry.model.spec.model_type}), whose generation reports no log-probabilities "
-                                  "here; leave logprobs out")
-        encoded = self._encode(entry, example, options, index if index >= 0 else None)
-        if not encoded.input_ids:  # refused here, before it joins a batch it would read padding in
-            raise EncodingError("the input has no tokens: an empty input through a template with no other text, "
-                                "virtual tokens or special tokens gives the model nothing to read")
-        # before batches are cut: rows grouped by prefix length must have their final entry
-        return Row(index, request, entry.for_row(encoded), example, encoded, options)
-
-    def _encode(self, entry: BankEntry, example: dict[str, Any], options: GenerationOptions | None,
-                index: int | None) -> EncodedRow:
-        """Encode a row; a causal LM's generating row must leave its new tokens room in
-        the model's positions (with `truncate`, its input is cut to leave it)."""
-        encoder = entry.model.encoder
-        room = encoder.max_length  # the model's positions less a deep prompt's (None: no limit known)
-        if options is None or room is None or entry.model.spec.kind is not ModelKind.CAUSAL:
-            return encoder.encode(example, max_length=self.max_length, index=index, truncate=self.truncate)
-        new = options.sampling(None).max_new_tokens
-        max_length = self.max_length
-        if self.truncate and room - new >= 1:
-            max_length = min(room - new, max_length or room)
-        encoded = encoder.encode(example, max_length=max_length, index=index, truncate=self.truncate)
-        if len(encoded.input_ids) + new > room:
-            deep = f" (with its deep prompt's {encoder.deep_tokens})" if encoder.deep_tokens else ""
-            used = len(encoded.input_ids) + encoder.deep_tokens
-            raise InputTooLongError(
-                f"the prompt takes {used} positions{deep} and max_new_tokens asks for {new} more: {used + new} is over "
-                f"the {entry.model.spec.max_positions} positions the model has; shorten the prompt or ask for at most "
-                f"{max(room - len(encoded.input_ids), 0)} new tokens")
-        return encoded
+        """The request as a row with its bound entry (`prepare.prepare`), or its error raised."""
+        return prepare(self.bank, index, request, max_length=self.max_length, truncate=self.truncate)
 
     _example = staticmethod(example_of)
 
@@ -416,7 +321,7 @@ class Engine:
         `DecodeRow.error`) or stopped early (its client gone)."""
         if row.error is not None:
             stream = r.request.stream
-            return self._failure(r.entry.name, row.error, streamed=stream is not None and stream.emitted)
+            return failure(r.entry.name, row.error, streamed=stream is not None and stream.emitted)
         if r.request.gone:
             return Result(r.entry.name, error=GONE, error_kind=ErrorKind.CANCELLED, **r.counts,
                           new_tokens=len(row.tokens))
@@ -439,7 +344,7 @@ class Engine:
                 try:  # whatever fails, fails this request alone: the decode goes on
                     row = self._prepare(-1, request)
                 except Exception as e:
-                    on_result(self._failure(request.task, e))
+                    on_result(failure(request.task, e))
                     continue
                 prepared.append(row)
                 answers[id(row)] = on_result
@@ -448,7 +353,7 @@ class Engine:
                 try:
                     row = self._decode_row(r, answers[id(r)])
                 except Exception as e:
-                    answers[id(r)](self._failure(r.entry.name, e))
+                    answers[id(r)](failure(r.entry.name, e))
                     continue
                 joined.append((row, answers[id(r)]))
                 rows.append(row)

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from ..architecture import ModelKind, model_spec
+from ..architecture import ModelKind, OnBase, model_spec
 from ..encode import EncodedRow, TemplateEncoder
 from ..errors import ConfigError, EncodingError, SoftPromptError
 from ..folder import has_task, load_with_task, unreadable_as
 from ..io.prompt import read_config
-from ..model import OnBase, SoftPromptModel
+from ..model import SoftPromptModel
 from ..tasks import Task
 from ..template import parse_template
 from .prompt_cache import CachedLead, cacheable, compute_lead, starts_after_lead

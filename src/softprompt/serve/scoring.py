@@ -16,7 +16,7 @@ in the row's own forward. Rows of many tasks share one forward (`forward_mixed`)
 
 The forward keeps the last-layer states and computes no (B, T, V) logits: the LM head runs
 only at the scored positions, gathered over the rows and taken a chunk at a time
-(`forward.lm_head`), so memory stays at one chunk's scores whatever the rows' lengths and
+(`loss.lm_head`), so memory stays at one chunk's scores whatever the rows' lengths and
 the vocabulary. The same forward gives each row's next-token scores (its last column, as a
 prefill does): a request of one new token (lm-eval sends ``max_tokens: 1``) is answered
 from them without a prefill of its own (`Decoder.pick_first`, `echo.py`).
@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from ..encode import EncodedRow
-from ..forward import lm_head
+from ..loss import lm_head
 from ..transfer import tensor_on, to_host
 from .bank import PromptBank
 from .entry import BankEntry

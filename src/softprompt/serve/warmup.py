@@ -18,7 +18,8 @@ from typing import Iterable, Iterator
 
 from ..architecture import ModelKind, model_spec
 from .entry import BankEntry
-from .decode import Decoder, DecodeRow
+from .decode import Decoder
+from .decode_row import DecodeRow
 from .engine import Engine
 from .request import Request
 from .sampling import Sampling

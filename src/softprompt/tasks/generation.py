@@ -165,7 +165,7 @@ class Generation(Task):
 
     # -- model ----------------------------------------------------------------
     def loss(self, model, batch, targets):
-        # a causal LM scores only the target columns, a chunk at a time (`forward.chunked_token_loss`)
+        # a causal LM scores only the target columns, a chunk at a time (`loss.chunked_token_loss`)
         causal = model.spec.kind is ModelKind.CAUSAL
         return model(**batch, labels=targets["labels"], logits="none" if causal else "all").loss
 

@@ -1,0 +1,128 @@
+"""The token loss of a forward, and a causal LM's head run outside its forward.
+
+`token_loss` is the cross-entropy over a batch's real tokens from the whole logits.
+`chunked_token_loss` is the same loss of a causal LM from its last-layer states: the frozen
+LM head (`lm_head`) runs only at the columns that have a target, a chunk at a time, so a
+generation task's step never holds (B, S, V) scores (what `forward.run` computes with
+``logits="none"``). The serving engine's scoring reads `lm_head` too, at the positions it scores.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .architecture import ModelKind, ModelSpec
+
+
+def token_loss(spec: ModelSpec, logits, labels, keep, prompt_index, mask) -> torch.Tensor:
+    """Cross-entropy over real tokens. `labels` (B, T) are aligned to the real tokens;
+    they are scattered back to the full row so that a causal LM's shift pairs each
+    position with the *next token of the row*, virtual slots included (those targets
+    are ignored). `mask` is the attention mask of the row the base model ran on."""
+    targets = _column_targets(spec.kind is ModelKind.CAUSAL, labels, keep, prompt_index, mask)
+    if spec.kind is ModelKind.CAUSAL:
+        logits = logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+
+
+def _column_targets(causal: bool, labels, keep, prompt_index, mask) -> torch.Tensor:
+    """The target of each scored column (-100: none): (B, S) for a masked LM, (B, S - 1)
+    for a causal LM (column t's target is the row's token t + 1)."""
+    full = torch.full(prompt_index.shape, -100, dtype=labels.dtype, device=labels.device)
+    full.scatter_(1, keep, labels)
+    if not causal:
+        return full
+    # A target right after a pad has no real context (left padding): its scores are the
+    # pad's, so it is not scored; a row's loss must not depend on its batch.
+    return full[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
+
+
+#: most fp32 scores (positions x vocabulary) one chunk of `chunked_token_loss` holds: 256 MiB
+LOSS_CHUNK_SCORES = 2**26
+
+
+def chunkable(base) -> bool:
+    """Whether `base`'s LM head can run outside its forward (`lm_head`, `chunked_token_loss`):
+    a frozen head (no gradient for it) whose weights are whole on this process (not a
+    sharded FSDP 2 parameter)."""
+    head = base.get_output_embeddings()
+    if head is None or head.weight.requires_grad:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return not isinstance(head.weight, DTensor)
+
+
+def chunked_token_loss(base, hidden: torch.Tensor, labels, keep, prompt_index, mask) -> torch.Tensor:
+    """`token_loss` of a causal LM from its last-layer states `hidden` (B, S, D): the LM head
+    runs only at the columns that have a target (a generation task's answer tokens, not
+    its input), `LOSS_CHUNK_SCORES` scores at a time, and each chunk's gradient with
+    respect to its states is taken as the chunk is scored (`_ChunkedLoss`): memory holds one
+    chunk's scores, never (B, S, V) scores or their gradient. Same value and gradients as
+    `token_loss` over the whole logits (tested)."""
+    targets = _column_targets(True, labels, keep, prompt_index, mask)  # (B, S - 1)
+    scored = targets != -100
+    states, wanted = hidden[:, :-1][scored], targets[scored]  # (N, D), (N,)
+    return summed_token_loss(base, states, wanted) / wanted.numel()
+
+
+def summed_token_loss(base, states: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """The summed next-token cross-entropy of N positions from their last-layer states
+    `states` (N, D) and targets `wanted` (N,), through `lm_head`, `LOSS_CHUNK_SCORES` scores
+    at a time (`_ChunkedLoss`). One function, so that `bench.train.throughput` can measure
+    fused kernels (liger-kernel, cut-cross-entropy) in its place on the same step (patched on
+    this module, where `chunked_token_loss` looks it up)."""
+    chunk = max(1, LOSS_CHUNK_SCORES // base.get_output_embeddings().weight.shape[0])
+    return _ChunkedLoss.apply(states, wanted, base, chunk)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Summed cross-entropy of N positions' next-token scores from their states (N, D),
+    a chunk of positions at a time. The head is frozen, so the only gradient is the states':
+    each chunk's is computed in the forward, while its scores are at hand, and kept (N, D);
+    the backward scales it. Nothing is recomputed, and no chunk's scores outlive it."""
+
+    @staticmethod
+    def forward(ctx, states: torch.Tensor, targets: torch.Tensor, base, chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=states.device)
+        grads = torch.zeros_like(states)
+        for i in range(0, states.shape[0], chunk):
+            with torch.enable_grad():
+                part = states[i: i + chunk].detach().requires_grad_()
+                loss = F.cross_entropy(lm_head(base, part).float(), targets[i: i + chunk], reduction="sum")
+                (grads[i: i + chunk],) = torch.autograd.grad(loss, part)
+            total += loss.detach()
+        ctx.save_for_backward(grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (grads,) = ctx.saved_tensors
+        return grads * grad.to(grads.dtype), None, None, None
+
+def lm_head(base, hidden: torch.Tensor) -> torch.Tensor:
+    """A causal LM's scores from its last-layer states, as its own forward computes them at
+    those positions: its output embeddings, then the final scaling of the families that
+    have one (Gemma's soft cap, Granite's and Cohere's logit scales). For scores at
+    positions spread over rows, which ``logits_to_keep`` (one set of columns for the whole
+    batch) cannot pick without computing nearly every column.
+
+    Args:
+        hidden: (..., D) states after the final norm (``hidden_states[-1]``).
+
+    Returns:
+        (..., V) scores in the head's dtype.
+    """
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    logits = base.get_output_embeddings()(hidden)
+    if getattr(config, "logits_scaling", None):  # Granite
+        logits = logits / config.logits_scaling
+    if getattr(config, "logit_scale", None) is not None and isinstance(config.logit_scale, (int, float)):  # Cohere
+        logits = logits * config.logit_scale
+    if getattr(config, "final_logit_softcapping", None):  # Gemma 2 and 3
+        logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
+    return logits
+
+
+__all__ = ["token_loss", "chunked_token_loss", "summed_token_loss", "chunkable", "lm_head", "LOSS_CHUNK_SCORES"]
