@@ -47,6 +47,11 @@ ROWS: dict[str, dict] = {
     # DePT (Shi & Lipani 2024): prompt tuning's 20 x 384 budget split into 10 virtual tokens and a rank-8 update
     # of the first 64 input embeddings (3,840 + 8 x (64 + 384) = 7,424 against 7,680); low-rank LR: train.delta_lr's default
     "dept": dict(impl="softprompt", method="dept", label="DePT", P=10, prompt={"rank": 8, "max_input_length": 64}),
+    # DePT's second learning rate (the low-rank update's), swept around train.delta_lr's default
+    "dept-dlr1e-4": dict(impl="softprompt", method="dept", label="DePT", P=10, prompt={"rank": 8, "max_input_length": 64},
+                         train={"delta_lr": 1e-4}),
+    "dept-dlr1e-2": dict(impl="softprompt", method="dept", label="DePT", P=10, prompt={"rank": 8, "max_input_length": 64},
+                         train={"delta_lr": 1e-2}),
     "p-tuning-lstm": dict(impl="softprompt", method="p-tuning", label="P-tuning (LSTM)", prompt={"encoder": "lstm"}),
     "p-tuning-mlp": dict(impl="softprompt", method="p-tuning", label="P-tuning (MLP)", prompt={"encoder": "mlp"}),
     "prefix-tuning": dict(impl="softprompt", method="prefix-tuning", label="prefix tuning (projection)"),
@@ -107,13 +112,15 @@ def ours(name: str, args) -> dict:
                     num_virtual_tokens=n, template=None if deep else f"[P:{n}] {{text}}",
                     prompt=dict(spec.get("prompt", {})),
                     train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, head_lr=head_lr,
-                                      eval_every=args.eval_every, seed=args.seed, progress=False))
+                                      eval_every=args.eval_every, seed=args.seed, progress=False,
+                                      **spec.get("train", {})))
     result = run_ours(cfg)
     return {"num_virtual_tokens": n, "template": result["template"], "prompt_config": cfg.prompt, "trainable_params": result["trainable_params"],
             "evals": result["evals"], "best_dev_accuracy": result["best_dev"], "best_step": result["best_step"],
             # under the held-out protocol the step is selected on rows held out of train, and
             # GLUE dev (never selected on) is reported at it
-            "reported_accuracy": result["test"], "train_seconds": result["train_seconds"]}
+            "reported_accuracy": result["test"], "train_seconds": result["train_seconds"],
+            "train_overrides": spec.get("train", {})}
 
 
 # -- PEFT and baseline rows: one loop with the settings of softprompt.training.loop ----------

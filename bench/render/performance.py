@@ -475,7 +475,7 @@ def loss_kernels() -> list[str]:
     first = report["rows"][0]
     lines = [f"### Chunks, liger-kernel or cut-cross-entropy ({report['device']})", "",
              f"The same step ({first['model']}, {first['batch']} x {first['seq']}, prompt tuning, LM loss over every "
-             "position, eager): the summed cross-entropy from the last states (`forward.summed_token_loss`) by "
+             "position, eager): the summed cross-entropy from the last states (`loss.summed_token_loss`) by "
              "softprompt's chunks, by liger-kernel's `LigerFusedLinearCrossEntropyLoss` and by cut-cross-entropy's "
              "`linear_cross_entropy`; the whole (B, S, V) logits beside. Share: 4N FLOPs a token at the card's dense "
              "bf16 peak.", "", "| loss | ms a step | tokens/s | vs chunks | % of bf16 peak | peak GiB |",
