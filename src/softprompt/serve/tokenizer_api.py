@@ -27,7 +27,7 @@ from ..architecture import model_spec
 from ..errors import SoftPromptError
 from .chat import render_chat
 from .inputs import TokenIdError, check_token_ids
-from .openai_api import ChatMessage
+from .openai_bodies import ChatMessage
 from .server import APIError, Server, _Body, server_of
 
 
