@@ -59,7 +59,9 @@ def render() -> str:
             if module is sst2:  # rows run under the held-out protocol, one report per seed
                 lines += sst2.render_held_out([json.loads(p.read_text())
                                                for p in sorted(RESULTS.glob("quality_sst2_residual_seed*.json"))
-                                               + sorted(RESULTS.glob("quality_sst2_dept_seed*.json"))])
+                                               + sorted(RESULTS.glob("quality_sst2_dept_seed*.json"))
+                                               + sorted(RESULTS.glob("quality_sst2_dept_sweep_seed*.json"))
+                                               + sorted(RESULTS.glob("quality_sst2_init_seed*.json"))])
         else:
             lines += [f"## {title}", "", f"Not measured yet: run `python -m {module.__name__}`.", ""]
     return "\n".join(lines)
