@@ -82,7 +82,7 @@ def test_compile_is_auto_by_default_compiled_on_one_gpu_only(caplog):
 
     import torch
 
-    from softprompt.training.loop import resolved_compile
+    from softprompt.training.fast_path import resolved_compile
 
     assert RunConfig().train.compile == "auto"
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
@@ -98,6 +98,25 @@ def test_compile_is_auto_by_default_compiled_on_one_gpu_only(caplog):
     assert "eager on an encoder or encoder-decoder" in said[4]
     for setting in (True, False, "reduce-overhead"):
         assert resolved_compile(setting, cpu) == setting
+
+
+def test_the_processes_of_a_launch_are_read_before_accelerate_starts(monkeypatch):
+    """``train.compile=auto`` is decided before accelerate's `Accelerator` exists: the
+    processes come from the launcher's environment (torchrun / accelerate: WORLD_SIZE;
+    mpirun: OMPI_COMM_WORLD_SIZE), 1 without a launcher or with a value that is no count."""
+    from softprompt.training.fast_path import launched_processes
+
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert launched_processes() == 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert launched_processes() == 4
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launched_processes() == 2  # torchrun's own variable first
+    monkeypatch.setenv("WORLD_SIZE", "")
+    assert launched_processes() == 4
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    assert launched_processes() == 1
 
 
 def test_device_and_dtype_settings():

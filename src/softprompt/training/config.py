@@ -57,7 +57,7 @@ class TrainConfig:
             bf16 / fp16, or on the CPU, runs as it is), no, bf16.
         compile: `torch.compile` the base's repeated blocks for training forwards (regional
             compilation): auto (the default: compiled for a causal LM on one CUDA device, eager on a CPU
-            and under several processes; `loop.resolved_compile`), false, true
+            and under several processes; `fast_path.resolved_compile`), false, true
             (`torch.compile`'s default mode) or a mode name, ``reduce-overhead`` (each
             block's forward and backward replayed as CUDA graphs: fewer launches, for small
             models whose steps the host bounds) or ``max-autotune``.

@@ -44,6 +44,7 @@ from ..tasks.base import Task
 from .checkpoint import CHECKPOINT, is_fsdp2, load_checkpoint, save_checkpoint, whole
 from .config import TrainConfig
 from .evaluate import evaluate
+from .fast_path import launched_processes, resolved_compile
 from .logs import METRICS_LINES, RunLog, check_trackers, log, tracker_options, truncate_metrics
 from .order import BatchStream
 
@@ -194,7 +195,7 @@ def train(
     check_trackers(config)
     if not train_examples:
         raise TrainingError("no training examples")
-    compiled = resolved_compile(config.compile, model.device, int(os.environ.get("WORLD_SIZE", "1")),
+    compiled = resolved_compile(config.compile, model.device, launched_processes(),
                                 tensor_parallel_mesh(model.base) is not None, model.spec.kind is ModelKind.CAUSAL)
     options = {"mode": compiled} if isinstance(compiled, str) else None
     with model.accelerated(compile=compiled is not False, checkpointing=config.gradient_checkpointing,
@@ -385,36 +386,6 @@ class Loop:
         """The full training state to ``checkpoint/`` (every process gathers; the main one writes)."""
         save_checkpoint(self.output / CHECKPOINT, self.unit, self.optimizer, asdict(self.state),
                         write=self.accelerator.is_main_process)
-
-
-def resolved_compile(setting: bool | str, device: torch.device, processes: int = 1,
-                     tensor_parallel: bool = False, causal: bool = True) -> bool | str:
-    """``train.compile``'s value for this run: `setting` itself, or for ``auto`` True (the
-    base's blocks compiled, `torch.compile`'s default mode) for a causal LM on one CUDA
-    device and False elsewhere, said in one log line.
-
-    Why compiled by default on a GPU, measured on an H100 (`bench.train.throughput`, every
-    method, 20 virtual tokens, `bench/results/train_throughput.json`): 1B Llama shape,
-    16 x 512, 1.35-1.41x the eager step's tokens/s with the LM loss and 1.56-1.63x with the
-    classification loss; 8B, 1.30-1.34x; GPT-2 124M mixed (0.88-1.25x: its steps are
-    bound by launching kernels, where ``reduce-overhead`` pays most). Regional
-    compilation compiles one block: the first compiled step took 0.2-5 s in most rows of
-    that run, 28-82 s for prefix tuning's projection at 1B. Eager on a CPU (compiling costs
-    more than it saves there), and for encoders, encoder-decoders, several processes or a
-    tensor-parallel base (not measured compiled); ``train.compile=true`` asks for it anyway.
-    """
-    if setting != "auto":
-        return setting
-    if device.type == "cuda" and processes == 1 and not tensor_parallel and causal:
-        # shown (a warning's level, where the loop's info is not): the first steps take longer
-        log.warning("train.compile=auto: the base's blocks compiled (regional; the first steps include the "
-                    "compilation; train.compile=false runs eager)")
-        return True
-    where = ("a tensor-parallel base" if tensor_parallel else f"{processes} processes" if processes > 1
-             else f"the {device.type.upper()}" if device.type != "cuda" else "an encoder or encoder-decoder")
-    say = log.warning if device.type == "cuda" else log.info  # on a GPU, the speed a user might expect is not there
-    say("train.compile=auto: eager on %s (train.compile=true compiles anyway)", where)
-    return False
 
 
 def _collation(model, task: Task, config: TrainConfig):
