@@ -388,6 +388,7 @@ def serve(
     on_ray: bool = typer.Option(False, "--ray", help="Serve with Ray Serve: --replicas copies of the server behind Ray Serve's HTTP proxy, each request routed to a replica that holds its task (extra: ray; RAY_ADDRESS joins a running cluster, else a local one starts). Tasks come from --prompts, the store every replica reads lazily."),
     replicas: int = typer.Option(2, "--replicas", min=1, help="With --ray: replicas of the server."),
     max_tasks_per_replica: int = typer.Option(64, "--max-tasks-per-replica", min=1, help="With --ray: tasks a replica keeps read (the least recently used go first); the router sends a task's requests to the replicas that hold it."),
+    tensor_parallel: bool = typer.Option(False, "--tensor-parallel", help="Split the base over the processes of a torchrun launch (torchrun --nproc_per_node N -m softprompt.cli serve --tensor-parallel ...; transformers' tp_plan, safetensors checkpoints): rank 0 serves HTTP, the others run its engine's work in lockstep. Not with --admin or --ray; stop it by signalling rank 0."),
 ) -> None:
     """Serve many tasks' prompts on one base model over HTTP (classify, tag, OpenAI-style completions),
     and the base model alone under its own name."""
@@ -402,7 +403,7 @@ def serve(
            timeout_body=timeout_body, timeout_send=timeout_send, timeout_keep_alive=timeout_keep_alive,
            timeout_graceful_shutdown=timeout_graceful_shutdown, max_connections=max_connections,
            log_limit=log_limit, log_interval=log_interval, base_name=base_name, on_ray=on_ray, replicas=replicas,
-           max_tasks_per_replica=max_tasks_per_replica)
+           max_tasks_per_replica=max_tasks_per_replica, tensor_parallel=tensor_parallel)
 
 
 # -- version and environment ------------------------------------------------------------

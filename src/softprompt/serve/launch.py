@@ -4,11 +4,14 @@ The CLI (`cli.serve`) is only the options; here they are checked (tasks given, a
 where the address is not loopback, `--ray`'s limits), the base, bank, engine and application
 are built, what the first requests would wait for is compiled and captured (`warmup.py`),
 and the HTTP server runs (`http.py`) -- or, with ``--ray``, the replicas on Ray Serve
-(`ray.py`).
+(`ray.py`). With ``--tensor-parallel`` (under torchrun) every process builds the same engine
+on its part of the base; rank 0 serves HTTP and the others mirror its engine (`lockstep.py`).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,28 +30,27 @@ def launch(*, model: str, prompts: str | None, prompt_pairs: list[str], host: st
            max_new_tokens: int, stream_interval: int, timeout_header: float, timeout_body: float,
            timeout_send: float, timeout_keep_alive: float, timeout_graceful_shutdown: float, max_connections: int,
            log_limit: int, log_interval: float, base_name: str | None, on_ray: bool, replicas: int,
-           max_tasks_per_replica: int) -> None:
+           max_tasks_per_replica: int, tensor_parallel: bool = False) -> None:
     """Serve the tasks until interrupted; every argument is the `softprompt serve` option of
     the same name (``docs/cli/serve.md``).
 
     Raises:
         ConfigError: options that cannot serve (no tasks, ``--admin`` without ``--prompts``,
-            a non-loopback ``--admin`` without a key, ``--ray`` with single-process options).
+            a non-loopback ``--admin`` without a key, ``--ray`` with single-process options,
+            ``--tensor-parallel`` with ``--admin`` or ``--ray``, or outside a torchrun launch).
         MissingExtraError: the ``serve`` extra (or ``ray`` for ``--ray``) is not installed.
     """
     import ipaddress
 
     from ..extras import require_extra
     from .bank import named_prompt_folders
-    from .logprobs import token_texts
-    from .warmup import warm_up
 
     require_extra("serve", "softprompt serve")  # before the model loads
     from ..architecture import ModelKind, model_spec
     from ..base_models import load_base, resolve_device
-    from . import Engine, PromptBank, create_app
+    from . import Engine, PromptBank
     from .guard import check_api_key
-    from .http import HTTPLimits, serve as serve_http
+    from .http import HTTPLimits
 
     limits = HTTPLimits(timeout_header=timeout_header, timeout_body=timeout_body, timeout_send=timeout_send,
                         timeout_keep_alive=timeout_keep_alive, timeout_graceful_shutdown=timeout_graceful_shutdown,
@@ -65,6 +67,8 @@ def launch(*, model: str, prompts: str | None, prompt_pairs: list[str], host: st
     named = named_prompt_folders(prompt_pairs, prompts)
     if prompts is None and not named:
         raise ConfigError("give the tasks to serve: --prompts DIR (one sub-folder per task) and/or --prompt NAME=PATH")
+    if tensor_parallel:
+        check_tensor_parallel(admin=admin, on_ray=on_ray)
     if admin and prompts is None:
         raise ConfigError("--admin needs --prompts DIR: the admin API loads prompt folders from under it only")
     if api_key is not None:
@@ -89,10 +93,16 @@ def launch(*, model: str, prompts: str | None, prompt_pairs: list[str], host: st
                                       max_head_wait=max_head_wait))
         return
     served_as = base_name_of(model, base_name)
-    target = resolve_device(device)
-    base, tokenizer = load_base(model, dtype=dtype)
-    base.to(target)
-    levels = dict(max_on_device=max_on_device, max_in_memory=max_in_memory)
+    base, tokenizer = load_base(model, dtype=dtype, tensor_parallel=tensor_parallel)
+    if tensor_parallel:  # each process's part is on the device transformers put it on
+        target = base.get_input_embeddings().weight.device
+    else:
+        target = resolve_device(device)
+        base.to(target)
+    # a task's cached leading segment is computed by a forward of the split base, which holds this
+    # process's K/V heads already, and is split again where it is used (`inject.local_kv_heads`):
+    # not cached under tensor parallelism (rows then run their lead themselves)
+    levels = dict(max_on_device=max_on_device, max_in_memory=max_in_memory, cache_prompts=not tensor_parallel)
     if prompts is not None:
         bank = PromptBank.from_directory(base, tokenizer, prompts, lazy=lazy, **levels)
     else:
@@ -103,22 +113,106 @@ def launch(*, model: str, prompts: str | None, prompt_pairs: list[str], host: st
         bank.add_base(served_as)  # a task of that name is refused here, by name
     engine = Engine(bank, max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens, truncate=truncate,
                     compile=compile_decode)
-    application = create_app(bank, engine=engine, max_queue=max_queue, admin=admin, api_key=api_key,
-                             prompt_root=prompts if admin else None, max_body_bytes=max_body_bytes,
-                             max_inputs=max_inputs, max_new_tokens=max_new_tokens,
-                             shutdown_timeout=timeout_graceful_shutdown, stream_interval=stream_interval,
-                             head_share=head_share, max_head_wait=max_head_wait)
-    if compile_decode or target.type == "cuda":  # compiles and captures the step here, not in a first request
+    channel = None
+    if tensor_parallel:
+        from .lockstep import Channel
+
+        channel = Channel()  # every process, before any runs its engine
+    warm = compile_decode or target.type == "cuda"  # the same on every process: its forwards are collective
+    if channel is not None and channel.rank > 0:
+        follow_rank_0(engine, channel, warm)
+        return
+    try:
+        _serve(bank, engine, channel, warm, model=model, target=target, host=host, port=port, limits=limits,
+               app_options=dict(
+                   max_queue=max_queue, admin=admin, api_key=api_key, prompt_root=prompts if admin else None,
+                   max_body_bytes=max_body_bytes, max_inputs=max_inputs, max_new_tokens=max_new_tokens,
+                   shutdown_timeout=timeout_graceful_shutdown, stream_interval=stream_interval,
+                   head_share=head_share, max_head_wait=max_head_wait))
+    finally:
+        if channel is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _serve(bank, engine, channel, warm: bool, *, model: str, target, host: str, port: int, limits,
+           app_options: dict) -> None:
+    """The single process, or rank 0 of a tensor-parallel launch (`channel`): warm up, serve
+    HTTP until interrupted; rank 0 then tells the other processes to stop."""
+    from . import create_app
+    from .http import serve as serve_http
+    from .logprobs import token_texts
+
+    served = engine
+    if channel is not None:
+        from .lockstep import LockstepEngine
+
+        served = LockstepEngine(engine, channel)
+    try:
+        _warm(engine, warm)
+        application = create_app(bank, engine=served, **app_options)
+        token_texts(bank.tokenizer)  # what logprobs list (the vocabulary decoded once: ~1 s at 128k), not in a request
+        tasks = [n for n in bank.names() if n != bank.base_name]
+        alone = f" and the base model as {bank.base_name!r}" if bank.base_name is not None else ""
+        split = "" if channel is None else f", split over {channel.size} processes (rank 0: pid {os.getpid()})"
+        _say(f"serving {len(tasks)} task(s) ({', '.join(tasks)}){alone} on {model} ({target}{split}) "
+             f"at http://{host}:{port}")
+        if channel is not None:  # uvicorn raises the signal that stopped it again once it has stopped: rank 0
+            for sig in (signal.SIGINT, signal.SIGTERM):  # lives on to tell the others (`stop`), then exits 0
+                signal.signal(sig, _stopped)
+        serve_http(application, host=host, port=port, limits=limits)
+    finally:
+        if channel is not None:
+            served.stop()
+
+
+def _stopped(signum, frame) -> None:
+    """Rank 0's SIGINT and SIGTERM once uvicorn has stopped on them: nothing more to do."""
+
+
+def _warm(engine, warm: bool) -> None:
+    """Compile and capture what the first requests would wait for (`warmup.warm_up`)."""
+    from .warmup import warm_up
+
+    if warm:  # compiles and captures the step here, not in a first request
         started = time.perf_counter()
         warmed = warm_up(engine)
         if warmed:
             _say(f"warmed up in {time.perf_counter() - started:.1f} s (compiled and captured what the first "
                  f"requests would wait for; ran {', '.join(warmed)})")
-    token_texts(bank.tokenizer)  # what logprobs list (the vocabulary decoded once: ~1 s at 128k), not in a request
-    tasks = [n for n in bank.names() if n != bank.base_name]
-    alone = f" and the base model as {bank.base_name!r}" if bank.base_name is not None else ""
-    _say(f"serving {len(tasks)} task(s) ({', '.join(tasks)}){alone} on {model} ({target}) at http://{host}:{port}")
-    serve_http(application, host=host, port=port, limits=limits)
+
+
+def follow_rank_0(engine, channel, warm: bool) -> None:
+    """A process > 0 of a tensor-parallel launch: the same warm-up as rank 0 (its forwards are
+    collective), then rank 0's engine calls mirrored (`lockstep.follow`) until rank 0 says stop
+    (on its SIGTERM or SIGINT). SIGINT is ignored here: a terminal's ^C reaches every process,
+    and rank 0 alone decides when the others stop (torchrun, hit by the ^C too, still ends
+    the launch its own way: SIGTERM to every process)."""
+    import torch.distributed as dist
+
+    from .lockstep import follow
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _warm(engine, warm)
+        follow(engine, channel)
+    finally:
+        dist.destroy_process_group()
+
+
+def check_tensor_parallel(*, admin: bool, on_ray: bool) -> None:
+    """Refuse what a tensor-parallel server cannot mirror on every process, and a launch that
+    is not distributed, before the model loads."""
+    if on_ray:
+        raise ConfigError("--tensor-parallel with --ray: Ray Serve's replicas each load a whole base; a split base is "
+                          "served by one torchrun launch")
+    if admin:
+        raise ConfigError("--tensor-parallel with --admin: a task added or removed would have to reach every process "
+                          "of the launch at the same point of its work; restart the launch with the new --prompts")
+    if "WORLD_SIZE" not in os.environ:
+        raise ConfigError("--tensor-parallel splits the base over the processes of a distributed launch: start with "
+                          "`torchrun --nproc_per_node N -m softprompt.cli serve --tensor-parallel ...`")
 
 
 def serve_on_ray(model: str, prompts, *, host: str, port: int, replicas: int, max_tasks: int, base_name: str,
@@ -135,7 +229,6 @@ def serve_on_ray(model: str, prompts, *, host: str, port: int, replicas: int, ma
     application = deployment(model, prompts, replicas=replicas, max_tasks_per_replica=max_tasks,
                              base_name=base_name, dtype=dtype, device=device, engine_options=engine_options,
                              app_options=app_options)
-    import signal
 
     def stop(signum, frame):  # SIGTERM as ^C: the cluster this started goes with the process
         raise KeyboardInterrupt

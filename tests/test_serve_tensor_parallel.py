@@ -1,0 +1,266 @@
+"""`softprompt serve --tensor-parallel` (issue 22 item 3): a tiny Llama split over two CPU
+processes (torchrun, gloo) serves an input prompt and a deep prompt; every answer equals the
+single-process server's on the same folders, token for token: greedy, seeded sampling, stop
+strings, logit biases, token-id prompts, several choices, sent concurrently so that rows join
+a running decode. A stream whose client goes mid-decode stops on both processes at the same
+step (`lockstep.py`: cancellation latched at a message): the requests after it still answer
+as the single process does. Stopping rank 0 stops the launch, every process exiting 0.
+Also: requests as plain data and back (`lockstep.to_wire` / `from_wire`), and the options a
+split base cannot serve, refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import torch
+
+from softprompt.encode import TokenIds
+from softprompt.errors import ConfigError, SoftPromptError
+from softprompt.serve import ErrorKind, GenerationOptions, Request, TokenStream
+from softprompt.serve.lockstep import from_wire, pin_options, to_wire
+
+from conftest import make_llama
+from serving import free_port, wait_until_serving
+from test_cli_train import invoke
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, gpt2_tokenizer):
+    """The same base and prompt folders served split over two processes and by one."""
+    import softprompt as sp
+
+    root = tmp_path_factory.mktemp("tp-serve")
+    base = make_llama(gpt2_tokenizer)
+    base.save_pretrained(root / "llama")
+    gpt2_tokenizer.save_pretrained(root / "llama")
+    torch.manual_seed(1)
+    sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:2] {text}", init="vocab"),
+                       tokenizer=gpt2_tokenizer).save_pretrained(root / "prompts" / "input")
+    torch.manual_seed(2)
+    sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=3, template="{text}", init_std=0.5),
+                       tokenizer=gpt2_tokenizer).save_pretrained(root / "prompts" / "deep")
+    serve = ["-m", "softprompt.cli", "serve", "--model", str(root / "llama"), "--prompts", str(root / "prompts")]
+    launches = {"split": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *serve, "--tensor-parallel"],
+                "one": [sys.executable, *serve]}
+    running = {}
+    try:
+        for name, args in launches.items():
+            port = free_port()
+            log = open(root / f"{name}.log", "w")
+            running[name] = (subprocess.Popen([*args, "--port", str(port)], stdout=log, stderr=log),
+                             f"http://127.0.0.1:{port}", root / f"{name}.log")
+        for process, url, log in running.values():  # the log read if the process exits first
+            wait_until_serving(url, SimpleNamespace(poll=process.poll, stderr=log.open()), timeout=180)
+        yield running
+    finally:
+        for process, _, _ in running.values():  # torchrun passes SIGTERM on to its processes (SIGKILL would not)
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+def _bodies(tokenizer) -> list[dict]:
+    """Completions of both tasks: greedy and sampled (seeded), of different lengths (rows end
+    and join at different steps), a stop string, a logit bias, a prompt of token ids, two choices."""
+    ids = tokenizer("the film was long")["input_ids"]
+    bodies = []
+    for task in ("input", "deep"):
+        bodies += [
+            {"model": task, "prompt": "a gem of a film", "max_tokens": 12, "temperature": 0},
+            {"model": task, "prompt": "bad", "max_tokens": 5, "temperature": 0},
+            {"model": task, "prompt": "a gem of a film", "max_tokens": 9, "temperature": 0.7, "seed": 11},
+            {"model": task, "prompt": "so so", "max_tokens": 7, "temperature": 1.0, "top_p": 0.8, "seed": 2**63},
+            {"model": task, "prompt": "a gem of a film", "max_tokens": 12, "temperature": 0, "stop": [" the", "s"]},
+            {"model": task, "prompt": ids, "max_tokens": 6, "temperature": 0, "logit_bias": {str(ids[0]): 5.0}},
+            {"model": task, "prompt": "great", "max_tokens": 6, "temperature": 0.9, "seed": 5, "n": 2},
+        ]
+    return bodies
+
+
+def _answers(url: str, bodies: list[dict]) -> list:
+    def ask(body):
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return [(c["text"], c["finish_reason"]) for c in r.json()["choices"]], r.json()["usage"]["completion_tokens"]
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(ask, bodies))
+
+
+def _rank_0(log) -> int:
+    line = next(line for line in log.read_text().splitlines() if "split over 2 processes (rank 0: pid" in line)
+    return int(line.split("(rank 0: pid ")[1].split(")")[0])
+
+
+def test_a_split_base_answers_as_one_process_and_stops_cleanly(servers, gpt2_tokenizer):
+    (split, split_url, split_log), (_, one_url, _) = servers["split"], servers["one"]
+    bodies = _bodies(gpt2_tokenizer)
+    want = _answers(one_url, bodies)
+    assert len({texts[0][0] for texts, _ in want}) > 4  # the answers differ: equal ones would prove little
+    assert _answers(split_url, bodies) == want
+
+    # a stream whose client leaves mid-decode, beside a long completion decoding with it
+    long = {"model": "deep", "prompt": "a gem of a film", "max_tokens": 40, "temperature": 0}
+    with ThreadPoolExecutor(1) as pool:
+        beside = pool.submit(_answers, split_url, [long])
+        with httpx.stream("POST", f"{split_url}/v1/completions", timeout=60,
+                          json={"model": "input", "prompt": "a gem", "max_tokens": 40, "temperature": 0.8,
+                                "seed": 3, "stream": True}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    break  # the client goes after its first piece
+        assert beside.result(timeout=120) == _answers(one_url, [long])
+    assert _answers(split_url, bodies[::-1]) == want[::-1]  # the processes are still in step
+
+    assert split.poll() is None
+    os.kill(_rank_0(split_log), signal.SIGTERM)  # as a process manager stops the server
+    assert split.wait(timeout=60) == 0, split_log.read_text()[-3000:]  # torchrun: 0 when every process exits 0
+    assert "exitcode" not in split_log.read_text()
+
+
+def test_requests_reach_the_other_processes_as_they_are():
+    """What rank 0 sends (`to_wire`, through JSON) is rebuilt as the same request: token ids
+    stay token ids (not a list of words), fields stay fields, parsed options (stop strings,
+    logit biases keyed by token id, 64-bit seeds) stay equal; options without a seed get one
+    (`pin_options`); options rank 0 could not parse are refused on the others too."""
+    options = GenerationOptions.parse({"max_new_tokens": 5, "temperature": 0.7, "top_p": 0.9, "stop": ["a", "b"],
+                                       "seed": 2**64 - 1, "logit_bias": {"50": -2.5, "7": 1.0}, "logprobs": 2})
+    requests = [
+        Request("t", "a text", generate=True, options=options, stream=TokenStream(lambda text, logprobs: None)),
+        Request("t", TokenIds([5, 6, 7]), generate=True, options=options, echo=True),
+        Request("t", {"question": "why", "context": TokenIds([1, 2])}),
+        Request("t", ["Anna", "lives", "in", "Paris"]),
+    ]
+    for i, request in enumerate(requests):
+        request.options = pin_options(request.options)
+        rid, back = from_wire(json.loads(json.dumps(to_wire(request, i))))
+        assert rid == i
+        assert (back.task, back.input, back.generate, back.echo, back.options) == \
+            (request.task, request.input, request.generate, request.echo, request.options)
+        assert type(back.input) is type(request.input) and (back.stream is None) == (request.stream is None)
+    assert requests[2].input["context"] == TokenIds([1, 2]) and type(
+        from_wire(json.loads(json.dumps(to_wire(requests[2], 0))))[1].input["context"]) is TokenIds
+    assert requests[0].options.logit_bias == ((7, 1.0), (50, -2.5))
+
+    for unsendable in (object(), {"text": float("nan")}, {1: "a"}):  # what JSON cannot carry as it is
+        with pytest.raises(ConfigError):
+            to_wire(Request("t", unsendable), 0)
+
+    unseeded = pin_options({"temperature": 0.5})
+    assert isinstance(unseeded, GenerationOptions) and unseeded.seed is not None
+    bad = Request("t", "x", generate=True, options={"temperature": "hot"})
+    bad.options = pin_options(bad.options)
+    assert bad.options == {"temperature": "hot"}  # rank 0 answers its own error
+    with pytest.raises(SoftPromptError):
+        GenerationOptions.parse(from_wire(json.loads(json.dumps(to_wire(bad, 0))))[1].options)
+
+
+def test_what_a_split_base_cannot_serve_is_refused_by_name(tmp_path, monkeypatch):
+    (tmp_path / "prompts").mkdir()
+    common = ["serve", "--model", tmp_path / "no-model", "--prompts", tmp_path / "prompts", "--tensor-parallel"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for options, message in [
+        (["--admin"], "error: --tensor-parallel with --admin: a task added or removed would have to reach every"),
+        (["--ray"], "error: --tensor-parallel with --ray"),
+    ]:
+        r = invoke(*common, *options)
+        assert r.exit_code == 1 and message in r.output and "no-model" not in r.output, (options, r.output)
+    monkeypatch.delenv("WORLD_SIZE")
+    r = invoke(*common)
+    assert r.exit_code == 1 and "error: --tensor-parallel splits the base over the processes of a distributed " \
+        "launch: start with `torchrun --nproc_per_node N" in r.output, r.output
+
+
+class _Pipe:
+    """`lockstep.Channel` within one process: rank 0's messages, through JSON, to a follower thread."""
+
+    def __init__(self):
+        import queue
+
+        self.messages: queue.Queue = queue.Queue()
+        self.rank, self.size, self.sent = 0, 2, []
+
+    def send(self, message: dict) -> None:
+        self.sent.append(message["kind"])
+        self.messages.put(json.dumps(message))
+
+    def receive(self) -> dict:
+        return json.loads(self.messages.get(timeout=60))
+
+
+def _outcome(result) -> tuple:
+    return result.output, result.error_kind, result.new_tokens, result.finish_reason
+
+
+def test_a_follower_runs_what_rank_0_runs_nested_runs_and_cancellations_included(gpt2_tokenizer, tmp_path, monkeypatch):
+    """Rank 0's `LockstepEngine` and a follower (`follow`, in a thread, on a copy of the base)
+    over an in-process channel: rows admitted mid-decode, a run nested in the admit hook (as
+    the batcher runs head requests there), a client that goes mid-decode (its row stops after
+    the same step on both: the result counts the same tokens) and a sampled row without a
+    seed (rank 0 fixes one: the follower draws the same tokens). The follower's every result
+    equals rank 0's. A request whose input is not plain data fails alone, sent to no one."""
+    import threading
+
+    import softprompt as sp
+    from softprompt.serve import Engine, PromptBank
+    from softprompt.serve import lockstep
+
+    torch.manual_seed(2)
+    sp.SoftPromptModel(make_llama(gpt2_tokenizer), sp.PTuningV2Config(num_virtual_tokens=3, template="{text}"),
+                       tokenizer=gpt2_tokenizer).save_pretrained(tmp_path / "deep")
+    engines = []
+    for _ in range(2):
+        bank = PromptBank(make_llama(gpt2_tokenizer), gpt2_tokenizer)
+        bank.add("deep", tmp_path / "deep")
+        engines.append(Engine(bank))
+    followed: list = []  # the follower's results: of its runs, and of the rows it admitted
+    run = engines[1].run
+    engines[1].run = lambda requests, admit=None: followed.extend(run(requests, admit=admit)) or followed[-len(requests):]
+    monkeypatch.setattr(lockstep, "_nowhere", followed.append)
+    pipe = _Pipe()
+    follower = threading.Thread(target=lockstep.follow, args=(engines[1], pipe))
+    follower.start()
+
+    engine = lockstep.LockstepEngine(engines[0], pipe)
+    greedy = Request("deep", "a gem of a film", generate=True, options={"max_new_tokens": 12})
+    unseeded = Request("deep", "so so", generate=True, options={"max_new_tokens": 8, "temperature": 0.8})
+    joining = Request("deep", "bad", generate=True, options={"max_new_tokens": 6, "temperature": 0.7})
+    nested = Request("deep", "great", generate=True, echo=True,
+                     options=GenerationOptions(max_new_tokens=0, logprobs=1))  # a forward without a decode
+    answered, calls = [], []
+
+    def admit(room: int):
+        calls.append(room)
+        if len(calls) == 2:
+            return [(joining, answered.append)]
+        if len(calls) == 3:
+            answered.extend(engine.run([nested]))
+        if len(calls) == 4:
+            greedy.cancelled.set()  # its client goes: latched at the next message, on both
+        return []
+
+    unsendable = Request("deep", object(), generate=True)  # fails alone, on rank 0, sent to no one
+    results = engine.run([greedy, unsendable, unseeded], admit=admit)
+    refused = results.pop(1)
+    assert refused.error_kind is ErrorKind.BAD_INPUT and "a tensor-parallel server sends its inputs" in refused.error
+    engine.stop()
+    follower.join(timeout=60)
+    assert not follower.is_alive()
+    assert pipe.sent[:4] == ["run", "admitted", "admitted", "run"] and pipe.sent[-1] == "stop"
+    assert results[0].error_kind is not None and 0 < results[0].new_tokens < 12  # stopped mid-decode
+    assert results[1].ok and len(answered) == 2 and all(a.ok for a in answered)  # the nested run's and the joiner's
+    assert [a.prompt_logprobs is not None for a in answered] == [True, False]
+    mine = sorted(map(_outcome, results + answered), key=repr)
+    assert sorted(map(_outcome, followed), key=repr) == mine
