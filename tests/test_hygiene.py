@@ -79,16 +79,16 @@ def test_the_public_api_exports_what_users_call_and_imports_it_on_first_use():
 
 def test_the_extras_map_is_pyproject_s():
     """`softprompt.extras.EXTRAS` (what `env` reports and the errors name) and pyproject's
-    optional dependencies list the same packages; `all` installs every extra."""
+    optional dependencies list the same packages; `all` installs every extra but the GPU-only ones."""
     import re
 
-    from softprompt.extras import EXTRAS
+    from softprompt.extras import EXTRAS, GPU_ONLY
 
     text = (ROOT / "pyproject.toml").read_text()
     section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
     declared = {k: v for k, v in ((m.group(1), [re.split(r"[<>=\[]", d)[0] for d in re.findall(r'"([^"]+)"', m.group(2))])
                                   for m in re.finditer(r"^(\w+) = \[(.*)\]$", section, re.M))}
-    assert declared.pop("all") == ["softprompt"] and "[" + ",".join(EXTRAS) + "]" in section
+    assert declared.pop("all") == ["softprompt"] and "[" + ",".join(e for e in EXTRAS if e not in GPU_ONLY) + "]" in section
     assert declared == {extra: [dist for dist, _ in packages] for extra, packages in EXTRAS.items()}
     core = text.split("dependencies = [", 1)[1].split("]", 1)[0]
     assert not any(f'"{dist}' in core for packages in EXTRAS.values() for dist, _ in packages)  # lean core

@@ -73,6 +73,34 @@ def measure(fn: Callable[[], object], *, warmup: int = 1, calls: int = 1, window
     return timing
 
 
+def graph_replay_ms(step: Callable[[], object], replays: int = 50) -> float:
+    """Milliseconds of one CUDA-graph replay of `step` (the kernels alone, no launch cost):
+    two warm-up calls on a side stream, `step` recorded once, then the median of three
+    windows of `replays` replays timed by CUDA events. The probes that time a piece of the
+    decode step (attention, the weights' products) use it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kept = step()  # noqa: F841 (the graph's outputs stay alive while it replays)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(3):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return sorted(times)[1]
+
+
 def interleaved(runs: dict, rounds: int) -> dict[str, float]:
     """Median seconds of each run over `rounds` rounds, the runs taken in turn after one
     warm-up round (what drifts over a run, clocks or the host, falls on all alike: runs

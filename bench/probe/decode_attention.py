@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from bench.harness.hardware import bandwidth
 from bench.harness.report import RESULTS, versions, write_json
+from bench.harness.timing import graph_replay_ms
 
 
 def packed_sdpa(q, k, v, mask, scale):
@@ -101,32 +102,9 @@ def inputs(rows: int, heads: int, kv_heads: int, columns: int, used: int, dim: i
     return q, kv, mask
 
 
-def time_graph(fn, q, kv, mask, scale, replays: int = 50) -> float:
+def time_graph(fn, q, kv, mask, scale) -> float:
     """Milliseconds of one replay of `fn` over every layer's buffers, as a CUDA graph."""
-    outs = []
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            for k, v in kv:
-                fn(q, k, v, mask, scale)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for k, v in kv:
-            outs.append(fn(q, k, v, mask, scale))
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(3):
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / replays)
-    return sorted(times)[1]
+    return graph_replay_ms(lambda: [fn(q, k, v, mask, scale) for k, v in kv])
 
 
 def main() -> None:

@@ -13,11 +13,14 @@ of a real shape (speed does not depend on the weights), bf16 weights, 20 virtual
           `SoftPromptModel`, backward, one read of the loss (the NaN check), gradient
           clipping at 1.0, fused AdamW; ``eager`` and ``compile`` (train.compile: the
           base's blocks compiled); ``checkpointing`` rows with train.gradient_checkpointing;
+          the LM loss from the states by the kernel ``train.lm_loss=auto`` picks
+          (liger-kernel's fused linear cross-entropy where installed on a GPU, else
+          softprompt's chunks; each row records its ``lm_loss``), but in these rows:
           ``whole-logits``: eager, the LM loss over the whole (B, S, V) logits (before the
-          chunked loss, `loss.chunked_token_loss`, which the other rows use);
-          ``liger`` / ``cce``: eager, the LM loss's summed cross-entropy from the states
-          (`loss.summed_token_loss`) by liger-kernel's fused linear cross-entropy or
-          cut-cross-entropy's `linear_cross_entropy` instead of softprompt's chunks.
+          chunked loss, `loss.chunked_token_loss`); ``chunks`` / ``liger`` / ``cce``:
+          eager, the LM loss's summed cross-entropy from the states
+          (`loss.summed_token_loss`) by softprompt's chunks, liger-kernel's fused linear
+          cross-entropy or cut-cross-entropy's `linear_cross_entropy`.
   peft    HF PEFT 0.21 with the same method and sizes (prompt encoder sizes set to PEFT's
           defaults on both sides), the same clipping and fused AdamW, no host reads; with
           and without bf16 autocast (Trainer's ``bf16=True``), the faster one is the baseline.
@@ -57,6 +60,7 @@ from bench.harness.shapes import build_base, tokenizer
 from bench.harness.steps import (DEEP, METHODS, MIXES, P, floor_step, our_config, our_step, peft_config, peft_step,
                                  row_lengths, text_ids)
 from bench.harness.timing import measure
+from softprompt.training.fast_path import resolved_lm_loss
 
 KEY = ("model", "batch", "seq", "mix", "loss", "side", "method", "variant", "autocast")
 PACKED = ("packed", "packed-compile")
@@ -163,13 +167,17 @@ class ModelRun:
         task.bind(model)
         options = {"mode": "reduce-overhead"} if variant == "graphs" else None
         packed = self.args.pack_tokens if variant in PACKED else None
+        # the LM loss's kernel as `softprompt train` picks it (train.lm_loss=auto), but in the
+        # rows that compare the kernels
+        lm_loss = {"liger": "liger", "chunks": "chunks", "cce": "chunks"}.get(variant) or resolved_lm_loss(
+            "auto", self.base, self.base.device)
         with model.accelerated(compile=variant in ("compile", "graphs", "packed-compile"), compile_options=options,
-                               checkpointing=variant == "checkpointing"), loss_kernel(variant):
+                               checkpointing=variant == "checkpointing", lm_loss=lm_loss), loss_kernel(variant):
             model.train()
             result = self.timed(our_step(model, task, loss_kind, ids, self.tok, variant == "graphs",
                                          whole_logits=variant == "whole-logits", lengths=self.lengths,
                                          pack_tokens=packed))
-        result["trainable"] = model.trainable_parameters()
+        result["trainable"], result["lm_loss"] = model.trainable_parameters(), lm_loss
         return result
 
     def peft(self, method: str, loss_kind: str, ids: torch.Tensor, autocast: bool,
@@ -192,26 +200,21 @@ class ModelRun:
 
 
 def loss_kernel(variant: str):
-    """For the ``liger`` and ``cce`` rows: `loss.summed_token_loss` replaced by that
-    package's fused LM head + cross-entropy for the step (the LM head of the benchmark's
-    Llama is a plain linear layer, so the three compute the same sum); else nothing."""
+    """For the ``cce`` rows: `loss.summed_token_loss` replaced by cut-cross-entropy's fused
+    LM head + cross-entropy for the step (the LM head of the benchmark's Llama is a plain
+    linear layer, so both compute the same sum); else nothing (the ``liger`` rows run
+    softprompt's own ``lm_loss="liger"``)."""
     from contextlib import nullcontext
     from unittest import mock
 
     from softprompt import loss
 
-    if variant == "liger":
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        fused = LigerFusedLinearCrossEntropyLoss(reduction="sum")
-        kernel = lambda base, states, wanted: fused(base.get_output_embeddings().weight, states, wanted)  # noqa: E731
-    elif variant == "cce":
-        from cut_cross_entropy import linear_cross_entropy
-
-        kernel = lambda base, states, wanted: linear_cross_entropy(  # noqa: E731
-            states, base.get_output_embeddings().weight, wanted, reduction="sum")
-    else:
+    if variant != "cce":
         return nullcontext()
+    from cut_cross_entropy import linear_cross_entropy
+
+    kernel = lambda base, states, wanted, _kernel: linear_cross_entropy(  # noqa: E731
+        states, base.get_output_embeddings().weight, wanted, reduction="sum")
     return mock.patch.object(loss, "summed_token_loss", kernel)
 
 
@@ -224,8 +227,8 @@ def main() -> None:
     parser.add_argument("--sides", default="floor,ours,peft")
     parser.add_argument("--variants", default="eager,compile,graphs",
                         help="eager, compile (train.compile=true), graphs (train.compile=reduce-overhead), checkpointing, "
-                             "whole-logits (eager, the LM loss over the whole logits), liger / cce (eager, the LM loss by "
-                             "liger-kernel / cut-cross-entropy), packed / packed-compile (with --mix: the rows "
+                             "whole-logits (eager, the LM loss over the whole logits), chunks / liger / cce (eager, the LM loss by "
+                             "softprompt's chunks / liger-kernel / cut-cross-entropy), packed / packed-compile (with --mix: the rows "
                              "padding-free, train.packing)")
     parser.add_argument("--mix", default="fixed", choices=["fixed", *MIXES],
                         help="row lengths: fixed (S each) or a real length mix (at most S each)")

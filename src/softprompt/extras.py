@@ -29,10 +29,15 @@ EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     "wandb": (("wandb", "wandb"),),
     "mlflow": (("mlflow-skinny", "mlflow"),),
     "ray": (("ray", "ray"),),  # Ray Serve replicas (`serve.ray`): ray[serve] (~80 MB wheel and its serve packages)
-    "eval": (("lm-eval", "lm_eval"),),  # lm-evaluation-harness against `softprompt serve` (its API model types)
+    "eval": (("lm-eval", "lm_eval"),),
+    # the fused LM loss on GPUs (``train.lm_loss``); its Triton kernels need a CUDA build of torch
+    "liger": (("liger-kernel", "liger_kernel"),),  # lm-evaluation-harness against `softprompt serve` (its API model types)
     "test": (("pytest", "pytest"), ("hypothesis", "hypothesis"), ("peft", "peft"), ("httpx", "httpx"),
              ("openai", "openai")),
 }
+
+#: extras that ``[all]`` leaves out: what they install works on CUDA devices alone
+GPU_ONLY = ("liger",)
 
 
 class MissingExtraError(ConfigError):
@@ -88,4 +93,4 @@ def environment() -> dict[str, str]:
     return rows
 
 
-__all__ = ["EXTRAS", "MissingExtraError", "environment", "require", "require_extra"]
+__all__ = ["EXTRAS", "GPU_ONLY", "MissingExtraError", "environment", "require", "require_extra"]

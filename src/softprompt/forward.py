@@ -64,7 +64,7 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         decoder_input_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
         logits: str = "all", lm_head_columns: bool = False, virtual_tokens: int | None = None,
         base_forward: Callable[[Any, dict[str, Any]], Any] | None = None,
-        pack_index: torch.Tensor | None = None) -> SoftPromptOutput:
+        pack_index: torch.Tensor | None = None, lm_loss: str = "chunks") -> SoftPromptOutput:
     """Run `base` on a batch with `prompts` (see `SoftPromptModel.forward` for the arguments).
 
     Args:
@@ -75,6 +75,8 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
             compiled forward (`serve.compiled`).
         pack_index: (N, W) run the base on the batch's rows packed into N sequences
             (`packing.py`): same outputs, read in the padded (B, S) layout.
+        lm_loss: the kernel of a causal LM's loss from its states (``logits="none"`` with
+            labels): one of `loss.LM_LOSSES`.
 
     The forward waits for the device at most twice before the base model runs (the rows'
     virtual-slot counts, and the answer columns when the LM head is applied there only):
@@ -118,7 +120,7 @@ def run(base, spec: ModelSpec, input_ids: torch.Tensor, attention_mask: torch.Te
         if hidden is None and (output_hidden_states or chunked):
             hidden = out.hidden_states[-1]  # models with an LM head
     if chunked:
-        loss = chunked_token_loss(base, hidden, labels, keep, prompt_index, attention_mask)
+        loss = chunked_token_loss(base, hidden, labels, keep, prompt_index, attention_mask, lm_loss)
         return SoftPromptOutput(loss=loss, last_hidden_state=align(hidden) if output_hidden_states else None,
                                 **aligned)
     answer_logits = None

@@ -4,7 +4,9 @@
 `chunked_token_loss` is the same loss of a causal LM from its last-layer states: the frozen
 LM head (`lm_head`) runs only at the columns that have a target, a chunk at a time, so a
 generation task's step never holds (B, S, V) scores (what `forward.run` computes with
-``logits="none"``). The serving engine's scoring reads `lm_head` too, at the positions it scores.
+``logits="none"``). `LM_LOSSES` names the kernels that can compute that sum: softprompt's own
+chunks, or liger-kernel's fused linear cross-entropy on a GPU (``train.lm_loss``). The serving
+engine's scoring reads `lm_head` too, at the positions it scores.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ def _column_targets(causal: bool, labels, keep, prompt_index, mask) -> torch.Ten
 #: most fp32 scores (positions x vocabulary) one chunk of `chunked_token_loss` holds: 256 MiB
 LOSS_CHUNK_SCORES = 2**26
 
+#: the kernels that compute a causal LM's summed token loss from its states (`summed_token_loss`):
+#: ``chunks``, softprompt's `_ChunkedLoss` (any device); ``liger``, liger-kernel's fused LM head +
+#: cross-entropy (Triton, CUDA devices: 1.09x the chunks' tokens/s and 5% less peak memory at
+#: 1B 16 x 512 on an H100, `bench/results/train_lm_kernels_h100.json`)
+LM_LOSSES = ("chunks", "liger")
+
 
 def chunkable(base) -> bool:
     """Whether `base`'s LM head can run outside its forward (`lm_head`, `chunked_token_loss`):
@@ -54,27 +62,64 @@ def chunkable(base) -> bool:
     return not isinstance(head.weight, DTensor)
 
 
-def chunked_token_loss(base, hidden: torch.Tensor, labels, keep, prompt_index, mask) -> torch.Tensor:
+def chunked_token_loss(base, hidden: torch.Tensor, labels, keep, prompt_index, mask,
+                       kernel: str = "chunks") -> torch.Tensor:
     """`token_loss` of a causal LM from its last-layer states `hidden` (B, S, D): the LM head
     runs only at the columns that have a target (a generation task's answer tokens, not
     its input), `LOSS_CHUNK_SCORES` scores at a time, and each chunk's gradient with
     respect to its states is taken as the chunk is scored (`_ChunkedLoss`): memory holds one
     chunk's scores, never (B, S, V) scores or their gradient. Same value and gradients as
-    `token_loss` over the whole logits (tested)."""
+    `token_loss` over the whole logits (tested). `kernel`: one of `LM_LOSSES`."""
     targets = _column_targets(True, labels, keep, prompt_index, mask)  # (B, S - 1)
     scored = targets != -100
     states, wanted = hidden[:, :-1][scored], targets[scored]  # (N, D), (N,)
-    return summed_token_loss(base, states, wanted) / wanted.numel()
+    return summed_token_loss(base, states, wanted, kernel) / wanted.numel()
 
 
-def summed_token_loss(base, states: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+def summed_token_loss(base, states: torch.Tensor, wanted: torch.Tensor, kernel: str = "chunks") -> torch.Tensor:
     """The summed next-token cross-entropy of N positions from their last-layer states
-    `states` (N, D) and targets `wanted` (N,), through `lm_head`, `LOSS_CHUNK_SCORES` scores
-    at a time (`_ChunkedLoss`). One function, so that `bench.train.throughput` can measure
-    fused kernels (liger-kernel, cut-cross-entropy) in its place on the same step (patched on
-    this module, where `chunked_token_loss` looks it up)."""
+    `states` (N, D) and targets `wanted` (N,): through `lm_head`, `LOSS_CHUNK_SCORES` scores
+    at a time (`_ChunkedLoss`, ``kernel="chunks"``), or by liger-kernel's fused linear
+    cross-entropy (``"liger"``, where `fused_loss_refusal` finds nothing against it). One
+    function, so that `bench.train.throughput` can measure other fused kernels
+    (cut-cross-entropy) in its place on the same step (patched on this module, where
+    `chunked_token_loss` looks it up)."""
+    if kernel == "liger":
+        return _liger_loss(base, states, wanted)
     chunk = max(1, LOSS_CHUNK_SCORES // base.get_output_embeddings().weight.shape[0])
     return _ChunkedLoss.apply(states, wanted, base, chunk)
+
+
+def fused_loss_refusal(base, device: torch.device) -> str | None:
+    """Why liger-kernel's fused loss cannot stand for `lm_head` + cross-entropy on `base`
+    (None: it can): it runs Triton kernels on CUDA devices; it multiplies by the head's
+    weight (and bias) and applies a soft cap, so a head that scales its scores (Granite,
+    Cohere) is left to the chunks; and it needs the head whole and frozen (`chunkable`)."""
+    if device.type != "cuda":
+        return f"liger-kernel runs on CUDA devices, not on the {device.type.upper()}"
+    if not chunkable(base):
+        return "the LM head is trained or sharded (the whole scores are computed)"
+    config = _text_config(base)
+    if getattr(config, "logits_scaling", None) or isinstance(getattr(config, "logit_scale", None), (int, float)):
+        return f"{config.model_type}'s LM head scales its scores"
+    return None
+
+
+def _liger_loss(base, states: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """`summed_token_loss` by liger-kernel: the head's product and the cross-entropy fused,
+    a chunk of positions at a time, the states' gradient computed in the forward (as
+    `_ChunkedLoss` does). Gemma's final soft cap is liger's ``softcap``."""
+    from .extras import require
+
+    functional = require("liger_kernel.transformers.functional", "liger", "train.lm_loss=liger")
+    head = base.get_output_embeddings()
+    return functional.liger_fused_linear_cross_entropy(
+        states, head.weight, wanted, bias=head.bias, reduction="sum",
+        softcap=getattr(_text_config(base), "final_logit_softcapping", None) or None)
+
+
+def _text_config(base):
+    return base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -101,6 +146,7 @@ class _ChunkedLoss(torch.autograd.Function):
         (grads,) = ctx.saved_tensors
         return grads * grad.to(grads.dtype), None, None, None
 
+
 def lm_head(base, hidden: torch.Tensor) -> torch.Tensor:
     """A causal LM's scores from its last-layer states, as its own forward computes them at
     those positions: its output embeddings, then the final scaling of the families that
@@ -114,7 +160,7 @@ def lm_head(base, hidden: torch.Tensor) -> torch.Tensor:
     Returns:
         (..., V) scores in the head's dtype.
     """
-    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    config = _text_config(base)
     logits = base.get_output_embeddings()(hidden)
     if getattr(config, "logits_scaling", None):  # Granite
         logits = logits / config.logits_scaling
@@ -125,4 +171,5 @@ def lm_head(base, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-__all__ = ["token_loss", "chunked_token_loss", "summed_token_loss", "chunkable", "lm_head", "LOSS_CHUNK_SCORES"]
+__all__ = ["token_loss", "chunked_token_loss", "summed_token_loss", "chunkable", "fused_loss_refusal", "lm_head",
+           "LM_LOSSES", "LOSS_CHUNK_SCORES"]

@@ -92,6 +92,7 @@ class SoftPromptModel(OnBase, nn.Module):
         # A training-time view of the base (compiled / checkpointed blocks, see regions.py),
         # kept out of the module tree: it shares the base's parameters.
         self.__dict__["_train_base"] = None
+        self.__dict__["_train_lm_loss"] = "chunks"  # `accelerated`'s
         # A base split by tensor parallelism is identified here, by every process at once: its
         # fingerprint gathers the embedding, a collective that one process saving alone would wait on.
         self.__dict__["_identity"] = base_identity(base, self.spec) if tensor_parallel_mesh(base) is not None else None
@@ -186,15 +187,17 @@ class SoftPromptModel(OnBase, nn.Module):
 
     @contextmanager
     def accelerated(self, *, compile: bool = False, checkpointing: bool = False,
-                    compile_options: dict[str, Any] | None = None) -> Iterator[None]:
+                    compile_options: dict[str, Any] | None = None, lm_loss: str = "chunks") -> Iterator[None]:
         """Within the block, training forwards (``model.train()``, grad on) run the base
-        through a view with its repeated blocks compiled and/or checkpointed (regions.py);
-        evaluation and generation keep the base as it is. The base is never modified.
+        through a view with its repeated blocks compiled and/or checkpointed (regions.py),
+        and compute a causal LM's token loss with the kernel `lm_loss`; evaluation and
+        generation keep the base as it is. The base is never modified.
 
         Args:
             compile: `torch.compile` each block (regional compilation).
             checkpointing: activation checkpointing of each block (deep prompts included).
             compile_options: keyword arguments of `torch.compile`.
+            lm_loss: one of `loss.LM_LOSSES` (``chunks``: what every other forward uses).
 
         With `compile`, dynamo's recompile limit is raised for the block (a deep prompt
         compiles one graph per layer, see `regions.recompile_limit`) and restored after.
@@ -209,7 +212,8 @@ class SoftPromptModel(OnBase, nn.Module):
                               "for encoder-decoders")
         base_view = regions.view(self.base, compile=compile, checkpointing=checkpointing,
                                  compile_options=compile_options)
-        previous, self.__dict__["_train_base"] = self._train_base, base_view
+        previous = self._train_base, self._train_lm_loss
+        self.__dict__["_train_base"], self.__dict__["_train_lm_loss"] = base_view, lm_loss
         dynamo = torch._dynamo.config
         limit = dynamo.recompile_limit
         if compile:
@@ -217,13 +221,14 @@ class SoftPromptModel(OnBase, nn.Module):
         try:
             yield
         finally:
-            self.__dict__["_train_base"] = previous
+            self.__dict__["_train_base"], self.__dict__["_train_lm_loss"] = previous
             dynamo.recompile_limit = limit
 
+    def _training_forward(self) -> bool:
+        return self._train_base is not None and self.training and torch.is_grad_enabled()
+
     def _running_base(self) -> nn.Module:
-        if self._train_base is not None and self.training and torch.is_grad_enabled():
-            return self._train_base
-        return self.base
+        return self._train_base if self._training_forward() else self.base
 
     def export(self) -> torch.Tensor:
         """The collapsed inference tensor: (P, D) for input methods, (L, 2, H_kv, P, D_head) for deep ones."""
@@ -307,7 +312,8 @@ class SoftPromptModel(OnBase, nn.Module):
                            prompts, answer_index=batch.get("answer_index"), field_index=batch.get("field_index"),
                            word_index=batch.get("word_index"), labels=labels, decoder_input_ids=decoder_input_ids,
                            output_hidden_states=output_hidden_states, logits=logits,
-                           lm_head_columns=self.keeps_logits, virtual_tokens=virtual, pack_index=pack_index)
+                           lm_head_columns=self.keeps_logits, virtual_tokens=virtual, pack_index=pack_index,
+                           lm_loss=self._train_lm_loss if self._training_forward() else "chunks")
 
     def _slots_added(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """(input_ids, attention_mask, prompt_index) of a batch given without prompt_index:

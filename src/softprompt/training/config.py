@@ -20,6 +20,7 @@ import yaml
 
 from ..base_models import DTYPES
 from ..errors import ConfigError
+from ..loss import LM_LOSSES
 from ..methods import CONFIGS
 from ..template import parse_template
 
@@ -61,6 +62,12 @@ class TrainConfig:
             (`torch.compile`'s default mode) or a mode name, ``reduce-overhead`` (each
             block's forward and backward replayed as CUDA graphs: fewer launches, for small
             models whose steps the host bounds) or ``max-autotune``.
+        lm_loss: the kernel of a causal LM's token loss (generation tasks): auto (the
+            default: liger-kernel's fused LM head and cross-entropy on a CUDA device where
+            the ``liger`` extra is installed, else softprompt's chunks;
+            `fast_path.resolved_lm_loss`), chunks (the LM head a chunk of positions at a
+            time, any device) or liger. Both compute the same loss and never hold the
+            whole (B, S, V) scores.
         gradient_checkpointing: recompute each block's activations in the backward pass
             (less memory, about one more forward of time); works for deep prompts too.
         packing: run each micro-batch padding-free: its rows packed end to end into
@@ -100,6 +107,7 @@ class TrainConfig:
     bucket: bool = True
     mixed_precision: str = "auto"
     compile: bool | str = "auto"
+    lm_loss: str = "auto"
     gradient_checkpointing: bool = False
     packing: bool = False
     pack_tokens: int = 512
@@ -129,6 +137,8 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_ratio must be a number in [0, 1), got {self.warmup_ratio!r}")
         if self.compile not in (True, False, "auto") + COMPILE_MODES:
             raise ConfigError(f"train.compile must be auto, true, false or one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.lm_loss not in ("auto",) + LM_LOSSES:
+            raise ConfigError(f"train.lm_loss must be auto, {' or '.join(LM_LOSSES)}, got {self.lm_loss!r}")
         for name in ("bucket", "gradient_checkpointing", "packing", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"train.{name} must be true or false, got {getattr(self, name)!r}")

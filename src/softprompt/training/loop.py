@@ -44,7 +44,7 @@ from ..tasks.base import Task
 from .checkpoint import CHECKPOINT, is_fsdp2, load_checkpoint, save_checkpoint, whole
 from .config import TrainConfig
 from .evaluate import evaluate
-from .fast_path import launched_processes, resolved_compile
+from .fast_path import launched_processes, resolved_compile, resolved_lm_loss
 from .logs import METRICS_LINES, RunLog, check_trackers, log, tracker_options, truncate_metrics
 from .order import BatchStream
 
@@ -198,8 +198,9 @@ def train(
     compiled = resolved_compile(config.compile, model.device, launched_processes(),
                                 tensor_parallel_mesh(model.base) is not None, model.spec.kind is ModelKind.CAUSAL)
     options = {"mode": compiled} if isinstance(compiled, str) else None
+    lm_loss = resolved_lm_loss(config.lm_loss, model.base, model.device, model.spec.kind is ModelKind.CAUSAL)
     with model.accelerated(compile=compiled is not False, checkpointing=config.gradient_checkpointing,
-                           compile_options=options):
+                           compile_options=options, lm_loss=lm_loss):
         loop = Loop(model, task, train_examples, eval_examples, config, output, resume=resume, metadata=metadata,
                     run_config=run_config)
         return loop.run()
