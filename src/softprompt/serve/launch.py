@@ -46,7 +46,7 @@ def launch(*, model: str, prompts: str | None, prompt_pairs: list[str], host: st
     from .bank import named_prompt_folders
 
     require_extra("serve", "softprompt serve")  # before the model loads
-    from ..architecture import ModelKind, model_spec
+    from ..architecture import ModelKind, base_identity, model_spec
     from ..base_models import load_base, resolve_device
     from . import Engine, PromptBank
     from .guard import check_api_key
@@ -96,6 +96,7 @@ def launch(*, model: str, prompts: str | None, prompt_pairs: list[str], host: st
     base, tokenizer = load_base(model, dtype=dtype, tensor_parallel=tensor_parallel)
     if tensor_parallel:  # each process's part is on the device transformers put it on
         target = base.get_input_embeddings().weight.device
+        base_identity(base)  # by every process now: a task read later (on one process alone) then gathers nothing
     else:
         target = resolve_device(device)
         base.to(target)
