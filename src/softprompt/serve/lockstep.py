@@ -20,7 +20,7 @@ one before they are sent:
 
 - Seeds. A row without a seed draws fresh entropy when it becomes a decode row
   (`GenerationOptions.sampling`); rank 0 parses each request's options and fixes a seed
-  (`pin_options`) before sending them, so every process draws the same tokens
+  (`wire.pin_options`) before sending them, so every process draws the same tokens
   (`sampling.py`: a row's draws depend only on its seed, its token count and its logits).
 - Cancellation. A client may go at any moment, and a decode checks `Request.gone` at every
   step (`decode._drop_cancelled`) and a row's text stops early when its stream is cancelled
@@ -37,129 +37,40 @@ returns (an admitted request lives as long as the decode it joined).
 
 Messages are JSON (never pickle: rank 0 parses requests from clients; JSON keeps what is
 sent plain data) in a uint8 tensor, its length first, broadcast from rank 0 over a gloo
-process group of their own (`Channel`): the split forward's collectives (NCCL on GPUs) never
-mix with them, and a follower may wait for the next request for days (`IDLE`).
+process group of their own (`wire.Channel`): the split forward's collectives (NCCL on GPUs) never
+mix with them, and a follower may wait for the next request for days (`wire.IDLE`).
+
+Reading a task runs no collective (the base's identity, which a prompt folder is checked
+against, is computed once by every process at start: `architecture.base_identity`), so each
+process reads tasks when it needs them: rank 0 a lazily served task when a request is
+submitted, the others when their run reaches it. A cached leading segment
+(`prompt_cache.py`) is a forward of the split base: computed at a message, never when a
+bank reads the task (`PromptBank(cache_prompts=False)`, see `launch`). Rank 0 binds the
+requests of each message to their entries, names in the message the tasks whose lead no
+process holds yet, and every process computes those, in that order, then hands each
+request's entry its lead before the engine sees the request (`prompt_cache.LockstepLeads`).
 
 What cannot be mirrored is refused by `launch`: ``--admin`` (a task added or removed would
-have to reach every process at the same point) and ``--ray``. Tasks are read without a
-cached leading segment (`PromptBank(cache_prompts=False)`, see `launch`), so reading a task
-runs no forward of the base: rank 0 reads a lazily served task when a request is submitted,
-the others when the run reaches it.
+have to reach every process at the same point) and ``--ray``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import threading
-from datetime import timedelta
 from typing import Any, Callable
 
-import torch
-import torch.distributed as dist
-
-from ..encode import TokenIds
 from ..errors import ConfigError
 from .engine import Engine
-from .prepare import failure
+from .entry import BankEntry
+from .prepare import bind, failure
+from .prompt_cache import LockstepLeads
 from .request import Admit, Request, Result
-from .sampling import fresh_seed
-from .text import GenerationOptions, TokenStream
+from .text import TokenStream
+from .wire import Channel, from_wire, pin_options, to_wire
 
 log = logging.getLogger("softprompt.serve")
-
-#: how long a follower waits for rank 0's next message (an idle server sends none)
-IDLE = timedelta(days=365)
-#: the options a follower gets for a request whose options rank 0 could not parse: refused there too
-_REFUSED = {"options rank 0 refused": True}
-
-
-class Channel:
-    """JSON messages broadcast from rank 0 to every process of the launch, over a gloo
-    group of their own (made by every process, in the same order: a collective)."""
-
-    def __init__(self, timeout: timedelta = IDLE):
-        self.group = dist.new_group(backend="gloo", timeout=timeout)
-        self.rank, self.size = dist.get_rank(), dist.get_world_size()
-
-    def send(self, message: dict[str, Any]) -> None:
-        """Rank 0: broadcast `message` (its length, then its UTF-8 JSON bytes)."""
-        data = json.dumps(message, allow_nan=False).encode()
-        dist.broadcast(torch.tensor([len(data)], dtype=torch.int64), src=0, group=self.group)
-        dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=self.group)
-
-    def receive(self) -> dict[str, Any]:
-        """Ranks > 0: the next message rank 0 sends."""
-        length = torch.zeros(1, dtype=torch.int64)
-        dist.broadcast(length, src=0, group=self.group)
-        data = torch.empty(int(length.item()), dtype=torch.uint8)
-        dist.broadcast(data, src=0, group=self.group)
-        return json.loads(data.numpy().tobytes().decode())
-
-
-# -- requests as plain data ---------------------------------------------------------------
-def pin_options(options: dict[str, Any] | GenerationOptions) -> dict[str, Any] | GenerationOptions:
-    """The options parsed, with a seed fixed where none was given (every process then draws
-    the same tokens); options that do not parse are returned as they are (the request fails
-    on every process before it reaches the model)."""
-    try:
-        parsed = GenerationOptions.parse(options)
-    except Exception:
-        return options
-    return parsed if parsed.seed is not None else dataclasses.replace(parsed, seed=fresh_seed())
-
-
-def _value(x: Any) -> Any:
-    """An input as JSON: what JSON would lose (token ids vs a list of words, tuples, a
-    mapping of fields) is tagged; strings, numbers, booleans and None stay."""
-    if isinstance(x, TokenIds):
-        return {"token_ids": list(x)}
-    if isinstance(x, (list, tuple)):
-        return {"list" if isinstance(x, list) else "tuple": [_value(v) for v in x]}
-    if isinstance(x, dict):
-        if not all(isinstance(k, str) for k in x):
-            raise ConfigError(f"an input's field names must be strings to reach every process: {list(x)!r}")
-        return {"fields": {k: _value(v) for k, v in x.items()}}
-    if x is None or isinstance(x, (str, int, bool)) or (isinstance(x, float) and math.isfinite(x)):
-        return x  # JSON has no NaN nor infinity
-    raise ConfigError(f"an input of type {type(x).__name__}: a tensor-parallel server sends its inputs to every "
-                      "process, as text, numbers, lists, objects of fields or token ids")
-
-
-def _unvalue(x: Any) -> Any:
-    if not isinstance(x, dict):
-        return x
-    (tag, v), = x.items()
-    if tag == "token_ids":
-        return TokenIds(int(i) for i in v)
-    if tag == "fields":
-        return {k: _unvalue(u) for k, u in v.items()}
-    return (list if tag == "list" else tuple)(_unvalue(u) for u in v)
-
-
-def to_wire(request: Request, rid: int) -> dict[str, Any]:
-    """A request (its options pinned: `pin_options`) as plain data, under the id `rid`."""
-    options = request.options
-    return {"id": rid, "task": request.task, "input": _value(request.input), "generate": request.generate,
-            "echo": request.echo, "stream": request.stream is not None,
-            "options": dataclasses.asdict(options) if isinstance(options, GenerationOptions) else None}
-
-
-def from_wire(data: dict[str, Any]) -> tuple[int, Request]:
-    """`to_wire`'s request back (its id, and a request whose stream, if it had one, goes
-    nowhere)."""
-    options = data["options"]
-    if options is None:
-        parsed: dict[str, Any] | GenerationOptions = dict(_REFUSED)
-    else:  # JSON made the tuples lists; logit_bias's token ids stay ints (pairs, not a mapping)
-        parsed = GenerationOptions(**{**options, "stop": tuple(options["stop"]),
-                                      "logit_bias": tuple((int(t), float(b)) for t, b in options["logit_bias"])})
-    stream = TokenStream(lambda text, logprobs: None) if data["stream"] else None
-    return data["id"], Request(data["task"], _unvalue(data["input"]), generate=data["generate"], options=parsed,
-                               stream=stream, echo=data["echo"])
-
 
 # -- rank 0 -------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -192,6 +103,21 @@ def _forward(stream: TokenStream, text: str, logprobs) -> None:
         log.exception("a stream's piece could not be handed to its client")
 
 
+def _bound(bank, requests: list[Request]) -> list[BankEntry]:
+    """The entries the requests are bound to (`prepare.bind`: a pinned one, or the bank's
+    now; the bank computes no lead, so a read runs no forward); one that cannot be bound
+    (an unknown task, an unreadable folder) fails in the run, the same on every process."""
+    entries = []
+    for request in requests:
+        try:
+            entry = bind(bank, request)
+        except Exception:
+            entry = None
+        if entry is not None:
+            entries.append(entry)
+    return entries
+
+
 def latch(request: Request) -> None:
     """The engine's request is cancelled from now on (its stream too)."""
     request.cancelled.set()
@@ -204,13 +130,14 @@ class LockstepEngine:
     each `run` and each admission of its decode sent to the other processes first.
 
     Args:
-        engine: this process's engine (on the split base).
+        engine: this process's engine (on the split base; its bank computes no leads).
         channel: the messages' group (`Channel`).
     """
 
     def __init__(self, engine: Engine, channel: Channel):
         self.engine = engine
         self.channel = channel
+        self.leads = LockstepLeads(engine.bank.max_in_memory)
         self._lock = threading.RLock()  # one run at a time (nested ones on its thread); `stop` waits for it
         self._ids = 0
         self._shadows: dict[int, _Shadow] = {}  # the outermost run's requests, by id
@@ -229,10 +156,12 @@ class LockstepEngine:
             try:
                 entries = [self._register(r, r.on_result) for r in requests]
                 sent = [e for e in entries if not isinstance(e, Result)]
+                ran = [s.engine for s, _ in sent]
+                leads = self.leads.missing(_bound(self.engine.bank, ran))
                 self.channel.send({"kind": "run", "admit": admit is not None, "requests": [w for _, w in sent],
-                                   "gone": self._latch_gone()})
-                results = iter(self.engine.run([s.engine for s, _ in sent],
-                                               admit=None if admit is None else self._admitting(admit)))
+                                   "gone": self._latch_gone(), "leads": leads})
+                _attach(self.leads, self.engine.bank, ran, leads, self.channel.rank)
+                results = iter(self.engine.run(ran, admit=None if admit is None else self._admitting(admit)))
                 return [e if isinstance(e, Result) else next(results) for e in entries]
             finally:
                 self._depth -= 1
@@ -272,7 +201,11 @@ class LockstepEngine:
                 log.exception("the admit hook failed; decoding goes on without new rows")
             entries = [(self._register(request, on_result), on_result) for request, on_result in chosen]
             sent = [(e, on_result) for e, on_result in entries if not isinstance(e, Result)]
-            self.channel.send({"kind": "admitted", "requests": [w for (_, w), _ in sent], "gone": self._latch_gone()})
+            joining = [s.engine for (s, _), _ in sent]
+            leads = self.leads.missing(_bound(self.engine.bank, joining))
+            self.channel.send({"kind": "admitted", "requests": [w for (_, w), _ in sent], "gone": self._latch_gone(),
+                               "leads": leads})
+            _attach(self.leads, self.engine.bank, joining, leads, self.channel.rank)
             return [(s.engine, on_result) for (s, _), on_result in sent]
 
         return admitted
@@ -291,12 +224,21 @@ class LockstepEngine:
             self._lock.release()
 
 
+def _attach(leads: LockstepLeads, bank, requests: list[Request], computed: list[str], rank: int) -> None:
+    """Every process, at a message: the leads it names computed, and each request's entry
+    given its task's (`LockstepLeads.attach`)."""
+    leads.attach(_bound(bank, requests), computed)
+    if computed:
+        log.info("rank %d cached the leading segment of %s", rank, ", ".join(map(repr, computed)))
+
+
 # -- ranks > 0 ----------------------------------------------------------------------------
 class _Follower:
     """A process > 0 mirroring rank 0's engine calls (`follow`)."""
 
     def __init__(self, engine: Engine, channel: Channel):
         self.engine, self.channel = engine, channel
+        self.leads = LockstepLeads(engine.bank.max_in_memory)
         self.requests: dict[int, Request] = {}  # the outermost run's requests, by id
         self.depth = 0
 
@@ -313,6 +255,7 @@ class _Follower:
         self.depth += 1
         try:
             requests = self._take(message)
+            _attach(self.leads, self.engine.bank, requests, message["leads"], self.channel.rank)
             self.engine.run(requests, admit=self._admit if message["admit"] else None)
         finally:
             self.depth -= 1
@@ -335,7 +278,9 @@ class _Follower:
                 continue
             if message["kind"] != "admitted":
                 raise RuntimeError(f"out of step with rank 0: {message['kind']!r} while a decode admits rows")
-            return [(request, _nowhere) for request in self._take(message)]
+            joining = self._take(message)
+            _attach(self.leads, self.engine.bank, joining, message["leads"], self.channel.rank)
+            return [(request, _nowhere) for request in joining]
 
 
 def _nowhere(result: Result) -> None:
@@ -347,4 +292,4 @@ def follow(engine: Engine, channel: Channel) -> None:
     _Follower(engine, channel).loop()
 
 
-__all__ = ["Channel", "LockstepEngine", "follow", "pin_options", "to_wire", "from_wire", "IDLE"]
+__all__ = ["LockstepEngine", "follow"]
