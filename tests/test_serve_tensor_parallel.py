@@ -8,7 +8,7 @@ decode. Both processes compute the input task's cached segment, at a message
 processes at the same step (`lockstep.py`: cancellation latched at a message): the requests
 after it still answer as the single process does. Stopping rank 0 stops the launch, every
 process exiting 0. In one process, over a pipe: a follower mirrors rank 0 (cached segments
-on both).
+on both), and a run that raises on rank 0 ends on the follower too, which stays in step.
 Also: requests as plain data and back (`wire.to_wire` / `from_wire`), and the options a
 split base cannot serve, refused by name."""
 
@@ -196,8 +196,12 @@ def test_what_a_split_base_cannot_serve_is_refused_by_name(tmp_path, monkeypatch
         "launch: start with `torchrun --nproc_per_node N" in r.output, r.output
 
 
+class _Silence(BaseException):
+    """No message for 30 s: the follower thread ends (an Exception, the engine would catch)."""
+
+
 class _Pipe:
-    """`lockstep.Channel` within one process: rank 0's messages, through JSON, to a follower thread."""
+    """`wire.Channel` within one process: rank 0's messages, through JSON, to a follower thread."""
 
     def __init__(self):
         import queue
@@ -210,7 +214,12 @@ class _Pipe:
         self.messages.put(json.dumps(message))
 
     def receive(self) -> dict:
-        return json.loads(self.messages.get(timeout=60))
+        import queue
+
+        try:
+            return json.loads(self.messages.get(timeout=30))
+        except queue.Empty:
+            raise _Silence() from None
 
 
 def _outcome(result) -> tuple:
@@ -246,7 +255,7 @@ def _lockstep(tokenizer, folder, monkeypatch):
     engines[1].run = lambda requests, admit=None: followed.extend(run(requests, admit=admit)) or followed[-len(requests):]
     monkeypatch.setattr(lockstep, "_nowhere", followed.append)
     pipe = _Pipe()
-    follower = threading.Thread(target=lockstep.follow, args=(engines[1], pipe))
+    follower = threading.Thread(target=lockstep.follow, args=(engines[1], pipe), daemon=True)
     follower.start()
     return lockstep.LockstepEngine(engines[0], pipe), engines[1], followed, pipe, follower
 
@@ -298,3 +307,45 @@ def test_a_follower_runs_what_rank_0_runs_nested_runs_and_cancellations_included
         lead = bank["input"].lead
         assert lead is not None and lead.length == 5  # [P:3] Review: -> 3 virtual slots and 2 tokens
         assert bank["input"].on_device.shape == lead.kv.shape  # (L, 2, H_kv, 5, D_head): what the rows ran with
+
+
+class _Injected(BaseException):
+    """A failure no guard of the engine catches, as a bug escaping `Engine.run` would."""
+
+
+def test_a_run_that_raises_on_rank_0_ends_on_the_follower_too(gpt2_tokenizer, tmp_path, monkeypatch):
+    """Rank 0's decode raises after its second step (`_Injected`), in a run the `Batcher`
+    made: its requests are answered with that error, as the single process answers them; the
+    follower, waiting in the same decode for rank 0's next message, ends its run there
+    (``failed``) and stays in step: the next requests answer on both alike."""
+    from softprompt.serve import Batcher
+
+    engine, other, followed, pipe, follower = _lockstep(gpt2_tokenizer, tmp_path, monkeypatch)
+    decoder = engine.engine.decoder
+    step, steps = decoder._step, []
+
+    def failing_step():
+        steps.append(1)
+        if len(steps) == 2:
+            raise _Injected("rank 0's decode step failed")
+        step()
+
+    decoder._step = failing_step
+    batcher = Batcher(engine)
+    try:
+        failed = batcher.submit([Request(task, "a gem of a film", generate=True, options={"max_new_tokens": 8})
+                                 for task in ("input", "deep")])
+        for future in failed:
+            with pytest.raises(_Injected):
+                future.result(timeout=60)
+        assert pipe.sent[-1] == "failed"
+        del decoder._step  # rank 0 decodes again
+        after = [f.result(timeout=60) for f in batcher.submit(
+            [Request(task, "so so", generate=True, options={"max_new_tokens": 6}) for task in ("input", "deep")])]
+    finally:
+        batcher.close()
+        engine.stop()
+        follower.join(timeout=60)
+    assert not follower.is_alive() and pipe.sent[-1] == "stop"
+    assert all(r.ok and r.new_tokens for r in after)
+    assert sorted(map(_outcome, followed), key=repr) == sorted(map(_outcome, after), key=repr)  # the failed run: none

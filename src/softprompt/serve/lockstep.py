@@ -11,6 +11,7 @@ and mirrors rank 0's engine call by call (`follow`).
              | "run" [requests]  ------------------------------> | Engine.run(requests, admit=next messages)
              | between decode steps, admit() -> "admitted" ----> | admit() returns those requests
              |   (a nested run inside admit: "run" first) -----> |   (runs it, then waits on)
+             | a run raised: "failed" ---------------------------> | ends that run, if still in it
              | at shutdown "stop" -------------------------------> | returns
 
 The engine is deterministic given its requests: the same rows join the same decode steps
@@ -50,6 +51,17 @@ requests of each message to their entries, names in the message the tasks whose 
 process holds yet, and every process computes those, in that order, then hands each
 request's entry its lead before the engine sees the request (`prompt_cache.LockstepLeads`).
 
+Failures. The engine answers a request that fails with its error and goes on, on every
+process alike: the same requests fail in the same way everywhere. What escapes rank 0's
+`Engine.run` (a bug) is sent as ``failed``: a follower still waiting inside that run for
+its next message (its decode's admit hook) ends the run there (`RankZeroFailed`) and waits
+for the next; rank 0 raises it on, and the `Batcher` answers the run's requests with it, as
+the single process does. Each ``admitted`` carries rank 0's count of decode steps: a follower
+whose decode has run a different number (rank 0 alone retried a batch, or failed a step) is
+out of step (`OutOfStep`) and exits, and torchrun ends the launch, rather than decode other
+rows than rank 0. A follower blocked in a collective forward that rank 0 never reaches waits
+for the process group's timeout.
+
 What cannot be mirrored is refused by `launch`: ``--admin`` (a task added or removed would
 have to reach every process at the same point) and ``--ray``.
 """
@@ -72,6 +84,20 @@ from .wire import Channel, from_wire, pin_options, to_wire
 
 log = logging.getLogger("softprompt.serve")
 
+class _Unwind(BaseException):
+    """Ends a follower's engine run from inside it (its admit hook). Not an Exception: the
+    engine catches every Exception to fail one request, or one decode's rows, and go on
+    (`Engine._guarded`, `Decoder._admitted`), and this is no request's failure."""
+
+
+class RankZeroFailed(_Unwind):
+    """Rank 0's run raised (a ``failed`` message): the follower's run ends too."""
+
+
+class OutOfStep(_Unwind):
+    """A message that does not fit what this process is doing: it exits."""
+
+
 # -- rank 0 -------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Shadow:
@@ -88,7 +114,23 @@ class _Shadow:
             stream = TokenStream(lambda text, logprobs, c=client.stream: _forward(c, text, logprobs))
         return cls(client, Request(client.task, client.input, generate=client.generate,
                                    options=pin_options(client.options), stream=stream, echo=client.echo,
-                                   on_result=client.on_result, entry=client.entry, submitted=client.submitted))
+                                   on_result=_quiet(client.on_result), entry=client.entry,
+                                   submitted=client.submitted))
+
+
+def _quiet(on_result: Callable[[Result], None] | None) -> Callable[[Result], None] | None:
+    """A client's result callback that never raises: raised inside the engine on rank 0
+    alone, it would fail (and retry) a batch there alone."""
+    if on_result is None:
+        return None
+
+    def hand(result: Result) -> None:
+        try:
+            on_result(result)
+        except Exception:
+            log.exception("a result could not be handed to its client")
+
+    return hand
 
 
 def _forward(stream: TokenStream, text: str, logprobs) -> None:
@@ -160,13 +202,25 @@ class LockstepEngine:
                 leads = self.leads.missing(_bound(self.engine.bank, ran))
                 self.channel.send({"kind": "run", "admit": admit is not None, "requests": [w for _, w in sent],
                                    "gone": self._latch_gone(), "leads": leads})
-                _attach(self.leads, self.engine.bank, ran, leads, self.channel.rank)
-                results = iter(self.engine.run(ran, admit=None if admit is None else self._admitting(admit)))
+                try:
+                    _attach(self.leads, self.engine.bank, ran, leads, self.channel.rank)
+                    results = iter(self.engine.run(ran, admit=None if admit is None else self._admitting(admit)))
+                except BaseException as e:
+                    self._fail(e)
+                    raise
                 return [e if isinstance(e, Result) else next(results) for e in entries]
             finally:
                 self._depth -= 1
                 if not self._depth:
                     self._shadows.clear()
+
+    def _fail(self, error: BaseException) -> None:
+        """Tell the others that this depth's run raised (a follower waiting in it ends it)."""
+        log.error("a run raised on rank 0 (%s: %s); the other processes end it too", type(error).__name__, error)
+        try:
+            self.channel.send({"kind": "failed", "depth": self._depth})
+        except Exception:
+            log.exception("the other processes could not be told")
 
     def _register(self, request: Request, on_result: Callable[[Result], None] | None
                   ) -> tuple[_Shadow, dict[str, Any]] | Result:
@@ -200,11 +254,11 @@ class LockstepEngine:
             except Exception:  # the decoder would go on without new rows: so do the others
                 log.exception("the admit hook failed; decoding goes on without new rows")
             entries = [(self._register(request, on_result), on_result) for request, on_result in chosen]
-            sent = [(e, on_result) for e, on_result in entries if not isinstance(e, Result)]
+            sent = [(e, _quiet(on_result)) for e, on_result in entries if not isinstance(e, Result)]
             joining = [s.engine for (s, _), _ in sent]
             leads = self.leads.missing(_bound(self.engine.bank, joining))
             self.channel.send({"kind": "admitted", "requests": [w for (_, w), _ in sent], "gone": self._latch_gone(),
-                               "leads": leads})
+                               "leads": leads, "step": self.engine.decoder.steps})
             _attach(self.leads, self.engine.bank, joining, leads, self.channel.rank)
             return [(s.engine, on_result) for (s, _), on_result in sent]
 
@@ -227,7 +281,10 @@ class LockstepEngine:
 def _attach(leads: LockstepLeads, bank, requests: list[Request], computed: list[str], rank: int) -> None:
     """Every process, at a message: the leads it names computed, and each request's entry
     given its task's (`LockstepLeads.attach`)."""
-    leads.attach(_bound(bank, requests), computed)
+    try:
+        leads.attach(_bound(bank, requests), computed)
+    except RuntimeError as e:  # raised by `attach` only where this process lacks what rank 0 has
+        raise OutOfStep(str(e)) from None
     if computed:
         log.info("rank %d cached the leading segment of %s", rank, ", ".join(map(repr, computed)))
 
@@ -247,8 +304,10 @@ class _Follower:
             message = self.channel.receive()
             if message["kind"] == "stop":
                 return
+            if message["kind"] == "failed":  # a run that ended here already (or failed here too)
+                continue
             if message["kind"] != "run":
-                raise RuntimeError(f"out of step with rank 0: {message['kind']!r} while no run is in flight")
+                raise OutOfStep(f"out of step with rank 0: {message['kind']!r} while no run is in flight")
             self.run(message)
 
     def run(self, message: dict[str, Any]) -> None:
@@ -257,6 +316,10 @@ class _Follower:
             requests = self._take(message)
             _attach(self.leads, self.engine.bank, requests, message["leads"], self.channel.rank)
             self.engine.run(requests, admit=self._admit if message["admit"] else None)
+        except RankZeroFailed:
+            log.warning("rank 0's run raised: this process ended it too")
+        except Exception:  # raised here alone, rank 0 goes on: its next message says so (`OutOfStep`)
+            log.exception("a run raised on rank %d", self.channel.rank)
         finally:
             self.depth -= 1
             if not self.depth:
@@ -276,8 +339,15 @@ class _Follower:
             if message["kind"] == "run":  # rank 0's admit ran head requests first
                 self.run(message)
                 continue
+            if message["kind"] == "failed":
+                if message["depth"] > self.depth:  # that nested run ended here already
+                    continue
+                raise RankZeroFailed()
             if message["kind"] != "admitted":
-                raise RuntimeError(f"out of step with rank 0: {message['kind']!r} while a decode admits rows")
+                raise OutOfStep(f"out of step with rank 0: {message['kind']!r} while a decode admits rows")
+            if message["step"] != self.engine.decoder.steps:
+                raise OutOfStep(f"out of step with rank 0: its decode ran {message['step']} steps, this process's "
+                                f"{self.engine.decoder.steps}")
             joining = self._take(message)
             _attach(self.leads, self.engine.bank, joining, message["leads"], self.channel.rank)
             return [(request, _nowhere) for request in joining]
@@ -288,8 +358,12 @@ def _nowhere(result: Result) -> None:
 
 
 def follow(engine: Engine, channel: Channel) -> None:
-    """Ranks > 0: run what rank 0's `LockstepEngine` runs, until it says stop."""
+    """Ranks > 0: run what rank 0's `LockstepEngine` runs, until it says stop.
+
+    Raises:
+        OutOfStep: a message that does not fit this process's work (the launch must end).
+    """
     _Follower(engine, channel).loop()
 
 
-__all__ = ["LockstepEngine", "follow"]
+__all__ = ["LockstepEngine", "follow", "RankZeroFailed", "OutOfStep"]
