@@ -160,3 +160,19 @@ def family_models(request):
         return factory(tok), tok
 
     return get
+
+
+def save_served(root: Path, base, tokenizer, prompts: dict, *, seed: int | None = None, model: str = "base") -> Path:
+    """What `softprompt serve` reads, written under `root`: the base model and its tokenizer
+    in ``root/<model>``, and a prompt folder ``root/prompts/<name>`` for each of `prompts`
+    (task name -> method config, saved in that order, the i-th with its random
+    initialisation seeded by ``seed + i`` when `seed` is given). Returns ``root/<model>``."""
+    import softprompt as sp
+
+    base.save_pretrained(root / model)
+    tokenizer.save_pretrained(root / model)
+    for i, (name, config) in enumerate(prompts.items()):
+        if seed is not None:
+            torch.manual_seed(seed + i)
+        sp.SoftPromptModel(base, config, tokenizer=tokenizer).save_pretrained(root / "prompts" / name)
+    return root / model

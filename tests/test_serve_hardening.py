@@ -39,7 +39,7 @@ from softprompt.serve import Engine, PromptBank, Result, create_app
 from softprompt.serve.http import (ConnectionGuard, GuardedH11Protocol, GuardedHttpToolsProtocol, HTTPLimits,
                                    LogRateLimit, guarded_protocol)
 
-from conftest import _tiny
+from conftest import _tiny, save_served
 from serving import Server, free_port, wait_until_serving
 from test_serve_http import Blocking
 
@@ -58,12 +58,8 @@ def make_long_llama(tok):
 def folders(gpt2_tokenizer, tmp_path_factory):
     """A base model folder and a prompts folder with one completion task, ``writer``."""
     root = tmp_path_factory.mktemp("served")
-    base = make_long_llama(gpt2_tokenizer)
-    base.save_pretrained(root / "base")
-    gpt2_tokenizer.save_pretrained(root / "base")
-    torch.manual_seed(0)
-    sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=3, template="{text}", init_std=0.5),
-                       tokenizer=gpt2_tokenizer).save_pretrained(root / "prompts" / "writer")
+    save_served(root, make_long_llama(gpt2_tokenizer), gpt2_tokenizer,
+                {"writer": sp.PTuningV2Config(num_virtual_tokens=3, template="{text}", init_std=0.5)}, seed=0)
     return root
 
 

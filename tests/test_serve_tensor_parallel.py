@@ -1,11 +1,15 @@
 """`softprompt serve --tensor-parallel` (issue 22 item 3): a tiny Llama split over two CPU
-processes (torchrun, gloo) serves an input prompt and a deep prompt; every answer equals the
-single-process server's on the same folders, token for token: greedy, seeded sampling, stop
-strings, logit biases, token-id prompts, several choices, sent concurrently so that rows join
-a running decode. A stream whose client goes mid-decode stops on both processes at the same
-step (`lockstep.py`: cancellation latched at a message): the requests after it still answer
-as the single process does. Stopping rank 0 stops the launch, every process exiting 0.
-Also: requests as plain data and back (`lockstep.to_wire` / `from_wire`), and the options a
+processes (torchrun, gloo) serves an input prompt (its leading segment cached) and a deep
+prompt, read lazily, one task in memory at a time; every answer equals the single-process
+server's on the same folders, token for token: greedy, seeded sampling, stop strings, logit
+biases, token-id prompts, several choices, sent concurrently so that rows join a running
+decode. Both processes compute the input task's cached segment, at a message
+(`prompt_cache.LockstepLeads`). A stream whose client goes mid-decode stops on both
+processes at the same step (`lockstep.py`: cancellation latched at a message): the requests
+after it still answer as the single process does. Stopping rank 0 stops the launch, every
+process exiting 0. In one process, over a pipe: a follower mirrors rank 0 (cached segments
+on both), and a run that raises on rank 0 ends on the follower too, which stays in step.
+Also: requests as plain data and back (`wire.to_wire` / `from_wire`), and the options a
 split base cannot serve, refused by name."""
 
 from __future__ import annotations
@@ -25,29 +29,36 @@ import torch
 from softprompt.encode import TokenIds
 from softprompt.errors import ConfigError, SoftPromptError
 from softprompt.serve import ErrorKind, GenerationOptions, Request, TokenStream
-from softprompt.serve.lockstep import from_wire, pin_options, to_wire
+from softprompt.serve.wire import from_wire, pin_options, to_wire
 
-from conftest import make_llama
+from conftest import make_llama, save_served
 from serving import free_port, wait_until_serving
 from test_cli_train import invoke
 
 
+# the server with the lockstep's log lines (INFO) on stderr
+LOGGED = """import logging
+logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+logging.getLogger("softprompt.serve").setLevel(logging.INFO)
+from softprompt.cli import main
+main()
+"""
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, gpt2_tokenizer):
-    """The same base and prompt folders served split over two processes and by one."""
+    """The same base and prompt folders served split over two processes and by one, each
+    task read on its first request and one at a time in memory (read again and again: on
+    rank 0 when a request is submitted, on the other in its run)."""
     import softprompt as sp
 
     root = tmp_path_factory.mktemp("tp-serve")
-    base = make_llama(gpt2_tokenizer)
-    base.save_pretrained(root / "llama")
-    gpt2_tokenizer.save_pretrained(root / "llama")
-    torch.manual_seed(1)
-    sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:2] {text}", init="vocab"),
-                       tokenizer=gpt2_tokenizer).save_pretrained(root / "prompts" / "input")
-    torch.manual_seed(2)
-    sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=3, template="{text}", init_std=0.5),
-                       tokenizer=gpt2_tokenizer).save_pretrained(root / "prompts" / "deep")
-    serve = ["-m", "softprompt.cli", "serve", "--model", str(root / "llama"), "--prompts", str(root / "prompts")]
+    model = save_served(root, make_llama(gpt2_tokenizer), gpt2_tokenizer, {
+        "input": sp.PromptTuningConfig(template="[P:2] {text}", init="vocab"),
+        "deep": sp.PTuningV2Config(num_virtual_tokens=3, template="{text}", init_std=0.5)}, seed=1, model="llama")
+    (root / "serve.py").write_text(LOGGED)
+    serve = [str(root / "serve.py"), "serve", "--model", str(model), "--prompts", str(root / "prompts"), "--lazy",
+             "--max-in-memory", "1"]
     launches = {"split": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           *serve, "--tensor-parallel"],
                 "one": [sys.executable, *serve]}
@@ -110,6 +121,8 @@ def test_a_split_base_answers_as_one_process_and_stops_cleanly(servers, gpt2_tok
     want = _answers(one_url, bodies)
     assert len({texts[0][0] for texts, _ in want}) > 4  # the answers differ: equal ones would prove little
     assert _answers(split_url, bodies) == want
+    for rank in (0, 1):  # the input task's cached segment, computed by both processes at a message
+        assert f"rank {rank} cached the leading segment of 'input'" in split_log.read_text()
 
     # a stream whose client leaves mid-decode, beside a long completion decoding with it
     long = {"model": "deep", "prompt": "a gem of a film", "max_tokens": 40, "temperature": 0}
@@ -183,8 +196,12 @@ def test_what_a_split_base_cannot_serve_is_refused_by_name(tmp_path, monkeypatch
         "launch: start with `torchrun --nproc_per_node N" in r.output, r.output
 
 
+class _Silence(BaseException):
+    """No message for 30 s: the follower thread ends (an Exception, the engine would catch)."""
+
+
 class _Pipe:
-    """`lockstep.Channel` within one process: rank 0's messages, through JSON, to a follower thread."""
+    """`wire.Channel` within one process: rank 0's messages, through JSON, to a follower thread."""
 
     def __init__(self):
         import queue
@@ -197,20 +214,24 @@ class _Pipe:
         self.messages.put(json.dumps(message))
 
     def receive(self) -> dict:
-        return json.loads(self.messages.get(timeout=60))
+        import queue
+
+        try:
+            return json.loads(self.messages.get(timeout=30))
+        except queue.Empty:
+            raise _Silence() from None
 
 
 def _outcome(result) -> tuple:
     return result.output, result.error_kind, result.new_tokens, result.finish_reason
 
 
-def test_a_follower_runs_what_rank_0_runs_nested_runs_and_cancellations_included(gpt2_tokenizer, tmp_path, monkeypatch):
-    """Rank 0's `LockstepEngine` and a follower (`follow`, in a thread, on a copy of the base)
-    over an in-process channel: rows admitted mid-decode, a run nested in the admit hook (as
-    the batcher runs head requests there), a client that goes mid-decode (its row stops after
-    the same step on both: the result counts the same tokens) and a sampled row without a
-    seed (rank 0 fixes one: the follower draws the same tokens). The follower's every result
-    equals rank 0's. A request whose input is not plain data fails alone, sent to no one."""
+def _lockstep(tokenizer, folder, monkeypatch):
+    """Rank 0's `LockstepEngine` and a follower (`follow`, in a thread) over an in-process
+    channel, each on its own copy of the base, serving a deep task and an input task whose
+    leading segment is cached (at messages: the banks compute none when they read a task,
+    as under tensor parallelism). Returns (rank 0's engine, the follower's inner engine,
+    the follower's results, the pipe, the follower's thread)."""
     import threading
 
     import softprompt as sp
@@ -218,27 +239,43 @@ def test_a_follower_runs_what_rank_0_runs_nested_runs_and_cancellations_included
     from softprompt.serve import lockstep
 
     torch.manual_seed(2)
-    sp.SoftPromptModel(make_llama(gpt2_tokenizer), sp.PTuningV2Config(num_virtual_tokens=3, template="{text}"),
-                       tokenizer=gpt2_tokenizer).save_pretrained(tmp_path / "deep")
+    base = make_llama(tokenizer)
+    sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=3, template="{text}"),
+                       tokenizer=tokenizer).save_pretrained(folder / "deep")
+    sp.SoftPromptModel(base, sp.PromptTuningConfig(template="[P:3] Review: {text}", init="vocab"),
+                       tokenizer=tokenizer).save_pretrained(folder / "input")
     engines = []
     for _ in range(2):
-        bank = PromptBank(make_llama(gpt2_tokenizer), gpt2_tokenizer)
-        bank.add("deep", tmp_path / "deep")
+        bank = PromptBank(make_llama(tokenizer), tokenizer, cache_prompts=False)
+        for task in ("deep", "input"):
+            bank.add(task, folder / task)
         engines.append(Engine(bank))
     followed: list = []  # the follower's results: of its runs, and of the rows it admitted
     run = engines[1].run
     engines[1].run = lambda requests, admit=None: followed.extend(run(requests, admit=admit)) or followed[-len(requests):]
     monkeypatch.setattr(lockstep, "_nowhere", followed.append)
     pipe = _Pipe()
-    follower = threading.Thread(target=lockstep.follow, args=(engines[1], pipe))
+    follower = threading.Thread(target=lockstep.follow, args=(engines[1], pipe), daemon=True)
     follower.start()
+    return lockstep.LockstepEngine(engines[0], pipe), engines[1], followed, pipe, follower
 
-    engine = lockstep.LockstepEngine(engines[0], pipe)
+
+def test_a_follower_runs_what_rank_0_runs_nested_runs_and_cancellations_included(gpt2_tokenizer, tmp_path, monkeypatch):
+    """Rank 0 and a follower (`_lockstep`): rows admitted mid-decode, a run nested in the
+    admit hook (as the batcher runs head requests there), a client that goes mid-decode (its
+    row stops after the same step on both: the result counts the same tokens) and a sampled
+    row without a seed (rank 0 fixes one: the follower draws the same tokens). The follower's
+    every result equals rank 0's. The input task's leading segment is computed once on each
+    process, at a message, and its rows start after it (the tensor on the device is the
+    segment's keys and values). A request whose input is not plain data fails alone, sent to
+    no one."""
+    engine, other, followed, pipe, follower = _lockstep(gpt2_tokenizer, tmp_path, monkeypatch)
     greedy = Request("deep", "a gem of a film", generate=True, options={"max_new_tokens": 12})
-    unseeded = Request("deep", "so so", generate=True, options={"max_new_tokens": 8, "temperature": 0.8})
+    unseeded = Request("input", "so so", generate=True, options={"max_new_tokens": 8, "temperature": 0.8})
     joining = Request("deep", "bad", generate=True, options={"max_new_tokens": 6, "temperature": 0.7})
     nested = Request("deep", "great", generate=True, echo=True,
                      options=GenerationOptions(max_new_tokens=0, logprobs=1))  # a forward without a decode
+    late = Request("input", "a long film", generate=True, options={"max_new_tokens": 5})  # joins: its lead is held
     answered, calls = [], []
 
     def admit(room: int):
@@ -247,6 +284,7 @@ def test_a_follower_runs_what_rank_0_runs_nested_runs_and_cancellations_included
             return [(joining, answered.append)]
         if len(calls) == 3:
             answered.extend(engine.run([nested]))
+            return [(late, answered.append)]
         if len(calls) == 4:
             greedy.cancelled.set()  # its client goes: latched at the next message, on both
         return []
@@ -260,7 +298,54 @@ def test_a_follower_runs_what_rank_0_runs_nested_runs_and_cancellations_included
     assert not follower.is_alive()
     assert pipe.sent[:4] == ["run", "admitted", "admitted", "run"] and pipe.sent[-1] == "stop"
     assert results[0].error_kind is not None and 0 < results[0].new_tokens < 12  # stopped mid-decode
-    assert results[1].ok and len(answered) == 2 and all(a.ok for a in answered)  # the nested run's and the joiner's
-    assert [a.prompt_logprobs is not None for a in answered] == [True, False]
+    assert results[1].ok and len(answered) == 3 and all(a.ok for a in answered)  # the nested run's and the joiners'
+    assert [a.prompt_logprobs is not None for a in answered] == [True, False, False]
     mine = sorted(map(_outcome, results + answered), key=repr)
     assert sorted(map(_outcome, followed), key=repr) == mine
+    assert engine.leads.computed == 1
+    for bank in (engine.bank, other.bank):
+        lead = bank["input"].lead
+        assert lead is not None and lead.length == 5  # [P:3] Review: -> 3 virtual slots and 2 tokens
+        assert bank["input"].on_device.shape == lead.kv.shape  # (L, 2, H_kv, 5, D_head): what the rows ran with
+
+
+class _Injected(BaseException):
+    """A failure no guard of the engine catches, as a bug escaping `Engine.run` would."""
+
+
+def test_a_run_that_raises_on_rank_0_ends_on_the_follower_too(gpt2_tokenizer, tmp_path, monkeypatch):
+    """Rank 0's decode raises after its second step (`_Injected`), in a run the `Batcher`
+    made: its requests are answered with that error, as the single process answers them; the
+    follower, waiting in the same decode for rank 0's next message, ends its run there
+    (``failed``) and stays in step: the next requests answer on both alike."""
+    from softprompt.serve import Batcher
+
+    engine, other, followed, pipe, follower = _lockstep(gpt2_tokenizer, tmp_path, monkeypatch)
+    decoder = engine.engine.decoder
+    step, steps = decoder._step, []
+
+    def failing_step():
+        steps.append(1)
+        if len(steps) == 2:
+            raise _Injected("rank 0's decode step failed")
+        step()
+
+    decoder._step = failing_step
+    batcher = Batcher(engine)
+    try:
+        failed = batcher.submit([Request(task, "a gem of a film", generate=True, options={"max_new_tokens": 8})
+                                 for task in ("input", "deep")])
+        for future in failed:
+            with pytest.raises(_Injected):
+                future.result(timeout=60)
+        assert pipe.sent[-1] == "failed"
+        del decoder._step  # rank 0 decodes again
+        after = [f.result(timeout=60) for f in batcher.submit(
+            [Request(task, "so so", generate=True, options={"max_new_tokens": 6}) for task in ("input", "deep")])]
+    finally:
+        batcher.close()
+        engine.stop()
+        follower.join(timeout=60)
+    assert not follower.is_alive() and pipe.sent[-1] == "stop"
+    assert all(r.ok and r.new_tokens for r in after)
+    assert sorted(map(_outcome, followed), key=repr) == sorted(map(_outcome, after), key=repr)  # the failed run: none

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import weakref
 from dataclasses import asdict, dataclass
 from enum import Enum
 
@@ -283,10 +284,19 @@ class OnBase:
         return "left" if self.spec.kind is ModelKind.CAUSAL and self.spec.accepts_position_ids else "right"
 
 
+# A split base's identity, by base. Its fingerprint gathers the embedding (a collective), so
+# it is computed once, by every process at once (`serve.launch`, `SoftPromptModel`), and
+# prompt folders read onto the base later (a served task, read on one process alone) run none.
+_SPLIT_IDENTITIES: "weakref.WeakKeyDictionary[nn.Module, BaseIdentity]" = weakref.WeakKeyDictionary()
+
+
 def base_identity(base: nn.Module, spec: ModelSpec | None = None) -> BaseIdentity:
+    split = tensor_parallel_mesh(base) is not None
+    if split and base in _SPLIT_IDENTITIES:
+        return _SPLIT_IDENTITIES[base]
     spec = spec or model_spec(base)
     archs = getattr(base.config, "architectures", None) or [type(base).__name__]
-    return BaseIdentity(
+    identity = BaseIdentity(
         architecture=type(base).__name__ if not archs else archs[0],
         model_type=spec.model_type,
         hidden_size=spec.hidden_size,
@@ -296,3 +306,6 @@ def base_identity(base: nn.Module, spec: ModelSpec | None = None) -> BaseIdentit
         vocab_size=spec.vocab_size,
         embedding_fingerprint=embedding_fingerprint(base.get_input_embeddings().weight),
     )
+    if split:
+        _SPLIT_IDENTITIES[base] = identity
+    return identity

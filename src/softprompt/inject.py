@@ -219,6 +219,18 @@ def local_kv_heads(prefix: torch.Tensor, base) -> torch.Tensor:
     return whole.redistribute(mesh, [Shard(prefix.dim() - 3)]).to_local()
 
 
+def whole_kv_heads(local: torch.Tensor, base) -> torch.Tensor:
+    """`local_kv_heads` undone: every process's K/V heads (..., H_kv / N, P, D_head) of what
+    a split forward cached, gathered in rank order into (..., H_kv, P, D_head), as the
+    whole base gives them (a collective: every process calls it at the same point)."""
+    mesh = tensor_parallel_mesh(base)
+    if mesh is None:
+        return local
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor.from_local(local, mesh, [Shard(local.dim() - 3)], run_check=False).full_tensor()
+
+
 def _base_cache(base, spec: ModelSpec, prompts: Prompts, batch_size: int, keep_cache: bool) -> Cache | None:
     """The Cache of `base_inputs`: a growing one when `keep_cache`, else the read-only
     prefix of a causal LM or an encoder (None: no deep prompt). Under tensor parallelism

@@ -70,16 +70,18 @@ class SoftPromptModel(OnBase, nn.Module):
             )
         for p in base.parameters():
             p.requires_grad_(False)
-        embeddings = whole_tensor(base.get_input_embeddings().weight)  # a tensor-parallel base's: gathered
+        weight = base.get_input_embeddings().weight
+        # a tensor-parallel base's embedding is gathered (a collective) only to build a prompt:
+        # a given one (a folder read by a server, on one process alone) gathers nothing
         self.prompt = prompt if prompt is not None else build_module(
-            config, self.num_virtual_tokens, self.spec, embeddings, tokenizer
+            config, self.num_virtual_tokens, self.spec, whole_tensor(weight), tokenizer
         )
         if prompt is None and getattr(config, "init", None) == "text" and self.deep:  # the base's own K/V of a text
             self.prompt.start_from(text_prefix(base, tokenizer, self.spec, config.init_text, self.num_virtual_tokens))
         if prompt is None and getattr(config, "init", None) == "prompt":  # another prompt of this base (transfer)
             self.prompt.start_from(transferred_prompt(config.init_prompt, base, deep=self.deep,
                                                       P=self.num_virtual_tokens))
-        self.prompt.to(embeddings.device)
+        self.prompt.to(weight.device)
         self.encoder = (
             TemplateEncoder(self.template, tokenizer, self.spec, self.num_virtual_tokens if self.deep else 0)
             if tokenizer is not None

@@ -24,7 +24,7 @@ from softprompt.errors import ConfigError
 from softprompt.serve import PromptBank, check_task_name, create_app
 from softprompt.tasks import SequenceClassification
 
-from conftest import make_bert, make_gpt2
+from conftest import make_bert, make_gpt2, save_served
 from serving import Server, free_port, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,11 +235,8 @@ def _listening(port: int) -> list[str]:
 @pytest.fixture(scope="module")
 def prompts_folder(tmp_path_factory, wordpiece_tokenizer):
     root = tmp_path_factory.mktemp("served")
-    base = make_bert(wordpiece_tokenizer).bert
-    base.save_pretrained(root / "base")
-    wordpiece_tokenizer.save_pretrained(root / "base")
-    sp.SoftPromptModel(base, sp.PTuningV2Config(num_virtual_tokens=2), tokenizer=wordpiece_tokenizer).save_pretrained(
-        root / "prompts" / "sentiment")
+    save_served(root, make_bert(wordpiece_tokenizer).bert, wordpiece_tokenizer,
+                {"sentiment": sp.PTuningV2Config(num_virtual_tokens=2)})
     return root
 
 

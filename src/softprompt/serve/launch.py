@@ -5,7 +5,8 @@ where the address is not loopback, `--ray`'s limits), the base, bank, engine and
 are built, what the first requests would wait for is compiled and captured (`warmup.py`),
 and the HTTP server runs (`http.py`) -- or, with ``--ray``, the replicas on Ray Serve
 (`ray.py`). With ``--tensor-parallel`` (under torchrun) every process builds the same engine
-on its part of the base; rank 0 serves HTTP and the others mirror its engine (`lockstep.py`).
+on its part of the base; rank 0 serves HTTP and the others mirror its engine, cached
+leading segments included (`lockstep.py`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def launch(*, model: str, prompts: str | None, prompt_pairs: list[str], host: st
     from .bank import named_prompt_folders
 
     require_extra("serve", "softprompt serve")  # before the model loads
-    from ..architecture import ModelKind, model_spec
+    from ..architecture import ModelKind, base_identity, model_spec
     from ..base_models import load_base, resolve_device
     from . import Engine, PromptBank
     from .guard import check_api_key
@@ -96,12 +97,13 @@ def launch(*, model: str, prompts: str | None, prompt_pairs: list[str], host: st
     base, tokenizer = load_base(model, dtype=dtype, tensor_parallel=tensor_parallel)
     if tensor_parallel:  # each process's part is on the device transformers put it on
         target = base.get_input_embeddings().weight.device
+        base_identity(base)  # by every process now: a task read later (on one process alone) then gathers nothing
     else:
         target = resolve_device(device)
         base.to(target)
-    # a task's cached leading segment is computed by a forward of the split base, which holds this
-    # process's K/V heads already, and is split again where it is used (`inject.local_kv_heads`):
-    # not cached under tensor parallelism (rows then run their lead themselves)
+    # under tensor parallelism a task's cached leading segment is a collective forward: not computed
+    # when a bank reads the task (rank 0 reads at submission), but at a message of the lockstep
+    # (`lockstep.py`, `prompt_cache.LockstepLeads`)
     levels = dict(max_on_device=max_on_device, max_in_memory=max_in_memory, cache_prompts=not tensor_parallel)
     if prompts is not None:
         bank = PromptBank.from_directory(base, tokenizer, prompts, lazy=lazy, **levels)
@@ -115,7 +117,7 @@ def launch(*, model: str, prompts: str | None, prompt_pairs: list[str], host: st
                     compile=compile_decode)
     channel = None
     if tensor_parallel:
-        from .lockstep import Channel
+        from .wire import Channel
 
         channel = Channel()  # every process, before any runs its engine
     warm = compile_decode or target.type == "cuda"  # the same on every process: its forwards are collective

@@ -11,6 +11,7 @@ and mirrors rank 0's engine call by call (`follow`).
              | "run" [requests]  ------------------------------> | Engine.run(requests, admit=next messages)
              | between decode steps, admit() -> "admitted" ----> | admit() returns those requests
              |   (a nested run inside admit: "run" first) -----> |   (runs it, then waits on)
+             | a run raised: "failed" ---------------------------> | ends that run, if still in it
              | at shutdown "stop" -------------------------------> | returns
 
 The engine is deterministic given its requests: the same rows join the same decode steps
@@ -20,7 +21,7 @@ one before they are sent:
 
 - Seeds. A row without a seed draws fresh entropy when it becomes a decode row
   (`GenerationOptions.sampling`); rank 0 parses each request's options and fixes a seed
-  (`pin_options`) before sending them, so every process draws the same tokens
+  (`wire.pin_options`) before sending them, so every process draws the same tokens
   (`sampling.py`: a row's draws depend only on its seed, its token count and its logits).
 - Cancellation. A client may go at any moment, and a decode checks `Request.gone` at every
   step (`decode._drop_cancelled`) and a row's text stops early when its stream is cancelled
@@ -37,128 +38,64 @@ returns (an admitted request lives as long as the decode it joined).
 
 Messages are JSON (never pickle: rank 0 parses requests from clients; JSON keeps what is
 sent plain data) in a uint8 tensor, its length first, broadcast from rank 0 over a gloo
-process group of their own (`Channel`): the split forward's collectives (NCCL on GPUs) never
-mix with them, and a follower may wait for the next request for days (`IDLE`).
+process group of their own (`wire.Channel`): the split forward's collectives (NCCL on GPUs) never
+mix with them, and a follower may wait for the next request for days (`wire.IDLE`).
+
+Reading a task runs no collective (the base's identity, which a prompt folder is checked
+against, is computed once by every process at start: `architecture.base_identity`), so each
+process reads tasks when it needs them: rank 0 a lazily served task when a request is
+submitted, the others when their run reaches it. A cached leading segment
+(`prompt_cache.py`) is a forward of the split base: computed at a message, never when a
+bank reads the task (`PromptBank(cache_prompts=False)`, see `launch`). Rank 0 binds the
+requests of each message to their entries, names in the message the tasks whose lead no
+process holds yet, and every process computes those, in that order, then hands each
+request's entry its lead before the engine sees the request (`prompt_cache.LockstepLeads`).
+
+Failures. The engine answers a request that fails with its error and goes on, on every
+process alike: the same requests fail in the same way everywhere. What escapes rank 0's
+`Engine.run` (a bug) is sent as ``failed``: a follower still waiting inside that run for
+its next message (its decode's admit hook) ends the run there (`RankZeroFailed`) and waits
+for the next; rank 0 raises it on, and the `Batcher` answers the run's requests with it, as
+the single process does. Each ``admitted`` carries rank 0's count of decode steps: a follower
+whose decode has run a different number (rank 0 alone retried a batch, or failed a step) is
+out of step (`OutOfStep`) and exits, and torchrun ends the launch, rather than decode other
+rows than rank 0. A follower blocked in a collective forward that rank 0 never reaches waits
+for the process group's timeout.
 
 What cannot be mirrored is refused by `launch`: ``--admin`` (a task added or removed would
-have to reach every process at the same point) and ``--ray``. Tasks are read without a
-cached leading segment (`PromptBank(cache_prompts=False)`, see `launch`), so reading a task
-runs no forward of the base: rank 0 reads a lazily served task when a request is submitted,
-the others when the run reaches it.
+have to reach every process at the same point) and ``--ray``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import threading
-from datetime import timedelta
 from typing import Any, Callable
 
-import torch
-import torch.distributed as dist
-
-from ..encode import TokenIds
 from ..errors import ConfigError
 from .engine import Engine
-from .prepare import failure
+from .entry import BankEntry
+from .prepare import bind, failure
+from .prompt_cache import LockstepLeads
 from .request import Admit, Request, Result
-from .sampling import fresh_seed
-from .text import GenerationOptions, TokenStream
+from .text import TokenStream
+from .wire import Channel, from_wire, pin_options, to_wire
 
 log = logging.getLogger("softprompt.serve")
 
-#: how long a follower waits for rank 0's next message (an idle server sends none)
-IDLE = timedelta(days=365)
-#: the options a follower gets for a request whose options rank 0 could not parse: refused there too
-_REFUSED = {"options rank 0 refused": True}
+class _Unwind(BaseException):
+    """Ends a follower's engine run from inside it (its admit hook). Not an Exception: the
+    engine catches every Exception to fail one request, or one decode's rows, and go on
+    (`Engine._guarded`, `Decoder._admitted`), and this is no request's failure."""
 
 
-class Channel:
-    """JSON messages broadcast from rank 0 to every process of the launch, over a gloo
-    group of their own (made by every process, in the same order: a collective)."""
-
-    def __init__(self, timeout: timedelta = IDLE):
-        self.group = dist.new_group(backend="gloo", timeout=timeout)
-        self.rank, self.size = dist.get_rank(), dist.get_world_size()
-
-    def send(self, message: dict[str, Any]) -> None:
-        """Rank 0: broadcast `message` (its length, then its UTF-8 JSON bytes)."""
-        data = json.dumps(message, allow_nan=False).encode()
-        dist.broadcast(torch.tensor([len(data)], dtype=torch.int64), src=0, group=self.group)
-        dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=self.group)
-
-    def receive(self) -> dict[str, Any]:
-        """Ranks > 0: the next message rank 0 sends."""
-        length = torch.zeros(1, dtype=torch.int64)
-        dist.broadcast(length, src=0, group=self.group)
-        data = torch.empty(int(length.item()), dtype=torch.uint8)
-        dist.broadcast(data, src=0, group=self.group)
-        return json.loads(data.numpy().tobytes().decode())
+class RankZeroFailed(_Unwind):
+    """Rank 0's run raised (a ``failed`` message): the follower's run ends too."""
 
 
-# -- requests as plain data ---------------------------------------------------------------
-def pin_options(options: dict[str, Any] | GenerationOptions) -> dict[str, Any] | GenerationOptions:
-    """The options parsed, with a seed fixed where none was given (every process then draws
-    the same tokens); options that do not parse are returned as they are (the request fails
-    on every process before it reaches the model)."""
-    try:
-        parsed = GenerationOptions.parse(options)
-    except Exception:
-        return options
-    return parsed if parsed.seed is not None else dataclasses.replace(parsed, seed=fresh_seed())
-
-
-def _value(x: Any) -> Any:
-    """An input as JSON: what JSON would lose (token ids vs a list of words, tuples, a
-    mapping of fields) is tagged; strings, numbers, booleans and None stay."""
-    if isinstance(x, TokenIds):
-        return {"token_ids": list(x)}
-    if isinstance(x, (list, tuple)):
-        return {"list" if isinstance(x, list) else "tuple": [_value(v) for v in x]}
-    if isinstance(x, dict):
-        if not all(isinstance(k, str) for k in x):
-            raise ConfigError(f"an input's field names must be strings to reach every process: {list(x)!r}")
-        return {"fields": {k: _value(v) for k, v in x.items()}}
-    if x is None or isinstance(x, (str, int, bool)) or (isinstance(x, float) and math.isfinite(x)):
-        return x  # JSON has no NaN nor infinity
-    raise ConfigError(f"an input of type {type(x).__name__}: a tensor-parallel server sends its inputs to every "
-                      "process, as text, numbers, lists, objects of fields or token ids")
-
-
-def _unvalue(x: Any) -> Any:
-    if not isinstance(x, dict):
-        return x
-    (tag, v), = x.items()
-    if tag == "token_ids":
-        return TokenIds(int(i) for i in v)
-    if tag == "fields":
-        return {k: _unvalue(u) for k, u in v.items()}
-    return (list if tag == "list" else tuple)(_unvalue(u) for u in v)
-
-
-def to_wire(request: Request, rid: int) -> dict[str, Any]:
-    """A request (its options pinned: `pin_options`) as plain data, under the id `rid`."""
-    options = request.options
-    return {"id": rid, "task": request.task, "input": _value(request.input), "generate": request.generate,
-            "echo": request.echo, "stream": request.stream is not None,
-            "options": dataclasses.asdict(options) if isinstance(options, GenerationOptions) else None}
-
-
-def from_wire(data: dict[str, Any]) -> tuple[int, Request]:
-    """`to_wire`'s request back (its id, and a request whose stream, if it had one, goes
-    nowhere)."""
-    options = data["options"]
-    if options is None:
-        parsed: dict[str, Any] | GenerationOptions = dict(_REFUSED)
-    else:  # JSON made the tuples lists; logit_bias's token ids stay ints (pairs, not a mapping)
-        parsed = GenerationOptions(**{**options, "stop": tuple(options["stop"]),
-                                      "logit_bias": tuple((int(t), float(b)) for t, b in options["logit_bias"])})
-    stream = TokenStream(lambda text, logprobs: None) if data["stream"] else None
-    return data["id"], Request(data["task"], _unvalue(data["input"]), generate=data["generate"], options=parsed,
-                               stream=stream, echo=data["echo"])
+class OutOfStep(_Unwind):
+    """A message that does not fit what this process is doing: it exits."""
 
 
 # -- rank 0 -------------------------------------------------------------------------------
@@ -177,7 +114,23 @@ class _Shadow:
             stream = TokenStream(lambda text, logprobs, c=client.stream: _forward(c, text, logprobs))
         return cls(client, Request(client.task, client.input, generate=client.generate,
                                    options=pin_options(client.options), stream=stream, echo=client.echo,
-                                   on_result=client.on_result, entry=client.entry, submitted=client.submitted))
+                                   on_result=_quiet(client.on_result), entry=client.entry,
+                                   submitted=client.submitted))
+
+
+def _quiet(on_result: Callable[[Result], None] | None) -> Callable[[Result], None] | None:
+    """A client's result callback that never raises: raised inside the engine on rank 0
+    alone, it would fail (and retry) a batch there alone."""
+    if on_result is None:
+        return None
+
+    def hand(result: Result) -> None:
+        try:
+            on_result(result)
+        except Exception:
+            log.exception("a result could not be handed to its client")
+
+    return hand
 
 
 def _forward(stream: TokenStream, text: str, logprobs) -> None:
@@ -192,6 +145,21 @@ def _forward(stream: TokenStream, text: str, logprobs) -> None:
         log.exception("a stream's piece could not be handed to its client")
 
 
+def _bound(bank, requests: list[Request]) -> list[BankEntry]:
+    """The entries the requests are bound to (`prepare.bind`: a pinned one, or the bank's
+    now; the bank computes no lead, so a read runs no forward); one that cannot be bound
+    (an unknown task, an unreadable folder) fails in the run, the same on every process."""
+    entries = []
+    for request in requests:
+        try:
+            entry = bind(bank, request)
+        except Exception:
+            entry = None
+        if entry is not None:
+            entries.append(entry)
+    return entries
+
+
 def latch(request: Request) -> None:
     """The engine's request is cancelled from now on (its stream too)."""
     request.cancelled.set()
@@ -204,13 +172,14 @@ class LockstepEngine:
     each `run` and each admission of its decode sent to the other processes first.
 
     Args:
-        engine: this process's engine (on the split base).
+        engine: this process's engine (on the split base; its bank computes no leads).
         channel: the messages' group (`Channel`).
     """
 
     def __init__(self, engine: Engine, channel: Channel):
         self.engine = engine
         self.channel = channel
+        self.leads = LockstepLeads(engine.bank.max_in_memory)
         self._lock = threading.RLock()  # one run at a time (nested ones on its thread); `stop` waits for it
         self._ids = 0
         self._shadows: dict[int, _Shadow] = {}  # the outermost run's requests, by id
@@ -229,15 +198,29 @@ class LockstepEngine:
             try:
                 entries = [self._register(r, r.on_result) for r in requests]
                 sent = [e for e in entries if not isinstance(e, Result)]
+                ran = [s.engine for s, _ in sent]
+                leads = self.leads.missing(_bound(self.engine.bank, ran))
                 self.channel.send({"kind": "run", "admit": admit is not None, "requests": [w for _, w in sent],
-                                   "gone": self._latch_gone()})
-                results = iter(self.engine.run([s.engine for s, _ in sent],
-                                               admit=None if admit is None else self._admitting(admit)))
+                                   "gone": self._latch_gone(), "leads": leads})
+                try:
+                    _attach(self.leads, self.engine.bank, ran, leads, self.channel.rank)
+                    results = iter(self.engine.run(ran, admit=None if admit is None else self._admitting(admit)))
+                except BaseException as e:
+                    self._fail(e)
+                    raise
                 return [e if isinstance(e, Result) else next(results) for e in entries]
             finally:
                 self._depth -= 1
                 if not self._depth:
                     self._shadows.clear()
+
+    def _fail(self, error: BaseException) -> None:
+        """Tell the others that this depth's run raised (a follower waiting in it ends it)."""
+        log.error("a run raised on rank 0 (%s: %s); the other processes end it too", type(error).__name__, error)
+        try:
+            self.channel.send({"kind": "failed", "depth": self._depth})
+        except Exception:
+            log.exception("the other processes could not be told")
 
     def _register(self, request: Request, on_result: Callable[[Result], None] | None
                   ) -> tuple[_Shadow, dict[str, Any]] | Result:
@@ -271,8 +254,12 @@ class LockstepEngine:
             except Exception:  # the decoder would go on without new rows: so do the others
                 log.exception("the admit hook failed; decoding goes on without new rows")
             entries = [(self._register(request, on_result), on_result) for request, on_result in chosen]
-            sent = [(e, on_result) for e, on_result in entries if not isinstance(e, Result)]
-            self.channel.send({"kind": "admitted", "requests": [w for (_, w), _ in sent], "gone": self._latch_gone()})
+            sent = [(e, _quiet(on_result)) for e, on_result in entries if not isinstance(e, Result)]
+            joining = [s.engine for (s, _), _ in sent]
+            leads = self.leads.missing(_bound(self.engine.bank, joining))
+            self.channel.send({"kind": "admitted", "requests": [w for (_, w), _ in sent], "gone": self._latch_gone(),
+                               "leads": leads, "step": self.engine.decoder.steps})
+            _attach(self.leads, self.engine.bank, joining, leads, self.channel.rank)
             return [(s.engine, on_result) for (s, _), on_result in sent]
 
         return admitted
@@ -291,12 +278,24 @@ class LockstepEngine:
             self._lock.release()
 
 
+def _attach(leads: LockstepLeads, bank, requests: list[Request], computed: list[str], rank: int) -> None:
+    """Every process, at a message: the leads it names computed, and each request's entry
+    given its task's (`LockstepLeads.attach`)."""
+    try:
+        leads.attach(_bound(bank, requests), computed)
+    except RuntimeError as e:  # raised by `attach` only where this process lacks what rank 0 has
+        raise OutOfStep(str(e)) from None
+    if computed:
+        log.info("rank %d cached the leading segment of %s", rank, ", ".join(map(repr, computed)))
+
+
 # -- ranks > 0 ----------------------------------------------------------------------------
 class _Follower:
     """A process > 0 mirroring rank 0's engine calls (`follow`)."""
 
     def __init__(self, engine: Engine, channel: Channel):
         self.engine, self.channel = engine, channel
+        self.leads = LockstepLeads(engine.bank.max_in_memory)
         self.requests: dict[int, Request] = {}  # the outermost run's requests, by id
         self.depth = 0
 
@@ -305,15 +304,22 @@ class _Follower:
             message = self.channel.receive()
             if message["kind"] == "stop":
                 return
+            if message["kind"] == "failed":  # a run that ended here already (or failed here too)
+                continue
             if message["kind"] != "run":
-                raise RuntimeError(f"out of step with rank 0: {message['kind']!r} while no run is in flight")
+                raise OutOfStep(f"out of step with rank 0: {message['kind']!r} while no run is in flight")
             self.run(message)
 
     def run(self, message: dict[str, Any]) -> None:
         self.depth += 1
         try:
             requests = self._take(message)
+            _attach(self.leads, self.engine.bank, requests, message["leads"], self.channel.rank)
             self.engine.run(requests, admit=self._admit if message["admit"] else None)
+        except RankZeroFailed:
+            log.warning("rank 0's run raised: this process ended it too")
+        except Exception:  # raised here alone, rank 0 goes on: its next message says so (`OutOfStep`)
+            log.exception("a run raised on rank %d", self.channel.rank)
         finally:
             self.depth -= 1
             if not self.depth:
@@ -333,9 +339,18 @@ class _Follower:
             if message["kind"] == "run":  # rank 0's admit ran head requests first
                 self.run(message)
                 continue
+            if message["kind"] == "failed":
+                if message["depth"] > self.depth:  # that nested run ended here already
+                    continue
+                raise RankZeroFailed()
             if message["kind"] != "admitted":
-                raise RuntimeError(f"out of step with rank 0: {message['kind']!r} while a decode admits rows")
-            return [(request, _nowhere) for request in self._take(message)]
+                raise OutOfStep(f"out of step with rank 0: {message['kind']!r} while a decode admits rows")
+            if message["step"] != self.engine.decoder.steps:
+                raise OutOfStep(f"out of step with rank 0: its decode ran {message['step']} steps, this process's "
+                                f"{self.engine.decoder.steps}")
+            joining = self._take(message)
+            _attach(self.leads, self.engine.bank, joining, message["leads"], self.channel.rank)
+            return [(request, _nowhere) for request in joining]
 
 
 def _nowhere(result: Result) -> None:
@@ -343,8 +358,12 @@ def _nowhere(result: Result) -> None:
 
 
 def follow(engine: Engine, channel: Channel) -> None:
-    """Ranks > 0: run what rank 0's `LockstepEngine` runs, until it says stop."""
+    """Ranks > 0: run what rank 0's `LockstepEngine` runs, until it says stop.
+
+    Raises:
+        OutOfStep: a message that does not fit this process's work (the launch must end).
+    """
     _Follower(engine, channel).loop()
 
 
-__all__ = ["Channel", "LockstepEngine", "follow", "pin_options", "to_wire", "from_wire", "IDLE"]
+__all__ = ["LockstepEngine", "follow", "RankZeroFailed", "OutOfStep"]

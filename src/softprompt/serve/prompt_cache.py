@@ -17,7 +17,10 @@ segment holds real tokens; tasks that read the answer slot or generate always ar
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -25,6 +28,9 @@ from .. import inject
 from ..architecture import ModelKind
 from ..encode import EncodedRow
 from ..template import Mask, Placeholder, Virtual
+
+log = logging.getLogger("softprompt.serve")
+
 
 @dataclass
 class CachedLead:
@@ -71,7 +77,12 @@ def cacheable(model, task) -> int:
 
 @torch.no_grad()
 def compute_lead(model, n: int) -> CachedLead:
-    """Run the base model once on the first n positions of a row with the task's prompt."""
+    """Run the base model once on the first n positions of a row with the task's prompt.
+
+    On a base split by tensor parallelism this is a collective (the forward, then every
+    process's K/V heads gathered: the lead is whole, as a deep prompt is, and split where
+    it is used, `inject.local_kv_heads`): every process must run it at the same point
+    (`LockstepLeads`)."""
     probe = model.encoder.encode({name: "x" for name in model.template.fields})
     ids = torch.tensor([probe.input_ids[:n]], device=model.device)  # (1, n)
     prompt_index = torch.tensor([probe.prompt_index[:n]], device=model.device)
@@ -79,8 +90,83 @@ def compute_lead(model, n: int) -> CachedLead:
                                           model.prompts(), keep_cache=True,
                                           logits_to_keep=1 if model.keeps_logits else None))  # only the cache is wanted
     layers = inject.output_cache(out).layers
-    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers])  # (L, 2, H_kv, n, D_head)
-    return CachedLead(n, kv)
+    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers])  # (L, 2, H_kv / N, n, D_head)
+    return CachedLead(n, inject.whole_kv_heads(kv, model.base))  # (L, 2, H_kv, n, D_head)
+
+
+class LockstepLeads:
+    """The cached leads of a server whose base is split by tensor parallelism, computed only
+    at points every process reaches together.
+
+    There `compute_lead` is a collective forward. A bank that ran it when it reads a task
+    (`PromptBank(cache_prompts=True)`) would run it on rank 0 when a request is submitted
+    and on the others when their run reaches the task: the forwards would not line up. So
+    the banks read tasks without a lead, and at each message of the lockstep
+    (`serve/lockstep.py`) rank 0 names the tasks whose lead its requests need and nobody
+    holds yet (`missing`, sent with the message); every process computes those, in that
+    order, and hands each request's entry its task's lead (`attach`).
+
+    Kept by task name, not on the entries: each process's bank drops and reads entries at
+    moments of its own (rank 0 at submission), while this store changes only at messages,
+    in the same way on every process (a task's folder does not change under tensor
+    parallelism: no admin API).
+
+    Args:
+        max_tasks: most leads kept (None: all), the least recently used dropped first
+            (computed again on the task's next request).
+    """
+
+    def __init__(self, max_tasks: int | None = None):
+        self.max_tasks = max_tasks
+        self._leads: OrderedDict[str, CachedLead] = OrderedDict()
+        self.computed = 0  # leads computed (a task's again after it was dropped included), for tests
+
+    def missing(self, entries: Iterable) -> list[str]:
+        """Rank 0: the tasks of `entries` (bank entries) whose lead is to be computed now."""
+        names = [e.name for e in _distinct(entries) if e.lead is None and e.name not in self._leads
+                 and cacheable(e.model, e.task)]
+        return list(dict.fromkeys(names))
+
+    def attach(self, entries: Iterable, computed: list[str]) -> None:
+        """Every process: compute the leads of the tasks `computed` names (rank 0's
+        `missing`, in its order) from their entries here, then hand each of `entries` its
+        task's lead (its device copy, if any, was the prompt table: dropped). A lead that
+        fails to compute is logged and left out: that task's rows run whole, as they would
+        without a cache (on every process, if it failed on every one).
+
+        Raises:
+            RuntimeError: this process holds no entry of a task rank 0 computes, or no lead
+                for an entry that takes one: it is out of step with rank 0.
+        """
+        entries = _distinct(entries)
+        by_name = {e.name: e for e in entries}
+        failed = set()
+        for name in computed:
+            if name not in by_name:
+                raise RuntimeError(f"out of step with rank 0: no entry of task {name!r} to compute its lead")
+            entry = by_name[name]
+            try:
+                lead = compute_lead(entry.model, cacheable(entry.model, entry.task))
+            except Exception:
+                log.exception("the cached leading segment of task %r could not be computed; its rows run whole", name)
+                failed.add(name)
+                continue
+            self._leads[name] = CachedLead(lead.length, lead.kv.cpu())
+            self.computed += 1
+        for entry in entries:
+            if entry.lead is None and entry.name not in failed and cacheable(entry.model, entry.task):
+                if entry.name not in self._leads:
+                    raise RuntimeError(f"out of step with rank 0: no lead for task {entry.name!r}")
+                entry.lead, entry.on_device = self._leads[entry.name], None
+            if entry.name in self._leads:
+                self._leads.move_to_end(entry.name)
+        while self.max_tasks is not None and len(self._leads) > self.max_tasks:
+            self._leads.popitem(last=False)
+
+
+def _distinct(entries: Iterable) -> list:
+    """Entries, each once (by identity: a dataclass's equality compares tensors)."""
+    return list({id(e): e for e in entries}.values())
 
 
 def starts_after_lead(row: EncodedRow, n: int) -> bool:
@@ -98,4 +184,4 @@ def strip_lead(row: EncodedRow, n: int) -> EncodedRow:
         word_index=row.word_index[n:], answer_index=row.answer_index - n if row.answer_index >= 0 else -1)
 
 
-__all__ = ["CachedLead", "lead_length", "cacheable", "compute_lead", "strip_lead"]
+__all__ = ["CachedLead", "LockstepLeads", "lead_length", "cacheable", "compute_lead", "strip_lead"]
