@@ -55,6 +55,13 @@ ROWS: dict[str, dict] = {
     "prompt-tuning-init-text": dict(impl="softprompt", method="prompt-tuning", label="prompt tuning, init text",
                                     prompt={"init": "text", "init_text": "Classify the sentiment of this movie review "
                                                                          "as positive or negative:"}),
+    # where a deep prompt starts (issue 25 item 2): every key and value 0, or the base's own keys and values of a
+    # task description, against the default (normal noise, init_std 1)
+    "p-tuning-v2-init-zeros": dict(impl="softprompt", method="p-tuning-v2", label="P-tuning v2, init zeros",
+                                   prompt={"init": "zeros"}),
+    "p-tuning-v2-init-text": dict(impl="softprompt", method="p-tuning-v2", label="P-tuning v2, init text",
+                                  prompt={"init": "text", "init_text": "Classify the sentiment of this movie review "
+                                                                       "as positive or negative:"}),
     # DePT's second learning rate (the low-rank update's), swept around the default it had then (1e-3)
     "dept-dlr1e-4": dict(impl="softprompt", method="dept", label="DePT", P=10, prompt={"rank": 8, "max_input_length": 64},
                          train={"delta_lr": 1e-4}),
@@ -170,8 +177,9 @@ def _held_out_label(row: dict) -> str:
 def render_held_out(reports: list[dict]) -> list[str]:
     """A section of docs/RESULTS.md: rows run under the held-out protocol (issue 25), one
     report per seed and row set (``quality_sst2_residual_seed*.json``, ``quality_sst2_dept_seed*.json``,
-    ``quality_sst2_dept_sweep_seed*.json``, ``quality_sst2_init_seed*.json``): the step selected on rows held
-    out of train, GLUE dev (never selected on) reported at it; mean and spread over seeds."""
+    ``quality_sst2_dept_sweep_seed*.json``, ``quality_sst2_init_seed*.json``,
+    ``quality_sst2_deep_init_seed*.json``): the step selected on rows held out of train, GLUE
+    dev (never selected on) reported at it; mean and spread over seeds."""
     if not reports:
         return []
     by_row: dict[str, list[dict]] = {}  # a row's label with the learning rates it ran with -> its seeds
@@ -189,6 +197,9 @@ def render_held_out(reports: list[dict]) -> list[str]:
              "Prompt tuning's table starts as normal noise with the vocabulary embeddings' std (the default), as rows "
              "drawn from the vocabulary embeddings (`init vocab`) or as the embeddings of a task description repeated "
              "to 20 tokens (`init text`: \"Classify the sentiment of this movie review as positive or negative:\"). "
+             "P-tuning v2's prefix starts as normal noise (the default), as zeros (`init zeros`) or as the base's own "
+             "keys and values of that description in every layer (`init text`), at P-tuning v2's prompt LR "
+             f"{PROMPT_LR['p-tuning-v2']:g}. "
              "DePT (`--method dept`) splits prompt tuning's parameter budget into 10 virtual tokens and a rank-8 "
              "update of the first 64 input embeddings (7,424 parameters against 7,680), its low-rank pair at the "
              "`delta_lr` its row names (the sweep of `quality_sst2_dept_sweep_seed*.json` chose the default, 1e-4).",

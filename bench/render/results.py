@@ -61,7 +61,8 @@ def render() -> str:
                                                for p in sorted(RESULTS.glob("quality_sst2_residual_seed*.json"))
                                                + sorted(RESULTS.glob("quality_sst2_dept_seed*.json"))
                                                + sorted(RESULTS.glob("quality_sst2_dept_sweep_seed*.json"))
-                                               + sorted(RESULTS.glob("quality_sst2_init_seed*.json"))])
+                                               + sorted(RESULTS.glob("quality_sst2_init_seed*.json"))
+                                               + sorted(RESULTS.glob("quality_sst2_deep_init_seed*.json"))])
         else:
             lines += [f"## {title}", "", f"Not measured yet: run `python -m {module.__name__}`.", ""]
     return "\n".join(lines)
