@@ -55,13 +55,10 @@ ROWS: dict[str, dict] = {
     "prompt-tuning-init-text": dict(impl="softprompt", method="prompt-tuning", label="prompt tuning, init text",
                                     prompt={"init": "text", "init_text": "Classify the sentiment of this movie review "
                                                                          "as positive or negative:"}),
-    # where a deep prompt starts (issue 25 item 2): every key and value 0, or the base's own keys and values of a
-    # task description, against the default (normal noise, init_std 1)
+    # where a deep prompt starts (issue 25 item 2): every key and value 0 against the default (normal noise,
+    # init_std 1); the base's own keys and values of a text (init="text") are a causal LM's only
     "p-tuning-v2-init-zeros": dict(impl="softprompt", method="p-tuning-v2", label="P-tuning v2, init zeros",
                                    prompt={"init": "zeros"}),
-    "p-tuning-v2-init-text": dict(impl="softprompt", method="p-tuning-v2", label="P-tuning v2, init text",
-                                  prompt={"init": "text", "init_text": "Classify the sentiment of this movie review "
-                                                                       "as positive or negative:"}),
     # DePT's second learning rate (the low-rank update's), swept around the default it had then (1e-3)
     "dept-dlr1e-4": dict(impl="softprompt", method="dept", label="DePT", P=10, prompt={"rank": 8, "max_input_length": 64},
                          train={"delta_lr": 1e-4}),
@@ -197,9 +194,9 @@ def render_held_out(reports: list[dict]) -> list[str]:
              "Prompt tuning's table starts as normal noise with the vocabulary embeddings' std (the default), as rows "
              "drawn from the vocabulary embeddings (`init vocab`) or as the embeddings of a task description repeated "
              "to 20 tokens (`init text`: \"Classify the sentiment of this movie review as positive or negative:\"). "
-             "P-tuning v2's prefix starts as normal noise (the default), as zeros (`init zeros`) or as the base's own "
-             "keys and values of that description in every layer (`init text`), at P-tuning v2's prompt LR "
-             f"{PROMPT_LR['p-tuning-v2']:g}. "
+             "P-tuning v2's prefix starts as normal noise (the default) or as zeros (`init zeros`), at P-tuning v2's "
+             f"prompt LR {PROMPT_LR['p-tuning-v2']:g} (a prefix from the base's own keys and values of a text is "
+             "for causal LMs). "
              "DePT (`--method dept`) splits prompt tuning's parameter budget into 10 virtual tokens and a rank-8 "
              "update of the first 64 input embeddings (7,424 parameters against 7,680), its low-rank pair at the "
              "`delta_lr` its row names (the sweep of `quality_sst2_dept_sweep_seed*.json` chose the default, 1e-4).",
