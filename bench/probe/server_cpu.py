@@ -8,7 +8,9 @@ server the cores it needs on a small machine. Linux only (/proc).
     python -m bench.probe.server_cpu --model /tmp/served_tiny/model --prompts /tmp/served_tiny/prompts
 
 Reports, per endpoint (/health, a classify request, a 16-token greedy completion, the same
-completion streamed): requests/s, p50 / p99 latency, the server's CPU ms per request and
+completion streamed; and lm-eval's loglikelihood request, 3 rows of 157 token ids with
+``echo: true, logprobs: 1, max_tokens: 1``, beside the same 3 texts classified: what
+`bench.serve.scoring` compares on a GPU): requests/s, p50 / p99 latency, the server's CPU ms per request and
 the part of it on the event loop's thread (the main thread: HTTP, validation, answers and
 stream chunks; the rest is the engine's worker thread and the libraries' own threads), in
 bench/results/server_cpu.json (or --out).
@@ -35,6 +37,19 @@ REQUESTS = {
     "/v1/completions (stream)": {"model": "writer", "prompt": "hello there", "max_tokens": 16, "temperature": 0,
                                  "stream": True},
 }
+#: lm-eval's loglikelihood request (a document's 3 choices, ``local-completions``' default arguments)
+#: and the same rows classified; token ids any tokenizer of over 1,200 tokens has
+SCORED_IDS = list(range(1000, 1157))
+
+
+def scoring_requests(tokenizer) -> dict[str, dict]:
+    text = tokenizer.decode(SCORED_IDS)
+    return {"/v1/classify (3 rows of 157 tokens)": {"task": "topic", "inputs": [text] * 3},
+            "/v1/completions (echo scoring, 3 rows of 157 tokens)": {
+                "model": "reader", "prompt": [SCORED_IDS] * 3, "echo": True, "logprobs": 1, "max_tokens": 1,
+                "temperature": 0}}
+
+
 #: the last event of a stream, and the end of a chunked body
 STREAM_END = b"data: [DONE]\n\n\r\n0\r\n\r\n"
 
@@ -102,11 +117,14 @@ def main() -> None:
                         help="more `softprompt serve` options (--dtype bfloat16 on a GPU)")
     parser.add_argument("--out", default=str(RESULTS / "server_cpu.json"))
     args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    requests = {**REQUESTS, **scoring_requests(AutoTokenizer.from_pretrained(args.model))}
     with serving(args.model, args.prompts, args.server_args, Path(args.out).with_suffix(".server.log")) as (url, server):
         port = int(url.rsplit(":", 1)[1])
         measure(port, server.pid, "/v1/completions", REQUESTS["/v1/completions"], args.connections, 1)  # warm-up
         results = {name: measure(port, server.pid, name.split()[0], body, args.connections, args.seconds)
-                   for name, body in REQUESTS.items()}
+                   for name, body in requests.items()}
     report = {"benchmark": "server CPU per request", "command": rerun_command("bench.probe.server_cpu", sys.argv[1:]),
               "label": args.label, "device": device_name(),
               "server_args": args.server_args,
