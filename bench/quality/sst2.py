@@ -185,7 +185,7 @@ def render_held_out(reports: list[dict]) -> list[str]:
             if "error" not in r and r.get("reported_accuracy") is not None:
                 by_row.setdefault(_held_out_label(r), []).append(r)
     s = reports[0]["settings"]
-    lines = [f"## SST-2 under the held-out protocol: prompt tuning (and its initialisations), residual prompt tuning and DePT, all-MiniLM-L6-v2, "
+    lines = [f"## SST-2 under the held-out protocol: prompt tuning and P-tuning v2 (and where they start), residual prompt tuning and DePT, all-MiniLM-L6-v2, "
              f"{reports[0]['device']}", "",
              f"The settings of the table above ({s['steps']} steps of {s['batch_size']}, the same head, {P} virtual "
              f"tokens, prompt LR {PROMPT_LR['prompt-tuning']:g}), but the step is selected on 1,000 rows held out of train with the run's seed and "
