@@ -160,3 +160,18 @@ def test_liger_s_loss_and_gradients_equal_the_chunks_on_a_gpu(method, precision,
         difference = (fused_grads[name] - chunk_grads[name]).abs().max().item()
         assert difference <= (1e-4 if precision == "fp32" else 5e-2) * scale + 1e-9, (name, difference, scale)
     assert any(g.abs().sum() > 0 for g in chunk_grads.values())
+
+
+def test_a_run_asked_for_liger_on_the_cpu_stops_before_it_writes_anything(family_models, tmp_path):
+    """`train` resolves ``train.lm_loss`` before its loop exists: a kernel that cannot run
+    here is refused by name and the output folder is never made."""
+    from softprompt.tasks import SequenceClassification
+    from softprompt.training.loop import train
+
+    base, tok = family_models("llama")
+    model = sp.SoftPromptModel(base, METHODS["prompt-tuning"](), tokenizer=tok)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="train.lm_loss=liger: liger-kernel runs on CUDA devices, not on the CPU"):
+        train(model, SequenceClassification(["neg", "pos"]), [{"text": "a b", "label": "pos"}], None,
+              TrainConfig(steps=2, batch_size=1, lm_loss="liger", progress=False), out)
+    assert not out.exists()
