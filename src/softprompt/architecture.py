@@ -176,6 +176,14 @@ def model_kind(base: nn.Module) -> ModelKind:
     return ModelKind.ENCODER
 
 
+def text_config(config, decoder: bool = False):
+    """The configuration of a model's text stack (a multimodal config's language model's, a
+    plain model's own), where its sizes and score scalings are read."""
+    if not hasattr(config, "get_text_config"):
+        return config
+    return config.get_text_config(decoder=True) if decoder else config.get_text_config()
+
+
 def model_spec(base: nn.Module) -> ModelSpec:
     """Read a `ModelSpec` from a transformers model.
 
@@ -184,7 +192,7 @@ def model_spec(base: nn.Module) -> ModelSpec:
     """
     config = base.config
     kind = model_kind(base)
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = text_config(config, decoder=True)
     hidden = _first(text, "hidden_size", "d_model", "n_embd")
     heads = _first(text, "num_attention_heads", "num_heads", "n_head", "encoder_attention_heads")
     if hidden is None or heads is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .architecture import ModelKind, ModelSpec
+from .architecture import ModelKind, ModelSpec, text_config
 
 
 def token_loss(spec: ModelSpec, logits, labels, keep, prompt_index, mask) -> torch.Tensor:
@@ -99,7 +99,7 @@ def fused_loss_refusal(base, device: torch.device) -> str | None:
         return f"liger-kernel runs on CUDA devices, not on the {device.type.upper()}"
     if not chunkable(base):
         return "the LM head is trained or sharded (the whole scores are computed)"
-    config = _text_config(base)
+    config = text_config(base.config)
     if getattr(config, "logits_scaling", None) or isinstance(getattr(config, "logit_scale", None), (int, float)):
         return f"{config.model_type}'s LM head scales its scores"
     return None
@@ -115,11 +115,7 @@ def _liger_loss(base, states: torch.Tensor, wanted: torch.Tensor) -> torch.Tenso
     head = base.get_output_embeddings()
     return functional.liger_fused_linear_cross_entropy(
         states, head.weight, wanted, bias=head.bias, reduction="sum",
-        softcap=getattr(_text_config(base), "final_logit_softcapping", None) or None)
-
-
-def _text_config(base):
-    return base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        softcap=getattr(text_config(base.config), "final_logit_softcapping", None) or None)
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -160,7 +156,7 @@ def lm_head(base, hidden: torch.Tensor) -> torch.Tensor:
     Returns:
         (..., V) scores in the head's dtype.
     """
-    config = _text_config(base)
+    config = text_config(base.config)
     logits = base.get_output_embeddings()(hidden)
     if getattr(config, "logits_scaling", None):  # Granite
         logits = logits / config.logits_scaling

@@ -41,7 +41,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from .architecture import ModelKind, model_spec
+from .architecture import ModelKind, model_spec, text_config
 from .base_models import hub_id
 from .encode import special_frame
 from .peft_layout import peft_layout
@@ -249,7 +249,7 @@ def _check_template(template: Template, P: int, deep: bool, tokenizer) -> None:
 
 
 def _attention_heads(base) -> int:
-    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    config = text_config(base.config)
     return int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head"))
 
 
