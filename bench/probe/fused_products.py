@@ -7,13 +7,13 @@ products on an H100, 1.7x the weight-read bound).
   separate  per layer: x @ Wq, x @ Wk, x @ Wv, a @ Wo, x @ Wgate, x @ Wup, h @ Wdown
   fused     per layer: x @ [Wq; Wk; Wv], a @ Wo, x @ [Wgate; Wup], h @ Wdown
 
-Shapes of the 1B Llama by default (hidden 2048, 32 heads over 8 K/V heads of 64,
-intermediate 8192, 16 layers) and the LM head once, bf16, weights in `F.linear`'s layout
-(out, in); all layers' products recorded in one CUDA graph (each layer its own weights, so
-nothing is served from L2) and replayed. The bound: the weights' bytes at the memory
-bandwidth.
+The shape's sizes come from `bench.harness.shapes` (``--shape``, the 1B Llama by default:
+hidden 2048, 32 heads over 8 K/V heads of 64, intermediate 8192, 16 layers) and the LM head
+once, bf16, weights in `F.linear`'s layout (out, in); all layers' products recorded in one
+CUDA graph (each layer its own weights, so nothing is served from L2) and replayed. The
+bound: the weights' bytes at the memory bandwidth.
 
-    python -m bench.probe.fused_products --rows 64 256 --out bench/results/fused_products.json
+    python -m bench.probe.fused_products --shape llama-1b --rows 64 256 --out bench/results/fused_products.json
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from bench.harness.hardware import bandwidth
 from bench.harness.report import RESULTS, versions, write_json
+from bench.harness.shapes import SHAPES, model_config
 from bench.harness.timing import graph_replay_ms
 
 
@@ -61,28 +62,25 @@ def time_graph(fn, layers, x, a, h, head) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--intermediate", type=int, default=8192)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--shape", default="llama-1b", choices=[n for n, s in SHAPES.items() if s.family == "llama"])
     parser.add_argument("--out", default=str(RESULTS / "fused_products.json"))
     args = parser.parse_args()
-    dim = args.hidden // args.heads
-    layers = layer_weights(args.hidden, args.heads * dim, args.kv_heads * dim, args.intermediate, args.layers)
-    head = torch.randn(args.vocab, args.hidden, device="cuda", dtype=torch.bfloat16) * 0.02
-    weight_bytes = 2 * (args.layers * (2 * args.hidden * args.heads * dim + 2 * args.hidden * args.kv_heads * dim
-                                       + 3 * args.hidden * args.intermediate) + args.vocab * args.hidden)
+    config = model_config(args.shape)
+    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    dim, inter, n_layers, vocab = hidden // heads, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    layers = layer_weights(hidden, heads * dim, kv_heads * dim, inter, n_layers)
+    head = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+    weight_bytes = 2 * (n_layers * (2 * hidden * heads * dim + 2 * hidden * kv_heads * dim + 3 * hidden * inter)
+                        + vocab * hidden)
     bound = 1e3 * weight_bytes / bandwidth()
     report = {"benchmark": "decode step's weight products, separate against fused",
               "device": torch.cuda.get_device_name(0), "versions": versions(),
               "command": "python -m bench.probe.fused_products", "settings": vars(args),
               "weights_bound_ms": round(bound, 4), "results": []}
     for rows in args.rows:
-        x = torch.randn(rows, args.hidden, device="cuda", dtype=torch.bfloat16)
-        a = torch.randn(rows, args.heads * dim, device="cuda", dtype=torch.bfloat16)
-        h = torch.randn(rows, args.intermediate, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(rows, heads * dim, device="cuda", dtype=torch.bfloat16)
+        h = torch.randn(rows, inter, device="cuda", dtype=torch.bfloat16)
         w = layers[0]
         got, want = fused(x, a, h, w), separate(x, a, h, w)
         error = max(float((got[0] - torch.cat(want[:3], -1)).abs().max()),
