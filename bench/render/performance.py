@@ -385,19 +385,23 @@ def scoring() -> list[str]:
         (b, short, a) = https
         rate = lambda h, k: h["phases"][k]["rows_per_s"]  # noqa: E731
         ratio = rate(a, "score") / rate(a, "classify")
-        lines += ["", f"The first two HTTP runs came from different sessions and machines, the second with a 6 s "
-                  f"warm-up: score / classify rose from {rate(b, 'score') / rate(b, 'classify'):.2f} to "
+        warmup = lambda h: h["command"].split("--warmup ")[1].split()[0]  # noqa: E731
+        lines += ["", f"The first two HTTP runs came from different sessions and machines, the second with a "
+                  f"{warmup(short)} s warm-up: score / classify rose from {rate(b, 'score') / rate(b, 'classify'):.2f} to "
                   f"{rate(short, 'score') / rate(short, 'classify'):.2f} because classification fell "
                   f"({rate(b, 'classify'):,.0f} -> {rate(short, 'classify'):,.0f} rows/s), not because scoring rose. "
                   f"The last run ({a['label']}) has both phases in one server on one machine after "
-                  f"{a['command'].split('--warmup ')[1].split()[0]} s of warm-up: classification "
+                  f"{warmup(a)} s of warm-up: classification "
                   f"{rate(a, 'classify'):,.0f} rows/s, scoring {rate(a, 'score'):,.0f}, **{ratio:.2f}** of it "
                   f"({'met' if ratio >= 0.7 else '**not met**'}: target 0.70). The warm-up was not what lowered "
-                  "classification (it is as low after 20 s); the earlier run's 938 rows/s predates the head/decode "
-                  "time share (471d7fa) and other changes, and no run isolates which one. In process scoring reaches "
-                  f"{probe['score_over_classify_rows']:.2f} of classification (table above); where the rest goes over "
-                  "HTTP is not profiled: the API's host work on the event loop (logprobs and JSON, 4.2 us a token in "
-                  "process) and the larger scoring responses are the candidates." if probe is not None else ""]
+                  f"classification (it is as low after {warmup(a)} s); the earlier run's {rate(b, 'classify'):,.0f} "
+                  "rows/s predates the head/decode time share (471d7fa) and other changes, and no run isolates which "
+                  f"one." + ("" if probe is None else
+                             f" In process scoring reaches {probe['score_over_classify_rows']:.2f} of classification "
+                             "(table above); where the rest goes over HTTP is not profiled: the API's host work on the "
+                             "event loop (logprobs and JSON, "
+                             f"{1000 * probe['kinds']['score']['api_host_ms'] / probe['tokens']:.1f} us a token in "
+                             "process) and the larger scoring responses are the candidates.")]
     lines += ["", "Rerun: `python -m bench.serve.random_served --shape llama-1b --out /tmp/served`, then "
               f"`{shown_command(http['command']) if http else 'python -m bench.serve.scoring ...'}` and "
               "`python -m bench.probe.scoring --served /tmp/served --out bench/results/scoring_probe_h100.json`.", ""]
@@ -594,8 +598,13 @@ def packing_instruct() -> list[str]:
             for m in {k[1] for k in by if k[0] == "ours"}}
     versus = ", ".join(f"{m} {r['tokens_per_s'] / by['peft', m, 'eager']['tokens_per_s']:.2f}x ({r['variant']})"
                        for m, r in sorted(ours.items()) if ("peft", m, "eager") in by)
-    lines += ["", f"Packing saves memory here too (about 30% of ours' peak) but no time: the packed floor runs at the "
-              f"padded floor's rate although its rows hold {first['real_tokens'] / first['padded_tokens']:.0%} of the "
+    saved = [1 - by[k[:2] + ("packed",)]["peak_gib"] / r["peak_gib"] for k, r in by.items()
+             if k[0] == "ours" and k[2] == "eager" and k[:2] + ("packed",) in by]
+    floor = by.get(("floor", None, "packed")), by.get(("floor", None, "eager"))
+    floor_ratio = f"{floor[0]['tokens_per_s'] / floor[1]['tokens_per_s']:.2f}x" if all(floor) else "-"
+    lines += ["", f"Packing saves memory here too ({min(saved):.0%}-{max(saved):.0%} of ours' peak) but no time: the "
+              f"packed floor runs at {floor_ratio} the padded floor's rate although its rows hold "
+              f"{first['real_tokens'] / first['padded_tokens']:.0%} of the "
               "padded batch's tokens. A likely cause, not profiled: under SDPA a packed sequence carries a 4-D mask, "
               "so its attention runs the masked kernels over every pair of a sequence of up to `pack_tokens`. "
               "Ours' best against PEFT eager: "
