@@ -89,10 +89,11 @@ def make_gpt2(tok):
     return _tiny(GPT2LMHeadModel, GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2))
 
 
-def make_llama(tok):
-    return _tiny(LlamaForCausalLM, LlamaConfig(
+def make_llama(tok, **overrides):
+    """The tiny Llama (`overrides`: config fields changed, e.g. ``hidden_size=64`` for heads of 16)."""
+    return _tiny(LlamaForCausalLM, LlamaConfig(**dict(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64) | overrides))
 
 
 def make_qwen2(tok):

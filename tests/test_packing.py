@@ -188,12 +188,7 @@ def test_flex_attention_packs_with_a_block_mask(family_models):
     base, tok = family_models("llama")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # flex's CUDA kernels need heads of at least 16 dimensions (the tiny Llama's are 8)
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            max_position_embeddings=64)).eval()
+        base = make_llama(tok, hidden_size=64)
     base.to(device)
     base.set_attn_implementation("flex_attention")
     task, template = _task("lm")
