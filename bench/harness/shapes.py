@@ -60,12 +60,15 @@ def model_config(name: str, **overrides):
     return LlamaConfig(**fields)
 
 
-def build_base(name: str, device: str = "cpu", dtype: torch.dtype | None = None, *, train: bool = False):
-    """A randomly initialised causal LM of shape `name` on `device`, frozen, SDPA attention.
+def build_base(name: str, device: str = "cpu", dtype: torch.dtype | None = None, *, train: bool = False,
+               attention: str = "sdpa"):
+    """A randomly initialised causal LM of shape `name` on `device`, frozen.
 
     Args:
         dtype: default bf16 on a GPU, fp32 on the CPU.
         train: in training mode (dropout as in training: GPT-2's 0.1; Llama has none), else eval.
+        attention: its ``attn_implementation`` (``flex_attention``: a packed forward's mask is
+            then a `BlockMask`, `softprompt.packing.segment_mask`).
     """
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
@@ -74,7 +77,7 @@ def build_base(name: str, device: str = "cpu", dtype: torch.dtype | None = None,
     cls = GPT2LMHeadModel if SHAPES[name].family == "gpt2" else LlamaForCausalLM
     torch.manual_seed(0)
     with torch.device(device):
-        base = cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        base = cls._from_config(config, dtype=dtype, attn_implementation=attention)
     base.requires_grad_(False)
     if config.pad_token_id is not None:
         base.generation_config.pad_token_id = config.pad_token_id
