@@ -42,6 +42,17 @@ tokens/s counts the rows' real tokens (``real_tokens``; ``padded_tokens`` beside
         --methods prompt_tuning,p_tuning_v2 --variants eager,packed --steps 2 --repeats 1 --out /tmp/p.json  # CPU
     python -m bench.train.throughput --models gpt2-124m,llama-1b --shapes 32x64 --mix sst2 \
         --variants eager,compile,packed,packed-compile --out bench/results/train_throughput_packed.json  # GPU
+
+``--attention`` is the base's attn_implementation, recorded in every row: ``sdpa`` (the
+default; a packed sequence then carries a 4-D boolean mask, so attention runs the masked
+kernels over every pair of a sequence of up to ``--pack-tokens``) or ``flex_attention``
+(a packed sequence's mask is a `BlockMask`, `softprompt.packing.segment_mask`: blocks no
+segment reads are skipped; its backward runs on GPUs only). Issue 24's comparison, on a GPU,
+both runs into one report (the rows differ by ``attention``):
+
+    for a in sdpa flex_attention; do python -m bench.train.throughput --models llama-1b --shapes 8x1024 \
+        --mix instruct --losses lm --sides floor,ours --methods prompt_tuning,p_tuning_v2 --variants eager,packed \
+        --attention $a --steps 5 --repeats 2 --out bench/results/train_packed_instruct_attention_h100.json; done
 """
 
 from __future__ import annotations
@@ -62,8 +73,17 @@ from bench.harness.steps import (DEEP, METHODS, MIXES, P, floor_step, our_config
 from bench.harness.timing import measure
 from softprompt.training.fast_path import resolved_lm_loss
 
-KEY = ("model", "batch", "seq", "mix", "loss", "side", "method", "variant", "autocast")
+KEY = ("model", "batch", "seq", "mix", "loss", "side", "method", "variant", "autocast", "attention")
+#: rows written before rows named their attention implementation were all measured under SDPA
+KEY_DEFAULTS = {"attention": "sdpa"}
 PACKED = ("packed", "packed-compile")
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """What makes a row the same measurement as another (`KEY`)."""
+    return tuple(row.get(k, KEY_DEFAULTS.get(k)) for k in KEY)
+
+
 def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         return fn()
@@ -89,7 +109,7 @@ class ModelRun:
         self.name, self.args, self.tok, self.report, self.out = name, args, tok, report, out
         self.lengths: list[int] | None = None  # the row lengths of the shape being measured (--mix)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.base = build_base(name, self.device, train=True)
+        self.base = build_base(name, self.device, train=True, attention=args.attention)
         self.N = sum(p.numel() for p in self.base.parameters())
         config = self.base.config
         self.hidden = config.hidden_size if hasattr(config, "hidden_size") else config.n_embd
@@ -114,9 +134,9 @@ class ModelRun:
             if self.peak:
                 row["pct_peak_4N"] = round(100 * row["tokens_per_s"] * 4 * self.N / (self.peak * 1e12), 2)
         row.update(model=self.name, params=self.N)
-        key = tuple(row.get(k) for k in KEY)
-        self.report["rows"] = [r for r in self.report["rows"] if tuple(r.get(k) for k in KEY) != key] + [row]
-        print({k: row.get(k) for k in ("model", "batch", "seq", "loss", "side", "method", "variant", "tokens_per_s",
+        key = row_key(row)
+        self.report["rows"] = [r for r in self.report["rows"] if row_key(r) != key] + [row]
+        print({k: row.get(k) for k in ("model", "batch", "seq", "loss", "attention", "side", "method", "variant", "tokens_per_s",
                                        "peak_gib", "error")}, flush=True)
         write_json(self.report, self.out)
 
@@ -130,7 +150,7 @@ class ModelRun:
             if self.lengths is not None:
                 mixed = dict(real_tokens=sum(self.lengths), padded_tokens=B * max(self.lengths))
             for loss_kind in args.losses:
-                key = dict(batch=B, seq=S, mix=args.mix, loss=loss_kind, **mixed)
+                key = dict(batch=B, seq=S, mix=args.mix, loss=loss_kind, attention=args.attention, **mixed)
                 if "floor" in args.sides:
                     floors = [v for v in args.variants if v in self.views or (v == "packed" and self.lengths)]
                     for variant in floors:
@@ -233,6 +253,8 @@ def main() -> None:
     parser.add_argument("--mix", default="fixed", choices=["fixed", *MIXES],
                         help="row lengths: fixed (S each) or a real length mix (at most S each)")
     parser.add_argument("--pack-tokens", type=int, default=512, help="train.pack_tokens of the packed variants")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "flex_attention"],
+                        help="the base's attn_implementation (recorded in each row)")
     parser.add_argument("--peft-autocast", default="off,on")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
