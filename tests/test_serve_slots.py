@@ -186,22 +186,27 @@ def test_decode_steps_run_the_packed_slot_attention(family_models, monkeypatch):
     assert not attn.use_slot_attention(gpt2) and gpt2.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_compiled_step_gives_the_rows_alone(family_models, family):
+@pytest.mark.parametrize("family, siblings", [("llama", False), ("mistral", False), ("llama", True), ("qwen2", True)])
+def test_compiled_step_gives_the_rows_alone(family_models, family, siblings):
     """The decode step's forward compiled with `torch.compile` (as on a GPU before capture):
-    rows joining and leaving, run after run, each == the row alone."""
+    rows joining and leaving, run after run, each == the row alone; also with the weights
+    frozen and each layer's Q/K/V and gate/up run as one product (`sibling_products`)."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()
     counters.clear()
     bank, models, tok = bank_of(family_models, family)
-    decoder = Decoder(bank, max_rows=4, graphs=True, compile=True)
+    decoder = Decoder(bank, max_rows=4, graphs=True, compile=True, sibling_products=siblings)
     for text, k in [("again and again", 12), ("a much longer input than the one before it", 5)]:
         rows = [DecodeRow(t, {"text": text}, Sampling(max_new_tokens=k + i)) for i, t in enumerate(TASKS)]
         decoder.run(rows)
         for row, task, i in zip(rows, TASKS, range(3)):
             assert row.tokens == alone(models[task], {"text": text}, k + i, None)[: k + i], (task, text)
-    assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 1  # compiled
-    assert compiled_graphs(DecodeSlots._scores) >= 1 and compiled_graphs(prefill_forward) >= 1  # both compiled
+    step = DecodeSlots._frozen_scores if siblings else DecodeSlots._scores
+    assert compiled_graphs(step) >= 1 and compiled_graphs(prefill_forward) >= 1  # both compiled
+    # two fused products a layer in each compiled version of the step, none without the option
+    layers = bank.base.config.num_hidden_layers
+    assert counters["inductor"]["sibling_products"] == 2 * layers * compiled_graphs(step) * siblings
 
 
 def compiled_graphs(fn) -> int:

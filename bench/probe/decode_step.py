@@ -5,15 +5,17 @@ with 84-token prompts), replayed as a CUDA graph, for each variant of the step:
   transformers   the model's own SDPA attention (grouped K/V heads repeated per step)
   slot           `attention.slot_attention` (one-token queries packed per K/V head, no copy)
   slot+compile   the same, the step's forward compiled with `torch.compile` before capture
-  slot+compile+freezing   compiled with inductor's freezing: weights as constants, so linear
-                 layers reading the same input (Q, K, V; gate and up) become one product
+  slot+compile+siblings   compiled with the weights frozen as constants and each layer's
+                 Q/K/V and gate/up products run as one product each (`serve/sibling_products.py`)
   slot+compile+sdpa   compiled, the packed attention left on SDPA (cuDNN) instead of
                  `attention.packed_products` (what the compiled step ran before)
   ...+copies     each row's cached prompt segment copied into its own slot columns, as
                  before the prefix pool (`serve/prefix_pool.py`: each task's segment
                  stored once, read beside the rows' columns); the other variants use the pool
 
-(Inductor's GEMM autotuning, ``{"mode": "max-autotune-no-cudagraphs"}``, was measured too:
+(An earlier ``slot+compile+freezing`` row passed ``{"options": {"freezing": True}}`` to
+`torch.compile`; that never froze the weights, since dynamo reads inductor's freezing flag
+when it traces, so it measured the plain compiled step. Inductor's GEMM autotuning, ``{"mode": "max-autotune-no-cudagraphs"}``, was measured too:
 3.86 ms at 256 rows on an H100 against cuBLAS's 3.29, after 190 s of autotuning.)
 
     python -m bench.probe.decode_step --shape llama-1b --out bench/results/decode_step.json
@@ -43,8 +45,8 @@ from bench.harness.shapes import SHAPES, build_base, tokenizer
 from bench.harness.timing import measure, sync
 
 VARIANTS = {"transformers": (False, False), "slot": (True, False), "slot+compile": (True, True),
-            "slot+compile+freezing": (True, {"options": {"freezing": True}}),
-            "slot+compile+sdpa": (True, True), "slot+copies": (True, False), "slot+compile+copies": (True, True)}
+            "slot+compile+siblings": (True, True), "slot+compile+sdpa": (True, True), "slot+copies": (True, False),
+            "slot+compile+copies": (True, True), "slot+compile+copies+siblings": (True, True)}
 def bank_of(base, tok, tasks: int, virtual: int):
     import softprompt as sp
     from softprompt.serve import PromptBank
@@ -88,8 +90,9 @@ def joined(bank, rows: int, tasks: int, text: str, *, graphs: bool, compile: boo
     """A decoder whose R slots all hold a row (joined in one prefill), ready to step."""
     from softprompt.serve.decode import Decoder, DecodeRow, Sampling
 
-    shared = name != "transformers" and not name.endswith("+copies")
-    decoder = Decoder(bank, max_rows=rows, graphs=graphs, compile=compile, columns=columns, shared_prefix=shared)
+    shared = name != "transformers" and "+copies" not in name
+    decoder = Decoder(bank, max_rows=rows, graphs=graphs, compile=compile, columns=columns, shared_prefix=shared,
+                      sibling_products=compile is not False and "+siblings" in name)
     decoder._join([DecodeRow(f"t{i % tasks}", {"text": text}, Sampling(max_new_tokens=64)) for i in range(rows)])
     return decoder
 
@@ -188,6 +191,9 @@ def probe(base, tok, args, name: str, rows: int, reference: dict) -> dict:
     pooled = reference.get((name.removesuffix("+copies"), rows)) if name.endswith("+copies") else None
     if pooled is not None:  # the same step with the prefix pool (bf16: one softmax over two parts rounds apart)
         out["rows_equal_pool_variant"] = f"{sum(a == b for a, b in zip(graph_tokens, pooled))}/{rows}"
+    plain = reference.get((name.replace("+siblings", ""), rows)) if "+siblings" in name else None
+    if plain is not None:  # the same compiled step with separate products (bf16: other kernels may round apart)
+        out["rows_equal_without_siblings"] = f"{sum(a == b for a, b in zip(graph_tokens, plain))}/{rows}"
     if name == "transformers":
         reference[rows] = graph_tokens
     elif rows in reference:

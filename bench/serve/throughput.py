@@ -278,7 +278,8 @@ def s1(base, tok, args) -> dict:
         decoder.run(rows)
         return [r.tokens for r in rows]
 
-    graphed = Decoder(bank, max_rows=n_requests, compile=args.compile)  # kept, as the engine keeps it: the graph is captured once
+    siblings = args.compile and args.sibling_products  # Q/K/V and gate/up as one product each (compiled step)
+    graphed = Decoder(bank, max_rows=n_requests, compile=args.compile, sibling_products=siblings)  # kept, as the engine keeps it: the graph is captured once
     eager = Decoder(bank, max_rows=n_requests, graphs=False)
     # the engine's decoder with every join prefilled unpadded (no prefill graphs): what they
     # gain (uncompiled runs only: compiled, its prefill would compile minutes of versions)
@@ -292,7 +293,7 @@ def s1(base, tok, args) -> dict:
     runs = {name: (lambda names=names: decoder_run(graphed, names)) for name, names in mixes.items()}
     # the same with each task's prefix (cached segment, deep prompt) stored once in the
     # prefix pool (`prefix_pool.py`, opt-in) instead of copied into each row's columns
-    pooled = Decoder(bank, max_rows=n_requests, compile=args.compile, shared_prefix=True)
+    pooled = Decoder(bank, max_rows=n_requests, compile=args.compile, shared_prefix=True, sibling_products=siblings)
     pool_mixes = [m for m in ("input:16", "deep:16") if m in mixes]
     for name in pool_mixes:
         runs[f"{name} prefix pool"] = lambda names=mixes[name]: decoder_run(pooled, names)
@@ -324,9 +325,11 @@ def s1(base, tok, args) -> dict:
     if unpadded is not None:  # bf16: padded shapes may round differently
         same = sum(a == b for a, b in zip(graph_tokens, decoder_run(unpadded)))
         out["padded_prefill_rows_equal_unpadded"] = f"{same}/{n_requests}"
+    out["sibling_products"] = bool(siblings)
     out["prefill_graphs"] = len(graphed.prefill.graphs) if graphed.prefill.graphs is not None else 0
     if args.compile:  # compiled, other kernels round differently: graph == the same compiled step run eagerly
-        compiled_eager = Decoder(bank, max_rows=n_requests, graphs=True, compile=True)  # fixed slots
+        compiled_eager = Decoder(bank, max_rows=n_requests, graphs=True, compile=True,  # fixed slots
+                                 sibling_products=siblings)
         decoder_run(compiled_eager, tasks[:1])  # makes its slots
         compiled_eager.slots.graphs = False
         same = sum(a == b for a, b in zip(graph_tokens, decoder_run(compiled_eager)))
@@ -377,6 +380,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="the engine's forwards compiled (S1: the decode step before capture and the prefill; "
                              "S2, S3: the head forward, also timed uncompiled in S3)")
+    parser.add_argument("--sibling-products", action="store_true",
+                        help="with --compile: S1's compiled step runs each layer's Q/K/V and gate/up as one product "
+                             "(`softprompt.serve.sibling_products`)")
     parser.add_argument("--s1-mixes", type=mix, nargs="*", default=[],
                         help="S1: also time these task mixes on the same decoder, e.g. input:16 input:256 deep:16 "
                              "deep:256 (input: prompt tuning; deep: P-tuning v2; 20 virtual tokens each)")

@@ -96,6 +96,9 @@ class Decoder:
             sliding window. Off by default: on an H100 (S1, uncompiled step) it was slower
             than the copies (8,946 vs 14,625 new tok/s): its step reads every span the pool
             keeps, unused ones included, through products SDPA would run faster eagerly.
+        sibling_products: with `compile`, the decode step's Q/K/V and gate/up products run
+            as one product each, over the base's frozen weights laid side by side
+            (`DecodeSlots`, `sibling_products.py`).
 
     A decoder keeps its slots (and its captured graph) from one `run` to the next when it
     uses graphs: keep one per server. `run` calls are serialised.
@@ -104,8 +107,9 @@ class Decoder:
     def __init__(self, bank: PromptBank, *, max_rows: int = 64, admit: Callable[[int], list[DecodeRow]] | None = None,
                  graphs: bool | None = None, columns: int | None = None, compile: bool | dict = False,
                  max_join_tokens: int | None = None, padded_prefill: bool | None = None,
-                 shared_prefix: bool | None = None):
+                 shared_prefix: bool | None = None, sibling_products: bool = False):
         self.bank = bank
+        self.sibling_products = sibling_products
         self.max_join_tokens = max_join_tokens
         self.compile = compile
         self.base = bank.base
@@ -327,7 +331,8 @@ class Decoder:
             own = joined.mask.shape[1] - (joined.prefix_length if self.shared_prefix else 0)
             columns = self.columns or round_up(own + budget, 64)
             self.slots = DecodeSlots(self.base, joined, rows, columns, graphs=graphs,
-                                     compile=self.compile if graphs else False, shared_prefix=self.shared_prefix)
+                                     compile=self.compile if graphs else False, shared_prefix=self.shared_prefix,
+                                     sibling_products=self.sibling_products)
             self._rows = [None] * rows
         free = self.slots.free_slots()
         if len(free) < len(joining):  # eager slots: make room for the joiners

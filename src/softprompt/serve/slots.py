@@ -38,6 +38,7 @@ from .. import inject
 from ..architecture import forward_accepts
 from ..attention import use_slot_attention
 from .prefix_pool import PrefixPool
+from .sibling_products import frozen_with_siblings, pack_siblings
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +99,17 @@ class DecodeSlots:
             a dict: `torch.compile`'s keyword arguments (e.g. ``{"options": {...}}``).
         shared_prefix: keep each task's prefix once in a `PrefixPool` instead of in every
             row's columns (needs the slot attention on grouped K/V heads, no sliding window).
+        sibling_products: with `compile`, the base's weights frozen into the compiled step
+            and each layer's Q/K/V and gate/up products run as one product each
+            (`sibling_products.py`: their weights are first laid side by side in one buffer,
+            same values and memory).
 
     Host-side state: ``t`` (the newest column), ``start[s]`` (the first column slot s's row
     uses; None: free).
     """
 
     def __init__(self, base, like: Cache, rows: int, columns: int, *, graphs: bool, compile: bool | dict = False,
-                 shared_prefix: bool = False):
+                 shared_prefix: bool = False, sibling_products: bool = False):
         self.base = base
         self.rows = rows
         self.graphs = graphs and like.layers[0].keys.is_cuda
@@ -133,6 +138,9 @@ class DecodeSlots:
         # compile of a 1B step takes ~20 s on an H100).
         options = compile if isinstance(compile, dict) else {}
         self._forward = torch.compile(self._scores, **options) if compile else self._scores
+        if compile and sibling_products:
+            pack_siblings(base)
+            self._forward = _under(frozen_with_siblings, torch.compile(self._frozen_scores, **options))
 
     # -- buffers ------------------------------------------------------------------
     @property
@@ -335,6 +343,13 @@ class DecodeSlots:
                         use_cache=True, return_dict=True, **{inject.CACHE_ARG: self.cache}, **extra)
         return out.logits[:, -1]
 
+    def _frozen_scores(self) -> torch.Tensor:
+        """`_scores` under a code object of its own: dynamo keys its compiled versions by
+        code object and guards, not by the compiler's settings, so the version compiled with
+        frozen weights and fused products must not be found for a plain compile, or the
+        other way round."""
+        return self._scores()
+
     def _body(self) -> None:
         """One decode step over every slot (what the CUDA graph records)."""
         for m in self.masks:
@@ -404,6 +419,18 @@ class DecodeSlots:
                 return
             log.warning("decode step not captured as a CUDA graph (%s: %s); running it eagerly", type(e).__name__, e)
             self.graphs = False
+
+
+def _under(settings, compiled):
+    """`compiled` called with `settings()` (a context manager) in force: the compiler's
+    settings must hold whenever it traces or compiles, at the first call and at each
+    recompile (columns that grow)."""
+
+    def call():
+        with settings():
+            return compiled()
+
+    return call
 
 
 def sliding_window(config) -> tuple[int | None, bool]:
