@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
@@ -44,7 +45,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.harness.kernels import is_attention, kernel_times, top_kernels
-from bench.harness.report import write_json
+from bench.harness.report import rerun_command, write_json
 from bench.harness.shapes import build_base, tokenizer
 from bench.harness.steps import (MIXES, floor_step, our_config, our_step, peft_config, peft_step, row_lengths,
                                  text_ids)
@@ -219,7 +220,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     run = Setup(args)
-    report = {"model": args.model, "shape": args.shape, "loss": args.loss, "mix": args.mix,
+    report = {"command": rerun_command("bench.probe.profile_train_step", sys.argv[1:]),
+              "model": args.model, "shape": args.shape, "loss": args.loss, "mix": args.mix,
               "attention": args.attention, "device": torch.cuda.get_device_name(0) if run.device == "cuda" else "CPU",
               "rows": {}}
     if run.lengths:

@@ -605,12 +605,46 @@ def packing_instruct() -> list[str]:
     lines += ["", f"Packing saves memory here too ({min(saved):.0%}-{max(saved):.0%} of ours' peak) but no time: the "
               f"packed floor runs at {floor_ratio} the padded floor's rate although its rows hold "
               f"{first['real_tokens'] / first['padded_tokens']:.0%} of the "
-              "padded batch's tokens. A likely cause, not profiled: under SDPA a packed sequence carries a 4-D mask, "
-              "so its attention runs the masked kernels over every pair of a sequence of up to `pack_tokens`. "
+              "padded batch's tokens (the profile below says why). "
               "Ours' best against PEFT eager: "
               f"{versus}: the target (>= 1.5x PEFT's best on the real mixes) is **not met**; a step of "
               f"{first['real_tokens']:,} real tokens on a 1B model is again far from the GPU's peak.", "",
               f"Rerun on a GPU: `{report['command']}`.", ""]
+    return lines + packing_profile(report)
+
+
+def packing_profile(throughput: dict) -> list[str]:
+    """Where a step's time goes on the instruction-like mix, padded against packed (the
+    CUDA profiler over 5 steps: `bench.probe.profile_train_step`)."""
+    report = load_report("train_profile_packed_instruct_h100.json")
+    if report is None:
+        return []
+    rows = report["rows"]
+    lines = [f"Where the step's time goes ({report['device']}, {report['model']}, {report['shape']} of the "
+             f"`{report['mix']}` mix packed into sequences of at most {report['pack_tokens']:,} tokens, "
+             f"{report['attention'].upper()} attention, LM loss; the CUDA profiler over 5 steps; its wall times "
+             "include the profiler's own cost per operator):", "",
+             "| row | wall ms (profiled) | GPU busy ms | kernels a step | attention ms (share of GPU time) |",
+             "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if r.get("error"):
+            continue
+        lines.append(f"| {name} | {r['wall_ms']:.1f} | {r['gpu_busy_ms']:.1f} | {r['kernels_per_step']:,} | "
+                     f"{r['attention_ms']:.1f} ({r['attention_share']:.0%}) |")
+    padded, packed = rows.get("floor padded"), rows.get("floor packed")
+    speed = {r["variant"]: r for r in throughput["rows"] if r["side"] == "floor"}
+    if padded and packed and "eager" in speed:
+        step_ms = 1e3 * report["real_tokens"] / speed["eager"]["tokens_per_s"]
+        lines += ["", f"Packing does cut the GPU's work: the packed floor keeps the GPU busy "
+                  f"{packed['gpu_busy_ms']:.1f} ms a step against {padded['gpu_busy_ms']:.1f} padded "
+                  f"({packed['gpu_busy_ms'] / padded['gpu_busy_ms']:.0%}), and attention is "
+                  f"{packed['attention_share']:.0%} of it, not the masked all-pairs cost suspected before. "
+                  f"But an eager step takes {step_ms:.0f} ms unprofiled (the throughput table's floor), "
+                  f"about the padded step's GPU time: the eager step is bound by the host launching its "
+                  f"~{packed['kernels_per_step']:,} kernels, so the GPU time packing saves shows only in a step that "
+                  "is compiled or captured (the packed + compile column; its rows of varying length recompile or "
+                  "fall back, which the table does not separate)."]
+    lines += ["", f"Rerun on a GPU: `{report.get('command', 'python -m bench.probe.profile_train_step')}`.", ""]
     return lines
 
 
