@@ -170,3 +170,21 @@ def test_fixed_slots_stepping_ahead_report_the_same_logprobs(causal_bank):
                [(e.token, e.top and [t for t, _ in e.top]) for e in b.logprobs]
         torch.testing.assert_close(torch.tensor([e.logprob for e in a.logprobs]),
                                    torch.tensor([e.logprob for e in b.logprobs]), atol=1e-5, rtol=0)
+
+
+def test_token_texts_past_the_tokenizer_are_decoded_once(gpt2_tokenizer, monkeypatch):
+    """An id past the tokenizer's vocabulary (a model's padded rows) reads what
+    ``decode([id])`` gives, decoded once per id however often it comes back; ids in the
+    table never call ``decode``."""
+    from softprompt.serve import logprobs
+
+    texts = logprobs.token_texts(gpt2_tokenizer)  # built before the spy: the table's own batch decode
+    calls = []
+    original = type(gpt2_tokenizer).decode
+    monkeypatch.setattr(type(gpt2_tokenizer), "decode", lambda self, ids, **kw: calls.append(list(ids)) or original(self, ids, **kw))
+    past = len(gpt2_tokenizer) + 7
+    text = logprobs._texts_of(gpt2_tokenizer)
+    assert [text(past) for _ in range(3)] == [original(gpt2_tokenizer, [past])] * 3
+    assert logprobs.token_text(gpt2_tokenizer, past) == original(gpt2_tokenizer, [past])
+    assert text(464) == texts[464] == original(gpt2_tokenizer, [464])
+    assert calls == [[past]]
