@@ -1,9 +1,10 @@
-"""The server under measurement: a free port, waiting for /health, a Prometheus metric,
-nearest-rank percentiles, and `softprompt serve` started in a subprocess for a benchmark
-(`serving`), its output in a log file."""
+"""The server under measurement: a free port, waiting for /health, a Prometheus metric
+(`metric`; with labels, `labelled`), nearest-rank percentiles, and `softprompt serve`
+started in a subprocess for a benchmark (`serving`), its output in a log file."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -43,6 +44,17 @@ def metric(text: str, name: str) -> float | None:
     """The value of Prometheus metric `name` (a line ``name value``) in a /metrics `text`."""
     line = next((x for x in text.splitlines() if x.startswith(name + " ")), None)
     return float(line.split()[-1]) if line else None
+
+
+def labelled(text: str, name: str) -> dict[tuple[str, ...], float]:
+    """Every sample of Prometheus metric `name` with labels (lines ``name{a="x",b="y"} value``)
+    in a /metrics `text`, by its label values in their order (``("x", "y")``)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1 :].rsplit("} ", 1)
+            out[tuple(re.findall(r'="((?:[^"\\]|\\.)*)"', labels))] = float(value)
+    return out
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -14,6 +14,18 @@ Reported per phase and kind: requests/s, latency p50 / p99, time to the first to
 streamed completions (p50 / p99), generated tokens/s, failures (any status but 200), and
 the server's engine runs and rows per run (from /metrics, before and after the phase),
 in bench/results/serve_http*.json with the device and the server's options.
+
+Where the latency goes, from the server's own clock (/metrics, before and after the
+phase; `softprompt.serve.timeline`): per kind, ``stages_ms``, the mean milliseconds of each
+stage of a request (parse: to the batcher; queue: waiting for the batcher's worker;
+engine: the run up to its answer; handoff: back to the event loop; respond: the answer
+written), which add up to its mean time in the server, and ``outside_server_ms``, what the
+clients' mean latency (``latency_mean_ms``) adds to them (loopback sockets, uvicorn before
+the app, the clients' own time); per phase, ``batcher``: the mean gathering window before
+an engine run, the mean run time, and the share of the phase's wall time the worker spent
+gathering or running (the rest: waiting for a first request, or its own work between
+runs; None in a phase that decodes, whose runs hold runs of head requests). The stage line
+of each phase is printed as it ends.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import httpx
 import torch
 
 from bench.harness.closed_loop import GENERATION_KINDS, HEAD_KINDS, closed_loop
-from bench.harness.server import metric, percentile, serving
+from bench.harness.server import labelled, metric, percentile, serving
 from bench.harness.report import RESULTS, rerun_command, write_json
 
 PHASES = {"heads": HEAD_KINDS, "generation": GENERATION_KINDS, "mix": HEAD_KINDS + GENERATION_KINDS}
@@ -41,17 +53,38 @@ def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(1000 * seconds, 2)
 
 
-def engine_counts(url: str) -> tuple[float, float]:
-    """The server's engine runs and their rows so far (its /metrics). A run is counted
-    when it ends; a decode run takes in joining rows while it lasts, so it can span
-    phases: its time is not a per-phase figure, and is not reported."""
+def engine_counts(url: str) -> dict[tuple[str, ...], float]:
+    """The server's counters so far (its /metrics), for a phase's figures as the difference
+    of two: its engine runs and their rows, run seconds, gathering windows and their
+    seconds, and per (kind, stage) of a request (`timeline.STAGES`), requests and seconds.
+    A run is counted when it ends; a decode run takes in joining rows while it lasts, so it
+    can span phases: in a phase with decoding, run times are not per-phase figures."""
     text = httpx.get(f"{url}/metrics").text
-    return metric(text, "softprompt_batch_rows_count") or 0.0, metric(text, "softprompt_batch_rows_sum") or 0.0
+    counts = {(name,): metric(text, f"softprompt_batch_{name}") or 0.0
+              for name in ("rows_count", "rows_sum", "seconds_sum", "gather_seconds_count", "gather_seconds_sum")}
+    for what in ("count", "sum"):
+        for (kind, stage), value in labelled(text, f"softprompt_request_stage_seconds_{what}").items():
+            counts[("stage", kind, stage, what)] = value
+    return counts
 
 
-def phase_report(load: dict, runs: float, rows: float) -> dict:
-    """Figures of one phase from `closed_loop`'s records and the engine runs that ended in it."""
+def stage_means(counts: dict[tuple[str, ...], float]) -> dict[str, dict[str, float | None]]:
+    """Per kind, the mean milliseconds of each stage over the requests `counts` (a phase's
+    difference of `engine_counts`) holds, and ``requests``, how many those are."""
+    kinds: dict[str, dict[str, float | None]] = {}
+    for key, requests in counts.items():
+        if key[0] == "stage" and key[3] == "count" and requests > 0:
+            _, kind, stage, _ = key
+            kinds.setdefault(kind, {"requests": requests})[stage] = ms(counts[("stage", kind, stage, "sum")] / requests)
+    return kinds
+
+
+def phase_report(load: dict, counts: dict[tuple[str, ...], float]) -> dict:
+    """Figures of one phase from `closed_loop`'s records and the server's counters over it
+    (`engine_counts`, after minus before)."""
     wall, kinds = load["wall"], {}
+    runs, rows = counts[("rows_count",)], counts[("rows_sum",)]
+    stages = stage_means(counts)
     for kind, r in load["kinds"].items():
         kinds[kind] = {"clients": r["clients"], "requests": len(r["latency"]), "requests_per_s": len(r["latency"]) / wall,
                        "latency_p50_ms": ms(percentile(r["latency"], 0.5)),
@@ -62,11 +95,24 @@ def phase_report(load: dict, runs: float, rows: float) -> dict:
         if kind in GENERATION_KINDS:
             kinds[kind]["tokens_per_s"] = sum(r["tokens"]) / wall
             kinds[kind]["tokens_per_answer"] = sum(r["tokens"]) / max(len(r["tokens"]), 1)
+        if kind in stages:  # the client's mean latency beyond the server's stages: sockets, uvicorn, the clients
+            kinds[kind]["stages_ms"] = stages[kind]
+            mean = sum(r["latency"]) / len(r["latency"]) if r["latency"] else None
+            kinds[kind]["latency_mean_ms"] = ms(mean)
+            in_server = sum(v for k, v in stages[kind].items() if k != "requests" and v is not None)
+            kinds[kind]["outside_server_ms"] = None if mean is None else round(1000 * mean - in_server, 2)
     every = [x for r in load["kinds"].values() for x in r["latency"]]
+    gathered, gathering, running = counts[("gather_seconds_count",)], counts[("gather_seconds_sum",)], \
+        counts[("seconds_sum",)]
     return {"seconds": round(wall, 1), "tasks": load["tasks"], "kinds": kinds,
             "requests_per_s": len(every) / wall, "latency_p99_ms": ms(percentile(every, 0.99)),
             "failures": sum(sum(r["failures"].values()) for r in load["kinds"].values()),
-            "engine_runs": runs, "rows_per_run": rows / max(runs, 1)}
+            "engine_runs": runs, "rows_per_run": rows / max(runs, 1),
+            "batcher": {"gathered_runs": gathered,
+                        "gather_mean_ms": ms(gathering / gathered) if gathered else None,
+                        "run_mean_ms": ms(running / runs) if runs else None,
+                        # runs of heads between two decode steps are counted apart and inside their decode run
+                        "busy_share": round((gathering + running) / wall, 3) if gathered == runs else None}}
 
 
 def serve(args, report: dict) -> dict:
@@ -94,10 +140,13 @@ def serve(args, report: dict) -> dict:
             load = closed_loop(url, clients=args.clients, seconds=args.seconds, kinds=PHASES[name],
                                processes=args.processes)
             after = engine_counts(url)
-            phases[name] = phase_report(load, *(a - b for a, b in zip(after, before)))
+            phases[name] = phase = phase_report(load, {k: v - before.get(k, 0.0) for k, v in after.items()})
             write_json(report, Path(args.out))
             print(name, json.dumps({k: {x: v[x] for x in ("requests_per_s", "latency_p50_ms", "latency_p99_ms")}
-                                    for k, v in phases[name]["kinds"].items()}), flush=True)
+                                    for k, v in phase["kinds"].items()}), flush=True)
+            print(name, "stages_ms", json.dumps({k: {**v["stages_ms"], "outside_server": v["outside_server_ms"]}
+                                                 for k, v in phase["kinds"].items() if "stages_ms" in v}),
+                  "batcher", json.dumps(phase["batcher"]), flush=True)
         if args.profile:
             profiler.wait(timeout=60)
         return report

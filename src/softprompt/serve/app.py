@@ -69,6 +69,7 @@ from .errors import error_body, field_path
 from .guard import BodyError, RequestGuard, check_api_key, parse_json_body
 from .openai_api import chat_completions, completions
 from .server import STATUS, APIError, InputsBody, Metrics, Server, check_results, server_of
+from .timeline import begin
 from .tokenizer_api import TOKENIZER_ROUTES
 
 
@@ -96,7 +97,7 @@ async def classify(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
     server = server_of(request)
     entry = await server.entry_for(body.task, "classify")  # the version checked is the version that answers
     server.check_count(len(body.inputs), "inputs", "inputs")
-    results = await server.run([Request(body.task, x, entry=entry) for x in body.inputs], request)
+    results = await server.run([Request(body.task, x, entry=entry) for x in body.inputs], request, "classify")
     check_results(results)
     return {"task": body.task, "results": [r.output for r in results]}
 
@@ -112,7 +113,7 @@ async def tag(body: InputsBody, request: HTTPRequest) -> dict[str, Any]:
     entry = await server.entry_for(body.task, "tag")
     field = entry.task.word_field
     server.check_count(len(body.inputs), "inputs", "inputs")
-    results = await server.run([Request(body.task, x, entry=entry) for x in body.inputs], request)
+    results = await server.run([Request(body.task, x, entry=entry) for x in body.inputs], request, "tag")
     check_results(results)
     out = []
     for x, r in zip(body.inputs, results):
@@ -131,9 +132,11 @@ ROUTES = [(["GET"], "/health", health), (["GET"], "/metrics", metrics), (["GET"]
 
 class RequestMetrics:
     """ASGI middleware: count and time every HTTP request by its route (``other`` for no
-    route), to the end of its answer (a stream's last chunk). A plain ASGI class, not
-    Starlette's ``BaseHTTPMiddleware``: that one runs each request in a task group with
-    memory streams between them, which cost more than the whole of a /health answer."""
+    route), to the end of its answer (a stream's last chunk), and the stages of those that
+    went through the engine (`timeline`: begun here, followed by the route). A plain ASGI
+    class, not Starlette's ``BaseHTTPMiddleware``: that one runs each request in a task
+    group with memory streams between them, which cost more than the whole of a /health
+    answer."""
 
     def __init__(self, app, *, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -143,6 +146,7 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         start, status = time.perf_counter(), 500  # what an exception out of the app becomes
+        timeline = begin(scope, start)
 
         async def sending(message: dict[str, Any]) -> None:
             nonlocal status
@@ -155,8 +159,10 @@ class RequestMetrics:
         finally:
             route = scope.get("route")  # set by the router on the shared scope
             endpoint = route.path if route is not None else "other"
+            end = time.perf_counter()
             self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(endpoint).observe(end - start)
+            self.metrics.observe_timeline(timeline, end)
 
 
 class _StrictRequest(HTTPRequest):

@@ -19,6 +19,10 @@ while the run decodes (the worker hands them over through the engine's `admit` h
 requests for task heads that arrive meanwhile are answered between two decode steps, within
 their share of the engine's time (`TimeShare`), so that neither kind starves the other.
 Encoder-decoders use transformers' `generate()` in static batches.
+
+Each request is stamped when it is queued, taken by the worker and answered
+(`Request.queued` / `taken` / `answered`: `timeline.py` makes them a request's stages),
+and each run's observers hear how long the gathering window before it took.
 """
 
 from __future__ import annotations
@@ -56,7 +60,10 @@ class BatchStats:
     rows: int = 0
     busy_seconds: float = 0.0
     new_tokens: int = 0
-    observers: list[Callable[[int, float, list[Result]], None]] = field(default_factory=list)
+    #: called after every run with (rows, run seconds, results, gathering seconds: the
+    #: `_take` window that gathered its requests; None for head requests run between two
+    #: decode steps, which had none)
+    observers: list[Callable[[int, float, list[Result], float | None], None]] = field(default_factory=list)
 
 
 @dataclass
@@ -179,9 +186,9 @@ class Batcher:
                 raise QueueFullError(f"{len(self._items)} requests are waiting (the queue holds {self.max_queue}); "
                                      "retry later")
             self._items.extend(zip(requests, futures))
-            now = self.time_share.clock()
+            now, queued = self.time_share.clock(), time.perf_counter()
             for request in requests:
-                request.submitted = now
+                request.submitted, request.queued = now, queued
             self._cond.notify()
         return futures
 
@@ -212,12 +219,14 @@ class Batcher:
             self._settle(future, self._shut(request))
 
     # -- the worker -----------------------------------------------------------
-    def _take(self) -> list[tuple[Request, Future]]:
-        """What is waiting, after a short gathering window, up to four batches' worth."""
+    def _take(self) -> tuple[list[tuple[Request, Future]], float]:
+        """What is waiting, after a short gathering window, up to four batches' worth; and
+        the seconds that window took (from the first request there to the taking)."""
         limit = self.engine.max_batch_rows * 4  # the engine cuts this into budgeted batches
         with self._cond:
             while not self._items and not self._stopped:
                 self._cond.wait()
+            gathering = time.perf_counter()
             deadline = time.monotonic() + self.max_wait
             while len(self._items) < limit and not self._stopped:
                 left = deadline - time.monotonic()
@@ -226,7 +235,10 @@ class Batcher:
                 self._cond.wait(left)
             taken = [self._items.popleft() for _ in range(min(limit, len(self._items)))]
             self._running = list(taken)  # under the lock `close` takes: every request is waiting or running
-            return taken
+        now = time.perf_counter()
+        for request, _ in taken:
+            request.taken = now
+        return taken, now - gathering
 
     def _live(self, items: list[tuple[Request, Future]]) -> list[tuple[Request, Future]]:
         """The taken requests to run: those whose future was not cancelled and whose client
@@ -262,6 +274,9 @@ class Batcher:
             for item in heads + chosen:
                 self._items.remove(item)
             self._running += heads + chosen
+        now = time.perf_counter()
+        for request, _ in heads + chosen:
+            request.taken = now
         live = self._live(heads)
         if live:
             start, share_start = time.perf_counter(), share.clock()
@@ -271,15 +286,18 @@ class Batcher:
                 results = [Result(r.task, error=f"{type(e).__name__}: {e}", error_kind=ErrorKind.FAILED)
                            for r, _ in live]
             self._record(len(live), time.perf_counter() - start, results)
-            for (_, f), result in zip(live, results):
+            now = time.perf_counter()
+            for (r, f), result in zip(live, results):
+                r.answered = now
                 self._settle(f, result)
             share.ran_heads(share.clock() - share_start)
-        return [(request, self._resolver(future)) for request, future in self._live(chosen)]
+        return [(request, self._resolver(request, future)) for request, future in self._live(chosen)]
 
-    def _resolver(self, future: Future) -> Callable[[Result], None]:
+    def _resolver(self, request: Request, future: Future) -> Callable[[Result], None]:
         def resolve(result: Result) -> None:
             self.stats.rows += 1
             self.stats.new_tokens += result.new_tokens
+            request.answered = time.perf_counter()
             self._settle(future, result)
 
         return resolve
@@ -304,9 +322,9 @@ class Batcher:
         self.stats.busy_seconds += seconds
         self.stats.new_tokens += sum(r.new_tokens for r in results)
         for observe in self.stats.observers:
-            observe(rows, seconds, results)
+            observe(rows, seconds, results, None)
 
-    def _answer(self, counted: list[bool], future: Future, result: Result) -> None:
+    def _answer(self, counted: list[bool], request: Request, future: Future, result: Result) -> None:
         """Resolve a request of a run once, its row (and the run, with its first answer)
         counted in the stats before its caller hears of it."""
         if future.done():
@@ -316,11 +334,12 @@ class Batcher:
             self.stats.runs += 1
         self.stats.rows += 1
         self.stats.new_tokens += result.new_tokens
+        request.answered = time.perf_counter()
         self._settle(future, result)
 
     def _work(self) -> None:
         while True:
-            taken = self._take()
+            taken, gathered = self._take()
             if not taken:
                 if self._stopped:
                     break
@@ -334,7 +353,7 @@ class Batcher:
                 # new rows keep joining, and under steady load it would otherwise hold the
                 # answers of the requests it began with (heads included) until the load
                 # stops (seen as 8 s latencies in an 8 s load test)
-                request.on_result = partial(self._answer, counted, future)
+                request.on_result = partial(self._answer, counted, request, future)
             start = time.perf_counter()
             self.time_share.start()
             try:
@@ -350,11 +369,11 @@ class Batcher:
                 with self._cond:
                     self._running = []
             seconds = time.perf_counter() - start
-            for (_, f), result in zip(live, results):
-                self._answer(counted, f, result)
+            for (r, f), result in zip(live, results):
+                self._answer(counted, r, f, result)
             self.stats.busy_seconds += seconds
             for observe in self.stats.observers:
-                observe(len(live), seconds, results)
+                observe(len(live), seconds, results, gathered)
         with self._cond:  # shutting down: answer what is left
             left, self._items = list(self._items), deque()
         for request, future in left:

@@ -28,6 +28,7 @@ from .openai_bodies import ChatBody, ChatMessage, CompletionBody, _Sampled  # no
 from .sampling import TokenLogprob
 from .server import STATUS, APIError, Metrics, Server, cancel, drop, first_of, server_of
 from .text import GenerationOptions, TokenStream
+from .timeline import follow
 
 try:  # the serve extra installs it; without it, json writes the same bodies (`FastJSON`)
     import orjson
@@ -66,7 +67,8 @@ async def completions(body: CompletionBody, request: HTTPRequest):
         options = dataclasses.replace(options, max_new_tokens=0)
     completion = _Completion(body.model, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), server.bank.tokenizer,
                              n=body.n, best_of=best_of, logprobs=body.logprobs is not None,
-                             include_usage=include_usage(body), echo=prompts if body.echo else None)
+                             include_usage=include_usage(body), echo=prompts if body.echo else None,
+                             kind="score" if body.max_tokens == 0 else "complete")
     requests = [Request(body.model, p, generate=True, options=choice_options(options, j), entry=entry, echo=body.echo)
                 for p in prompts for j in range(best_of)]
     return await completion.run(server, requests, body.stream, request)
@@ -159,7 +161,7 @@ async def chat_completions(body: ChatBody, request: HTTPRequest):
         raise APIError(400, f"messages: {e}", "messages") from None
     completion = _ChatCompletion(body.model, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
                                  server.bank.tokenizer, n=body.n, best_of=body.n, logprobs=bool(body.logprobs),
-                                 include_usage=include_usage(body))
+                                 include_usage=include_usage(body), kind="chat")
     requests = [Request(body.model, prompt, generate=True, options=choice_options(options, j), entry=entry)
                 for j in range(body.n)]
     return await completion.run(server, requests, body.stream, request)
@@ -181,6 +183,7 @@ class _Completion:
     logprobs: bool = False  # the client asked for them (a ranking may have computed them anyway)
     include_usage: bool = False  # streamed: a last chunk with the usage
     echo: list[Any] | None = None  # echo: the prompts (texts or `TokenIds`), each before its completion
+    kind: str = "complete"  # what the request is, for its stages' metrics (`timeline`): complete, score, chat
     object: ClassVar[str] = "text_completion"
     chunk_object: ClassVar[str] = "text_completion"
 
@@ -236,7 +239,7 @@ class _Completion:
     async def run(self, server: Server, requests: list[Request], stream: bool, http: HTTPRequest):
         if stream:
             return await self.stream(server, requests, http)
-        results = await server.run(requests, http)
+        results = await server.run(requests, http, self.kind)
         self.check(results)
         return FastJSON(self.answer(results))
 
@@ -286,9 +289,16 @@ class _Completion:
         mailbox, pieces = server.mailbox, Pieces(asyncio.get_running_loop())
         for i, r in enumerate(requests):  # called on the engine's thread: handed over a step's pieces at a time
             r.stream = TokenStream(lambda text, logprobs, i=i: mailbox.post(pieces.put, (i, text, logprobs)))
+        timeline = follow(http.scope, self.kind, requests)
         futures = server.submit(requests)
         done = asyncio.gather(*futures)
-        done.add_done_callback(lambda _: pieces.close())  # after every piece: both come through the mailbox
+
+        def answered(_: asyncio.Future) -> None:  # after every piece: both come through the mailbox
+            pieces.close()
+            if timeline is not None:
+                timeline.deliver()
+
+        done.add_done_callback(answered)
         await first_of({pieces.ready(), done}, http, requests)
         early = [f.result() if f.done() else None for f in futures]
         if any(r is not None and not r.ok for r in early):

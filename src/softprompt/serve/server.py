@@ -24,6 +24,7 @@ from .engine import Engine
 from .request import ErrorKind, Request, Result
 from .handoff import Mailbox
 from .text import GenerationOptions
+from .timeline import STAGES, Timeline, follow
 
 #: the status code of each way a request can fail in the engine
 STATUS = {ErrorKind.UNKNOWN_TASK: 404, ErrorKind.INPUT_TOO_LONG: 413, ErrorKind.BAD_INPUT: 422,
@@ -54,9 +55,19 @@ class InputsBody(_Body):
     inputs: list[Input] = Field(min_length=1)
 
 
+#: buckets of the stage and gathering histograms: from 0.1 ms (a hand-off) to a long decode
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
 
 class Metrics:
-    """The server's Prometheus metrics (one registry per app)."""
+    """The server's Prometheus metrics (one registry per app).
+
+    ``softprompt_request_stage_seconds{kind, stage}``: the seconds of each stage of every
+    request that went through the engine (`timeline.STAGES`: parse, queue, engine,
+    handoff, respond; kind: classify, tag, complete, chat, score), so that two scrapes
+    give each stage's mean over the requests between them; ``softprompt_batch_gather_seconds``:
+    per engine run, the batcher's gathering window before it (runs of head requests
+    between two decode steps have none and are not counted there)."""
 
     def __init__(self, bank: PromptBank, batcher: Batcher):
         self.registry = registry = CollectorRegistry()
@@ -66,6 +77,11 @@ class Metrics:
         self.batch_rows = Histogram("softprompt_batch_rows", "requests per engine run", registry=registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.batch_seconds = Histogram("softprompt_batch_seconds", "engine run time", registry=registry)
+        self.batch_gather = Histogram("softprompt_batch_gather_seconds", "the batcher's gathering window before a run",
+                                      registry=registry, buckets=STAGE_BUCKETS)
+        self.stages = Histogram("softprompt_request_stage_seconds", "seconds of each stage of a request in the server",
+                                ["kind", "stage"], registry=registry, buckets=STAGE_BUCKETS)
+        self._stages_of: dict[str, list[Any]] = {}  # per kind, its stages' histograms (`labels` takes a lock)
         self.new_tokens = Counter("softprompt_generated_tokens", "tokens generated", registry=registry)
         Gauge("softprompt_queue_waiting", "requests waiting for the engine", registry=registry).set_function(
             lambda: batcher.waiting)
@@ -75,10 +91,23 @@ class Metrics:
         self.streams_open = Gauge("softprompt_streams_open", "completion streams being sent", registry=registry)
         batcher.stats.observers.append(self.observe_run)
 
-    def observe_run(self, rows: int, seconds: float, results: list[Result]) -> None:
+    def observe_run(self, rows: int, seconds: float, results: list[Result], gathered: float | None = None) -> None:
         self.batch_rows.observe(rows)
         self.batch_seconds.observe(seconds)
+        if gathered is not None:
+            self.batch_gather.observe(gathered)
         self.new_tokens.inc(sum(r.new_tokens for r in results))
+
+    def observe_timeline(self, timeline: Timeline, end: float) -> None:
+        """A request's stages, if it went through them all (`Timeline.stages`)."""
+        stages = timeline.stages(end)
+        if stages is None:
+            return
+        children = self._stages_of.get(timeline.kind)
+        if children is None:
+            children = self._stages_of[timeline.kind] = [self.stages.labels(timeline.kind, s) for s in STAGES]
+        for child, seconds in zip(children, stages):
+            child.observe(seconds)
 
 
 @dataclass
@@ -114,11 +143,15 @@ class Server:
         except TooManyRequestsForQueueError as e:  # refused for ever: "retry later" would be no answer
             raise HTTPException(413, str(e)) from None
 
-    async def run(self, requests: list[Request], http: HTTPRequest) -> list[Result]:
+    async def run(self, requests: list[Request], http: HTTPRequest, kind: str) -> list[Result]:
         """The requests' results, or, if the client goes away first, none: they are
-        cancelled (and the answer, which no one reads, is 499)."""
+        cancelled (and the answer, which no one reads, is 499). `kind`: what the request
+        is, for its stages' metrics (`timeline`)."""
+        timeline = follow(http.scope, kind, requests)
         results = asyncio.gather(*self.submit(requests))
         await first_of({results}, http, requests)
+        if timeline is not None:
+            timeline.deliver()
         return results.result()
 
     async def entry_for(self, task: str, endpoint: str) -> BankEntry:
