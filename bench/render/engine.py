@@ -190,8 +190,10 @@ def where_the_rest_goes() -> str:
                     f"{mm / weights_only['bound']['weights_ms']:.1f}x the weight-read bound: the K and V projections "
                     "(2 MiB of weights each) and Q / O (8 MiB) are separate small products on the same input, far "
                     "from the bandwidth in cuBLAS (see the kernel table in the report); one product for Q, K, V and "
-                    "one for gate and up would need the base model's weights concatenated (not done: the base stays "
-                    "as loaded)" + fused_products_note())
+                    "one for gate and up is built (`Decoder(sibling_products=True)`, `serve/sibling_products.py`: "
+                    "the siblings' weights laid side by side in one buffer, same values and memory, and fused by an "
+                    "inductor pass under freezing; probe variants `slot+compile+siblings`, "
+                    "`slot+compile+copies+siblings`) but not yet measured on a GPU" + fused_products_note())
     if "slot+autotune" in at and "slot+compile" in at:
         text.append(f"inductor's GEMM autotuning picked Triton kernels slower than cuBLAS "
                     f"({at['slot+autotune']['step_ms']:.2f} against {at['slot+compile']['step_ms']:.2f} ms a step at "
@@ -538,7 +540,11 @@ def engine() -> list[str]:
              "slot+compile slot+compile+sdpa`).", ""]
     lines += step_table()
     lines += ["", "Kernel groups are by kernel name: in the H100 `slot+compile` rows the attention's two batched products "
-              "count under matrix products (its softmax under fused)."]
+              "count under matrix products (its softmax under fused). The H200 `slot+compile+freezing` rows passed "
+              "`{\"options\": {\"freezing\": True}}` to `torch.compile`, which never froze the weights (dynamo reads "
+              "inductor's freezing flag when it traces, not from the options): they measured the plain compiled step "
+              "again. The variants that freeze are `slot+compile+siblings` and `slot+compile+copies+siblings` "
+              "(weights frozen, Q/K/V and gate/up fused)."]
     lines += ["", targets(), ""]
     lines += ["Compiled against uncompiled: " + "; ".join(compile_rounding()) + ". The compiled code rounds "
               "differently in bfloat16 (fused norms, rotary and attention), by about one bfloat16 step of the "
