@@ -100,9 +100,22 @@ def fused_loss_refusal(base, device: torch.device) -> str | None:
     if not chunkable(base):
         return "the LM head is trained or sharded (the whole scores are computed)"
     config = text_config(base.config)
-    if getattr(config, "logits_scaling", None) or isinstance(getattr(config, "logit_scale", None), (int, float)):
+    if score_scalings(config):
         return f"{config.model_type}'s LM head scales its scores"
     return None
+
+
+def score_scalings(config) -> list:
+    """The scalings a family's forward applies to its head's scores, in order, as functions
+    of the scores (Granite divides by ``logits_scaling``, Cohere multiplies by
+    ``logit_scale``); empty where there is none. The one home of these conditions for
+    `lm_head` and `fused_loss_refusal`."""
+    scalings = []
+    if getattr(config, "logits_scaling", None):  # Granite
+        scalings.append(lambda logits: logits / config.logits_scaling)
+    if isinstance(getattr(config, "logit_scale", None), (int, float)):  # Cohere
+        scalings.append(lambda logits: logits * config.logit_scale)
+    return scalings
 
 
 def _liger_loss(base, states: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
@@ -158,10 +171,8 @@ def lm_head(base, hidden: torch.Tensor) -> torch.Tensor:
     """
     config = text_config(base.config)
     logits = base.get_output_embeddings()(hidden)
-    if getattr(config, "logits_scaling", None):  # Granite
-        logits = logits / config.logits_scaling
-    if getattr(config, "logit_scale", None) is not None and isinstance(config.logit_scale, (int, float)):  # Cohere
-        logits = logits * config.logit_scale
+    for scale in score_scalings(config):
+        logits = scale(logits)
     if getattr(config, "final_logit_softcapping", None):  # Gemma 2 and 3
         logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
     return logits
