@@ -110,6 +110,7 @@ class ModelRun:
         self.lengths: list[int] | None = None  # the row lengths of the shape being measured (--mix)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.base = build_base(name, self.device, train=True, attention=args.attention)
+        self.auto_lm_loss: str | None = None  # train.lm_loss=auto's kernel for this base: resolved (and logged) once
         self.N = sum(p.numel() for p in self.base.parameters())
         config = self.base.config
         self.hidden = config.hidden_size if hasattr(config, "hidden_size") else config.n_embd
@@ -189,8 +190,9 @@ class ModelRun:
         packed = self.args.pack_tokens if variant in PACKED else None
         # the LM loss's kernel as `softprompt train` picks it (train.lm_loss=auto), but in the
         # rows that compare the kernels
-        lm_loss = {"liger": "liger", "chunks": "chunks", "cce": "chunks"}.get(variant) or resolved_lm_loss(
-            "auto", self.base, self.base.device)
+        if self.auto_lm_loss is None:
+            self.auto_lm_loss = resolved_lm_loss("auto", self.base, self.base.device)
+        lm_loss = {"liger": "liger", "chunks": "chunks", "cce": "chunks"}.get(variant) or self.auto_lm_loss
         with model.accelerated(compile=variant in ("compile", "graphs", "packed-compile"), compile_options=options,
                                checkpointing=variant == "checkpointing", lm_loss=lm_loss), loss_kernel(variant):
             model.train()
