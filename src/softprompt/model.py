@@ -189,7 +189,8 @@ class SoftPromptModel(OnBase, nn.Module):
 
     @contextmanager
     def accelerated(self, *, compile: bool = False, checkpointing: bool = False,
-                    compile_options: dict[str, Any] | None = None, lm_loss: str = "chunks") -> Iterator[None]:
+                    compile_options: dict[str, Any] | None = None, lm_loss: str = "chunks",
+                    float8: bool = False) -> Iterator[None]:
         """Within the block, training forwards (``model.train()``, grad on) run the base
         through a view with its repeated blocks compiled and/or checkpointed (regions.py),
         and compute a causal LM's token loss with the kernel `lm_loss`; evaluation and
@@ -200,6 +201,8 @@ class SoftPromptModel(OnBase, nn.Module):
             checkpointing: activation checkpointing of each block (deep prompts included).
             compile_options: keyword arguments of `torch.compile`.
             lm_loss: one of `loss.LM_LOSSES` (``chunks``: what every other forward uses).
+            float8: the blocks' frozen linear layers run their products in FP8
+                (`float8.Float8Frozen`).
 
         With `compile`, dynamo's recompile limit is raised for the block (a deep prompt
         compiles one graph per layer, see `regions.recompile_limit`) and restored after.
@@ -213,7 +216,7 @@ class SoftPromptModel(OnBase, nn.Module):
             raise ConfigError(f"{self.spec.model_type}: activation checkpointing with a deep prompt is not supported "
                               "for encoder-decoders")
         base_view = regions.view(self.base, compile=compile, checkpointing=checkpointing,
-                                 compile_options=compile_options)
+                                 compile_options=compile_options, float8=float8)
         previous = self._train_base, self._train_lm_loss
         self.__dict__["_train_base"], self.__dict__["_train_lm_loss"] = base_view, lm_loss
         dynamo = torch._dynamo.config

@@ -65,14 +65,31 @@ def _has_repeated(module: nn.Module) -> bool:
 def _view(module: nn.Module, wrap: Callable[[nn.Module], nn.Module]) -> nn.Module:
     if _is_repeated(module):
         return nn.ModuleList(wrap(block) for block in module)
-    if not _has_repeated(module):
+    return rebuilt(module, lambda m: None, _has_repeated, lambda child: _view(child, wrap))
+
+
+def rebuilt(module: nn.Module, replace: Callable[[nn.Module], nn.Module | None],
+            holds: Callable[[nn.Module], bool], descend: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+    """`module` with the submodules `replace` gives a new module for replaced, as shallow
+    copies of the modules on the way to them (the rest shared, `module` not modified).
+
+    Args:
+        replace: a module's replacement, or None to keep it (and look inside).
+        holds: whether a module has something to replace inside (False: shared as it is).
+        descend: how a child is rebuilt (default: the same rebuild).
+    """
+    new = replace(module)
+    if new is not None:
+        return new
+    if not holds(module):
         return module
+    descend = descend or (lambda child: rebuilt(child, replace, holds))
     view = module.__class__.__new__(module.__class__)
     view.__dict__.update(module.__dict__)
-    for name, value in list(view.__dict__.items()):  # methods bound to the base: rebind to the view
+    for name, value in list(view.__dict__.items()):  # methods bound to the original: rebind to the copy
         if getattr(value, "__self__", None) is module and hasattr(value, "__func__"):
             view.__dict__[name] = MethodType(value.__func__, view)
-    view._modules = {name: _view(child, wrap) for name, child in module.named_children()}
+    view._modules = {name: descend(child) for name, child in module.named_children()}
     return view
 
 
@@ -91,7 +108,7 @@ def recompile_limit(base: nn.Module) -> int:
 
 
 def view(base: nn.Module, *, compile: bool = False, checkpointing: bool = False,
-         compile_options: dict[str, Any] | None = None) -> nn.Module:
+         compile_options: dict[str, Any] | None = None, float8: bool = False) -> nn.Module:
     """`base` with each repeated block checkpointed and/or compiled (see the module docs).
 
     Args:
@@ -99,6 +116,8 @@ def view(base: nn.Module, *, compile: bool = False, checkpointing: bool = False,
         compile: `torch.compile` each block (regional compilation).
         checkpointing: recompute each block's activations in the backward pass.
         compile_options: keyword arguments of `torch.compile` (``backend``, ``mode``, ...).
+        float8: each block's frozen linear layers run their products in FP8
+            (`float8.Float8Frozen`; the LM head and embeddings stay as they are).
 
     Returns:
         A module that runs like `base` and shares its parameters; `base` itself when
@@ -107,13 +126,19 @@ def view(base: nn.Module, *, compile: bool = False, checkpointing: bool = False,
     Raises:
         ConfigError: `base` has no list of repeated blocks to wrap.
     """
-    if not (compile or checkpointing):
+    if not (compile or checkpointing or float8):
         return base
     if not repeated_blocks(base):
-        raise ConfigError(f"{type(base).__name__} has no list of repeated blocks to compile or checkpoint")
+        raise ConfigError(f"{type(base).__name__} has no list of repeated blocks to compile, checkpoint or run in FP8")
     options = dict(compile_options or {})
+    if float8:
+        from . import float8 as fp8
+
+        fp8.check(type(base).__name__, [block for m in base.modules() if _is_repeated(m) for block in m])
 
     def wrap(block: nn.Module) -> nn.Module:
+        if float8:  # a copy of the block with its frozen linear layers in FP8
+            block = rebuilt(block, fp8.replacement, fp8.holds_convertible)
         if checkpointing:
             block = Checkpointed(block)
         return torch.compile(block, **options) if compile else block

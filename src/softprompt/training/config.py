@@ -70,6 +70,11 @@ class TrainConfig:
             whole (B, S, V) scores.
         gradient_checkpointing: recompute each block's activations in the backward pass
             (less memory, about one more forward of time); works for deep prompts too.
+        float8: run the frozen base's linear layers in FP8 while training (opt-in; for
+            Hopper GPUs; `float8.py`: the weights cast once to E4M3 with one scale per row,
+            the forward and backward products through ``torch._scaled_mm``; the LM head,
+            embeddings and the prompt's own layers stay as they are). Costs precision in
+            every product: check the dev accuracy against a bf16 run.
         packing: run each micro-batch padding-free: its rows packed end to end into
             sequences of at most `pack_tokens` tokens, each row attending only to itself
             (and to a deep prompt's prefix), at its own positions (`packing.py`). Same
@@ -109,6 +114,7 @@ class TrainConfig:
     compile: bool | str = "auto"
     lm_loss: str = "auto"
     gradient_checkpointing: bool = False
+    float8: bool = False
     packing: bool = False
     pack_tokens: int = 512
     # "none" by default, as before this key (no tracker ran unless asked) and as transformers 5's
@@ -139,7 +145,7 @@ class TrainConfig:
             raise ConfigError(f"train.compile must be auto, true, false or one of {COMPILE_MODES}, got {self.compile!r}")
         if self.lm_loss not in ("auto",) + LM_LOSSES:
             raise ConfigError(f"train.lm_loss must be auto, {' or '.join(LM_LOSSES)}, got {self.lm_loss!r}")
-        for name in ("bucket", "gradient_checkpointing", "packing", "progress"):
+        for name in ("bucket", "gradient_checkpointing", "float8", "packing", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience <= 0):

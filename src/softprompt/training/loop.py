@@ -200,7 +200,7 @@ def train(
     options = {"mode": compiled} if isinstance(compiled, str) else None
     lm_loss = resolved_lm_loss(config.lm_loss, model.base, model.device, model.spec.kind is ModelKind.CAUSAL)
     with model.accelerated(compile=compiled is not False, checkpointing=config.gradient_checkpointing,
-                           compile_options=options, lm_loss=lm_loss):
+                           compile_options=options, lm_loss=lm_loss, float8=config.float8):
         loop = Loop(model, task, train_examples, eval_examples, config, output, resume=resume, metadata=metadata,
                     run_config=run_config)
         return loop.run()
