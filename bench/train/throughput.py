@@ -77,6 +77,7 @@ KEY = ("model", "batch", "seq", "mix", "loss", "side", "method", "variant", "aut
 #: rows written before rows named their attention implementation were all measured under SDPA
 KEY_DEFAULTS = {"attention": "sdpa"}
 PACKED = ("packed", "packed-compile")
+FLOAT8 = ("float8", "float8-compile")  # train.float8: the blocks' frozen linears in FP8
 
 
 def row_key(row: dict[str, Any]) -> tuple:
@@ -120,6 +121,9 @@ class ModelRun:
             self.views["compile"] = regions.view(self.base, compile=True)
         if "graphs" in args.variants:
             self.views["graphs"] = regions.view(self.base, compile=True, compile_options={"mode": "reduce-overhead"})
+        for variant in FLOAT8:  # the frozen model's blocks in FP8 (train.float8): the floor of ours' FP8 rows
+            if variant in args.variants:
+                self.views[variant] = regions.view(self.base, float8=True, compile=variant == "float8-compile")
         torch._dynamo.config.recompile_limit = 8 * regions.recompile_limit(self.base)  # every variant in one process
         self.peak = peak_tflops(torch.cuda.get_device_name(0)) if self.device == "cuda" else None
 
@@ -193,8 +197,9 @@ class ModelRun:
         if self.auto_lm_loss is None:
             self.auto_lm_loss = resolved_lm_loss("auto", self.base, self.base.device)
         lm_loss = {"liger": "liger", "chunks": "chunks", "cce": "chunks"}.get(variant) or self.auto_lm_loss
-        with model.accelerated(compile=variant in ("compile", "graphs", "packed-compile"), compile_options=options,
-                               checkpointing=variant == "checkpointing", lm_loss=lm_loss), loss_kernel(variant):
+        with model.accelerated(compile=variant in ("compile", "graphs", "packed-compile", "float8-compile"),
+                               compile_options=options, checkpointing=variant == "checkpointing", lm_loss=lm_loss,
+                               float8=variant in FLOAT8), loss_kernel(variant):
             model.train()
             result = self.timed(our_step(model, task, loss_kind, ids, self.tok, variant == "graphs",
                                          whole_logits=variant == "whole-logits", lengths=self.lengths,
@@ -251,7 +256,8 @@ def main() -> None:
                         help="eager, compile (train.compile=true), graphs (train.compile=reduce-overhead), checkpointing, "
                              "whole-logits (eager, the LM loss over the whole logits), chunks / liger / cce (eager, the LM loss by "
                              "softprompt's chunks / liger-kernel / cut-cross-entropy), packed / packed-compile (with --mix: the rows "
-                             "padding-free, train.packing)")
+                             "padding-free, train.packing), float8 / float8-compile (train.float8: the blocks' frozen "
+                             "linear layers in FP8; the floor's rows too)")
     parser.add_argument("--mix", default="fixed", choices=["fixed", *MIXES],
                         help="row lengths: fixed (S each) or a real length mix (at most S each)")
     parser.add_argument("--pack-tokens", type=int, default=512, help="train.pack_tokens of the packed variants")
