@@ -227,3 +227,29 @@ def test_a_head_forward_that_cannot_be_compiled_runs_uncompiled(encoder_bank, mo
     _same_answers(engine.run(requests[:1]), Engine(encoder_bank).run(requests[:1]))
     assert not engine.heads.forward.compiled
     assert sum(r.message.startswith("head forward not compiled") for r in caplog.records) == 1
+
+
+def test_regionally_compiled_head_forwards_answer_as_eager(encoder_bank):
+    """``compile={"regional": True}``: the base's blocks compiled instead of the whole head
+    forward (`serve.compiled`, `regions.view`): the answers equal the uncompiled engine's for
+    batches of any size, length and task mix; the forward itself is never compiled, one
+    block's code is, and the base keeps its own blocks."""
+    from softprompt.serve.mixed import head_forward
+    from softprompt.serve.warmup import warm_up
+
+    from test_serve_slots import compiled_graphs
+
+    torch._dynamo.reset()
+    bank = encoder_bank
+    block = type(bank.base.encoder.layer[0])
+    eager, compiled = Engine(bank, max_batch_rows=4), Engine(bank, max_batch_rows=4, compile={"regional": True})
+    assert sorted(warm_up(compiled)) == ["ner", "sentiment", "topic"]
+    words = TEXTS[2].split()
+    for requests in ([Request("topic", TEXTS[1])],
+                     [Request("sentiment", TEXTS[0]), Request("ner", TEXTS[3]), Request("topic", TEXTS[2])],
+                     [Request("sentiment", " ".join(words[:n])) for n in (1, 3, 7, 10)],
+                     [Request("ner", {"tokens": words[:n]}) for n in (4, 6)]):
+        _same_answers(compiled.run(requests), eager.run(requests))
+    assert compiled.heads.forward.compiled
+    assert compiled_graphs(head_forward) == 0 and compiled_graphs(block.forward) >= 1
+    assert all(type(layer) is block for layer in bank.base.encoder.layer)  # the base is not modified

@@ -259,6 +259,26 @@ def test_compiled_prefill_serves_joins_of_any_size_with_few_compiles(family_mode
     assert compiled_graphs(prefill_forward) == 3  # one row; more rows with a prefix cache; without
 
 
+def test_regionally_compiled_prefill_gives_the_rows_alone(family_models):
+    """``compile={"regional": True}``: the joins' forward runs the base's blocks compiled
+    (`serve.compiled`, `regions.view`) instead of the whole forward: joins of 1 to 3 rows
+    of different lengths and prompt kinds, each row == alone; the forward itself is never
+    compiled, the block's code is."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    torch._dynamo.reset()
+    bank, models, tok = bank_of(family_models, "llama")
+    decoder = Decoder(bank, max_rows=3, graphs=True, compile={"regional": True})
+    for i, names in enumerate([["short"], ["deep", "mid"], ["short", "deep", "mid"], ["deep"]]):
+        text = " ".join(["word"] * (2 + 3 * i))
+        rows = [DecodeRow(t, {"text": text}, Sampling(max_new_tokens=3)) for t in names]
+        decoder.run(rows)
+        for row, task in zip(rows, names):
+            assert row.tokens == alone(models[task], {"text": text}, 3, None)[:3], (task, text)
+    assert decoder.prefill.compiled
+    assert compiled_graphs(prefill_forward) == 0 and compiled_graphs(LlamaDecoderLayer.forward) >= 1
+
+
 def test_the_engine_passes_its_compile_option_to_the_decoder(family_models):
     from softprompt.serve import Engine
 

@@ -70,7 +70,8 @@ class Engine:
         compile: compile the base model's forwards: the decode step's before its CUDA graph
             is captured, the prefill's and the head requests' with dynamic shapes
             (`compiled.py`); compiled on first use, or by `warmup.warm_up`; a dict: `torch.compile`'s
-            keyword arguments. Measured in docs/PERFORMANCE.md.
+            keyword arguments, with ``regional: True`` for the dynamic-shape forwards compiled
+            block by block (`compiled.py`). Measured in docs/PERFORMANCE.md.
         head_graphs: pad batches of head requests to buckets and replay them from CUDA
             graphs (`graphed.HeadGraphs`; on a CPU the padded forward runs eagerly);
             default: on a CUDA device for a causal LM whose rows may be padded

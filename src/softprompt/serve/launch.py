@@ -26,7 +26,7 @@ def _say(message: str) -> None:
 
 def launch(*, model: str, prompts: str | None, prompt_pairs: list[str], host: str, port: int, device: str,
            dtype: str | None, admin: bool, api_key: str | None, truncate: bool, max_batch_rows: int,
-           max_batch_tokens: int, compile_decode: bool, max_queue: int, head_share: float, max_head_wait: float,
+           max_batch_tokens: int, compile_decode: bool | dict, max_queue: int, head_share: float, max_head_wait: float,
            max_on_device: int | None, max_in_memory: int | None, lazy: bool, max_body_bytes: int, max_inputs: int,
            max_new_tokens: int, stream_interval: int, timeout_header: float, timeout_body: float,
            timeout_send: float, timeout_keep_alive: float, timeout_graceful_shutdown: float, max_connections: int,

@@ -136,7 +136,9 @@ class DecodeSlots:
         # the columns grow, torch.compile's automatic dynamic shapes compile once more with the
         # column count symbolic, so further growth costs a graph capture, not a compile (each
         # compile of a 1B step takes ~20 s on an H100).
-        options = compile if isinstance(compile, dict) else {}
+        # ("regional" is for the dynamic-shape forwards, `compiled.py`: the step, one shape
+        # per column growth, compiles whole, which fuses across its blocks)
+        options = {k: v for k, v in compile.items() if k != "regional"} if isinstance(compile, dict) else {}
         self._forward = torch.compile(self._scores, **options) if compile else self._scores
         if compile and sibling_products:
             pack_siblings(base)
