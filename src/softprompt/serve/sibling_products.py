@@ -219,4 +219,20 @@ def frozen_with_siblings():
                            "cpp.weight_prepack": False, "fx_graph_cache": False})
 
 
-__all__ = ["SIBLINGS", "SiblingProducts", "frozen_with_siblings", "pack_siblings", "side_by_side"]
+def compiled_with_siblings(base: nn.Module, forward, options: dict):
+    """`forward` (a call of `base`) compiled with `base`'s sibling weights packed, frozen and
+    fused: a callable that keeps `frozen_with_siblings` in force whenever the compiler
+    traces or compiles (its first call, and each recompile when a decode step's columns
+    grow). `forward` must be a code object of its own: dynamo keys compiled versions by
+    code and guards, not by the compiler's settings."""
+    pack_siblings(base)
+    compiled = torch.compile(forward, **options)
+
+    def call():
+        with frozen_with_siblings():
+            return compiled()
+
+    return call
+
+
+__all__ = ["SIBLINGS", "compiled_with_siblings", "SiblingProducts", "frozen_with_siblings", "pack_siblings", "side_by_side"]

@@ -38,7 +38,7 @@ from .. import inject
 from ..architecture import forward_accepts
 from ..attention import use_slot_attention
 from .prefix_pool import PrefixPool
-from .sibling_products import frozen_with_siblings, pack_siblings
+from .sibling_products import compiled_with_siblings
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,7 @@ class DecodeSlots:
         options = {k: v for k, v in compile.items() if k != "regional"} if isinstance(compile, dict) else {}
         self._forward = torch.compile(self._scores, **options) if compile else self._scores
         if compile and sibling_products:
-            pack_siblings(base)
-            self._forward = _under(frozen_with_siblings, torch.compile(self._frozen_scores, **options))
+            self._forward = compiled_with_siblings(base, self._frozen_scores, options)
 
     # -- buffers ------------------------------------------------------------------
     @property
@@ -421,18 +420,6 @@ class DecodeSlots:
                 return
             log.warning("decode step not captured as a CUDA graph (%s: %s); running it eagerly", type(e).__name__, e)
             self.graphs = False
-
-
-def _under(settings, compiled):
-    """`compiled` called with `settings()` (a context manager) in force: the compiler's
-    settings must hold whenever it traces or compiles, at the first call and at each
-    recompile (columns that grow)."""
-
-    def call():
-        with settings():
-            return compiled()
-
-    return call
 
 
 def sliding_window(config) -> tuple[int | None, bool]:
