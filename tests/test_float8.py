@@ -3,6 +3,8 @@ products equal the rowwise-scaled E4M3 arithmetic they stand for, stay close to 
 layer's own, give the input's gradient only, leave the base untouched, and a run trains
 close to the bf16/fp32 run; a base with nothing to convert is refused by name."""
 
+import logging
+
 import pytest
 import torch
 from conftest import make_gpt2, make_llama
@@ -65,6 +67,21 @@ def test_the_view_converts_the_blocks_linears_and_leaves_the_base_as_it_is(gpt2_
     with torch.no_grad():
         ours, exact = view(ids).logits, base(ids).logits
     assert 0 < (ours - exact).norm() / exact.norm() < 0.1
+
+
+def test_the_view_says_how_many_linears_it_converts(gpt2_tokenizer, caplog):
+    base = make_llama(gpt2_tokenizer).requires_grad_(False)
+    layers = base.config.num_hidden_layers
+    with caplog.at_level(logging.INFO, logger="softprompt.train"):
+        regions.view(base, float8=True)
+    assert f"{7 * layers} of {7 * layers} linear layers in LlamaForCausalLM's {layers} blocks run in FP8" in caplog.text
+    assert "stay as they are" not in caplog.text
+    caplog.clear()
+    base.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)  # a trainable weight stays in its dtype
+    with caplog.at_level(logging.INFO, logger="softprompt.train"):
+        view = regions.view(base, float8=True)
+    assert f"{7 * layers - 1} of {7 * layers} linear layers" in caplog.text and "; 1 stay as they are" in caplog.text
+    assert type(view.model.layers[0].self_attn.q_proj) is nn.Linear
 
 
 def test_the_prompts_gradient_in_float8_is_close_to_the_plain_one(wordpiece_tokenizer):

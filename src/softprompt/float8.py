@@ -20,10 +20,14 @@ evaluating as it is): 2 bytes more per converted parameter while training.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from .errors import ConfigError
+
+log = logging.getLogger("softprompt.train")
 
 #: largest finite value of E4M3
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
@@ -109,12 +113,20 @@ def holds_convertible(module: nn.Module) -> bool:
 def check(name: str, blocks: list[nn.Module]) -> None:
     """Refuse FP8 where it would change nothing or cannot run: no convertible linear layer
     in the model `name`'s repeated `blocks` (e.g. GPT-2's Conv1D layers), or an FP8
-    product the PyTorch build does not have."""
-    if not any(convertible(m) for block in blocks for m in block.modules()):
+    product the PyTorch build does not have. Otherwise log, in one line, how many of the
+    blocks' linear layers run in FP8 and how many stay as they are (and why)."""
+    linears = [m for block in blocks for m in block.modules() if isinstance(m, nn.Linear)]
+    converted = sum(convertible(m) for m in linears)
+    if not converted:
         raise ConfigError(f"train.float8: {name}'s blocks have no frozen nn.Linear layers with sizes that are "
                           f"multiples of {ALIGN} to run in FP8")
     if not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
         raise ConfigError("train.float8: this PyTorch build has no FP8 matrix products (torch._scaled_mm)")
+    kept = len(linears) - converted
+    log.info("train.float8: %d of %d linear layers in %s's %d blocks run in FP8 (E4M3, rowwise scales)%s",
+             converted, len(linears), name, len(blocks),
+             f"; {kept} stay as they are (trainable, a subclass of nn.Linear, or sizes not multiples of {ALIGN})"
+             if kept else "")
 
 
 __all__ = ["Float8Frozen", "replacement", "holds_convertible", "convertible", "check", "rowwise"]
