@@ -152,6 +152,9 @@ class Batcher:
         self.max_queue = max_queue
         self.max_wait = max_wait
         self.time_share = time_share if time_share is not None else TimeShare()
+        #: the one clock of a request's stamps (`Request.queued` / `taken` / `answered`) and of
+        #: the time share's waits: `time.perf_counter` unless a test fakes the time share's
+        self._clock = self.time_share.clock
         self.stats = BatchStats()
         self._items: deque[tuple[Request, Future]] = deque()
         self._running: list[tuple[Request, Future]] = []  # taken by the worker in its current run
@@ -186,9 +189,9 @@ class Batcher:
                 raise QueueFullError(f"{len(self._items)} requests are waiting (the queue holds {self.max_queue}); "
                                      "retry later")
             self._items.extend(zip(requests, futures))
-            now, queued = self.time_share.clock(), time.perf_counter()
+            queued = self._clock()
             for request in requests:
-                request.submitted, request.queued = now, queued
+                request.queued = queued
             self._cond.notify()
         return futures
 
@@ -235,7 +238,7 @@ class Batcher:
                 self._cond.wait(left)
             taken = [self._items.popleft() for _ in range(min(limit, len(self._items)))]
             self._running = list(taken)  # under the lock `close` takes: every request is waiting or running
-        now = time.perf_counter()
+        now = self._clock()
         for request, _ in taken:
             request.taken = now
         return taken, now - gathering
@@ -268,13 +271,13 @@ class Batcher:
             heads, chosen = [], []
             for item in self._items:
                 (chosen if self.engine.generates(item[0]) else heads).append(item)
-            if heads and not share.heads_may_run(share.clock() - heads[0][0].submitted):
+            if heads and not share.heads_may_run(share.clock() - heads[0][0].queued):
                 heads = []
             heads, chosen = heads[: self.engine.max_batch_rows], chosen[: max(room, 0)]
             for item in heads + chosen:
                 self._items.remove(item)
             self._running += heads + chosen
-        now = time.perf_counter()
+        now = self._clock()
         for request, _ in heads + chosen:
             request.taken = now
         live = self._live(heads)
@@ -286,7 +289,7 @@ class Batcher:
                 results = [Result(r.task, error=f"{type(e).__name__}: {e}", error_kind=ErrorKind.FAILED)
                            for r, _ in live]
             self._record(len(live), time.perf_counter() - start, results)
-            now = time.perf_counter()
+            now = self._clock()
             for (r, f), result in zip(live, results):
                 r.answered = now
                 self._settle(f, result)
@@ -297,7 +300,7 @@ class Batcher:
         def resolve(result: Result) -> None:
             self.stats.rows += 1
             self.stats.new_tokens += result.new_tokens
-            request.answered = time.perf_counter()
+            request.answered = self._clock()
             self._settle(future, result)
 
         return resolve
@@ -334,7 +337,7 @@ class Batcher:
             self.stats.runs += 1
         self.stats.rows += 1
         self.stats.new_tokens += result.new_tokens
-        request.answered = time.perf_counter()
+        request.answered = self._clock()
         self._settle(future, result)
 
     def _work(self) -> None:

@@ -115,7 +115,7 @@ class _Shadow:
         return cls(client, Request(client.task, client.input, generate=client.generate,
                                    options=pin_options(client.options), stream=stream, echo=client.echo,
                                    on_result=_quiet(client.on_result), entry=client.entry,
-                                   submitted=client.submitted))
+                                   queued=client.queued))
 
 
 def _quiet(on_result: Callable[[Result], None] | None) -> Callable[[Result], None] | None:

@@ -83,9 +83,9 @@ class Request:
     on_result: Callable[[Result], None] | None = field(default=None, repr=False, compare=False)
     entry: BankEntry | None = field(default=None, repr=False, compare=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
-    submitted: float = field(default=0.0, repr=False, compare=False)  # when it was queued (`Batcher`'s time share)
-    # when it was queued, taken by the batcher's worker and answered (`time.perf_counter`; 0: not
-    # yet), written by the `Batcher`, read by `timeline.Timeline`
+    # when it was queued, taken by the batcher's worker and answered (the batcher's clock:
+    # `time.perf_counter`; 0: not yet), written by the `Batcher`, read by `timeline.Timeline`
+    # and by the batcher's time share (how long the oldest head request has waited)
     queued: float = field(default=0.0, repr=False, compare=False)
     taken: float = field(default=0.0, repr=False, compare=False)
     answered: float = field(default=0.0, repr=False, compare=False)

@@ -16,7 +16,7 @@
 
 A request of several inputs (engine requests) is followed through the one answered last:
 the one its route waits for. The five stages add up to the request's time in the server,
-what ``softprompt_request_seconds`` counts. All stamps are `time.perf_counter` (one clock
+what ``softprompt_request_seconds`` counts. All stamps are the batcher's clock, `time.perf_counter` (one clock
 for both threads); the engine's thread writes three floats per request, the event loop
 reads them once the request is answered (the futures order the writes before the reads).
 """
