@@ -6,13 +6,44 @@ text: softprompt's step (`our_step`), HF PEFT's (`peft_step`) and the frozen mod
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 P = 20  # virtual tokens, every method
 METHODS = ("prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "prefix_tuning", "prefix_tuning_noproj", "p_tuning_v2")
 DEEP = ("prefix_tuning", "prefix_tuning_noproj", "p_tuning_v2")
+
+
+@dataclass
+class TrainBase:
+    """The frozen base of a training benchmark (random init, `--model`'s shape) and what every
+    row on it reads: the device it is on, the tokenizer, its hidden size and the label words'
+    ids. One home for `bench.train.throughput` and `bench.probe.profile_train_step`.
+
+    Attributes:
+        words: (2,) the ids of " great" and " terrible" (the verbalizer rows' label words).
+    """
+
+    device: str
+    tok: Any
+    base: torch.nn.Module
+    hidden: int
+    words: torch.Tensor
+
+    @classmethod
+    def build(cls, name: str, tok, attention: str | None = None) -> "TrainBase":
+        """Shape `name`'s base on the GPU if there is one (`shapes.build_base`, ``attention``:
+        its attention implementation; None: transformers' default)."""
+        from bench.harness.shapes import build_base
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        base = build_base(name, device, train=True, attention=attention)
+        config = base.config
+        hidden = config.hidden_size if hasattr(config, "hidden_size") else config.n_embd
+        words = torch.tensor([tok.encode(" great")[0], tok.encode(" terrible")[0]], device=device)
+        return cls(device, tok, base, hidden, words)
 
 
 def our_config(method: str, hidden: int):

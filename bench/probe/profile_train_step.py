@@ -46,9 +46,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.harness.kernels import is_attention, kernel_times, top_kernels
 from bench.harness.report import rerun_command, write_json
-from bench.harness.shapes import build_base, tokenizer
-from bench.harness.steps import (MIXES, floor_step, our_config, our_step, peft_config, peft_step, row_lengths,
-                                 text_ids)
+from bench.harness.shapes import tokenizer
+from bench.harness.steps import (MIXES, TrainBase, floor_step, our_config, our_step, peft_config, peft_step,
+                                 row_lengths, text_ids)
 
 SIDES = ("floor", "ours", "peft")
 VARIANTS = ("eager", "compile", "packed")
@@ -101,19 +101,18 @@ def kernel_side(events, steps: int, cuda: bool) -> dict:
             "top_kernels": top_kernels(by_name, steps, most=12, width=80)}
 
 
-class Setup:
-    """The base, its batch and the rows' lengths of one profile run (`--model`, `--shape`, `--mix`)."""
+class Setup(TrainBase):
+    """The base, its batch and the rows' lengths of one profile run (`--model`, `--shape`, `--mix`).
+
+    Attributes:
+        ids: (B, S) the batch's token ids; lengths: (B,) each row's length, or None (every row S).
+    """
 
     def __init__(self, args):
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tok = tokenizer()
-        self.base = build_base(args.model, self.device, train=True, attention=args.attention)
+        super().__init__(**vars(TrainBase.build(args.model, tokenizer(), args.attention)))
         B, S = (int(x) for x in args.shape.split("x"))
-        self.ids = text_ids(B, S, self.tok.vocab_size, self.device)  # (B, S)
-        self.lengths = row_lengths(args.mix or "fixed", B, S)  # (B,) or None: every row S
-        self.words = torch.tensor([self.tok.encode(" great")[0], self.tok.encode(" terrible")[0]], device=self.device)
-        config = self.base.config
-        self.hidden = getattr(config, "hidden_size", None) or config.n_embd
+        self.ids = text_ids(B, S, self.tok.vocab_size, self.device)
+        self.lengths = row_lengths(args.mix or "fixed", B, S)
 
 
 def floor_rows(run: Setup, args) -> Iterator[tuple[str, Callable[[], dict]]]:

@@ -67,9 +67,9 @@ import torch
 
 from bench.harness.hardware import peak_tflops
 from bench.harness.report import RESULTS, versions, write_json
-from bench.harness.shapes import build_base, tokenizer
-from bench.harness.steps import (DEEP, METHODS, MIXES, P, floor_step, our_config, our_step, peft_config, peft_step,
-                                 row_lengths, text_ids)
+from bench.harness.shapes import tokenizer
+from bench.harness.steps import (DEEP, METHODS, MIXES, P, TrainBase, floor_step, our_config, our_step, peft_config,
+                                 peft_step, row_lengths, text_ids)
 from bench.harness.timing import measure
 from softprompt.training.fast_path import resolved_lm_loss
 
@@ -109,13 +109,10 @@ class ModelRun:
 
         self.name, self.args, self.tok, self.report, self.out = name, args, tok, report, out
         self.lengths: list[int] | None = None  # the row lengths of the shape being measured (--mix)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.base = build_base(name, self.device, train=True, attention=args.attention)
+        setup = TrainBase.build(name, tok, args.attention)
+        self.device, self.base, self.hidden, self.words = setup.device, setup.base, setup.hidden, setup.words
         self.auto_lm_loss: str | None = None  # train.lm_loss=auto's kernel for this base: resolved (and logged) once
         self.N = sum(p.numel() for p in self.base.parameters())
-        config = self.base.config
-        self.hidden = config.hidden_size if hasattr(config, "hidden_size") else config.n_embd
-        self.words = torch.tensor([tok.encode(" great")[0], tok.encode(" terrible")[0]], device=self.device)
         self.views = {"eager": self.base}
         if "compile" in args.variants or "packed-compile" in args.variants:
             self.views["compile"] = regions.view(self.base, compile=True)
