@@ -12,6 +12,8 @@ a head forward HEAD seconds.
 from __future__ import annotations
 
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +161,21 @@ def test_the_server_refuses_a_bad_share_naming_it(tmp_path):
     base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)).eval()
     with pytest.raises(ConfigError, match="head_share"):
         create_app(PromptBank(base, None), head_share=2.0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names in the OS are read from Linux's /proc")
+def test_the_worker_thread_carries_its_name_in_the_os():
+    """`top -H`, py-spy and the HTTP benchmark's per-thread CPU time tell the engine's worker
+    from the event loop by the name the OS knows it by (cut to 15 characters)."""
+    clock = Clock()
+    engine = FakeEngine(clock, steps=0, heads_queued=threading.Event())
+    batcher = Batcher(engine, time_share=TimeShare(clock=clock))
+    try:
+        for _ in range(100):  # the worker names itself as it starts
+            comm = Path(f"/proc/self/task/{batcher._worker.native_id}/comm").read_text().strip()
+            if comm != Path("/proc/self/comm").read_text().strip():
+                break
+            time.sleep(0.01)
+        assert comm == "softprompt-batc"
+    finally:
+        batcher.close()

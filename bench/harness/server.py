@@ -1,9 +1,11 @@
 """The server under measurement: a free port, waiting for /health, a Prometheus metric
-(`metric`; with labels, `labelled`), nearest-rank percentiles, and `softprompt serve`
-started in a subprocess for a benchmark (`serving`), its output in a log file."""
+(`metric`; with labels, `labelled`), nearest-rank percentiles, `softprompt serve`
+started in a subprocess for a benchmark (`serving`), its output in a log file, and the CPU
+time each of its threads has used (`thread_cpu`)."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -55,6 +57,34 @@ def labelled(text: str, name: str) -> dict[tuple[str, ...], float]:
             labels, value = line[len(name) + 1 :].rsplit("} ", 1)
             out[tuple(re.findall(r'="((?:[^"\\]|\\.)*)"', labels))] = float(value)
     return out
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) each thread of process `pid` has used so far, summed by
+    thread name (Linux: /proc/PID/task/TID/stat; {} elsewhere). The engine's worker is
+    ``softprompt-batc`` (names are cut to 15 characters), the event loop the process's
+    main thread (named after the program); the others are PyTorch's, CUDA's and the
+    tokenizer's pools. Two readings around a phase give each thread's cores in use: where
+    the event loop's and the worker's sum reaches 1, the two Python threads hold the GIL
+    in turn all the time, and they, not the GPU, set the pace."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    main = (tasks.parent / "comm").read_text().strip()
+    used: dict[str, float] = {}
+    for task in tasks.iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        name = "event loop" if task.name == str(pid) else ("batcher" if name.startswith("softprompt-batc") else name)
+        if name == main:
+            name = f"{main} (other)"
+        used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return used
 
 
 def percentile(values: list[float], q: float) -> float | None:

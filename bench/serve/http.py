@@ -24,8 +24,11 @@ clients' mean latency (``latency_mean_ms``) adds to them (loopback sockets, uvic
 the app, the clients' own time); per phase, ``batcher``: the mean gathering window before
 an engine run, the mean run time, and the share of the phase's wall time the worker spent
 gathering or running (the rest: waiting for a first request, or its own work between
-runs; None in a phase that decodes, whose runs hold runs of head requests). The stage line
-of each phase is printed as it ends.
+runs; None in a phase that decodes, whose runs hold runs of head requests); and
+``server_cores``, the cores each server thread kept busy through the phase (from
+/proc: `bench.harness.server.thread_cpu`): the event loop's and the engine worker's sum
+near 1 says the two Python threads, taking the GIL in turn, set the pace, not the GPU. The
+stage and cores lines of each phase are printed as it ends.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import httpx
 import torch
 
 from bench.harness.closed_loop import GENERATION_KINDS, HEAD_KINDS, closed_loop
-from bench.harness.server import labelled, metric, percentile, serving
+from bench.harness.server import labelled, metric, percentile, serving, thread_cpu
 from bench.harness.report import RESULTS, rerun_command, write_json
 
 PHASES = {"heads": HEAD_KINDS, "generation": GENERATION_KINDS, "mix": HEAD_KINDS + GENERATION_KINDS}
@@ -77,6 +80,16 @@ def stage_means(counts: dict[tuple[str, ...], float]) -> dict[str, dict[str, flo
             _, kind, stage, _ = key
             kinds.setdefault(kind, {"requests": requests})[stage] = ms(counts[("stage", kind, stage, "sum")] / requests)
     return kinds
+
+
+def cores_in_use(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Each server thread's CPU seconds over a phase of `seconds` (`thread_cpu` before and
+    after) as cores in use, the busiest first; ``python threads``: the event loop's and the
+    engine worker's sum (near 1: the GIL they share is never free)."""
+    cores = {k: round((v - before.get(k, 0.0)) / seconds, 3) for k, v in after.items()}
+    cores = {k: v for k, v in sorted(cores.items(), key=lambda kv: -kv[1]) if v >= 0.005}
+    cores["python threads"] = round(cores.get("event loop", 0.0) + cores.get("batcher", 0.0), 3)
+    return cores
 
 
 def phase_report(load: dict, counts: dict[tuple[str, ...], float]) -> dict:
@@ -137,16 +150,20 @@ def serve(args, report: dict) -> dict:
                 profiler = subprocess.Popen(["py-spy", "record", "-p", str(server.pid), "-d", str(int(args.seconds)),
                                              "-r", "200", "--threads", "--nonblocking", "-f", "raw", "-o", args.profile],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            cpu_before, started = thread_cpu(server.pid), time.monotonic()
             load = closed_loop(url, clients=args.clients, seconds=args.seconds, kinds=PHASES[name],
                                processes=args.processes)
+            cpu = cores_in_use(cpu_before, thread_cpu(server.pid), time.monotonic() - started)
             after = engine_counts(url)
             phases[name] = phase = phase_report(load, {k: v - before.get(k, 0.0) for k, v in after.items()})
+            phase["server_cores"] = cpu
             write_json(report, Path(args.out))
             print(name, json.dumps({k: {x: v[x] for x in ("requests_per_s", "latency_p50_ms", "latency_p99_ms")}
                                     for k, v in phase["kinds"].items()}), flush=True)
             print(name, "stages_ms", json.dumps({k: {**v["stages_ms"], "outside_server": v["outside_server_ms"]}
                                                  for k, v in phase["kinds"].items() if "stages_ms" in v}),
                   "batcher", json.dumps(phase["batcher"]), flush=True)
+            print(name, "server_cores", json.dumps(cpu), flush=True)
         if args.profile:
             profiler.wait(timeout=60)
         return report
