@@ -31,6 +31,31 @@ def _frozen(family_models, **scaling):
     return base
 
 
+def _liger_chunks(positions: int, vocab: int, hidden: int, budget: int) -> tuple[int, int]:
+    """(positions a chunk holds, chunks) of liger-kernel's fused loss for ``chunk_mem_const`` `budget`."""
+    size = loss.liger_chunk(positions, vocab, hidden, budget)
+    return size, -(-positions // size)
+
+
+@pytest.mark.parametrize("positions, vocab, hidden, default, ours", [
+    (3000, 128256, 2048, (64, 47), (1024, 3)),  # the packed instruct mix of a 1B Llama: 47 chunks in the H100 profile
+    (8192, 128256, 2048, (256, 32), (1024, 8)),  # 1B, 16 x 512
+    (8192, 128256, 4096, (256, 32), (1024, 8)),  # 8B, 16 x 512
+    (8192, 49152, 576, (128, 64), (2048, 4)),  # SmolLM2-135M
+    (40, 128256, 2048, (1, 40), (40, 1)),  # answer slots only: liger reads the head twice per position
+])
+def test_liger_chunks_hold_about_the_chunks_budget_for_a_frozen_head(positions, vocab, hidden, default, ours):
+    """liger sizes its chunks for a head that trains (the states' own size); a frozen head is
+    read twice per chunk, so softprompt asks for chunks of about `LOSS_CHUNK_SCORES` scores:
+    fewer reads of the head, never more than twice the budget a chunk."""
+    assert _liger_chunks(positions, vocab, hidden, 1) == default  # liger's own sizing
+    budget = loss.liger_chunk_budget(positions, vocab, hidden)
+    size, chunks = _liger_chunks(positions, vocab, hidden, budget)
+    assert (size, chunks) == ours
+    assert size * vocab <= 2 * loss.LOSS_CHUNK_SCORES
+    assert loss.liger_chunk(positions, vocab, hidden, budget + 1) * vocab > 2 * loss.LOSS_CHUNK_SCORES or chunks == 1
+
+
 def test_auto_keeps_the_chunks_on_the_cpu_and_says_nothing(family_models, caplog):
     base = _frozen(family_models)
     with caplog.at_level(logging.INFO, logger="softprompt"):

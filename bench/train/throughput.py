@@ -20,7 +20,9 @@ of a real shape (speed does not depend on the weights), bf16 weights, 20 virtual
           chunked loss, `loss.chunked_token_loss`); ``chunks`` / ``liger`` / ``cce``:
           eager, the LM loss's summed cross-entropy from the states
           (`loss.summed_token_loss`) by softprompt's chunks, liger-kernel's fused linear
-          cross-entropy or cut-cross-entropy's `linear_cross_entropy`.
+          cross-entropy or cut-cross-entropy's `linear_cross_entropy`; ``liger-own-chunks``:
+          liger with its own chunk sizes (``chunk_mem_const=1``: chunks the states' size)
+          instead of softprompt's budget for a frozen head (`loss.liger_chunk_budget`).
   peft    HF PEFT 0.21 with the same method and sizes (prompt encoder sizes set to PEFT's
           defaults on both sides), the same clipping and fused AdamW, no host reads; with
           and without bf16 autocast (Trainer's ``bf16=True``), the faster one is the baseline.
@@ -193,7 +195,8 @@ class ModelRun:
         # rows that compare the kernels
         if self.auto_lm_loss is None:
             self.auto_lm_loss = resolved_lm_loss("auto", self.base, self.base.device)
-        lm_loss = {"liger": "liger", "chunks": "chunks", "cce": "chunks"}.get(variant) or self.auto_lm_loss
+        lm_loss = {"liger": "liger", "liger-own-chunks": "liger", "chunks": "chunks", "cce": "chunks"}.get(variant) \
+            or self.auto_lm_loss
         with model.accelerated(compile=variant in ("compile", "graphs", "packed-compile", "float8-compile"),
                                compile_options=options, checkpointing=variant == "checkpointing", lm_loss=lm_loss,
                                float8=variant in FLOAT8), loss_kernel(variant):
@@ -226,13 +229,16 @@ class ModelRun:
 def loss_kernel(variant: str):
     """For the ``cce`` rows: `loss.summed_token_loss` replaced by cut-cross-entropy's fused
     LM head + cross-entropy for the step (the LM head of the benchmark's Llama is a plain
-    linear layer, so both compute the same sum); else nothing (the ``liger`` rows run
+    linear layer, so both compute the same sum); for ``liger-own-chunks``, liger's chunks
+    sized by liger (`loss.liger_chunk_budget` 1); else nothing (the ``liger`` rows run
     softprompt's own ``lm_loss="liger"``)."""
     from contextlib import nullcontext
     from unittest import mock
 
     from softprompt import loss
 
+    if variant == "liger-own-chunks":  # liger sizes its chunks as for a head that trains
+        return mock.patch.object(loss, "liger_chunk_budget", lambda positions, vocab, hidden: 1)
     if variant != "cce":
         return nullcontext()
     from cut_cross_entropy import linear_cross_entropy
@@ -252,8 +258,8 @@ def main() -> None:
     parser.add_argument("--variants", default="eager,compile,graphs",
                         help="eager, compile (train.compile=true), graphs (train.compile=reduce-overhead), checkpointing, "
                              "whole-logits (eager, the LM loss over the whole logits), chunks / liger / cce (eager, the LM loss by "
-                             "softprompt's chunks / liger-kernel / cut-cross-entropy), packed / packed-compile (with --mix: the rows "
-                             "padding-free, train.packing), float8 / float8-compile (train.float8: the blocks' frozen "
+                             "softprompt's chunks / liger-kernel / cut-cross-entropy), liger-own-chunks (liger's chunk "
+                             "sizes), packed / packed-compile (with --mix: the rows padding-free, train.packing), float8 / float8-compile (train.float8: the blocks' frozen "
                              "linear layers in FP8; the floor's rows too)")
     parser.add_argument("--mix", default="fixed", choices=["fixed", *MIXES],
                         help="row lengths: fixed (S each) or a real length mix (at most S each)")
