@@ -139,6 +139,36 @@ def loss_kernels() -> list[str]:
     return lines
 
 
+def liger_chunks() -> list[str]:
+    """liger-kernel's chunks sized for a frozen head (`loss.liger_chunk_budget`) against
+    liger's own sizes, where measured (`bench.train.throughput --variants liger,liger-own-chunks`)."""
+    lines = ["#### liger's chunks for a frozen head", "",
+             "liger sizes a chunk of its fused loss like the states (`chunk_mem_const=1`), the right size for a head "
+             "that trains; a soft prompt's head is frozen and read twice per chunk (scores, then the states' "
+             "gradient). The H100 profile of the packed instruct mix below ran 47 chunks of 64 positions: 16.7 ms a "
+             "step reading the 525 MB head 94 times. Since f0ddc8b softprompt asks liger for chunks of about "
+             "`LOSS_CHUNK_SCORES` scores (at most twice that): 3 chunks of 1,024 positions there, 8 at 1B 16 x 512 "
+             "(32 before); the profiles and rows above ran liger's own sizes.", ""]
+    report = load_report("train_liger_chunks_h100.json")
+    if report is None:
+        return lines + ["Not measured on a GPU yet. Rerun: `python -m bench.train.throughput --models llama-1b "
+                        "--shapes 16x512 --losses lm --sides ours --methods prompt_tuning --variants "
+                        "liger,liger-own-chunks,chunks --out bench/results/train_liger_chunks_h100.json`.", ""]
+    names = {"liger": "liger, softprompt's chunk sizes", "liger-own-chunks": "liger, its own chunk sizes",
+             "chunks": "softprompt's chunks"}
+    lines += [f"{report['device']}:", "", "| loss | model | B x S | ms a step | tokens/s | peak GiB |", "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        if r.get("error"):
+            lines.append(f"| {names.get(r['variant'], r['variant'])} | {r['model']} | {r['batch']} x {r['seq']} | "
+                         f"failed: {r['error'][:100]} | - | - |")
+            continue
+        lines.append(f"| {names.get(r['variant'], r['variant'])} | {r['model']} | {r['batch']} x {r['seq']} | "
+                     f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
+    return lines + ["", "Rerun on a GPU: `python -m bench.train.throughput --models llama-1b --shapes 16x512 --losses lm "
+                    "--sides ours --methods prompt_tuning --variants liger,liger-own-chunks,chunks --out "
+                    "bench/results/train_liger_chunks_h100.json`.", ""]
+
+
 def packing() -> list[str]:
     """Padding-free packing on a real length mix (issue 24 item 2): the padded step against
     the packed one, the frozen model's floor beside (`bench.train.throughput --mix`)."""

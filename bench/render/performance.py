@@ -15,7 +15,7 @@ from __future__ import annotations
 from bench.harness.hardware import peak_tflops
 from bench.harness.report import RESULTS, ROOT, load_report, shown_command, write_text
 from bench.render.engine import engine
-from bench.render.fast_path import chunked_loss, compile_auto, loss_kernels, packing
+from bench.render.fast_path import chunked_loss, compile_auto, liger_chunks, loss_kernels, packing
 from bench.render.training import training
 
 TARGETS = {"s3": 2.5, "s2_16": 1.5, "s2_256": 3.0, "s1": 20.0}
@@ -429,6 +429,7 @@ def render() -> str:
     lines += [""] + compile_auto()
     lines += [""] + chunked_loss()
     lines += loss_kernels()
+    lines += liger_chunks()
     lines += [""] + packing()
     return "\n".join(lines)
 
