@@ -59,6 +59,17 @@ def labelled(text: str, name: str) -> dict[tuple[str, ...], float]:
     return out
 
 
+def event_loop() -> str:
+    """The event loop `softprompt serve` runs on in this environment: uvicorn's ``loop="auto"``
+    takes uvloop where it is installed (the ``serve`` extra has it), else asyncio's own."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"uvloop {version('uvloop')}"
+    except PackageNotFoundError:
+        return "asyncio"
+
+
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) each thread of process `pid` has used so far, summed by
     thread name (Linux: /proc/PID/task/TID/stat; {} elsewhere). The engine's worker is

@@ -46,7 +46,7 @@ import httpx
 import torch
 
 from bench.harness.closed_loop import GENERATION_KINDS, HEAD_KINDS, closed_loop
-from bench.harness.server import labelled, metric, percentile, serving, thread_cpu
+from bench.harness.server import event_loop, labelled, metric, percentile, serving, thread_cpu
 from bench.harness.report import RESULTS, rerun_command, write_json
 
 PHASES = {"heads": HEAD_KINDS, "generation": GENERATION_KINDS, "mix": HEAD_KINDS + GENERATION_KINDS}
@@ -195,6 +195,7 @@ def main() -> None:
               f"CPU, {os.cpu_count()} cores ({platform.machine()})",
               "label": args.label, "model": args.model, "dtype": args.dtype, "clients": args.clients,
               "client_processes": args.processes, "warmup_s": args.warmup,
+              "event_loop": event_loop(),
               "options": ["--device", args.device, *(["--dtype", args.dtype] if args.dtype else []),
                           *(["--compile"] if args.compile else []), *args.server_args]}
     serve(args, report)

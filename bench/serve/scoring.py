@@ -34,7 +34,7 @@ from pathlib import Path
 
 from bench.harness.closed_loop import closed_loop
 from bench.harness.report import RESULTS, rerun_command, write_json
-from bench.harness.server import percentile, serving
+from bench.harness.server import event_loop, percentile, serving
 
 # torch is imported inside the functions that need it: the client processes (spawned, so
 # they import this module again) start in a second instead of ten
@@ -126,6 +126,7 @@ def main() -> None:
     report = {"benchmark": "lm-eval-style scoring (echo, logprobs 1, max_tokens 1) vs classification, over HTTP",
               "command": rerun_command("bench.serve.scoring", sys.argv[1:]), "device": name, "label": args.label,
               "model": args.model, "dtype": args.dtype, "clients": args.clients, "client_processes": args.processes,
+              "event_loop": event_loop(),
               "documents": args.documents, "mean_tokens_per_row": flops["mean_tokens"],
               "rows_per_request": sum(len(d["rows"]) for d in docs) / len(docs),
               "gflop_per_row": {k: flops[k] / 1e9 for k in ("score", "classify")}, "peak_tflops": peak,
