@@ -205,9 +205,14 @@ class _Pipe:
 
     def __init__(self):
         import queue
+        import threading
 
         self.messages: queue.Queue = queue.Queue()
         self.rank, self.size, self.sent = 0, 2, []
+        self._votes: list[list[bool]] = []
+        self._agreed: list[bool] = []
+        self._lock = threading.Lock()
+        self._both = threading.Barrier(2, action=self._combine, timeout=30)
 
     def send(self, message: dict) -> None:
         self.sent.append(message["kind"])
@@ -220,6 +225,18 @@ class _Pipe:
             return json.loads(self.messages.get(timeout=30))
         except queue.Empty:
             raise _Silence() from None
+
+
+    def any(self, flags: list[bool]) -> list[bool]:
+        """`Channel.any` between rank 0's thread and the follower's: each waits for the other's flags."""
+        with self._lock:
+            self._votes.append(list(flags))
+        self._both.wait()
+        return self._agreed
+
+    def _combine(self) -> None:  # once both voted, before either goes on
+        self._agreed = [any(column) for column in zip(*self._votes)]
+        self._votes.clear()
 
 
 def _outcome(result) -> tuple:
@@ -349,3 +366,38 @@ def test_a_run_that_raises_on_rank_0_ends_on_the_follower_too(gpt2_tokenizer, tm
     assert not follower.is_alive() and pipe.sent[-1] == "stop"
     assert all(r.ok and r.new_tokens for r in after)
     assert sorted(map(_outcome, followed), key=repr) == sorted(map(_outcome, after), key=repr)  # the failed run: none
+
+
+def test_a_lead_that_fails_on_one_process_is_left_out_on_every_one(gpt2_tokenizer, tmp_path, monkeypatch):
+    """The input task's cached leading segment fails to compute on the follower alone: both
+    processes leave it out (`Channel.any`), so both run its rows whole, in step, and the
+    answers equal rank 0's and those of a bank that caches nothing."""
+    import threading
+
+    from softprompt.serve import Engine, PromptBank, prompt_cache
+
+    compute_lead = prompt_cache.compute_lead
+    where: dict[str, threading.Thread] = {}
+
+    def failing_on_the_follower(model, n):
+        if threading.current_thread() is where.get("follower"):
+            raise RuntimeError("out of memory on rank 1 alone")
+        return compute_lead(model, n)
+
+    monkeypatch.setattr(prompt_cache, "compute_lead", failing_on_the_follower)
+    engine, other, followed, pipe, follower = _lockstep(gpt2_tokenizer, tmp_path, monkeypatch)
+    where["follower"] = follower
+    requests = [Request("input", text, generate=True, options={"max_new_tokens": 6})
+                for text in ("a gem of a film", "so so")]
+    results = engine.run(requests)
+    engine.stop()
+    follower.join(timeout=60)
+    assert not follower.is_alive()
+    assert all(r.ok for r in results)
+    assert sorted(map(_outcome, followed), key=repr) == sorted(map(_outcome, results), key=repr)
+    assert engine.leads.computed == 0 and other.bank["input"].lead is None and engine.bank["input"].lead is None
+    plain = PromptBank(make_llama(gpt2_tokenizer), gpt2_tokenizer, cache_prompts=False)
+    plain.add("input", tmp_path / "input")
+    alone = Engine(plain).run([Request("input", r.input, generate=True, options={"max_new_tokens": 6})
+                               for r in requests])
+    assert [_outcome(r) for r in alone] == [_outcome(r) for r in results]

@@ -203,7 +203,7 @@ class LockstepEngine:
                 self.channel.send({"kind": "run", "admit": admit is not None, "requests": [w for _, w in sent],
                                    "gone": self._latch_gone(), "leads": leads})
                 try:
-                    _attach(self.leads, self.engine.bank, ran, leads, self.channel.rank)
+                    _attach(self.leads, self.engine.bank, ran, leads, self.channel)
                     results = iter(self.engine.run(ran, admit=None if admit is None else self._admitting(admit)))
                 except BaseException as e:
                     self._fail(e)
@@ -259,7 +259,7 @@ class LockstepEngine:
             leads = self.leads.missing(_bound(self.engine.bank, joining))
             self.channel.send({"kind": "admitted", "requests": [w for (_, w), _ in sent], "gone": self._latch_gone(),
                                "leads": leads, "step": self.engine.decoder.steps})
-            _attach(self.leads, self.engine.bank, joining, leads, self.channel.rank)
+            _attach(self.leads, self.engine.bank, joining, leads, self.channel)
             return [(s.engine, on_result) for (s, _), on_result in sent]
 
         return admitted
@@ -278,15 +278,16 @@ class LockstepEngine:
             self._lock.release()
 
 
-def _attach(leads: LockstepLeads, bank, requests: list[Request], computed: list[str], rank: int) -> None:
-    """Every process, at a message: the leads it names computed, and each request's entry
-    given its task's (`LockstepLeads.attach`)."""
+def _attach(leads: LockstepLeads, bank, requests: list[Request], computed: list[str], channel: Channel) -> None:
+    """Every process, at a message: the leads it names computed, agreed on by every process
+    (one that failed anywhere is left out everywhere: `Channel.any`), and each request's
+    entry given its task's (`LockstepLeads.attach`)."""
     try:
-        leads.attach(_bound(bank, requests), computed)
+        leads.attach(_bound(bank, requests), computed, agree=channel.any)
     except RuntimeError as e:  # raised by `attach` only where this process lacks what rank 0 has
         raise OutOfStep(str(e)) from None
     if computed:
-        log.info("rank %d cached the leading segment of %s", rank, ", ".join(map(repr, computed)))
+        log.info("rank %d cached the leading segment of %s", channel.rank, ", ".join(map(repr, computed)))
 
 
 # -- ranks > 0 ----------------------------------------------------------------------------
@@ -314,7 +315,7 @@ class _Follower:
         self.depth += 1
         try:
             requests = self._take(message)
-            _attach(self.leads, self.engine.bank, requests, message["leads"], self.channel.rank)
+            _attach(self.leads, self.engine.bank, requests, message["leads"], self.channel)
             self.engine.run(requests, admit=self._admit if message["admit"] else None)
         except RankZeroFailed:
             log.warning("rank 0's run raised: this process ended it too")
@@ -349,7 +350,7 @@ class _Follower:
                 raise OutOfStep(f"out of step with rank 0: its decode ran {message['step']} steps, this process's "
                                 f"{self.engine.decoder.steps}")
             joining = self._take(message)
-            _attach(self.leads, self.engine.bank, joining, message["leads"], self.channel.rank)
+            _attach(self.leads, self.engine.bank, joining, message["leads"], self.channel)
             return [(request, _nowhere) for request in joining]
 
 

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -127,12 +127,16 @@ class LockstepLeads:
                  and cacheable(e.model, e.task)]
         return list(dict.fromkeys(names))
 
-    def attach(self, entries: Iterable, computed: list[str]) -> None:
+    def attach(self, entries: Iterable, computed: list[str],
+               agree: Callable[[list[bool]], list[bool]] | None = None) -> None:
         """Every process: compute the leads of the tasks `computed` names (rank 0's
         `missing`, in its order) from their entries here, then hand each of `entries` its
         task's lead (its device copy, if any, was the prompt table: dropped). A lead that
         fails to compute is logged and left out: that task's rows run whole, as they would
-        without a cache (on every process, if it failed on every one).
+        without a cache. `agree` (``Channel.any``: a collective, called by every process
+        when `computed` is not empty) makes a lead that failed on any process left out on
+        all of them: rows run whole on one process and from the lead on another would run
+        different forwards, and the processes would wait for each other in a collective.
 
         Raises:
             RuntimeError: this process holds no entry of a task rank 0 computes, or no lead
@@ -153,6 +157,14 @@ class LockstepLeads:
                 continue
             self._leads[name] = CachedLead(lead.length, lead.kv.cpu())
             self.computed += 1
+        if computed and agree is not None:
+            elsewhere = {n for n, f in zip(computed, agree([n in failed for n in computed])) if f} - failed
+            for name in elsewhere:
+                log.error("the cached leading segment of task %r failed on another process; its rows run whole "
+                          "here too", name)
+                del self._leads[name]
+                self.computed -= 1
+            failed |= elsewhere
         for entry in entries:
             if entry.lead is None and entry.name not in failed and cacheable(entry.model, entry.task):
                 if entry.name not in self._leads:

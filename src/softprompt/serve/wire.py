@@ -51,6 +51,13 @@ class Channel:
         dist.broadcast(data, src=0, group=self.group)
         return json.loads(data.numpy().tobytes().decode())
 
+    def any(self, flags: list[bool]) -> list[bool]:
+        """Every process, at the same point: each flag set where it is set on any process
+        (what every process must then agree on, e.g. a lead that failed somewhere)."""
+        mine = torch.tensor([int(f) for f in flags], dtype=torch.uint8)
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group)
+        return [bool(f) for f in mine.tolist()]
+
 
 # -- requests as plain data ---------------------------------------------------------------
 def pin_options(options: dict[str, Any] | GenerationOptions) -> dict[str, Any] | GenerationOptions:
