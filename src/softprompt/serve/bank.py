@@ -29,6 +29,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -312,9 +313,11 @@ class PromptBank:
             self._unload(name)
             self._folders.pop(name, None)
 
-    @property
+    @cached_property
     def vocabulary_size(self) -> int:
-        """Columns of the base model's next-token scores (a `logit_bias` token must be one)."""
+        """Columns of the base model's next-token scores (a `logit_bias` token must be one);
+        read once: every completion checks its token ids against it, and the base's head
+        does not change under a bank."""
         head = self.base.get_output_embeddings()
         return head.weight.shape[0] if head is not None else self.base.config.vocab_size
 
