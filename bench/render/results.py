@@ -56,6 +56,9 @@ def render() -> str:
             else:
                 lines += module.render(report)
             lines += parts_note(report)
+            if module is fewglue:  # the method grid, one report per seed
+                lines += fewglue.render_methods(report, [json.loads(p.read_text()) for p in
+                                                         sorted(RESULTS.glob("quality_fewglue_methods_seed*.json"))])
             if module is sst2:  # rows run under the held-out protocol, one report per seed
                 lines += sst2.render_held_out([json.loads(p.read_text())
                                                for p in sorted(RESULTS.glob("quality_sst2_residual_seed*.json"))
