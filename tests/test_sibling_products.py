@@ -60,3 +60,17 @@ def test_compiled_forward_fuses_side_by_side_siblings_and_equals_eager(gpt2_toke
                 out = compiled(ids)
         torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
         assert counters["inductor"]["sibling_products"] == (2 * layers if packed else 0)
+
+
+@pytest.mark.parametrize("compile, siblings, packed", [(True, True, True), (True, False, False), (False, True, False)])
+def test_the_decoder_packs_before_its_first_prefill(gpt2_tokenizer, compile, siblings, packed):
+    """Packing moves the weights: a CUDA graph captured before (the decoder's prefill graphs,
+    captured at its first join) would read their old, freed storage, an illegal memory access
+    on an H100. So a decoder that fuses siblings packs them when it is made, before any
+    prefill, and one that does not leaves the weights where they are."""
+    from softprompt.serve import PromptBank
+    from softprompt.serve.decode import Decoder
+
+    base = make_llama(gpt2_tokenizer)
+    Decoder(PromptBank(base, gpt2_tokenizer), compile=compile, sibling_products=siblings)
+    assert all(side_by_side([m.weight for m in g]) for g in _groups(base)) is packed

@@ -43,6 +43,7 @@ from .decode_row import DecodeRow, hand_token, pick_tokens, report_done, row_log
 from .graphed import Joined, PrefillGraphs, paddable
 from .prefill import Prefill
 from .sampling import Sampling, TokenLogprob, logprobs_of
+from .sibling_products import pack_siblings
 from .slots import DecodeSlots, poolable, round_up
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ class Decoder:
                  shared_prefix: bool | None = None, sibling_products: bool = False):
         self.bank = bank
         self.sibling_products = sibling_products
+        if compile and sibling_products:  # before any prefill graph is captured: packing moves the weights
+            pack_siblings(bank.base)
         self.max_join_tokens = max_join_tokens
         self.compile = compile
         self.base = bank.base

@@ -44,6 +44,12 @@ def pack_siblings(base: nn.Module) -> int:
     """Lay each module's sibling weights (`SIBLINGS`) side by side in one buffer; returns
     the number of groups packed (already packed groups count, they are left as they are).
 
+    Call it before anything captures a CUDA graph of the base: the weights move (their old
+    storage is freed), and a graph captured before reads the old addresses. On an H100 the
+    decode probe hit an illegal memory access that way: the decoder's first join replayed
+    prefill graphs captured before the decode step, made after that join, packed the
+    weights (`Decoder` now packs when it is made, before its first prefill).
+
     Only plain floating-point `nn.Linear` weights of one dtype, device and input size are
     packed (not split `DTensor`s or quantized weights); biases are packed alike when every
     sibling has one, and a group where only some have one is left alone."""
