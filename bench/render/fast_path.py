@@ -164,6 +164,14 @@ def liger_chunks() -> list[str]:
             continue
         lines.append(f"| {names.get(r['variant'], r['variant'])} | {r['model']} | {r['batch']} x {r['seq']} | "
                      f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
+    by = {r["variant"]: r for r in report["rows"] if not r.get("error")}
+    ours, own = by.get("liger"), by.get("liger-own-chunks")
+    if ours and own:
+        lines += ["", f"softprompt's chunk sizes save {own['ms_per_step'] - ours['ms_per_step']:.1f} ms a step "
+                  f"({ours['tokens_per_s'] / own['tokens_per_s']:.3f}x tokens/s) for "
+                  f"{ours['peak_gib'] - own['peak_gib']:+.2f} GiB of peak memory. The bound on the saving: 48 fewer reads "
+                  "of the 525 MB head (32 chunks -> 8, two reads each), 25 GB, 7.5 ms at the H100's 3.35 TB/s; about "
+                  "half of it was measured. The packed instruct mix (47 chunks -> 3) is not measured yet."]
     return lines + ["", "Rerun on a GPU: `python -m bench.train.throughput --models llama-1b --shapes 16x512 --losses lm "
                     "--sides ours --methods prompt_tuning --variants liger,liger-own-chunks,chunks --out "
                     "bench/results/train_liger_chunks_h100.json`.", ""]

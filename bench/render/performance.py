@@ -11,11 +11,11 @@ named as not measured, with the report's recorded reason where there is one.
 
 from __future__ import annotations
 
-
 from bench.harness.hardware import peak_tflops
 from bench.harness.report import RESULTS, ROOT, load_report, shown_command, write_text
 from bench.render.engine import engine
 from bench.render.fast_path import chunked_loss, compile_auto, liger_chunks, loss_kernels, packing
+from bench.render.http_stages import http_stages
 from bench.render.training import training
 
 TARGETS = {"s3": 2.5, "s2_16": 1.5, "s2_256": 3.0, "s1": 20.0}
@@ -241,7 +241,7 @@ def http_kinds() -> list[str]:
                            if ttft is not None else ""))
     lines += ["", f"Latest run ({last['device']}): " + "; ".join(verdicts) + ".", "",
               f"Rerun: `{shown_command(last['command'])}`.", ""]
-    return lines + head_share() + server_cpu() + stream_cost()
+    return lines + http_stages() + head_share() + server_cpu() + stream_cost()
 
 
 def head_share() -> list[str]:
