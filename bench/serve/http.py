@@ -148,7 +148,8 @@ def serve(args, report: dict) -> dict:
             before = engine_counts(url)
             if args.profile and name == args.phases[-1]:  # py-spy samples the server in the last phase
                 profiler = subprocess.Popen(["py-spy", "record", "-p", str(server.pid), "-d", str(int(args.seconds)),
-                                             "-r", "200", "--threads", "--nonblocking", "-f", "raw", "-o", args.profile],
+                                             "-r", "200", "--threads", "--nonblocking", "-f", "raw", "-o", args.profile,
+                                             *(["--idle"] if args.profile_idle else [])],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             cpu_before, started = thread_cpu(server.pid), time.monotonic()
             load = closed_loop(url, clients=args.clients, seconds=args.seconds, kinds=PHASES[name],
@@ -184,6 +185,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="the server's --compile")
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="more `softprompt serve` options")
     parser.add_argument("--profile", default=None, help="py-spy raw samples of the server in the last phase, to FILE")
+    parser.add_argument("--profile-idle", action="store_true",
+                        help="--profile samples idle threads too (py-spy --idle): each thread's stack at every tick, "
+                             "so that its wall time (waits on the GPU, the queue, the GIL) shows, not only its CPU time")
     parser.add_argument("--label", default=None, help="what this run measures (the report's first column)")
     parser.add_argument("--out", default=str(RESULTS / "serve_http_kinds.json"))
     parser.add_argument("--server-log", default=None, help="the server's output (default: beside --out, .server.log)")
