@@ -180,7 +180,7 @@ def render_held_out(reports: list[dict]) -> list[str]:
     if not reports:
         return []
     by_row: dict[str, list[dict]] = {}  # a row's label with the learning rates it ran with -> its seeds
-    for report in reports:
+    for report in sorted(reports, key=lambda rep: rep["settings"]["seed"]):  # each row's seeds in order
         for r in report["rows"]:
             if "error" not in r and r.get("reported_accuracy") is not None:
                 by_row.setdefault(_held_out_label(r), []).append(r)
