@@ -259,11 +259,11 @@ def test_compiled_prefill_serves_joins_of_any_size_with_few_compiles(family_mode
     assert compiled_graphs(prefill_forward) == 3  # one row; more rows with a prefix cache; without
 
 
-def test_regionally_compiled_prefill_gives_the_rows_alone(family_models):
-    """``compile={"regional": True}``: the joins' forward runs the base's blocks compiled
-    (`serve.compiled`, `regions.view`) instead of the whole forward: joins of 1 to 3 rows
-    of different lengths and prompt kinds, each row == alone; the forward itself is never
-    compiled, the block's code is."""
+def test_regionally_compiled_prefill_and_step_give_the_rows_alone(family_models):
+    """``compile={"regional": True}``: the joins' forward and the decode step run the base's
+    blocks compiled (`serve.compiled`, `regions.view`) instead of the whole forward or step:
+    joins of 1 to 3 rows of different lengths and prompt kinds, each row == alone; neither the
+    forward nor the step is compiled, the block's code is."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     torch._dynamo.reset()
@@ -277,6 +277,7 @@ def test_regionally_compiled_prefill_gives_the_rows_alone(family_models):
             assert row.tokens == alone(models[task], {"text": text}, 3, None)[:3], (task, text)
     assert decoder.prefill.compiled
     assert compiled_graphs(prefill_forward) == 0 and compiled_graphs(LlamaDecoderLayer.forward) >= 1
+    assert compiled_graphs(DecodeSlots._scores) == 0 and decoder.slots._model is not bank.base
 
 
 def test_the_engine_passes_its_compile_option_to_the_decoder(family_models):

@@ -7,6 +7,9 @@ with 84-token prompts), replayed as a CUDA graph, for each variant of the step:
   slot+compile   the same, the step's forward compiled with `torch.compile` before capture
   slot+compile+siblings   compiled with the weights frozen as constants and each layer's
                  Q/K/V and gate/up products run as one product each (`serve/sibling_products.py`)
+  slot+regional+copies   the base's blocks compiled, not the whole step (``compile={"regional":
+                 True}``, `serve.compiled.regional_call`), then captured: the compile time against
+                 the whole step's (capture_s), and the step's time
   slot+compile+sdpa   compiled, the packed attention left on SDPA (cuDNN) instead of
                  `attention.packed_products` (what the compiled step ran before)
   ...+copies     each row's cached prompt segment copied into its own slot columns, as
@@ -46,7 +49,8 @@ from bench.harness.timing import measure, sync
 
 VARIANTS = {"transformers": (False, False), "slot": (True, False), "slot+compile": (True, True),
             "slot+compile+siblings": (True, True), "slot+compile+sdpa": (True, True), "slot+copies": (True, False),
-            "slot+compile+copies": (True, True), "slot+compile+copies+siblings": (True, True)}
+            "slot+compile+copies": (True, True), "slot+compile+copies+siblings": (True, True),
+            "slot+regional+copies": (True, {"regional": True})}
 def bank_of(base, tok, tasks: int, virtual: int):
     import softprompt as sp
     from softprompt.serve import PromptBank

@@ -84,13 +84,28 @@ def _dynamic(forward: Forward, options: bool | dict) -> Forward:
     return run
 
 
-def _compile_options(options: bool | dict) -> dict:
+def _compile_options(options: bool | dict, dynamic: bool | None = True) -> dict:
     options = {k: v for k, v in options.items() if k != "regional"} if isinstance(options, dict) else {}
-    options.setdefault("dynamic", True)
+    options.setdefault("dynamic", dynamic)
     return options
 
 
-def _regional(forward: Forward, options: dict) -> Forward:
+def regional_call(base, options: dict) -> Callable[..., Any]:
+    """``base(**inputs)`` through a view of `base` whose blocks are compiled, shapes static
+    at first (torch.compile's automatic dynamic shapes mark what changes): the decode step's
+    model under ``{"regional": True}`` (`DecodeSlots`), run eagerly around the blocks and
+    captured in its CUDA graph with them, so what lies outside the blocks costs nothing at
+    replay. Why: the whole step's compile and capture took 129 s for a 1B base on an H100
+    (`bench.probe.decode_step`, this file's module docs for the dynamic forwards)."""
+    run = _regional(_whole_call, options, dynamic=None)
+    return lambda **inputs: run(base, inputs)
+
+
+def _whole_call(base, inputs: dict[str, Any]):
+    return base(**inputs)
+
+
+def _regional(forward: Forward, options: dict, dynamic: bool | None = True) -> Forward:
     """`forward` on a view of the base whose blocks are compiled (one view per base, made on
     first use), under dynamo's recompile limit for a block-compiled model (a block indexes the
     cache by its layer number, a constant to the compiler: `regions.recompile_limit`)."""
@@ -98,7 +113,7 @@ def _regional(forward: Forward, options: dict) -> Forward:
 
     from .. import regions
 
-    options = _compile_options(options)
+    options = _compile_options(options, dynamic)
     views: dict[int, tuple[Any, Any]] = {}  # id(base) -> (base, its view): the base kept alive with its id
 
     def run(base, inputs: dict[str, Any]):
@@ -112,4 +127,4 @@ def _regional(forward: Forward, options: dict) -> Forward:
     return run
 
 
-__all__ = ["CompiledForward"]
+__all__ = ["CompiledForward", "regional_call"]

@@ -37,6 +37,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .. import inject
 from ..architecture import forward_accepts
 from ..attention import use_slot_attention
+from .compiled import regional_call
 from .prefix_pool import PrefixPool
 from .sibling_products import compiled_with_siblings
 
@@ -132,15 +133,14 @@ class DecodeSlots:
         if shared_prefix and (not self.slot_attention or self.window):
             raise ValueError("a shared prefix pool needs the slot attention on grouped K/V heads and no sliding window")
         self.pool = PrefixPool(self._shapes, rows, 64, self.dtype, self.device) if shared_prefix else None
-        # Shapes: the first compile is for the buffers' shapes as they are (static kernels); when
-        # the columns grow, torch.compile's automatic dynamic shapes compile once more with the
-        # column count symbolic, so further growth costs a graph capture, not a compile (each
-        # compile of a 1B step takes ~20 s on an H100).
-        # ("regional" is for the dynamic-shape forwards, `compiled.py`: the step, one shape
-        # per column growth, compiles whole, which fuses across its blocks)
+        # Shapes: the first compile is for the buffers' shapes as they are (static kernels); when the columns
+        # grow, automatic dynamic shapes compile once more with the column count symbolic: further growth costs
+        # a capture, not a compile. "regional": the blocks compiled (`compiled.regional_call`), not the step.
         options = {k: v for k, v in compile.items() if k != "regional"} if isinstance(compile, dict) else {}
-        self._forward = torch.compile(self._scores, **options) if compile else self._scores
-        if compile and sibling_products:
+        regional = isinstance(compile, dict) and compile.get("regional", False)
+        self._model = regional_call(base, options) if regional else base
+        self._forward = torch.compile(self._scores, **options) if compile and not regional else self._scores
+        if compile and sibling_products and not regional:
             self._forward = compiled_with_siblings(base, self._frozen_scores, options)
 
     # -- buffers ------------------------------------------------------------------
@@ -340,8 +340,8 @@ class DecodeSlots:
             mask: Any = {"full_attention": self.mask, "sliding_attention": self.window_mask}
         else:
             mask = self.window_mask if self.window else self.mask
-        out = self.base(input_ids=self.ids, attention_mask=mask, position_ids=self.pos,
-                        use_cache=True, return_dict=True, **{inject.CACHE_ARG: self.cache}, **extra)
+        out = self._model(input_ids=self.ids, attention_mask=mask, position_ids=self.pos,
+                          use_cache=True, return_dict=True, **{inject.CACHE_ARG: self.cache}, **extra)
         return out.logits[:, -1]
 
     def _frozen_scores(self) -> torch.Tensor:
