@@ -1,7 +1,8 @@
 """Base-model forwards through `torch.compile` with dynamic shapes, for the engine's
 batches whose rows and length change from one call to the next (a decoder's joins, a
 batch of head requests). The decode step is not one of them: it runs on fixed slots and is
-compiled before its CUDA graph is captured (`slots.py`).
+compiled before its CUDA graph is captured (`slots.py`); under ``regional`` its blocks are
+compiled instead (`regional_call`).
 
 Regional (``{"regional": True}`` among the options): each of the base's repeated blocks is
 compiled instead of the whole forward (`regions.view`: one compile of a block serves every
