@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from softprompt.serve import Request, create_app
+from softprompt.serve.engine import PHASES
 from softprompt.serve.timeline import STAGES, Timeline
 
 from serving import Server
@@ -115,6 +116,10 @@ def test_head_requests_stages_are_counted_per_kind_and_add_up_within_the_clients
     runs = value(metrics, "softprompt_batch_rows_count")
     assert value(metrics, "softprompt_batch_gather_seconds_count") == runs  # no decode: every run was gathered
     assert value(metrics, "softprompt_batch_gather_seconds_sum") >= 0.99 * 0.004 * runs  # each waited its window
+    # where the engine stage goes: every phase of a head run counted, all within the runs' time
+    phases = {p: value(metrics, f'softprompt_engine_phase_seconds{{phase="{p}"}}') for p in PHASES}
+    assert all(v > 0 for v in phases.values()), phases
+    assert sum(phases.values()) <= value(metrics, "softprompt_batch_seconds_sum")
 
 
 def test_completions_streams_and_scores_have_their_own_kinds(llama_bank):

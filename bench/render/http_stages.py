@@ -23,9 +23,12 @@ def http_stages() -> list[str]:
              "adds (loopback, uvicorn before the app, the clients). Batcher: the mean gathering window before a run, "
              "the mean run. Cores: CPU seconds per second of each server thread over the phase (/proc), the event "
              "loop's and the worker's sum last: near 1 the two Python threads, taking the GIL in turn, set the pace.",
+             "Engine phases: the engine's host seconds in each phase of its runs as shares of the phase's wall time "
+             "(check / tokenize / prepare / launch / read: a head batch's forward queued, then its answers read, "
+             "where the device is waited for; `Engine.PHASES`), where measured.",
              "", "| run | device | event loop | phase | kind | requests/s | parse | queue | engine | handoff | respond | "
-             "outside | gather / run ms | rows per run | cores: loop / worker / sum |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "outside | gather / run ms | rows per run | cores: loop / worker / sum | engine phases |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         for phase, ph in r["phases"].items():
             cores = ph.get("server_cores", {})
@@ -41,6 +44,8 @@ def http_stages() -> list[str]:
                     + f" | {k['outside_server_ms']:.1f} | {batcher.get('gather_mean_ms', 0):.1f} / "
                     f"{batcher.get('run_mean_ms', 0):,.1f} | {ph['rows_per_run']:.1f} | "
                     f"{cores.get('event loop', 0):.2f} / {cores.get('batcher', 0):.2f} / "
-                    f"{cores.get('python threads', 0):.2f} |")
+                    f"{cores.get('python threads', 0):.2f} | "
+                    + (" / ".join(f"{v:.2f}" for v in ph["engine_phases_share"].values())
+                       if ph.get("engine_phases_share") else "-") + " |")
     return lines + ["", "Rerun: " + "; ".join(f"`{r['command']}`" for r in reports) + " (the switch interval set by a "
                     "`sitecustomize.py` that calls `sys.setswitchinterval` in the server).", ""]

@@ -24,7 +24,10 @@ clients' mean latency (``latency_mean_ms``) adds to them (loopback sockets, uvic
 the app, the clients' own time); per phase, ``batcher``: the mean gathering window before
 an engine run, the mean run time, and the share of the phase's wall time the worker spent
 gathering or running (the rest: waiting for a first request, or its own work between
-runs; None in a phase that decodes, whose runs hold runs of head requests); and
+runs; None in a phase that decodes, whose runs hold runs of head requests);
+``engine_phases_share``, the engine's host seconds in each phase of its runs (checking,
+tokenizing, making rows, queueing head batches' forwards, reading their answers: the
+device's outputs waited for there) as shares of the phase's wall time; and
 ``server_cores``, the cores each server thread kept busy through the phase (from
 /proc: `bench.harness.server.thread_cpu`): the event loop's and the engine worker's sum
 near 1 says the two Python threads, taking the GIL in turn, set the pace, not the GPU. The
@@ -68,6 +71,8 @@ def engine_counts(url: str) -> dict[tuple[str, ...], float]:
     for what in ("count", "sum"):
         for (kind, stage), value in labelled(text, f"softprompt_request_stage_seconds_{what}").items():
             counts[("stage", kind, stage, what)] = value
+    for (phase,), value in labelled(text, "softprompt_engine_phase_seconds").items():
+        counts[("phase", phase)] = value
     return counts
 
 
@@ -125,7 +130,9 @@ def phase_report(load: dict, counts: dict[tuple[str, ...], float]) -> dict:
                         "gather_mean_ms": ms(gathering / gathered) if gathered else None,
                         "run_mean_ms": ms(running / runs) if runs else None,
                         # runs of heads between two decode steps are counted apart and inside their decode run
-                        "busy_share": round((gathering + running) / wall, 3) if gathered == runs else None}}
+                        "busy_share": round((gathering + running) / wall, 3) if gathered == runs else None},
+            # the engine's host seconds per phase of its runs (`Engine.PHASES`), as shares of the phase's wall time
+            "engine_phases_share": {key[1]: round(v / wall, 3) for key, v in counts.items() if key[0] == "phase"}}
 
 
 def serve(args, report: dict) -> dict:
@@ -164,7 +171,8 @@ def serve(args, report: dict) -> dict:
             print(name, "stages_ms", json.dumps({k: {**v["stages_ms"], "outside_server": v["outside_server_ms"]}
                                                  for k, v in phase["kinds"].items() if "stages_ms" in v}),
                   "batcher", json.dumps(phase["batcher"]), flush=True)
-            print(name, "server_cores", json.dumps(cpu), flush=True)
+            print(name, "server_cores", json.dumps(cpu), "engine_phases_share", json.dumps(phase["engine_phases_share"]),
+                  flush=True)
         if args.profile:
             profiler.wait(timeout=60)
         return report

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 import traceback
+from contextlib import ExitStack
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -51,6 +53,12 @@ from .request import GONE, Admit, CancelledRequestError, ErrorKind, Request, Res
 from .sampling import RowSampler, TokenLogprob
 from .stacks import POSITIONS_FROM_CACHE
 from .text import GENERATE_OPTIONS, RowText, StopRows, Streamer, TokenStream
+
+#: the phases of a run whose host seconds `Engine.phases` counts: checking the inputs,
+#: tokenizing them (one batched call), making the rows, and, for head requests, queueing a
+#: batch's forward (collation, prompts, the launch) and reading its answers (the device's
+#: outputs, the heads' predictions)
+PHASES = ("check", "tokenize", "prepare", "launch", "read")
 
 
 log = logging.getLogger("softprompt.serve")
@@ -89,6 +97,9 @@ class Engine:
         self.truncate = truncate
         self.max_length = max_length
         self.batches: list[tuple[str, int]] = []  # (kind, rows) of every batch run, for metrics
+        #: host seconds spent so far in each phase of head requests' runs (`PHASES`), for
+        #: metrics: where a run's time goes between the request and its answer
+        self.phases: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self._decoder: Decoder | None = None  # one for the engine's life: its slots (and CUDA graph) stay
 
     @property
@@ -133,13 +144,18 @@ class Engine:
         # tasks registered but not in memory are read side by side, not one by one as checked
         self.bank.prefetch(r.task for r in requests if r.entry is None)
         checked: list[tuple[int, Request, dict[str, Any]]] = []
+        start = time.perf_counter()
         for i, request in enumerate(requests):  # every input checked before any is tokenized
             try:
                 checked.append((i, request, self._check(request)))
             except Exception as e:
                 results[i] = failure(request.task, e)
+        self._clock("check", start)
         generating: list[Row] = []
-        with pretokenized([(request.entry, example) for _, request, example in checked]):
+        with ExitStack() as tokenized:
+            start = time.perf_counter()  # the texts of every row tokenized in one call per tokenizer
+            tokenized.enter_context(pretokenized([(request.entry, example) for _, request, example in checked]))
+            self._clock("tokenize", start)
             prepared = self._prepared(checked, results)
             # head rows are cut into batches as they are prepared: the first batch's forward
             # runs while the host prepares the rest (`_run_head_batches`)
@@ -162,12 +178,19 @@ class Engine:
         """The checked requests as rows (`_prepare`), in order; a request that fails gets its
         result here and no row."""
         for i, request, _ in checked:
+            start = time.perf_counter()
             try:
                 row = self._prepare(i, request)
             except Exception as e:
                 results[i] = failure(request.task, e)
                 continue
+            finally:
+                self._clock("prepare", start)
             yield row
+
+    def _clock(self, phase: str, start: float) -> None:
+        """Count the host seconds since `start` (`time.perf_counter`) to `phase`."""
+        self.phases[phase] += time.perf_counter() - start
 
     @staticmethod
     def _set_aside(rows: Iterable[Row], generating: list[Row]) -> Iterator[Row]:
@@ -287,12 +310,19 @@ class Engine:
         return self._read_heads(batch, self._launch_heads(batch))
 
     def _launch_heads(self, batch: list[Row]) -> Pending:
-        # the entries each row was checked with, not the names: see `PromptBank.entry`
-        return self.heads.launch([r.entry for r in batch], [r.encoded for r in batch])
+        start = time.perf_counter()
+        try:  # the entries each row was checked with, not the names: see `PromptBank.entry`
+            return self.heads.launch([r.entry for r in batch], [r.encoded for r in batch])
+        finally:
+            self._clock("launch", start)
 
     def _read_heads(self, batch: list[Row], pending: Pending) -> list[Result]:
-        outputs = self.heads.read(pending, [r.entry for r in batch], [r.example for r in batch])
-        return [Result(r.entry.name, output=o, **r.counts) for r, o in zip(batch, outputs)]
+        start = time.perf_counter()
+        try:
+            outputs = self.heads.read(pending, [r.entry for r in batch], [r.example for r in batch])
+            return [Result(r.entry.name, output=o, **r.counts) for r, o in zip(batch, outputs)]
+        finally:
+            self._clock("read", start)
 
     def generates(self, request: Request) -> bool:
         """Whether a request generates text (a completion, or a task whose head generates)."""
@@ -417,4 +447,4 @@ class _Answers:
             callback(result)
 
 
-__all__ = ["Engine", "Request", "Result", "ErrorKind", "CancelledRequestError", "TokenStream", "GENERATE_OPTIONS"]
+__all__ = ["Engine", "PHASES", "Request", "Result", "ErrorKind", "CancelledRequestError", "TokenStream", "GENERATE_OPTIONS"]

@@ -67,7 +67,9 @@ class Metrics:
     handoff, respond; kind: classify, tag, complete, chat, score), so that two scrapes
     give each stage's mean over the requests between them; ``softprompt_batch_gather_seconds``:
     per engine run, the batcher's gathering window before it (runs of head requests
-    between two decode steps have none and are not counted there)."""
+    between two decode steps have none and are not counted there);
+    ``softprompt_engine_phase_seconds{phase}``: the engine's host seconds so far in each
+    phase of its runs (`engine.PHASES`), so that two scrapes say where the engine stage goes."""
 
     def __init__(self, bank: PromptBank, batcher: Batcher):
         self.registry = registry = CollectorRegistry()
@@ -89,6 +91,12 @@ class Metrics:
         Gauge("softprompt_generated_tokens_per_second", "generated tokens per second of engine time",
               registry=registry).set_function(lambda: batcher.stats.new_tokens / max(batcher.stats.busy_seconds, 1e-9))
         self.streams_open = Gauge("softprompt_streams_open", "completion streams being sent", registry=registry)
+        phases = getattr(batcher.engine, "phases", None)  # a tensor-parallel server's engine wraps one
+        if phases is not None:
+            clock = Gauge("softprompt_engine_phase_seconds", "host seconds of each phase of the engine's runs so far "
+                          "(check, tokenize, prepare; for head requests launch and read)", ["phase"], registry=registry)
+            for phase in phases:
+                clock.labels(phase).set_function(lambda p=phase: phases[p])
         batcher.stats.observers.append(self.observe_run)
 
     def observe_run(self, rows: int, seconds: float, results: list[Result], gathered: float | None = None) -> None:
