@@ -140,15 +140,36 @@ def test_bad_inputs_fail_alone_before_they_join_a_batch(encoder_bank):
 
 
 def test_a_failing_batched_tokenization_never_fails_the_run(encoder_bank, monkeypatch):
-    """`Engine._pretokenized` only speeds encoding up: if it fails, rows encode one by one."""
+    """`prepare.pretokenized` only speeds encoding up: if it fails, rows encode one by one."""
     expected = Engine(encoder_bank).run([Request("sentiment", TEXTS[0]), Request("ner", TEXTS[3])])
 
     def broken(self, texts):
         raise RuntimeError("the tokenizer's batch call broke")
 
-    monkeypatch.setattr(TemplateEncoder, "pretokenized", broken)
+    monkeypatch.setattr(TemplateEncoder, "memo_of", broken)
     results = Engine(encoder_bank).run([Request("sentiment", TEXTS[0]), Request("ner", TEXTS[3])])
     assert [r.output for r in results] == [r.output for r in expected]
+
+
+def test_a_batch_of_several_tasks_tokenizes_once_per_tokenizer(encoder_bank, monkeypatch):
+    """Tasks on one base share its tokenizer: a run of three tasks' requests tokenizes their
+    texts in one batched call (`TemplateEncoder.memo_of`) shared by the three encoders, and
+    every answer equals its request run alone."""
+    requests = [Request("sentiment", TEXTS[0]), Request("topic", TEXTS[1]), Request("ner", TEXTS[3]),
+                Request("topic", TEXTS[2])]
+    alone = [Engine(encoder_bank).run([r])[0].output for r in requests]
+    calls = []
+    memo_of = TemplateEncoder.memo_of
+
+    def counted(self, texts):
+        calls.append(list(texts))
+        return memo_of(self, texts)
+
+    monkeypatch.setattr(TemplateEncoder, "memo_of", counted)
+    results = Engine(encoder_bank).run([Request(r.task, r.input) for r in requests])
+    assert len({id(encoder_bank[t].model.encoder) for t in ("sentiment", "topic", "ner")}) == 3
+    assert len(calls) == 1 and TEXTS[0] in calls[0] and TEXTS[1] in calls[0]
+    assert [r.output for r in results] == alone
 
 
 def test_a_surrogate_admitted_while_streams_decode_fails_alone(causal_bank):

@@ -155,6 +155,13 @@ class TemplateEncoder:
         is tokenized in both forms `tokenize` may need (after a word boundary and not);
         the ids are the ones `tokenize(text, space, data=True)` returns.
         """
+        with self.using(self.memo_of(texts)):
+            yield
+
+    def memo_of(self, texts: Iterable[str]) -> dict[tuple[str, bool], list[int]]:
+        """The ids of `texts` in both forms (`pretokenized`), from two batched calls of the
+        tokenizer: for this encoder and every other on the same tokenizer (`using`), so that
+        a batch of many tasks tokenizes once, not once per task."""
         texts = list(dict.fromkeys(t for t in texts if isinstance(t, str) and t))
         memo: dict[tuple[str, bool], list[int]] = {}
         try:
@@ -164,10 +171,15 @@ class TemplateEncoder:
         except Exception:  # a value the tokenizer refuses: `encode` meets it alone and says which
             plain = spaced = []
         n = len(self._probe)
-        if plain:
-            for text, ids, probed in zip(texts, plain, spaced):
-                memo[(text, False)] = ids
-                memo[(text, True)] = probed[n:] if probed[:n] == self._probe else ids
+        for text, ids, probed in zip(texts, plain, spaced):
+            memo[(text, False)] = ids
+            memo[(text, True)] = probed[n:] if probed[:n] == self._probe else ids
+        return memo
+
+    @contextmanager
+    def using(self, memo: dict[tuple[str, bool], list[int]]) -> Iterator[None]:
+        """`encode` calls inside the block read their texts' ids from `memo` (`memo_of` of an
+        encoder on the same tokenizer), in the calling thread."""
         previous = getattr(self._local, "memo", None)
         self._local.memo = memo
         try:
