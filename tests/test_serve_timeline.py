@@ -120,6 +120,8 @@ def test_head_requests_stages_are_counted_per_kind_and_add_up_within_the_clients
     phases = {p: value(metrics, f'softprompt_engine_phase_seconds{{phase="{p}"}}') for p in PHASES}
     assert all(v > 0 for v in phases.values()), phases
     assert sum(phases.values()) <= value(metrics, "softprompt_batch_seconds_sum")
+    # no CUDA graphs on a CPU (the metric says how many shapes were captured on a GPU)
+    assert value(metrics, 'softprompt_cuda_graphs{kind="heads"}') == value(metrics, 'softprompt_cuda_graphs{kind="joins"}') == 0
 
 
 def test_completions_streams_and_scores_have_their_own_kinds(llama_bank):

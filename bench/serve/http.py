@@ -73,6 +73,8 @@ def engine_counts(url: str) -> dict[tuple[str, ...], float]:
             counts[("stage", kind, stage, what)] = value
     for (phase,), value in labelled(text, "softprompt_engine_phase_seconds").items():
         counts[("phase", phase)] = value
+    for (kind,), value in labelled(text, "softprompt_cuda_graphs").items():
+        counts[("graphs", kind)] = value
     return counts
 
 
@@ -132,7 +134,9 @@ def phase_report(load: dict, counts: dict[tuple[str, ...], float]) -> dict:
                         # runs of heads between two decode steps are counted apart and inside their decode run
                         "busy_share": round((gathering + running) / wall, 3) if gathered == runs else None},
             # the engine's host seconds per phase of its runs (`Engine.PHASES`), as shares of the phase's wall time
-            "engine_phases_share": {key[1]: round(v / wall, 3) for key, v in counts.items() if key[0] == "phase"}}
+            "engine_phases_share": {key[1]: round(v / wall, 3) for key, v in counts.items() if key[0] == "phase"},
+            # CUDA graphs captured in the phase (shapes the warm-up had not met), by kind
+            "graphs_captured": {key[1]: int(v) for key, v in counts.items() if key[0] == "graphs"}}
 
 
 def serve(args, report: dict) -> dict:
@@ -172,7 +176,7 @@ def serve(args, report: dict) -> dict:
                                                  for k, v in phase["kinds"].items() if "stages_ms" in v}),
                   "batcher", json.dumps(phase["batcher"]), flush=True)
             print(name, "server_cores", json.dumps(cpu), "engine_phases_share", json.dumps(phase["engine_phases_share"]),
-                  flush=True)
+                  "graphs_captured", json.dumps(phase["graphs_captured"]), flush=True)
         if args.profile:
             profiler.wait(timeout=60)
         return report

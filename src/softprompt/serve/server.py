@@ -69,7 +69,9 @@ class Metrics:
     per engine run, the batcher's gathering window before it (runs of head requests
     between two decode steps have none and are not counted there);
     ``softprompt_engine_phase_seconds{phase}``: the engine's host seconds so far in each
-    phase of its runs (`engine.PHASES`), so that two scrapes say where the engine stage goes."""
+    phase of its runs (`engine.PHASES`), so that two scrapes say where the engine stage goes;
+    ``softprompt_cuda_graphs{kind}``: the CUDA graphs recorded so far for head batches and
+    joins (one per shape met: a capture costs a few forwards' time)."""
 
     def __init__(self, bank: PromptBank, batcher: Batcher):
         self.registry = registry = CollectorRegistry()
@@ -91,7 +93,14 @@ class Metrics:
         Gauge("softprompt_generated_tokens_per_second", "generated tokens per second of engine time",
               registry=registry).set_function(lambda: batcher.stats.new_tokens / max(batcher.stats.busy_seconds, 1e-9))
         self.streams_open = Gauge("softprompt_streams_open", "completion streams being sent", registry=registry)
-        phases = getattr(batcher.engine, "phases", None)  # a tensor-parallel server's engine wraps one
+        engine = batcher.engine
+        if hasattr(engine, "heads"):  # CUDA graphs recorded so far (each a shape met the first time: a capture)
+            graphs = Gauge("softprompt_cuda_graphs", "CUDA graphs recorded for head batches and joins",
+                           ["kind"], registry=registry)
+            graphs.labels("heads").set_function(lambda: len(engine.heads.graphs or ()))
+            graphs.labels("joins").set_function(
+                lambda: len((engine._decoder.prefill.graphs or ()) if engine._decoder is not None else ()))
+        phases = getattr(engine, "phases", None)  # a tensor-parallel server's engine wraps one
         if phases is not None:
             clock = Gauge("softprompt_engine_phase_seconds", "host seconds of each phase of the engine's runs so far "
                           "(check, tokenize, prepare; for head requests launch and read)", ["phase"], registry=registry)
