@@ -81,21 +81,30 @@ def thread_cpu(pid: int) -> dict[str, float]:
     tasks = Path(f"/proc/{pid}/task")
     if not tasks.is_dir():
         return {}
-    ticks = os.sysconf("SC_CLK_TCK")
     main = (tasks.parent / "comm").read_text().strip()
     used: dict[str, float] = {}
     for task in tasks.iterdir():
         try:
-            stat = (task / "stat").read_text()
+            name, seconds = _stat(task / "stat")
         except OSError:  # the thread ended meanwhile
             continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
         name = "event loop" if task.name == str(pid) else ("batcher" if name.startswith("softprompt-batc") else name)
         if name == main:
             name = f"{main} (other)"
-        used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        used[name] = used.get(name, 0.0) + seconds
     return used
+
+
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """CPU seconds (user + system) of process `pid`, or of its thread `thread` (/proc)."""
+    return _stat(Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"))[1]
+
+
+def _stat(path: Path) -> tuple[str, float]:
+    """(name, CPU seconds: user + system) of a process or thread from its /proc stat file."""
+    stat = path.read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return stat[stat.index("(") + 1 : stat.rindex(")")], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness.server import percentile, serving
+from bench.harness.server import cpu_seconds, percentile, serving
 from bench.harness.report import RESULTS, rerun_command, write_json
 
 REQUESTS = {
@@ -52,13 +52,6 @@ def scoring_requests(tokenizer) -> dict[str, dict]:
 
 #: the last event of a stream, and the end of a chunked body
 STREAM_END = b"data: [DONE]\n\n\r\n0\r\n\r\n"
-
-
-def cpu_seconds(pid: int, thread: int | None = None) -> float:
-    """CPU seconds (user + system) of process `pid`, or of its thread `thread` (/proc)."""
-    path = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
-    fields = path.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 async def _connection(port: int, request: bytes, stop: float, latencies: list[float]) -> None:
