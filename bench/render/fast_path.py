@@ -156,14 +156,15 @@ def liger_chunks() -> list[str]:
                         "liger,liger-own-chunks,chunks --out bench/results/train_liger_chunks_h100.json`.", ""]
     names = {"liger": "liger, softprompt's chunk sizes", "liger-own-chunks": "liger, its own chunk sizes",
              "chunks": "softprompt's chunks"}
-    lines += [f"{report['device']}:", "", "| loss | model | B x S | ms a step | tokens/s | peak GiB |", "|---|---|---|---|---|---|"]
+    lines += [f"{report['device']}; share: 4N FLOPs a token at the card's dense bf16 peak:", "",
+              "| loss | model | B x S | ms a step | tokens/s | % of bf16 peak | peak GiB |", "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if r.get("error"):
             lines.append(f"| {names.get(r['variant'], r['variant'])} | {r['model']} | {r['batch']} x {r['seq']} | "
-                         f"failed: {r['error'][:100]} | - | - |")
+                         f"failed: {r['error'][:100]} | - | - | - |")
             continue
         lines.append(f"| {names.get(r['variant'], r['variant'])} | {r['model']} | {r['batch']} x {r['seq']} | "
-                     f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
+                     f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {r['pct_peak_4N']:.1f}% | {r['peak_gib']:.1f} |")
     by = {r["variant"]: r for r in report["rows"] if not r.get("error")}
     ours, own = by.get("liger"), by.get("liger-own-chunks")
     if ours and own:
